@@ -1,0 +1,82 @@
+"""The exceptions Topiq raises, under one root.
+
+TopiqError
+├── ConfigurationError        a setting is missing or wrong (raised at start)
+├── SerializationError        a job cannot be turned into a payload (raised at dispatch)
+│   └── PayloadTooLargeError  the payload is over the configured limit
+├── PayloadError              a stored payload cannot be turned back into a job
+│   └── UnknownJobError       the payload names a class that is not an allowed Job
+├── DriverError               a queue backend failed (the cause is chained)
+│   └── ConnectionLostError   the backend cannot be reached right now
+├── JobTimeoutError           a job ran past its timeout (also a built-in TimeoutError)
+└── WorkerLostError           a job's lease expired on its last try: its worker died
+
+Control flow that is not an error: `Retry` (a job asks for another try).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "ConnectionLostError",
+    "DriverError",
+    "JobTimeoutError",
+    "PayloadError",
+    "PayloadTooLargeError",
+    "Retry",
+    "SerializationError",
+    "TopiqError",
+    "UnknownJobError",
+    "WorkerLostError",
+]
+
+
+class TopiqError(Exception):
+    """The root of every error Topiq raises."""
+
+
+class ConfigurationError(TopiqError):
+    """A setting is missing or has a value that cannot be used."""
+
+
+class SerializationError(TopiqError, TypeError):
+    """A job holds a value that JSON cannot carry; nothing was enqueued."""
+
+
+class PayloadTooLargeError(SerializationError):
+    """The encoded payload is larger than the configured maximum; nothing was enqueued."""
+
+
+class PayloadError(TopiqError):
+    """A stored payload cannot be decoded back into a job."""
+
+
+class UnknownJobError(PayloadError):
+    """A payload names a class that does not exist or is not an allowed `Job`."""
+
+
+class DriverError(TopiqError):
+    """A queue backend operation failed."""
+
+
+class ConnectionLostError(DriverError):
+    """The queue backend cannot be reached; the operation may be retried."""
+
+
+class JobTimeoutError(TopiqError, TimeoutError):
+    """A job ran longer than its `timeout` and was cancelled."""
+
+
+class WorkerLostError(TopiqError):
+    """A job's lease expired on its last allowed try: the worker running it died or hung."""
+
+
+class Retry(Exception):  # noqa: N818 - a control-flow signal, named like arq's and dramatiq's
+    """Raise from `handle()` to ask for another try after `delay` seconds.
+
+    The attempt still counts towards `max_tries`, but it is not reported as a failure.
+    """
+
+    def __init__(self, delay: float | None = None) -> None:
+        super().__init__(f"retry requested (delay={delay})")
+        self.delay = delay

@@ -1,0 +1,417 @@
+"""The Redis driver: lists for ready jobs, sorted sets for delayed jobs and leases.
+
+Every state change is one Lua script (see `lua/*.lua`, each with its KEYS/ARGV header), so it is
+atomic. All keys of a queue share the hash tag `{<prefix>:<queue>}`: one queue lives in one
+Redis Cluster slot. Idle workers block in BLPOP on the queue's wake list instead of polling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from core.errors import ConnectionLostError, DriverError
+from core.queue.drivers.base import (
+    Driver,
+    FailedJob,
+    FailedStore,
+    OutgoingJob,
+    QueueStats,
+    ReservedJob,
+    WorkerInfo,
+)
+from core.settings import Settings
+
+__all__ = ["RedisDriver", "RedisFailedStore"]
+
+_SCRIPTS = ("push", "reserve", "ack", "release", "extend", "clear", "stats")
+
+
+def _load_script(name: str) -> str:
+    return resources.files("core.queue.drivers").joinpath(f"lua/{name}.lua").read_text("utf-8")
+
+
+@contextlib.asynccontextmanager
+async def _translated(what: str) -> AsyncIterator[None]:
+    """Redis client errors become Topiq errors, the cause chained."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise ConnectionLostError(f"Redis unreachable during {what}: {exc}") from exc
+    except RedisError as exc:
+        raise DriverError(f"Redis error during {what}: {exc}") from exc
+
+
+class _Keys:
+    """The keys of one queue, all under one hash tag."""
+
+    __slots__ = ("attempts", "delayed", "payloads", "ready", "reserved", "wake")
+
+    def __init__(self, prefix: str, queue: str) -> None:
+        tag = f"{prefix}:{{{prefix}:{queue}}}"
+        self.ready = f"{tag}:ready"
+        self.delayed = f"{tag}:delayed"
+        self.reserved = f"{tag}:reserved"
+        self.payloads = f"{tag}:payloads"
+        self.attempts = f"{tag}:attempts"
+        self.wake = f"{tag}:wake"
+
+
+class RedisFailedStore(FailedStore):
+    """Failed jobs in a hash of records plus sorted-set indexes by time, all in one slot."""
+
+    def __init__(self, driver: RedisDriver) -> None:
+        self._driver = driver
+        tag = f"{driver.prefix}:{{{driver.prefix}:failed}}"
+        self._records = f"{tag}:records"
+        self._index = f"{tag}:index"
+        self._queue_index = f"{tag}:queue:"
+
+    @property
+    def _redis(self) -> aioredis.Redis:
+        return self._driver.client
+
+    async def add(self, record: FailedJob) -> None:
+        raw = orjson.dumps(
+            {
+                "id": record.id,
+                "connection": record.connection,
+                "queue": record.queue,
+                "payload": record.payload,
+                "exception": record.exception,
+                "failed_at": record.failed_at.timestamp(),
+            }
+        )
+        score = record.failed_at.timestamp()
+        async with _translated("recording a failed job"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self._records, record.id, raw)
+                pipe.zadd(self._index, {record.id: score})
+                pipe.zadd(self._queue_index + record.queue, {record.id: score})
+                await pipe.execute()
+
+    @staticmethod
+    def _decode(raw: bytes) -> FailedJob:
+        data = orjson.loads(raw)
+        return FailedJob(
+            id=data["id"],
+            connection=data["connection"],
+            queue=data["queue"],
+            payload=data["payload"],
+            exception=data["exception"],
+            failed_at=datetime.fromtimestamp(data["failed_at"], UTC),
+        )
+
+    async def list(
+        self, queue: str | None = None, *, limit: int = 100, offset: int = 0
+    ) -> list[FailedJob]:
+        index = self._index if queue is None else self._queue_index + queue
+        async with _translated("listing failed jobs"):
+            ids = await self._redis.zrevrange(index, offset, offset + limit - 1)
+            if not ids:
+                return []
+            raws = await self._redis.hmget(self._records, ids)
+        return [self._decode(raw) for raw in raws if raw is not None]
+
+    async def get(self, job_id: str) -> FailedJob | None:
+        async with _translated("reading a failed job"):
+            raw = await self._redis.hget(self._records, job_id)
+        return None if raw is None else self._decode(raw)
+
+    async def forget(self, job_id: str) -> bool:
+        record = await self.get(job_id)
+        if record is None:
+            return False
+        async with _translated("forgetting a failed job"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hdel(self._records, job_id)
+                pipe.zrem(self._index, job_id)
+                pipe.zrem(self._queue_index + record.queue, job_id)
+                deleted, _, _ = await pipe.execute()
+        return bool(deleted)
+
+    async def _delete(self, records: Sequence[FailedJob]) -> int:
+        if not records:
+            return 0
+        async with _translated("deleting failed jobs"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                ids = [r.id for r in records]
+                pipe.hdel(self._records, *ids)
+                pipe.zrem(self._index, *ids)
+                for name, group in _group(records).items():
+                    pipe.zrem(self._queue_index + name, *group)
+                results = await pipe.execute()
+        return int(results[0])
+
+    async def _all(self, queue: str | None, below: float = float("inf")) -> list[FailedJob]:
+        index = self._index if queue is None else self._queue_index + queue
+        async with _translated("reading failed jobs"):
+            ids = await self._redis.zrangebyscore(index, "-inf", f"({below}")
+            raws = await self._redis.hmget(self._records, ids) if ids else []
+        return [self._decode(raw) for raw in raws if raw is not None]
+
+    async def flush(self, queue: str | None = None) -> int:
+        return await self._delete(await self._all(queue))
+
+    async def prune(self, before: datetime) -> int:
+        return await self._delete(await self._all(None, before.timestamp()))
+
+    async def count(self, queue: str | None = None) -> int:
+        index = self._index if queue is None else self._queue_index + queue
+        async with _translated("counting failed jobs"):
+            return int(await self._redis.zcard(index))
+
+
+def _group(records: Sequence[FailedJob]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = defaultdict(list)
+    for record in records:
+        groups[record.queue].append(record.id)
+    return groups
+
+
+class RedisDriver(Driver):
+    kind = "redis"
+    blocks = True
+
+    def __init__(self, name: str, settings: Settings) -> None:
+        super().__init__(name, settings)
+        self.prefix = settings.redis_prefix
+        self._client: aioredis.Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._keys: dict[str, _Keys] = {}
+        self._known_queues: set[str] = set()
+        self._next_due: dict[str, float] = {}  # queue -> monotonic time work may fall due
+        self._failed = RedisFailedStore(self)
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._client is None:
+            raise DriverError("the Redis driver is not open (use `async with driver:`)")
+        return self._client
+
+    def keys(self, queue: str) -> _Keys:
+        keys = self._keys.get(queue)
+        if keys is None:
+            keys = self._keys[queue] = _Keys(self.prefix, queue)
+        return keys
+
+    async def open(self) -> None:
+        if self._client is not None:
+            return
+        # No client-side retries: a script whose reply was lost must not run twice; the worker
+        # retries with backoff and leases cover anything reserved but never reported.
+        client = aioredis.Redis.from_url(
+            self.settings.redis_dsn,
+            decode_responses=False,
+            retry=RedisRetry(NoBackoff(), 0),
+            health_check_interval=30,
+        )
+        self._scripts = {name: client.register_script(_load_script(name)) for name in _SCRIPTS}
+        async with _translated("connecting"):
+            try:
+                await client.ping()
+            except BaseException:
+                await client.aclose()
+                raise
+        self._client = client
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+
+    # -- primitives --------------------------------------------------------------------
+
+    async def push(self, jobs: Sequence[OutgoingJob]) -> None:
+        groups: dict[str, list[OutgoingJob]] = defaultdict(list)
+        for job in jobs:
+            groups[job.queue].append(job)
+        client = self.client
+        async with _translated("push"):
+            async with client.pipeline(transaction=False) as pipe:
+                new = [name for name in groups if name not in self._known_queues]
+                if new:
+                    pipe.sadd(f"{self.prefix}:queues", *new)
+                for name, batch in groups.items():
+                    k = self.keys(name)
+                    args: list[Any] = []
+                    for job in batch:
+                        args += (job.id, job.payload, int(job.delay * 1000))
+                    await self._scripts["push"](
+                        keys=[k.ready, k.delayed, k.payloads, k.wake], args=args, client=pipe
+                    )
+                await pipe.execute()
+            self._known_queues.update(groups)
+
+    async def reserve(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        lease: float,
+        ack: Sequence[ReservedJob] = (),
+    ) -> list[ReservedJob]:
+        acks = _by_queue(ack)
+        out: list[ReservedJob] = []
+        lease_ms = max(1, int(lease * 1000))
+        async with _translated("reserve"):
+            for name in queues:
+                want = limit - len(out)
+                if want <= 0 and name not in acks:
+                    break
+                k = self.keys(name)
+                args: list[Any] = [max(0, want), lease_ms, 0]
+                mine = acks.pop(name, ())
+                if mine:
+                    args[2] = len(mine)
+                    for job in mine:
+                        args += (job.id, job.attempts)
+                reply = await self._scripts["reserve"](
+                    keys=[k.ready, k.delayed, k.reserved, k.payloads, k.attempts, k.wake],
+                    args=args,
+                )
+                next_ms = int(reply[0])
+                if next_ms:
+                    self._next_due[name] = (
+                        time.monotonic() + next_ms / 1000 if next_ms > 0 else float("inf")
+                    )
+                for i in range(1, len(reply), 3):
+                    out.append(
+                        ReservedJob(reply[i].decode(), name, reply[i + 1], int(reply[i + 2]))
+                    )
+            if acks:
+                await self._ack_groups(acks)
+        return out
+
+    async def wait(self, queues: Sequence[str], timeout: float) -> None:
+        now = time.monotonic()
+        for name in queues:
+            timeout = min(timeout, self._next_due.get(name, now + timeout) - now)
+        if timeout < 0.001:
+            return
+        wake = [self.keys(name).wake for name in queues]
+        async with _translated("waiting for jobs"):
+            await self.client.blpop(wake, timeout=timeout)
+
+    async def _ack_groups(self, groups: dict[str, Sequence[ReservedJob]]) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for name, jobs in groups.items():
+                k = self.keys(name)
+                args: list[Any] = []
+                for job in jobs:
+                    args += (job.id, job.attempts)
+                await self._scripts["ack"](
+                    keys=[k.reserved, k.payloads, k.attempts], args=args, client=pipe
+                )
+            await pipe.execute()
+
+    async def ack(self, jobs: Sequence[ReservedJob]) -> None:
+        if jobs:
+            async with _translated("ack"):
+                await self._ack_groups(_by_queue(jobs))
+
+    async def release(self, job: ReservedJob, delay: float = 0.0, *, refund: bool = False) -> None:
+        k = self.keys(job.queue)
+        async with _translated("release"):
+            await self._scripts["release"](
+                keys=[k.ready, k.delayed, k.reserved, k.attempts, k.wake],
+                args=[job.id, job.attempts, int(delay * 1000), 1 if refund else 0],
+            )
+
+    async def extend(self, leases: Sequence[tuple[ReservedJob, float]]) -> None:
+        groups: dict[str, list[Any]] = defaultdict(list)
+        for job, seconds in leases:
+            groups[job.queue] += (job.id, job.attempts, max(1, int(seconds * 1000)))
+        async with _translated("extend"):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for name, args in groups.items():
+                    k = self.keys(name)
+                    await self._scripts["extend"](
+                        keys=[k.reserved, k.attempts], args=args, client=pipe
+                    )
+                await pipe.execute()
+
+    async def stats(self, queue: str) -> QueueStats:
+        k = self.keys(queue)
+        async with _translated("stats"):
+            pending, delayed, reserved = await self._scripts["stats"](
+                keys=[k.ready, k.delayed, k.reserved]
+            )
+        return QueueStats(self.name, queue, int(pending), int(delayed), int(reserved), 0)
+
+    async def queues(self) -> list[str]:
+        async with _translated("listing queues"):
+            names = await self.client.smembers(f"{self.prefix}:queues")
+        return sorted(name.decode() for name in names)
+
+    async def clear(self, queue: str) -> int:
+        k = self.keys(queue)
+        async with _translated("clear"):
+            deleted = await self._scripts["clear"](
+                keys=[k.ready, k.delayed, k.payloads, k.attempts, k.wake]
+            )
+        return int(deleted)
+
+    def failed_store(self) -> FailedStore:
+        return self._failed
+
+    # -- workers and the restart signal ------------------------------------------------
+
+    async def report_worker(self, info: WorkerInfo, ttl: float) -> None:
+        async with _translated("worker heartbeat"):
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hset(f"{self.prefix}:workers", info.id, info.to_json())
+                pipe.zadd(f"{self.prefix}:workers:expiry", {info.id: time.time() + ttl})
+                await pipe.execute()
+
+    async def remove_worker(self, worker_id: str) -> None:
+        async with _translated("removing a worker"):
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hdel(f"{self.prefix}:workers", worker_id)
+                pipe.zrem(f"{self.prefix}:workers:expiry", worker_id)
+                await pipe.execute()
+
+    async def workers(self) -> list[WorkerInfo]:
+        now = time.time()
+        async with _translated("listing workers"):
+            gone = await self.client.zrangebyscore(f"{self.prefix}:workers:expiry", "-inf", now)
+            if gone:
+                await self.client.hdel(f"{self.prefix}:workers", *gone)
+                await self.client.zrem(f"{self.prefix}:workers:expiry", *gone)
+            raws = await self.client.hvals(f"{self.prefix}:workers")
+        return sorted((WorkerInfo.from_json(raw) for raw in raws), key=lambda w: w.started_at)
+
+    async def request_restart(self, at: float) -> None:
+        async with _translated("requesting a restart"):
+            await self.client.set(f"{self.prefix}:restart", repr(at))
+
+    async def restart_requested_at(self) -> float | None:
+        async with _translated("reading the restart signal"):
+            raw = await self.client.get(f"{self.prefix}:restart")
+        return None if raw is None else float(raw)
+
+
+def _by_queue(jobs: Sequence[ReservedJob]) -> dict[str, Sequence[ReservedJob]]:
+    if not jobs:
+        return {}
+    first = jobs[0].queue
+    if all(job.queue == first for job in jobs):
+        return {first: jobs}
+    groups: dict[str, list[ReservedJob]] = defaultdict(list)
+    for job in jobs:
+        groups[job.queue].append(job)
+    return dict(groups)

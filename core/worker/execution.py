@@ -1,0 +1,67 @@
+"""Running one try of a job: the timeout, the thread for sync handlers, and `failed()`."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import traceback
+from datetime import UTC, datetime
+from typing import Any
+
+from core.errors import JobTimeoutError
+from core.job import Job
+from core.queue.drivers.base import FailedJob, ReservedJob
+
+__all__ = ["call_failed", "call_handle", "describe", "failed_record"]
+
+logger = logging.getLogger("topiq.worker")
+
+
+async def call_handle(job: Job, timeout: float) -> Any:
+    """Run `job.handle()`, cancelled after `timeout` seconds (then `JobTimeoutError`).
+
+    A plain `def handle` runs in a thread so it cannot stall the event loop; a thread cannot be
+    cancelled, so past the timeout it is abandoned and the try counts as timed out.
+    """
+    handle = job.handle
+    try:
+        async with asyncio.timeout(timeout if timeout > 0 else None) as scope:
+            if inspect.iscoroutinefunction(handle):
+                return await handle()
+            return await asyncio.to_thread(handle)
+    except TimeoutError as exc:
+        if scope.expired():
+            raise JobTimeoutError(
+                f"{type(job).__qualname__} timed out after {timeout:g}s (try {job.attempts})"
+            ) from exc
+        raise
+
+
+async def call_failed(job: Job, exception: BaseException, timeout: float) -> None:
+    """Call `job.failed(exception)`; what it raises is logged, never propagated."""
+    try:
+        async with asyncio.timeout(timeout if timeout > 0 else None):
+            result = job.failed(exception)
+            if inspect.isawaitable(result):
+                await result
+    except Exception:
+        logger.exception("job %s %s: failed() raised", job.job_id, type(job).__qualname__)
+
+
+def describe(exc: BaseException) -> str:
+    """The exception's type and message, one line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def failed_record(connection: str, reserved: ReservedJob, exc: BaseException) -> FailedJob:
+    """The failed-store record for a job that failed for good."""
+    return FailedJob(
+        id=reserved.id,
+        connection=connection,
+        queue=reserved.queue,
+        payload=reserved.payload.decode("utf-8", "replace"),
+        exception="".join(traceback.format_exception(exc)),
+        failed_at=datetime.now(UTC),
+    )

@@ -1,0 +1,170 @@
+"""Shared fixtures: real services (Redis, MariaDB) found through TOPIQ_TEST_* variables.
+
+A service that does not answer skips its tests with the reason, except under CI=true, where it
+fails them: CI must prove every driver.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from core.queue.queue_manager import QueueManager, set_default_manager
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("TOPIQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+MYSQL_URL = os.environ.get(
+    "TOPIQ_TEST_MYSQL_URL", "mysql+aiomysql://topiq:topiq@127.0.0.1:3306/topiq_test"
+)
+ON_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def answers(url: str, default_port: int) -> bool:
+    """Whether something accepts TCP connections at the URL's host and port."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), 1):
+            return True
+    except OSError:
+        return False
+
+
+def require(name: str, url: str, default_port: int) -> None:
+    """Skip (or fail, on CI) when the service is not there."""
+    if answers(url, default_port):
+        return
+    message = f"{name} is not answering at {url}; start it with `scripts/services up`"
+    if ON_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings for a test: no .env file, test jobs allowed, short leases."""
+    values: dict[str, Any] = {
+        "queue_allowed_modules": ("app.", "tests."),
+        "queue_lease_margin": 2.0,
+        "worker_sleep": 0.05,
+    }
+    values.update(overrides)
+    return Settings.load(env_file=None, **values)
+
+
+def flush_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+def reset_mysql(url: str) -> None:
+    """Empty every table of the test database (the driver creates them on first use)."""
+    import pymysql
+
+    parts = urlsplit(url)
+    conn = pymysql.connect(
+        host=parts.hostname,
+        port=parts.port or 3306,
+        user=parts.username,
+        password=parts.password or "",
+        database=parts.path.lstrip("/"),
+    )
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW TABLES")
+            tables = [row[0] for row in cur.fetchall()]
+            for table in tables:
+                if table.startswith("queue_") and "schema" not in table and table != "queue_meta":
+                    cur.execute(f"DELETE FROM `{table}`")
+            if "queue_meta" in tables:
+                cur.execute("DELETE FROM queue_meta WHERE name NOT LIKE 'schema%'")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@dataclass
+class Backend:
+    """One queue backend as a test sees it: its kind and the settings that reach it."""
+
+    kind: str  # memory, redis, sqlite, mysql
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def connection(self) -> str:
+        return {"sqlite": "database", "mysql": "database"}.get(self.kind, self.kind)
+
+    def settings(self, **extra: Any) -> Settings:
+        return make_settings(queue_connection=self.connection, **{**self.overrides, **extra})
+
+    def env(self) -> dict[str, str]:
+        """The same settings as environment variables, for worker subprocesses."""
+        env = {
+            "QUEUE_CONNECTION": self.connection,
+            "QUEUE_ALLOWED_MODULES": "app.,tests.",
+            "QUEUE_LEASE_MARGIN": "2",
+            "WORKER_SLEEP": "0.05",
+            "LOG_LEVEL": "INFO",
+        }
+        for key, value in self.overrides.items():
+            env[key.upper()] = str(value)
+        return env
+
+
+def _backend(kind: str, tmp_path: Path) -> Iterator[Backend]:
+    queue = f"q-{uuid.uuid4().hex[:10]}"
+    if kind == "memory":
+        yield Backend(kind, {"queue_default": queue})
+    elif kind == "redis":
+        require("Redis", REDIS_URL, 6379)
+        flush_redis(REDIS_URL)
+        yield Backend(kind, {"queue_default": queue, "redis_url": REDIS_URL})
+    elif kind == "sqlite":
+        yield Backend(
+            kind, {"queue_default": queue, "db_url": f"sqlite+aiosqlite:///{tmp_path}/queue.db"}
+        )
+    elif kind == "mysql":
+        require("MariaDB", MYSQL_URL.replace("mysql+aiomysql", "mysql"), 3306)
+        try:
+            reset_mysql(MYSQL_URL)
+        except Exception as exc:  # the tables may not exist yet; a bad login must not pass
+            if "doesn't exist" not in str(exc):
+                raise
+        yield Backend(kind, {"queue_default": queue, "db_url": MYSQL_URL})
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.fixture(params=["memory", "redis", "sqlite", "mysql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """Every queue backend in turn: the conformance suite runs over each."""
+    yield from _backend(request.param, tmp_path)
+
+
+@pytest.fixture(params=["redis", "sqlite", "mysql"])
+def server_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """The backends that outlive a process: for tests with real worker processes."""
+    yield from _backend(request.param, tmp_path)
+
+
+@pytest.fixture
+async def manager(backend: Backend) -> AsyncIterator[QueueManager]:
+    """An open manager on the backend under test, installed as the default."""
+    async with QueueManager(backend.settings()) as qm:
+        set_default_manager(qm)
+        try:
+            yield qm
+        finally:
+            set_default_manager(None)
