@@ -9,11 +9,11 @@ from __future__ import annotations
 import enum
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from core.errors import ConfigurationError
 
@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     # -- queue ---------------------------------------------------------------------------
     queue_connection: QueueConnection = QueueConnection.DATABASE
     queue_default: str = "default"
-    queue_allowed_modules: tuple[str, ...] = ("app.",)
+    queue_allowed_modules: Annotated[tuple[str, ...], NoDecode] = ("app.",)
     queue_max_payload_bytes: int = Field(default=1024 * 1024, gt=0)
     queue_lease_margin: float = Field(default=10.0, gt=0)
     queue_failed_connection: QueueConnection | None = None
@@ -133,6 +133,8 @@ class Settings(BaseSettings):
             return cls(_env_file=env_file, **overrides)  # type: ignore[call-arg]
         except ValidationError as exc:
             raise ConfigurationError(_describe(exc)) from None
+        except SettingsError as exc:  # a value the environment source could not even parse
+            raise ConfigurationError(f"invalid configuration: {exc}") from None
 
     # -- derived values ----------------------------------------------------------------
 

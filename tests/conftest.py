@@ -32,7 +32,9 @@ def answers(url: str, default_port: int) -> bool:
     """Whether something accepts TCP connections at the URL's host and port."""
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), 1):
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), 1
+        ):
             return True
     except OSError:
         return False

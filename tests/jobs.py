@@ -46,8 +46,9 @@ class RecordJob(Job):
         self.data_ = data
 
     async def handle(self) -> None:
-        record(self.log, event="run", n=self.n, attempts=self.attempts, id=self.job_id,
-               data=self.data_)
+        record(
+            self.log, event="run", n=self.n, attempts=self.attempts, id=self.job_id, data=self.data_
+        )
 
 
 class FlakyJob(Job):
@@ -67,8 +68,12 @@ class FlakyJob(Job):
         record(self.log, event="done", attempts=self.attempts)
 
     async def failed(self, exception: BaseException) -> None:
-        record(self.log, event="failed", attempts=self.attempts,
-               error=f"{type(exception).__name__}: {exception}")
+        record(
+            self.log,
+            event="failed",
+            attempts=self.attempts,
+            error=f"{type(exception).__name__}: {exception}",
+        )
 
 
 class RetryJob(Job):
@@ -123,7 +128,7 @@ class BlockingJob(Job):
     async def handle(self) -> None:
         record(self.log, event="start", attempts=self.attempts)
         if self.attempts == 1:
-            time.sleep(self.seconds)  # deliberately blocking
+            time.sleep(self.seconds)  # noqa: ASYNC251 - blocking the loop is the point
         record(self.log, event="end", attempts=self.attempts)
 
 

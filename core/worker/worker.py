@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from core.errors import PayloadError, Retry, WorkerLostError
 from core.job import Job
@@ -168,7 +168,9 @@ class Worker:
                 self._done = []
                 try:
                     # Shielded: a reservation that reached the server must reach us too.
-                    jobs = await asyncio.shield(driver.reserve(queues, free, self._default_lease, acks))
+                    jobs = await asyncio.shield(
+                        driver.reserve(queues, free, self._default_lease, acks)
+                    )
                     failures = 0
                 except Exception as exc:
                     self._done.extend(acks)
@@ -208,11 +210,13 @@ class Worker:
                 waiter.cancel()
                 await asyncio.gather(waiter, return_exceptions=True)
 
-    async def _wait_changed(self, waiter: asyncio.Task[None] | None, deadline: float | None) -> None:
+    async def _wait_changed(
+        self, waiter: asyncio.Task[None] | None, deadline: float | None
+    ) -> None:
         changed = asyncio.create_task(self._changed.wait())
-        pending: set[asyncio.Future[object]] = {changed}
+        pending: set[asyncio.Future[Any]] = {changed}
         if waiter is not None:
-            pending.add(waiter)  # type: ignore[arg-type]
+            pending.add(waiter)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -250,12 +254,12 @@ class Worker:
             timeout = self.options.timeout or decoded.timeout
             label = type(job).__qualname__
             if reserved.attempts > max_tries:
-                exc = WorkerLostError(
+                lost = WorkerLostError(
                     f"{label} was reserved {reserved.attempts - 1} times and its worker was lost "
                     f"on the last allowed try (max_tries={max_tries})"
                 )
-                logger.error("job %s %s failed for good: %s", job.job_id, label, exc)
-                await self._fail(reserved, job, exc)
+                logger.error("job %s %s failed for good: %s", job.job_id, label, lost)
+                await self._fail(reserved, job, lost)
                 return
             await self._run(reserved, job, label, max_tries, timeout)
         finally:
@@ -270,7 +274,9 @@ class Worker:
         driver = self._driver
         assert driver is not None
         lease = timeout + self._margin
-        if lease > self._default_lease:
+        if lease != self._default_lease:
+            # Reserved under the default lease; give it the one its own timeout needs, so a
+            # job that dies with its worker comes back neither too early nor too late.
             await driver.extend([(reserved, lease)])
         self._running[reserved.id] = _Running(reserved, time.monotonic() + timeout, label)
         self._watchdog.watch(reserved.id, timeout, label)
@@ -278,7 +284,9 @@ class Worker:
         try:
             await call_handle(job, timeout)
         except asyncio.CancelledError:
-            logger.warning("job %s %s returned to its queue: the worker is stopping", job.job_id, label)
+            logger.warning(
+                "job %s %s returned to its queue: the worker is stopping", job.job_id, label
+            )
             await self._bookkeep("return a job", lambda: driver.release(reserved, refund=True))
             raise
         except Retry as request:

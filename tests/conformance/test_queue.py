@@ -54,9 +54,7 @@ async def test_jobs_start_in_dispatch_order(manager: QueueManager, log: str) -> 
     assert [e["n"] for e in events(log, "run")] == list(range(20))
 
 
-async def test_bulk_keeps_order_and_size_counts_every_job(
-    manager: QueueManager, log: str
-) -> None:
+async def test_bulk_keeps_order_and_size_counts_every_job(manager: QueueManager, log: str) -> None:
     ids = await manager.bulk([RecordJob(log, n) for n in range(50)])
     assert len(set(ids)) == 50
     await manager.later(60, RecordJob(log, 99))
@@ -222,9 +220,7 @@ async def test_unstorable_attribute_is_refused_and_nothing_is_queued(
     assert await manager.size() == 0
 
 
-async def test_expired_lease_returns_the_job_to_the_front(
-    manager: QueueManager, log: str
-) -> None:
+async def test_expired_lease_returns_the_job_to_the_front(manager: QueueManager, log: str) -> None:
     driver = await manager.connection()
     name = queue_of(manager)
     first = await manager.push(RecordJob(log, 1))
@@ -238,9 +234,7 @@ async def test_expired_lease_returns_the_job_to_the_front(
     assert [(e["n"], e["attempts"]) for e in runs] == [(1, 2), (2, 1)]
 
 
-async def test_job_lost_on_its_last_try_fails_for_good(
-    manager: QueueManager, log: str
-) -> None:
+async def test_job_lost_on_its_last_try_fails_for_good(manager: QueueManager, log: str) -> None:
     driver = await manager.connection()
     job = FlakyJob(log, succeed_on=1)
     job.max_tries = 1
@@ -320,9 +314,7 @@ async def test_max_jobs_and_stop_when_empty(manager: QueueManager, log: str) -> 
 
 
 async def test_idle_worker_starts_a_new_job_promptly(manager: QueueManager, log: str) -> None:
-    worker = Worker(
-        manager, WorkerOptions(queues=(queue_of(manager),), sleep=5.0, max_jobs=1)
-    )
+    worker = Worker(manager, WorkerOptions(queues=(queue_of(manager),), sleep=5.0, max_jobs=1))
     running = asyncio.create_task(worker.run())
     await asyncio.sleep(0.2)  # let the worker go idle: this is the situation under test
     sent = time.time()
@@ -339,8 +331,14 @@ async def test_failed_store_operations(manager: QueueManager, backend: Backend) 
     name = queue_of(manager)
     now = datetime.now(UTC)
     records = [
-        FailedJob(f"id{i}", manager.connection_name(), name if i % 2 else "other", "{}",
-                  f"E{i}", now - timedelta(days=i))
+        FailedJob(
+            f"id{i}",
+            manager.connection_name(),
+            name if i % 2 else "other",
+            "{}",
+            f"E{i}",
+            now - timedelta(days=i),
+        )
         for i in range(4)
     ]
     for record in records:

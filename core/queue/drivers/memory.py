@@ -6,6 +6,7 @@ For tests, and for running the app and a worker in one process during developmen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
@@ -163,10 +164,8 @@ class MemoryDriver(Driver):
                 timeout = min(timeout, min(queue.reserved.values()) - now)
         if timeout <= 0:
             return
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._pushed.wait(), timeout)
-        except TimeoutError:
-            pass
 
     async def ack(self, jobs: Sequence[ReservedJob]) -> None:
         for job in jobs:

@@ -7,6 +7,7 @@ Redis Cluster slot. Idle workers block in BLPOP on the queue's wake list instead
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import time
 from collections import defaultdict
@@ -97,15 +98,17 @@ class RedisFailedStore(FailedStore):
             }
         )
         score = record.failed_at.timestamp()
-        async with _translated("recording a failed job"):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(self._records, record.id, raw)
-                pipe.zadd(self._index, {record.id: score})
-                pipe.zadd(self._queue_index + record.queue, {record.id: score})
-                await pipe.execute()
+        async with (
+            _translated("recording a failed job"),
+            self._redis.pipeline(transaction=True) as pipe,
+        ):
+            pipe.hset(self._records, record.id, raw)
+            pipe.zadd(self._index, {record.id: score})
+            pipe.zadd(self._queue_index + record.queue, {record.id: score})
+            await pipe.execute()
 
     @staticmethod
-    def _decode(raw: bytes) -> FailedJob:
+    def _decode(raw: bytes | str) -> FailedJob:
         data = orjson.loads(raw)
         return FailedJob(
             id=data["id"],
@@ -121,7 +124,7 @@ class RedisFailedStore(FailedStore):
     ) -> list[FailedJob]:
         index = self._index if queue is None else self._queue_index + queue
         async with _translated("listing failed jobs"):
-            ids = await self._redis.zrevrange(index, offset, offset + limit - 1)
+            ids: Any = await self._redis.zrevrange(index, offset, offset + limit - 1)
             if not ids:
                 return []
             raws = await self._redis.hmget(self._records, ids)
@@ -136,31 +139,37 @@ class RedisFailedStore(FailedStore):
         record = await self.get(job_id)
         if record is None:
             return False
-        async with _translated("forgetting a failed job"):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hdel(self._records, job_id)
-                pipe.zrem(self._index, job_id)
-                pipe.zrem(self._queue_index + record.queue, job_id)
-                deleted, _, _ = await pipe.execute()
+        async with (
+            _translated("forgetting a failed job"),
+            self._redis.pipeline(transaction=True) as pipe,
+        ):
+            pipe.hdel(self._records, job_id)
+            pipe.zrem(self._index, job_id)
+            pipe.zrem(self._queue_index + record.queue, job_id)
+            deleted, _, _ = await pipe.execute()
         return bool(deleted)
 
     async def _delete(self, records: Sequence[FailedJob]) -> int:
         if not records:
             return 0
-        async with _translated("deleting failed jobs"):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                ids = [r.id for r in records]
-                pipe.hdel(self._records, *ids)
-                pipe.zrem(self._index, *ids)
-                for name, group in _group(records).items():
-                    pipe.zrem(self._queue_index + name, *group)
-                results = await pipe.execute()
+        async with (
+            _translated("deleting failed jobs"),
+            self._redis.pipeline(transaction=True) as pipe,
+        ):
+            ids = [r.id for r in records]
+            pipe.hdel(self._records, *ids)
+            pipe.zrem(self._index, *ids)
+            for name, group in _group(records).items():
+                pipe.zrem(self._queue_index + name, *group)
+            results = await pipe.execute()
         return int(results[0])
 
-    async def _all(self, queue: str | None, below: float = float("inf")) -> list[FailedJob]:
+    async def _all(
+        self, queue: str | None, below: float = float("inf")
+    ) -> builtins.list[FailedJob]:
         index = self._index if queue is None else self._queue_index + queue
         async with _translated("reading failed jobs"):
-            ids = await self._redis.zrangebyscore(index, "-inf", f"({below}")
+            ids: Any = await self._redis.zrangebyscore(index, "-inf", f"({below}")
             raws = await self._redis.hmget(self._records, ids) if ids else []
         return [self._decode(raw) for raw in raws if raw is not None]
 
@@ -242,20 +251,19 @@ class RedisDriver(Driver):
         for job in jobs:
             groups[job.queue].append(job)
         client = self.client
-        async with _translated("push"):
-            async with client.pipeline(transaction=False) as pipe:
-                new = [name for name in groups if name not in self._known_queues]
-                if new:
-                    pipe.sadd(f"{self.prefix}:queues", *new)
-                for name, batch in groups.items():
-                    k = self.keys(name)
-                    args: list[Any] = []
-                    for job in batch:
-                        args += (job.id, job.payload, int(job.delay * 1000))
-                    await self._scripts["push"](
-                        keys=[k.ready, k.delayed, k.payloads, k.wake], args=args, client=pipe
-                    )
-                await pipe.execute()
+        async with _translated("push"), client.pipeline(transaction=False) as pipe:
+            new = [name for name in groups if name not in self._known_queues]
+            if new:
+                pipe.sadd(f"{self.prefix}:queues", *new)
+            for name, batch in groups.items():
+                k = self.keys(name)
+                args: list[Any] = []
+                for job in batch:
+                    args += (job.id, job.payload, int(job.delay * 1000))
+                await self._scripts["push"](
+                    keys=[k.ready, k.delayed, k.payloads, k.wake], args=args, client=pipe
+                )
+            await pipe.execute()
             self._known_queues.update(groups)
 
     async def reserve(
@@ -290,9 +298,8 @@ class RedisDriver(Driver):
                         time.monotonic() + next_ms / 1000 if next_ms > 0 else float("inf")
                     )
                 for i in range(1, len(reply), 3):
-                    out.append(
-                        ReservedJob(reply[i].decode(), name, reply[i + 1], int(reply[i + 2]))
-                    )
+                    job_id: bytes = reply[i]
+                    out.append(ReservedJob(job_id.decode(), name, reply[i + 1], int(reply[i + 2])))
             if acks:
                 await self._ack_groups(acks)
         return out
@@ -336,14 +343,11 @@ class RedisDriver(Driver):
         groups: dict[str, list[Any]] = defaultdict(list)
         for job, seconds in leases:
             groups[job.queue] += (job.id, job.attempts, max(1, int(seconds * 1000)))
-        async with _translated("extend"):
-            async with self.client.pipeline(transaction=False) as pipe:
-                for name, args in groups.items():
-                    k = self.keys(name)
-                    await self._scripts["extend"](
-                        keys=[k.reserved, k.attempts], args=args, client=pipe
-                    )
-                await pipe.execute()
+        async with _translated("extend"), self.client.pipeline(transaction=False) as pipe:
+            for name, args in groups.items():
+                k = self.keys(name)
+                await self._scripts["extend"](keys=[k.reserved, k.attempts], args=args, client=pipe)
+            await pipe.execute()
 
     async def stats(self, queue: str) -> QueueStats:
         k = self.keys(queue)
@@ -355,7 +359,7 @@ class RedisDriver(Driver):
 
     async def queues(self) -> list[str]:
         async with _translated("listing queues"):
-            names = await self.client.smembers(f"{self.prefix}:queues")
+            names: set[bytes] = await self.client.smembers(f"{self.prefix}:queues")  # type: ignore[assignment]
         return sorted(name.decode() for name in names)
 
     async def clear(self, queue: str) -> int:
@@ -372,18 +376,19 @@ class RedisDriver(Driver):
     # -- workers and the restart signal ------------------------------------------------
 
     async def report_worker(self, info: WorkerInfo, ttl: float) -> None:
-        async with _translated("worker heartbeat"):
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.hset(f"{self.prefix}:workers", info.id, info.to_json())
-                pipe.zadd(f"{self.prefix}:workers:expiry", {info.id: time.time() + ttl})
-                await pipe.execute()
+        async with _translated("worker heartbeat"), self.client.pipeline(transaction=False) as pipe:
+            pipe.hset(f"{self.prefix}:workers", info.id, info.to_json())
+            pipe.zadd(f"{self.prefix}:workers:expiry", {info.id: time.time() + ttl})
+            await pipe.execute()
 
     async def remove_worker(self, worker_id: str) -> None:
-        async with _translated("removing a worker"):
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.hdel(f"{self.prefix}:workers", worker_id)
-                pipe.zrem(f"{self.prefix}:workers:expiry", worker_id)
-                await pipe.execute()
+        async with (
+            _translated("removing a worker"),
+            self.client.pipeline(transaction=False) as pipe,
+        ):
+            pipe.hdel(f"{self.prefix}:workers", worker_id)
+            pipe.zrem(f"{self.prefix}:workers:expiry", worker_id)
+            await pipe.execute()
 
     async def workers(self) -> list[WorkerInfo]:
         now = time.time()

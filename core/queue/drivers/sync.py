@@ -52,5 +52,7 @@ class SyncDriver(MemoryDriver):
                 reserved = ReservedJob(outgoing.id, outgoing.queue, outgoing.payload, attempts)
                 await self.failed_store().add(failed_record(self.name, reserved, exc))
                 if isinstance(exc, Retry):
-                    raise RuntimeError(f"{type(job).__qualname__} asked to retry on its last try")
+                    raise RuntimeError(
+                        f"{type(job).__qualname__} asked to retry on its last try"
+                    ) from exc
                 raise
