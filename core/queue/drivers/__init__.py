@@ -34,7 +34,10 @@ DRIVERS: dict[str, tuple[str, str]] = {
     "memory": ("core.queue.drivers.memory:MemoryDriver", ""),
     "sync": ("core.queue.drivers.sync:SyncDriver", ""),
     "redis": ("core.queue.drivers.redis:RedisDriver", "redis[hiredis]"),
-    "database": ("core.queue.drivers.database:DatabaseDriver", "sqlalchemy[asyncio] aiosqlite aiomysql"),
+    "database": (
+        "core.queue.drivers.database:DatabaseDriver",
+        "sqlalchemy[asyncio] aiosqlite aiomysql",
+    ),
 }
 
 
@@ -50,6 +53,8 @@ def create_driver(kind: str, settings: Settings, name: str | None = None) -> Dri
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        if (exc.name or "").startswith("core."):
+            raise
         raise ConfigurationError(
             f"the {kind!r} queue connection needs {package} (pip install {package}): {exc}"
         ) from exc
