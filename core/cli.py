@@ -62,22 +62,32 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=helps[name], description=helps[name])
         module.configure(name, command)
         details.append(command.format_usage().replace("usage: ", "  ", 1).rstrip())
-    parser.epilog = "every command and its flags:\n" + "\n".join(details) + (
-        "\n\nthe seed's form `python main.py --queue-work [flags]` is `queue:work [flags]`."
-        "\n`python main.py COMMAND --help` explains each flag."
+    parser.epilog = (
+        "every command and its flags:\n"
+        + "\n".join(details)
+        + (
+            "\n\nthe seed's form `python main.py --queue-work [flags]` is `queue:work [flags]`."
+            "\n`python main.py COMMAND --help` explains each flag."
+        )
     )
     return parser
 
 
 def _normalise(argv: list[str]) -> list[str]:
-    # The seed runs workers with a flag: `python main.py --queue-work --queue emails`.
-    if "--queue-work" in argv:
-        argv = [a for a in argv if a != "--queue-work"]
-        position = 0
-        while position < len(argv) and argv[position] == "--env-file":
-            position += 2
-        argv.insert(position, "queue:work")
-    return argv
+    """Put the command first (after global options); no command means `serve`.
+
+    The seed runs workers with a flag (`python main.py --queue-work --queue emails`): that is
+    `queue:work`.
+    """
+    position = 0
+    while position < len(argv) and argv[position] == "--env-file":
+        position += 2
+    rest = argv[position:]
+    if "--queue-work" in rest:
+        rest = ["queue:work", *(a for a in rest if a != "--queue-work")]
+    elif not rest or (rest[0] not in COMMANDS and rest[0] not in ("-h", "--help")):
+        rest = ["serve", *rest]
+    return [*argv[:position], *rest]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,9 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = _normalise(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(args_list)
-    command = args.command or "serve"
-    if args.command is None:
-        args = parser.parse_args([*args_list, "serve"])
+    command: str = args.command
     try:
         settings = Settings.load(env_file=args.env_file)
     except ConfigurationError as exc:

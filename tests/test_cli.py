@@ -36,6 +36,13 @@ def test_seed_flag_form_is_queue_work() -> None:
     assert _normalise(["--env-file", "x", "--queue-work"]) == ["--env-file", "x", "queue:work"]
 
 
+def test_no_command_means_serve() -> None:
+    assert _normalise([]) == ["serve"]
+    assert _normalise(["--demo"]) == ["serve", "--demo"]
+    assert _normalise(["--env-file", "x", "--demo"]) == ["--env-file", "x", "serve", "--demo"]
+    assert _normalise(["queue:stats"]) == ["queue:stats"]
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -155,3 +155,9 @@ def test_env_example_documents_every_setting() -> None:
     }
     missing = {name.upper() for name in Settings.model_fields} - documented
     assert not missing, f".env.example lacks {sorted(missing)}"
+
+
+def test_configuration_guide_names_every_setting() -> None:
+    guide = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [name.upper() for name in Settings.model_fields if name.upper() not in guide]
+    assert not missing, f"docs/configuration.md lacks {missing}"
