@@ -172,7 +172,6 @@ class Settings(BaseSettings):
         `QUEUE_FAILED_CONNECTION` overrides the choice for every connection.
         """
         mapping = {conn: conn for conn in QueueConnection}
-        mapping[QueueConnection.SYNC] = QueueConnection.MEMORY
         if self.queue_failed_connection is not None:
             return {conn: self.queue_failed_connection for conn in QueueConnection}
         if self.enable_mysql:

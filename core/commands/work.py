@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from core.errors import ConfigurationError
 from core.queue.queue_manager import QueueManager, set_default_manager
 from core.settings import Settings
 from core.worker.options import ExitCode, WorkerOptions
@@ -74,7 +75,9 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
 
 def options_from(args: argparse.Namespace, settings: Settings) -> WorkerOptions:
     """The worker options the flags ask for, with the settings as defaults."""
-    queues = tuple(q.strip() for q in (args.queue or settings.queue_default).split(",") if q.strip())
+    queues = tuple(
+        q.strip() for q in (args.queue or settings.queue_default).split(",") if q.strip()
+    )
     return WorkerOptions(
         connection=args.connection,
         queues=queues,
@@ -92,7 +95,11 @@ def options_from(args: argparse.Namespace, settings: Settings) -> WorkerOptions:
 async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
     options = options_from(args, settings)
     async with QueueManager(settings) as manager:
-        manager.connection_name(options.connection)  # fail early on an unknown name
+        if manager.connection_name(options.connection) == "sync":
+            raise ConfigurationError(
+                "the sync connection runs jobs inside dispatch(); a worker needs redis, "
+                "database or memory (--connection or QUEUE_CONNECTION)"
+            )
         set_default_manager(manager)
         worker = Worker(manager, options)
         logger.info(

@@ -17,6 +17,9 @@ __all__ = ["call_failed", "call_handle", "describe", "failed_record"]
 
 logger = logging.getLogger("topiq.worker")
 
+#: Whether each job class's `handle` is a coroutine function (asked once per class).
+_ASYNC_HANDLE: dict[type[Job], bool] = {}
+
 
 async def call_handle(job: Job, timeout: float) -> Any:
     """Run `job.handle()`, cancelled after `timeout` seconds (then `JobTimeoutError`).
@@ -25,9 +28,13 @@ async def call_handle(job: Job, timeout: float) -> Any:
     cancelled, so past the timeout it is abandoned and the try counts as timed out.
     """
     handle = job.handle
+    cls = type(job)
+    is_async = _ASYNC_HANDLE.get(cls)
+    if is_async is None:
+        is_async = _ASYNC_HANDLE[cls] = inspect.iscoroutinefunction(handle)
     try:
         async with asyncio.timeout(timeout if timeout > 0 else None) as scope:
-            if inspect.iscoroutinefunction(handle):
+            if is_async:
                 return await handle()
             return await asyncio.to_thread(handle)
     except TimeoutError as exc:

@@ -162,7 +162,13 @@ class Worker:
                         break
                     free = min(free, left)
                 if free <= 0:
-                    await self._wait_changed(None, deadline)
+                    if deadline is None:
+                        await self._changed.wait()
+                    else:
+                        await self._wait_changed(None, deadline)
+                    # One more turn of the loop lets every job finishing in this same turn
+                    # report in, so the next round trip acknowledges and reserves in bulk.
+                    await asyncio.sleep(0)
                     continue
                 acks = self._done
                 self._done = []
