@@ -49,7 +49,9 @@ def parse_delay(value: Delay) -> float:
     elif isinstance(value, str):
         seconds = _parse_text(value)
     else:
-        raise ValueError(f"invalid delay {value!r}: expected seconds, a string, timedelta or datetime")
+        raise ValueError(
+            f"invalid delay {value!r}: expected seconds, a string, timedelta or datetime"
+        )
     if seconds != seconds or seconds in (float("inf"), float("-inf")):
         raise ValueError(f"invalid delay {value!r}")
     return max(0.0, seconds)

@@ -71,7 +71,7 @@ class WorkerLostError(TopiqError):
     """A job's lease expired on its last allowed try: the worker running it died or hung."""
 
 
-class Retry(Exception):  # noqa: N818 - a control-flow signal, named like arq's and dramatiq's
+class Retry(Exception):
     """Raise from `handle()` to ask for another try after `delay` seconds.
 
     The attempt still counts towards `max_tries`, but it is not reported as a failure.

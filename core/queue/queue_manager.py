@@ -212,9 +212,7 @@ class QueueManager:
             stats = await driver.stats(name)
             failed = await store.count(name)
             out.append(
-                QueueStats(
-                    driver.name, name, stats.pending, stats.delayed, stats.reserved, failed
-                )
+                QueueStats(driver.name, name, stats.pending, stats.delayed, stats.reserved, failed)
             )
         return out
 
