@@ -71,29 +71,51 @@ def flush_redis(url: str) -> None:
         client.close()
 
 
-def reset_mysql(url: str) -> None:
-    """Empty every table of the test database (the driver creates them on first use)."""
+def _mysql_admin(url: str, database: str | None) -> Any:
     import pymysql
 
     parts = urlsplit(url)
-    conn = pymysql.connect(
+    return pymysql.connect(
         host=parts.hostname,
         port=parts.port or 3306,
         user=parts.username,
         password=parts.password or "",
-        database=parts.path.lstrip("/"),
+        database=database,
+        autocommit=True,
     )
+
+
+def reset_mysql(url: str) -> None:
+    """Empty the queue tables of this session's database (the driver creates them on use)."""
+    conn = _mysql_admin(url, urlsplit(url).path.lstrip("/"))
     try:
         with conn.cursor() as cur:
             cur.execute("SHOW TABLES")
-            tables = [row[0] for row in cur.fetchall()]
-            for table in tables:
-                if table.startswith("queue_") and "schema" not in table and table != "queue_meta":
+            for (table,) in cur.fetchall():
+                if table in ("queue_jobs", "queue_failed_jobs", "queue_workers"):
                     cur.execute(f"DELETE FROM `{table}`")
-            if "queue_meta" in tables:
-                cur.execute("DELETE FROM queue_meta WHERE name NOT LIKE 'schema%'")
-        conn.commit()
     finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def mysql_url() -> Iterator[str]:
+    """A MariaDB database of this test session's own (`<TOPIQ_TEST_MYSQL_URL's>_<pid>`).
+
+    Test runs sharing the server (two developers, CI and a benchmark) cannot disturb each
+    other's rows; the test account may create databases named `topiq_test%`.
+    """
+    require("MariaDB", MYSQL_URL.replace("mysql+aiomysql", "mysql"), 3306)
+    parts = urlsplit(MYSQL_URL)
+    name = f"{parts.path.lstrip('/')}_{os.getpid()}"
+    conn = _mysql_admin(MYSQL_URL, None)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE IF NOT EXISTS `{name}`")
+        yield parts._replace(path=f"/{name}").geturl()
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
         conn.close()
 
 
@@ -125,7 +147,7 @@ class Backend:
         return env
 
 
-def _backend(kind: str, tmp_path: Path) -> Iterator[Backend]:
+def _backend(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     queue = f"q-{uuid.uuid4().hex[:10]}"
     if kind == "memory":
         yield Backend(kind, {"queue_default": queue})
@@ -138,13 +160,9 @@ def _backend(kind: str, tmp_path: Path) -> Iterator[Backend]:
             kind, {"queue_default": queue, "db_url": f"sqlite+aiosqlite:///{tmp_path}/queue.db"}
         )
     elif kind == "mysql":
-        require("MariaDB", MYSQL_URL.replace("mysql+aiomysql", "mysql"), 3306)
-        try:
-            reset_mysql(MYSQL_URL)
-        except Exception as exc:  # the tables may not exist yet; a bad login must not pass
-            if "doesn't exist" not in str(exc):
-                raise
-        yield Backend(kind, {"queue_default": queue, "db_url": MYSQL_URL})
+        url = request.getfixturevalue("mysql_url")
+        reset_mysql(url)
+        yield Backend(kind, {"queue_default": queue, "db_url": url})
     else:
         raise AssertionError(kind)
 
@@ -152,13 +170,13 @@ def _backend(kind: str, tmp_path: Path) -> Iterator[Backend]:
 @pytest.fixture(params=["memory", "redis", "sqlite", "mysql"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """Every queue backend in turn: the conformance suite runs over each."""
-    yield from _backend(request.param, tmp_path)
+    yield from _backend(request.param, request, tmp_path)
 
 
 @pytest.fixture(params=["redis", "sqlite", "mysql"])
 def server_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """The backends that outlive a process: for tests with real worker processes."""
-    yield from _backend(request.param, tmp_path)
+    yield from _backend(request.param, request, tmp_path)
 
 
 @pytest.fixture

@@ -1,0 +1,477 @@
+"""The `database` connection: a job queue in MySQL/MariaDB (aiomysql) or SQLite (aiosqlite).
+
+Same semantics as the memory driver, on the tables of `sql_tables`:
+
+* Claiming is one short transaction: acknowledge the finished jobs (DELETE), then per queue
+  select expired leases first (they go to the front), then ready jobs in `(available_at, id)`
+  order, `FOR UPDATE SKIP LOCKED` on MySQL/MariaDB so that concurrent workers take different
+  rows without waiting, then one UPDATE that increments `attempts` and sets the lease. SQLite
+  runs the same statements in a BEGIN IMMEDIATE transaction: one writer at a time.
+* A reservation is the pair (uuid, attempts): ack, release and extend match both, so a worker
+  whose lease expired and whose job was taken again changes nothing.
+* A refunded release keeps the job's `(available_at, id)`: everything that was behind it when it
+  was claimed is still behind it, so it is first again. A plain release is ready at once but
+  behind the others (`available_at` = now); a delayed one at its time.
+* Nothing notifies a waiting worker: `wait` sleeps until the next delayed job or lease expiry,
+  at most its timeout (the worker's `--sleep`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    and_,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    union,
+    update,
+)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from core.errors import ConfigurationError, DriverError
+from core.queue.drivers import sql_tables as t
+from core.queue.drivers.base import (
+    Driver,
+    FailedJob,
+    FailedStore,
+    OutgoingJob,
+    QueueStats,
+    ReservedJob,
+    WorkerInfo,
+)
+from core.queue.drivers.sql_migrations import (
+    LATEST_VERSION,
+    check_server_version,
+    create_engine,
+    database_error,
+    is_conflict,
+    migrate,
+    safe_url,
+    schema_version,
+    writer,
+)
+from core.settings import Settings
+
+__all__ = ["DatabaseDriver", "DatabaseFailedStore"]
+
+T = TypeVar("T")
+
+_ATTEMPTS = 3  # runs of a transaction that hit a MySQL deadlock or lock timeout
+_MIN_WAIT = 0.01  # seconds: a job that is due but locked by another claim is taken very soon
+_jobs = t.queue_jobs.c
+_failed = t.queue_failed_jobs.c
+
+
+class DatabaseDriver(Driver):
+    """The queue on MySQL/MariaDB or SQLite, from `settings.database_dsn`.
+
+    `open()` connects, checks the server and (with `DB_AUTO_MIGRATE`) creates the tables.
+    """
+
+    kind = "database"
+    blocks = False
+
+    def __init__(self, name: str, settings: Settings) -> None:
+        super().__init__(name, settings)
+        self._engine: AsyncEngine | None = None
+        self._writer: AsyncEngine | None = None
+        self._store = DatabaseFailedStore(self)
+        self._registered: set[str] = set()  # queue names this process has put in queue_names
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, check the server version, then migrate (or check the schema version)."""
+        if self._engine is not None:
+            return
+        engine = create_engine(self.settings.database_dsn, pool_size=self.settings.db_pool_size)
+        try:
+            if engine.dialect.name != "sqlite":
+                try:
+                    async with engine.connect() as conn:
+                        version = str(await conn.scalar(text("SELECT VERSION()")))
+                except (sa_exc.SQLAlchemyError, OSError) as exc:
+                    raise database_error(exc, "connect", engine.url) from exc
+                check_server_version(version)
+            if self.settings.db_auto_migrate:
+                await migrate(engine)
+            else:
+                found = await schema_version(engine)
+                if found < LATEST_VERSION:
+                    raise ConfigurationError(
+                        f"the queue tables at {safe_url(engine.url)} are at version {found}, "
+                        f"this Topiq needs {LATEST_VERSION}: run `python main.py queue:migrate` "
+                        "(or set DB_AUTO_MIGRATE=true)"
+                    )
+        except BaseException:
+            await engine.dispose()
+            raise
+        self._engine, self._writer = engine, writer(engine)
+
+    async def close(self) -> None:
+        """Close every pooled connection. Idempotent."""
+        engine, self._engine, self._writer = self._engine, None, None
+        if engine is not None:
+            await engine.dispose()
+
+    async def _run(
+        self, what: str, op: Callable[[AsyncConnection], Awaitable[T]], *, write: bool = True
+    ) -> T:
+        """Run `op` in one transaction, again on a deadlock; library errors become ours."""
+        engine = self._writer if write else self._engine
+        if engine is None:
+            raise DriverError(f"the {self.name!r} queue connection is not open")
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                async with engine.begin() as conn:
+                    return await op(conn)
+            except (sa_exc.SQLAlchemyError, OSError) as exc:
+                if attempt < _ATTEMPTS and is_conflict(exc):
+                    continue
+                raise database_error(exc, what, engine.url) from exc
+        raise AssertionError("unreachable")
+
+    # -- primitives --------------------------------------------------------------------
+
+    async def push(self, jobs: Sequence[OutgoingJob]) -> None:
+        """Insert every job in one transaction (one multi-row INSERT)."""
+        if not jobs:
+            return
+        created = t.now()
+        try:
+            rows = [
+                {
+                    "uuid": job.id,
+                    "queue": job.queue,
+                    "payload": job.payload.decode("utf-8"),
+                    "attempts": 0,
+                    "available_at": t.now(job.delay) if job.delay > 0 else created,
+                    "created_at": created,
+                }
+                for job in jobs
+            ]
+        except UnicodeDecodeError as exc:
+            raise DriverError(
+                f"a payload for the database queue must be UTF-8 text: {exc}"
+            ) from None
+        new = sorted({job.queue for job in jobs} - self._registered)
+
+        async def op(conn: AsyncConnection) -> None:
+            if new:
+                await conn.execute(
+                    insert(t.queue_names)
+                    .prefix_with("IGNORE", dialect="mysql")
+                    .prefix_with("OR IGNORE", dialect="sqlite"),
+                    [{"name": name, "created_at": created} for name in new],
+                )
+            await conn.execute(insert(t.queue_jobs), rows)
+
+        await self._run("push jobs", op)
+        self._registered.update(new)
+
+    async def reserve(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        lease: float,
+        ack: Sequence[ReservedJob] = (),
+    ) -> list[ReservedJob]:
+        """Acknowledge `ack` and claim up to `limit` jobs, in one transaction."""
+        if limit <= 0 and not ack:
+            return []
+
+        async def op(conn: AsyncConnection) -> list[ReservedJob]:
+            if ack:
+                await conn.execute(delete(t.queue_jobs).where(t.held(ack)))
+            if limit <= 0:
+                return []
+            now = t.now()
+            picked: list[Row[Any]] = []
+            for name in queues:
+                if len(picked) >= limit:
+                    break
+                picked.extend(await t.claim(conn, name, now, limit - len(picked)))
+            if not picked:
+                return []
+            await conn.execute(
+                update(t.queue_jobs)
+                .where(_jobs.id.in_([row.id for row in picked]))
+                .values(attempts=_jobs.attempts + 1, reserved_at=now, reserved_until=t.now(lease))
+            )
+            return [
+                ReservedJob(row.uuid, row.queue, row.payload.encode(), row.attempts + 1, row.id)
+                for row in picked
+            ]
+
+        return await self._run("reserve jobs", op)
+
+    async def wait(self, queues: Sequence[str], timeout: float) -> None:
+        """Sleep until the next delayed job or lease expiry in `queues`, at most `timeout`."""
+        if timeout <= 0:
+            return
+        soonest = []
+        for name in queues:
+            here = _jobs.queue == name
+            soonest.append(
+                select(func.min(_jobs.available_at))
+                .where(here, _jobs.reserved_until.is_(None))
+                .scalar_subquery()
+            )
+            soonest.append(
+                select(func.min(_jobs.reserved_until))
+                .where(here, _jobs.reserved_until.is_not(None))
+                .scalar_subquery()
+            )
+
+        async def op(conn: AsyncConnection) -> list[datetime]:
+            # One MIN per queue and column: each is a single index lookup.
+            row = (await conn.execute(select(*soonest))).one()
+            return [moment for moment in row if moment is not None]
+
+        due = await self._run("look for due jobs", op, write=False)
+        if due:
+            until = (min(due) - t.now()).total_seconds()
+            timeout = min(timeout, max(until, _MIN_WAIT))
+        await asyncio.sleep(timeout)
+
+    async def ack(self, jobs: Sequence[ReservedJob]) -> None:
+        """Delete finished jobs still held under these reservations."""
+        if not jobs:
+            return
+
+        async def op(conn: AsyncConnection) -> None:
+            await conn.execute(delete(t.queue_jobs).where(t.held(jobs)))
+
+        await self._run("acknowledge jobs", op)
+
+    async def release(self, job: ReservedJob, delay: float = 0.0, *, refund: bool = False) -> None:
+        """Return a reserved job: after `delay`, at once behind the others, or (refund) first."""
+        values: dict[str, Any] = {"reserved_at": None, "reserved_until": None}
+        if refund:
+            values["attempts"] = _jobs.attempts - 1
+        if delay > 0:
+            values["available_at"] = t.now(delay)
+        elif not refund:
+            values["available_at"] = t.now()
+
+        async def op(conn: AsyncConnection) -> None:
+            await conn.execute(update(t.queue_jobs).where(t.held([job])).values(**values))
+
+        await self._run("release a job", op)
+
+    async def extend(self, leases: Sequence[tuple[ReservedJob, float]]) -> None:
+        """Renew the leases still held, each to its own time, in one UPDATE."""
+        if not leases:
+            return
+        until = {job.id: t.now(seconds) for job, seconds in leases}
+        new_until = case(until, value=_jobs.uuid, else_=_jobs.reserved_until)
+
+        async def op(conn: AsyncConnection) -> None:
+            jobs = [job for job, _ in leases]
+            await conn.execute(
+                update(t.queue_jobs).where(t.held(jobs)).values(reserved_until=new_until)
+            )
+
+        await self._run("extend leases", op)
+
+    async def stats(self, queue: str) -> QueueStats:
+        """Pending, delayed and reserved counts in one grouped COUNT."""
+        now = t.now()
+        query = select(
+            func.count(),
+            func.sum(case((and_(_jobs.reserved_until.is_(None), _jobs.available_at > now), 1))),
+            func.sum(case((_jobs.reserved_until > now, 1))),
+        ).where(_jobs.queue == queue)
+
+        async def op(conn: AsyncConnection) -> tuple[int, int, int]:
+            total, delayed, reserved = (await conn.execute(query)).one()
+            return int(total or 0), int(delayed or 0), int(reserved or 0)
+
+        total, delayed, reserved = await self._run("count jobs", op, write=False)
+        return QueueStats(self.name, queue, total - delayed - reserved, delayed, reserved, 0)
+
+    async def size(self, queue: str) -> int:
+        """Jobs of `queue` not yet finished: one COUNT."""
+
+        async def op(conn: AsyncConnection) -> int:
+            count = await conn.scalar(select(func.count()).where(_jobs.queue == queue))
+            return int(count or 0)
+
+        return await self._run("count jobs", op, write=False)
+
+    async def queues(self) -> list[str]:
+        """Every queue a job was pushed to, in name order."""
+        query = union(select(t.queue_names.c.name), select(_jobs.queue).distinct())
+
+        async def op(conn: AsyncConnection) -> list[str]:
+            return sorted({str(name) for name in (await conn.scalars(query)).all()})
+
+        return await self._run("list queues", op, write=False)
+
+    async def clear(self, queue: str) -> int:
+        """Delete the jobs of `queue` not held under a live lease."""
+        now = t.now()
+
+        async def op(conn: AsyncConnection) -> int:
+            result = await conn.execute(
+                delete(t.queue_jobs).where(
+                    _jobs.queue == queue,
+                    or_(_jobs.reserved_until.is_(None), _jobs.reserved_until <= now),
+                )
+            )
+            return int(result.rowcount)
+
+        return await self._run("clear a queue", op)
+
+    def failed_store(self) -> FailedStore:
+        """The `queue_failed_jobs` table."""
+        return self._store
+
+    # -- worker registry and the restart signal ---------------------------------------------
+
+    async def report_worker(self, info: WorkerInfo, ttl: float) -> None:
+        """Upsert the worker's row; rows of workers gone for good are deleted on the way."""
+        values = {"id": info.id, "info": info.to_json().decode(), "expires_at": t.now(ttl)}
+        workers = t.queue_workers.c
+
+        async def op(conn: AsyncConnection) -> None:
+            await conn.execute(delete(t.queue_workers).where(workers.expires_at < t.now(-3600)))
+            await t.upsert(conn, t.queue_workers, values)
+
+        await self._run("report a worker", op)
+
+    async def remove_worker(self, worker_id: str) -> None:
+        """Delete a stopped worker's row."""
+
+        async def op(conn: AsyncConnection) -> None:
+            await conn.execute(delete(t.queue_workers).where(t.queue_workers.c.id == worker_id))
+
+        await self._run("remove a worker", op)
+
+    async def workers(self) -> list[WorkerInfo]:
+        """Workers whose last report has not expired, by id."""
+        workers = t.queue_workers.c
+        query = select(workers.info).where(workers.expires_at > t.now()).order_by(workers.id)
+
+        async def op(conn: AsyncConnection) -> list[WorkerInfo]:
+            return [WorkerInfo.from_json(raw) for raw in (await conn.scalars(query)).all()]
+
+        return await self._run("list workers", op, write=False)
+
+    async def request_restart(self, at: float) -> None:
+        """Store `at` as the `restart_at` value in `queue_meta`."""
+
+        async def op(conn: AsyncConnection) -> None:
+            await t.upsert(conn, t.queue_meta, {"name": "restart_at", "value": repr(at)})
+
+        await self._run("request a restart", op)
+
+    async def restart_requested_at(self) -> float | None:
+        """The `restart_at` value in `queue_meta`, if any."""
+        meta = t.queue_meta.c
+
+        async def op(conn: AsyncConnection) -> float | None:
+            value = await conn.scalar(select(meta.value).where(meta.name == "restart_at"))
+            return None if value is None else float(value)
+
+        return await self._run("read the restart time", op, write=False)
+
+
+class DatabaseFailedStore(FailedStore):
+    """Failed jobs in `queue_failed_jobs`, one row per job id (uuid)."""
+
+    def __init__(self, driver: DatabaseDriver) -> None:
+        self._driver = driver
+
+    @staticmethod
+    def _record(row: Row[Any]) -> FailedJob:
+        return FailedJob(
+            id=row.uuid,
+            connection=row.connection,
+            queue=row.queue,
+            payload=row.payload,
+            exception=row.exception,
+            failed_at=t.from_db_time(row.failed_at),
+        )
+
+    async def add(self, record: FailedJob) -> None:
+        """Insert the record, replacing an earlier one with the same job id."""
+        values = {
+            "uuid": record.id,
+            "connection": record.connection,
+            "queue": record.queue,
+            "payload": record.payload,
+            "exception": record.exception,
+            "failed_at": t.to_db_time(record.failed_at),
+        }
+
+        async def op(conn: AsyncConnection) -> None:
+            await t.upsert(conn, t.queue_failed_jobs, values)
+
+        await self._driver._run("record a failed job", op)
+
+    async def list(
+        self, queue: str | None = None, *, limit: int = 100, offset: int = 0
+    ) -> list[FailedJob]:
+        """Records, newest `failed_at` first, optionally of one queue."""
+        query = select(t.queue_failed_jobs).order_by(_failed.failed_at.desc(), _failed.id.desc())
+        if queue is not None:
+            query = query.where(_failed.queue == queue)
+        query = query.limit(limit).offset(offset)
+
+        async def op(conn: AsyncConnection) -> list[FailedJob]:
+            return [self._record(row) for row in (await conn.execute(query)).all()]
+
+        return await self._driver._run("list failed jobs", op, write=False)
+
+    async def get(self, job_id: str) -> FailedJob | None:
+        """One record by job id."""
+        query = select(t.queue_failed_jobs).where(_failed.uuid == job_id)
+
+        async def op(conn: AsyncConnection) -> FailedJob | None:
+            row = (await conn.execute(query)).first()
+            return None if row is None else self._record(row)
+
+        return await self._driver._run("read a failed job", op, write=False)
+
+    async def _delete(self, what: str, *where: ColumnElement[bool]) -> int:
+        async def op(conn: AsyncConnection) -> int:
+            return int((await conn.execute(delete(t.queue_failed_jobs).where(*where))).rowcount)
+
+        return await self._driver._run(what, op)
+
+    async def forget(self, job_id: str) -> bool:
+        """Delete one record; `False` if there was none."""
+        return await self._delete("forget a failed job", _failed.uuid == job_id) > 0
+
+    async def flush(self, queue: str | None = None) -> int:
+        """Delete every record (of one queue)."""
+        where = [] if queue is None else [_failed.queue == queue]
+        return await self._delete("flush failed jobs", *where)
+
+    async def prune(self, before: datetime) -> int:
+        """Delete records that failed before `before`."""
+        return await self._delete("prune failed jobs", _failed.failed_at < t.to_db_time(before))
+
+    async def count(self, queue: str | None = None) -> int:
+        """How many records (of one queue)."""
+        query = select(func.count()).select_from(t.queue_failed_jobs)
+        if queue is not None:
+            query = query.where(_failed.queue == queue)
+
+        async def op(conn: AsyncConnection) -> int:
+            return int(await conn.scalar(query) or 0)
+
+        return await self._driver._run("count failed jobs", op, write=False)

@@ -1,0 +1,311 @@
+"""Connecting to the queue database, and bringing its schema up to date.
+
+* `create_engine(dsn)` builds the asyncio engine for a `mysql+aiomysql://` or
+  `sqlite+aiosqlite:///` URL, configured for a job queue (see each backend's notes below), and
+  `writer(engine)` the variant whose transactions take SQLite's write lock at BEGIN.
+* `check_server_version` refuses MySQL/MariaDB servers without `SKIP LOCKED`.
+* `migrate(engine)` applies the numbered `STEPS` not applied yet, under a lock, so that it is
+  safe to run twice and from two processes at once; `schema_version(engine)` reads the version.
+* `database_error` turns a library error into `ConnectionLostError` (worth retrying) or
+  `DriverError`, with a message that names the server but never its password.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, event, func, insert, select, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from core.errors import ConfigurationError, ConnectionLostError, DriverError
+from core.queue.drivers import sql_tables as t
+
+__all__ = [
+    "LATEST_VERSION",
+    "STEPS",
+    "Step",
+    "check_server_version",
+    "create_engine",
+    "database_error",
+    "database_url",
+    "is_conflict",
+    "migrate",
+    "safe_url",
+    "schema_version",
+    "writer",
+]
+
+#: Execution option read by the SQLite `begin` hook: the statement that opens a transaction.
+_BEGIN = "topiq_sqlite_begin"
+_MINIMUM = {"MariaDB": (10, 6, 0), "MySQL": (8, 0, 1)}  # the first with SKIP LOCKED
+
+
+# -- engines ----------------------------------------------------------------------------------
+
+
+def database_url(dsn: str) -> URL:
+    """The URL to connect with: an async driver for MySQL/MariaDB or SQLite, or a clear error.
+
+    `mysql://` and `sqlite://` without a driver get the asyncio one (aiomysql, aiosqlite).
+    """
+    try:
+        url = make_url(dsn)
+    except (sa_exc.ArgumentError, ValueError):
+        # The text itself may hold a password: do not repeat it.
+        raise ConfigurationError(
+            "DB_URL: not a database URL; expected mysql+aiomysql://user:pass@host:3306/name "
+            "or sqlite+aiosqlite:///path/to/file.sqlite3"
+        ) from None
+    backend = url.get_backend_name()
+    driver = url.drivername.partition("+")[2]
+    wanted = {"mysql": "aiomysql", "mariadb": "aiomysql", "sqlite": "aiosqlite"}.get(backend)
+    if wanted is None or driver not in ("", wanted):
+        raise ConfigurationError(
+            f"DB_URL: the database queue runs on MySQL/MariaDB (mysql+aiomysql://) or SQLite "
+            f"(sqlite+aiosqlite:///path), not {url.drivername}://"
+        )
+    # mariadb:// becomes mysql://: one dialect name to write SQL variants for (SQLAlchemy's
+    # mysql dialect recognises MariaDB by itself).
+    return url.set(drivername=f"{'sqlite' if backend == 'sqlite' else 'mysql'}+{wanted}")
+
+
+def safe_url(url: URL | str) -> str:
+    """The URL as it may appear in a log or an error: without its password."""
+    if isinstance(url, str):
+        try:
+            url = make_url(url)
+        except (sa_exc.ArgumentError, ValueError):
+            return "<invalid database URL>"
+    return url.render_as_string(hide_password=True)
+
+
+def create_engine(dsn: str, *, pool_size: int = 10) -> AsyncEngine:
+    """An asyncio engine for the queue database at `dsn` (no connection is made yet).
+
+    MySQL/MariaDB: READ COMMITTED, so that a claim locks only the rows it returns and no gaps
+    (REPEATABLE READ's gap locks would make concurrent claims and pushes wait on each other);
+    utf8mb4; pings each pooled connection before use, so that a restarted server costs no error.
+
+    SQLite: the file's directory is created; WAL (readers never wait for the writer, and
+    several processes can share the file), `busy_timeout` (a writer waits its turn instead of
+    failing at once) and `synchronous=NORMAL` (safe under WAL, far fewer fsyncs). SQLAlchemy,
+    not the sqlite3 module, emits BEGIN, so that `writer(engine)` can say BEGIN IMMEDIATE.
+    """
+    url = database_url(dsn)
+    if url.get_backend_name() == "sqlite":
+        return _sqlite_engine(url)
+    connect_args: dict[str, Any] = {}
+    if "charset" not in url.query:
+        connect_args["charset"] = "utf8mb4"
+    if "connect_timeout" not in url.query:
+        connect_args["connect_timeout"] = 10
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,  # under the servers' default wait_timeout, with room to spare
+        # Every use of a connection ends its own transaction (commit, or rollback on error),
+        # so the pool's extra ROLLBACK on return would only cost a round trip per operation.
+        pool_reset_on_return=None,
+        isolation_level="READ COMMITTED",
+        connect_args=connect_args,
+    )
+
+
+def _sqlite_engine(url: URL) -> AsyncEngine:
+    path = url.database or ""
+    if path and path != ":memory:" and not path.startswith("file:"):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url, pool_reset_on_return=None)  # as for MySQL, below
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _configure(dbapi_connection: Any, record: Any) -> None:
+        # The sqlite3 module would BEGIN (deferred) on its own before DML only; take that over.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA busy_timeout=5000")  # first: the next PRAGMA may have to wait
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql(connection.get_execution_options().get(_BEGIN, "BEGIN"))
+
+    return engine
+
+
+def writer(engine: AsyncEngine) -> AsyncEngine:
+    """The engine for transactions that write (it shares `engine`'s pool).
+
+    On SQLite they begin with BEGIN IMMEDIATE: a transaction that reads and then writes must
+    hold the write lock from the start, or a concurrent commit makes its write fail with
+    SQLITE_BUSY instead of waiting for `busy_timeout`.
+    """
+    if engine.dialect.name == "sqlite":
+        return engine.execution_options(**{_BEGIN: "BEGIN IMMEDIATE"})
+    return engine
+
+
+def check_server_version(version: str) -> None:
+    """Raise `ConfigurationError` unless `version` (from `SELECT VERSION()`) has SKIP LOCKED.
+
+    That is MySQL >= 8.0.1 or MariaDB >= 10.6.
+    """
+    product = "MariaDB" if "mariadb" in version.lower() else "MySQL"
+    # Some MariaDB versions report themselves as "5.5.5-10.x.y-MariaDB" to old clients.
+    match = re.match(r"(?:5\.5\.5-)?(\d+)\.(\d+)\.(\d+)", version.strip())
+    if match is None:
+        raise ConfigurationError(f"cannot read the database server version {version!r}")
+    found = tuple(int(part) for part in match.groups())
+    minimum = _MINIMUM[product]
+    if found < minimum:
+        raise ConfigurationError(
+            f"the database queue needs {product} >= {'.'.join(map(str, minimum))} "
+            f"(for SELECT ... FOR UPDATE SKIP LOCKED); the server runs {version}"
+        )
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+_MYSQL_CONFLICT = {1205, 1213}  # lock wait timeout, deadlock: the transaction may be re-run
+_SQLITE_UNAVAILABLE = ("locked", "busy", "unable to open", "disk i/o")
+
+
+def _mysql_code(exc: sa_exc.DBAPIError) -> int | None:
+    args = getattr(exc.orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Whether `exc` is a MySQL deadlock or lock timeout: the transaction can simply run again."""
+    return isinstance(exc, sa_exc.DBAPIError) and _mysql_code(exc) in _MYSQL_CONFLICT
+
+
+def database_error(exc: BaseException, what: str, url: URL) -> DriverError:
+    """The Topiq error for a library error raised while trying to `what`.
+
+    Unreachable servers, dropped connections, lock timeouts and a busy SQLite file become
+    `ConnectionLostError`; anything else `DriverError`. Never includes SQL parameters (they
+    hold payloads) nor the password.
+    """
+    lost = isinstance(exc, OSError | sa_exc.TimeoutError)
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, sa_exc.DBAPIError):
+        reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else reason
+        if exc.connection_invalidated:
+            lost = True
+        elif url.get_backend_name() == "sqlite":
+            lost = isinstance(exc, sa_exc.OperationalError) and any(
+                word in reason.lower() for word in _SQLITE_UNAVAILABLE
+            )
+        else:
+            lost = isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
+        if "no such table" in reason or _mysql_code(exc) == 1146:
+            reason += " (create the tables with `python main.py queue:migrate`)"
+    elif isinstance(exc, sa_exc.SQLAlchemyError):
+        reason = str(exc).splitlines()[0]
+    message = f"database queue at {safe_url(url)}: could not {what}: {reason[:500]}"
+    return ConnectionLostError(message) if lost else DriverError(message)
+
+
+# -- migrations -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One schema change: `apply` runs on a connection inside the migration lock."""
+
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def _create_v1(connection: Connection) -> None:
+    # checkfirst: a step interrupted half way (MySQL commits each CREATE on its own) can rerun.
+    # When a later step changes one of these tables, freeze the version-1 definitions here
+    # instead of reading them from sql_tables, which then describe the newest schema.
+    t.metadata.create_all(
+        connection,
+        tables=[t.queue_jobs, t.queue_failed_jobs, t.queue_names, t.queue_workers, t.queue_meta],
+        checkfirst=True,
+    )
+
+
+#: Every schema version, oldest first. Append; never edit a released step.
+STEPS: tuple[Step, ...] = (
+    Step(1, "queue_jobs, queue_failed_jobs, queue_names, queue_workers, queue_meta", _create_v1),
+)
+LATEST_VERSION = STEPS[-1].version
+
+
+def _apply(connection: Connection) -> int:
+    t.queue_schema_version.create(connection, checkfirst=True)
+    current = connection.scalar(select(func.max(t.queue_schema_version.c.version))) or 0
+    for step in STEPS:
+        if step.version > current:
+            step.apply(connection)
+            connection.execute(
+                insert(t.queue_schema_version).values(version=step.version, applied_at=t.now())
+            )
+            current = step.version
+    return int(current)
+
+
+async def migrate(engine: AsyncEngine) -> int:
+    """Create or upgrade the queue tables; returns the schema version now in place.
+
+    Safe to run again (it does nothing) and concurrently: MySQL/MariaDB serialise migrations
+    with `GET_LOCK`; SQLite runs them in one BEGIN IMMEDIATE transaction (its DDL is
+    transactional, so a failed step leaves nothing behind).
+    """
+    url = engine.url
+    try:
+        if engine.dialect.name == "sqlite":
+            async with writer(engine).begin() as conn:
+                return await conn.run_sync(_apply)
+        async with engine.connect() as conn:
+            # The lock is the connection's: each DDL statement commits on its own anyway.
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            lock = f"topiq_migrate.{url.database or ''}"[:64]
+            got = await conn.scalar(text("SELECT GET_LOCK(:name, 30)"), {"name": lock})
+            if got != 1:
+                raise DriverError(
+                    f"database queue at {safe_url(url)}: another process has been migrating "
+                    "the tables for 30 s (lock topiq_migrate); try again"
+                )
+            try:
+                return await conn.run_sync(_apply)
+            finally:
+                # A connection that broke has lost the lock with it: nothing to release then.
+                with contextlib.suppress(sa_exc.SQLAlchemyError, OSError):
+                    await conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": lock})
+    except DriverError:
+        raise
+    except (sa_exc.SQLAlchemyError, OSError) as exc:
+        raise database_error(exc, "create or upgrade the queue tables", url) from exc
+
+
+async def schema_version(engine: AsyncEngine) -> int:
+    """The version of the queue tables (0 when they were never created)."""
+    try:
+        async with engine.connect() as conn:
+            exists = await conn.run_sync(
+                lambda sync: sync.dialect.has_table(sync, t.queue_schema_version.name)
+            )
+            if not exists:
+                return 0
+            version = await conn.scalar(select(func.max(t.queue_schema_version.c.version)))
+            return int(version or 0)
+    except (sa_exc.SQLAlchemyError, OSError) as exc:
+        raise database_error(exc, "read the queue schema version", engine.url) from exc

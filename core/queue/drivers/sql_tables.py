@@ -1,0 +1,261 @@
+"""The database queue's tables, as SQLAlchemy Core `Table` objects, and its clock.
+
+Every time is stored as naive UTC with millisecond precision (`DATETIME(3)` on MySQL/MariaDB,
+an ISO string on SQLite, which compares correctly because every value has the same format).
+Times come from the Python clock of the process that writes them, so hosts sharing a database
+must keep their clocks in sync (NTP): a lease is `reserved_until`, compared with another host's
+"now".
+
+`queue_jobs` is one row per job that is not finished:
+
+* ready: `reserved_until IS NULL AND available_at <= now`
+* delayed: `reserved_until IS NULL AND available_at > now`
+* reserved: `reserved_until > now`; once `reserved_until <= now` the lease has expired and the
+  job is ready again, ahead of every other job.
+
+Ready jobs are taken in `(available_at, id)` order: the order in which they became ready, then
+the order in which they were pushed.
+
+The statements whose shape matters (they must follow an index, or differ per dialect) are
+here with the tables: `claim`, `held` and `upsert`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ColumnElement,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    Row,
+    String,
+    Table,
+    Text,
+    and_,
+    literal,
+    or_,
+    select,
+    union_all,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.types import TypeEngine
+
+from core.queue.drivers.base import ReservedJob
+
+__all__ = [
+    "claim",
+    "from_db_time",
+    "held",
+    "metadata",
+    "now",
+    "queue_failed_jobs",
+    "queue_jobs",
+    "queue_meta",
+    "queue_names",
+    "queue_schema_version",
+    "queue_workers",
+    "to_db_time",
+    "upsert",
+]
+
+_MYSQL = ("mysql", "mariadb")
+
+#: A 64-bit auto-increment key; SQLite only auto-increments `INTEGER PRIMARY KEY` (64-bit).
+BigId: TypeEngine[int] = BigInteger().with_variant(Integer(), "sqlite")
+#: Millisecond times: MySQL's plain DATETIME drops the fraction.
+Time: TypeEngine[datetime] = DateTime().with_variant(mysql.DATETIME(fsp=3), *_MYSQL)
+#: Payloads up to 16 MiB (and beyond): MySQL's TEXT stops at 64 KiB, MEDIUMTEXT just below 16 MiB.
+LongText: TypeEngine[str] = Text().with_variant(mysql.LONGTEXT(), *_MYSQL)
+
+# utf8mb4 for any text, binary collation so that queue names and job ids compare exactly as on
+# SQLite ("Emails" is not "emails"). VARCHAR(190) keeps an indexed utf8mb4 column under 767 bytes.
+_MYSQL_OPTIONS: dict[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
+
+metadata = MetaData()
+
+queue_jobs = Table(
+    "queue_jobs",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("uuid", String(36), nullable=False),
+    Column("queue", String(190), nullable=False),
+    Column("payload", LongText, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("reserved_at", Time, nullable=True),
+    Column("reserved_until", Time, nullable=True),
+    Column("available_at", Time, nullable=False),
+    Column("created_at", Time, nullable=False),
+    Index("queue_jobs_uuid_unique", "uuid", unique=True),
+    # The claim index. Ready jobs: equality on (queue, reserved_until IS NULL), a range on
+    # available_at, rows already in (available_at, id) order: no sort, LIMIT stops the scan.
+    # Expired leases: a range on (queue, reserved_until) that skips the NULLs. Also covers
+    # COUNTs per state and the MIN()s that `wait` asks for.
+    Index("queue_jobs_claim", "queue", "reserved_until", "available_at", "id"),
+    **_MYSQL_OPTIONS,
+)
+
+queue_failed_jobs = Table(
+    "queue_failed_jobs",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("uuid", String(36), nullable=False),
+    Column("connection", String(255), nullable=False),
+    Column("queue", String(190), nullable=False),
+    Column("payload", LongText, nullable=False),
+    Column("exception", LongText, nullable=False),
+    Column("failed_at", Time, nullable=False),
+    Index("queue_failed_jobs_uuid_unique", "uuid", unique=True),
+    Index("queue_failed_jobs_failed_at", "failed_at"),  # newest first; prune
+    Index("queue_failed_jobs_queue", "queue", "failed_at"),  # one queue, newest first
+    **_MYSQL_OPTIONS,
+)
+
+#: Every queue a job was ever pushed to, so that an emptied queue is still listed.
+queue_names = Table(
+    "queue_names",
+    metadata,
+    Column("name", String(190), primary_key=True),
+    Column("created_at", Time, nullable=False),
+    **_MYSQL_OPTIONS,
+)
+
+#: The worker registry: one row per worker, alive until `expires_at`.
+queue_workers = Table(
+    "queue_workers",
+    metadata,
+    Column("id", String(190), primary_key=True),
+    Column("info", Text, nullable=False),  # WorkerInfo.to_json()
+    Column("expires_at", Time, nullable=False),
+    **_MYSQL_OPTIONS,
+)
+
+#: Small named values: `restart_at` (epoch seconds of the last `queue:restart`).
+queue_meta = Table(
+    "queue_meta",
+    metadata,
+    Column("name", String(190), primary_key=True),
+    Column("value", Text, nullable=False),
+    **_MYSQL_OPTIONS,
+)
+
+#: One row per applied migration step (see `sql_migrations`).
+queue_schema_version = Table(
+    "queue_schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("applied_at", Time, nullable=False),
+    **_MYSQL_OPTIONS,
+)
+
+
+def now(offset: float = 0.0) -> datetime:
+    """Naive UTC now (plus `offset` seconds), truncated to the millisecond.
+
+    Truncated here because MySQL rounds extra digits: a time written and read back must be
+    the time that was compared.
+    """
+    moment = datetime.now(UTC).replace(tzinfo=None)
+    if offset:
+        moment += timedelta(seconds=offset)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def to_db_time(moment: datetime) -> datetime:
+    """A timezone-aware (or naive UTC) time as the naive UTC millisecond time the tables hold."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def from_db_time(moment: datetime) -> datetime:
+    """A time read from the tables, as a timezone-aware UTC time."""
+    return moment.replace(tzinfo=UTC)
+
+
+# -- statements ---------------------------------------------------------------------------------
+
+_jobs = queue_jobs.c
+_CLAIMED = (
+    _jobs.id,
+    _jobs.uuid,
+    _jobs.queue,
+    _jobs.payload,
+    _jobs.attempts,
+    _jobs.reserved_until,
+    _jobs.available_at,
+)
+
+
+async def claim(conn: AsyncConnection, queue: str, at: datetime, limit: int) -> list[Row[Any]]:
+    """Lock and return up to `limit` rows of `queue` to reserve, front of the queue first.
+
+    One statement of two ordered, limited parts: first jobs whose lease expired (their worker
+    died), oldest lease first; they go to the front. Then ready jobs, in the order they became
+    ready. Each part walks `queue_jobs_claim` in its order, so the database stops after
+    `limit` rows; SKIP LOCKED passes over rows another transaction is claiming. SQLite (one
+    writer, no FOR UPDATE) wants each limited part wrapped in a subquery; MySQL/MariaDB in
+    parentheses, which SQLAlchemy writes for them. Rows carry `id, uuid, queue, payload,
+    attempts` (before this claim).
+    """
+    here = _jobs.queue == queue
+    expired = (
+        select(*_CLAIMED, literal(0).label("part"))
+        .where(here, _jobs.reserved_until <= at)
+        .order_by(_jobs.reserved_until, _jobs.available_at, _jobs.id)
+    )
+    ready = (
+        select(*_CLAIMED, literal(1).label("part"))
+        .where(here, _jobs.reserved_until.is_(None), _jobs.available_at <= at)
+        .order_by(_jobs.available_at, _jobs.id)
+    )
+    parts = [part.limit(limit).with_for_update(skip_locked=True) for part in (expired, ready)]
+    if conn.dialect.name == "sqlite":
+        query = union_all(*(select(part.subquery()) for part in parts))
+    else:
+        query = union_all(*parts)
+    rows = (await conn.execute(query)).all()
+    # UNION ALL promises no order: restore it. Rows past `limit` stay locked until the commit.
+    ordered = sorted(
+        rows, key=lambda r: (r.part, r.reserved_until or datetime.min, r.available_at, r.id)
+    )
+    return ordered[:limit]
+
+
+def held(jobs: Sequence[ReservedJob]) -> ColumnElement[bool]:
+    """Rows still reserved under these reservations: same uuid and same try count.
+
+    Grouped by try count, `uuid IN (...)` per group, so that the unique uuid index serves it.
+    """
+    by_attempts: dict[int, list[str]] = defaultdict(list)
+    for job in jobs:
+        by_attempts[job.attempts].append(job.id)
+    return and_(
+        or_(*(and_(_jobs.attempts == n, _jobs.uuid.in_(ids)) for n, ids in by_attempts.items())),
+        _jobs.reserved_until.is_not(None),
+    )
+
+
+async def upsert(conn: AsyncConnection, table: Table, values: Mapping[str, Any]) -> None:
+    """Insert a row, or update the row with the same key (`uuid` if the table has one)."""
+    if conn.dialect.name == "sqlite":
+        key = ["uuid"] if "uuid" in table.c else [c.name for c in table.primary_key]
+        lite = sqlite_insert(table).values(**values)
+        await conn.execute(lite.on_conflict_do_update(index_elements=key, set_=dict(values)))
+    else:
+        my = mysql_insert(table).values(**values)
+        await conn.execute(my.on_duplicate_key_update(**values))

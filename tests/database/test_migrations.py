@@ -1,0 +1,173 @@
+"""Migrations: versioned, idempotent, safe from two engines or two processes at once; the
+`queue:migrate` command; the server-version and URL checks."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, inspect, select
+
+from core.cli import main
+from core.errors import ConfigurationError
+from core.queue.drivers import sql_tables as t
+from core.queue.drivers.sql_migrations import (
+    LATEST_VERSION,
+    check_server_version,
+    create_engine,
+    database_url,
+    migrate,
+    schema_version,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLES = {
+    "queue_jobs",
+    "queue_failed_jobs",
+    "queue_names",
+    "queue_workers",
+    "queue_meta",
+    "queue_schema_version",
+}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database without any table: a new SQLite file, or a new MariaDB database."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path}/not/yet/there.sqlite3"
+    return str(request.getfixturevalue("empty_mysql"))
+
+
+async def describe(url: str) -> tuple[set[str], int, int]:
+    """The tables, the schema version and the number of version rows."""
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            names = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
+            rows = await conn.scalar(select(func.count()).select_from(t.queue_schema_version))
+        return names, await schema_version(engine), int(rows or 0)
+    finally:
+        await engine.dispose()
+
+
+async def test_migrate_creates_everything_and_is_idempotent(fresh_url: str) -> None:
+    engine = create_engine(fresh_url)
+    try:
+        assert await schema_version(engine) == 0
+        assert await migrate(engine) == LATEST_VERSION == 1
+        assert await migrate(engine) == 1
+    finally:
+        await engine.dispose()
+    names, version, rows = await describe(fresh_url)
+    assert names >= TABLES
+    assert (version, rows) == (1, 1)
+
+
+async def test_two_engines_migrating_at_once(fresh_url: str) -> None:
+    engines = [create_engine(fresh_url) for _ in range(3)]
+    try:
+        assert await asyncio.gather(*(migrate(engine) for engine in engines)) == [1, 1, 1]
+    finally:
+        for engine in engines:
+            await engine.dispose()
+    assert (await describe(fresh_url))[1:] == (1, 1)
+
+
+def test_two_processes_migrating_at_once(fresh_url: str, tmp_path: Path) -> None:
+    env = {"DB_URL": fresh_url, "PATH": "/usr/bin:/bin"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "main.py"),
+                "--env-file",
+                str(tmp_path / "none.env"),
+                "queue:migrate",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "schema version 1" in out
+        assert "topiq:***@" in out or "sqlite" in out  # the password is never printed
+    assert asyncio.run(describe(fresh_url))[1:] == (1, 1)
+
+
+def test_migrate_command_prints_one_line_on_failure(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DB_URL", "mysql+aiomysql://topiq:s3cret-pw@127.0.0.1:9/topiq")
+    assert main(["--env-file", str(tmp_path / "none.env"), "queue:migrate"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "queue:migrate failed" in err and "127.0.0.1:9" in err
+    assert "s3cret-pw" not in err and "Traceback" not in err
+
+
+def test_migrate_command_on_the_sqlite_default(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("DB_URL", "ENABLE_MYSQL"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["--env-file", str(tmp_path / "none.env"), "queue:migrate"]) == 0
+    assert "schema version 1" in capsys.readouterr().out
+    assert (tmp_path / "storage" / "topiq.sqlite3").exists()
+
+
+@pytest.mark.parametrize(
+    "version",
+    [
+        "8.0.1",
+        "8.0.36",
+        "8.4.0-log",
+        "10.6.0-MariaDB",
+        "10.11.6-MariaDB-0+deb12u1",
+        "11.4.2-MariaDB",
+        "5.5.5-10.6.12-MariaDB-log",
+    ],
+)
+def test_servers_with_skip_locked_pass(version: str) -> None:
+    check_server_version(version)
+
+
+@pytest.mark.parametrize(
+    ("version", "needs"),
+    [
+        ("5.7.44-log", "MySQL >= 8.0.1"),
+        ("8.0.0-dmr", "MySQL >= 8.0.1"),
+        ("10.5.23-MariaDB", "MariaDB >= 10.6.0"),
+        ("5.5.5-10.3.39-MariaDB", "MariaDB >= 10.6.0"),
+    ],
+)
+def test_older_servers_are_refused_by_name(version: str, needs: str) -> None:
+    with pytest.raises(ConfigurationError, match="SKIP LOCKED") as caught:
+        check_server_version(version)
+    assert needs in str(caught.value) and version in str(caught.value)
+
+
+def test_unreadable_version_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        check_server_version("banana")
+
+
+def test_urls_get_the_async_driver_or_a_clear_error() -> None:
+    assert database_url("mysql://u:p@h/db").drivername == "mysql+aiomysql"
+    assert database_url("mariadb://u:p@h/db").drivername == "mysql+aiomysql"
+    assert database_url("sqlite:///x.db").drivername == "sqlite+aiosqlite"
+    for bad in ("postgresql://u:s3cret@h/db", "mysql+pymysql://u:s3cret@h/db", "not a url s3cret"):
+        with pytest.raises(ConfigurationError) as caught:
+            database_url(bad)
+        assert "s3cret" not in str(caught.value)
