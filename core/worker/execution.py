@@ -32,17 +32,32 @@ async def call_handle(job: Job, timeout: float) -> Any:
     is_async = _ASYNC_HANDLE.get(cls)
     if is_async is None:
         is_async = _ASYNC_HANDLE[cls] = inspect.iscoroutinefunction(handle)
+    if timeout <= 0:
+        return await (handle() if is_async else asyncio.to_thread(handle))
+    # A bare timer and a flag: what asyncio.timeout() does, at a third of its cost per job.
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout, expire)
     try:
-        async with asyncio.timeout(timeout if timeout > 0 else None) as scope:
-            if is_async:
-                return await handle()
-            return await asyncio.to_thread(handle)
-    except TimeoutError as exc:
-        if scope.expired():
+        result = await (handle() if is_async else asyncio.to_thread(handle))
+    except asyncio.CancelledError:
+        if expired and task.uncancel() == 0:
             raise JobTimeoutError(
-                f"{type(job).__qualname__} timed out after {timeout:g}s (try {job.attempts})"
-            ) from exc
+                f"{cls.__qualname__} timed out after {timeout:g}s (try {job.attempts})"
+            ) from None
         raise
+    finally:
+        timer.cancel()
+    if expired:  # the job swallowed our cancellation and returned: withdraw the request
+        task.uncancel()
+    return result
 
 
 async def call_failed(job: Job, exception: BaseException, timeout: float) -> None:

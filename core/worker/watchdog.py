@@ -14,6 +14,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
+from typing import Protocol
 
 from core.worker.options import ExitCode
 
@@ -22,24 +24,29 @@ __all__ = ["Watchdog"]
 logger = logging.getLogger("topiq.worker")
 
 
-class Watchdog:
-    """Use as `async with Watchdog(slack):` around the worker loop."""
+class Watched(Protocol):
+    """What the watchdog reads of a running job."""
 
-    def __init__(self, slack: float = 1.0, pulse: float = 0.1) -> None:
+    deadline: float  # monotonic time its timeout ends
+    label: str
+
+
+class Watchdog:
+    """Use as `async with Watchdog(running):` around the worker loop.
+
+    `running` maps job ids to the jobs the worker is running; the watchdog only reads it.
+    """
+
+    def __init__(
+        self, running: Mapping[str, Watched], slack: float = 1.0, pulse: float = 0.1
+    ) -> None:
+        self._running = running
         self._slack = slack
         self._pulse = pulse
         self._beat = time.monotonic()
-        self._deadlines: dict[str, tuple[float, str]] = {}  # job id -> (deadline, label)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._task: asyncio.Task[None] | None = None
-
-    def watch(self, job_id: str, timeout: float, label: str) -> None:
-        if timeout > 0:
-            self._deadlines[job_id] = (time.monotonic() + timeout, label)
-
-    def unwatch(self, job_id: str) -> None:
-        self._deadlines.pop(job_id, None)
 
     async def __aenter__(self) -> Watchdog:
         self._beat = time.monotonic()
@@ -65,7 +72,9 @@ class Watchdog:
     def _watch(self) -> None:
         while not self._stop.wait(self._pulse):
             now = time.monotonic()
-            for job_id, (deadline, label) in list(self._deadlines.items()):
+            # Copying under the GIL is safe while the loop thread changes the mapping.
+            for job_id, run in list(self._running.items()):
+                deadline, label = run.deadline, run.label
                 stalled = self._beat < deadline and now - self._beat > self._slack
                 if now > deadline + self._slack and stalled:
                     logger.critical(

@@ -67,7 +67,7 @@ class Worker:
         self._started = 0
         self._processed = 0
         self._started_at = time.time()
-        self._watchdog = Watchdog()
+        self._watchdog = Watchdog(self._running)
         self._driver: Driver | None = None
         self._failed: FailedStore | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -270,7 +270,6 @@ class Worker:
             await self._run(reserved, job, label, max_tries, timeout)
         finally:
             self._running.pop(reserved.id, None)
-            self._watchdog.unwatch(reserved.id)
             self._processed += 1
             self._changed.set()
 
@@ -284,8 +283,9 @@ class Worker:
             # Reserved under the default lease; give it the one its own timeout needs, so a
             # job that dies with its worker comes back neither too early nor too late.
             await driver.extend([(reserved, lease)])
-        self._running[reserved.id] = _Running(reserved, time.monotonic() + timeout, label)
-        self._watchdog.watch(reserved.id, timeout, label)
+        run = self._running[reserved.id]
+        run.deadline = time.monotonic() + timeout
+        run.label = label
         started = time.perf_counter()
         try:
             await call_handle(job, timeout)
