@@ -176,7 +176,7 @@ class PrivateRedis:
                 "always",
                 "--save",
                 "",
-            ],  # fmt: skip
+            ],
             stdout=subprocess.DEVNULL,
         )
         wait_until(self.answers, 20, "the private redis-server")

@@ -368,3 +368,17 @@ async def test_clear_removes_waiting_jobs(manager: QueueManager, log: str) -> No
     assert await driver.clear(queue_of(manager)) == 4
     assert await manager.size() == 0
     assert queue_of(manager) in await driver.queues()
+
+
+async def test_pushing_a_stored_id_again_starts_it_afresh(manager: QueueManager, log: str) -> None:
+    """`queue:retry` re-pushes a failed job's id; a late ack of the old try must not eat it."""
+    driver = await manager.connection()
+    name = queue_of(manager)
+    job_id = await manager.push(RecordJob(log, 1))
+    [old] = await driver.reserve([name], 1, lease=30)
+    await driver.push([OutgoingJob(job_id, name, old.payload)])
+    await driver.ack([old])  # the late ack of the first try
+    [stats] = await manager.stats(name)
+    assert (stats.pending, stats.reserved) == (1, 0)
+    [again] = await driver.reserve([name], 1, lease=30)
+    assert (again.id, again.attempts) == (job_id, 1)

@@ -176,7 +176,14 @@ class DatabaseDriver(Driver):
                     .prefix_with("OR IGNORE", dialect="sqlite"),
                     [{"name": name, "created_at": created} for name in new],
                 )
-            await conn.execute(insert(t.queue_jobs), rows)
+            try:
+                await conn.execute(insert(t.queue_jobs), rows)
+            except sa_exc.IntegrityError:
+                # An id that is already stored (a failed job retried before its worker's late
+                # ack landed) starts afresh, so that ack no longer matches: the rare path.
+                ids = [row["uuid"] for row in rows]
+                await conn.execute(delete(t.queue_jobs).where(t.queue_jobs.c.uuid.in_(ids)))
+                await conn.execute(insert(t.queue_jobs), rows)
 
         await self._run("push jobs", op)
         self._registered.update(new)

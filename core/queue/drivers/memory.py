@@ -106,13 +106,24 @@ class MemoryDriver(Driver):
         now = time.monotonic()
         for job in jobs:
             queue = self._queue(job.queue)
+            if job.id in queue.payloads:
+                # Stored already (a failed job retried before a late ack): start afresh.
+                self._forget(queue, job.id)
             queue.payloads[job.id] = job.payload
-            queue.attempts.setdefault(job.id, 0)
+            queue.attempts[job.id] = 0
             if job.delay > 0:
                 heapq.heappush(queue.delayed, (now + job.delay, next(self._seq), job.id))
             else:
                 queue.ready.append(job.id)
         self._wake()
+
+    @staticmethod
+    def _forget(queue: _Queue, job_id: str) -> None:
+        queue.reserved.pop(job_id, None)
+        with contextlib.suppress(ValueError):
+            queue.ready.remove(job_id)
+        queue.delayed = [entry for entry in queue.delayed if entry[2] != job_id]
+        heapq.heapify(queue.delayed)
 
     def _mature(self, queue: _Queue, now: float) -> None:
         while queue.delayed and queue.delayed[0][0] <= now:

@@ -261,7 +261,9 @@ class RedisDriver(Driver):
                 for job in batch:
                     args += (job.id, job.payload, int(job.delay * 1000))
                 await self._scripts["push"](
-                    keys=[k.ready, k.delayed, k.payloads, k.wake], args=args, client=pipe
+                    keys=[k.ready, k.delayed, k.payloads, k.wake, k.attempts, k.reserved],
+                    args=args,
+                    client=pipe,
                 )
             await pipe.execute()
             self._known_queues.update(groups)

@@ -1,0 +1,270 @@
+"""`serve` (the default command, `python main.py`): run the MQTT app.
+
+With no broker configured (`MQTT_HOST` and `MQTT_URL` unset) it starts the embedded broker on
+127.0.0.1:`MQTT_EMBEDDED_PORT`. `--worker` runs a worker in the same process, `--simulate N`
+adds simulated devices, `--demo` is both plus a live status table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable
+
+from core.errors import ConfigurationError
+from core.mqtt import publisher
+from core.mqtt.app import MqttApp
+from core.mqtt.broker import EmbeddedBroker
+from core.mqtt.client import ConnectionOptions
+from core.mqtt.dashboard import Dashboard, JobCounts
+from core.mqtt.errors import BrokerStartError
+from core.mqtt.routing import Router
+from core.mqtt.simulator import DeviceSimulator
+from core.mqtt.stats import CountingQueueManager, MqttStats
+from core.queue.queue_manager import set_default_manager
+from core.settings import QueueConnection, Settings
+from core.worker.options import ExitCode, StopReason, WorkerOptions
+from core.worker.worker import Worker
+
+HELP = {"serve": "run the MQTT app (the default command; --demo shows the whole flow)"}
+
+logger = logging.getLogger("topiq.serve")
+
+DEMO_DEVICES = 3
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def configure(name: str, parser: argparse.ArgumentParser) -> None:
+    """Add `serve`'s flags."""
+    parser.add_argument(
+        "--app",
+        default="app.routes",
+        metavar="MODULE",
+        help="module defining `router` (or MODULE:NAME for another name; default: app.routes)",
+    )
+    parser.add_argument(
+        "--worker",
+        action="store_true",
+        help="also run a queue worker in this process (development)",
+    )
+    parser.add_argument(
+        "--simulate", type=_count, default=0, metavar="N", help="start N simulated devices"
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"--worker --simulate {DEMO_DEVICES} and a live status table",
+    )
+    parser.add_argument(
+        "--duration", type=_seconds, metavar="S", help="stop after S seconds (for scripts and CI)"
+    )
+
+
+def load_router(spec: str) -> Router:
+    """The `Router` named by `module` or `module:attribute`.
+
+    Raises:
+        ConfigurationError: the module cannot be imported or has no router.
+    """
+    module_name, _, attribute = spec.partition(":")
+    attribute = attribute or "router"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"--app {spec}: cannot import {module_name}: {exc}") from exc
+    router = getattr(module, attribute, None)
+    if not isinstance(router, Router):
+        raise ConfigurationError(
+            f"--app {spec}: {module_name} has no Router named {attribute!r} "
+            "(define `router = Router()` there)"
+        )
+    return router
+
+
+class _JobTally:
+    """The in-process worker's done/failed counts for the demo.
+
+    `failed` comes from the failed-job store (what failed for good since the start); `done` is
+    the jobs the worker finished minus those. The worker exposes no per-outcome counters yet,
+    so a try that was retried counts as done here.
+    """
+
+    def __init__(self, manager: CountingQueueManager, worker: Worker) -> None:
+        self.manager = manager
+        self.worker = worker
+        self._baseline: int | None = None
+        self._failed = 0
+
+    async def _failed_total(self) -> int:
+        store = await self.manager.failed_store(self.worker.connection)
+        return await store.count()
+
+    async def start(self) -> None:
+        with contextlib.suppress(Exception):
+            self._baseline = await self._failed_total()
+
+    async def __call__(self) -> JobCounts:
+        try:
+            total = await self._failed_total()
+        except Exception as exc:
+            # The store briefly out of reach: show the last count rather than nothing.
+            logger.debug("could not count failed jobs: %s", exc)
+        else:
+            if self._baseline is None:
+                self._baseline = total
+            self._failed = total - self._baseline
+        return JobCounts(done=max(0, self.worker.processed - self._failed), failed=self._failed)
+
+
+async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
+    """Run the app until SIGTERM/SIGINT or `--duration`; exit code 0 on a clean stop."""
+    router = load_router(args.app)
+    with_worker = args.worker or args.demo
+    devices = args.simulate or (DEMO_DEVICES if args.demo else 0)
+    options = ConnectionOptions.from_settings(settings)
+    stats = MqttStats()
+    manager = CountingQueueManager(settings, stats)
+    manager.driver()  # an unknown connection or a missing driver library fails here, at start
+    if not with_worker and settings.queue_connection is QueueConnection.MEMORY:
+        logger.warning(
+            "QUEUE_CONNECTION=memory without --worker: jobs dispatched here are never run"
+        )
+    async with manager, contextlib.AsyncExitStack() as stack:
+        set_default_manager(manager)
+        stack.callback(set_default_manager, None)
+        if options.embedded:
+            try:
+                await stack.enter_async_context(EmbeddedBroker(options.host, options.port))
+            except BrokerStartError as exc:
+                print(f"topiq: {exc}", file=sys.stderr)
+                return ExitCode.ERROR
+        # Closed before the broker stops, so it disconnects cleanly.
+        stack.push_async_callback(publisher.close)
+        return await _serve(router, settings, options, stats, manager, with_worker, devices, args)
+
+
+async def _serve(
+    router: Router,
+    settings: Settings,
+    options: ConnectionOptions,
+    stats: MqttStats,
+    manager: CountingQueueManager,
+    with_worker: bool,
+    devices: int,
+    args: argparse.Namespace,
+) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    app = MqttApp(router, settings, options=options, stats=stats)
+    app_task = asyncio.create_task(app.run(), name="topiq-mqtt-app")
+
+    worker: Worker | None = None
+    worker_task: asyncio.Task[StopReason] | None = None
+    if with_worker:
+        worker = Worker(
+            manager,
+            WorkerOptions(
+                queues=(settings.queue_default,),
+                concurrency=settings.worker_concurrency,
+                sleep=settings.worker_sleep,
+                grace=settings.worker_grace,
+            ),
+        )
+        worker_task = asyncio.create_task(worker.run(), name="topiq-worker")
+        # The worker installs its own SIGTERM/SIGINT handlers as it starts; let it, so that
+        # ours (installed below) replace them and stop the app and the worker together.
+        await asyncio.sleep(0)
+
+    simulator: DeviceSimulator | None = None
+    simulator_task: asyncio.Task[None] | None = None
+    if devices:
+        simulator = DeviceSimulator(options, devices)
+
+    dashboard: Dashboard | None = None
+    dashboard_task: asyncio.Task[None] | None = None
+    if args.demo and worker is not None:
+        tally = _JobTally(manager, worker)
+        await tally.start()
+        dashboard = Dashboard(stats, tally, sent=(lambda: simulator.sent) if simulator else None)
+        dashboard_task = asyncio.create_task(dashboard.run(), name="topiq-dashboard")
+
+    def on_signal() -> None:
+        if stop.is_set() and worker is not None:
+            worker.stop()  # a second signal: skip the worker's grace period
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    timer = loop.call_later(args.duration, stop.set) if args.duration else None
+    try:
+        if simulator is not None:
+            # Devices start once the app listens, so the first readings are not missed.
+            await _first(app.wait_ready(), stop.wait())
+            if not stop.is_set():
+                simulator_task = asyncio.create_task(simulator.run(), name="topiq-simulator")
+        await _first(stop.wait(), app_task, *([worker_task] if worker_task else []))
+    finally:
+        if timer is not None:
+            timer.cancel()
+        logger.info("stopping")
+        if simulator is not None and simulator_task is not None:
+            simulator.stop()
+            await asyncio.gather(simulator_task, return_exceptions=True)
+        app.stop()
+        await asyncio.gather(app_task, return_exceptions=True)
+        if worker is not None and worker_task is not None:
+            worker.stop()
+            await asyncio.gather(worker_task, return_exceptions=True)
+        if dashboard is not None and dashboard_task is not None:
+            dashboard.stop()
+            await asyncio.gather(dashboard_task, return_exceptions=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    for what, task in (("the MQTT app", app_task), ("the worker", worker_task)):
+        error = None if task is None or task.cancelled() else task.exception()
+        if error is not None:
+            logger.error("%s stopped on an error", what, exc_info=error)
+            return ExitCode.ERROR
+    return ExitCode.OK
+
+
+async def _first(*waitables: Awaitable[object]) -> None:
+    """Return when the first of several coroutines or tasks finishes; cancel the coroutines."""
+    futures: list[asyncio.Future[object]] = []
+    owned: list[asyncio.Future[object]] = []
+    for waitable in waitables:
+        if isinstance(waitable, asyncio.Future):
+            futures.append(waitable)
+        else:
+            started = asyncio.ensure_future(waitable)
+            owned.append(started)
+            futures.append(started)
+    try:
+        await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in owned:
+            future.cancel()
