@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import Any
 
 import orjson
 
@@ -27,9 +28,25 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(data).decode()
 
 
+class _Stderr(logging.StreamHandler[Any]):
+    """Writes to whatever `sys.stderr` is at the time of each record.
+
+    A handler holding on to the stream it was built with breaks when that stream is replaced and
+    closed (pytest's capture, a daemon redirecting its output).
+    """
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure_logging(settings: Settings) -> None:
     """Send Topiq's logs to stderr at `LOG_LEVEL`, as text or JSON (`LOG_FORMAT`)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     if settings.log_format is LogFormat.JSON:
         handler.setFormatter(_JsonFormatter())
     else:
