@@ -43,8 +43,10 @@ __all__ = [
     "non_negative_int",
     "open_connection",
     "positive_int",
+    "positive_seconds",
     "queue_name",
     "say",
+    "seconds",
     "stamp",
     "table",
     "when",
@@ -112,6 +114,27 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """An argparse type: a whole number of at least 0."""
     return _integer(text, 0)
+
+
+def _seconds(text: str, positive: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value < 0 or (positive and value == 0) or value != value:
+        rule = "must be positive" if positive else "must not be negative"
+        raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a number of seconds, zero or more."""
+    return _seconds(text, positive=False)
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds above zero."""
+    return _seconds(text, positive=True)
 
 
 # -- connections and errors ---------------------------------------------------------------

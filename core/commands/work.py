@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from core.commands._common import positive_int, positive_seconds, seconds
 from core.errors import ConfigurationError
 from core.queue.queue_manager import QueueManager, set_default_manager
 from core.settings import Settings
@@ -16,26 +17,6 @@ HELP = {"queue:work": "run a worker that processes queued jobs (also: --queue-wo
 logger = logging.getLogger("topiq.worker")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
-    return value
-
-
 def configure(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--queue",
@@ -45,26 +26,26 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connection", default=None, help="redis, database, memory (default: QUEUE_CONNECTION)"
     )
-    parser.add_argument("--max-jobs", type=_positive_int, help="stop after this many jobs")
-    parser.add_argument("--max-time", type=_positive_float, help="stop after this many seconds")
+    parser.add_argument("--max-jobs", type=positive_int, help="stop after this many jobs")
+    parser.add_argument("--max-time", type=positive_seconds, help="stop after this many seconds")
     parser.add_argument(
         "--sleep",
-        type=_positive_float,
+        type=seconds,
         default=None,
         help="longest wait in seconds when no job is ready (default: WORKER_SLEEP); "
         "Redis wakes a waiting worker at once on dispatch",
     )
-    parser.add_argument("--max-tries", type=_positive_int, help="override every job's max_tries")
-    parser.add_argument("--timeout", type=_positive_float, help="override every job's timeout (s)")
+    parser.add_argument("--max-tries", type=positive_int, help="override every job's max_tries")
+    parser.add_argument("--timeout", type=positive_seconds, help="override every job's timeout (s)")
     parser.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="jobs run at once in this process (default: WORKER_CONCURRENCY, 1)",
     )
     parser.add_argument(
         "--grace",
-        type=_positive_float,
+        type=seconds,
         default=None,
         help="seconds running jobs get to finish after SIGTERM (default: WORKER_GRACE, 30)",
     )
