@@ -2,6 +2,7 @@
 
 TopiqError
 ├── ConfigurationError        a setting is missing or wrong (raised at start)
+│   └── RouteError            an MQTT route pattern is invalid (core.mqtt.errors)
 ├── SerializationError        a job cannot be turned into a payload (raised at dispatch)
 │   └── PayloadTooLargeError  the payload is over the configured limit
 ├── PayloadError              a stored payload cannot be turned back into a job
@@ -9,7 +10,13 @@ TopiqError
 ├── DriverError               a queue backend failed (the cause is chained)
 │   └── ConnectionLostError   the backend cannot be reached right now
 ├── JobTimeoutError           a job ran past its timeout (also a built-in TimeoutError)
-└── WorkerLostError           a job's lease expired on its last try: its worker died
+├── WorkerLostError           a job's lease expired on its last try: its worker died
+└── MqttError                 the MQTT side (core.mqtt.errors)
+    ├── BrokerStartError      the embedded broker cannot start (its port is taken)
+    ├── PublishError          a publish did not reach the broker
+    └── MessageRejected       a message a route refused
+        ├── InvalidPayloadError   the payload failed validation
+        └── RateLimitedError      the sender is over its rate limit
 
 Control flow that is not an error: `Retry` (a job asks for another try).
 """

@@ -20,9 +20,9 @@ from core.errors import ConfigurationError
 from core.mqtt import publisher
 from core.mqtt.app import MqttApp
 from core.mqtt.broker import EmbeddedBroker
-from core.mqtt.client import ConnectionOptions
 from core.mqtt.dashboard import Dashboard, JobCounts
 from core.mqtt.errors import BrokerStartError
+from core.mqtt.options import ConnectionOptions
 from core.mqtt.routing import Router
 from core.mqtt.simulator import DeviceSimulator
 from core.mqtt.stats import CountingQueueManager, MqttStats
@@ -105,41 +105,6 @@ def load_router(spec: str) -> Router:
     return router
 
 
-class _JobTally:
-    """The in-process worker's done/failed counts for the demo.
-
-    `failed` comes from the failed-job store (what failed for good since the start); `done` is
-    the jobs the worker finished minus those. The worker exposes no per-outcome counters yet,
-    so a try that was retried counts as done here.
-    """
-
-    def __init__(self, manager: CountingQueueManager, worker: Worker) -> None:
-        self.manager = manager
-        self.worker = worker
-        self._baseline: int | None = None
-        self._failed = 0
-
-    async def _failed_total(self) -> int:
-        store = await self.manager.failed_store(self.worker.connection)
-        return await store.count()
-
-    async def start(self) -> None:
-        with contextlib.suppress(Exception):
-            self._baseline = await self._failed_total()
-
-    async def __call__(self) -> JobCounts:
-        try:
-            total = await self._failed_total()
-        except Exception as exc:
-            # The store briefly out of reach: show the last count rather than nothing.
-            logger.debug("could not count failed jobs: %s", exc)
-        else:
-            if self._baseline is None:
-                self._baseline = total
-            self._failed = total - self._baseline
-        return JobCounts(done=max(0, self.worker.processed - self._failed), failed=self._failed)
-
-
 async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
     """Run the app until SIGTERM/SIGINT or `--duration`; exit code 0 on a clean stop."""
     router = load_router(args.app)
@@ -192,12 +157,10 @@ async def _serve(
                 concurrency=settings.worker_concurrency,
                 sleep=settings.worker_sleep,
                 grace=settings.worker_grace,
+                handle_signals=False,  # ours (below) stop the app and the worker together
             ),
         )
         worker_task = asyncio.create_task(worker.run(), name="topiq-worker")
-        # The worker installs its own SIGTERM/SIGINT handlers as it starts; let it, so that
-        # ours (installed below) replace them and stop the app and the worker together.
-        await asyncio.sleep(0)
 
     simulator: DeviceSimulator | None = None
     simulator_task: asyncio.Task[None] | None = None
@@ -207,8 +170,11 @@ async def _serve(
     dashboard: Dashboard | None = None
     dashboard_task: asyncio.Task[None] | None = None
     if args.demo and worker is not None:
-        tally = _JobTally(manager, worker)
-        await tally.start()
+        counts = worker.counts
+
+        async def tally() -> JobCounts:
+            return JobCounts(done=counts.done, failed=counts.failed)
+
         dashboard = Dashboard(stats, tally, sent=(lambda: simulator.sent) if simulator else None)
         dashboard_task = asyncio.create_task(dashboard.run(), name="topiq-dashboard")
 
@@ -219,7 +185,13 @@ async def _serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    timer = loop.call_later(args.duration, stop.set) if args.duration else None
+    timed_out = asyncio.Event()
+
+    def on_duration() -> None:
+        timed_out.set()
+        stop.set()
+
+    timer = loop.call_later(args.duration, on_duration) if args.duration else None
     try:
         if simulator is not None:
             # Devices start once the app listens, so the first readings are not missed.
@@ -237,7 +209,7 @@ async def _serve(
         app.stop()
         await asyncio.gather(app_task, return_exceptions=True)
         if worker is not None and worker_task is not None:
-            worker.stop()
+            worker.stop(StopReason.MAX_TIME if timed_out.is_set() else StopReason.SIGNAL)
             await asyncio.gather(worker_task, return_exceptions=True)
         if dashboard is not None and dashboard_task is not None:
             dashboard.stop()

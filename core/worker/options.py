@@ -21,7 +21,8 @@ class WorkerOptions:
     max_tries: int | None = None  # overrides every job's max_tries
     timeout: float | None = None  # overrides every job's timeout
     grace: float = 30.0  # seconds running jobs get to finish after a stop signal
-    stop_when_empty: bool = False  # stop once every queue is empty
+    stop_when_empty: bool = False  # stop once no job is ready
+    handle_signals: bool = True  # SIGTERM/SIGINT stop it (off when the host program owns them)
 
     def __post_init__(self) -> None:
         checks = [

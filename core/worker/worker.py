@@ -29,12 +29,22 @@ from core.worker.execution import call_failed, call_handle, describe, failed_rec
 from core.worker.options import StopReason, WorkerOptions
 from core.worker.watchdog import Watchdog
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "WorkerCounts"]
 
 logger = logging.getLogger("topiq.worker")
 
 T = TypeVar("T")
 _DEFAULT_TIMEOUT = 60.0
+
+
+@dataclass(slots=True)
+class WorkerCounts:
+    """What a worker's finished tries came to."""
+
+    done: int = 0  # succeeded
+    retried: int = 0  # failed or asked for a retry, and will run again
+    failed: int = 0  # failed for good (recorded in the failed-job store)
+    returned: int = 0  # handed back unfinished because the worker was stopping
 
 
 @dataclass(slots=True)
@@ -66,6 +76,7 @@ class Worker:
         self._force = asyncio.Event()
         self._started = 0
         self._processed = 0
+        self.counts = WorkerCounts()
         self._started_at = time.time()
         self._watchdog = Watchdog(self._running)
         self._driver: Driver | None = None
@@ -95,7 +106,8 @@ class Worker:
     async def run(self) -> StopReason:
         """Work until stopped; returns why it stopped."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        signals = (signal.SIGTERM, signal.SIGINT) if self.options.handle_signals else ()
+        for sig in signals:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         try:
@@ -117,7 +129,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self._driver.remove_worker(self.id)
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in signals:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
         reason = self._stop_reason or StopReason.SIGNAL
@@ -294,6 +306,7 @@ class Worker:
                 "job %s %s returned to its queue: the worker is stopping", job.job_id, label
             )
             await self._bookkeep("return a job", lambda: driver.release(reserved, refund=True))
+            self.counts.returned += 1
             raise
         except Retry as request:
             delay = request.delay if request.delay is not None else job.backoff(reserved.attempts)
@@ -304,6 +317,7 @@ class Worker:
             )
         else:
             self._done.append(reserved)
+            self.counts.done += 1
             logger.info(
                 "job %s %s try %d/%d done in %.1fms",
                 job.job_id,
@@ -335,6 +349,7 @@ class Worker:
                 delay,
             )
             await self._bookkeep("release a job", lambda: driver.release(reserved, delay))
+            self.counts.retried += 1
             return
         logger.error(
             "job %s %s try %d/%d failed for good: %s",
@@ -355,6 +370,7 @@ class Worker:
         record = failed_record(self.connection, reserved, exc)
         await self._bookkeep("record a failed job", lambda: store.add(record))
         self._done.append(reserved)
+        self.counts.failed += 1
 
     # -- background duties -------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""The application: routes (`app.routes`), controllers and jobs."""

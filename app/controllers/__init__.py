@@ -1,0 +1,1 @@
+"""Controllers: handlers for related topics, grouped as static methods."""

@@ -1,0 +1,1 @@
+"""Background jobs; the worker runs only `Job` subclasses under `app.` (QUEUE_ALLOWED_MODULES)."""

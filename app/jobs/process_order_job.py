@@ -1,0 +1,40 @@
+"""Process a new order in the background and report its status to MQTT."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from core.job import Job
+
+logger = logging.getLogger("topiq.app.ProcessOrderJob")
+
+
+class ProcessOrderJob(Job):
+    """Price an order and publish its status on `orders/<order_id>/status`.
+
+    Attributes:
+        order_id: The order's id, from the topic.
+        order_data: The order as the client sent it: `{"items": [{"sku", "qty", "price"}]}`.
+    """
+
+    max_tries = 3
+    timeout = 30
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order_id: str | None = None
+        self.order_data: Any = None
+
+    async def handle(self) -> None:
+        """Total the items and publish the result."""
+        data = self.order_data if isinstance(self.order_data, dict) else {}
+        items = data.get("items") or []
+        total = round(
+            sum(float(item.get("qty", 1)) * float(item.get("price", 0)) for item in items), 2
+        )
+        logger.info("order %s: %d item(s), total %.2f", self.order_id, len(items), total)
+        await self.publish(
+            f"orders/{self.order_id}/status",
+            {"order_id": self.order_id, "status": "processed", "items": len(items), "total": total},
+        )

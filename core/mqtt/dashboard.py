@@ -1,0 +1,116 @@
+"""The live status table of `python main.py --demo` (rich)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.live import Live
+from rich.logging import RichHandler
+from rich.table import Table
+
+from core.mqtt.stats import MqttStats
+
+__all__ = ["Dashboard", "JobCounts"]
+
+
+@dataclass(slots=True)
+class JobCounts:
+    """What the in-process worker has done since the app started."""
+
+    done: int = 0
+    failed: int = 0
+
+
+class Dashboard:
+    """Redraws a table of the app's counters while `run()` runs, then prints a summary line.
+
+    Args:
+        stats: The app's counters.
+        jobs: Returns the worker's job counts (may query the queue, hence async).
+        sent: Returns how many messages the simulated devices have published.
+        console: Where to draw (default: standard output).
+        interval: Seconds between redraws.
+    """
+
+    def __init__(
+        self,
+        stats: MqttStats,
+        jobs: Callable[[], Awaitable[JobCounts]],
+        sent: Callable[[], int] | None = None,
+        *,
+        console: Console | None = None,
+        interval: float = 0.5,
+    ) -> None:
+        self.stats = stats
+        self.jobs = jobs
+        self.sent = sent
+        self.console = console or Console()
+        self.interval = interval
+        self.counts = JobCounts()
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Make `run()` draw once more and return."""
+        self._stop.set()
+
+    def render(self) -> Table:
+        """The table as it stands."""
+        s = self.stats
+        table = Table(title="Topiq demo", show_header=True, header_style="bold")
+        table.add_column("what")
+        table.add_column("count", justify="right")
+        rows: list[tuple[str, object]] = []
+        if self.sent is not None:
+            rows.append(("published by devices", self.sent()))
+        rows += [
+            ("messages received", s.received),
+            ("handled", s.handled),
+            ("invalid payloads", s.invalid),
+            ("handler errors", s.failed),
+            ("jobs dispatched", s.jobs_dispatched),
+            ("jobs done", self.counts.done),
+            ("jobs failed", self.counts.failed),
+            ("broker", "connected" if s.connected else "disconnected"),
+        ]
+        for name, value in rows:
+            table.add_row(name, str(value))
+        return table
+
+    def summary(self) -> str:
+        """One line with the final counts (what scripts and tests read)."""
+        s = self.stats
+        return (
+            f"demo summary: received={s.received} handled={s.handled} invalid={s.invalid} "
+            f"handler_errors={s.failed} dispatched={s.jobs_dispatched} "
+            f"jobs_done={self.counts.done} jobs_failed={self.counts.failed}"
+        )
+
+    async def _refresh_counts(self) -> None:
+        # A queue briefly out of reach is no reason to stop drawing: keep the last counts.
+        with contextlib.suppress(Exception):
+            self.counts = await self.jobs()
+
+    async def run(self) -> None:
+        """Draw until `stop()`, then print the summary line."""
+        root = logging.getLogger()
+        saved = list(root.handlers)
+        with Live(self.render(), console=self.console, auto_refresh=False) as live:
+            if self.console.is_terminal:
+                # Log lines go above the table instead of through it.
+                root.handlers = [RichHandler(console=self.console, show_path=False)]
+            try:
+                while not self._stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), self.interval)
+                    await self._refresh_counts()
+                    live.update(self.render(), refresh=True)
+            finally:
+                root.handlers = saved
+        if not self.console.is_terminal:
+            self.console.line()  # a non-terminal Live leaves its last line open
+        self.console.print(self.summary(), highlight=False, soft_wrap=True)

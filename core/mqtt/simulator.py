@@ -1,0 +1,118 @@
+"""Simulated devices for `python main.py --simulate N` and the demo.
+
+Each device has its own connection and client id and publishes a telemetry reading
+(`devices/sim-<n>/telemetry`, JSON) about once per interval; the temperature wanders and now and
+then spikes past the alert threshold of the example app. Device 1 also places an order on
+`orders/<id>/new` every few readings, and every so often a device sends a malformed reading,
+so the demo shows validation at work too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import time
+from typing import Any
+
+from core.mqtt.client import PublishConnection
+from core.mqtt.errors import PublishError
+from core.mqtt.options import ConnectionOptions
+from core.mqtt.publisher import encode_payload
+
+__all__ = ["DeviceSimulator"]
+
+logger = logging.getLogger("topiq.mqtt.simulator")
+
+
+class DeviceSimulator:
+    """`count` devices publishing until `stop()`.
+
+    Args:
+        options: The broker to publish to (each device gets its own client id).
+        count: How many devices.
+        interval: Seconds between one device's readings, on average.
+        order_every: Device 1 places an order every this many readings (0: never).
+        malformed_every: One reading in this many is malformed (0: never).
+        seed: Seeds the random readings, for repeatable runs.
+    """
+
+    def __init__(
+        self,
+        options: ConnectionOptions,
+        count: int,
+        *,
+        interval: float = 1.0,
+        order_every: int = 5,
+        malformed_every: int = 40,
+        seed: int | None = None,
+    ) -> None:
+        self.options = options
+        self.count = count
+        self.interval = interval
+        self.order_every = order_every
+        self.malformed_every = malformed_every
+        self.sent = 0
+        self._random = random.Random(seed)
+        self._orders = itertools.count(1001)
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Make `run()` return after the readings in flight."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Run every device until `stop()`."""
+        async with asyncio.TaskGroup() as group:
+            for number in range(1, self.count + 1):
+                group.create_task(self._device(number), name=f"topiq-sim-device-{number}")
+
+    async def _device(self, number: int) -> None:
+        device_id = f"sim-{number}"
+        connection = PublishConnection(
+            self.options.replace(client_id=f"{self.options.client_id}-{device_id}")
+        )
+        temperature = self._random.uniform(18.0, 24.0)
+        try:
+            for reading in itertools.count(1):
+                # Spread the devices out so they do not all publish on the same tick.
+                pause = self.interval * self._random.uniform(0.5, 1.5)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), pause)
+                if self._stop.is_set():
+                    return
+                temperature += self._random.uniform(-0.8, 0.8)
+                spike = self._random.random() < 0.08
+                payload: Any = {
+                    "temperature": round(temperature + (14.0 if spike else 0.0), 2),
+                    "humidity": round(self._random.uniform(30.0, 60.0), 1),
+                    "ts": round(time.time(), 3),
+                }
+                if self.malformed_every and self._random.randrange(self.malformed_every) == 0:
+                    # Cut-off JSON, as from a flaky device: validation refuses it.
+                    payload = b'{"temperature": "warm"'
+                await self._send(connection, f"devices/{device_id}/telemetry", payload)
+                if number == 1 and self.order_every and reading % self.order_every == 0:
+                    order_id = next(self._orders)
+                    order = {
+                        "customer": f"customer-{self._random.randrange(1, 50)}",
+                        "items": [
+                            {
+                                "sku": "sensor-kit",
+                                "qty": self._random.randrange(1, 4),
+                                "price": 49.5,
+                            }
+                        ],
+                    }
+                    await self._send(connection, f"orders/{order_id}/new", order)
+        finally:
+            await connection.close()
+
+    async def _send(self, connection: PublishConnection, topic: str, payload: Any) -> None:
+        try:
+            await connection.publish(topic, encode_payload(payload), qos=1)
+            self.sent += 1
+        except PublishError as exc:
+            logger.warning("simulated device could not publish: %s", exc)

@@ -1,0 +1,79 @@
+"""`python main.py` itself: the embedded-broker demo, an unreachable broker, a taken port."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.mqtt.conftest import AppProcess, Broker, MosquittoProcess, free_port
+
+pytestmark = [pytest.mark.mqtt, pytest.mark.process]
+
+
+def fresh_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """An environment as on a fresh machine: no broker configured, SQLite under `tmp_path`."""
+    env = Broker("127.0.0.1", 0).env(QUEUE_CONNECTION="database")
+    del env["MQTT_HOST"], env["MQTT_PORT"], env["MQTT_CLEAN_SESSION"]
+    env["DB_SQLITE_PATH"] = str(tmp_path / "topiq.sqlite3")
+    env.update(extra)
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_the_demo_runs_the_whole_flow_on_the_embedded_broker(tmp_path: Path) -> None:
+    env = fresh_env(tmp_path, MQTT_EMBEDDED_PORT=str(free_port()))
+    # cwd is a scratch directory: no .env there, and the jobs write storage/ under it.
+    demo = await AppProcess(["--demo", "--duration", "8"], env, cwd=tmp_path).start()
+    code = await demo.wait(45)
+    assert code == 0, demo.log
+    summary = re.search(r"demo summary: (.*)", demo.stdout)
+    assert summary, demo.stdout + demo.log
+    counts = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", summary.group(1))}
+    assert counts["received"] > 0 and counts["dispatched"] > 0, summary.group(0)
+    assert counts["jobs_done"] > 0, summary.group(0) + "\n" + demo.log[-3000:]
+    assert counts["jobs_failed"] == 0 and counts["handler_errors"] == 0, summary.group(0)
+    assert "embedded MQTT broker (amqtt) listening on 127.0.0.1" in demo.log
+    stored = list((tmp_path / "storage" / "telemetry").glob("*.jsonl"))
+    assert stored and stored[0].read_text().count("\n") > 0
+    assert "Traceback" not in demo.log
+
+
+@pytest.mark.timeout(60)
+async def test_an_unreachable_broker_is_named_with_a_fix_and_retried(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there (yet)
+    env = fresh_env(tmp_path, MQTT_HOST="127.0.0.1", MQTT_PORT=str(port), QUEUE_CONNECTION="memory")
+    app = await AppProcess(["serve", "--app", "tests.mqtt.apps:flow"], env).start()
+    try:
+        line = await app.wait_for_line("cannot reach the MQTT broker")
+        assert f"127.0.0.1:{port}" in line
+        assert "set MQTT_HOST/MQTT_PORT in .env, or unset MQTT_HOST" in line
+        mosquitto = MosquittoProcess(port, tmp_path / "mosquitto")
+        await mosquitto.start()
+        try:
+            await app.wait_for_line("connected to the MQTT broker", timeout=30)
+        finally:
+            code = await app.stop(signal.SIGINT)
+            await mosquitto.stop()
+    finally:
+        await app.kill()
+    assert code == 0, app.log
+    assert app.log.count("cannot reach the MQTT broker") == 1  # one clear line, not a flood
+
+
+@pytest.mark.timeout(30)
+async def test_a_taken_embedded_port_fails_with_what_to_do(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = fresh_env(tmp_path, MQTT_EMBEDDED_PORT=str(port))
+        app = await AppProcess([], env, cwd=tmp_path).start()
+        code = await app.wait(20)
+    assert code == 1
+    assert f"port {port} on 127.0.0.1 is already in use" in app.log
+    assert "MQTT_EMBEDDED_PORT" in app.log
