@@ -58,11 +58,15 @@ def log(tmp_path: Path) -> str:
 def test_four_workers_run_2000_jobs_exactly_once(
     server_backend: Backend, log: str, tmp_path: Path
 ) -> None:
-    send(server_backend, [RecordJob(log, n) for n in range(2000)])
-    args = ["--concurrency", "8", "--stop-when-empty"]
-    with workers(4, args, server_backend.env(), tmp_path) as procs:
+    with workers(4, ["--concurrency", "8"], server_backend.env(), tmp_path) as procs:
+        for proc in procs:  # all four compete from the first job on
+            wait_until(lambda p=proc: started(p), 60, "the workers to start")
+        send(server_backend, [RecordJob(log, n) for n in range(2000)])
+        wait_until(lambda: len(events(log, "run")) >= 2000, 120, "2,000 jobs to run")
         for proc in procs:
-            assert proc.wait(150) == 0, proc.output
+            proc.signal(signal.SIGTERM)
+        for proc in procs:
+            assert proc.wait(30) == 0, proc.output
     counts = Counter(e["n"] for e in events(log, "run"))
     assert sorted(counts) == list(range(2000))
     assert set(counts.values()) == {1}

@@ -418,6 +418,7 @@ def test_make_job_writes_a_job_class(
             assert lint.returncode == 0, lint.stdout + lint.stderr
 
     path.write_text("# mine\n")
+    capsys.readouterr()  # drop what the job's handle() logged
     assert main_quiet(["make:job", name]) == 1
     assert capsys.readouterr().err.strip() == (
         f"topiq: app/jobs/{module}.py already exists; not overwriting it"
