@@ -44,7 +44,12 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(f"core.commands.{COMMANDS[name]}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of `only` that one.
+
+    Each command's module is imported to add its flags; running one command imports only its
+    own (a Redis worker never loads SQLAlchemy or the MQTT client), so processes start fast.
+    """
     parser = argparse.ArgumentParser(
         prog="python main.py",
         description="Topiq: MQTT routes that dispatch jobs, and the workers that run them. "
@@ -56,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
     details = []
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else [only]:
         module = _module(name)
         helps: dict[str, str] = module.HELP
         command = sub.add_parser(name, help=helps[name], description=helps[name])
@@ -93,7 +98,8 @@ def _normalise(argv: list[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, load the settings once, run the command; returns the exit code."""
     args_list = _normalise(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser()
+    # _normalise put the command first (after global options); `--help` alone has none.
+    parser = build_parser(next((a for a in args_list if a in COMMANDS), None))
     args = parser.parse_args(args_list)
     command: str = args.command
     try:

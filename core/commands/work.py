@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from core.commands._common import positive_int, positive_seconds, seconds
+from core.commands._common import non_negative_int, positive_int, positive_seconds, seconds
 from core.errors import ConfigurationError
 from core.queue.queue_manager import QueueManager, set_default_manager
 from core.settings import Settings
@@ -44,6 +44,13 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
         help="jobs run at once in this process (default: WORKER_CONCURRENCY, 1)",
     )
     parser.add_argument(
+        "--prefetch",
+        type=non_negative_int,
+        default=None,
+        help="jobs reserved ahead of a free slot, so a finished job is replaced without a "
+        "round trip (default: a quarter of --concurrency; 0 for strict fairness)",
+    )
+    parser.add_argument(
         "--grace",
         type=seconds,
         default=None,
@@ -63,6 +70,7 @@ def options_from(args: argparse.Namespace, settings: Settings) -> WorkerOptions:
         connection=args.connection,
         queues=queues,
         concurrency=args.concurrency or settings.worker_concurrency,
+        prefetch=args.prefetch,
         max_jobs=args.max_jobs,
         max_time=args.max_time,
         sleep=settings.worker_sleep if args.sleep is None else args.sleep,

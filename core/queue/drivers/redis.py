@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.errors import ConnectionLostError, DriverError
@@ -246,27 +246,45 @@ class RedisDriver(Driver):
 
     # -- primitives --------------------------------------------------------------------
 
+    async def _scripts_run(self, calls: Sequence[tuple[str, list[str], list[Any]]]) -> None:
+        """Run Lua scripts: one directly, several in one pipelined round trip.
+
+        The pipeline sends bare EVALSHAs: redis-py's script-aware pipelines ask SCRIPT EXISTS
+        before every batch, a second round trip each time. A server that lost its scripts (a
+        restart) answers NOSCRIPT; then they are loaded and the batch is sent again.
+        """
+        if len(calls) == 1:
+            name, keys, args = calls[0]
+            await self._scripts[name](keys=keys, args=args)
+            return
+        for attempt in (1, 2):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for name, keys, args in calls:
+                    pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+                try:
+                    await pipe.execute()
+                    return
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+            for name in {name for name, _, _ in calls}:
+                await self.client.script_load(self._scripts[name].script)
+
     async def push(self, jobs: Sequence[OutgoingJob]) -> None:
-        groups: dict[str, list[OutgoingJob]] = defaultdict(list)
+        groups: dict[str, list[Any]] = defaultdict(list)
         for job in jobs:
-            groups[job.queue].append(job)
-        client = self.client
-        async with _translated("push"), client.pipeline(transaction=False) as pipe:
+            groups[job.queue] += (job.id, job.payload, int(job.delay * 1000))
+        calls = []
+        for name, args in groups.items():
+            k = self.keys(name)
+            keys = [k.ready, k.delayed, k.payloads, k.wake, k.attempts, k.reserved]
+            calls.append(("push", keys, args))
+        async with _translated("push"):
             new = [name for name in groups if name not in self._known_queues]
-            if new:
-                pipe.sadd(f"{self.prefix}:queues", *new)
-            for name, batch in groups.items():
-                k = self.keys(name)
-                args: list[Any] = []
-                for job in batch:
-                    args += (job.id, job.payload, int(job.delay * 1000))
-                await self._scripts["push"](
-                    keys=[k.ready, k.delayed, k.payloads, k.wake, k.attempts, k.reserved],
-                    args=args,
-                    client=pipe,
-                )
-            await pipe.execute()
-            self._known_queues.update(groups)
+            if new:  # once per queue and process: the list of queues the stats command shows
+                await self.client.sadd(f"{self.prefix}:queues", *new)
+                self._known_queues.update(new)
+            await self._scripts_run(calls)
 
     async def reserve(
         self,
@@ -317,16 +335,14 @@ class RedisDriver(Driver):
             await self.client.blpop(wake, timeout=timeout)
 
     async def _ack_groups(self, groups: dict[str, Sequence[ReservedJob]]) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for name, jobs in groups.items():
-                k = self.keys(name)
-                args: list[Any] = []
-                for job in jobs:
-                    args += (job.id, job.attempts)
-                await self._scripts["ack"](
-                    keys=[k.reserved, k.payloads, k.attempts], args=args, client=pipe
-                )
-            await pipe.execute()
+        calls = []
+        for name, jobs in groups.items():
+            k = self.keys(name)
+            args: list[Any] = []
+            for job in jobs:
+                args += (job.id, job.attempts)
+            calls.append(("ack", [k.reserved, k.payloads, k.attempts], args))
+        await self._scripts_run(calls)
 
     async def ack(self, jobs: Sequence[ReservedJob]) -> None:
         if jobs:
@@ -345,11 +361,12 @@ class RedisDriver(Driver):
         groups: dict[str, list[Any]] = defaultdict(list)
         for job, seconds in leases:
             groups[job.queue] += (job.id, job.attempts, max(1, int(seconds * 1000)))
-        async with _translated("extend"), self.client.pipeline(transaction=False) as pipe:
-            for name, args in groups.items():
-                k = self.keys(name)
-                await self._scripts["extend"](keys=[k.reserved, k.attempts], args=args, client=pipe)
-            await pipe.execute()
+        calls = []
+        for name, args in groups.items():
+            k = self.keys(name)
+            calls.append(("extend", [k.reserved, k.attempts], args))
+        async with _translated("extend"):
+            await self._scripts_run(calls)
 
     async def stats(self, queue: str) -> QueueStats:
         k = self.keys(queue)
