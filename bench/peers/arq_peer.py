@@ -1,0 +1,65 @@
+"""arq: `ArqRedis.enqueue_job`, and its worker through `arq.run_worker` (what the `arq` CLI
+calls; the CLI itself has no quieter level than INFO, which logs every job)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any, ClassVar
+
+from arq import create_pool, run_worker
+from arq.connections import ArqRedis, RedisSettings
+
+from bench import marks
+from bench.jobs import SLEEP
+from bench.peers.base import JobKind, Peer
+
+
+async def noop(ctx: dict[str, Any]) -> None:
+    marks.hit()
+
+
+async def sleep(ctx: dict[str, Any]) -> None:
+    marks.begin()
+    await asyncio.sleep(SLEEP)
+    marks.hit()
+
+
+async def latency(ctx: dict[str, Any], sent: float) -> None:
+    marks.hit(sent)
+
+
+class WorkerSettings:
+    functions: ClassVar[list[Any]] = [noop, sleep, latency]
+    redis_settings = RedisSettings.from_dsn(os.environ.get("BENCH_QUEUE_URL", "redis://127.0.0.1"))
+    max_jobs = 32
+
+
+class ArqPeer(Peer):
+    name = "arq"
+    dists = ("arq", "redis")
+    note = "max_jobs=32; library defaults otherwise (poll_delay 0.5 s, results kept 1 h)"
+
+    async def open(self) -> None:
+        self.pool: ArqRedis = await create_pool(RedisSettings.from_dsn(self.ctx.redis_url))
+
+    async def close(self) -> None:
+        await self.pool.aclose()
+
+    async def enqueue(self, kind: JobKind, sent: float = 0.0) -> None:
+        if kind == "latency":
+            await self.pool.enqueue_job("latency", sent)
+        else:
+            await self.pool.enqueue_job(kind)
+
+    def worker_command(self) -> list[str]:
+        return [self.python(), "-m", __name__]
+
+    def worker_env(self) -> dict[str, str]:
+        return {"BENCH_QUEUE_URL": self.ctx.redis_url}
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    run_worker(WorkerSettings)  # type: ignore[arg-type]

@@ -1,0 +1,33 @@
+"""RouteMQ's benchmark jobs. Its worker imports this package (ROUTEMQ_JOB_DIRECTORY) so that
+`@Job.register` runs before it deserializes any job."""
+
+from __future__ import annotations
+
+import asyncio
+
+from routemq.job import Job
+
+from bench import marks
+from bench.jobs import SLEEP
+
+
+@Job.register
+class Noop(Job):
+    async def handle(self) -> None:
+        marks.hit()
+
+
+@Job.register
+class Sleep(Job):
+    async def handle(self) -> None:
+        marks.begin()
+        await asyncio.sleep(SLEEP)
+        marks.hit()
+
+
+@Job.register
+class Latency(Job):
+    sent = 0.0
+
+    async def handle(self) -> None:
+        marks.hit(self.sent)

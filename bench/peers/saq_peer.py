@@ -1,0 +1,64 @@
+"""SAQ: `Queue.enqueue`, and its worker through the `saq` CLI (WARNING by default).
+
+SAQ has no bulk enqueue (`Queue.map` enqueues concurrently and then waits for the results)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from saq import Queue
+
+from bench import marks
+from bench.jobs import SLEEP
+from bench.peers.base import QUEUE, JobKind, Peer
+
+
+async def noop(ctx: Any) -> None:
+    marks.hit()
+
+
+async def sleep(ctx: Any) -> None:
+    marks.begin()
+    await asyncio.sleep(SLEEP)
+    marks.hit()
+
+
+async def latency(ctx: Any, *, sent: float) -> None:
+    marks.hit(sent)
+
+
+def settings() -> dict[str, Any]:
+    """The worker settings the `saq` CLI loads (`saq bench.peers.saq_peer.settings`)."""
+    url = os.environ.get("BENCH_QUEUE_URL", "redis://127.0.0.1")
+    return {
+        "queue": Queue.from_url(url, name=QUEUE),
+        "functions": [noop, sleep, latency],
+        "concurrency": 32,
+    }
+
+
+class SaqPeer(Peer):
+    name = "saq"
+    dists = ("saq", "redis")
+    note = "concurrency=32"
+
+    async def open(self) -> None:
+        self.queue = Queue.from_url(self.ctx.redis_url, name=QUEUE)
+        await self.queue.connect()
+
+    async def close(self) -> None:
+        await self.queue.disconnect()
+
+    async def enqueue(self, kind: JobKind, sent: float = 0.0) -> None:
+        if kind == "latency":
+            await self.queue.enqueue("latency", sent=sent)
+        else:
+            await self.queue.enqueue(kind)
+
+    def worker_command(self) -> list[str]:
+        return [self.python(), "-m", "saq", f"{__name__}.settings"]
+
+    def worker_env(self) -> dict[str, str]:
+        return {"BENCH_QUEUE_URL": self.ctx.redis_url}

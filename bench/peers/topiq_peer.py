@@ -1,0 +1,71 @@
+"""Topiq, from this repository: `QueueManager.push/bulk` and `python main.py queue:work`."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from bench.peers.base import QUEUE, REPO, JobKind, Peer
+
+
+class TopiqPeer(Peer):
+    name = "topiq"
+    dists = ("topiq", "redis", "hiredis", "sqlalchemy", "aiomysql", "aiosqlite")
+    backends = ("redis", "mysql", "sqlite")
+    note = "`python main.py queue:work --concurrency 32`"
+    connection: ClassVar[dict[str, str]] = {
+        "redis": "redis",
+        "mysql": "database",
+        "sqlite": "database",
+    }
+
+    def _env(self) -> dict[str, str]:
+        env = {
+            "QUEUE_CONNECTION": self.connection[self.ctx.backend],
+            "REDIS_URL": self.ctx.redis_url,
+            "QUEUE_ALLOWED_MODULES": "bench.,app.",
+            "LOG_LEVEL": "WARNING",
+        }
+        if self.ctx.db_url:
+            env["DB_URL"] = self.ctx.db_url
+        return env
+
+    async def open(self) -> None:
+        from core.queue.queue_manager import QueueManager
+        from core.settings import Settings
+
+        settings = Settings.load(env_file=None, **{k.lower(): v for k, v in self._env().items()})
+        self.manager = QueueManager(settings)
+        await self.manager.connection()  # connect (and create tables) before the clock starts
+
+    async def close(self) -> None:
+        await self.manager.close()
+
+    @staticmethod
+    def _job(kind: JobKind, sent: float = 0.0) -> object:
+        from bench import jobs
+
+        if kind == "latency":
+            return jobs.Latency(sent)
+        return jobs.Sleep() if kind == "sleep" else jobs.Noop()
+
+    async def enqueue(self, kind: JobKind, sent: float = 0.0) -> None:
+        await self.manager.push(self._job(kind, sent), QUEUE)  # type: ignore[arg-type]
+
+    async def enqueue_bulk(self, kind: JobKind, n: int) -> None:
+        await self.manager.bulk([self._job(kind) for _ in range(n)], QUEUE)  # type: ignore[misc]
+
+    def worker_command(self) -> list[str]:
+        return [
+            self.python(),
+            str(REPO / "main.py"),
+            "queue:work",
+            "--connection",
+            self.connection[self.ctx.backend],
+            "--queue",
+            QUEUE,
+            "--concurrency",
+            str(self.concurrency),
+        ]
+
+    def worker_env(self) -> dict[str, str]:
+        return self._env()

@@ -1,0 +1,53 @@
+"""What a run measures: the workloads, their sizes, and which libraries each applies to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+BUDGET = 10.0  # seconds of work per run before a slow library's run is cut short
+
+
+@dataclass(frozen=True)
+class Task:
+    source: str  # the table's name for it (W5 is split by backend)
+    workload: str  # the agent's workload
+    backend: str
+    topiq_only: bool
+    params: dict[str, Any]
+
+
+FULL: dict[str, dict[str, Any]] = {
+    "W1": {"n": 20_000},
+    "W2": {"n": 20_000},
+    "W3": {"n": 2_000},
+    "W4": {"n": 500, "rate": 200},
+    "W5": {"n": 2_000},
+    "W6": {"n": 5_000, "rate": 1_000},
+    "W7": {"n": 200_000, "first": 10_000},
+}
+SMOKE: dict[str, dict[str, Any]] = {
+    "W1": {"n": 200},
+    "W2": {"n": 300},
+    "W3": {"n": 100},
+    "W4": {"n": 20, "rate": 200},
+    "W5": {"n": 100},
+    "W6": {"n": 50, "rate": 200},
+    "W7": {"n": 2_000, "first": 200},
+}
+
+
+def tasks(only: list[str], smoke: bool, budget: float) -> list[Task]:
+    """The runs to make, in order; `only` limits them to some workloads."""
+    sizes = SMOKE if smoke else FULL
+    out = []
+    for name in ("W1", "W2", "W3", "W4", "W5", "W6", "W7"):
+        if only and name not in only:
+            continue
+        params = {**sizes[name], "budget": budget}
+        if name == "W5":
+            out.append(Task("W5m", "W5", "mysql", False, params))
+            out.append(Task("W5s", "W5", "sqlite", True, params))
+        else:
+            out.append(Task(name, name, "redis", name in ("W6", "W7"), params))
+    return out

@@ -1,0 +1,157 @@
+"""The workloads, written once against the `Peer` interface; each returns one run's figures."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bench.jobs import SLEEP
+from bench.peers.base import JobKind, Peer, Unsupported
+from bench.worker_process import WorkerProcess
+
+Figures = dict[str, Any]
+BULK_CHUNK = 10_000  # jobs per bulk call when filling a queue
+
+
+async def enqueue_many(
+    peer: Peer, kind: JobKind, n: int, in_flight: int, budget: float = float("inf")
+) -> int:
+    """Up to `n` single enqueues, `in_flight` at a time (1 for a blocking client), stopping
+    after `budget` seconds; returns how many were sent."""
+    deadline = time.monotonic() + budget
+    lanes = 1 if peer.blocking else max(1, in_flight)
+    left = [n]
+
+    async def lane() -> int:
+        sent = 0
+        while left[0] > 0 and time.monotonic() < deadline:
+            left[0] -= 1
+            await peer.enqueue(kind)
+            sent += 1
+        return sent
+
+    return sum(await asyncio.gather(*(lane() for _ in range(lanes))))
+
+
+async def fill(peer: Peer, kind: JobKind, n: int) -> None:
+    """Queue `n` jobs before a worker starts: bulk where the library has it."""
+    try:
+        for start in range(0, n, BULK_CHUNK):
+            await peer.enqueue_bulk(kind, min(BULK_CHUNK, n - start))
+    except Unsupported:
+        await enqueue_many(peer, kind, n, 32)
+
+
+async def w1_enqueue(peer: Peer, n: int, budget: float, **_: Any) -> Figures:
+    """W1: enqueue rate, one by one with 32 in flight, then with the bulk API."""
+    started = time.perf_counter()
+    sent = await enqueue_many(peer, "noop", n, 32, budget)
+    figures: Figures = {"one": sent / (time.perf_counter() - started)}
+    if sent < n:
+        figures["partial"] = f"one by one: stopped after {budget:.0f}s at {sent} of {n}"
+    started = time.perf_counter()
+    try:
+        await peer.enqueue_bulk("noop", n)
+    except Unsupported as exc:
+        figures["bulk"] = None
+        figures["bulk_na"] = str(exc)
+    else:
+        figures["bulk"] = n / (time.perf_counter() - started)
+    return figures
+
+
+async def _drain(peer: Peer, kind: JobKind, n: int, budget: float) -> Figures:
+    """Queue `n` jobs, start the worker, wait for the last one: first start to last done."""
+    await fill(peer, kind, n)
+    # Progress every 250 ms (every 10 jobs where jobs count in Redis) for runs cut short.
+    with WorkerProcess(peer, marks=[n], every=10 if peer.shared_marks else 250) as worker:
+        report = worker.wait(n, budget)
+        spawned = worker.spawned
+        partial = report is None
+        report = report or worker.last
+    if report is None:
+        raise TimeoutError(f"no job finished within {budget:.0f}s")
+    done, seconds = report["count"], report["t"] - report["first"]
+    figures: Figures = {
+        "jobs": done,
+        "seconds": seconds,
+        "rate": done / seconds if seconds > 0 else None,
+        "startup": report["first"] - spawned,
+    }
+    if partial:
+        figures["partial"] = f"stopped after {budget:.0f}s at {done} of {n} jobs"
+    return figures
+
+
+async def w2_noop(peer: Peer, n: int, budget: float, **_: Any) -> Figures:
+    """W2: no-op jobs per second, one worker process."""
+    return await _drain(peer, "noop", n, budget)
+
+
+async def w3_sleep(peer: Peer, n: int, budget: float, concurrency: int = 32, **_: Any) -> Figures:
+    """W3: sleep jobs; efficiency = theoretical minimum (n * SLEEP / 32) / measured."""
+    figures = await _drain(peer, "sleep", n, budget)
+    figures["efficiency"] = (figures["jobs"] * SLEEP / concurrency) / figures["seconds"]
+    return figures
+
+
+async def w4_latency(peer: Peer, n: int, rate: float, budget: float, **_: Any) -> Figures:
+    """W4: an idle worker; `n` jobs dispatched one at a time at `rate`/s; dispatch to start."""
+    with WorkerProcess(peer, marks=[1, n + 1]) as worker:
+        await peer.enqueue("latency", -1.0)  # warm-up: the worker is up once this one ran
+        if worker.wait(1, budget) is None:
+            raise TimeoutError(f"the warm-up job did not run within {budget:.0f}s")
+        await asyncio.sleep(0.5)  # let the worker go idle
+        loop = asyncio.get_running_loop()
+        origin = loop.time()
+        for i in range(n):
+            delay = origin + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await peer.enqueue("latency", time.time())
+        report = worker.wait(n + 1, budget)
+        if report is not None:
+            samples = sorted(report["lat"])
+        elif peer.shared_marks:  # cut short: the samples so far are in Redis
+            samples = sorted(float(x) for x in worker.redis.lrange(f"{worker.key}:lat", 0, -1))
+        else:
+            raise TimeoutError(f"{n} latency jobs did not all run within {budget:.0f}s")
+    figures: Figures = {
+        "p50": statistics.median(samples) * 1000,
+        "p99": samples[min(len(samples) - 1, round(0.99 * (len(samples) - 1)))] * 1000,
+        "samples": len(samples),
+    }
+    if report is None:
+        figures["partial"] = (
+            f"{len(samples)} of {n} jobs had started {budget:.0f}s after the last dispatch"
+        )
+    return figures
+
+
+async def w7_memory(peer: Peer, n: int, first: int, budget: float, **_: Any) -> Figures:
+    """W7: the worker's RSS after `first` and after `n` no-op jobs."""
+    await fill(peer, "noop", n)
+    with WorkerProcess(peer, marks=[first, n]) as worker:
+        early = worker.wait(first, budget)
+        late = worker.wait(n, budget)
+    if early is None or late is None:
+        raise TimeoutError(f"{n} jobs did not run within {budget:.0f}s")
+    return {
+        "rss_first_kb": early["rss_kb"],
+        "rss_last_kb": late["rss_kb"],
+        "growth": (late["rss_kb"] - early["rss_kb"]) / early["rss_kb"] * 100,
+        "rate": (n - first) / (late["t"] - early["t"]),
+    }
+
+
+WORKLOADS: dict[str, Callable[..., Awaitable[Figures]]] = {
+    "W1": w1_enqueue,
+    "W2": w2_noop,
+    "W3": w3_sleep,
+    "W4": w4_latency,
+    "W5": w2_noop,  # W2 on a database backend
+    "W7": w7_memory,
+}

@@ -1,0 +1,51 @@
+"""The benchmark harness in smoke mode (tiny sizes, one run), so it cannot rot unnoticed.
+
+It never downloads: Topiq runs from bench/.venv/topiq or this environment, and at most one
+peer (SAQ, cheap) joins, only when its environment was already built by a full `bench/run`.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import envs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_bench_smoke(tmp_path: Path) -> None:
+    if shutil.which("redis-server") is None and not Path("/usr/bin/redis-server").exists():
+        pytest.skip("redis-server is not installed (scripts/services up installs it)")
+    peer = "saq" if envs.ready("saq") else ""
+    report = tmp_path / "BENCHMARKS.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--peers", peer, "--output", str(report)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = report.read_text()
+    assert "bench:begin" in text
+    assert "bench:end" in text
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if "|" in line}
+    for workload in ("W1", "W2", "W3", "W4", "W5", "W6", "W7"):
+        assert any(label.startswith(workload) for label in rows), f"no {workload} row"
+    number = re.compile(r"^[\d,.]+$")
+    # Topiq's own Redis figures must be measured, not n/a (its column comes first).
+    for label in ("W1 enqueue, bulk API", "W2 no-op jobs", "W3 sleep", "W4 dispatch"):
+        row = next(line for name, line in rows.items() if name.startswith(label))
+        topiq = row.split(" | ")[2].strip()
+        assert number.match(topiq), row
+    if peer:
+        assert "| SAQ |" in text
