@@ -11,14 +11,16 @@ A retried job goes back to its queue with its stored payload and its tries count
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from rich.console import Group, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.json import JSON
 from rich.panel import Panel
+from rich.progress import Progress
 from rich.text import Text
 
 from core.commands._common import (
@@ -187,20 +189,25 @@ async def _retry(args: argparse.Namespace, conn: Connection, store: FailedStore)
     else:
         raise CommandFailed("nothing to retry: give job ids, `all`, or --queue NAME")
     retried: list[str] = []
-    for start in range(0, len(records), _PAGE):
-        batch = records[start : start + _PAGE]
-        by_connection: dict[str, list[OutgoingJob]] = {}
-        for record in batch:
-            by_connection.setdefault(record.connection, []).append(
-                OutgoingJob(record.id, record.queue, record.payload.encode(), 0.0)
-            )
-        # Pushed before they are forgotten: if the command dies between the two steps a job
-        # runs and stays listed, rather than vanishing from both places.
-        for name, jobs in by_connection.items():
-            await (await conn.driver_for(name)).push(jobs)
-        for record in batch:
-            await store.forget(record.id)
-            retried.append(record.id)
+    # A bar on the terminal for long retries; nothing in --json output or in a pipe.
+    quiet = args.json or not sys.stderr.isatty() or len(records) <= _PAGE
+    with Progress(console=Console(stderr=True), transient=True, disable=quiet) as progress:
+        bar = progress.add_task("retrying failed jobs", total=len(records))
+        for start in range(0, len(records), _PAGE):
+            batch = records[start : start + _PAGE]
+            by_connection: dict[str, list[OutgoingJob]] = {}
+            for record in batch:
+                by_connection.setdefault(record.connection, []).append(
+                    OutgoingJob(record.id, record.queue, record.payload.encode(), 0.0)
+                )
+            # Pushed before they are forgotten: if the command dies between the two steps a
+            # job runs and stays listed, rather than vanishing from both places.
+            for name, jobs in by_connection.items():
+                await (await conn.driver_for(name)).push(jobs)
+            for record in batch:
+                await store.forget(record.id)
+                retried.append(record.id)
+            progress.advance(bar, len(batch))
     message = (
         f"Retried {_jobs(len(retried))}: back on {_queues(records)} with their tries reset."
         if retried

@@ -16,6 +16,7 @@ import signal
 import sys
 from collections.abc import Awaitable
 
+from core.commands._common import positive_int, positive_seconds
 from core.errors import ConfigurationError
 from core.mqtt import publisher
 from core.mqtt.app import MqttApp
@@ -38,26 +39,6 @@ logger = logging.getLogger("topiq.serve")
 DEMO_DEVICES = 3
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return value
-
-
 def configure(name: str, parser: argparse.ArgumentParser) -> None:
     """Add `serve`'s flags."""
     parser.add_argument(
@@ -72,7 +53,7 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
         help="also run a queue worker in this process (development)",
     )
     parser.add_argument(
-        "--simulate", type=_count, default=0, metavar="N", help="start N simulated devices"
+        "--simulate", type=positive_int, default=0, metavar="N", help="start N simulated devices"
     )
     parser.add_argument(
         "--demo",
@@ -80,7 +61,10 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
         help=f"--worker --simulate {DEMO_DEVICES} and a live status table",
     )
     parser.add_argument(
-        "--duration", type=_seconds, metavar="S", help="stop after S seconds (for scripts and CI)"
+        "--duration",
+        type=positive_seconds,
+        metavar="S",
+        help="stop after S seconds (for scripts and CI)",
     )
 
 

@@ -92,16 +92,18 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
         set_default_manager(manager)
         worker = Worker(manager, options)
         logger.info(
-            "worker %s starting: connection=%s queues=%s concurrency=%d max_jobs=%s "
-            "max_time=%s timeout=%s max_tries=%s",
+            "worker %s starting: connection=%s queues=%s concurrency=%d prefetch=%d "
+            "max_jobs=%s max_time=%s timeout=%s max_tries=%s grace=%gs",
             worker.id,
             worker.connection,
             ",".join(options.queues),
             options.concurrency,
+            worker.prefetch,
             options.max_jobs or "-",
             options.max_time or "-",
             options.timeout or "per job",
             options.max_tries or "per job",
+            options.grace,
         )
         try:
             await worker.run()

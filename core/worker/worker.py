@@ -95,6 +95,11 @@ class Worker:
     # -- control -----------------------------------------------------------------------
 
     @property
+    def prefetch(self) -> int:
+        """How many jobs this worker reserves ahead of a free slot."""
+        return self._prefetch
+
+    @property
     def processed(self) -> int:
         """Jobs finished (done, retried or failed) so far."""
         return self._processed
