@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from core.delays import Delay
 from core.job import Job
@@ -40,10 +38,6 @@ class MqttStats:
     jobs_dispatched: int = 0
     connects: int = 0
     connected: bool = False
-
-    def snapshot(self) -> dict[str, Any]:
-        """The counters as a dict (a copy)."""
-        return dataclasses.asdict(self)
 
 
 class CountingQueueManager(QueueManager):

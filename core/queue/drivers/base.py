@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 from core.settings import Settings
 
@@ -55,7 +55,6 @@ class ReservedJob:
     queue: str
     payload: bytes
     attempts: int  # this try's number, counting this one
-    receipt: Any = field(default=None, compare=False)  # driver-private (a row id, …)
 
 
 @dataclass(frozen=True, slots=True)

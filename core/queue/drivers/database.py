@@ -218,7 +218,7 @@ class DatabaseDriver(Driver):
                 .values(attempts=_jobs.attempts + 1, reserved_at=now, reserved_until=t.now(lease))
             )
             return [
-                ReservedJob(row.uuid, row.queue, row.payload.encode(), row.attempts + 1, row.id)
+                ReservedJob(row.uuid, row.queue, row.payload.encode(), row.attempts + 1)
                 for row in picked
             ]
 
