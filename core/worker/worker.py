@@ -91,6 +91,8 @@ class Worker:
         self._failed: FailedStore | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._bookkeeping: set[asyncio.Task[object]] = set()
+        self._lease_requests: list[tuple[ReservedJob, float]] = []
+        self._lease_batch: asyncio.Task[None] | None = None
 
     # -- control -----------------------------------------------------------------------
 
@@ -330,7 +332,7 @@ class Worker:
         if lease != self._default_lease:
             # Reserved under the default lease; give it the one its own timeout needs, so a
             # job that dies with its worker comes back neither too early nor too late.
-            await driver.extend([(reserved, lease)])
+            await self._set_lease(reserved, lease)
         run = self._running[reserved.id]
         run.deadline = time.monotonic() + timeout
         run.label = label
@@ -362,6 +364,24 @@ class Worker:
                 max_tries,
                 (time.perf_counter() - started) * 1000,
             )
+
+    async def _set_lease(self, reserved: ReservedJob, lease: float) -> None:
+        """Renew a lease, batched with the others asked for in the same turn of the loop."""
+        self._lease_requests.append((reserved, lease))
+        if self._lease_batch is None or self._lease_batch.done():
+            self._lease_batch = asyncio.create_task(self._send_leases())
+        await asyncio.shield(self._lease_batch)
+
+    async def _send_leases(self) -> None:
+        driver = self._driver
+        assert driver is not None
+        await asyncio.sleep(0)  # jobs starting in this same turn join the batch
+        batch, self._lease_requests = self._lease_requests, []
+        try:
+            await driver.extend(batch)
+        except Exception as exc:
+            # Not fatal: the heartbeat renews every running job's lease shortly.
+            logger.warning("could not set the leases of %d job(s): %s", len(batch), describe(exc))
 
     async def _retry_or_fail(
         self,
