@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from bench import marks
 from core.job import Job
 
@@ -21,9 +19,7 @@ class Sleep(Job):
     """Awaits `SLEEP` seconds: what an I/O-bound job looks like to the worker."""
 
     async def handle(self) -> None:
-        marks.begin()
-        await asyncio.sleep(SLEEP)
-        marks.hit()
+        await marks.timed_sleep(SLEEP)
 
 
 class Latency(Job):

@@ -15,6 +15,7 @@ Environment (set by the harness for the worker process):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -109,3 +110,10 @@ def _report(key: str, count: int, now: float, shared: bool) -> None:
             [float(x) for x in client.lrange(f"{key}:lat", 0, -1)] if shared else _samples
         )
     client.rpush(key, json.dumps(report))
+
+
+async def timed_sleep(seconds: float) -> None:
+    """W3's job in every library: mark its start, await `seconds`, mark its end."""
+    begin()
+    await asyncio.sleep(seconds)
+    hit()

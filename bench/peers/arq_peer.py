@@ -3,7 +3,6 @@ calls; the CLI itself has no quieter level than INFO, which logs every job)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from typing import Any, ClassVar
@@ -21,9 +20,7 @@ async def noop(ctx: dict[str, Any]) -> None:
 
 
 async def sleep(ctx: dict[str, Any]) -> None:
-    marks.begin()
-    await asyncio.sleep(SLEEP)
-    marks.hit()
+    await marks.timed_sleep(SLEEP)
 
 
 async def latency(ctx: dict[str, Any], sent: float) -> None:

@@ -7,8 +7,6 @@ Redis (see marks.py), since each runs in a fresh process."""
 
 from __future__ import annotations
 
-import asyncio
-
 from redis import Redis
 from rq import Queue
 
@@ -22,9 +20,7 @@ def noop() -> None:
 
 
 async def sleep() -> None:
-    marks.begin()
-    await asyncio.sleep(SLEEP)
-    marks.hit()
+    await marks.timed_sleep(SLEEP)
 
 
 def latency(sent: float) -> None:

@@ -4,7 +4,6 @@ SAQ has no bulk enqueue (`Queue.map` enqueues concurrently and then waits for th
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Any
 
@@ -20,9 +19,7 @@ async def noop(ctx: Any) -> None:
 
 
 async def sleep(ctx: Any) -> None:
-    marks.begin()
-    await asyncio.sleep(SLEEP)
-    marks.hit()
+    await marks.timed_sleep(SLEEP)
 
 
 async def latency(ctx: Any, *, sent: float) -> None:

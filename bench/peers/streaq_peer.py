@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -21,9 +20,7 @@ async def noop() -> None:
 
 
 async def sleep() -> None:
-    marks.begin()
-    await asyncio.sleep(SLEEP)
-    marks.hit()
+    await marks.timed_sleep(SLEEP)
 
 
 async def latency(sent: float) -> None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Any
 
@@ -19,9 +18,7 @@ async def noop() -> None:
 
 
 async def sleep() -> None:
-    marks.begin()
-    await asyncio.sleep(SLEEP)
-    marks.hit()
+    await marks.timed_sleep(SLEEP)
 
 
 async def latency(sent: float) -> None:

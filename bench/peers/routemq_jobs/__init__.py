@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from routemq.job import Job
 
 from bench import marks
@@ -20,9 +18,7 @@ class Noop(Job):
 @Job.register
 class Sleep(Job):
     async def handle(self) -> None:
-        marks.begin()
-        await asyncio.sleep(SLEEP)
-        marks.hit()
+        await marks.timed_sleep(SLEEP)
 
 
 @Job.register
