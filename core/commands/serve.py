@@ -26,8 +26,8 @@ from core.mqtt.errors import BrokerStartError
 from core.mqtt.options import ConnectionOptions
 from core.mqtt.routing import Router
 from core.mqtt.simulator import DeviceSimulator
-from core.mqtt.stats import CountingQueueManager, MqttStats
-from core.queue.queue_manager import set_default_manager
+from core.mqtt.stats import MqttStats
+from core.queue.queue_manager import QueueManager, set_default_manager
 from core.settings import QueueConnection, Settings
 from core.worker.options import ExitCode, StopReason, WorkerOptions
 from core.worker.worker import Worker
@@ -95,8 +95,8 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
     with_worker = args.worker or args.demo
     devices = args.simulate or (DEMO_DEVICES if args.demo else 0)
     options = ConnectionOptions.from_settings(settings)
-    stats = MqttStats()
-    manager = CountingQueueManager(settings, stats)
+    manager = QueueManager(settings)
+    stats = MqttStats(manager=manager)
     manager.driver()  # an unknown connection or a missing driver library fails here, at start
     if not with_worker and settings.queue_connection is QueueConnection.MEMORY:
         logger.warning(
@@ -121,7 +121,7 @@ async def _serve(
     settings: Settings,
     options: ConnectionOptions,
     stats: MqttStats,
-    manager: CountingQueueManager,
+    manager: QueueManager,
     with_worker: bool,
     devices: int,
     args: argparse.Namespace,

@@ -36,13 +36,12 @@ from core.mqtt.routing import (
     Subscription,
     TopicPattern,
 )
-from core.mqtt.stats import CountingQueueManager, MqttStats
+from core.mqtt.stats import MqttStats
 
 __all__ = [
     "BrokerStartError",
     "CallNext",
     "ConnectionOptions",
-    "CountingQueueManager",
     "IncomingMessage",
     "InvalidPayloadError",
     "LoggingMiddleware",

@@ -48,6 +48,8 @@ class QueueManager:
         self._opened: set[str] = set()
         self._open_lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Jobs queued through this manager (read by the MQTT app's counters).
+        self.dispatched = 0
 
     # -- connections -------------------------------------------------------------------
 
@@ -160,6 +162,7 @@ class QueueManager:
         outgoing = self._outgoing(job, name, parse_delay(delay) if delay is not None else 0.0)
         driver = await self.connection(conn)
         await driver.push([outgoing])
+        self.dispatched += 1
         return outgoing.id
 
     async def later(
@@ -191,6 +194,7 @@ class QueueManager:
         for conn, batch in groups.items():
             driver = await self.connection(conn)
             await driver.push(batch)
+            self.dispatched += len(batch)
         return ids
 
     # -- inspecting --------------------------------------------------------------------
