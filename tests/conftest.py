@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -188,3 +189,15 @@ async def manager(backend: Backend) -> AsyncIterator[QueueManager]:
             yield qm
         finally:
             set_default_manager(None)
+
+
+@pytest.fixture
+def docs_examples() -> Iterator[None]:
+    """Make docs/examples importable as `examples.*`, forgotten again after the test."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+        for name in [m for m in sys.modules if m.startswith("examples")]:
+            del sys.modules[name]

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import importlib
 import re
-import sys
-from collections.abc import Iterator
 
 import pytest
 
 from core.queue.queue_manager import QueueManager, set_default_manager
 from tests.conftest import ROOT, make_settings
 
-pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(autouse=True)
-def examples_importable() -> Iterator[None]:
-    sys.path.insert(0, str(ROOT / "docs"))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(ROOT / "docs"))
-        for name in [m for m in sys.modules if m.startswith("examples")]:
-            del sys.modules[name]
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("docs_examples")]
 
 
 def test_the_guide_includes_the_examples_verbatim() -> None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 import uuid
-from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -25,20 +23,9 @@ from core.queue.queue_manager import QueueManager, set_default_manager
 from tests.conftest import ROOT, make_settings
 from tests.mqtt.conftest import Broker, MosquittoSub
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("docs_examples")]
 
 EXAMPLES = ("mqtt_routes", "mqtt_middleware", "mqtt_controllers", "mqtt_publishing")
-
-
-@pytest.fixture(autouse=True)
-def examples_importable() -> Iterator[None]:
-    sys.path.insert(0, str(ROOT / "docs"))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(ROOT / "docs"))
-        for name in [m for m in sys.modules if m.startswith("examples")]:
-            del sys.modules[name]
 
 
 def example(name: str) -> ModuleType:
