@@ -20,9 +20,11 @@ import pytest
 
 from core.queue.queue_manager import QueueManager, set_default_manager
 from core.settings import Settings
+from tests.servers import private_redis
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = os.environ.get("TOPIQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# Set: that server's database is used (and flushed between tests). Unset: a private one.
+REDIS_URL_GIVEN = os.environ.get("TOPIQ_TEST_REDIS_URL")
 MYSQL_URL = os.environ.get(
     "TOPIQ_TEST_MYSQL_URL", "mysql+aiomysql://topiq:topiq@127.0.0.1:3306/topiq_test"
 )
@@ -100,6 +102,21 @@ def reset_mysql(url: str) -> None:
 
 
 @pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis the tests use: the session's own redis-server unless TOPIQ_TEST_REDIS_URL says."""
+    if REDIS_URL_GIVEN:
+        require("Redis", REDIS_URL_GIVEN, 6379)
+        return REDIS_URL_GIVEN
+    server = private_redis()
+    if server is None:
+        message = "redis-server is not installed; `scripts/services up` installs it"
+        if ON_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return f"redis://127.0.0.1:{server.port}/15"
+
+
+@pytest.fixture(scope="session")
 def mysql_url() -> Iterator[str]:
     """A MariaDB database of this test session's own (`<TOPIQ_TEST_MYSQL_URL's>_<pid>`).
 
@@ -153,9 +170,9 @@ def _backend(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Itera
     if kind == "memory":
         yield Backend(kind, {"queue_default": queue})
     elif kind == "redis":
-        require("Redis", REDIS_URL, 6379)
-        flush_redis(REDIS_URL)
-        yield Backend(kind, {"queue_default": queue, "redis_url": REDIS_URL})
+        url = request.getfixturevalue("redis_url")
+        flush_redis(url)
+        yield Backend(kind, {"queue_default": queue, "redis_url": url})
     elif kind == "sqlite":
         yield Backend(
             kind, {"queue_default": queue, "db_url": f"sqlite+aiosqlite:///{tmp_path}/queue.db"}

@@ -1,9 +1,9 @@
 """Fixtures for the MQTT tests: the real Mosquitto, its command-line clients as the devices,
 and the app and a worker running inside the test.
 
-The broker is found through TOPIQ_TEST_MQTT_HOST / TOPIQ_TEST_MQTT_PORT (default
-127.0.0.1:1883, as `scripts/services up` starts it). When it does not answer the tests skip
-with the reason, except under CI=true, where they fail.
+The broker is the test session's own Mosquitto (tests/servers.py), or the one that
+TOPIQ_TEST_MQTT_HOST / TOPIQ_TEST_MQTT_PORT name. When it is missing the tests skip with the
+reason, except under CI=true, where they fail.
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ from core.settings import Settings
 from core.worker.options import WorkerOptions
 from core.worker.worker import Worker
 from tests.conftest import ON_CI, ROOT, make_settings
+from tests.servers import private_mosquitto
 
-MQTT_HOST = os.environ.get("TOPIQ_TEST_MQTT_HOST", "127.0.0.1")
-MQTT_PORT = int(os.environ.get("TOPIQ_TEST_MQTT_PORT", "1883"))
+# Set: that broker is used. Unset: the session's own Mosquitto (tests/servers.py).
+MQTT_HOST_GIVEN = os.environ.get("TOPIQ_TEST_MQTT_HOST")
+MQTT_PORT_GIVEN = int(os.environ.get("TOPIQ_TEST_MQTT_PORT", "1883"))
 READY_TIMEOUT = 15.0  # seconds for an app or a broker to come up
 
 
@@ -117,15 +119,21 @@ def broker() -> Broker:
     for tool in ("mosquitto_pub", "mosquitto_sub"):
         if shutil.which(tool) is None:
             _missing(f"{tool} is not installed; `scripts/services up` installs it")
+    if not MQTT_HOST_GIVEN:
+        server = private_mosquitto()
+        if server is None:
+            _missing("mosquitto is not installed; `scripts/services up` installs it")
+            raise AssertionError("unreachable")
+        return Broker("127.0.0.1", server.port)
     try:
-        with socket.create_connection((MQTT_HOST, MQTT_PORT), 2):
+        with socket.create_connection((MQTT_HOST_GIVEN, MQTT_PORT_GIVEN), 2):
             pass
     except OSError:
         _missing(
-            f"Mosquitto is not answering at {MQTT_HOST}:{MQTT_PORT}; start it with "
-            "`scripts/services up` (or set TOPIQ_TEST_MQTT_HOST/TOPIQ_TEST_MQTT_PORT)"
+            f"Mosquitto is not answering at {MQTT_HOST_GIVEN}:{MQTT_PORT_GIVEN} "
+            "(TOPIQ_TEST_MQTT_HOST/TOPIQ_TEST_MQTT_PORT)"
         )
-    return Broker(MQTT_HOST, MQTT_PORT)
+    return Broker(MQTT_HOST_GIVEN, MQTT_PORT_GIVEN)
 
 
 @pytest.fixture
