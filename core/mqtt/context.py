@@ -17,6 +17,12 @@ __all__ = ["MessageContext", "parse_payload"]
 
 _UNSET: Any = object()
 
+# The names `context[...]` answers: the seed's handlers read `context["params"]` and
+# `context["payload"]`; every other public attribute is reachable the same way.
+_KEYS = frozenset(
+    {"topic", "params", "payload", "raw", "qos", "retain", "properties", "route", "client", "state"}
+)
+
 
 def parse_payload(raw: bytes) -> Any:
     """The payload decoded from JSON when it is JSON, else the raw bytes unchanged."""
@@ -30,7 +36,9 @@ class MessageContext:
     """One message on its way through middleware to its handler.
 
     Handlers that declare a `context` parameter receive it. Middleware may replace `payload`
-    (a validating middleware puts the model there) and keep notes in `state`.
+    (a validating middleware puts the model there) and keep notes in `state`. Each attribute
+    below can also be read by name, dict-style: `context["params"]["user_id"]`,
+    `context["payload"]["email"]`, `context.get("topic")`.
 
     Attributes:
         topic: The topic the message was published on.
@@ -86,6 +94,30 @@ class MessageContext:
     @payload.setter
     def payload(self, value: Any) -> None:
         self._payload = value
+
+    def __getitem__(self, key: str) -> Any:
+        """`context["payload"]` is `context.payload`, and so on for every attribute above.
+
+        Raises:
+            KeyError: `key` is not one of them (the message lists the names there are).
+        """
+        if key not in _KEYS:
+            raise KeyError(
+                f"MessageContext has no {key!r}; it has {', '.join(sorted(_KEYS))} "
+                "(a path parameter is context['params'][name])"
+            )
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in _KEYS
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """`context[key]`, or `default` for a name the context does not have."""
+        return getattr(self, key) if key in _KEYS else default
+
+    def keys(self) -> frozenset[str]:
+        """The names `context[...]` answers."""
+        return _KEYS
 
     def __repr__(self) -> str:
         return f"<MessageContext topic={self.topic!r} params={self.params!r} qos={self.qos}>"
