@@ -6,18 +6,27 @@ Build them at the edge with `Settings.load()` and pass them down; no other modul
 
 from __future__ import annotations
 
+import difflib
 import enum
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from core.errors import ConfigurationError
 
-__all__ = ["LogFormat", "QueueConnection", "Settings"]
+__all__ = [
+    "LogFormat",
+    "QueueConnection",
+    "Settings",
+    "queue_location",
+    "redact_url",
+    "settings_warnings",
+]
 
 
 class QueueConnection(enum.StrEnum):
@@ -124,6 +133,39 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
 
+    # -- URLs: checked at start, and never shown with their password ------------------------
+
+    @field_validator("redis_url", "mqtt_url", mode="before")
+    @classmethod
+    def _empty_url_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_redis_url(value)
+        return value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _check_mqtt_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_mqtt_url(value)
+        return value
+
+    @field_validator("db_url")
+    @classmethod
+    def _check_db_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value().strip():
+            _check_db_url(value.get_secret_value())
+        return value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """What `repr()` and `str()` show: URLs with their password replaced by `***`."""
+        for name, value in super().__repr_args__():
+            yield name, (redact_url(value) if name in _URL_FIELDS and value else value)
+
     # -- construction ------------------------------------------------------------------
 
     @classmethod
@@ -188,10 +230,209 @@ def _describe(exc: ValidationError) -> str:
         ctx = error.get("ctx") or {}
         if "expected" in ctx:
             message = f"must be one of {ctx['expected']}"
-        got = "" if _is_secret(name) else f" (got {error.get('input')!r})"
+        value = error.get("input")
+        if name.lower() in _URL_FIELDS and isinstance(value, str):
+            value = redact_url(value)
+        got = "" if _is_secret(name) else f" (got {value!r})"
         parts.append(f"{name}: {message}{got}")
     return "invalid configuration: " + "; ".join(parts)
 
 
 def _is_secret(name: str) -> bool:
     return any(word in name for word in ("PASS", "SECRET", "TOKEN", "DB_URL"))
+
+
+# -- URLs ------------------------------------------------------------------------------------
+
+#: Plain-text settings holding URLs that may carry a password (`DB_URL` is a secret as a whole).
+_URL_FIELDS = frozenset({"redis_url", "mqtt_url"})
+
+_REDIS_FORM = (
+    "expected redis://[[user]:password@]host[:port][/db] "
+    "(rediss:// for TLS, unix:///path/to/redis.sock?db=N)"
+)
+_MQTT_FORM = "expected mqtt://[user[:password]@]host[:port] (or mqtts:// for TLS)"
+_DB_FORM = (
+    "expected mysql+aiomysql://user:pass@host:3306/name or sqlite+aiosqlite:///path/to/file.sqlite3"
+)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password (if any) replaced by `***`, for logs, errors and `repr`."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hostport = netloc.rpartition("@")
+    if not at:
+        return url
+    user, colon, _password = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{hostport}{slash}{tail}"
+
+
+def _scheme(url: str) -> str:
+    scheme = urlsplit(url).scheme
+    return f"{scheme}://" if scheme else "no scheme"
+
+
+def _check_port(url: str) -> None:
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError("the port must be a number from 1 to 65535")
+
+
+def _check_redis_url(url: str) -> None:
+    """Raise `ValueError` saying what is wrong with a `REDIS_URL`, before any connection."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"unknown scheme ({_scheme(url)}); {_REDIS_FORM}")
+    databases = parse_qs(parts.query).get("db", [])
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"no socket path; {_REDIS_FORM}")
+    else:
+        if not parts.hostname:
+            raise ValueError(f"no host; {_REDIS_FORM}")
+        _check_port(url)
+        if parts.path.strip("/"):
+            databases.append(parts.path.strip("/"))
+    for db in databases:
+        if not (db.isascii() and db.isdigit()):
+            raise ValueError(f"the database must be a number (0, 1, ...), not {db!r}")
+    for reqs in parse_qs(parts.query).get("ssl_cert_reqs", []):
+        if reqs.lower() not in ("none", "optional", "required"):
+            raise ValueError(f"ssl_cert_reqs must be none, optional or required, not {reqs!r}")
+
+
+def _check_mqtt_url(url: str) -> None:
+    """Raise `ValueError` saying what is wrong with an `MQTT_URL`."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl", "tls"):
+        raise ValueError(f"unknown scheme ({_scheme(url)}); {_MQTT_FORM}")
+    if not parts.hostname:
+        raise ValueError(f"no host; {_MQTT_FORM}")
+    _check_port(url)
+
+
+def _check_db_url(url: str) -> None:
+    """Raise `ValueError` saying what is wrong with a `DB_URL` (never repeating it)."""
+    parts = urlsplit(url)
+    backend, _, driver = parts.scheme.partition("+")
+    wanted = {"mysql": "aiomysql", "mariadb": "aiomysql", "sqlite": "aiosqlite"}.get(backend)
+    if wanted is None or driver not in ("", wanted):
+        raise ValueError(f"unknown scheme ({_scheme(url)}); {_DB_FORM}")
+    if backend != "sqlite":
+        _check_port(url)
+
+
+def queue_location(settings: Settings, connection: str) -> str:
+    """Where connection `connection` keeps its jobs, for a start line (never a password)."""
+    if connection == QueueConnection.REDIS:
+        return f"{redact_url(settings.redis_dsn)} (key prefix {settings.redis_prefix})"
+    if connection == QueueConnection.DATABASE:
+        dsn = settings.database_dsn
+        if not dsn.startswith("sqlite"):
+            return redact_url(dsn)
+        path = dsn.partition("://")[2].partition("?")[0][1:]
+        if not path or path == ":memory:":
+            return "an in-memory SQLite database"
+        return f"SQLite file {Path(path).resolve()}"
+    if connection == QueueConnection.MEMORY:
+        return "this process's memory"
+    if connection == QueueConnection.SYNC:
+        return "inline, inside dispatch()"
+    return connection
+
+
+# -- settings that are set but not used ------------------------------------------------------
+
+#: Environment variables with these prefixes are checked for misspelt setting names.
+_PREFIXES = ("APP_", "LOG_", "QUEUE_", "WORKER_", "REDIS_", "ENABLE_", "DB_", "MQTT_")
+
+
+def settings_warnings(
+    settings: Settings,
+    env_file: str | os.PathLike[str] | None,
+    environ: Mapping[str, str] | None = None,
+) -> list[str]:
+    """One line per setting that is ignored: misspelt, or replaced by another setting.
+
+    Names in `env_file` and Topiq-prefixed names in the environment that are not settings
+    but are close to one get "did you mean"; values that a URL or a switch makes unused are
+    named with what is used instead.
+    """
+    environ = os.environ if environ is None else environ
+    lines: list[str] = []
+    known = sorted(name.upper() for name in type(settings).model_fields)
+    names: list[tuple[str, str]] = []
+    if env_file is not None and Path(env_file).is_file():
+        from dotenv import dotenv_values
+
+        names += [(key, str(env_file)) for key in dotenv_values(env_file)]
+    names += [(key, "environment") for key in environ if key.upper().startswith(_PREFIXES)]
+    cutoff = 0.75
+    for key, source in names:
+        if key.upper() in known:
+            continue
+        # A name of the same family first: DB_PASSWORD means DB_PASS, not REDIS_PASSWORD.
+        family = [name for name in known if name.split("_")[0] == key.upper().split("_")[0]]
+        close = difflib.get_close_matches(key.upper(), family, n=1, cutoff=cutoff)
+        close = close or difflib.get_close_matches(key.upper(), known, n=1, cutoff=cutoff)
+        if close:
+            lines.append(
+                f"{key} ({source}) is not a setting and is ignored; did you mean {close[0]}?"
+            )
+
+    def changed(*fields: str) -> str:
+        defaults = type(settings).model_fields
+        return ", ".join(
+            name.upper()
+            for name in fields
+            if name in settings.model_fields_set
+            and getattr(settings, name) != defaults[name].default
+        )
+
+    db_split = ("db_host", "db_port", "db_name", "db_user", "db_pass")
+    if settings.db_url is not None and settings.db_url.get_secret_value():
+        if names_set := changed(*db_split, "db_sqlite_path"):
+            lines.append(f"{names_set} ignored: DB_URL is set and replaces them")
+    elif not settings.enable_mysql:
+        if names_set := changed(*db_split):
+            lines.append(
+                f"{names_set} ignored: ENABLE_MYSQL is not true, so the database connection "
+                f"uses {queue_location(settings, QueueConnection.DATABASE)}; set "
+                "ENABLE_MYSQL=true to use MySQL/MariaDB"
+            )
+    elif names_set := changed("db_sqlite_path"):
+        lines.append(f"{names_set} ignored: ENABLE_MYSQL=true uses MySQL/MariaDB")
+    if settings.redis_url and (
+        names_set := changed(
+            "redis_host", "redis_port", "redis_db", "redis_username", "redis_password"
+        )
+    ):
+        lines.append(f"{names_set} ignored: REDIS_URL is set and replaces them")
+    if settings.mqtt_url:
+        parts = urlsplit(settings.mqtt_url)
+        replaced = ["mqtt_host", "mqtt_port", "mqtt_tls"]
+        if parts.username:
+            replaced += ["mqtt_username", "mqtt_password"]
+        if names_set := changed(*replaced):
+            lines.append(f"{names_set} ignored: MQTT_URL is set and replaces them")
+    elif not settings.mqtt_host and (names_set := changed("mqtt_port", "mqtt_tls")):
+        lines.append(
+            f"{names_set} ignored: MQTT_HOST is empty, so the app starts the embedded broker "
+            "on MQTT_EMBEDDED_PORT; set MQTT_HOST to use another broker"
+        )
+    tls = (
+        urlsplit(settings.mqtt_url).scheme in ("mqtts", "ssl", "tls")
+        if settings.mqtt_url
+        else settings.mqtt_tls
+    )
+    if not tls and (
+        names_set := changed("mqtt_tls_ca", "mqtt_tls_cert", "mqtt_tls_key", "mqtt_tls_insecure")
+    ):
+        lines.append(f"{names_set} ignored: MQTT TLS is off (set MQTT_TLS=true or use mqtts://)")
+    return lines
