@@ -4,7 +4,8 @@ TopiqError
 ├── ConfigurationError        a setting is missing or wrong (raised at start)
 │   └── RouteError            an MQTT route pattern is invalid (core.mqtt.errors)
 ├── SerializationError        a job cannot be turned into a payload (raised at dispatch)
-│   └── PayloadTooLargeError  the payload is over the configured limit
+│   ├── PayloadTooLargeError  the payload is over the configured limit
+│   └── UnloadableJobError    no worker could import the job's class (`__main__`, not allowed)
 ├── PayloadError              a stored payload cannot be turned back into a job
 │   └── UnknownJobError       the payload names a class that is not an allowed Job
 ├── DriverError               a queue backend failed (the cause is chained)
@@ -34,6 +35,7 @@ __all__ = [
     "SerializationError",
     "TopiqError",
     "UnknownJobError",
+    "UnloadableJobError",
     "WorkerLostError",
 ]
 
@@ -52,6 +54,11 @@ class SerializationError(TopiqError, TypeError):
 
 class PayloadTooLargeError(SerializationError):
     """The encoded payload is larger than the configured maximum; nothing was enqueued."""
+
+
+class UnloadableJobError(SerializationError):
+    """The job's class is where no worker can import it (`__main__`, a function, a module outside
+    `QUEUE_ALLOWED_MODULES`); nothing was enqueued."""
 
 
 class PayloadError(TopiqError):

@@ -20,8 +20,12 @@ class Job:
 
     Public instance attributes (names not starting with `_`) are the job's data: they are stored
     as JSON and restored on the worker without calling `__init__`, so a constructor may take
-    arguments. The class attributes below are the defaults; setting one on an instance before
-    dispatch overrides it for that job only.
+    arguments. A data attribute may not reuse a name the class defines (a method such as
+    `handle` or `data`, a property, a class attribute): dispatch refuses it, naming it.
+
+    The settings below are plain class attributes. Setting one on an instance before dispatch
+    (`self.queue = "urgent"` in `__init__`, `job.timeout = 5`) overrides it for that job only:
+    settings travel in the payload's own fields, not as data.
 
     Attributes:
         queue: The queue the job goes to.

@@ -20,10 +20,10 @@ from types import TracebackType
 from typing import Any, Self
 
 from core.delays import Delay, parse_delay
-from core.errors import ConfigurationError, SerializationError
+from core.errors import ConfigurationError, SerializationError, UnloadableJobError
 from core.job import Job
 from core.queue.drivers import Driver, FailedStore, OutgoingJob, QueueStats, create_driver
-from core.queue.payload import encode, new_job_id, validate_queue
+from core.queue.payload import encode, new_job_id, unloadable_reason, validate_queue
 from core.settings import QueueConnection, Settings
 
 __all__ = [
@@ -50,6 +50,8 @@ class QueueManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Jobs queued through this manager (read by the MQTT app's counters).
         self.dispatched = 0
+        #: Job classes a worker can import (checked once per class).
+        self._loadable: set[type[Job]] = set()
 
     # -- connections -------------------------------------------------------------------
 
@@ -139,7 +141,16 @@ class QueueManager:
             )
         if queue is None:
             queue = job.queue if job.queue != Job.queue else self.settings.queue_default
-        return self.connection_name(connection or job.connection), validate_queue(queue)
+        conn = self.connection_name(connection or job.connection)
+        cls = type(job)
+        if cls not in self._loadable and conn != QueueConnection.SYNC:
+            # Refused here rather than failed on the worker: nothing is queued that no worker
+            # can import. `sync` runs the job inline, in this process, so any class goes.
+            reason = unloadable_reason(cls, self.settings.queue_allowed_modules)
+            if reason is not None:
+                raise UnloadableJobError(reason)
+            self._loadable.add(cls)
+        return conn, validate_queue(queue)
 
     def _outgoing(self, job: Job, queue: str, delay: float) -> OutgoingJob:
         job_id = new_job_id()
