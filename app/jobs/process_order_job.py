@@ -20,6 +20,7 @@ class ProcessOrderJob(Job):
 
     max_tries = 3
     timeout = 30
+    retry_after = [1, 2]  # seconds before the second and the third try
 
     def __init__(self) -> None:
         super().__init__()
@@ -27,9 +28,19 @@ class ProcessOrderJob(Job):
         self.order_data: Any = None
 
     async def handle(self) -> None:
-        """Total the items and publish the result."""
+        """Total the items and publish the result.
+
+        Raises:
+            ValueError: an item has no price. The demo's simulator sends one such order, so
+                `python main.py --demo` shows a job retried and then kept in the failed store.
+        """
         data = self.order_data if isinstance(self.order_data, dict) else {}
         items = data.get("items") or []
+        for item in items:
+            if item.get("price") is None:
+                raise ValueError(
+                    f"order {self.order_id}: item {item.get('sku', '?')!r} has no price"
+                )
         total = round(
             sum(float(item.get("qty", 1)) * float(item.get("price", 0)) for item in items), 2
         )

@@ -1,8 +1,9 @@
 """`serve` (the default command, `python main.py`): run the MQTT app.
 
 With no broker configured (`MQTT_HOST` and `MQTT_URL` unset) it starts the embedded broker on
-127.0.0.1:`MQTT_EMBEDDED_PORT`. `--worker` runs a worker in the same process, `--simulate N`
-adds simulated devices, `--demo` is both plus a live status table.
+127.0.0.1:`MQTT_EMBEDDED_PORT`, or on a free port (named in the log) when that one is taken.
+`--worker` runs a worker in the same process, `--simulate N` adds simulated devices, `--demo`
+is both plus a live status table.
 """
 
 from __future__ import annotations
@@ -107,10 +108,12 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
         stack.callback(set_default_manager, None)
         if options.embedded:
             try:
-                await stack.enter_async_context(EmbeddedBroker(options.host, options.port))
+                broker = await stack.enter_async_context(EmbeddedBroker(options.host, options.port))
             except BrokerStartError as exc:
                 print(f"topiq: {exc}", file=sys.stderr)
                 return ExitCode.ERROR
+            # The broker may have moved to a free port (its own was taken): follow it.
+            options = options.replace(port=broker.port)
         # Closed before the broker stops, so it disconnects cleanly.
         stack.push_async_callback(publisher.close)
         return await _serve(router, settings, options, stats, manager, with_worker, devices, args)
@@ -157,7 +160,7 @@ async def _serve(
         counts = worker.counts
 
         async def tally() -> JobCounts:
-            return JobCounts(done=counts.done, failed=counts.failed)
+            return JobCounts(done=counts.done, retried=counts.retried, failed=counts.failed)
 
         dashboard = Dashboard(stats, tally, sent=(lambda: simulator.sent) if simulator else None)
         dashboard_task = asyncio.create_task(dashboard.run(), name="topiq-dashboard")

@@ -1,7 +1,9 @@
 """The embedded broker (amqtt): `python main.py` on a machine with no MQTT server installed.
 
 For development and demos only: it keeps sessions in memory and does not support shared
-subscriptions (`$share/...`); production apps set `MQTT_HOST` to a real broker.
+subscriptions (`$share/...`); production apps set `MQTT_HOST` to a real broker. When its port
+is taken (a Mosquitto already running on 1883 is common on an IoT developer's machine) it
+listens on a free port instead and says which: `port` holds the one it listens on.
 """
 
 from __future__ import annotations
@@ -25,21 +27,24 @@ class EmbeddedBroker:
     Args:
         host: The address to listen on (loopback by default: nothing outside this machine
             can reach an unauthenticated development broker).
-        port: The port to listen on.
+        port: The port to listen on; when it is taken, a free one (`port` then holds it).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
         self.host = host
         self.port = port
+        self.requested_port = port
         self._broker: Any = None
 
     async def __aenter__(self) -> Self:
         """Start listening.
 
         Raises:
-            BrokerStartError: the port is in use or amqtt failed to start.
+            BrokerStartError: the address cannot be listened on, or amqtt failed to start.
         """
-        self._check_port()
+        taken = not self._port_is_free(self.port)
+        if taken:
+            self.port = self._free_port()
         # amqtt (and its state machine library) announce every connection at INFO; keep them
         # to warnings unless debugging.
         if not logger.isEnabledFor(logging.DEBUG):
@@ -62,30 +67,51 @@ class EmbeddedBroker:
                 f"the embedded MQTT broker could not start on {self.host}:{self.port}: {exc}"
             ) from exc
         self._broker = broker
-        logger.info(
-            "embedded MQTT broker (amqtt) listening on %s:%d; set MQTT_HOST to use another broker",
-            self.host,
-            self.port,
-        )
+        if taken:
+            # One line that says both what happened and how to choose otherwise.
+            logger.warning(
+                "port %d on %s is taken (another MQTT broker?): the embedded MQTT broker (amqtt) "
+                "listens on %s:%d instead; set MQTT_EMBEDDED_PORT to choose its port, or "
+                "MQTT_HOST=%s MQTT_PORT=%d to use the broker on %d",
+                self.requested_port,
+                self.host,
+                self.host,
+                self.port,
+                self.host,
+                self.requested_port,
+                self.requested_port,
+            )
+        else:
+            logger.info(
+                "embedded MQTT broker (amqtt) listening on %s:%d; set MQTT_HOST to use another "
+                "broker",
+                self.host,
+                self.port,
+            )
         return self
 
-    def _check_port(self) -> None:
+    def _port_is_free(self, port: int) -> bool:
         # Asked before amqtt tries, which would log a traceback for this common case.
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((self.host, self.port))
+                probe.bind((self.host, port))
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE:
                     raise BrokerStartError(
-                        f"the embedded MQTT broker cannot listen on {self.host}:{self.port}: "
+                        f"the embedded MQTT broker cannot listen on {self.host}:{port}: "
                         f"{exc.strerror}"
                     ) from exc
-                raise BrokerStartError(
-                    f"port {self.port} on {self.host} is already in use (another MQTT broker?): "
-                    f"set MQTT_HOST={self.host} MQTT_PORT={self.port} to use that broker, or "
-                    "MQTT_EMBEDDED_PORT to a free port for the embedded one"
-                ) from None
+                return False
+        return True
+
+    def _free_port(self) -> int:
+        # The kernel picks a port nobody listens on; amqtt binds it right after (a port taken
+        # in between makes amqtt fail with a clear BrokerStartError, not a hang).
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((self.host, 0))
+            port: int = probe.getsockname()[1]
+        return port
 
     async def __aexit__(
         self,

@@ -23,7 +23,8 @@ class JobCounts:
     """What the in-process worker has done since the app started."""
 
     done: int = 0
-    failed: int = 0
+    retried: int = 0  # tries that failed and will run again
+    failed: int = 0  # failed for good: kept in the failed-job store
 
 
 class Dashboard:
@@ -74,7 +75,8 @@ class Dashboard:
             ("handler errors", s.failed),
             ("jobs dispatched", s.jobs_dispatched),
             ("jobs done", self.counts.done),
-            ("jobs failed", self.counts.failed),
+            ("job tries retried", self.counts.retried),
+            ("jobs failed (failed store)", self.counts.failed),
             ("broker", "connected" if s.connected else "disconnected"),
         ]
         for name, value in rows:
@@ -87,7 +89,21 @@ class Dashboard:
         return (
             f"demo summary: received={s.received} handled={s.handled} invalid={s.invalid} "
             f"handler_errors={s.failed} dispatched={s.jobs_dispatched} "
-            f"jobs_done={self.counts.done} jobs_failed={self.counts.failed}"
+            f"jobs_done={self.counts.done} jobs_retried={self.counts.retried} "
+            f"jobs_failed={self.counts.failed}"
+        )
+
+    def failed_hint(self) -> str | None:
+        """Where to look at the jobs that failed for good, if any did."""
+        failed = self.counts.failed
+        if not failed:
+            return None
+        return (
+            f"{failed} job{'s' if failed != 1 else ''} failed for good and "
+            f"{'are' if failed != 1 else 'is'} kept in the failed store: "
+            "`python main.py queue:failed` lists them, "
+            "`python main.py queue:failed:show ID` shows the payload and traceback, "
+            "`python main.py queue:retry ID` runs one again"
         )
 
     async def _refresh_counts(self) -> None:
@@ -114,3 +130,6 @@ class Dashboard:
         if not self.console.is_terminal:
             self.console.line()  # a non-terminal Live leaves its last line open
         self.console.print(self.summary(), highlight=False, soft_wrap=True)
+        hint = self.failed_hint()
+        if hint is not None:
+            self.console.print(hint, highlight=False, soft_wrap=True, markup=False)

@@ -4,7 +4,8 @@ Each device has its own connection and client id and publishes a telemetry readi
 (`devices/sim-<n>/telemetry`, JSON) about once per interval; the temperature wanders and now and
 then spikes past the alert threshold of the example app. Device 1 also places an order on
 `orders/<id>/new` every few readings, and every so often a device sends a malformed reading,
-so the demo shows validation at work too.
+so the demo shows validation at work too. Its first order has an item without a price: the
+example app's `ProcessOrderJob` fails on it, is retried, and ends in the failed store.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ class DeviceSimulator:
         options: The broker to publish to (each device gets its own client id).
         count: How many devices.
         interval: Seconds between one device's readings, on average.
-        order_every: Device 1 places an order every this many readings (0: never).
+        order_every: Device 1 places an order every this many readings, the first one on its
+            second reading (0: never).
+        broken_first_order: The first order has an item without a price (its job fails).
         malformed_every: One reading in this many is malformed (0: never).
         seed: Seeds the random readings, for repeatable runs.
     """
@@ -47,6 +50,7 @@ class DeviceSimulator:
         interval: float = 1.0,
         order_every: int = 5,
         malformed_every: int = 40,
+        broken_first_order: bool = True,
         seed: int | None = None,
     ) -> None:
         self.options = options
@@ -54,6 +58,7 @@ class DeviceSimulator:
         self.interval = interval
         self.order_every = order_every
         self.malformed_every = malformed_every
+        self.broken_first_order = broken_first_order
         self.sent = 0
         self._random = random.Random(seed)
         self._orders = itertools.count(1001)
@@ -94,21 +99,21 @@ class DeviceSimulator:
                     # Cut-off JSON, as from a flaky device: validation refuses it.
                     payload = b'{"temperature": "warm"'
                 await self._send(connection, f"devices/{device_id}/telemetry", payload)
-                if number == 1 and self.order_every and reading % self.order_every == 0:
-                    order_id = next(self._orders)
-                    order = {
-                        "customer": f"customer-{self._random.randrange(1, 50)}",
-                        "items": [
-                            {
-                                "sku": "sensor-kit",
-                                "qty": self._random.randrange(1, 4),
-                                "price": 49.5,
-                            }
-                        ],
-                    }
-                    await self._send(connection, f"orders/{order_id}/new", order)
+                # Early (the second reading), so a short demo shows the first order's fate.
+                if number == 1 and self.order_every and (reading - 2) % self.order_every == 0:
+                    await self._place_order(connection)
         finally:
             await connection.close()
+
+    async def _place_order(self, connection: PublishConnection) -> None:
+        order_id = next(self._orders)
+        items: list[dict[str, Any]] = [
+            {"sku": "sensor-kit", "qty": self._random.randrange(1, 4), "price": 49.5}
+        ]
+        if self.broken_first_order and order_id == 1001:
+            items.append({"sku": "gift-card", "qty": 1})  # no price: its job fails for good
+        order = {"customer": f"customer-{self._random.randrange(1, 50)}", "items": items}
+        await self._send(connection, f"orders/{order_id}/new", order)
 
     async def _send(self, connection: PublishConnection, topic: str, payload: Any) -> None:
         try:

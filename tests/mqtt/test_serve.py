@@ -1,4 +1,5 @@
-"""`python main.py` itself: the embedded-broker demo, an unreachable broker, a taken port."""
+"""`python main.py` itself: the embedded-broker demo, an unreachable broker, a taken port
+(the broker moves to a free one; tests/test_readme.py does the same with 1883 taken)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ async def test_the_demo_runs_the_whole_flow_on_the_embedded_broker(tmp_path: Pat
     counts = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", summary.group(1))}
     assert counts["received"] > 0 and counts["dispatched"] > 0, summary.group(0)
     assert counts["jobs_done"] > 0, summary.group(0) + "\n" + demo.log[-3000:]
-    assert counts["jobs_failed"] == 0 and counts["handler_errors"] == 0, summary.group(0)
+    # The demo's one broken order may have failed for good by now (tests/test_readme.py
+    # follows it to the failed store); nothing else fails.
+    assert counts["jobs_failed"] <= 1 and counts["handler_errors"] == 0, summary.group(0)
     assert "embedded MQTT broker (amqtt) listening on 127.0.0.1" in demo.log
     stored = list((tmp_path / "storage" / "telemetry").glob("*.jsonl"))
     assert stored and stored[0].read_text().count("\n") > 0
@@ -66,14 +69,23 @@ async def test_an_unreachable_broker_is_named_with_a_fix_and_retried(tmp_path: P
 
 
 @pytest.mark.timeout(30)
-async def test_a_taken_embedded_port_fails_with_what_to_do(tmp_path: Path) -> None:
+async def test_a_taken_embedded_port_moves_the_broker_to_a_free_one_and_names_it(
+    tmp_path: Path,
+) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
-        port = holder.getsockname()[1]
-        env = fresh_env(tmp_path, MQTT_EMBEDDED_PORT=str(port))
-        app = await AppProcess([], env, cwd=tmp_path).start()
-        code = await app.wait(20)
-    assert code == 1
-    assert f"port {port} on 127.0.0.1 is already in use" in app.log
-    assert "MQTT_EMBEDDED_PORT" in app.log
+        taken = holder.getsockname()[1]
+        env = fresh_env(tmp_path, MQTT_EMBEDDED_PORT=str(taken), QUEUE_CONNECTION="memory")
+        app = await AppProcess(["serve", "--worker"], env, cwd=tmp_path).start()
+        try:
+            line = await app.wait_for_line("the embedded MQTT broker (amqtt) listens on")
+            await app.wait_for_line("connected to the MQTT broker")
+            code = await app.stop(signal.SIGINT)
+        finally:
+            await app.kill()
+    moved = re.search(r"listens on 127\.0\.0\.1:(\d+) instead", line)
+    assert moved and int(moved.group(1)) != taken, line
+    assert f"port {taken} on 127.0.0.1 is taken (another MQTT broker?)" in line
+    assert f"MQTT_HOST=127.0.0.1 MQTT_PORT={taken} to use the broker on {taken}" in line
+    assert code == 0, app.log
