@@ -44,6 +44,7 @@ __all__ = [
     "open_connection",
     "positive_int",
     "positive_seconds",
+    "queue_list",
     "queue_name",
     "say",
     "seconds",
@@ -94,6 +95,19 @@ def queue_name(text: str) -> str:
         return validate_queue(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def queue_list(text: str) -> str:
+    """An argparse type: comma-separated queue names, each valid as `dispatch` wants it.
+
+    Returns the text unchanged (the worker splits it); spaces around the commas are allowed.
+    """
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one queue")
+    for name in names:
+        queue_name(name)
+    return text
 
 
 def _integer(text: str, least: int) -> int:

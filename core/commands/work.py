@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
+from typing import Any
 
-from core.commands._common import non_negative_int, positive_int, positive_seconds, seconds
+from core.commands._common import (
+    non_negative_int,
+    positive_int,
+    positive_seconds,
+    queue_list,
+    seconds,
+)
 from core.errors import ConfigurationError
+from core.queue.drivers.base import Driver
+from core.queue.payload import validate_queue
 from core.queue.queue_manager import QueueManager, set_default_manager
-from core.settings import Settings
+from core.settings import QueueConnection, Settings, queue_location
 from core.worker.options import ExitCode, WorkerOptions
 from core.worker.worker import Worker
 
@@ -21,6 +32,7 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--queue",
         default=None,
+        type=queue_list,
         help="queue(s) to work, comma-separated in priority order (default: QUEUE_DEFAULT)",
     )
     parser.add_argument(
@@ -66,6 +78,11 @@ def options_from(args: argparse.Namespace, settings: Settings) -> WorkerOptions:
     queues = tuple(
         q.strip() for q in (args.queue or settings.queue_default).split(",") if q.strip()
     )
+    for queue in queues:  # --queue is checked by its type; QUEUE_DEFAULT is checked here
+        try:
+            validate_queue(queue)
+        except ValueError as exc:
+            raise ConfigurationError(f"QUEUE_DEFAULT: {exc}") from None
     return WorkerOptions(
         connection=args.connection,
         queues=queues,
@@ -91,11 +108,14 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
             )
         set_default_manager(manager)
         worker = Worker(manager, options)
+        connection = worker.connection
+        failed = settings.failed_connection_for[QueueConnection(connection)]
         logger.info(
             "worker %s starting: connection=%s queues=%s concurrency=%d prefetch=%d "
-            "max_jobs=%s max_time=%s timeout=%s max_tries=%s grace=%gs",
+            "max_jobs=%s max_time=%s timeout=%s max_tries=%s grace=%gs; jobs at %s%s; "
+            "settings from %s",
             worker.id,
-            worker.connection,
+            connection,
             ",".join(options.queues),
             options.concurrency,
             worker.prefetch,
@@ -104,9 +124,87 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
             options.timeout or "per job",
             options.max_tries or "per job",
             options.grace,
+            queue_location(settings, connection),
+            ""
+            if failed.value == connection
+            else f", failed jobs at {failed.value} {queue_location(settings, failed)}",
+            getattr(args, "settings_from", "the environment and .env"),
         )
+        check = asyncio.create_task(_check_backend(manager, connection), name="topiq-redis-check")
         try:
             await worker.run()
         finally:
+            check.cancel()
+            await asyncio.gather(check, return_exceptions=True)
             set_default_manager(None)
     return ExitCode.OK
+
+
+# -- is the Redis server fit to keep a queue? --------------------------------------------------
+
+
+async def _check_backend(manager: QueueManager, connection: str) -> None:
+    """Once the worker's connection is open, warn if its Redis server may lose jobs."""
+    if connection != QueueConnection.REDIS:
+        return
+    while True:  # the worker itself reports an unreachable server and retries
+        try:
+            driver: Driver = await manager.connection(connection)
+            break
+        except Exception:
+            await asyncio.sleep(1.0)
+    client: Any = getattr(driver, "client", None)
+    if client is None:
+        return
+    with contextlib.suppress(Exception):  # a check, never a reason for the worker to stop
+        level, line = await redis_durability(client)
+        if line:
+            where = queue_location(manager.settings, connection).partition(" ")[0]
+            logger.log(level, "%s", line.replace("the Redis server", f"Redis at {where}", 1))
+
+
+async def redis_durability(client: Any) -> tuple[int, str]:
+    """(log level, one line) about how the Redis server behind `client` may lose jobs.
+
+    It loses every job on a restart when it has neither AOF (`appendonly no`) nor RDB save
+    points (`save ""`), and may drop jobs under memory pressure when its `maxmemory-policy` is
+    anything but `noeviction`. An empty line: nothing to say. When `CONFIG` is disabled or not
+    allowed, an INFO line says what to check by hand.
+    """
+    from redis.exceptions import ResponseError
+
+    try:
+        values: dict[str, str] = {}
+        for name in ("appendonly", "save", "maxmemory-policy"):
+            reply = await client.config_get(name)
+            for key, value in reply.items():
+                values[_text(key)] = _text(value)
+    except ResponseError as exc:
+        return logging.INFO, (
+            f"cannot read the Redis server's configuration ({exc}); make sure it keeps the "
+            "queue across restarts (appendonly yes) and never evicts it (maxmemory-policy "
+            "noeviction): see docs/operations.md, Running Redis for a queue"
+        )
+    problems = []
+    if values.get("appendonly", "no") == "no" and not values.get("save", "").strip():
+        problems.append(
+            "it keeps nothing on restart (appendonly no and no save points): a restart loses "
+            "every queued job; set appendonly yes"
+        )
+    policy = values.get("maxmemory-policy", "noeviction")
+    if policy != "noeviction":
+        problems.append(
+            f"maxmemory-policy is {policy}: when full it may evict queued jobs; set "
+            "maxmemory-policy noeviction"
+        )
+    if not problems:
+        return logging.INFO, ""
+    return logging.WARNING, (
+        "the Redis server may lose jobs: "
+        + "; ".join(problems)
+        + " (docs/operations.md, Running Redis for a queue)"
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -53,7 +53,7 @@ class Ops:
     """Runs commands against one backend, the way an operator would."""
 
     backend: Backend
-    env_file: Path  # never exists: a developer's .env must not leak into the tests
+    env_file: Path  # /dev/null: a developer's .env must not leak into the tests
     capsys: pytest.CaptureFixture[str]
     monkeypatch: pytest.MonkeyPatch
 
@@ -127,7 +127,7 @@ def ops(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Ops:
     """Commands on every server backend in turn (redis, sqlite, mysql)."""
-    return Ops(server_backend, tmp_path / "absent.env", capsys, monkeypatch)
+    return Ops(server_backend, Path(os.devnull), capsys, monkeypatch)
 
 
 @pytest.fixture

@@ -433,7 +433,7 @@ def test_make_job_refuses_a_bad_name(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def main_quiet(argv: list[str]) -> int:
-    """`core.cli.main` with an absent env file, restoring the root logger afterwards."""
+    """`core.cli.main` reading no env file, restoring the root logger afterwards."""
     import logging
 
     from core.cli import main
@@ -441,7 +441,7 @@ def main_quiet(argv: list[str]) -> int:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     try:
-        return main(["--env-file", "absent.env", *argv])
+        return main(["--env-file", os.devnull, *argv])
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
