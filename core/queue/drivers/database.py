@@ -349,12 +349,12 @@ class DatabaseDriver(Driver):
     # -- worker registry and the restart signal ---------------------------------------------
 
     async def report_worker(self, info: WorkerInfo, ttl: float) -> None:
-        """Upsert the worker's row; rows of workers gone for good are deleted on the way."""
+        """Upsert the worker's row; rows whose heartbeat expired are deleted on the way."""
         values = {"id": info.id, "info": info.to_json().decode(), "expires_at": t.now(ttl)}
         workers = t.queue_workers.c
 
         async def op(conn: AsyncConnection) -> None:
-            await conn.execute(delete(t.queue_workers).where(workers.expires_at < t.now(-3600)))
+            await conn.execute(delete(t.queue_workers).where(workers.expires_at < t.now()))
             await t.upsert(conn, t.queue_workers, values)
 
         await self._run("report a worker", op)

@@ -229,7 +229,10 @@ class MemoryDriver(Driver):
         return self._failed
 
     async def report_worker(self, info: WorkerInfo, ttl: float) -> None:
-        self._workers[info.id] = (info, time.time() + ttl)
+        now = time.time()
+        for gone in [key for key, (_, until) in self._workers.items() if until <= now]:
+            del self._workers[gone]  # a dead worker leaves when its heartbeat expires
+        self._workers[info.id] = (info, now + ttl)
 
     async def remove_worker(self, worker_id: str) -> None:
         self._workers.pop(worker_id, None)

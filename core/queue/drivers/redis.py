@@ -394,30 +394,40 @@ class RedisDriver(Driver):
 
     # -- workers and the restart signal ------------------------------------------------
 
+    # The registry: one key per worker holding its report, with the heartbeat's TTL, so a dead
+    # worker leaves when its TTL runs out whoever is left; and an index (sorted set, scored by
+    # expiry in the server's clock) to list them, pruned by every report. Both share the hash
+    # tag `{<prefix>:workers}`: one slot.
+
+    def _registry_keys(self, worker_id: str = "") -> tuple[str, str]:
+        tag = f"{self.prefix}:{{{self.prefix}:workers}}"
+        return f"{tag}:index", f"{tag}:worker:{worker_id}"
+
     async def report_worker(self, info: WorkerInfo, ttl: float) -> None:
-        async with _translated("worker heartbeat"), self.client.pipeline(transaction=False) as pipe:
-            pipe.hset(f"{self.prefix}:workers", info.id, info.to_json())
-            pipe.zadd(f"{self.prefix}:workers:expiry", {info.id: time.time() + ttl})
-            await pipe.execute()
+        index, key = self._registry_keys(info.id)
+        async with _translated("worker heartbeat"):
+            await self.client.eval(
+                _REPORT_WORKER, 2, index, key, info.id, info.to_json(), max(1, int(ttl * 1000))
+            )
 
     async def remove_worker(self, worker_id: str) -> None:
+        index, key = self._registry_keys(worker_id)
         async with (
             _translated("removing a worker"),
-            self.client.pipeline(transaction=False) as pipe,
+            self.client.pipeline(transaction=True) as pipe,
         ):
-            pipe.hdel(f"{self.prefix}:workers", worker_id)
-            pipe.zrem(f"{self.prefix}:workers:expiry", worker_id)
+            pipe.delete(key)
+            pipe.zrem(index, worker_id)
             await pipe.execute()
 
     async def workers(self) -> list[WorkerInfo]:
-        now = time.time()
+        index, _ = self._registry_keys()
         async with _translated("listing workers"):
-            gone = await self.client.zrangebyscore(f"{self.prefix}:workers:expiry", "-inf", now)
-            if gone:
-                await self.client.hdel(f"{self.prefix}:workers", *gone)
-                await self.client.zrem(f"{self.prefix}:workers:expiry", *gone)
-            raws = await self.client.hvals(f"{self.prefix}:workers")
-        return sorted((WorkerInfo.from_json(raw) for raw in raws), key=lambda w: w.started_at)
+            members: list[bytes] = await self.client.zrange(index, 0, -1)  # type: ignore[assignment]
+            ids = [_text(member) for member in members]
+            raws = await self.client.mget([self._registry_keys(i)[1] for i in ids]) if ids else []
+        alive = (WorkerInfo.from_json(raw) for raw in raws if raw is not None)
+        return sorted(alive, key=lambda w: w.started_at)
 
     async def request_restart(self, at: float) -> None:
         async with _translated("requesting a restart"):
@@ -427,6 +437,26 @@ class RedisDriver(Driver):
         async with _translated("reading the restart signal"):
             raw = await self.client.get(f"{self.prefix}:restart")
         return None if raw is None else float(raw)
+
+
+#: KEYS[1] the registry index, KEYS[2] this worker's key; ARGV[1] its id, ARGV[2] its report,
+#: ARGV[3] the TTL in ms. Stores the report, indexes it by expiry and drops expired entries.
+_REPORT_WORKER = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ttl)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('PTTL', KEYS[1]) < ttl then
+    redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return 1
+"""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _by_queue(jobs: Sequence[ReservedJob]) -> dict[str, Sequence[ReservedJob]]:
