@@ -20,8 +20,8 @@ from core.queue.drivers.base import Driver
 from core.queue.payload import validate_queue
 from core.queue.queue_manager import QueueManager, set_default_manager
 from core.settings import QueueConnection, Settings, queue_location
-from core.worker.options import ExitCode, WorkerOptions
-from core.worker.worker import Worker
+from core.worker.options import WorkerOptions
+from core.worker.worker import Worker, exit_code
 
 HELP = {"queue:work": "run a worker that processes queued jobs (also: --queue-work)"}
 
@@ -132,12 +132,12 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
         )
         check = asyncio.create_task(_check_backend(manager, connection), name="topiq-redis-check")
         try:
-            await worker.run()
+            reason = await worker.run()
         finally:
             check.cancel()
             await asyncio.gather(check, return_exceptions=True)
             set_default_manager(None)
-    return ExitCode.OK
+    return exit_code(worker, reason)  # ends the process itself if a given-up job still runs
 
 
 # -- is the Redis server fit to keep a queue? --------------------------------------------------
@@ -158,9 +158,8 @@ async def _check_backend(manager: QueueManager, connection: str) -> None:
         return
     with contextlib.suppress(Exception):  # a check, never a reason for the worker to stop
         level, line = await redis_durability(client)
-        if line:
-            where = queue_location(manager.settings, connection).partition(" ")[0]
-            logger.log(level, "%s", line.replace("the Redis server", f"Redis at {where}", 1))
+        where = queue_location(manager.settings, connection).partition(" ")[0]
+        logger.log(level, "%s", line.replace("the Redis server", f"Redis at {where}", 1))
 
 
 async def redis_durability(client: Any) -> tuple[int, str]:
@@ -168,8 +167,8 @@ async def redis_durability(client: Any) -> tuple[int, str]:
 
     It loses every job on a restart when it has neither AOF (`appendonly no`) nor RDB save
     points (`save ""`), and may drop jobs under memory pressure when its `maxmemory-policy` is
-    anything but `noeviction`. An empty line: nothing to say. When `CONFIG` is disabled or not
-    allowed, an INFO line says what to check by hand.
+    anything but `noeviction`: a WARNING. Otherwise an INFO line says how it keeps the queue;
+    when `CONFIG` is disabled or not allowed, an INFO line says what to check by hand.
     """
     from redis.exceptions import ResponseError
 
@@ -186,7 +185,9 @@ async def redis_durability(client: Any) -> tuple[int, str]:
             "noeviction): see docs/operations.md, Running Redis for a queue"
         )
     problems = []
-    if values.get("appendonly", "no") == "no" and not values.get("save", "").strip():
+    aof = values.get("appendonly", "no") != "no"
+    save = values.get("save", "").strip()
+    if not aof and not save:
         problems.append(
             "it keeps nothing on restart (appendonly no and no save points): a restart loses "
             "every queued job; set appendonly yes"
@@ -198,7 +199,13 @@ async def redis_durability(client: Any) -> tuple[int, str]:
             "maxmemory-policy noeviction"
         )
     if not problems:
-        return logging.INFO, ""
+        kept = (
+            "keeps the queue in its append-only file"
+            if aof
+            else f"keeps RDB snapshots only (save {save}): a restart loses the jobs since the "
+            "last one; appendonly yes keeps them all"
+        )
+        return logging.INFO, f"the Redis server {kept} and never evicts it (noeviction)"
     return logging.WARNING, (
         "the Redis server may lose jobs: "
         + "; ".join(problems)
