@@ -108,6 +108,8 @@ class Settings(BaseSettings):
     mqtt_username: str | None = None
     mqtt_password: SecretStr | None = None
     mqtt_client_id: str | None = None
+    # Appended to the client id: one stable id per process of a pool (supervisor sets it).
+    mqtt_client_id_suffix: str = ""
     mqtt_keepalive: int = Field(default=60, ge=1)
     mqtt_clean_session: bool = False
     mqtt_tls: bool = False

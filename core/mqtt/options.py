@@ -93,7 +93,8 @@ class ConnectionOptions:
             ConfigurationError: `MQTT_URL` is malformed or a TLS file does not exist.
         """
         values: dict[str, Any] = {
-            "client_id": settings.mqtt_client_id or default_client_id(settings),
+            "client_id": (settings.mqtt_client_id or default_client_id(settings))
+            + settings.mqtt_client_id_suffix,
             "username": settings.mqtt_username,
             "password": (
                 settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
@@ -152,7 +153,8 @@ def uses_embedded_broker(settings: Settings) -> bool:
 
 def default_client_id(settings: Settings) -> str:
     """`<app name>-<host name>`: stable across restarts on one machine, as a persistent
-    session needs. Give each app process on one machine its own `MQTT_CLIENT_ID`."""
+    session needs. Several app processes on one machine each add their own
+    `MQTT_CLIENT_ID_SUFFIX` (supervisor/topiq-app.conf does)."""
     raw = f"{settings.app_name}-{socket.gethostname()}"
     return re.sub(r"[^A-Za-z0-9_.-]", "-", raw)[:64]
 
