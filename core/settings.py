@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     mqtt_tls_key: Path | None = None
     mqtt_tls_insecure: bool = False
     mqtt_handler_concurrency: int = Field(default=100, ge=1)
+    mqtt_receive_maximum: int = Field(default=100, ge=1, le=65535)
+    mqtt_handler_retries: int = Field(default=2, ge=0)
+    mqtt_grace: float = Field(default=10.0, ge=0)
     mqtt_embedded_port: int = Field(default=1883, ge=1, le=65535)
 
     _csv_fields = field_validator("queue_allowed_modules", mode="before")(_csv)

@@ -7,13 +7,13 @@ import logging
 import time
 from typing import Any
 
-from core.mqtt.client import MqttClient
+from core.mqtt.client import Delivery, MqttClient
 from core.mqtt.context import MessageContext
 from core.mqtt.errors import InvalidPayloadError, MessageRejected
 from core.mqtt.message import IncomingMessage, MessageProperties
 from core.mqtt.options import ConnectionOptions
 from core.mqtt.publisher import Publisher, use_connection
-from core.mqtt.routing import Router
+from core.mqtt.routing import Route, Router
 from core.mqtt.stats import MqttStats
 from core.settings import Settings
 
@@ -21,19 +21,23 @@ __all__ = ["MqttApp"]
 
 logger = logging.getLogger("topiq.mqtt")
 
-HANDLER_GRACE = 10.0  # seconds running handlers get to finish once the app stops
+RETRY_BACKOFF = 0.2  # seconds before a failed handler's first retry; doubles after each
 
 
 class MqttApp:
     """Connects, subscribes to the router's routes and runs their handlers.
 
     Handlers run concurrently, up to `concurrency` at once, in tasks of their own so a slow
-    one never holds up the receive loop. A handler that raises is logged with the topic and
-    counted; a payload that fails validation is logged and counted as invalid; the app goes
-    on with the next message either way.
+    one never holds up the receive loop. A message is acknowledged to the broker once its
+    handler finished (so what it dispatched is stored): a crash before that and the broker
+    sends it again. A handler that raises is run again up to `retries` times (with a short
+    backoff), then the message is acknowledged, logged and counted as failed; a payload that
+    fails validation, or a message middleware rejects, is acknowledged at once and logged.
 
-    When stopped it disconnects first (the persistent session keeps queueing new messages on
-    the broker), then finishes the messages already received.
+    When stopped it takes no more messages (the broker keeps them for the persistent
+    session), lets the running handlers finish within `grace` seconds, acknowledges what
+    they finished and disconnects. Messages received but not started are not acknowledged:
+    the broker sends them again when the app comes back.
 
     Args:
         router: The routes.
@@ -41,7 +45,8 @@ class MqttApp:
         options: Connection options, instead of those the settings describe.
         stats: Counters to update (a fresh `MqttStats` by default).
         concurrency: Handlers run at once (default `MQTT_HANDLER_CONCURRENCY`).
-        grace: Seconds running handlers get to finish after `stop()`.
+        grace: Seconds running handlers get to finish after `stop()` (default `MQTT_GRACE`).
+        retries: Runs after a handler raised (default `MQTT_HANDLER_RETRIES`).
     """
 
     def __init__(
@@ -52,13 +57,15 @@ class MqttApp:
         options: ConnectionOptions | None = None,
         stats: MqttStats | None = None,
         concurrency: int | None = None,
-        grace: float = HANDLER_GRACE,
+        grace: float | None = None,
+        retries: int | None = None,
     ) -> None:
         self.router = router
         self.options = options or ConnectionOptions.from_settings(settings)
         self.stats = stats if stats is not None else MqttStats()
         self.concurrency = concurrency or settings.mqtt_handler_concurrency
-        self.grace = grace
+        self.grace = settings.mqtt_grace if grace is None else grace
+        self.retries = settings.mqtt_handler_retries if retries is None else retries
         router.freeze()
         self.client = MqttClient(self.options, router.subscriptions(), stats=self.stats)
         self._stopping = asyncio.Event()
@@ -69,7 +76,7 @@ class MqttApp:
         await self.client.wait_connected()
 
     def stop(self) -> None:
-        """Ask `run()` to return: disconnect, finish the received messages, return."""
+        """Ask `run()` to return: stop taking messages, finish those in hand, disconnect."""
         self._stopping.set()
 
     async def run(self) -> None:
@@ -77,21 +84,22 @@ class MqttApp:
         slots = asyncio.Semaphore(self.concurrency)
         publisher = Publisher(self.client)
         self.client.start()
-        closer = asyncio.create_task(self._close_on_stop(), name="topiq-mqtt-stop")
+        stopper = asyncio.create_task(self._stop_reading_on_stop(), name="topiq-mqtt-stop")
         try:
             with use_connection(self.client):
-                async for message in self.client.messages():
+                async for delivery in self.client.deliveries():
                     self.stats.received += 1
-                    # Waiting for a slot pauses only this loop: the connection keeps reading
-                    # (and answering pings) in the background, queueing what arrives.
-                    await slots.acquire()
-                    task = asyncio.create_task(self._handle(message, publisher, slots))
+                    # The window (MQTT_RECEIVE_MAXIMUM) bounds what waits here for a slot.
+                    if not await self._slot(slots):
+                        break  # stopping: this one stays unacknowledged, the broker resends it
+                    task = asyncio.create_task(self._handle(delivery, publisher, slots))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
+                await self._drain()  # their acknowledgements go out before the disconnect
         finally:
-            closer.cancel()
-            await self.client.close()
+            stopper.cancel()
             await self._drain()
+            await self.client.close()
             s = self.stats
             logger.info(
                 "MQTT app stopped: %d received, %d handled, %d failed, %d invalid, "
@@ -105,9 +113,29 @@ class MqttApp:
                 s.jobs_dispatched,
             )
 
-    async def _close_on_stop(self) -> None:
+    async def _stop_reading_on_stop(self) -> None:
         await self._stopping.wait()
-        await self.client.close()
+        self.client.stop_reading()
+
+    async def _slot(self, slots: asyncio.Semaphore) -> bool:
+        """Take a handler slot; `False` if the app was stopped while waiting for one."""
+        if not slots.locked():
+            await slots.acquire()
+            return True
+        acquire = asyncio.ensure_future(slots.acquire())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({acquire, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not acquire.done():
+                acquire.cancel()
+        if acquire.done() and not acquire.cancelled():
+            if self._stopping.is_set():
+                slots.release()
+                return False
+            return True
+        return False
 
     async def _drain(self) -> None:
         if not self._tasks:
@@ -117,17 +145,25 @@ class MqttApp:
             task.cancel()
         if pending:
             logger.warning(
-                "cancelled %d handler(s) still running after %gs", len(pending), self.grace
+                "cancelled %d handler(s) still running after %gs; their messages are not "
+                "acknowledged, so the broker sends them again",
+                len(pending),
+                self.grace,
             )
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _handle(
-        self, message: IncomingMessage, publisher: Publisher, slots: asyncio.Semaphore
+        self, delivery: Delivery, publisher: Publisher, slots: asyncio.Semaphore
     ) -> None:
         try:
-            await self._dispatch_to_route(message, publisher)
+            await self._dispatch_to_route(delivery.message, publisher)
+        except asyncio.CancelledError:
+            raise  # not finished: not acknowledged
+        except Exception:  # a bug of ours, not the handler's: the message must not block
+            logger.exception("handling the message on %s failed", delivery.message.topic)
         finally:
             slots.release()
+        delivery.ack()
 
     async def _dispatch_to_route(self, message: IncomingMessage, publisher: Publisher) -> None:
         stats = self.stats
@@ -137,31 +173,56 @@ class MqttApp:
             logger.debug("no route for %s; message ignored", message.topic)
             return
         route, params = found
-        context = MessageContext(message, params, route, publisher)
-        started = time.perf_counter()
-        try:
-            result = await route(context)
-        except InvalidPayloadError as exc:
-            stats.invalid += 1
-            logger.warning("invalid message on %s (route %s): %s", message.topic, route.name, exc)
+        for attempt in range(self.retries + 1):
+            context = MessageContext(message, params, route, publisher)
+            started = time.perf_counter()
+            try:
+                result = await route(context)
+            except InvalidPayloadError as exc:
+                stats.invalid += 1
+                logger.warning(
+                    "invalid message on %s (route %s): %s", message.topic, route.name, exc
+                )
+                return
+            except MessageRejected as exc:
+                stats.rejected += 1
+                logger.info("message on %s rejected (route %s): %s", message.topic, route.name, exc)
+                return
+            except Exception as exc:
+                if attempt < self.retries:
+                    delay = RETRY_BACKOFF * 2**attempt
+                    stats.retried += 1
+                    logger.warning(
+                        "handler %s failed on %s (run %d of %d): %s; running it again in %.1fs",
+                        route.name,
+                        message.topic,
+                        attempt + 1,
+                        self.retries + 1,
+                        exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                stats.failed += 1
+                self._log_failure(route, message, attempt + 1, started)
+                return
+            stats.handled += 1
+            if result is not None:
+                await self._reply(context, result)
             return
-        except MessageRejected as exc:
-            stats.rejected += 1
-            logger.info("message on %s rejected (route %s): %s", message.topic, route.name, exc)
-            return
-        except Exception:
-            stats.failed += 1
-            logger.exception(
-                "handler %s failed on %s (%d bytes, after %.1fms)",
-                route.name,
-                message.topic,
-                len(message.payload),
-                (time.perf_counter() - started) * 1000,
-            )
-            return
-        stats.handled += 1
-        if result is not None:
-            await self._reply(context, result)
+
+    def _log_failure(
+        self, route: Route, message: IncomingMessage, runs: int, started: float
+    ) -> None:
+        logger.exception(
+            "handler %s failed on %s (%d bytes, %d run(s), the last after %.1fms); the message "
+            "is acknowledged and dropped",
+            route.name,
+            message.topic,
+            len(message.payload),
+            runs,
+            (time.perf_counter() - started) * 1000,
+        )
 
     async def _reply(self, context: MessageContext, result: Any) -> None:
         """MQTT 5 request/response: a handler's return value goes to the response topic."""

@@ -1,12 +1,21 @@
-"""The adapter over aiomqtt (pinned below 3.0): the only module that imports it or paho.
+"""The adapter over aiomqtt 2.5 and paho-mqtt 2.2 (both pinned to their minor version): the
+only module that imports either.
 
 Two connections live here:
 
 - `MqttClient`, the app's connection: it keeps itself connected (exponential backoff with
   jitter, capped), re-sends its subscriptions after every reconnect, and hands every received
-  message to `messages()`. It uses a stable client id and a persistent session (MQTT 3.1.1
-  `clean_session=False`, or MQTT 5 `clean_start=False` with a session expiry), so the broker
-  keeps the subscriptions and queues QoS 1/2 messages while the app is away.
+  message to `deliveries()` as a `Delivery` to acknowledge once it is handled. It uses a stable
+  client id and a persistent session (MQTT 3.1.1 `clean_session=False`, or MQTT 5
+  `clean_start=False` with a session expiry), so the broker keeps the subscriptions and queues
+  QoS 1/2 messages while the app is away.
+
+  aiomqtt 2.x acknowledges a QoS 1 message on receipt and has no public way not to, so this
+  adapter turns on the manual acknowledgement of the paho client aiomqtt wraps
+  (`manual_ack_set`, `ack(mid, qos)`) and takes over paho's `on_message` and its
+  acknowledgement: a message is acknowledged (PUBACK) only when `Delivery.ack()` is called,
+  on the connection that received it. `receive_maximum` bounds the unacknowledged messages
+  of a connection (MQTT 5 Receive Maximum in CONNECT; see `_Connection`).
 - `PublishConnection`, a lazily opened clean-session connection used only to publish (one per
   worker process), reconnecting when it finds itself dropped.
 
@@ -18,16 +27,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, Self
 
 import aiomqtt
+import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -39,7 +50,7 @@ from core.mqtt.options import ConnectionOptions, Protocol
 from core.mqtt.routing import Subscription
 from core.mqtt.stats import MqttStats
 
-__all__ = ["MqttClient", "PublishConnection"]
+__all__ = ["Delivery", "MqttClient", "PublishConnection"]
 
 logger = logging.getLogger("topiq.mqtt")
 
@@ -55,21 +66,6 @@ _SHORT_LIVED = 5.0
 # -- building aiomqtt clients -----------------------------------------------------------------
 
 
-def _given_queue(queue: asyncio.Queue[aiomqtt.Message]) -> type[asyncio.Queue[aiomqtt.Message]]:
-    """A `queue_type` for aiomqtt that hands it our own queue.
-
-    aiomqtt acknowledges QoS 1 messages as they arrive and keeps them in a queue its message
-    iterator abandons on disconnect. Owning that queue lets us take what is left in it after
-    a disconnect instead of losing messages the broker already considers delivered.
-    """
-
-    class _Given(asyncio.Queue[aiomqtt.Message]):
-        def __new__(cls, maxsize: int = 0) -> _Given:
-            return cast(_Given, queue)
-
-    return _Given
-
-
 def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho is untyped here
 
@@ -80,7 +76,6 @@ def _new_client(
     *,
     client_id: str,
     clean: bool,
-    inbox: asyncio.Queue[aiomqtt.Message] | None = None,
 ) -> aiomqtt.Client:
     kwargs: dict[str, Any] = {
         "username": options.username,
@@ -93,6 +88,7 @@ def _new_client(
     if protocol is Protocol.V5:
         properties = _properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = 0 if clean else options.session_expiry
+        properties.ReceiveMaximum = options.receive_maximum
         kwargs.update(clean_start=clean, properties=properties)
     else:
         kwargs["clean_session"] = clean
@@ -104,8 +100,6 @@ def _new_client(
             cert_reqs=ssl.CERT_NONE if options.tls_insecure else ssl.CERT_REQUIRED,
         )
         kwargs["tls_insecure"] = options.tls_insecure
-    if inbox is not None:
-        kwargs["queue_type"] = _given_queue(inbox)
     client = aiomqtt.Client(options.host, options.port, **kwargs)
     _quiet_disconnects(client)
     return client
@@ -155,16 +149,13 @@ def _backoff(options: ConnectionOptions, failures: int) -> float:
     return delay * random.uniform(0.5, 1.0)
 
 
-def _incoming(message: aiomqtt.Message) -> IncomingMessage:
-    payload = message.payload
-    if not isinstance(payload, bytes):  # aiomqtt's type allows more than paho delivers
-        payload = str(payload).encode() if payload is not None else b""
+def _incoming(message: paho.MQTTMessage) -> IncomingMessage:
     return IncomingMessage(
-        topic=message.topic.value,
-        payload=payload,
+        topic=message.topic,
+        payload=bytes(message.payload),
         qos=message.qos,
         retain=bool(message.retain),
-        properties=_read_properties(message.properties),
+        properties=_read_properties(getattr(message, "properties", None)),
     )
 
 
@@ -200,15 +191,140 @@ def _write_properties(props: MessageProperties | None, protocol: Protocol) -> Pr
     return out
 
 
+# -- receiving and acknowledging --------------------------------------------------------------
+
+
+class Delivery:
+    """A received message the app owes an acknowledgement for.
+
+    Call `ack()` once the message is handled (what its handler dispatched is stored, or it
+    dispatched nothing). Until then the message counts against the connection's window and
+    the broker keeps it: if the connection drops first, the broker sends it again.
+
+    Attributes:
+        message: The message.
+    """
+
+    __slots__ = ("_connection", "_mid", "_settled", "message")
+
+    def __init__(self, message: IncomingMessage, connection: _Connection, mid: int) -> None:
+        self.message = message
+        self._connection = connection
+        self._mid = mid
+        self._settled = False
+
+    def ack(self) -> None:
+        """Acknowledge (QoS 1 and 2) and free the message's place in the window.
+
+        On a connection that dropped since the message arrived nothing is sent: a PUBACK
+        names a packet id of that connection, and the broker sends the message again on the
+        next one. A second call does nothing.
+        """
+        if not self._settled:
+            self._settled = True
+            self._connection.settle(self.message, self._mid)
+
+
+class _Connection:
+    """One aiomqtt client's receiving side: paho's manual acknowledgement and the window.
+
+    Takes over the paho client's `on_message` (aiomqtt's own queue stays empty), called on
+    the event loop thread while aiomqtt's reader reads the socket. The socket is always read
+    (pings, SUBACKs and the PUBACKs of the app's own publishes come that way): the window is
+    kept by the broker (MQTT 5 Receive Maximum, or its own in-flight limit under 3.1.1) for
+    QoS 1 and 2, and here for QoS 0, which no broker limits: a QoS 0 message arriving while
+    the window is full is dropped (at most once is all QoS 0 promises), counted and logged.
+    """
+
+    def __init__(
+        self,
+        client: aiomqtt.Client,
+        window: int,
+        deliver: Callable[[Delivery], None],
+        stats: MqttStats,
+        *,
+        reading: bool = True,
+    ) -> None:
+        self.window = window
+        self.unacked = 0  # deliveries of this connection not settled yet
+        self.open = True  # acknowledgements can still be sent
+        self._deliver = deliver
+        self._stats = stats
+        self._reading = reading  # False once the app stopped taking messages
+        self._paho: paho.Client = client._client
+        self._paho.manual_ack_set(True)
+        self._paho.on_message = self._on_message
+
+    def _on_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+        if not self._reading:
+            return  # never acknowledged: the broker sends it again
+        if message.qos == 0 and self.unacked >= self.window:
+            self._stats.dropped += 1
+            if self._stats.dropped == 1 or self._stats.dropped % 1000 == 0:
+                logger.warning(
+                    "dropped a QoS 0 message on %s: %d messages in hand fill MQTT_RECEIVE_MAXIMUM "
+                    "(%d QoS 0 message(s) dropped so far); handlers are not keeping up",
+                    message.topic,
+                    self.unacked,
+                    self._stats.dropped,
+                )
+            return
+        self.unacked += 1
+        self._deliver(Delivery(_incoming(message), self, message.mid))
+
+    def stop_reading(self) -> None:
+        """Take no more messages; those not taken stay the broker's."""
+        self._reading = False
+
+    def settle(self, message: IncomingMessage, mid: int) -> None:
+        self.unacked -= 1
+        if not message.qos:
+            return
+        if not self.open:
+            logger.debug(
+                "not acknowledging message %d on %s: its connection dropped, and the broker "
+                "sends it again",
+                mid,
+                message.topic,
+            )
+            return
+        rc = self._paho.ack(mid, message.qos)
+        if rc != paho.MQTT_ERR_SUCCESS:
+            logger.debug("could not acknowledge message %d on %s (%s)", mid, message.topic, rc)
+
+    def close(self) -> None:
+        """The connection is gone: its acknowledgements can no longer be sent."""
+        self.open = False
+
+
+def _at_most_qos1(sub: Subscription) -> Subscription:
+    if sub.qos < 2:
+        return sub
+    logger.warning(
+        "subscribing to %r at QoS 1, not the QoS 2 its route asks for: the app acknowledges a "
+        "message only once its handler finished, which QoS 2 (answered on receipt) cannot "
+        "wait for; delivery is at-least-once, so a message may be handled twice",
+        sub.filter,
+    )
+    return dataclasses.replace(sub, qos=1)
+
+
 # -- the app's connection ---------------------------------------------------------------------
 
 
 class MqttClient:
-    """The app's connection: stays connected, resubscribes, and queues what it receives.
+    """The app's connection: stays connected, resubscribes, and hands over what it receives.
 
-    Use as `async with MqttClient(options, subscriptions) as client:` and read
-    `client.messages()`; leaving the block disconnects (the persistent session stays on the
-    broker) and ends `messages()` once what was received has been read.
+    Use as `async with MqttClient(options, subscriptions) as client:`, read
+    `client.deliveries()` and call `ack()` on each once it is handled. At most
+    `options.receive_maximum` messages of one connection are unacknowledged at a time: the
+    broker keeps the rest. `stop_reading()` ends `deliveries()` at once (what was received
+    but not read stays unacknowledged, so the broker sends it again); leaving the block
+    disconnects (the persistent session stays on the broker).
+
+    A subscription asking for QoS 2 is sent at QoS 1, with a warning: paho answers a QoS 2
+    PUBLISH with PUBREC on receipt, after which the broker never sends it again, so a crash
+    before the handler finished would lose it.
 
     Args:
         options: Where and how to connect.
@@ -224,9 +340,11 @@ class MqttClient:
         stats: MqttStats | None = None,
     ) -> None:
         self.options = options
-        self.subscriptions = tuple(subscriptions)
+        self.subscriptions = tuple(_at_most_qos1(sub) for sub in subscriptions)
         self.stats = stats if stats is not None else MqttStats()
-        self._inbox: asyncio.Queue[IncomingMessage | None] = asyncio.Queue()
+        self._inbox: asyncio.Queue[Delivery | None] = asyncio.Queue()
+        self._reading = True
+        self._connection: _Connection | None = None
         self._ready = asyncio.Event()
         self._down = asyncio.Event()
         self._down.set()
@@ -259,10 +377,24 @@ class MqttClient:
         if self._task is None:
             self._task = asyncio.create_task(self._maintain(), name="topiq-mqtt-connection")
 
+    def stop_reading(self) -> None:
+        """Take no more messages: `deliveries()` ends now; acknowledging still works.
+
+        Messages received but not read from `deliveries()` are never acknowledged, so the
+        broker sends them again (on the next connection of the persistent session).
+        """
+        if not self._reading:
+            return
+        self._reading = False
+        if self._connection is not None:
+            self._connection.stop_reading()
+        self._inbox.put_nowait(None)
+
     async def close(self) -> None:
-        """Disconnect for good; `messages()` ends after the messages already received."""
+        """Stop reading and disconnect for good (publishes under way finish first)."""
         if self._closed:
             return
+        self.stop_reading()
         self._closed = True
         # Publishes already under way get their acknowledgement before the disconnect (new
         # ones are refused from now on, and `Publisher` sends them another way).
@@ -271,7 +403,6 @@ class MqttClient:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._inbox.put_nowait(None)
 
     @property
     def connected(self) -> bool:
@@ -298,14 +429,16 @@ class MqttClient:
 
     # -- messages ------------------------------------------------------------------------
 
-    async def messages(self) -> AsyncIterator[IncomingMessage]:
-        """Every message received, across reconnects, until `close()`."""
-        while True:
-            message = await self._inbox.get()
-            if message is None:
-                self._inbox.put_nowait(None)  # for any other reader
+    async def deliveries(self) -> AsyncIterator[Delivery]:
+        """Every message received, across reconnects, until `stop_reading()` or `close()`.
+
+        Each must be acknowledged (`Delivery.ack()`), or the window fills and reading stops.
+        """
+        while self._reading:
+            delivery = await self._inbox.get()
+            if delivery is None or not self._reading:
                 return
-            yield message
+            yield delivery
 
     async def publish(
         self,
@@ -379,14 +512,19 @@ class MqttClient:
 
     async def _maintain(self) -> None:
         failures = 0
-        while True:
-            raw: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+        while self._reading:
             client = _new_client(
                 self.options,
                 self._protocol,
                 client_id=self.options.client_id,
                 clean=self.options.clean_session,
-                inbox=raw,
+            )
+            connection = _Connection(
+                client,
+                self.options.receive_maximum,
+                self._inbox.put_nowait,
+                self.stats,
+                reading=self._reading,
             )
             was_up = False
             try:
@@ -394,11 +532,14 @@ class MqttClient:
                     _quiet_disconnects(client)  # `__aenter__` made a new future
                     was_up = True
                     self._client = client
+                    self._connection = connection
                     await self._subscribe(client)
                     self._up(failures)
                     failures = 0
-                    async for message in client.messages:
-                        self._accept(message)
+                    # Messages come through `connection`, never through aiomqtt's queue: this
+                    # only waits for the connection to drop (it raises then).
+                    async for _ in client.messages:
+                        pass
             except aiomqtt.MqttError as exc:
                 if not was_up and self._fall_back(exc):
                     continue
@@ -408,13 +549,16 @@ class MqttClient:
                 failures += 1
                 logger.exception("MQTT connection to %s failed unexpectedly", self.options.address)
             finally:
+                # Messages of this connection still being handled are not acknowledged
+                # any more: the broker sends them again on the next connection.
+                connection.close()
+                self._connection = None
                 self._client = None
                 self._ready.clear()
                 self._down.set()
                 self.stats.connected = False
-                while not raw.empty():  # received and acknowledged: must not be lost
-                    self._accept(raw.get_nowait())
-            await asyncio.sleep(_backoff(self.options, failures))
+            if self._reading:
+                await asyncio.sleep(_backoff(self.options, failures))
 
     def _fall_back(self, exc: aiomqtt.MqttError) -> bool:
         auto = self.options.protocol is None and self._protocol is Protocol.V5
@@ -463,9 +607,6 @@ class MqttClient:
             "clean" if self.options.clean_session else "persistent",
             len(self.subscriptions),
         )
-
-    def _accept(self, message: aiomqtt.Message) -> None:
-        self._inbox.put_nowait(_incoming(message))
 
     def _report(self, exc: aiomqtt.MqttError, was_up: bool, failures: int) -> None:
         address = self.options.address

@@ -26,6 +26,7 @@ RECONNECT_MIN = 0.5  # seconds before the first reconnect attempt
 RECONNECT_MAX = 30.0  # the backoff never waits longer than this
 PUBLISH_TIMEOUT = 10.0  # how long a publish may wait for a connection and its PUBACK
 SESSION_EXPIRY = 7 * 24 * 3600  # MQTT 5: how long the broker keeps the app's session offline
+RECEIVE_MAXIMUM = 100  # unacknowledged messages the app takes at once
 EMBEDDED_HOST = "127.0.0.1"
 
 
@@ -58,6 +59,7 @@ class ConnectionOptions:
         reconnect_max: The longest reconnect delay in seconds.
         publish_timeout: Seconds a publish may wait for a connection and its acknowledgement.
         session_expiry: MQTT 5: seconds the broker keeps the session while disconnected.
+        receive_maximum: Unacknowledged messages the app takes at once (MQTT 5 Receive Maximum).
         embedded: The address is the app's embedded broker.
         hint: How to fix the address, shown when the broker cannot be reached.
     """
@@ -79,6 +81,7 @@ class ConnectionOptions:
     reconnect_max: float = RECONNECT_MAX
     publish_timeout: float = PUBLISH_TIMEOUT
     session_expiry: int = SESSION_EXPIRY
+    receive_maximum: int = RECEIVE_MAXIMUM
     embedded: bool = False
     hint: str = ""
 
@@ -106,6 +109,7 @@ class ConnectionOptions:
             "tls_cert": settings.mqtt_tls_cert,
             "tls_key": settings.mqtt_tls_key,
             "tls_insecure": settings.mqtt_tls_insecure,
+            "receive_maximum": settings.mqtt_receive_maximum,
         }
         if settings.mqtt_url:
             values.update(_parse_url(settings.mqtt_url))
@@ -133,6 +137,11 @@ class ConnectionOptions:
             path = values[name]
             if values["tls"] and path is not None and not Path(path).is_file():
                 raise ConfigurationError(f"MQTT_{name.upper()}: no such file: {path}")
+        if values["tls"]:  # TLS or nothing: a plaintext port resets the handshake, never falls back
+            values["hint"] += (
+                "; TLS is on (mqtts:// or MQTT_TLS): the broker must speak TLS on that port, "
+                "with a certificate that MQTT_TLS_CA (or the system's CAs) verifies"
+            )
         values.update(changes)
         return cls(**values)
 

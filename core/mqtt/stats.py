@@ -20,6 +20,8 @@ class MqttStats:
         invalid: Messages refused because their payload failed validation.
         rejected: Messages refused by other middleware (e.g. over a rate limit).
         unmatched: Messages no route matched (or duplicates of another route's copy).
+        retried: Handler runs repeated because the previous run raised.
+        dropped: QoS 0 messages dropped because `MQTT_RECEIVE_MAXIMUM` messages were in hand.
         connects: Successful connections to the broker (the first one included).
         connected: Whether the app is connected right now.
         manager: The queue manager the handlers dispatch through, if any.
@@ -31,6 +33,8 @@ class MqttStats:
     invalid: int = 0
     rejected: int = 0
     unmatched: int = 0
+    retried: int = 0
+    dropped: int = 0
     connects: int = 0
     connected: bool = False
     manager: QueueManager | None = None
