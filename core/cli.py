@@ -72,6 +72,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Topiq: MQTT routes that dispatch jobs, and the workers that run them. "
         "With no command, runs the MQTT app (`serve`).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        # Whole flags only: `--max-job` must be told it is not `--max-jobs`, not taken as it.
+        allow_abbrev=False,
     )
     parser.add_argument(
         "--env-file",
@@ -84,7 +86,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name in COMMANDS if only is None else [only]:
         module = _module(name)
         helps: dict[str, str] = module.HELP
-        command = sub.add_parser(name, help=helps[name], description=helps[name])
+        command = sub.add_parser(
+            name, help=helps[name], description=helps[name], allow_abbrev=False
+        )
         module.configure(name, command)
         details.append(command.format_usage().replace("usage: ", "  ", 1).rstrip())
     parser.epilog = (
