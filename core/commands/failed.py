@@ -6,6 +6,15 @@
     python main.py queue:prune-failed --older-than 7d
 
 A retried job goes back to its queue with its stored payload and its tries counted afresh.
+Retrying never loses a job nor a newer failure, and two retries at once queue a job once:
+
+* where the failed store is the queue's own backend, the driver moves each record back in one
+  atomic step (`Driver.retry_failed`);
+* where it is not (ENABLE_MYSQL=true keeps a Redis queue's failures in MySQL), each record is
+  first claimed (given a new record id, atomically: a second retry finds it changed and skips
+  it), then its job is pushed, then exactly that record is deleted by its record id. A job
+  that fails again in between has a new record, which stays; a command that dies in between
+  leaves the job listed (and perhaps queued too), never in neither place.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from core.commands._common import (
     when,
 )
 from core.delays import parse_delay
-from core.queue.drivers.base import FailedJob, FailedStore, OutgoingJob
+from core.queue.drivers.base import Driver, FailedJob, FailedStore, OutgoingJob
 from core.settings import Settings
 
 HELP = {
@@ -189,33 +198,57 @@ async def _retry(args: argparse.Namespace, conn: Connection, store: FailedStore)
     else:
         raise CommandFailed("nothing to retry: give job ids, `all`, or --queue NAME")
     retried: list[str] = []
+    skipped: list[str] = []
     # A bar on the terminal for long retries; nothing in --json output or in a pipe.
     quiet = args.json or not sys.stderr.isatty() or len(records) <= _PAGE
     with Progress(console=Console(stderr=True), transient=True, disable=quiet) as progress:
         bar = progress.add_task("retrying failed jobs", total=len(records))
         for start in range(0, len(records), _PAGE):
             batch = records[start : start + _PAGE]
-            by_connection: dict[str, list[OutgoingJob]] = {}
+            by_connection: dict[str, list[FailedJob]] = {}
             for record in batch:
-                by_connection.setdefault(record.connection, []).append(
-                    OutgoingJob(record.id, record.queue, record.payload.encode(), 0.0)
-                )
-            # Pushed before they are forgotten: if the command dies between the two steps a
-            # job runs and stays listed, rather than vanishing from both places.
-            for name, jobs in by_connection.items():
-                await (await conn.driver_for(name)).push(jobs)
-            for record in batch:
-                await store.forget(record.id)
-                retried.append(record.id)
+                by_connection.setdefault(record.connection, []).append(record)
+            for name, group in by_connection.items():
+                driver = await conn.driver_for(name)
+                if driver.failed_store() is store:
+                    moved = set(await driver.retry_failed(group))
+                else:
+                    moved = set(await _retry_across(store, driver, group))
+                for record in group:
+                    (retried if record.id in moved else skipped).append(record.id)
             progress.advance(bar, len(batch))
     message = (
-        f"Retried {_jobs(len(retried))}: back on {_queues(records)} with their tries reset."
+        f"Retried {_jobs(len(retried))}: back on "
+        f"{_queues([r for r in records if r.id in set(retried)])} with their tries reset."
         if retried
         else "No failed jobs to retry."
     )
-    if args.json or retried or not missing:  # an id that is not there is said once, below
-        say(args, message, {"retried": retried, "missing": missing})
+    if skipped:
+        message += (
+            f" Skipped {_jobs(len(skipped))} that changed since they were read "
+            "(retried by another run, or failed again)."
+        )
+    if args.json or retried or skipped or not missing:  # a missing id is said once, below
+        result: dict[str, list[str]] = {"retried": retried, "missing": missing}
+        if skipped:  # only then: the shape scripts already read stays as it was
+            result["skipped"] = skipped
+        say(args, message, result)
     return _not_found(missing, conn)
+
+
+async def _retry_across(store: FailedStore, driver: Driver, records: list[FailedJob]) -> list[str]:
+    """Retry records kept on another backend than their queue: claim, push, then remove.
+
+    Claiming first gives each record a new record id that only this run knows, so a second
+    retry at once skips it; deleting by that id last can never delete a newer failure of the
+    job (its record has another id), and at no moment is the job in neither place.
+    """
+    claimed = [mine for record in records if (mine := await store.claim(record)) is not None]
+    if claimed:
+        await driver.push([OutgoingJob(r.id, r.queue, r.payload.encode()) for r in claimed])
+        for record in claimed:
+            await store.remove(record)
+    return [record.id for record in claimed]
 
 
 async def _forget(args: argparse.Namespace, conn: Connection, store: FailedStore) -> int:

@@ -12,7 +12,7 @@ from core.worker.options import ExitCode
 
 HELP = {
     "queue:migrate": "create or upgrade the database queue tables (queue_jobs, queue_failed_jobs, "
-    "…) on DB_URL / DB_* / the SQLite file"
+    "…) on DB_URL / DB_* / the SQLite file; converts RouteMQ's tables, keeping their jobs"
 }
 
 
@@ -26,7 +26,7 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
     try:
         engine = create_engine(dsn, pool_size=1)
         try:
-            version = await migrate(engine)
+            version = await migrate(engine, convert_seed=True)
         finally:
             await engine.dispose()
     except TopiqError as exc:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,23 +60,25 @@ async def test_migrate_creates_everything_and_is_idempotent(fresh_url: str) -> N
     engine = create_engine(fresh_url)
     try:
         assert await schema_version(engine) == 0
-        assert await migrate(engine) == LATEST_VERSION == 1
-        assert await migrate(engine) == 1
+        assert await migrate(engine) == LATEST_VERSION == 2
+        assert await migrate(engine) == LATEST_VERSION
     finally:
         await engine.dispose()
     names, version, rows = await describe(fresh_url)
     assert names >= TABLES
-    assert (version, rows) == (1, 1)
+    assert (version, rows) == (LATEST_VERSION, LATEST_VERSION)
 
 
 async def test_two_engines_migrating_at_once(fresh_url: str) -> None:
     engines = [create_engine(fresh_url) for _ in range(3)]
     try:
-        assert await asyncio.gather(*(migrate(engine) for engine in engines)) == [1, 1, 1]
+        assert (
+            await asyncio.gather(*(migrate(engine) for engine in engines)) == [LATEST_VERSION] * 3
+        )
     finally:
         for engine in engines:
             await engine.dispose()
-    assert (await describe(fresh_url))[1:] == (1, 1)
+    assert (await describe(fresh_url))[1:] == (LATEST_VERSION, LATEST_VERSION)
 
 
 def test_two_processes_migrating_at_once(fresh_url: str, tmp_path: Path) -> None:
@@ -85,7 +89,7 @@ def test_two_processes_migrating_at_once(fresh_url: str, tmp_path: Path) -> None
                 sys.executable,
                 str(ROOT / "main.py"),
                 "--env-file",
-                str(tmp_path / "none.env"),
+                os.devnull,
                 "queue:migrate",
             ],
             cwd=tmp_path,
@@ -99,16 +103,79 @@ def test_two_processes_migrating_at_once(fresh_url: str, tmp_path: Path) -> None
     for proc in procs:
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-        assert "schema version 1" in out
+        assert f"schema version {LATEST_VERSION}" in out
         assert "topiq:***@" in out or "sqlite" in out  # the password is never printed
-    assert asyncio.run(describe(fresh_url))[1:] == (1, 1)
+    assert asyncio.run(describe(fresh_url))[1:] == (LATEST_VERSION, LATEST_VERSION)
+
+
+_OPEN_AND_PUSH = """
+import asyncio, os, sys, time
+from pathlib import Path
+from core.queue.drivers.base import OutgoingJob
+from core.queue.drivers.database import DatabaseDriver
+from tests.database.conftest import settings_for
+
+go = Path(sys.argv[2])
+Path(sys.argv[3]).touch()  # ready
+while not go.exists():  # every process starts opening the file in the same few ms
+    time.sleep(0.001)
+
+async def start(n: int) -> None:
+    async with DatabaseDriver("database", settings_for(sys.argv[1])) as driver:
+        await driver.push([OutgoingJob(f"job-{os.getpid()}-{n}", "start-up", b"{}")])
+
+async def main() -> None:  # a few connections per process, each opening the file
+    await asyncio.gather(*(start(n) for n in range(3)))
+
+asyncio.run(main())
+"""
+
+
+def test_a_pool_of_processes_opens_a_new_sqlite_file_at_once(tmp_path: Path) -> None:
+    """Six processes (supervisord starting a worker pool) open one new SQLite file together,
+    three drivers each: every one migrates or finds the tables made, and pushes its job."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/new/queue.sqlite3"
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_AND_PUSH, url, str(go), str(tmp_path / f"ready-{i}")],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(6)
+    ]
+    try:
+        while len(list(tmp_path.glob("ready-*"))) < len(procs):  # imports done everywhere
+            assert all(proc.poll() is None for proc in procs), [p.communicate() for p in procs]
+            time.sleep(0.01)
+        go.touch()
+        errors = [proc.communicate(timeout=60)[1] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert [proc.returncode for proc in procs] == [0] * 6, errors
+    assert asyncio.run(describe(url))[1:] == (LATEST_VERSION, LATEST_VERSION)
+    assert asyncio.run(_count_jobs(url)) == 18
+
+
+async def _count_jobs(url: str) -> int:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return int(await conn.scalar(select(func.count()).select_from(t.queue_jobs)) or 0)
+    finally:
+        await engine.dispose()
 
 
 def test_migrate_command_prints_one_line_on_failure(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("DB_URL", "mysql+aiomysql://topiq:s3cret-pw@127.0.0.1:9/topiq")
-    assert main(["--env-file", str(tmp_path / "none.env"), "queue:migrate"]) == 1
+    assert main(["--env-file", os.devnull, "queue:migrate"]) == 1
     out, err = capsys.readouterr()
     assert out == ""
     assert len(err.strip().splitlines()) == 1
@@ -122,8 +189,8 @@ def test_migrate_command_on_the_sqlite_default(
     monkeypatch.chdir(tmp_path)
     for name in ("DB_URL", "ENABLE_MYSQL"):
         monkeypatch.delenv(name, raising=False)
-    assert main(["--env-file", str(tmp_path / "none.env"), "queue:migrate"]) == 0
-    assert "schema version 1" in capsys.readouterr().out
+    assert main(["--env-file", os.devnull, "queue:migrate"]) == 0
+    assert f"schema version {LATEST_VERSION}" in capsys.readouterr().out
     assert (tmp_path / "storage" / "topiq.sqlite3").exists()
 
 

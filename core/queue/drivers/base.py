@@ -10,6 +10,8 @@ manager, written once. A driver stores, hands out and removes payloads atomicall
 * `wait` blocks until work may be available (or a timeout); it must be safe to cancel.
 * `ack` removes finished jobs; `release` puts a job back (optionally after a delay, optionally
   refunding its try); `extend` renews leases of running jobs.
+* `retry_failed` moves failed records of its own failed store back to their queues, each in
+  one atomic step (`queue:retry`).
 
 A reservation is identified by the job id *and* its try count: an `ack`, `release` or `extend`
 from a worker whose lease expired and whose job was reserved again is ignored.
@@ -18,6 +20,7 @@ from a worker whose lease expired and whose job was reserved again is ignored.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +37,7 @@ __all__ = [
     "QueueStats",
     "ReservedJob",
     "WorkerInfo",
+    "new_record_id",
 ]
 
 
@@ -57,9 +61,19 @@ class ReservedJob:
     attempts: int  # this try's number, counting this one
 
 
+def new_record_id() -> str:
+    """A fresh failed-record id (32 hex characters)."""
+    return os.urandom(16).hex()
+
+
 @dataclass(frozen=True, slots=True)
 class FailedJob:
-    """A record in the failed-job store."""
+    """A record in the failed-job store.
+
+    `record_id` names this one failure: a store gives every record it stores a new one (the
+    value passed to `add` is ignored), so a job that fails again after a retry gets a record
+    that the retry's clean-up cannot match. Empty for a record not read from a store.
+    """
 
     id: str  # the job id
     connection: str
@@ -67,6 +81,7 @@ class FailedJob:
     payload: str
     exception: str  # the exception line and its traceback
     failed_at: datetime  # UTC, timezone-aware
+    record_id: str = ""
 
     @property
     def job_class(self) -> str:
@@ -131,7 +146,7 @@ class FailedStore(abc.ABC):
 
     @abc.abstractmethod
     async def add(self, record: FailedJob) -> None:
-        """Store `record`; storing the same job id again replaces the earlier record."""
+        """Store `record` under a new record id; the same job id again replaces the earlier one."""
 
     @abc.abstractmethod
     async def list(
@@ -146,6 +161,19 @@ class FailedStore(abc.ABC):
     @abc.abstractmethod
     async def forget(self, job_id: str) -> bool:
         """Delete one record; `False` if there was none."""
+
+    @abc.abstractmethod
+    async def claim(self, record: FailedJob) -> FailedJob | None:
+        """Give `record` a new record id if the store still holds it as read; atomic.
+
+        Returns the record under its new id, or `None` when the job's record is gone or is
+        another failure now (retried by someone else, failed again). Two callers claiming one
+        record: exactly one gets it.
+        """
+
+    @abc.abstractmethod
+    async def remove(self, record: FailedJob) -> bool:
+        """Delete the job's record only if it is still this very record (same record id)."""
 
     @abc.abstractmethod
     async def flush(self, queue: str | None = None) -> int:
@@ -246,6 +274,17 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def failed_store(self) -> FailedStore:
         """This backend's own failed-job store."""
+
+    @abc.abstractmethod
+    async def retry_failed(self, records: Sequence[FailedJob]) -> list[str]:
+        """Move failed records of this backend's own store back to their queues.
+
+        Each record goes back only if the store still holds it under the same record id and it
+        names this connection; the record is deleted and its job pushed (ready now, its tries
+        counted afresh) in one atomic step, so a job is never in neither place, a newer
+        failure is never deleted, and two concurrent calls never queue a job twice. Returns
+        the ids of the jobs moved.
+        """
 
     # -- worker registry and the restart signal ---------------------------------------------
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -50,6 +51,7 @@ from core.queue.drivers.base import (
     QueueStats,
     ReservedJob,
     WorkerInfo,
+    new_record_id,
 )
 from core.queue.drivers.sql_migrations import (
     LATEST_VERSION,
@@ -346,6 +348,70 @@ class DatabaseDriver(Driver):
         """The `queue_failed_jobs` table."""
         return self._store
 
+    async def retry_failed(self, records: Sequence[FailedJob]) -> list[str]:
+        """Delete the records still held as read and insert their jobs, in one transaction.
+
+        The records are locked first (`FOR UPDATE`; SQLite's writer holds the file): a second
+        retry running at once waits, then finds them gone.
+        """
+        wanted = {(r.id, r.record_id): r for r in records if r.connection == self.name}
+        if not wanted:
+            return []
+        ids = sorted({job_id for job_id, _ in wanted})
+        created = t.now()
+
+        async def op(conn: AsyncConnection) -> list[str]:
+            rows = (
+                await conn.execute(
+                    select(_failed.id, _failed.uuid, _failed.record_id)
+                    .where(_failed.uuid.in_(ids))
+                    .order_by(_failed.id)
+                    .with_for_update()
+                )
+            ).all()
+            held = [wanted[key] for row in rows if (key := (row.uuid, row.record_id)) in wanted]
+            if not held:
+                return []
+            moved = [record.id for record in held]
+            await conn.execute(
+                delete(t.queue_failed_jobs).where(
+                    _failed.id.in_([row.id for row in rows if row.uuid in set(moved)])
+                )
+            )
+            await self._register(conn, {record.queue for record in held}, created)
+            # A job still stored (a late ack that never landed) starts afresh.
+            await conn.execute(delete(t.queue_jobs).where(_jobs.uuid.in_(moved)))
+            await conn.execute(
+                insert(t.queue_jobs),
+                [
+                    {
+                        "uuid": record.id,
+                        "queue": record.queue,
+                        "payload": record.payload,
+                        "attempts": 0,
+                        "available_at": created,
+                        "created_at": created,
+                    }
+                    for record in held
+                ],
+            )
+            return moved
+
+        moved = await self._run("retry failed jobs", op)
+        self._registered.update(r.queue for r in records if r.id in set(moved))
+        return moved
+
+    async def _register(self, conn: AsyncConnection, queues: set[str], at: datetime) -> None:
+        """Put queue names this process has not stored yet into `queue_names`."""
+        new = sorted(queues - self._registered)
+        if new:
+            await conn.execute(
+                insert(t.queue_names)
+                .prefix_with("IGNORE", dialect="mysql")
+                .prefix_with("OR IGNORE", dialect="sqlite"),
+                [{"name": name, "created_at": at} for name in new],
+            )
+
     # -- worker registry and the restart signal ---------------------------------------------
 
     async def report_worker(self, info: WorkerInfo, ttl: float) -> None:
@@ -411,6 +477,7 @@ class DatabaseFailedStore(FailedStore):
             payload=row.payload,
             exception=row.exception,
             failed_at=t.from_db_time(row.failed_at),
+            record_id=row.record_id,
         )
 
     async def add(self, record: FailedJob) -> None:
@@ -422,6 +489,7 @@ class DatabaseFailedStore(FailedStore):
             "payload": record.payload,
             "exception": record.exception,
             "failed_at": t.to_db_time(record.failed_at),
+            "record_id": new_record_id(),
         }
 
         async def op(conn: AsyncConnection) -> None:
@@ -462,6 +530,25 @@ class DatabaseFailedStore(FailedStore):
     async def forget(self, job_id: str) -> bool:
         """Delete one record; `False` if there was none."""
         return await self._delete("forget a failed job", _failed.uuid == job_id) > 0
+
+    async def claim(self, record: FailedJob) -> FailedJob | None:
+        """A conditional UPDATE of the record id: one caller's changes the row."""
+        new = new_record_id()
+        held = and_(_failed.uuid == record.id, _failed.record_id == record.record_id)
+
+        async def op(conn: AsyncConnection) -> int:
+            result = await conn.execute(
+                update(t.queue_failed_jobs).where(held).values(record_id=new)
+            )
+            return int(result.rowcount)
+
+        won = await self._driver._run("claim a failed job", op)
+        return replace(record, record_id=new) if won else None
+
+    async def remove(self, record: FailedJob) -> bool:
+        """Delete the record if it still has this record id."""
+        held = and_(_failed.uuid == record.id, _failed.record_id == record.record_id)
+        return await self._delete("remove a failed job", held) > 0
 
     async def flush(self, queue: str | None = None) -> int:
         """Delete every record (of one queue)."""

@@ -12,7 +12,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from core.queue.drivers.base import (
@@ -23,6 +23,7 @@ from core.queue.drivers.base import (
     QueueStats,
     ReservedJob,
     WorkerInfo,
+    new_record_id,
 )
 from core.settings import Settings
 
@@ -44,7 +45,7 @@ class MemoryFailedStore(FailedStore):
 
     async def add(self, record: FailedJob) -> None:
         self._records.pop(record.id, None)
-        self._records[record.id] = record
+        self._records[record.id] = replace(record, record_id=new_record_id())
 
     async def list(
         self, queue: str | None = None, *, limit: int = 100, offset: int = 0
@@ -61,6 +62,24 @@ class MemoryFailedStore(FailedStore):
 
     async def forget(self, job_id: str) -> bool:
         return self._records.pop(job_id, None) is not None
+
+    def holds(self, record: FailedJob) -> bool:
+        """Whether the job's record is still `record` (same record id)."""
+        stored = self._records.get(record.id)
+        return stored is not None and stored.record_id == record.record_id
+
+    async def claim(self, record: FailedJob) -> FailedJob | None:
+        # No await between the check and the change: atomic on the event loop.
+        if not self.holds(record):
+            return None
+        claimed = self._records[record.id] = replace(record, record_id=new_record_id())
+        return claimed
+
+    async def remove(self, record: FailedJob) -> bool:
+        if not self.holds(record):
+            return False
+        del self._records[record.id]
+        return True
 
     async def flush(self, queue: str | None = None) -> int:
         doomed = [k for k, r in self._records.items() if queue in (None, r.queue)]
@@ -227,6 +246,14 @@ class MemoryDriver(Driver):
 
     def failed_store(self) -> FailedStore:
         return self._failed
+
+    async def retry_failed(self, records: Sequence[FailedJob]) -> list[str]:
+        # Checked, deleted and pushed without yielding to the event loop: one atomic step.
+        moving = [r for r in records if r.connection == self.name and self._failed.holds(r)]
+        for record in moving:
+            await self._failed.remove(record)
+        await self.push([OutgoingJob(r.id, r.queue, r.payload.encode()) for r in moving])
+        return [record.id for record in moving]
 
     async def report_worker(self, info: WorkerInfo, ttl: float) -> None:
         now = time.time()

@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -34,12 +35,24 @@ from core.queue.drivers.base import (
     QueueStats,
     ReservedJob,
     WorkerInfo,
+    new_record_id,
 )
 from core.settings import Settings
 
 __all__ = ["RedisDriver", "RedisFailedStore"]
 
-_SCRIPTS = ("push", "reserve", "ack", "release", "extend", "clear", "stats")
+_SCRIPTS = (
+    "push",
+    "reserve",
+    "ack",
+    "release",
+    "extend",
+    "clear",
+    "stats",
+    "retry_failed",
+    "failed_claim",
+    "failed_remove",
+)
 
 
 def _load_script(name: str) -> str:
@@ -73,14 +86,23 @@ class _Keys:
 
 
 class RedisFailedStore(FailedStore):
-    """Failed jobs in a hash of records plus sorted-set indexes by time, all in one slot."""
+    """Failed jobs in a hash of records plus sorted-set indexes by time, all in one slot.
+
+    Each record's record id is kept beside it in the `rids` hash (records stored before record
+    ids existed have none: they read as the empty id).
+    """
 
     def __init__(self, driver: RedisDriver) -> None:
         self._driver = driver
         tag = f"{driver.prefix}:{{{driver.prefix}:failed}}"
         self._records = f"{tag}:records"
+        self._rids = f"{tag}:rids"
         self._index = f"{tag}:index"
         self._queue_index = f"{tag}:queue:"
+
+    def keys(self, queue: str) -> list[str]:
+        """The store's keys a script about a record of `queue` needs."""
+        return [self._records, self._rids, self._index, self._queue_index + queue]
 
     @property
     def _redis(self) -> aioredis.Redis:
@@ -103,12 +125,13 @@ class RedisFailedStore(FailedStore):
             self._redis.pipeline(transaction=True) as pipe,
         ):
             pipe.hset(self._records, record.id, raw)
+            pipe.hset(self._rids, record.id, new_record_id())
             pipe.zadd(self._index, {record.id: score})
             pipe.zadd(self._queue_index + record.queue, {record.id: score})
             await pipe.execute()
 
     @staticmethod
-    def _decode(raw: bytes | str) -> FailedJob:
+    def _decode(raw: bytes | str, rid: bytes | str | None) -> FailedJob:
         data = orjson.loads(raw)
         return FailedJob(
             id=data["id"],
@@ -117,7 +140,18 @@ class RedisFailedStore(FailedStore):
             payload=data["payload"],
             exception=data["exception"],
             failed_at=datetime.fromtimestamp(data["failed_at"], UTC),
+            record_id=rid.decode() if isinstance(rid, bytes) else (rid or ""),
         )
+
+    async def _read(self, ids: Any) -> builtins.list[FailedJob]:
+        """The records of `ids` (with their record ids) that exist, in order."""
+        if not ids:
+            return []
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hmget(self._records, ids)
+            pipe.hmget(self._rids, ids)
+            raws, rids = await pipe.execute()
+        return [self._decode(raw, rid) for raw, rid in zip(raws, rids, strict=True) if raw]
 
     async def list(
         self, queue: str | None = None, *, limit: int = 100, offset: int = 0
@@ -125,15 +159,27 @@ class RedisFailedStore(FailedStore):
         index = self._index if queue is None else self._queue_index + queue
         async with _translated("listing failed jobs"):
             ids: Any = await self._redis.zrevrange(index, offset, offset + limit - 1)
-            if not ids:
-                return []
-            raws = await self._redis.hmget(self._records, ids)
-        return [self._decode(raw) for raw in raws if raw is not None]
+            return await self._read(ids)
 
     async def get(self, job_id: str) -> FailedJob | None:
         async with _translated("reading a failed job"):
-            raw = await self._redis.hget(self._records, job_id)
-        return None if raw is None else self._decode(raw)
+            found = await self._read([job_id])
+        return found[0] if found else None
+
+    async def claim(self, record: FailedJob) -> FailedJob | None:
+        new = new_record_id()
+        async with _translated("claiming a failed job"):
+            won = await self._driver.script("failed_claim")(
+                keys=[self._records, self._rids], args=[record.id, record.record_id, new]
+            )
+        return replace(record, record_id=new) if won else None
+
+    async def remove(self, record: FailedJob) -> bool:
+        async with _translated("removing a failed job"):
+            done = await self._driver.script("failed_remove")(
+                keys=self.keys(record.queue), args=[record.id, record.record_id]
+            )
+        return bool(done)
 
     async def forget(self, job_id: str) -> bool:
         record = await self.get(job_id)
@@ -144,9 +190,10 @@ class RedisFailedStore(FailedStore):
             self._redis.pipeline(transaction=True) as pipe,
         ):
             pipe.hdel(self._records, job_id)
+            pipe.hdel(self._rids, job_id)
             pipe.zrem(self._index, job_id)
             pipe.zrem(self._queue_index + record.queue, job_id)
-            deleted, _, _ = await pipe.execute()
+            deleted, _, _, _ = await pipe.execute()
         return bool(deleted)
 
     async def _delete(self, records: Sequence[FailedJob]) -> int:
@@ -158,6 +205,7 @@ class RedisFailedStore(FailedStore):
         ):
             ids = [r.id for r in records]
             pipe.hdel(self._records, *ids)
+            pipe.hdel(self._rids, *ids)
             pipe.zrem(self._index, *ids)
             for name, group in _group(records).items():
                 pipe.zrem(self._queue_index + name, *group)
@@ -170,8 +218,7 @@ class RedisFailedStore(FailedStore):
         index = self._index if queue is None else self._queue_index + queue
         async with _translated("reading failed jobs"):
             ids: Any = await self._redis.zrangebyscore(index, "-inf", f"({below}")
-            raws = await self._redis.hmget(self._records, ids) if ids else []
-        return [self._decode(raw) for raw in raws if raw is not None]
+            return await self._read(ids)
 
     async def flush(self, queue: str | None = None) -> int:
         return await self._delete(await self._all(queue))
@@ -205,6 +252,10 @@ class RedisDriver(Driver):
         self._known_queues: set[str] = set()
         self._next_due: dict[str, float] = {}  # queue -> monotonic time work may fall due
         self._failed = RedisFailedStore(self)
+
+    def script(self, name: str) -> AsyncScript:
+        """The registered Lua script `name` (see `lua/`)."""
+        return self._scripts[name]
 
     @property
     def client(self) -> aioredis.Redis:
@@ -391,6 +442,26 @@ class RedisDriver(Driver):
 
     def failed_store(self) -> FailedStore:
         return self._failed
+
+    async def retry_failed(self, records: Sequence[FailedJob]) -> list[str]:
+        groups: dict[str, list[Any]] = defaultdict(list)
+        for record in records:
+            if record.connection == self.name:
+                groups[record.queue] += (record.id, record.record_id, record.payload.encode())
+        moved: list[str] = []
+        async with _translated("retrying failed jobs"):
+            new = [name for name in groups if name not in self._known_queues]
+            if new:
+                await self.client.sadd(f"{self.prefix}:queues", *new)
+                self._known_queues.update(new)
+            for name, args in groups.items():
+                k = self.keys(name)
+                keys = [k.ready, k.delayed, k.payloads, k.wake, k.attempts, k.reserved]
+                ids = await self._scripts["retry_failed"](
+                    keys=self._failed.keys(name) + keys, args=args
+                )
+                moved += [job_id.decode() for job_id in ids]
+        return moved
 
     # -- workers and the restart signal ------------------------------------------------
 

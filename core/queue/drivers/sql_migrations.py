@@ -12,20 +12,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
 import re
-from collections.abc import Callable
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, event, func, insert, select, text
+from sqlalchemy import Connection, event, func, insert, inspect, select, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from core.errors import ConfigurationError, ConnectionLostError, DriverError
+from core.queue.drivers import sql_seed
 from core.queue.drivers import sql_tables as t
+from core.queue.drivers.tls import mysql_tls
 
 __all__ = [
     "LATEST_VERSION",
@@ -45,6 +51,9 @@ __all__ = [
 #: Execution option read by the SQLite `begin` hook: the statement that opens a transaction.
 _BEGIN = "topiq_sqlite_begin"
 _MINIMUM = {"MariaDB": (10, 6, 0), "MySQL": (8, 0, 1)}  # the first with SKIP LOCKED
+#: Seconds a SQLite connection waits for another one's write lock (busy_timeout, start-up locks).
+_SQLITE_LOCK_WAIT = 15.0
+T = TypeVar("T")
 
 
 # -- engines ----------------------------------------------------------------------------------
@@ -101,7 +110,7 @@ def create_engine(dsn: str, *, pool_size: int = 10) -> AsyncEngine:
     url = database_url(dsn)
     if url.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
-    connect_args: dict[str, Any] = {}
+    url, connect_args = mysql_tls(url)  # TLS options: TLS or no connection
     if "charset" not in url.query:
         connect_args["charset"] = "utf8mb4"
     if "connect_timeout" not in url.query:
@@ -120,10 +129,67 @@ def create_engine(dsn: str, *, pool_size: int = 10) -> AsyncEngine:
     )
 
 
-def _sqlite_engine(url: URL) -> AsyncEngine:
+def _sqlite_file(url: URL) -> Path | None:
+    """The database file of a SQLite URL, or `None` for an in-memory or URI database."""
     path = url.database or ""
-    if path and path != ":memory:" and not path.startswith("file:"):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return Path(path)
+
+
+@contextlib.asynccontextmanager
+async def _migration_lock(database: Path | None) -> AsyncIterator[None]:
+    """Hold an exclusive `flock` on a side file of a SQLite database while migrating it.
+
+    Several processes opening a new file at once (a pool of workers started together) then
+    create the tables one after the other, and the later ones find them made; SQLite's own
+    busy handler does not cover every lock conflict of a new file. `flock`, not `lockf`, so
+    that two engines of one process exclude each other too. Polled, so that it stays
+    cancellable: the lock is held for milliseconds.
+    """
+    if database is None:
+        yield
+        return
+    deadline = time.monotonic() + _SQLITE_LOCK_WAIT
+    # Creating or opening a small local file: not worth a thread.
+    with open(database.with_name(database.name + ".migrate-lock"), "a+b") as handle:  # noqa: ASYNC230
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DriverError(
+                        f"database queue at {database}: another process has been migrating "
+                        f"the tables for {_SQLITE_LOCK_WAIT:g} s; try again"
+                    ) from None
+                await asyncio.sleep(0.005)
+        yield  # closing the file releases the lock
+
+
+def _retry_locked(action: Callable[[], T], deadline: float) -> T:
+    """Run `action` again while SQLite says the file is locked, until `deadline` (monotonic).
+
+    Some lock conflicts (a journal-mode change, WAL recovery by another connection) are
+    reported at once instead of going through `busy_timeout`.
+    """
+    pause = 0.005
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
+def _sqlite_engine(url: URL) -> AsyncEngine:
+    database = _sqlite_file(url)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     engine = create_async_engine(url, pool_reset_on_return=None)  # as for MySQL, below
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -133,7 +199,10 @@ def _sqlite_engine(url: URL) -> AsyncEngine:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute("PRAGMA busy_timeout=5000")  # first: the next PRAGMA may have to wait
-            cursor.execute("PRAGMA journal_mode=WAL")
+            # Turning WAL on needs the file to itself and does not wait for busy_timeout: on a
+            # new file opened by several processes at once, it is tried again for a while.
+            deadline = time.monotonic() + _SQLITE_LOCK_WAIT
+            _retry_locked(lambda: cursor.execute("PRAGMA journal_mode=WAL"), deadline)
             cursor.execute("PRAGMA synchronous=NORMAL")
         finally:
             cursor.close()
@@ -233,8 +302,8 @@ class Step:
 
 def _create_v1(connection: Connection) -> None:
     # checkfirst: a step interrupted half way (MySQL commits each CREATE on its own) can rerun.
-    # When a later step changes one of these tables, freeze the version-1 definitions here
-    # instead of reading them from sql_tables, which then describe the newest schema.
+    # The tables are created as sql_tables describes them now, so later steps check whether
+    # their change is already there (a new database gets every column at once).
     t.metadata.create_all(
         connection,
         tables=[t.queue_jobs, t.queue_failed_jobs, t.queue_names, t.queue_workers, t.queue_meta],
@@ -242,14 +311,39 @@ def _create_v1(connection: Connection) -> None:
     )
 
 
+def _add_record_id(connection: Connection) -> None:
+    columns = {c["name"] for c in inspect(connection).get_columns(t.queue_failed_jobs.name)}
+    if "record_id" not in columns:
+        # Records stored before have the empty record id; storing a job again gives a new one.
+        connection.execute(
+            text(
+                "ALTER TABLE queue_failed_jobs ADD COLUMN record_id VARCHAR(32) NOT NULL DEFAULT ''"
+            )
+        )
+
+
 #: Every schema version, oldest first. Append; never edit a released step.
 STEPS: tuple[Step, ...] = (
     Step(1, "queue_jobs, queue_failed_jobs, queue_names, queue_workers, queue_meta", _create_v1),
+    Step(2, "queue_failed_jobs.record_id: each failure's own id", _add_record_id),
 )
 LATEST_VERSION = STEPS[-1].version
 
 
-def _apply(connection: Connection) -> int:
+class _SeedTables(Exception):
+    """RouteMQ's tables are there and this migration may not convert them."""
+
+    def __init__(self, tables: list[str]) -> None:
+        super().__init__(", ".join(tables))
+        self.tables = tables
+
+
+def _apply(connection: Connection, convert_seed: bool = False) -> int:
+    left = sql_seed.leftovers(connection)
+    if left:
+        if not convert_seed:
+            raise _SeedTables(left)
+        sql_seed.convert(connection)
     t.queue_schema_version.create(connection, checkfirst=True)
     current = connection.scalar(select(func.max(t.queue_schema_version.c.version))) or 0
     for step in STEPS:
@@ -262,18 +356,22 @@ def _apply(connection: Connection) -> int:
     return int(current)
 
 
-async def migrate(engine: AsyncEngine) -> int:
+async def migrate(engine: AsyncEngine, *, convert_seed: bool = False) -> int:
     """Create or upgrade the queue tables; returns the schema version now in place.
 
     Safe to run again (it does nothing) and concurrently: MySQL/MariaDB serialise migrations
     with `GET_LOCK`; SQLite runs them in one BEGIN IMMEDIATE transaction (its DDL is
-    transactional, so a failed step leaves nothing behind).
+    transactional, so a failed step leaves nothing behind), one process at a time.
+
+    RouteMQ's tables (see `sql_seed`) are converted only with `convert_seed` (the
+    `queue:migrate` command); otherwise finding them raises `ConfigurationError` saying to run
+    that command.
     """
     url = engine.url
     try:
         if engine.dialect.name == "sqlite":
-            async with writer(engine).begin() as conn:
-                return await conn.run_sync(_apply)
+            async with _migration_lock(_sqlite_file(url)):
+                return await _sqlite_migrate(engine, convert_seed)
         async with engine.connect() as conn:
             # The lock is the connection's: each DDL statement commits on its own anyway.
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -285,15 +383,42 @@ async def migrate(engine: AsyncEngine) -> int:
                     "the tables for 30 s (lock topiq_migrate); try again"
                 )
             try:
-                return await conn.run_sync(_apply)
+                return await conn.run_sync(_apply, convert_seed)
             finally:
                 # A connection that broke has lost the lock with it: nothing to release then.
                 with contextlib.suppress(sa_exc.SQLAlchemyError, OSError):
                     await conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": lock})
+    except _SeedTables as found:
+        raise ConfigurationError(
+            f"the queue tables at {safe_url(url)} are RouteMQ's ({found}, without Topiq's job "
+            "id column): run `python main.py queue:migrate` to convert them, keeping their "
+            "waiting and failed jobs"
+        ) from None
     except DriverError:
         raise
     except (sa_exc.SQLAlchemyError, OSError) as exc:
         raise database_error(exc, "create or upgrade the queue tables", url) from exc
+
+
+async def _sqlite_migrate(engine: AsyncEngine, convert_seed: bool) -> int:
+    """Apply the steps in one BEGIN IMMEDIATE transaction, again while the file is locked.
+
+    The file lock keeps other migrators out, not every other connection (a worker of an
+    older start writing jobs): BEGIN IMMEDIATE waits `busy_timeout` for them, and a conflict
+    SQLite reports at once is tried again until the deadline.
+    """
+    deadline = time.monotonic() + _SQLITE_LOCK_WAIT
+    pause = 0.005
+    while True:
+        try:
+            async with writer(engine).begin() as conn:
+                return await conn.run_sync(_apply, convert_seed)
+        except sa_exc.OperationalError as exc:
+            locked = "locked" in str(exc.orig) or "busy" in str(exc.orig)
+            if not locked or time.monotonic() + pause > deadline:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 async def schema_version(engine: AsyncEngine) -> int:

@@ -119,6 +119,9 @@ queue_failed_jobs = Table(
     Column("payload", LongText, nullable=False),
     Column("exception", LongText, nullable=False),
     Column("failed_at", Time, nullable=False),
+    # This failure's own id, new each time the job's record is stored (schema version 2):
+    # `queue:retry` deletes a record by it, never a newer failure of the same job.
+    Column("record_id", String(32), nullable=False, server_default=""),
     Index("queue_failed_jobs_uuid_unique", "uuid", unique=True),
     Index("queue_failed_jobs_failed_at", "failed_at"),  # newest first; prune
     Index("queue_failed_jobs_queue", "queue", "failed_at"),  # one queue, newest first

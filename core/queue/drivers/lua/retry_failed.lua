@@ -1,0 +1,40 @@
+-- retry_failed.lua: move failed records back to their queue, each only if it is still the
+-- record the caller read (same record id); delete and push happen together.
+--
+-- Key schema: the failed store lives under the hash tag {<prefix>:failed}
+--   <ftag>:records   hash   job id -> record (JSON)
+--   <ftag>:rids      hash   job id -> record id (a new one each time a record is stored)
+--   <ftag>:index     zset   job id -> failed_at (s)
+--   <ftag>:queue:<q> zset   job id -> failed_at (s), the records of queue q
+-- and the queue's keys under {<prefix>:<queue>} as in push.lua. The script spans both tags:
+-- fine on a single Redis server; on Redis Cluster the two-step retry (claim, push, remove)
+-- must be used instead.
+--
+-- KEYS: 1 records, 2 rids, 3 index, 4 queue index,
+--       5 ready, 6 delayed, 7 payloads, 8 wake, 9 attempts, 10 reserved
+-- ARGV: triples of (job id, record id, payload); an empty record id matches a record stored
+--       before record ids existed
+-- Returns: the ids of the jobs moved back, ready now with their tries counted afresh
+local moved = {}
+for i = 1, #ARGV, 3 do
+  local id, rid, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if redis.call('HEXISTS', KEYS[1], id) == 1 and (redis.call('HGET', KEYS[2], id) or '') == rid then
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id)
+    redis.call('ZREM', KEYS[3], id)
+    redis.call('ZREM', KEYS[4], id)
+    if redis.call('HSET', KEYS[7], id, payload) == 0 then
+      -- Still stored (a late ack never landed): start afresh, as push.lua does.
+      redis.call('HDEL', KEYS[9], id)
+      redis.call('ZREM', KEYS[10], id)
+      redis.call('ZREM', KEYS[6], id)
+      redis.call('LREM', KEYS[5], 0, id)
+    end
+    redis.call('RPUSH', KEYS[5], id)
+    moved[#moved + 1] = id
+  end
+end
+if #moved > 0 and redis.call('LLEN', KEYS[8]) == 0 then
+  redis.call('RPUSH', KEYS[8], '1')
+end
+return moved
