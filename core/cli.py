@@ -225,7 +225,7 @@ def _start_line(args: argparse.Namespace, settings: Settings) -> None:
         broker = f"{settings.mqtt_host}:{settings.mqtt_port}"
     else:
         broker = "the embedded broker"
-    logger.info(
+    logging.getLogger("topiq.serve").info(
         "app starting: jobs go to the %s queue at %s%s; MQTT broker %s; settings from %s",
         connection.value,
         queue_location(settings, connection),

@@ -140,9 +140,12 @@ class Settings(BaseSettings):
 
     # -- URLs: checked at start, and never shown with their password ------------------------
 
-    @field_validator("redis_url", "mqtt_url", mode="before")
+    @field_validator(
+        "redis_url", "mqtt_url", "mqtt_tls_ca", "mqtt_tls_cert", "mqtt_tls_key", mode="before"
+    )
     @classmethod
-    def _empty_url_is_none(cls, value: Any) -> Any:
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `MQTT_TLS_CA=` as .env.example has it means no file, not the current directory.
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("redis_url")
