@@ -78,8 +78,8 @@ class UrgentJob(Job):
 class ReadOnlyTimeoutJob(Job):
     """Its `timeout` is a read-only property: a setting that is not a plain value."""
 
-    @property  # type: ignore[override]
-    def timeout(self) -> float:
+    @property
+    def timeout(self) -> float:  # type: ignore[override]
         return 5.0
 
     async def handle(self) -> None:
@@ -88,6 +88,8 @@ class ReadOnlyTimeoutJob(Job):
 
 class FrozenJob(Job):
     """Its `__setattr__` raises: the loader must not need it."""
+
+    log: str
 
     def __init__(self, log: str) -> None:
         object.__setattr__(self, "log", log)
@@ -217,6 +219,14 @@ def test_payload_data_may_only_set_data_attributes(
         LOADER.load(payload(job, data), job_id="a", attempts=1)
 
 
+def test_a_payload_with_many_bad_keys_is_refused_in_one_short_line() -> None:
+    data = {f"_k{n}": n for n in range(1000)}
+    with pytest.raises(PayloadError) as caught:
+        LOADER.load(payload("SummaryJob", data), job_id="a", attempts=1)
+    message = str(caught.value)
+    assert "'_k4' is a private name; and 995 more" in message and len(message) < 400
+
+
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
@@ -327,7 +337,7 @@ async def test_dispatch_refuses_a_class_no_worker_can_load_and_checks_each_class
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     calls: list[type] = []
-    real = queue_manager_module.unloadable_reason
+    real = unloadable_reason
 
     def counting(cls: type, allowed: Any) -> str | None:
         calls.append(cls)

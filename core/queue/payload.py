@@ -96,8 +96,8 @@ def _class_info(cls: type[Job]) -> _ClassInfo:
             if hasattr(type(raw), "__get__"):
                 problem = (
                     f"{cls.__qualname__}.{name} is {_kind(raw)} of {_owner(cls, name)}; job "
-                    f"settings must be plain class attributes (`{name} = ...`), or be set on "
-                    "the instance before dispatch"
+                    f"settings must be plain class attributes (`{name} = ...`); to choose one "
+                    "per job, set it on the instance before dispatch"
                 )
                 break
         info = _CLASS_INFO[cls] = _ClassInfo(names, problem)
@@ -119,7 +119,7 @@ def _owner(cls: type, name: str) -> str:
 
 
 def _clashes(cls: type[Job], names: frozenset[str], data: dict[str, Any]) -> list[str]:
-    """Each data key the class uses itself (or that is private), described."""
+    """Each data key the class uses itself (or that is private), described; the first five."""
     out = []
     for key in data:
         if key.startswith("_"):
@@ -127,6 +127,8 @@ def _clashes(cls: type[Job], names: frozenset[str], data: dict[str, Any]) -> lis
         elif key in names:
             raw = inspect.getattr_static(cls, key)
             out.append(f"{key!r} is {_kind(raw)} of {_owner(cls, key)}")
+    if len(out) > 5:  # a hostile payload may hold thousands: the record names a few
+        out[5:] = [f"and {len(out) - 5} more"]
     return out
 
 

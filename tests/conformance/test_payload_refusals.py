@@ -24,8 +24,8 @@ pytestmark = pytest.mark.timeout(60)
 class ReadOnlyTimeoutJob(Job):
     """Its `timeout` is a read-only property, so no payload can set it."""
 
-    @property  # type: ignore[override]
-    def timeout(self) -> float:
+    @property
+    def timeout(self) -> float:  # type: ignore[override]
         return 5.0
 
     async def handle(self) -> None:
