@@ -8,8 +8,8 @@ import inspect
 import logging
 import threading
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -85,10 +85,10 @@ class JobThreads:
 async def call_handle(
     job: Job,
     timeout: float,
-    threads: JobThreads,
+    threads: JobThreads | None = None,
     *,
-    stop_within: float,
-    on_stuck: Callable[[JobAbandonedError], None],
+    stop_within: float = 0.0,
+    on_stuck: Callable[[JobAbandonedError], None] | None = None,
 ) -> Any:
     """Run `job.handle()`, cancelled after `timeout` seconds (then `JobTimeoutError`).
 
@@ -97,7 +97,8 @@ async def call_handle(
     raises `JobAbandonedError` and the thread is left to itself. An async `handle` that
     swallows its cancellation and is still running `stop_within` seconds later cannot be
     stopped either: `on_stuck` is called (from the event loop) with the error to record, and
-    this call keeps waiting for the job, whose result no longer matters.
+    this call keeps waiting for the job, whose result no longer matters. Without `threads`
+    (the sync connection), sync handles use the loop's default executor.
     """
     cls = type(job)
     function = cls.handle
@@ -116,7 +117,7 @@ async def call_handle(
     expired = finished = False
 
     def stuck() -> None:
-        if not finished:
+        if not finished and on_stuck is not None:
             on_stuck(
                 JobAbandonedError(
                     f"{cls.__qualname__} timed out after {timeout:g}s and did not stop within "
@@ -128,7 +129,8 @@ async def call_handle(
         nonlocal expired
         expired = True
         task.cancel()
-        loop.call_later(stop_within, stuck)
+        if on_stuck is not None:
+            loop.call_later(stop_within, stuck)
 
     timer = loop.call_later(timeout, expire)
     try:
@@ -153,9 +155,18 @@ def _timed_out(job: Job, timeout: float) -> JobTimeoutError:
 
 
 async def _call_in_thread(
-    job: Job, handle: Callable[[], Any], timeout: float, threads: JobThreads, stop_within: float
+    job: Job,
+    handle: Callable[[], Any],
+    timeout: float,
+    threads: JobThreads | None,
+    stop_within: float,
 ) -> Any:
-    future = threads.start(handle)
+    if threads is None:
+        future = asyncio.get_running_loop().run_in_executor(
+            None, contextvars.copy_context().run, handle
+        )
+    else:
+        future = threads.start(handle)
     # asyncio.wait never cancels the future: cancelling this call leaves the thread running.
     await asyncio.wait({future}, timeout=timeout if timeout > 0 else None)
     if future.done():

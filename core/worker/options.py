@@ -43,13 +43,17 @@ class WorkerOptions:
 
 
 class StopReason(enum.Enum):
-    """Why a worker stopped; every one of these is a clean stop (exit code 0)."""
+    """Why a worker stopped; each is a clean stop (exit code 0) except `STUCK`."""
 
     SIGNAL = "signal"  # SIGTERM or SIGINT
     MAX_JOBS = "max-jobs"
     MAX_TIME = "max-time"
     EMPTY = "empty"  # --stop-when-empty and nothing left
     RESTART = "restart"  # `queue:restart` asked every worker to exit
+    # A job would not stop (it swallowed its cancellation, or a sync `handle` outlived its
+    # timeout in a thread that cannot be killed): it was given up and the worker exits so that
+    # supervisord starts a fresh one (exit code `ExitCode.STUCK`).
+    STUCK = "stuck"
 
 
 class ExitCode(enum.IntEnum):
@@ -59,3 +63,4 @@ class ExitCode(enum.IntEnum):
     ERROR = 1  # a command failed (connection down, id not found, …)
     USAGE = 2  # bad flags or settings
     WATCHDOG = 3  # a job blocked the event loop past its timeout; its lease returns the job
+    STUCK = 4  # a job would not stop after its timeout: its try failed, the worker exited

@@ -1,9 +1,16 @@
 """The worker: reserves jobs, runs them concurrently, and applies the retry policy.
 
 One loop reserves as many jobs as there are free slots, acknowledging finished ones in the same
-round trip, and waits on the backend (which blocks where it can) when nothing is ready. Each job
-runs in its own task under its timeout; a heartbeat renews the leases of running jobs; a watchdog
-thread ends the process if a job blocks the loop past its timeout.
+round trip, and waits on the backend (which blocks where it can) when nothing is ready; when it
+has no room to reserve, finished jobs are acknowledged on their own, batched, at once. Each job
+runs in its own task under its timeout; a heartbeat renews the leases of every job the worker
+holds (prefetched, running, finished but not yet acknowledged, failed but not yet recorded); a
+watchdog thread ends the process if a job blocks the loop past its timeout.
+
+A job that will not stop (it swallows its cancellation, or a sync `handle` outlives its timeout
+in a thread, which cannot be killed) is given up: its try fails, the worker takes no new job, the
+others get the grace period and go back unspent, and the worker stops with `StopReason.STUCK`
+so that supervisord starts a fresh process.
 """
 
 from __future__ import annotations
@@ -12,31 +19,41 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import signal
 import socket
+import sys
 import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from core.errors import PayloadError, Retry, WorkerLostError
 from core.job import Job
-from core.queue.drivers.base import Driver, FailedStore, ReservedJob, WorkerInfo
-from core.queue.payload import JobLoader
+from core.queue.drivers.base import Driver, FailedJob, FailedStore, ReservedJob, WorkerInfo
+from core.queue.payload import JobLoader, decode_envelope
 from core.queue.queue_manager import QueueManager
-from core.worker.execution import call_failed, call_handle, describe, failed_record
-from core.worker.options import StopReason, WorkerOptions
+from core.worker.execution import (
+    JobAbandonedError,
+    JobThreads,
+    call_failed,
+    call_handle,
+    describe,
+    failed_record,
+)
+from core.worker.options import ExitCode, StopReason, WorkerOptions
 from core.worker.watchdog import Watchdog
 
-__all__ = ["Worker", "WorkerCounts"]
+__all__ = ["Worker", "WorkerCounts", "exit_code"]
 
 logger = logging.getLogger("topiq.worker")
 
 T = TypeVar("T")
 _DEFAULT_TIMEOUT = 60.0
+_DEFAULT_MAX_TRIES = Job.max_tries
 
 
 @dataclass(slots=True)
@@ -47,6 +64,17 @@ class WorkerCounts:
     retried: int = 0  # failed or asked for a retry, and will run again
     failed: int = 0  # failed for good (recorded in the failed-job store)
     returned: int = 0  # handed back unfinished because the worker was stopping
+    lost: int = 0  # cancelled: its lease could not be renewed, another worker may have it
+    given_up: int = 0  # would not stop after its timeout: try failed, the worker exits
+
+
+@dataclass(slots=True)
+class _Buffered:
+    """A job reserved ahead of a free slot, under a short lease the heartbeat renews."""
+
+    reserved: ReservedJob
+    lease: float  # seconds it was reserved for
+    lease_until: float  # monotonic time its stored lease ends, as far as we know
 
 
 @dataclass(slots=True)
@@ -54,12 +82,35 @@ class _Running:
     reserved: ReservedJob
     deadline: float  # monotonic time its timeout ends
     label: str
+    lease: float  # seconds of its lease as last asked for
+    lease_until: float  # monotonic time its stored lease ends, as far as we know
+    task: asyncio.Task[None] | None = None
+    job: Job | None = None
+    max_tries: int = _DEFAULT_MAX_TRIES
+    given_up: bool = False  # would not stop: whatever its task does from now on is ignored
+    lost: bool = False  # its lease lapsed: cancelled, and no longer ours to ack or release
+
+
+@dataclass(slots=True)
+class _Failure:
+    """A job that failed for good, held (lease renewed) until its failure is recorded."""
+
+    reserved: ReservedJob
+    job: Job | None
+    exc: BaseException
+    record: FailedJob
+    failed_timeout: float
+    hooked: bool = False  # `failed()` was called
+    busy: bool = False  # a recording attempt is in flight
+    lease_until: float = field(default_factory=time.monotonic)
 
 
 class Worker:
     """Runs jobs from one connection's queues until a stop reason occurs.
 
-    `await Worker(manager, options).run()` returns the `StopReason`.
+    `await Worker(manager, options).run()` returns the `StopReason`. After a run that gave a
+    job up, `must_end_process` says whether a job's task or thread is still running, which only
+    ending the process can stop (`queue:work` does so with `os._exit`).
     """
 
     def __init__(self, manager: QueueManager, options: WorkerOptions) -> None:
@@ -71,14 +122,23 @@ class Worker:
         self._margin = settings.queue_lease_margin
         self._loader = JobLoader(settings.queue_allowed_modules)
         self._default_lease = (options.timeout or _DEFAULT_TIMEOUT) + self._margin
+        # Jobs reserved ahead of a free slot hold only this short lease (renewed by the
+        # heartbeat), so a worker that dies with them buffered gives them back quickly.
+        self._prestart_lease = self._margin
+        # How long a job may take to stop after its cancellation before it is given up.
+        self._stop_within = max(0.5, min(self._margin / 2, 5.0))
+        self._heartbeat_every = max(0.2, min(5.0, self._margin / 3))
         self._running: dict[str, _Running] = {}
         # Reserved ahead of a free slot, so that a finishing job is replaced without waiting
         # for a round trip to the backend.
-        self._buffer: deque[ReservedJob] = deque()
+        self._buffer: deque[_Buffered] = deque()
         self._prefetch = (
             options.prefetch if options.prefetch is not None else options.concurrency // 4
         )
-        self._done: list[ReservedJob] = []
+        self._done: list[ReservedJob] = []  # finished, acknowledgement not yet sent
+        self._unacked: dict[str, ReservedJob] = {}  # finished, acknowledgement not yet stored
+        self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
         self._changed = asyncio.Event()
         self._stop_reason: StopReason | None = None
         self._force = asyncio.Event()
@@ -87,11 +147,17 @@ class Worker:
         self.counts = WorkerCounts()
         self._started_at = time.time()
         self._watchdog = Watchdog(self._running)
+        self._threads = JobThreads(options.concurrency)
         self._driver: Driver | None = None
         self._failed: FailedStore | None = None
+        self._store_down = False
+        self._failures: dict[str, _Failure] = {}
+        self._recorder: asyncio.Task[None] | None = None
+        self._given_up: list[tuple[_Running, JobAbandonedError]] = []
+        self._abandoned: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._bookkeeping: set[asyncio.Task[object]] = set()
-        self._lease_requests: list[tuple[ReservedJob, float]] = []
+        self._bookkeeping: set[asyncio.Task[Any]] = set()
+        self._lease_requests: list[tuple[_Running, float]] = []
         self._lease_batch: asyncio.Task[None] | None = None
 
     # -- control -----------------------------------------------------------------------
@@ -105,6 +171,11 @@ class Worker:
     def processed(self) -> int:
         """Jobs finished (done, retried or failed) so far."""
         return self._processed
+
+    @property
+    def must_end_process(self) -> bool:
+        """Whether a job given up is still running (a task or a thread): only exiting ends it."""
+        return self._threads.busy > 0 or any(not task.done() for task in self._tasks)
 
     def stop(self, reason: StopReason = StopReason.SIGNAL) -> None:
         """Stop reserving; running jobs get the grace period. A second call skips the grace."""
@@ -129,26 +200,43 @@ class Worker:
             self._driver = await self._until_connected()
             if self._driver is None:
                 return self._stop_reason or StopReason.SIGNAL
-            self._failed = await self._with_retries(
-                "open the failed-job store", lambda: self.manager.failed_store(self.connection)
-            )
+            # Not waited for: a failed-job store that is down must not keep jobs from running.
+            self._track(asyncio.create_task(self._open_store_at_start()))
             async with self._watchdog:
                 heartbeat = asyncio.create_task(self._heartbeat(), name="topiq-worker-heartbeat")
                 try:
                     await self._work()
                 finally:
                     await self._drain()
+                    await self._settle_given_up()
+                    await self._settle_failures()
                     heartbeat.cancel()
                     await asyncio.gather(heartbeat, return_exceptions=True)
+            self._closing = True
+            if self._flusher is not None:
+                await asyncio.gather(self._flusher, return_exceptions=True)
             await self._with_retries("acknowledge finished jobs", self._flush_acks)
             with contextlib.suppress(Exception):
                 await self._driver.remove_worker(self.id)
         finally:
+            self._threads.shutdown()
             for sig in signals:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
         reason = self._stop_reason or StopReason.SIGNAL
-        logger.info("worker %s stopped (%s) after %d jobs", self.id, reason.value, self._processed)
+        if self.counts.given_up:
+            reason = StopReason.STUCK
+        if reason is StopReason.STUCK:
+            logger.critical(
+                "worker %s stopped: %d job(s) would not stop and were given up; exiting so "
+                "that a fresh worker process takes over",
+                self.id,
+                self.counts.given_up,
+            )
+        else:
+            logger.info(
+                "worker %s stopped (%s) after %d jobs", self.id, reason.value, self._processed
+            )
         return reason
 
     async def _until_connected(self) -> Driver | None:
@@ -203,6 +291,8 @@ class Worker:
                     continue
                 topped_up = False
                 if room <= 0:
+                    # No reservation will carry the acknowledgements: send them on their own.
+                    self._flush_soon()
                     if deadline is None:
                         await self._changed.wait()
                     else:
@@ -211,16 +301,19 @@ class Worker:
                     # report in, so the next round trip acknowledges and reserves in bulk.
                     await asyncio.sleep(0)
                     continue
+                # Jobs that start at once take the lease their timeout needs; jobs that will
+                # wait in the buffer a short one, renewed while they wait.
+                free = opts.concurrency - len(self._running)
+                lease = self._default_lease if room <= free else self._prestart_lease
                 acks = self._done
                 self._done = []
+                asked = time.monotonic()
                 try:
                     # Shielded: a reservation that reached the server must reach us too.
-                    jobs = await asyncio.shield(
-                        driver.reserve(queues, room, self._default_lease, acks)
-                    )
+                    jobs = await asyncio.shield(driver.reserve(queues, room, lease, acks))
                     failures = 0
                 except Exception as exc:
-                    self._done.extend(acks)
+                    self._done[:0] = acks
                     failures += 1
                     delay = min(0.1 * 2**failures, 5.0)
                     logger.error(
@@ -231,11 +324,13 @@ class Worker:
                     )
                     await self._pause(delay)
                     continue
+                self._acknowledged(acks)
                 if jobs:
+                    held = [_Buffered(job, lease, asked + lease) for job in jobs]
                     if self._stop_reason is not None:
-                        await self._return_unstarted(jobs)
+                        await self._return_unstarted(held)
                         break
-                    buffer.extend(jobs)
+                    buffer.extend(held)
                     continue
                 if opts.stop_when_empty and not self._running and not buffer:
                     self.stop(StopReason.EMPTY)
@@ -253,17 +348,18 @@ class Worker:
                 waiter.cancel()
                 await asyncio.gather(waiter, return_exceptions=True)
             # Prefetched jobs that never started go back to the front of their queue at once.
-            await self._return_unstarted(list(self._buffer))
+            unstarted = list(self._buffer)
             self._buffer.clear()
+            await self._return_unstarted(unstarted)
 
-    async def _return_unstarted(self, jobs: list[ReservedJob]) -> None:
+    async def _return_unstarted(self, jobs: list[_Buffered]) -> None:
         """Give back jobs reserved but never started, without spending their try."""
         driver = self._driver
         assert driver is not None
         # Last first: each goes to the front of its queue, so they keep their order.
-        for job in reversed(jobs):
+        for held in reversed(jobs):
             await self._with_retries(
-                "return a job", functools.partial(driver.release, job, refund=True)
+                "return a job", functools.partial(driver.release, held.reserved, refund=True)
             )
 
     async def _wait_changed(
@@ -286,75 +382,140 @@ class Worker:
 
     # -- running jobs ------------------------------------------------------------------
 
-    def _start(self, reserved: ReservedJob) -> None:
+    def _start(self, held: _Buffered) -> None:
         self._started += 1
-        self._running[reserved.id] = _Running(reserved, time.monotonic() + _DEFAULT_TIMEOUT, "?")
-        task = asyncio.create_task(self._process(reserved))
+        reserved = held.reserved
+        run = _Running(
+            reserved,
+            deadline=time.monotonic() + _DEFAULT_TIMEOUT,
+            label="?",
+            lease=held.lease,
+            lease_until=held.lease_until,
+        )
+        self._running[reserved.id] = run
+        task = asyncio.create_task(self._process(run))
+        run.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _process(self, reserved: ReservedJob) -> None:
-        driver = self._driver
-        assert driver is not None
+    async def _process(self, run: _Running) -> None:
+        reserved = run.reserved
         try:
-            try:
-                decoded = self._loader.load(
-                    reserved.payload, job_id=reserved.id, attempts=reserved.attempts
-                )
-            except PayloadError as exc:
-                logger.error("job %s on %s cannot be run: %s", reserved.id, reserved.queue, exc)
-                await self._fail(reserved, None, exc)
-                return
-            job = decoded.job
-            max_tries = self.options.max_tries or decoded.max_tries
-            timeout = self.options.timeout or decoded.timeout
-            label = type(job).__qualname__
+            job, max_tries, timeout, error = self._load(reserved)
+            run.max_tries = max_tries
             if reserved.attempts > max_tries:
+                label = type(job).__qualname__ if job is not None else "job"
                 lost = WorkerLostError(
                     f"{label} was reserved {reserved.attempts - 1} times and its worker was lost "
                     f"on the last allowed try (max_tries={max_tries})"
                 )
-                logger.error("job %s %s failed for good: %s", job.job_id, label, lost)
-                await self._fail(reserved, job, lost)
+                lost.__cause__ = error
+                logger.error("job %s %s failed for good: %s", reserved.id, label, lost)
+                await self._fail(reserved, job, lost, timeout)
                 return
-            await self._run(reserved, job, label, max_tries, timeout)
+            if job is None:
+                assert error is not None
+                logger.error("job %s on %s cannot be run: %s", reserved.id, reserved.queue, error)
+                await self._fail(reserved, None, error, timeout)
+                return
+            await self._run(run, job, max_tries, timeout)
+        except Exception as exc:
+            # A defect in handling this job (not in the job itself): it must still end up
+            # somewhere, so record it as failed rather than let the task die with it.
+            logger.exception("job %s: the worker could not handle it", reserved.id)
+            if not (run.given_up or run.lost) and reserved.id not in self._failures:
+                await self._fail(reserved, None, exc, _DEFAULT_TIMEOUT)
         finally:
-            self._running.pop(reserved.id, None)
-            self._processed += 1
+            if self._running.get(reserved.id) is run:
+                del self._running[reserved.id]
+            if not run.given_up:
+                self._processed += 1
             self._changed.set()
 
-    async def _run(
-        self, reserved: ReservedJob, job: Job, label: str, max_tries: int, timeout: float
-    ) -> None:
+    def _load(self, reserved: ReservedJob) -> tuple[Job | None, int, float, BaseException | None]:
+        """The job, its max_tries and timeout, and the error if it cannot be loaded.
+
+        Whatever goes wrong is returned, never raised; max_tries then comes from the raw payload
+        when it says (else the default), so the tries check never depends on a good load.
+        """
+        opts = self.options
+        try:
+            decoded = self._loader.load(
+                reserved.payload, job_id=reserved.id, attempts=reserved.attempts
+            )
+            max_tries, timeout = decoded.max_tries, decoded.timeout
+            if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
+                raise PayloadError(f"max_tries must be a whole number ≥ 1, got {max_tries!r}")
+            if (
+                isinstance(timeout, bool)
+                or not isinstance(timeout, int | float)
+                or not math.isfinite(timeout)
+                or timeout < 0
+            ):
+                raise PayloadError(f"timeout must be a number of seconds ≥ 0, got {timeout!r}")
+            return decoded.job, opts.max_tries or max_tries, opts.timeout or float(timeout), None
+        except Exception as exc:
+            error = exc
+            if not isinstance(exc, PayloadError):
+                error = PayloadError(f"the job cannot be loaded from its payload: {describe(exc)}")
+                error.__cause__ = exc
+        max_tries = _DEFAULT_MAX_TRIES
+        with contextlib.suppress(Exception):
+            raw = decode_envelope(reserved.payload).get("max_tries")
+            if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
+                max_tries = raw
+        return None, opts.max_tries or max_tries, opts.timeout or _DEFAULT_TIMEOUT, error
+
+    async def _run(self, run: _Running, job: Job, max_tries: int, timeout: float) -> None:
         driver = self._driver
         assert driver is not None
+        reserved = run.reserved
+        label = type(job).__qualname__
+        run.job = job
         lease = timeout + self._margin
-        if lease != self._default_lease:
-            # Reserved under the default lease; give it the one its own timeout needs, so a
-            # job that dies with its worker comes back neither too early nor too late.
-            await self._set_lease(reserved, lease)
-        run = self._running[reserved.id]
-        run.deadline = time.monotonic() + timeout
         run.label = label
         started = time.perf_counter()
         try:
-            await call_handle(job, timeout)
+            if lease != run.lease:
+                # Reserved under a short or the default lease: give it the one its own timeout
+                # needs before it runs (a job that blocks the loop at once must not keep the
+                # wrong one), so a job that dies with its worker comes back neither too early
+                # nor too late. Batched with the other jobs starting in this turn.
+                await self._set_lease(run, lease)
+            run.deadline = time.monotonic() + timeout
+            await call_handle(
+                job,
+                timeout,
+                self._threads,
+                stop_within=self._stop_within,
+                on_stuck=functools.partial(self._give_up, run),
+            )
         except asyncio.CancelledError:
+            if run.given_up or run.lost:
+                return  # not ours to release any more; the task ends here
             logger.warning(
                 "job %s %s returned to its queue: the worker is stopping", job.job_id, label
             )
             await self._bookkeep("return a job", lambda: driver.release(reserved, refund=True))
             self.counts.returned += 1
             raise
+        except JobAbandonedError as exc:
+            self._give_up(run, exc)
         except Retry as request:
-            delay = request.delay if request.delay is not None else job.backoff(reserved.attempts)
+            if run.given_up or run.lost:
+                return
+            delay = request.delay if request.delay is not None else self._backoff(job, reserved)
             await self._retry_or_fail(reserved, job, label, max_tries, request, delay)
         except Exception as exc:
+            if run.given_up or run.lost:
+                return
             await self._retry_or_fail(
-                reserved, job, label, max_tries, exc, job.backoff(reserved.attempts)
+                reserved, job, label, max_tries, exc, self._backoff(job, reserved)
             )
         else:
-            self._done.append(reserved)
+            if run.given_up or run.lost:
+                return
+            self._finish(reserved)
             self.counts.done += 1
             logger.info(
                 "job %s %s try %d/%d done in %.1fms",
@@ -365,11 +526,26 @@ class Worker:
                 (time.perf_counter() - started) * 1000,
             )
 
-    async def _set_lease(self, reserved: ReservedJob, lease: float) -> None:
+    def _backoff(self, job: Job, reserved: ReservedJob) -> float:
+        try:
+            delay = float(job.backoff(reserved.attempts))
+            if math.isfinite(delay) and delay >= 0:
+                return delay
+            raise ValueError(f"{delay!r} is not a usable delay")
+        except Exception as exc:
+            logger.warning(
+                "job %s: retry_after gives no usable delay (%s); retrying at once",
+                reserved.id,
+                describe(exc),
+            )
+            return 0.0
+
+    async def _set_lease(self, run: _Running, lease: float) -> None:
         """Renew a lease, batched with the others asked for in the same turn of the loop."""
-        self._lease_requests.append((reserved, lease))
+        run.lease = lease
+        self._lease_requests.append((run, lease))
         if self._lease_batch is None or self._lease_batch.done():
-            self._lease_batch = asyncio.create_task(self._send_leases())
+            self._lease_batch = self._track(asyncio.create_task(self._send_leases()))
         await asyncio.shield(self._lease_batch)
 
     async def _send_leases(self) -> None:
@@ -377,11 +553,15 @@ class Worker:
         assert driver is not None
         await asyncio.sleep(0)  # jobs starting in this same turn join the batch
         batch, self._lease_requests = self._lease_requests, []
+        asked = time.monotonic()
         try:
-            await driver.extend(batch)
+            await driver.extend([(run.reserved, lease) for run, lease in batch])
         except Exception as exc:
             # Not fatal: the heartbeat renews every running job's lease shortly.
             logger.warning("could not set the leases of %d job(s): %s", len(batch), describe(exc))
+            return
+        for run, lease in batch:
+            run.lease_until = max(run.lease_until, asked + lease)
 
     async def _retry_or_fail(
         self,
@@ -415,42 +595,309 @@ class Worker:
             max_tries,
             describe(exc),
         )
-        await self._fail(reserved, job, exc)
+        timeout = self.options.timeout or _job_timeout(job)
+        await self._fail(reserved, job, exc, timeout)
 
-    async def _fail(self, reserved: ReservedJob, job: Job | None, exc: BaseException) -> None:
-        """Call `failed()` once, record the failure, then remove the job from its queue."""
-        if job is not None:
-            await call_failed(job, exc, float(job.timeout or _DEFAULT_TIMEOUT))
-        store = self._failed
-        assert store is not None
-        record = failed_record(self.connection, reserved, exc)
-        await self._bookkeep("record a failed job", lambda: store.add(record))
-        self._done.append(reserved)
+    # -- jobs that will not stop ---------------------------------------------------------
+
+    def _give_up(self, run: _Running, exc: JobAbandonedError) -> None:
+        """A job that will not stop: its try fails, and this worker stops for a restart.
+
+        Its retry or failure is recorded when the worker has drained, just before it exits, so
+        the retry never runs while this process still runs the abandoned try.
+        """
+        if run.given_up or run.lost:
+            return
+        run.given_up = True
+        if self._running.get(run.reserved.id) is run:
+            del self._running[run.reserved.id]
+        if run.task is not None and run.task is not asyncio.current_task():
+            self._abandoned.add(run.task)
+        self._given_up.append((run, exc))
+        self._processed += 1
+        self.counts.given_up += 1
+        logger.critical(
+            "job %s %s would not stop: %s; giving it up: this worker takes no new job, lets "
+            "the others finish within the grace period, records the try as failed and exits",
+            run.reserved.id,
+            run.label,
+            describe(exc),
+        )
+        self.stop(StopReason.STUCK)
+
+    async def _settle_given_up(self) -> None:
+        """Apply the retry policy to the tries given up, now that no other job runs here."""
+        while self._given_up:
+            run, exc = self._given_up.pop(0)
+            job = run.job
+            if job is None:
+                await self._fail(run.reserved, None, exc, _DEFAULT_TIMEOUT)
+                continue
+            await self._retry_or_fail(
+                run.reserved, job, run.label, run.max_tries, exc, self._backoff(job, run.reserved)
+            )
+
+    def _lose(self, run: _Running) -> None:
+        """Its lease lapsed while the backend was unreachable: another worker may run it now."""
+        if run.given_up or run.lost:
+            return
+        run.lost = True
+        if self._running.get(run.reserved.id) is run:
+            del self._running[run.reserved.id]
+        self.counts.lost += 1
+        logger.error(
+            "job %s %s: its lease could not be renewed before it expired (the %s backend is "
+            "unreachable); cancelled, since another worker may already have it",
+            run.reserved.id,
+            run.label,
+            self.connection,
+        )
+        task = run.task
+        if task is not None and not task.done():
+            task.cancel()
+            asyncio.get_running_loop().call_later(self._stop_within, self._check_stopped, run, task)
+
+    def _check_stopped(self, run: _Running, task: asyncio.Task[None]) -> None:
+        if not task.done():
+            self._abandoned.add(task)
+            logger.critical(
+                "job %s %s did not stop when cancelled; this worker exits so that it ends",
+                run.reserved.id,
+                run.label,
+            )
+            self.stop(StopReason.STUCK)
+
+    # -- failures that must be recorded ------------------------------------------------
+
+    async def _fail(
+        self, reserved: ReservedJob, job: Job | None, exc: BaseException, failed_timeout: float
+    ) -> None:
+        """Call `failed()` once, record the failure, then acknowledge the job.
+
+        A failed-job store that does not answer does not hold up the worker: the job stays
+        reserved here (the heartbeat renews its lease) and is recorded when the store answers.
+        `failed()` is called only once the store has answered, so that a worker stopping
+        before it could record does not leave a second call to the next worker.
+        """
+        failure = _Failure(
+            reserved,
+            job,
+            exc,
+            failed_record(self.connection, reserved, exc),
+            failed_timeout,
+            lease_until=time.monotonic() + self._margin,
+        )
+        self._failures[reserved.id] = failure
+        task = self._track(asyncio.create_task(self._record(failure)))
+        await asyncio.shield(task)
+
+    async def _store(self) -> FailedStore:
+        if self._failed is None:
+            self._failed = await self.manager.failed_store(self.connection)
+        return self._failed
+
+    async def _open_store_at_start(self) -> None:
+        try:
+            async with asyncio.timeout(max(self._margin, 5.0)):
+                await self._store()
+        except Exception as exc:
+            self._store_down = True
+            logger.error(
+                "the failed-job store is unreachable (%s); jobs keep running, and a job that "
+                "fails for good stays reserved until its failure can be recorded",
+                describe(exc),
+            )
+
+    async def _record(self, failure: _Failure) -> bool:
+        """One attempt to record a failure; on success the job is acknowledged."""
+        if failure.busy or self._failures.get(failure.reserved.id) is not failure:
+            return False
+        failure.busy = True
+        limit = max(self._margin, 5.0)
+        try:
+            if not failure.hooked:
+                if failure.job is not None:
+                    async with asyncio.timeout(limit):
+                        # The store answers: `failed()` can be followed by its record.
+                        await (await self._store()).get(failure.reserved.id)
+                    await call_failed(failure.job, failure.exc, failure.failed_timeout)
+                failure.hooked = True
+            async with asyncio.timeout(limit):
+                await (await self._store()).add(failure.record)
+        except Exception as exc:
+            if not self._store_down:
+                logger.error(
+                    "cannot record the failure of job %s yet (%s); it stays reserved until "
+                    "the failed-job store answers",
+                    failure.reserved.id,
+                    describe(exc),
+                )
+            self._store_down = True
+            if self._recorder is None or self._recorder.done():
+                self._recorder = asyncio.create_task(self._record_held())
+            return False
+        finally:
+            failure.busy = False
+        if self._store_down:
+            logger.warning("the failed-job store answers again")
+            self._store_down = False
+        del self._failures[failure.reserved.id]
         self.counts.failed += 1
+        self._finish(failure.reserved)
+        return True
+
+    async def _record_held(self) -> None:
+        """Retry recording held failures, with backoff, until none is left."""
+        delay = 0.2
+        while self._failures:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            for failure in list(self._failures.values()):
+                if not await self._record(failure):
+                    break
+
+    async def _settle_failures(self) -> None:
+        """Stopping: give held failures until the grace ends, then hand the rest back."""
+        recorder = self._recorder
+        if self._failures and recorder is not None and not recorder.done():
+            logger.warning(
+                "worker %s waiting up to %gs to record %d failed job(s)",
+                self.id,
+                self.options.grace,
+                len(self._failures),
+            )
+            await asyncio.wait({recorder}, timeout=self.options.grace)
+            recorder.cancel()
+            await asyncio.gather(recorder, return_exceptions=True)
+        driver = self._driver
+        assert driver is not None
+        for failure in list(self._failures.values()):
+            # Back to its queue with its try spent: the next worker to reserve it finds it past
+            # max_tries and records it (calling `failed()` if it was not called here).
+            logger.error(
+                "job %s: its failure could not be recorded (the failed-job store is "
+                "unreachable); handed back for the next worker to record",
+                failure.reserved.id,
+            )
+            with contextlib.suppress(Exception):
+                await driver.release(failure.reserved)
+            del self._failures[failure.reserved.id]
+
+    # -- acknowledgements --------------------------------------------------------------
+
+    def _finish(self, reserved: ReservedJob) -> None:
+        """A job is done with here: acknowledge it (its lease is renewed until that is stored)."""
+        self._done.append(reserved)
+        self._unacked[reserved.id] = reserved
+        self._changed.set()
+        if self._stop_reason is not None:
+            self._flush_soon()
+
+    def _acknowledged(self, jobs: list[ReservedJob]) -> None:
+        for job in jobs:
+            if self._unacked.get(job.id) is job:
+                del self._unacked[job.id]
+
+    def _flush_soon(self) -> None:
+        """Send the acknowledgements waiting, on their own, unless a flush is under way."""
+        if self._done and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        driver = self._driver
+        assert driver is not None
+        delay = 0.1
+        await asyncio.sleep(0)  # jobs finishing in this same turn join the batch
+        while self._done:
+            acks, self._done = self._done, []
+            try:
+                await asyncio.shield(driver.ack(acks))
+            except Exception as exc:
+                self._done[:0] = acks
+                if self._closing:
+                    return
+                logger.warning(
+                    "could not acknowledge %d finished job(s) (%s); retrying in %.1fs",
+                    len(acks),
+                    describe(exc),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self._acknowledged(acks)
+
+    async def _flush_acks(self) -> None:
+        if self._done and self._driver is not None:
+            acks = self._done
+            self._done = []
+            try:
+                await self._driver.ack(acks)
+            except Exception:
+                self._done[:0] = acks
+                raise
+            self._acknowledged(acks)
 
     # -- background duties -------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
         driver = self._driver
         assert driver is not None
-        interval = max(0.2, min(5.0, self._margin / 3))
+        interval = self._heartbeat_every
         while True:
+            await self._renew_leases(driver, interval)
             try:
-                now = time.monotonic()
-                leases = [
-                    (run.reserved, max(0.0, run.deadline - now) + self._margin)
-                    for run in self._running.values()
-                ]
-                leases += [(job, self._default_lease) for job in self._buffer]
-                if leases:
-                    await driver.extend(leases)
-                await driver.report_worker(self._info(), ttl=interval * 3)
-                requested = await driver.restart_requested_at()
+                async with asyncio.timeout(max(interval, self._margin / 2)):
+                    await driver.report_worker(self._info(), ttl=interval * 3)
+                    requested = await driver.restart_requested_at()
                 if requested is not None and requested > self._started_at:
                     self.stop(StopReason.RESTART)
             except Exception as exc:
                 logger.warning("worker heartbeat failed: %s", describe(exc))
             await asyncio.sleep(interval)
+
+    async def _renew_leases(self, driver: Driver, interval: float) -> None:
+        """Renew the lease of every job held here; cancel those whose lease is lapsing."""
+        now = time.monotonic()
+        margin = self._margin
+        running = [(run, max(0.0, run.deadline - now) + margin) for run in self._running.values()]
+        buffered = [(held, self._prestart_lease) for held in self._buffer]
+        failures = list(self._failures.values())
+        leases: list[tuple[ReservedJob, float]] = [(run.reserved, s) for run, s in running]
+        leases += [(held.reserved, s) for held, s in buffered]
+        leases += [(failure.reserved, margin) for failure in failures]
+        leases += [(job, margin) for job in self._unacked.values()]
+        leases += [(run.reserved, margin) for run, _ in self._given_up]
+        if not leases:
+            return
+        try:
+            async with asyncio.timeout(max(interval, margin / 2)):
+                await driver.extend(leases)
+        except Exception as exc:
+            logger.warning(
+                "could not renew the leases of %d job(s): %s", len(leases), describe(exc)
+            )
+            # The next try comes after `interval`: a lease that ends before then is lost.
+            lapsing = time.monotonic() + interval
+            for run, _ in running:
+                if run.lease_until <= lapsing and self._running.get(run.reserved.id) is run:
+                    self._lose(run)
+            for held, _ in buffered:
+                if held.lease_until <= lapsing and held in self._buffer:
+                    self._buffer.remove(held)
+                    logger.error(
+                        "job %s: its lease lapsed while it waited for a slot (the %s backend "
+                        "is unreachable); not started, since another worker may have it",
+                        held.reserved.id,
+                        self.connection,
+                    )
+            return
+        for run, seconds in running:
+            run.lease_until = now + seconds
+        for held, seconds in buffered:
+            held.lease_until = now + seconds
+        for failure in failures:
+            failure.lease_until = now + margin
 
     def _info(self) -> WorkerInfo:
         return WorkerInfo(
@@ -468,47 +915,73 @@ class Worker:
 
     async def _drain(self) -> None:
         """Let running jobs finish (within the grace period when stopping early)."""
-        if self._tasks:
+        if self._live_tasks():
             bounded = self._stop_reason in (
                 StopReason.SIGNAL,
                 StopReason.RESTART,
                 StopReason.MAX_TIME,
+                StopReason.STUCK,
             )
             until = time.monotonic() + self.options.grace if bounded else None
-            logger.info("worker %s waiting for %d running job(s)", self.id, len(self._tasks))
+            logger.info("worker %s waiting for %d running job(s)", self.id, len(self._live_tasks()))
             forced = asyncio.create_task(self._force.wait())
             try:
-                while self._tasks and not self._force.is_set():
+                while (live := self._live_tasks()) and not self._force.is_set():
                     timeout = None if until is None else until - time.monotonic()
                     if timeout is not None and timeout <= 0:
                         break
                     await asyncio.wait(
-                        {*self._tasks, forced}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                        {*live, forced}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                     )
             finally:
                 forced.cancel()
-            for task in list(self._tasks):
+            live = self._live_tasks()
+            for task in live:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if live:
+                await asyncio.wait(live, timeout=self._stop_within)
+            for run in list(self._running.values()):
+                if run.task is not None and not run.task.done():
+                    self._refused(run)
         # Releases and failure records started by cancelled jobs run on, shielded: wait for them.
-        await asyncio.gather(*self._bookkeeping, return_exceptions=True)
+        while self._bookkeeping:
+            await asyncio.gather(*self._bookkeeping, return_exceptions=True)
 
-    async def _flush_acks(self) -> None:
-        if self._done and self._driver is not None:
-            acks = self._done
-            self._done = []
-            try:
-                await self._driver.ack(acks)
-            except Exception:
-                self._done.extend(acks)
-                raise
+    def _live_tasks(self) -> set[asyncio.Task[None]]:
+        return {task for task in self._tasks if task not in self._abandoned and not task.done()}
+
+    def _refused(self, run: _Running) -> None:
+        """A job that did not stop when cancelled: hand it back unspent; the process must end."""
+        driver = self._driver
+        assert driver is not None
+        run.given_up = True
+        del self._running[run.reserved.id]
+        if run.task is not None:
+            self._abandoned.add(run.task)
+        logger.critical(
+            "job %s %s did not stop within %gs of being cancelled; returned to its queue "
+            "unspent, and this worker process ends without waiting for it",
+            run.reserved.id,
+            run.label,
+            self._stop_within,
+        )
+        self._bookkeep_later(
+            "return a job", functools.partial(driver.release, run.reserved, refund=True)
+        )
+        self.counts.returned += 1
+
+    def _track(self, task: asyncio.Task[T]) -> asyncio.Task[T]:
+        """Keep a background task referenced, and let `_drain` wait for it."""
+        self._bookkeeping.add(task)
+        task.add_done_callback(self._bookkeeping.discard)
+        return task
+
+    def _bookkeep_later(self, what: str, op: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
+        return self._track(asyncio.create_task(self._with_retries(what, op)))
 
     async def _bookkeep(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """`_with_retries`, shielded from cancellation and awaited by `_drain`."""
-        task = asyncio.create_task(self._with_retries(what, op))
-        self._bookkeeping.add(task)
-        task.add_done_callback(self._bookkeeping.discard)
-        return await asyncio.shield(task)
+        return await asyncio.shield(self._bookkeep_later(what, op))
 
     async def _with_retries(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """Run a bookkeeping operation, retrying while the backend is unreachable.
@@ -527,3 +1000,35 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
+
+
+def _job_timeout(job: Job) -> float:
+    """The job's timeout as a number, for `failed()`'s own limit."""
+    try:
+        value = float(job.timeout or _DEFAULT_TIMEOUT)
+    except (TypeError, ValueError):
+        return _DEFAULT_TIMEOUT
+    return value if math.isfinite(value) and value > 0 else _DEFAULT_TIMEOUT
+
+
+def exit_code(worker: Worker, reason: StopReason) -> int:
+    """The process exit code for a worker that stopped for `reason`.
+
+    When a job that was given up still runs (a thread, or a task that swallows cancellation),
+    only the end of the process stops it: this ends the process at once, as the watchdog does,
+    instead of returning (the interpreter would wait for that thread forever).
+    """
+    code = ExitCode.STUCK if reason is StopReason.STUCK else ExitCode.OK
+    if worker.must_end_process:
+        logger.critical(
+            "worker %s: a job that would not stop is still running; ending the process "
+            "(exit code %d)",
+            worker.id,
+            code,
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return int(code)
