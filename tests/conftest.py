@@ -6,13 +6,14 @@ fails them: CI must prove every driver.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -208,13 +209,13 @@ async def manager(backend: Backend) -> AsyncIterator[QueueManager]:
             set_default_manager(None)
 
 
-@pytest.fixture
-def docs_examples() -> Iterator[None]:
-    """Make docs/examples importable as `examples.*`, forgotten again after the test."""
-    sys.path.insert(0, str(ROOT / "docs"))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(ROOT / "docs"))
-        for name in [m for m in sys.modules if m.startswith("examples")]:
-            del sys.modules[name]
+def docs_example(name: str) -> ModuleType:
+    """docs/examples/<name>.py, loaded from its file as a user's module would run it from the
+    project directory: it imports only `core` and `app`, nothing is added to sys.path."""
+    spec = importlib.util.spec_from_file_location(
+        f"docs_example_{name}", ROOT / "docs" / "examples" / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,21 +1,7 @@
-"""Publishing from jobs and scripts (docs/mqtt.md, "Publishing")."""
+"""Publishing from scripts and handlers (docs/mqtt.md, "Publishing"); the job it goes with is
+app/jobs/install_firmware_job.py."""
 
-from core.job import Job
 from core.mqtt import publish
-
-
-class InstallFirmwareJob(Job):
-    def __init__(self, device_id: str, version: str) -> None:
-        super().__init__()
-        self.device_id = device_id
-        self.version = version
-
-    async def handle(self) -> None:
-        ...  # the slow part: download, verify, push to the device
-        await self.publish(
-            f"devices/{self.device_id}/firmware",
-            {"status": "installed", "version": self.version},
-        )
 
 
 async def reboot(device_id: str) -> None:

@@ -2,8 +2,8 @@
 
 from datetime import timedelta
 
+from app.jobs.send_notification_job import SendNotificationJob
 from core.queue.queue_manager import dispatch, queue
-from examples.queue_jobs import SendNotificationJob
 
 
 async def main() -> list[str]:

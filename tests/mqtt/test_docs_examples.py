@@ -1,8 +1,8 @@
-"""The code in docs/mqtt.md runs: its examples live in docs/examples/mqtt_*.py."""
+"""The code in docs/mqtt.md runs from the project directory as written: its examples live in
+docs/examples/mqtt_*.py, the job it shows ships in app/jobs/install_firmware_job.py."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import uuid
 from types import ModuleType
@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from app.jobs.install_firmware_job import InstallFirmwareJob
 from core.mqtt import (
     IncomingMessage,
     InvalidPayloadError,
@@ -20,16 +21,16 @@ from core.mqtt import (
 )
 from core.mqtt.publisher import close as close_publishing_connection
 from core.queue.queue_manager import QueueManager, set_default_manager
-from tests.conftest import ROOT, make_settings
+from tests.conftest import ROOT, docs_example, make_settings
 from tests.mqtt.conftest import Broker, MosquittoSub
 
-pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("docs_examples")]
+pytestmark = [pytest.mark.timeout(30)]
 
 EXAMPLES = ("mqtt_routes", "mqtt_middleware", "mqtt_controllers", "mqtt_publishing")
 
 
 def example(name: str) -> ModuleType:
-    return importlib.import_module(f"examples.{name}")
+    return docs_example(name)
 
 
 class RecordingClient(Publisher):
@@ -57,10 +58,12 @@ async def deliver(
 
 def test_the_guide_includes_the_examples_verbatim() -> None:
     guide = (ROOT / "docs" / "mqtt.md").read_text()
-    for name in EXAMPLES:
-        source = (ROOT / "docs" / "examples" / f"{name}.py").read_text()
-        body = source.split('"""', 2)[2].strip()
-        assert body in guide, f"docs/mqtt.md does not show docs/examples/{name}.py as it is"
+    shown = [f"docs/examples/{name}.py" for name in EXAMPLES] + ["app/jobs/install_firmware_job.py"]
+    for path in shown:
+        body = (ROOT / path).read_text().split('"""', 2)[2].strip()
+        assert body in guide, f"docs/mqtt.md does not show {path} as it is"
+    assert "```python\n# app/jobs/install_firmware_job.py\n" in guide
+    assert "examples." not in guide  # no module the default QUEUE_ALLOWED_MODULES refuses
 
 
 async def test_routes_example(capsys: pytest.CaptureFixture[str]) -> None:
@@ -123,7 +126,7 @@ async def test_publishing_example(broker: Broker) -> None:
         set_default_manager(manager)
         try:
             async with MosquittoSub(broker, f"devices/{device}/#") as sub:
-                await module.InstallFirmwareJob(device, "2.1.0").handle()
+                await InstallFirmwareJob(device, "2.1.0").handle()
                 await module.reboot(device)
                 received = await sub.receive(2)
         finally:

@@ -1,8 +1,7 @@
-"""Defining jobs (docs/queue.md, "Writing a job")."""
+"""The job docs/queue.md ("Writing a job") shows; its other examples dispatch it."""
 
 import logging
 
-from core.errors import Retry
 from core.job import Job
 
 logger = logging.getLogger("app.jobs")
@@ -26,17 +25,3 @@ class SendNotificationJob(Job):
 
     async def failed(self, exception: BaseException) -> None:
         logger.error("gave up notifying user %s: %s", self.user_id, exception)
-
-
-class PollDeviceJob(Job):
-    """Ask for another try, without reporting a failure, while a device is still busy."""
-
-    max_tries = 10
-
-    def __init__(self, device_id: str) -> None:
-        self.device_id = device_id
-
-    async def handle(self) -> str:
-        if self.attempts < 3:  # pretend the device answers on the third poll
-            raise Retry(delay=0.01)
-        return "ready"
