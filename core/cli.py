@@ -26,7 +26,14 @@ from types import ModuleType
 
 from core.errors import ConfigurationError
 from core.log import configure_logging
-from core.settings import QueueConnection, Settings, queue_location, redact_url, settings_warnings
+from core.settings import (
+    QueueConnection,
+    Settings,
+    project_home,
+    queue_location,
+    redact_url,
+    settings_warnings,
+)
 from core.worker.options import ExitCode
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -195,11 +202,8 @@ def _settings_file(given: str | None, *, process: bool) -> Path | None:
         if path.is_dir():
             raise ConfigurationError(f"--env-file {given}: a directory, not a settings file")
         path = path.absolute()  # before a move to TOPIQ_HOME
-    home = os.environ.get("TOPIQ_HOME", "").strip()
-    if home:
-        project = Path(home).expanduser()
-        if not project.is_dir():
-            raise ConfigurationError(f"TOPIQ_HOME={home}: no such directory")
+    project = project_home()
+    if project is not None:
         os.chdir(project)
     if process and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

@@ -23,6 +23,7 @@ __all__ = [
     "LogFormat",
     "QueueConnection",
     "Settings",
+    "project_home",
     "queue_location",
     "redact_url",
     "settings_warnings",
@@ -353,6 +354,24 @@ def queue_location(settings: Settings, connection: str) -> str:
     if connection == QueueConnection.SYNC:
         return "inline, inside dispatch()"
     return connection
+
+
+# -- where the project is ---------------------------------------------------------------------
+
+
+def project_home(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The project directory `TOPIQ_HOME` names (its `.env` is read), or `None` when unset.
+
+    Raises:
+        ConfigurationError: `TOPIQ_HOME` is set but is not a directory.
+    """
+    home = (os.environ if environ is None else environ).get("TOPIQ_HOME", "").strip()
+    if not home:
+        return None
+    path = Path(home).expanduser()
+    if not path.is_dir():
+        raise ConfigurationError(f"TOPIQ_HOME={home}: no such directory")
+    return path
 
 
 # -- settings that are set but not used ------------------------------------------------------
