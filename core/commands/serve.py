@@ -96,24 +96,27 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
     with_worker = args.worker or args.demo
     devices = args.simulate or (DEMO_DEVICES if args.demo else 0)
     options = ConnectionOptions.from_settings(settings)
-    manager = QueueManager(settings)
-    stats = MqttStats(manager=manager)
-    manager.driver()  # an unknown connection or a missing driver library fails here, at start
+    QueueManager(settings).driver()  # an unknown connection or missing library fails at start
     if not with_worker and settings.queue_connection is QueueConnection.MEMORY:
         logger.warning(
             "QUEUE_CONNECTION=memory without --worker: jobs dispatched here are never run"
         )
-    async with manager, contextlib.AsyncExitStack() as stack:
-        set_default_manager(manager)
-        stack.callback(set_default_manager, None)
+    async with contextlib.AsyncExitStack() as stack:
         if options.embedded:
             try:
                 broker = await stack.enter_async_context(EmbeddedBroker(options.host, options.port))
             except BrokerStartError as exc:
                 print(f"topiq: {exc}", file=sys.stderr)
                 return ExitCode.ERROR
-            # The broker may have moved to a free port (its own was taken): follow it.
-            options = options.replace(port=broker.port)
+            if broker.port != options.port:
+                # Its own port was taken: everything in this process that connects follows it
+                # (the app, the devices, and jobs that publish after the app has stopped).
+                settings = settings.model_copy(update={"mqtt_embedded_port": broker.port})
+                options = options.replace(port=broker.port)
+        manager = await stack.enter_async_context(QueueManager(settings))
+        stats = MqttStats(manager=manager)
+        set_default_manager(manager)
+        stack.callback(set_default_manager, None)
         # Closed before the broker stops, so it disconnects cleanly.
         stack.push_async_callback(publisher.close)
         return await _serve(router, settings, options, stats, manager, with_worker, devices, args)
