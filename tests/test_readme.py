@@ -133,7 +133,8 @@ def test_the_demo_shows_a_job_retried_then_kept_in_the_failed_store(demo: Demo) 
     assert demo.counts["jobs_failed"] == 1 and demo.counts["jobs_retried"] == 2, demo.counts
     assert "order 1001: item 'gift-card' has no price" in demo.out
     assert (
-        "1 job failed for good and is kept in the failed store: `python main.py queue:failed` lists"
+        "1 job failed for good and is kept in the failed store: "
+        "`.venv/bin/python main.py queue:failed` lists failed jobs"
     ) in demo.out
     # The command the demo names, run where the user ran the demo, shows the job.
     listing = subprocess.run(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
@@ -16,6 +18,15 @@ from rich.table import Table
 from core.mqtt.stats import MqttStats
 
 __all__ = ["Dashboard", "JobCounts"]
+
+
+def _python() -> str:
+    """The interpreter as the user can type it here: `.venv/bin/python` when it is the
+    project's virtualenv (a plain `python` may lack the dependencies), else `python`."""
+    try:
+        return str(Path(sys.executable).relative_to(Path.cwd()))
+    except ValueError:
+        return "python"
 
 
 @dataclass(slots=True)
@@ -98,12 +109,13 @@ class Dashboard:
         failed = self.counts.failed
         if not failed:
             return None
+        main = f"{_python()} main.py"
         return (
             f"{failed} job{'s' if failed != 1 else ''} failed for good and "
             f"{'are' if failed != 1 else 'is'} kept in the failed store: "
-            "`python main.py queue:failed` lists them, "
-            "`python main.py queue:failed:show ID` shows the payload and traceback, "
-            "`python main.py queue:retry ID` runs one again"
+            f"`{main} queue:failed` lists failed jobs, "
+            f"`{main} queue:failed:show ID` shows one's payload and traceback, "
+            f"`{main} queue:retry ID` runs it again"
         )
 
     async def _refresh_counts(self) -> None:
