@@ -34,7 +34,7 @@ LOADER = JobLoader(["tests."])
 
 
 class SummaryJob(Job):
-    """Defines a property and a class setting of its own besides Job's."""
+    """Defines a property, a method and a plain class default of its own besides Job's."""
 
     threshold: ClassVar[float] = 30.0
 
@@ -132,7 +132,6 @@ def test_data_named_like_a_job_method_is_refused_at_dispatch(name: str) -> None:
     [
         ("summary", "a property of SummaryJob"),
         ("helper", "a method of SummaryJob"),
-        ("threshold", "a class attribute of SummaryJob"),
     ],
 )
 def test_data_named_like_what_the_subclass_defines_is_refused(name: str, what: str) -> None:
@@ -204,7 +203,6 @@ def test_a_setting_that_is_a_property_is_refused_at_dispatch_and_at_load() -> No
         ("SummaryJob", {"log": "l", "failed": "x"}, "'failed' is a method of Job"),
         ("SummaryJob", {"log": "l", "data": {}}, "'data' is a method of Job"),
         ("SummaryJob", {"log": "l", "summary": "x"}, "'summary' is a property of SummaryJob"),
-        ("SummaryJob", {"log": "l", "threshold": 1}, "'threshold' is a class attribute"),
         ("SummaryJob", {"log": "l", "_secret": 1}, "'_secret' is a private name"),
         ("SummaryJob", {"log": "l", "__class__": "x"}, "'__class__' is a private name"),
         ("SummaryJob", {"job_id": "forged"}, "'job_id' is a class attribute of Job"),
@@ -421,3 +419,18 @@ def test_a_script_dispatching_its_own_class_is_told_how_to_fix_it(
     )
     assert inline.returncode == 0, inline.stderr
     assert inline.stdout.strip() == "ran inline for 7"
+
+
+def test_a_plain_class_attribute_is_a_default_for_data() -> None:
+    """`threshold = 30.0` on the class is a default; an instance value of that name is data."""
+    job = SummaryJob("log")
+    job.threshold = 12.5
+    raw = encode(job, job_id="a", queue="q", max_bytes=10_000)
+    loaded = LOADER.load(raw, job_id="a", attempts=1).job
+    assert isinstance(loaded, SummaryJob)
+    assert loaded.threshold == 12.5
+    assert SummaryJob.threshold == 30.0
+    plain = LOADER.load(
+        encode(SummaryJob("x"), job_id="b", queue="q", max_bytes=10_000), job_id="b", attempts=1
+    ).job
+    assert plain.threshold == 30.0

@@ -89,7 +89,16 @@ def _class_info(cls: type[Job]) -> _ClassInfo:
     """What `cls` reserves, worked out once per class."""
     info = _CLASS_INFO.get(cls)
     if info is None:
-        names = frozenset(name for name in dir(cls) if not name.startswith("_"))
+        # Data may not reuse what the framework defines on `Job` (methods, settings, ids), nor
+        # a method, property or other descriptor of the subclass. A plain class attribute of
+        # the subclass (`items: list[str] = []`, `threshold = 5`) is a default for data: an
+        # instance value of that name is data, as it would be if set in `__init__`.
+        names = frozenset(
+            name
+            for name in dir(cls)
+            if not name.startswith("_")
+            and (hasattr(Job, name) or hasattr(type(inspect.getattr_static(cls, name)), "__get__"))
+        )
         problem = None
         for name in _SETTINGS:
             raw = inspect.getattr_static(cls, name)
