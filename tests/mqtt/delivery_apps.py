@@ -34,6 +34,7 @@ durable = Router()
 
 @durable.on("topiq-test/{run}/in", qos=1)
 async def store(run: str, payload: Any) -> None:
+    logger.info("delivery-test handling n=%d", payload["n"])
     await asyncio.sleep(float(os.environ.get("DELIVERY_HANDLER_DELAY", "0")))
     await dispatch(DeliveredJob(run, int(payload["n"])))
     logger.info("delivery-test stored n=%d", payload["n"])

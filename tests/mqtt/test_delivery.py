@@ -190,6 +190,55 @@ async def test_sigterm_with_a_backlog_exits_in_the_grace_period_and_loses_nothin
         )
 
 
+@pytest.mark.process
+@pytest.mark.timeout(90)
+async def test_sigterm_cancels_handlers_past_the_grace_period_and_their_messages_come_back(
+    tmp_path: Path,
+) -> None:
+    run = uuid.uuid4().hex[:12]
+    db = tmp_path / "queue.sqlite3"
+    grace = 2.0
+    async with own_mosquitto(tmp_path) as broker:
+        env = app_env(
+            broker,
+            db,
+            f"delivery-grace-{run}",
+            MQTT_HANDLER_CONCURRENCY="4",
+            MQTT_GRACE=str(grace),
+            DELIVERY_HANDLER_DELAY="60",  # far past the grace period
+        )
+        app = await start_app(env)
+        try:
+            await mosquitto_pub(broker, f"topiq-test/{run}/in", lines=lines(20))
+            # Every handler slot busy (the log line is written when a handler starts).
+            await until(
+                lambda: sum("delivery-test handling" in line for line in app.lines) >= 4,
+                20,
+                "4 handlers running",
+            )
+            started = time.monotonic()
+            code = await app.stop(signal.SIGTERM, timeout=grace + 10)
+            took = time.monotonic() - started
+        finally:
+            await app.kill()
+        assert code == 0, app.log
+        assert grace <= took < grace + 2, f"SIGTERM took {took:.1f}s with a {grace}s grace"
+        assert "cancelled 4 handler(s) still running after 2s" in app.log
+        assert stored(db, run) == []
+
+        env["DELIVERY_HANDLER_DELAY"] = "0"
+        again = await start_app(env)
+        try:
+            await until(lambda: len(stored(db, run)) >= 20, 60, "20 jobs")
+        finally:
+            code = await again.stop()
+        assert code == 0, again.log
+        assert sorted(stored(db, run)) == list(range(20))
+        print(
+            f"\nSIGTERM past the grace: exit 0 after {took:.2f}s (grace {grace}s); 20 of 20 later"
+        )
+
+
 # -- (c) a raising handler is retried, then acknowledged: the window keeps moving ------------------
 
 
