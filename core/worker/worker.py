@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from core.errors import PayloadError, Retry, WorkerLostError
+from core.errors import DriverError, PayloadError, Retry, WorkerLostError
 from core.job import Job
 from core.queue.drivers.base import Driver, FailedJob, FailedStore, ReservedJob, WorkerInfo
 from core.queue.payload import JobLoader, decode_envelope
@@ -102,6 +102,7 @@ class _Failure:
     failed_timeout: float
     hooked: bool = False  # `failed()` was called
     busy: bool = False  # a recording attempt is in flight
+    held: bool = False  # a recording attempt failed: it waits for the store
     lease_until: float = field(default_factory=time.monotonic)
 
 
@@ -419,6 +420,12 @@ class Worker:
                 await self._fail(reserved, None, error, timeout)
                 return
             await self._run(run, job, max_tries, timeout)
+        except DriverError as exc:
+            # The backend stayed unreachable through every retry of a release: the job is no
+            # longer renewed here, so its lease returns it to its queue (at-least-once).
+            logger.error(
+                "job %s: could not hand it back (%s); its lease returns it", reserved.id, exc
+            )
         except Exception as exc:
             # A defect in handling this job (not in the job itself): it must still end up
             # somewhere, so record it as failed rather than let the task die with it.
@@ -725,7 +732,8 @@ class Worker:
             async with asyncio.timeout(limit):
                 await (await self._store()).add(failure.record)
         except Exception as exc:
-            if not self._store_down:
+            if not failure.held:
+                failure.held = True
                 logger.error(
                     "cannot record the failure of job %s yet (%s); it stays reserved until "
                     "the failed-job store answers",
