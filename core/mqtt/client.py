@@ -251,6 +251,9 @@ class _Connection:
         self._deliver = deliver
         self._stats = stats
         self._reading = reading  # False once the app stopped taking messages
+        # Until the subscriptions are sent, what arrives (the session's queued messages come
+        # right after CONNACK) waits here: handlers run only on a connection that is up.
+        self._held: list[Delivery] | None = []
         self._paho: paho.Client = client._client
         self._paho.manual_ack_set(True)
         self._paho.on_message = self._on_message
@@ -270,7 +273,17 @@ class _Connection:
                 )
             return
         self.unacked += 1
-        self._deliver(Delivery(_incoming(message), self, message.mid))
+        delivery = Delivery(_incoming(message), self, message.mid)
+        if self._held is not None:
+            self._held.append(delivery)
+        else:
+            self._deliver(delivery)
+
+    def up(self) -> None:
+        """The connection is up and subscribed: hand over what arrived meanwhile, and the rest."""
+        held, self._held = self._held or [], None
+        for delivery in held:
+            self._deliver(delivery)
 
     def stop_reading(self) -> None:
         """Take no more messages; those not taken stay the broker's."""
@@ -293,8 +306,10 @@ class _Connection:
             logger.debug("could not acknowledge message %d on %s (%s)", mid, message.topic, rc)
 
     def close(self) -> None:
-        """The connection is gone: its acknowledgements can no longer be sent."""
+        """The connection is gone: its acknowledgements can no longer be sent, and what it
+        held back is left to the broker, which sends it again."""
         self.open = False
+        self._held = None
 
 
 def _at_most_qos1(sub: Subscription) -> Subscription:
@@ -535,6 +550,7 @@ class MqttClient:
                     self._connection = connection
                     await self._subscribe(client)
                     self._up(failures)
+                    connection.up()
                     failures = 0
                     # Messages come through `connection`, never through aiomqtt's queue: this
                     # only waits for the connection to drop (it raises then).
