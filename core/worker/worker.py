@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from core.errors import DriverError, PayloadError, Retry, WorkerLostError
+from core.errors import ConfigurationError, DriverError, PayloadError, Retry, WorkerLostError
 from core.job import Job
 from core.queue.drivers.base import Driver, FailedJob, FailedStore, ReservedJob, WorkerInfo
 from core.queue.payload import JobLoader, decode_envelope
@@ -245,6 +245,8 @@ class Worker:
         while self._stop_reason is None:
             try:
                 return await self.manager.connection(self.connection)
+            except ConfigurationError:
+                raise  # a wrong setting (e.g. TLS the server does not speak): no retry helps
             except Exception as exc:
                 logger.error(
                     "worker cannot reach the %s queue (%s); retrying in %.1fs",
