@@ -144,8 +144,7 @@ async def test_sync_jobs_leave_the_loops_own_thread_pool_free(tmp_path: Path, lo
     count = min(32, (os.cpu_count() or 1) + 4) + 1
     backend = Backend("memory", {"queue_default": "threads"})
     async with QueueManager(backend.settings()) as manager:
-        jobs: list[Job] = [with_limits(SyncSleepJob(log, 3, n), timeout=20) for n in range(count)]
-        await manager.bulk([*jobs, ToThreadJob(log)])
+        await manager.bulk([SyncSleepJob(log, 3, n) for n in range(count)])
         worker = Worker(
             manager,
             WorkerOptions(
@@ -156,7 +155,13 @@ async def test_sync_jobs_leave_the_loops_own_thread_pool_free(tmp_path: Path, lo
                 handle_signals=False,
             ),
         )
-        assert await worker.run() is StopReason.EMPTY
+        running = asyncio.create_task(worker.run())
+        # As many sync jobs have a thread as the loop's own pool could give them.
+        while len(events(log, "start")) < count - 1:
+            assert not running.done()
+            await asyncio.sleep(0.02)
+        await manager.push(ToThreadJob(log))
+        assert await asyncio.wait_for(running, 30) is StopReason.EMPTY
     [used] = events(log, "to_thread")
     assert used["took"] < 1.5, used  # not queued behind the 3 s sleepers
     assert not used["thread"].startswith("topiq-job")
