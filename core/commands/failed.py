@@ -11,16 +11,18 @@ Retrying never loses a job nor a newer failure, and two retries at once queue a 
 * where the failed store is the queue's own backend, the driver moves each record back in one
   atomic step (`Driver.retry_failed`);
 * where it is not (ENABLE_MYSQL=true keeps a Redis queue's failures in MySQL), each record is
-  first claimed (given a new record id, atomically: a second retry finds it changed and skips
-  it), then its job is pushed, then exactly that record is deleted by its record id. A job
-  that fails again in between has a new record, which stays; a command that dies in between
-  leaves the job listed (and perhaps queued too), never in neither place.
+  first claimed (given a claim record id, atomically: a second retry finds it changed, or
+  sees the claim, and skips it), then its job is pushed, then exactly that record is deleted
+  by its record id. A job that fails again in between has a new record, which stays; a
+  command that dies in between leaves the job listed (and perhaps queued too), never in
+  neither place, and its claim lapses after `CLAIM_LIFETIME` so that a later retry takes it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -49,7 +51,7 @@ from core.commands._common import (
     when,
 )
 from core.delays import parse_delay
-from core.queue.drivers.base import Driver, FailedJob, FailedStore, OutgoingJob
+from core.queue.drivers.base import Driver, FailedJob, FailedStore, OutgoingJob, claimed_at
 from core.settings import Settings
 
 HELP = {
@@ -63,6 +65,8 @@ HELP = {
 
 _COLUMNS = ("id", "connection", "queue", "class", "failed at", "error")
 _PAGE = 500  # records read per round trip when a command works on a whole store
+#: Seconds a retry's claim on a failed record keeps other retries away (it lasts a push).
+CLAIM_LIFETIME = 60.0
 
 _Handler = Callable[[argparse.Namespace, Connection, FailedStore], Awaitable[int]]
 
@@ -206,8 +210,13 @@ async def _retry(args: argparse.Namespace, conn: Connection, store: FailedStore)
         for start in range(0, len(records), _PAGE):
             batch = records[start : start + _PAGE]
             by_connection: dict[str, list[FailedJob]] = {}
+            now = time.time()
             for record in batch:
-                by_connection.setdefault(record.connection, []).append(record)
+                claimed = claimed_at(record.record_id)
+                if claimed is not None and now - claimed < CLAIM_LIFETIME:
+                    skipped.append(record.id)  # another retry is moving it right now
+                else:
+                    by_connection.setdefault(record.connection, []).append(record)
             for name, group in by_connection.items():
                 driver = await conn.driver_for(name)
                 if driver.failed_store() is store:
@@ -225,8 +234,8 @@ async def _retry(args: argparse.Namespace, conn: Connection, store: FailedStore)
     )
     if skipped:
         message += (
-            f" Skipped {_jobs(len(skipped))} that changed since they were read "
-            "(retried by another run, or failed again)."
+            f" Skipped {_jobs(len(skipped))} that another retry is moving, or that changed "
+            "since they were read (retried meanwhile, or failed again)."
         )
     if args.json or retried or skipped or not missing:  # a missing id is said once, below
         result: dict[str, list[str]] = {"retried": retried, "missing": missing}

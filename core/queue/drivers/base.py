@@ -37,6 +37,8 @@ __all__ = [
     "QueueStats",
     "ReservedJob",
     "WorkerInfo",
+    "claim_record_id",
+    "claimed_at",
     "new_record_id",
 ]
 
@@ -64,6 +66,22 @@ class ReservedJob:
 def new_record_id() -> str:
     """A fresh failed-record id (32 hex characters)."""
     return os.urandom(16).hex()
+
+
+def claim_record_id(now: float) -> str:
+    """A record id that marks a record as claimed by a retry at `now` (epoch seconds).
+
+    32 characters: `c`, the time in milliseconds (13 digits), 18 random hex digits. Other
+    retries see the claim and leave the record alone while it is recent (see `claimed_at`).
+    """
+    return f"c{int(now * 1000):013d}{os.urandom(9).hex()}"
+
+
+def claimed_at(record_id: str) -> float | None:
+    """When a retry claimed the record with this id (epoch seconds), or `None` if none did."""
+    if len(record_id) == 32 and record_id.startswith("c") and record_id[1:14].isdigit():
+        return int(record_id[1:14]) / 1000
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +182,8 @@ class FailedStore(abc.ABC):
 
     @abc.abstractmethod
     async def claim(self, record: FailedJob) -> FailedJob | None:
-        """Give `record` a new record id if the store still holds it as read; atomic.
+        """Give `record` a new claim record id (`claim_record_id`) if the store still holds it
+        as read; atomic.
 
         Returns the record under its new id, or `None` when the job's record is gone or is
         another failure now (retried by someone else, failed again). Two callers claiming one

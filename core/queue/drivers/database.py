@@ -19,6 +19,7 @@ Same semantics as the memory driver, on the tables of `sql_tables`:
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -51,6 +52,7 @@ from core.queue.drivers.base import (
     QueueStats,
     ReservedJob,
     WorkerInfo,
+    claim_record_id,
     new_record_id,
 )
 from core.queue.drivers.sql_migrations import (
@@ -533,7 +535,7 @@ class DatabaseFailedStore(FailedStore):
 
     async def claim(self, record: FailedJob) -> FailedJob | None:
         """A conditional UPDATE of the record id: one caller's changes the row."""
-        new = new_record_id()
+        new = claim_record_id(time.time())
         held = and_(_failed.uuid == record.id, _failed.record_id == record.record_id)
 
         async def op(conn: AsyncConnection) -> int:

@@ -23,6 +23,7 @@ from core.queue.drivers.base import (
     QueueStats,
     ReservedJob,
     WorkerInfo,
+    claim_record_id,
     new_record_id,
 )
 from core.settings import Settings
@@ -72,7 +73,7 @@ class MemoryFailedStore(FailedStore):
         # No await between the check and the change: atomic on the event loop.
         if not self.holds(record):
             return None
-        claimed = self._records[record.id] = replace(record, record_id=new_record_id())
+        claimed = self._records[record.id] = replace(record, record_id=claim_record_id(time.time()))
         return claimed
 
     async def remove(self, record: FailedJob) -> bool:

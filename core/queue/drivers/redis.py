@@ -35,9 +35,9 @@ from core.queue.drivers.base import (
     QueueStats,
     ReservedJob,
     WorkerInfo,
+    claim_record_id,
     new_record_id,
 )
-from core.queue.drivers.tls import check_redis_url, redis_tls_failure
 from core.settings import Settings
 
 __all__ = ["RedisDriver", "RedisFailedStore"]
@@ -168,7 +168,7 @@ class RedisFailedStore(FailedStore):
         return found[0] if found else None
 
     async def claim(self, record: FailedJob) -> FailedJob | None:
-        new = new_record_id()
+        new = claim_record_id(time.time())
         async with _translated("claiming a failed job"):
             won = await self._driver.script("failed_claim")(
                 keys=[self._records, self._rids], args=[record.id, record.record_id, new]
@@ -273,12 +273,10 @@ class RedisDriver(Driver):
     async def open(self) -> None:
         if self._client is not None:
             return
-        dsn = self.settings.redis_dsn
-        check_redis_url(dsn)
         # No client-side retries: a script whose reply was lost must not run twice; the worker
         # retries with backoff and leases cover anything reserved but never reported.
         client = aioredis.Redis.from_url(
-            dsn,
+            self.settings.redis_dsn,
             decode_responses=False,
             retry=RedisRetry(NoBackoff(), 0),
             health_check_interval=30,
@@ -287,13 +285,8 @@ class RedisDriver(Driver):
         async with _translated("connecting"):
             try:
                 await client.ping()
-            except BaseException as exc:
+            except BaseException:
                 await client.aclose()
-                if isinstance(exc, RedisError | OSError):  # rediss:// that cannot be TLS: stop
-                    where = client.connection_pool.connection_kwargs
-                    tls = await redis_tls_failure(dsn, where["host"], where["port"], exc)
-                    if tls is not None:
-                        raise tls from None
                 raise
         self._client = client
 
