@@ -38,6 +38,7 @@ from core.queue.drivers.base import (
     claim_record_id,
     new_record_id,
 )
+from core.queue.drivers.tls import check_redis_url, redis_tls_failure
 from core.settings import Settings
 
 __all__ = ["RedisDriver", "RedisFailedStore"]
@@ -273,10 +274,12 @@ class RedisDriver(Driver):
     async def open(self) -> None:
         if self._client is not None:
             return
+        dsn = self.settings.redis_dsn
+        check_redis_url(dsn)
         # No client-side retries: a script whose reply was lost must not run twice; the worker
         # retries with backoff and leases cover anything reserved but never reported.
         client = aioredis.Redis.from_url(
-            self.settings.redis_dsn,
+            dsn,
             decode_responses=False,
             retry=RedisRetry(NoBackoff(), 0),
             health_check_interval=30,
@@ -285,8 +288,13 @@ class RedisDriver(Driver):
         async with _translated("connecting"):
             try:
                 await client.ping()
-            except BaseException:
+            except BaseException as exc:
                 await client.aclose()
+                if isinstance(exc, RedisError | OSError):  # rediss:// that cannot be TLS: stop
+                    where = client.connection_pool.connection_kwargs
+                    tls = await redis_tls_failure(dsn, where["host"], where["port"], exc)
+                    if tls is not None:
+                        raise tls from None
                 raise
         self._client = client
 
