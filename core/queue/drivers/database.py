@@ -62,6 +62,7 @@ from core.queue.drivers.sql_migrations import (
     database_error,
     is_conflict,
     migrate,
+    refuse_seed_tables,
     safe_url,
     schema_version,
     writer,
@@ -112,6 +113,7 @@ class DatabaseDriver(Driver):
             if self.settings.db_auto_migrate:
                 await migrate(engine)
             else:
+                await refuse_seed_tables(engine)
                 found = await schema_version(engine)
                 if found < LATEST_VERSION:
                     raise ConfigurationError(

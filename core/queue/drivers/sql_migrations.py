@@ -43,6 +43,7 @@ __all__ = [
     "database_url",
     "is_conflict",
     "migrate",
+    "refuse_seed_tables",
     "safe_url",
     "schema_version",
     "writer",
@@ -389,11 +390,7 @@ async def migrate(engine: AsyncEngine, *, convert_seed: bool = False) -> int:
                 with contextlib.suppress(sa_exc.SQLAlchemyError, OSError):
                     await conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": lock})
     except _SeedTables as found:
-        raise ConfigurationError(
-            f"the queue tables at {safe_url(url)} are RouteMQ's ({found}, without Topiq's job "
-            "id column): run `python main.py queue:migrate` to convert them, keeping their "
-            "waiting and failed jobs"
-        ) from None
+        raise _seed_error(url, found.tables) from None
     except DriverError:
         raise
     except (sa_exc.SQLAlchemyError, OSError) as exc:
@@ -419,6 +416,28 @@ async def _sqlite_migrate(engine: AsyncEngine, convert_seed: bool) -> int:
                 raise
         await asyncio.sleep(pause)
         pause = min(pause * 2, 0.1)
+
+
+def _seed_error(url: URL, tables: list[str]) -> ConfigurationError:
+    return ConfigurationError(
+        f"the queue tables at {safe_url(url)} are RouteMQ's ({', '.join(tables)}, without "
+        "Topiq's job id column): run `python main.py queue:migrate` to convert them, keeping "
+        "their waiting and failed jobs"
+    )
+
+
+async def refuse_seed_tables(engine: AsyncEngine) -> None:
+    """Raise `ConfigurationError` saying to run `queue:migrate` if RouteMQ's tables are there.
+
+    For a driver that does not migrate by itself (`DB_AUTO_MIGRATE=false`).
+    """
+    try:
+        async with engine.connect() as conn:
+            left = await conn.run_sync(sql_seed.leftovers)
+    except (sa_exc.SQLAlchemyError, OSError) as exc:
+        raise database_error(exc, "inspect the queue tables", engine.url) from exc
+    if left:
+        raise _seed_error(engine.url, left)
 
 
 async def schema_version(engine: AsyncEngine) -> int:

@@ -105,7 +105,9 @@ def convert(connection: Connection) -> int:
         columns = {c["name"] for c in found.get_columns(ours.name)} if ours.name in names else set()
         if ours.name in names and "uuid" not in columns and seed.name not in names:
             connection.execute(text(f"ALTER TABLE {ours.name} RENAME TO {seed.name}"))
-    t.metadata.create_all(connection, tables=[ours for ours, _ in _PAIRS], checkfirst=True)
+    # Every table, not only these two: an earlier Topiq may have recorded schema version 1
+    # over RouteMQ's tables without creating its own.
+    t.metadata.create_all(connection, checkfirst=True)
     copied = 0
     names = set(inspect(connection).get_table_names())
     if _seed_jobs.name in names:
