@@ -180,6 +180,7 @@ def test_a_killed_worker_leaves_the_registry_when_its_heartbeat_expires(
     finally:
         doomed.stop()
         survivor.stop()
+    print(f"{server_backend.kind}: the killed worker left the registry after {gone_after:.2f}s")
     # QUEUE_LEASE_MARGIN=2: heartbeat every 0.67 s, an entry lives 2 s after the last one.
     assert gone_after < 2.0 + 1.5, f"left after {gone_after:.2f}s"
 
