@@ -188,8 +188,9 @@ def _settings_file(given: str | None, *, process: bool) -> Path | None:
     """The settings file to read, after moving to `TOPIQ_HOME` if it is set.
 
     An explicit `--env-file` must exist (`/dev/null` reads none); the default `.env` is
-    optional. In a real process (`argv` not given) the project directory is put first on the
-    import path, as `python main.py` has its own directory there, so `app.*` is the project's.
+    optional. Run as the installed `topiq` command (`process`), the project directory is put
+    first on the import path, as `python main.py` has its own directory there, so `app.*` is
+    the project's.
 
     Raises:
         ConfigurationError: `--env-file` or `TOPIQ_HOME` names nothing usable.
@@ -255,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extras:
         return _unrecognised(parser, command, extras)
     try:
-        args.settings_file = _settings_file(args.env_file, process=argv is None)
+        installed = argv is None and _prog() == "topiq"
+        args.settings_file = _settings_file(args.env_file, process=installed)
         settings = Settings.load(env_file=args.settings_file)
         args.settings_from = settings_source(args.settings_file)  # for the start lines
     except ConfigurationError as exc:
