@@ -27,7 +27,7 @@ from tests.processes import ROOT, WorkerProcess, wait_until, workers
 
 pytestmark = pytest.mark.timeout(180)
 
-JOBS = 300
+JOBS = 150
 
 
 @pytest.fixture(params=["redis", "sqlite", "mysql", "redis-failed-in-mysql"])
