@@ -50,7 +50,13 @@ async def test_the_app_reconnects_resubscribes_and_gets_what_was_sent_while_away
             for n in (1, 2, 3):
                 await mosquitto_pub(broker, f"plant/m{n}/events", f'{{"n": {n}}}', qos=1)
             assert not app.client.connected, "the app came back before the test published"
-            assert sorted(await take(inbox, 3)) == ["m1:1", "m2:2", "m3:3"]
+            got = await take(inbox, 3)
+            if "m1:0" in got:
+                # m1:0 is acknowledged after its handler returned: when the broker stopped
+                # before the acknowledgement reached it, it sends m1:0 again (at-least-once).
+                got.remove("m1:0")
+                got += await take(inbox, 1)
+            assert sorted(got) == ["m1:1", "m2:2", "m3:3"]
             assert app.stats.connects == 2
 
             # 2. A broker with no memory of the app: only resubscribing gets messages through.
@@ -64,4 +70,4 @@ async def test_the_app_reconnects_resubscribes_and_gets_what_was_sent_while_away
             assert app.stats.connects == 3
     finally:
         await mosquitto.stop()
-    assert app.stats.handled == 5 and app.stats.failed == 0
+    assert app.stats.handled in (5, 6) and app.stats.failed == 0  # 6: m1:0 twice (above)
