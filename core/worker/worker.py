@@ -275,7 +275,11 @@ class Worker:
                     break
                 buffer = self._buffer
                 while buffer and len(self._running) < opts.concurrency:
-                    self._start(buffer.popleft())
+                    waiting = buffer.popleft()
+                    if waiting.lease_until > time.monotonic():
+                        self._start(waiting)
+                    else:
+                        self._lapsed(waiting)
                 room = opts.concurrency + self._prefetch - len(self._running) - len(buffer)
                 if opts.max_jobs is not None:
                     left = opts.max_jobs - self._started - len(buffer)
@@ -491,6 +495,10 @@ class Worker:
                 # wrong one), so a job that dies with its worker comes back neither too early
                 # nor too late. Batched with the other jobs starting in this turn.
                 await self._set_lease(run, lease)
+                if run.lease_until <= time.monotonic():
+                    # Not renewed, and the short lease it was reserved under has lapsed.
+                    self._lose(run)
+                    return
             run.deadline = time.monotonic() + timeout
             await call_handle(
                 job,
@@ -662,7 +670,7 @@ class Worker:
             self.connection,
         )
         task = run.task
-        if task is not None and not task.done():
+        if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
             asyncio.get_running_loop().call_later(self._stop_within, self._check_stopped, run, task)
 
@@ -895,12 +903,7 @@ class Worker:
             for held, _ in buffered:
                 if held.lease_until <= lapsing and held in self._buffer:
                     self._buffer.remove(held)
-                    logger.error(
-                        "job %s: its lease lapsed while it waited for a slot (the %s backend "
-                        "is unreachable); not started, since another worker may have it",
-                        held.reserved.id,
-                        self.connection,
-                    )
+                    self._lapsed(held)
             return
         for run, seconds in running:
             run.lease_until = now + seconds
@@ -908,6 +911,13 @@ class Worker:
             held.lease_until = now + seconds
         for failure in failures:
             failure.lease_until = now + margin
+
+    def _lapsed(self, held: _Buffered) -> None:
+        logger.error(
+            "job %s: its lease lapsed while it waited for a slot (its renewal failed or was "
+            "late); not started, since another worker may have it",
+            held.reserved.id,
+        )
 
     def _info(self) -> WorkerInfo:
         return WorkerInfo(
