@@ -122,8 +122,8 @@ def test_a_sync_job_past_its_timeout_is_given_up_and_the_worker_exits(
     finally:
         first.stop()
     assert code == ExitCode.STUCK, first.output
-    # timeout 1 s + 1 s to stop (half the 2 s margin) + 1 s grace, and the bookkeeping
-    assert took < 8, took
+    # timeout 1 s + 1 s to stop (half the 2 s margin) + 1 s grace, the bookkeeping, and slack
+    assert took < 12, took
     assert "would not stop" in first.output
     assert "returned to its queue" in first.output  # the other job went back unspent
     pid = first.proc.pid
@@ -190,7 +190,7 @@ def test_an_async_job_that_swallows_cancellation_is_given_up(
     finally:
         first.stop()
     assert code == ExitCode.STUCK, first.output
-    assert took < 8, took
+    assert took < 12, took
     assert "would not stop" in first.output
     assert of(log, "swallowed", 1)  # it did swallow the cancellation
     # Nothing of the abandoned try outlives its worker.
@@ -220,7 +220,7 @@ def test_sigterm_ends_a_worker_whose_job_swallows_cancellation(
     finally:
         first.stop()
     assert code == ExitCode.OK, first.output
-    assert took < 5, took  # grace 1 s + 1 s to stop
+    assert took < 10, took  # grace 1 s + 1 s to stop, and a loaded machine's slack
     assert "did not stop within" in first.output
     [again] = inspect_queue(redis_backend, "reserve")
     assert again.attempts == 1  # handed back unspent
