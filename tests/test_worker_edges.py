@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -41,6 +42,12 @@ from tests.test_worker_processes import PrivateRedis, inspect_queue, send, start
 pytestmark = pytest.mark.timeout(120)
 
 
+@pytest.fixture(autouse=True)
+def stacks_on_abort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker processes print every thread's stack on SIGABRT (see `exited`)."""
+    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
+
+
 @pytest.fixture
 def log(tmp_path: Path) -> str:
     return str(tmp_path / "events.jsonl")
@@ -59,6 +66,17 @@ def with_limits(job: Job, **limits: Any) -> Job:
 
 def of(log: str, kind: str, n: int) -> list[dict[str, Any]]:
     return [e for e in events(log, kind) if e.get("n") == n]
+
+
+def exited(proc: WorkerProcess, timeout: float = 30) -> int:
+    """The worker's exit code; if it hangs, its threads' stacks (faulthandler) and its log."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.signal(signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        pytest.fail(f"the worker did not exit within {timeout}s:\n{proc.output[-12000:]}")
 
 
 def failed_records(backend: Backend) -> list[Any]:
@@ -92,9 +110,9 @@ def test_a_finished_job_is_acknowledged_while_every_slot_is_busy(
         with workers(1, [], redis_backend.env(), tmp_path) as [second]:
             wait_until(lambda: len(events(log, "end")) == 19, 60, "the long jobs to end")
             second.signal(signal.SIGTERM)
-            assert second.wait(30) == ExitCode.OK
+            assert exited(second) == ExitCode.OK
         first.signal(signal.SIGTERM)
-        assert first.wait(30) == ExitCode.OK
+        assert exited(first) == ExitCode.OK
     finally:
         first.stop()
     assert len(events(log, "run")) == 1, events(log, "run")
@@ -117,7 +135,7 @@ def test_a_sync_job_past_its_timeout_is_given_up_and_the_worker_exits(
     try:
         wait_until(lambda: len(events(log, "start")) == 2, 60, "both jobs to start")
         began = time.monotonic()
-        code = first.wait(30)
+        code = exited(first)
         took = time.monotonic() - began
     finally:
         first.stop()
@@ -133,7 +151,7 @@ def test_a_sync_job_past_its_timeout_is_given_up_and_the_worker_exits(
     with workers(1, ["--concurrency", "2"], redis_backend.env(), tmp_path) as [second]:
         wait_until(lambda: len(events(log, "end")) == 2, 60, "both jobs to end elsewhere")
         second.signal(signal.SIGTERM)
-        assert second.wait(30) == ExitCode.OK
+        assert exited(second) == ExitCode.OK
     assert [e["attempts"] for e in of(log, "end", 1)] == [2]  # the timed-out try was spent
     assert [e["attempts"] for e in of(log, "end", 2)] == [1]  # the other one's was not
     assert inspect_queue(redis_backend, "size") == 0
@@ -184,9 +202,9 @@ def test_an_async_job_that_swallows_cancellation_is_given_up(
     try:
         wait_until(lambda: len(events(log, "start")) == 2, 60, "both jobs to start")
         began = time.monotonic()
-        code = first.wait(30)
+        code = exited(first)
         took = time.monotonic() - began
-        exited = time.time()
+        ended = time.time()
     finally:
         first.stop()
     assert code == ExitCode.STUCK, first.output
@@ -194,11 +212,11 @@ def test_an_async_job_that_swallows_cancellation_is_given_up(
     assert "would not stop" in first.output
     assert of(log, "swallowed", 1)  # it did swallow the cancellation
     # Nothing of the abandoned try outlives its worker.
-    assert all(e["t"] <= exited for e in of(log, "swallowed", 1))
+    assert all(e["t"] <= ended for e in of(log, "swallowed", 1))
     with workers(1, ["--concurrency", "2"], redis_backend.env(), tmp_path) as [second]:
         wait_until(lambda: len(events(log, "end")) == 2, 60, "both jobs to end elsewhere")
         second.signal(signal.SIGTERM)
-        assert second.wait(30) == ExitCode.OK
+        assert exited(second) == ExitCode.OK
     assert [e["attempts"] for e in of(log, "start", 1)] == [1, 2]
     assert [e["attempts"] for e in of(log, "end", 1)] == [2]
     assert [e["attempts"] for e in of(log, "end", 2)] == [1]
@@ -215,7 +233,7 @@ def test_sigterm_ends_a_worker_whose_job_swallows_cancellation(
         wait_until(lambda: bool(events(log, "start")), 60, "the job to start")
         began = time.monotonic()
         first.signal(signal.SIGTERM)
-        code = first.wait(30)
+        code = exited(first)
         took = time.monotonic() - began
     finally:
         first.stop()
@@ -250,7 +268,7 @@ def test_a_job_whose_lease_cannot_be_renewed_is_cancelled(log: str, tmp_path: Pa
             server.start()
             wait_until(lambda: bool(of(log, "end", 2)), 60, "the second job to run again")
             proc.signal(signal.SIGTERM)
-            assert proc.wait(30) == ExitCode.OK
+            assert exited(proc) == ExitCode.OK
         # Its first try never ran on once its lease was gone: it ran to its end on a new try.
         assert [e["attempts"] for e in of(log, "end", 2)] == [2]
         assert inspect_queue(backend, "size") == 0
@@ -330,7 +348,7 @@ def test_a_prefetched_job_of_a_dead_worker_comes_back_quickly(
         wait_until(lambda: bool(of(log, "run", 2)), 25, "the prefetched job to come back")
         back = of(log, "run", 2)[0]["t"] - killed
         second.signal(signal.SIGTERM)
-        assert second.wait(30) == ExitCode.OK
+        assert exited(second) == ExitCode.OK
     assert back < 20, back  # the second worker's start-up counts too
     assert [e["attempts"] for e in of(log, "run", 2)] == [2]
 
@@ -400,7 +418,7 @@ def test_redis_workers_keep_working_while_the_mysql_failed_store_is_down(
             wait_until(lambda: len(failed_records(mysql)) == 1, 30, "the failure to be recorded")
             wait_until(lambda: inspect_queue(redis, "size") == 0, 10, "its acknowledgement")
             proc.signal(signal.SIGTERM)
-            assert proc.wait(30) == ExitCode.OK
+            assert exited(proc) == ExitCode.OK
     finally:
         gate.close()
     assert len(events(log, "failed")) == 1
