@@ -213,7 +213,8 @@ async def _retry(args: argparse.Namespace, conn: Connection, store: FailedStore)
             now = time.time()
             for record in batch:
                 claimed = claimed_at(record.record_id)
-                if claimed is not None and now - claimed < CLAIM_LIFETIME:
+                # abs(): a claim made on a host whose clock runs ahead is recent too.
+                if claimed is not None and abs(now - claimed) < CLAIM_LIFETIME:
                     skipped.append(record.id)  # another retry is moving it right now
                 else:
                     by_connection.setdefault(record.connection, []).append(record)

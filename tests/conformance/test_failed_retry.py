@@ -113,6 +113,8 @@ async def test_claim_and_remove_match_one_record_exactly(manager: QueueManager, 
     claimed = claimed_at(mine.record_id)  # marked as a claim, so other retries leave it alone
     assert claimed is not None and abs(claimed - time.time()) < 60
     assert claimed_at(record.record_id) is None
+    # A fresh record id is hex and can never read as a claim, whatever its digits.
+    assert claimed_at("c" + "1" * 31) is None and claimed_at("0" * 32) is None
     assert await store.claim(record) is None  # the old record id no longer matches
     assert await store.remove(record) is False
     await store.add(record)  # the job failed again after its claim: a newer failure

@@ -51,6 +51,9 @@ def call(backend: Backend, op: str) -> Any:
             name = manager.settings.queue_default
             if op == "size":
                 return await manager.size(name)
+            if op == "stats":
+                [stats] = await manager.stats(name)
+                return stats
             if op == "failed":
                 store = await manager.failed_store()
                 return [r.id for r in await store.list(name, limit=10 * JOBS)]
@@ -73,6 +76,15 @@ def settle(backend: Backend, op: str, expected: Any, timeout: float, what: str) 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}: {answer!r}")
         time.sleep(0.25)
+
+
+def wait_runs(backend: Backend, log: str, event: str, count: int, what: str) -> None:
+    """Wait for `count` events in the log; on a timeout, say where the queue's jobs are."""
+    try:
+        wait_until(lambda: len(events(log, event)) >= count, 120, what)
+    except AssertionError as exc:
+        where = call(backend, "stats")
+        raise AssertionError(f"{exc}; {len(events(log, event))} so far; {where}") from None
 
 
 def count_failed(backend: Backend) -> int:
@@ -127,7 +139,7 @@ def test_retry_all_while_workers_fail_the_jobs_again_loses_no_failure(
         out, err = retry.communicate(timeout=120)
         assert retry.returncode == 0, err
         assert f"Retried {JOBS} failed jobs" in out
-        wait_until(lambda: len(events(log, "try")) >= 2 * JOBS, 120, "the jobs to run again")
+        wait_runs(retry_backend, log, "try", 2 * JOBS, "the retried jobs to run again")
         settle(retry_backend, "size", 0, 60, "every retried job to be recorded again")
     failed = call(retry_backend, "failed")
     assert len(failed) == JOBS, f"{JOBS - len(failed)} failure records lost"
@@ -151,7 +163,7 @@ def test_two_retries_at_once_run_each_job_once(retry_backend: Backend, tmp_path:
         for retry in retries:
             _, err = retry.communicate(timeout=120)
             assert retry.returncode == 0, err
-        wait_until(lambda: len(events(log, "done")) >= jobs, 120, "every retried job to run")
+        wait_runs(retry_backend, log, "done", jobs, "every retried job to run")
         settle(retry_backend, "size", 0, 60, "the queue to empty")
     done = Counter(e["id"] for e in events(log, "done"))
     twice = [job_id for job_id, runs in done.items() if runs > 1]

@@ -71,15 +71,16 @@ def new_record_id() -> str:
 def claim_record_id(now: float) -> str:
     """A record id that marks a record as claimed by a retry at `now` (epoch seconds).
 
-    32 characters: `c`, the time in milliseconds (13 digits), 18 random hex digits. Other
-    retries see the claim and leave the record alone while it is recent (see `claimed_at`).
+    32 characters: `r` (never in a fresh id, which is all hex), the time in milliseconds (13
+    digits), 18 random hex digits. Other retries see the claim and leave the record alone
+    while it is recent (see `claimed_at`).
     """
-    return f"c{int(now * 1000):013d}{os.urandom(9).hex()}"
+    return f"r{int(now * 1000):013d}{os.urandom(9).hex()}"
 
 
 def claimed_at(record_id: str) -> float | None:
     """When a retry claimed the record with this id (epoch seconds), or `None` if none did."""
-    if len(record_id) == 32 and record_id.startswith("c") and record_id[1:14].isdigit():
+    if len(record_id) == 32 and record_id.startswith("r") and record_id[1:14].isdigit():
         return int(record_id[1:14]) / 1000
     return None
 
