@@ -202,7 +202,7 @@ class Worker:
             if self._driver is None:
                 return self._stop_reason or StopReason.SIGNAL
             # Not waited for: a failed-job store that is down must not keep jobs from running.
-            self._track(asyncio.create_task(self._open_store_at_start()))
+            opener = asyncio.create_task(self._open_store_at_start())
             async with self._watchdog:
                 heartbeat = asyncio.create_task(self._heartbeat(), name="topiq-worker-heartbeat")
                 try:
@@ -219,6 +219,8 @@ class Worker:
             await self._with_retries("acknowledge finished jobs", self._flush_acks)
             with contextlib.suppress(Exception):
                 await self._driver.remove_worker(self.id)
+            opener.cancel()  # only if the store still has not answered
+            await asyncio.gather(opener, return_exceptions=True)
         finally:
             self._threads.shutdown()
             for sig in signals:
@@ -715,8 +717,7 @@ class Worker:
 
     async def _open_store_at_start(self) -> None:
         try:
-            async with asyncio.timeout(max(self._margin, 5.0)):
-                await self._store()
+            await self._store()
         except Exception as exc:
             self._store_down = True
             logger.error(
@@ -730,17 +731,14 @@ class Worker:
         if failure.busy or self._failures.get(failure.reserved.id) is not failure:
             return False
         failure.busy = True
-        limit = max(self._margin, 5.0)
         try:
             if not failure.hooked:
                 if failure.job is not None:
-                    async with asyncio.timeout(limit):
-                        # The store answers: `failed()` can be followed by its record.
-                        await (await self._store()).get(failure.reserved.id)
+                    # The store answers: `failed()` can be followed by its record.
+                    await (await self._store()).get(failure.reserved.id)
                     await call_failed(failure.job, failure.exc, failure.failed_timeout)
                 failure.hooked = True
-            async with asyncio.timeout(limit):
-                await (await self._store()).add(failure.record)
+            await (await self._store()).add(failure.record)
         except Exception as exc:
             if not failure.held:
                 failure.held = True
@@ -859,23 +857,45 @@ class Worker:
     # -- background duties -------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
+        """Every `interval`: renew leases, report this worker, look for a restart request.
+
+        A beat runs as a task of its own, never cancelled mid-call (a command cut off half-way
+        can leave a connection unusable): when one has not finished in time, the leases it was
+        renewing count as not renewed, and the next beat waits for it instead of piling up.
+        """
+        interval = self._heartbeat_every
+        beat: asyncio.Task[bool] | None = None
+        try:
+            while True:
+                if beat is None or beat.done():
+                    beat = asyncio.create_task(self._beat(interval), name="topiq-worker-beat")
+                await asyncio.wait({beat}, timeout=max(interval, self._margin / 2))
+                if not (beat.done() and not beat.cancelled() and beat.result()):
+                    self._check_lapsing(interval)
+                await asyncio.sleep(interval)
+        finally:
+            if beat is not None and not beat.done():
+                # Stopping: let a beat in flight finish its calls (bounded), then give up on it.
+                await asyncio.wait({beat}, timeout=self._margin)
+                beat.cancel()
+                await asyncio.gather(beat, return_exceptions=True)
+
+    async def _beat(self, interval: float) -> bool:
+        """One heartbeat; whether every lease held here was renewed."""
         driver = self._driver
         assert driver is not None
-        interval = self._heartbeat_every
-        while True:
-            await self._renew_leases(driver, interval)
-            try:
-                async with asyncio.timeout(max(interval, self._margin / 2)):
-                    await driver.report_worker(self._info(), ttl=interval * 3)
-                    requested = await driver.restart_requested_at()
-                if requested is not None and requested > self._started_at:
-                    self.stop(StopReason.RESTART)
-            except Exception as exc:
-                logger.warning("worker heartbeat failed: %s", describe(exc))
-            await asyncio.sleep(interval)
+        renewed = await self._renew_leases(driver)
+        try:
+            await driver.report_worker(self._info(), ttl=interval * 3)
+            requested = await driver.restart_requested_at()
+            if requested is not None and requested > self._started_at:
+                self.stop(StopReason.RESTART)
+        except Exception as exc:
+            logger.warning("worker heartbeat failed: %s", describe(exc))
+        return renewed
 
-    async def _renew_leases(self, driver: Driver, interval: float) -> None:
-        """Renew the lease of every job held here; cancel those whose lease is lapsing."""
+    async def _renew_leases(self, driver: Driver) -> bool:
+        """Renew the lease of every job held here; whether that worked."""
         now = time.monotonic()
         margin = self._margin
         running = [(run, max(0.0, run.deadline - now) + margin) for run in self._running.values()]
@@ -887,30 +907,32 @@ class Worker:
         leases += [(job, margin) for job in self._unacked.values()]
         leases += [(run.reserved, margin) for run, _ in self._given_up]
         if not leases:
-            return
+            return True
         try:
-            async with asyncio.timeout(max(interval, margin / 2)):
-                await driver.extend(leases)
+            await driver.extend(leases)
         except Exception as exc:
             logger.warning(
                 "could not renew the leases of %d job(s): %s", len(leases), describe(exc)
             )
-            # The next try comes after `interval`: a lease that ends before then is lost.
-            lapsing = time.monotonic() + interval
-            for run, _ in running:
-                if run.lease_until <= lapsing and self._running.get(run.reserved.id) is run:
-                    self._lose(run)
-            for held, _ in buffered:
-                if held.lease_until <= lapsing and held in self._buffer:
-                    self._buffer.remove(held)
-                    self._lapsed(held)
-            return
+            return False
         for run, seconds in running:
-            run.lease_until = now + seconds
+            run.lease_until = max(run.lease_until, now + seconds)
         for held, seconds in buffered:
-            held.lease_until = now + seconds
+            held.lease_until = max(held.lease_until, now + seconds)
         for failure in failures:
             failure.lease_until = now + margin
+        return True
+
+    def _check_lapsing(self, interval: float) -> None:
+        """Renewal failed: cancel the jobs whose lease ends before the next try could renew it."""
+        lapsing = time.monotonic() + interval
+        for run in list(self._running.values()):
+            if run.lease_until <= lapsing:
+                self._lose(run)
+        for held in list(self._buffer):
+            if held.lease_until <= lapsing:
+                self._buffer.remove(held)
+                self._lapsed(held)
 
     def _lapsed(self, held: _Buffered) -> None:
         logger.error(
