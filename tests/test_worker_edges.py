@@ -115,6 +115,7 @@ def test_a_finished_job_is_acknowledged_while_every_slot_is_busy(
         assert exited(first) == ExitCode.OK
     finally:
         first.stop()
+    print(f"acknowledged {acked:.2f}s after the job ran, with all 16 slots busy")
     assert len(events(log, "run")) == 1, events(log, "run")
     assert acked < 2.5
     assert inspect_queue(redis_backend, "size") == 0
@@ -139,6 +140,7 @@ def test_a_sync_job_past_its_timeout_is_given_up_and_the_worker_exits(
         took = time.monotonic() - began
     finally:
         first.stop()
+    print(f"sync job given up: exit code {code} {took:.2f}s after both jobs started")
     assert code == ExitCode.STUCK, first.output
     # timeout 1 s + 1 s to stop (half the 2 s margin) + 1 s grace, the bookkeeping, and slack
     assert took < 12, took
@@ -207,6 +209,7 @@ def test_an_async_job_that_swallows_cancellation_is_given_up(
         ended = time.time()
     finally:
         first.stop()
+    print(f"async job given up: exit code {code} {took:.2f}s after both jobs started")
     assert code == ExitCode.STUCK, first.output
     assert took < 12, took
     assert "would not stop" in first.output
@@ -237,6 +240,7 @@ def test_sigterm_ends_a_worker_whose_job_swallows_cancellation(
         took = time.monotonic() - began
     finally:
         first.stop()
+    print(f"SIGTERM with a job swallowing cancellation: exit code {code} after {took:.2f}s")
     assert code == ExitCode.OK, first.output
     assert took < 10, took  # grace 1 s + 1 s to stop, and a loaded machine's slack
     assert "did not stop within" in first.output
@@ -349,6 +353,7 @@ def test_a_prefetched_job_of_a_dead_worker_comes_back_quickly(
         back = of(log, "run", 2)[0]["t"] - killed
         second.signal(signal.SIGTERM)
         assert exited(second) == ExitCode.OK
+    print(f"prefetched job ran again {back:.2f}s after its worker was killed")
     assert back < 20, back  # the second worker's start-up counts too
     assert [e["attempts"] for e in of(log, "run", 2)] == [2]
 
