@@ -9,6 +9,7 @@ retrying cannot be one atomic step and goes claim, push, remove.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import time
 from collections import Counter
@@ -78,13 +79,27 @@ def settle(backend: Backend, op: str, expected: Any, timeout: float, what: str) 
         time.sleep(0.25)
 
 
+def finished_events(log: str, kind: str) -> list[dict[str, Any]]:
+    """The log's events of `kind`, read while workers append to it.
+
+    A worker writes each line in one `write`, but a reader may see the end of one being
+    written: only lines already ended by their newline are read.
+    """
+    path = Path(log)
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")[:-1]
+    return [event for event in map(json.loads, lines) if event["event"] == kind]
+
+
 def wait_runs(backend: Backend, log: str, event: str, count: int, what: str) -> None:
     """Wait for `count` events in the log; on a timeout, say where the queue's jobs are."""
     try:
-        wait_until(lambda: len(events(log, event)) >= count, 120, what)
+        wait_until(lambda: len(finished_events(log, event)) >= count, 120, what)
     except AssertionError as exc:
         where = call(backend, "stats")
-        raise AssertionError(f"{exc}; {len(events(log, event))} so far; {where}") from None
+        so_far = len(finished_events(log, event))
+        raise AssertionError(f"{exc}; {so_far} so far; {where}") from None
 
 
 def count_failed(backend: Backend) -> int:
@@ -132,7 +147,7 @@ def test_retry_all_while_workers_fail_the_jobs_again_loses_no_failure(
     with start_workers(retry_backend, tmp_path) as procs:
         wait_started(procs)
         ids = dispatch(retry_backend, [MarkerJob(log, never) for _ in range(JOBS)])
-        wait_until(lambda: len(events(log, "try")) >= JOBS, 120, "every job to run once")
+        wait_runs(retry_backend, log, "try", JOBS, "every job to run once")
         settle(retry_backend, "size", 0, 60, "every job to be recorded as failed")
         # The retried jobs run and fail again while the command is still at work.
         retry = retry_all(retry_backend)
@@ -155,7 +170,7 @@ def test_two_retries_at_once_run_each_job_once(retry_backend: Backend, tmp_path:
     with start_workers(retry_backend, tmp_path) as procs:
         wait_started(procs)
         ids = dispatch(retry_backend, [MarkerJob(log, str(marker)) for _ in range(jobs)])
-        wait_until(lambda: len(events(log, "try")) >= jobs, 120, "every job to run once")
+        wait_runs(retry_backend, log, "try", jobs, "every job to run once")
         settle(retry_backend, "size", 0, 60, "every job to be recorded as failed")
         assert count_failed(retry_backend) == jobs
         marker.touch()  # the operator fixes the cause; two of them retry at the same time
