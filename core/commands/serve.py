@@ -31,7 +31,7 @@ from core.mqtt.stats import MqttStats
 from core.queue.queue_manager import QueueManager, set_default_manager
 from core.settings import QueueConnection, Settings
 from core.worker.options import ExitCode, StopReason, WorkerOptions
-from core.worker.worker import Worker
+from core.worker.worker import Worker, exit_code
 
 HELP = {"serve": "run the MQTT app (the default command; --demo shows the whole flow)"}
 
@@ -211,6 +211,10 @@ async def _serve(
         if error is not None:
             logger.error("%s stopped on an error", what, exc_info=error)
             return ExitCode.ERROR
+    if worker is not None and worker_task is not None and not worker_task.cancelled():
+        # A job that would not stop was given up: exit as `queue:work` does (code 4, and at
+        # once if that job still runs) so that supervisord starts a fresh process.
+        return exit_code(worker, worker_task.result())
     return ExitCode.OK
 
 
