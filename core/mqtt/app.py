@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
+from core.errors import ConnectionLostError
 from core.mqtt.client import Delivery, MqttClient
 from core.mqtt.context import MessageContext
 from core.mqtt.errors import InvalidPayloadError, MessageRejected
@@ -22,6 +24,7 @@ __all__ = ["MqttApp"]
 logger = logging.getLogger("topiq.mqtt")
 
 RETRY_BACKOFF = 0.2  # seconds before a failed handler's first retry; doubles after each
+QUEUE_DOWN_BACKOFF_MAX = 5.0  # at most this long between runs while the queue is unreachable
 
 
 class MqttApp:
@@ -156,24 +159,40 @@ class MqttApp:
         self, delivery: Delivery, publisher: Publisher, slots: asyncio.Semaphore
     ) -> None:
         try:
-            await self._dispatch_to_route(delivery.message, publisher)
+            finished = await self._dispatch_to_route(delivery.message, publisher)
         except asyncio.CancelledError:
-            raise  # not finished: not acknowledged
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the app cancelled it (stopping): not finished, not acknowledged
+            # The handler raised CancelledError of its own (e.g. it awaited a task cancelled
+            # elsewhere): a failure like any other, or its message would hold the window.
+            self.stats.failed += 1
+            logger.exception(
+                "handler on %s raised CancelledError; the message is acknowledged and dropped",
+                delivery.message.topic,
+            )
+            finished = True
         except Exception:  # a bug of ours, not the handler's: the message must not block
             logger.exception("handling the message on %s failed", delivery.message.topic)
+            finished = True
         finally:
             slots.release()
-        delivery.ack()
+        if finished:
+            delivery.ack()
 
-    async def _dispatch_to_route(self, message: IncomingMessage, publisher: Publisher) -> None:
+    async def _dispatch_to_route(self, message: IncomingMessage, publisher: Publisher) -> bool:
+        """Run the message's route; whether it is finished (to acknowledge) or left to the
+        broker (the app stopped while the queue could not be reached)."""
         stats = self.stats
         found = self.router.resolve(message.topic, message.properties.subscription_ids)
         if found is None:
             stats.unmatched += 1
             logger.debug("no route for %s; message ignored", message.topic)
-            return
+            return True
         route, params = found
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        outage = 0  # runs in a row that found the queue unreachable
+        while True:
             context = MessageContext(message, params, route, publisher)
             started = time.perf_counter()
             try:
@@ -183,12 +202,31 @@ class MqttApp:
                 logger.warning(
                     "invalid message on %s (route %s): %s", message.topic, route.name, exc
                 )
-                return
+                return True
             except MessageRejected as exc:
                 stats.rejected += 1
                 logger.info("message on %s rejected (route %s): %s", message.topic, route.name, exc)
-                return
+                return True
             except Exception as exc:
+                if _queue_unreachable(exc):
+                    # Not the message's fault: hold it unacknowledged (the window fills and
+                    # the broker keeps the rest) and run it again once the queue answers.
+                    if self._stopping.is_set():
+                        return False  # the broker sends it again to the next app
+                    outage += 1
+                    stats.retried += 1
+                    delay = min(QUEUE_DOWN_BACKOFF_MAX, RETRY_BACKOFF * 2 ** min(outage, 8))
+                    log = logger.warning if outage == 1 else logger.debug
+                    log(
+                        "handler %s on %s could not reach the queue (%s); the message is held "
+                        "unacknowledged and runs again in %.1fs",
+                        route.name,
+                        message.topic,
+                        exc,
+                        delay,
+                    )
+                    await self._wait_or_stop(delay)
+                    continue
                 if attempt < self.retries:
                     delay = RETRY_BACKOFF * 2**attempt
                     stats.retried += 1
@@ -202,14 +240,21 @@ class MqttApp:
                         delay,
                     )
                     await asyncio.sleep(delay)
+                    attempt += 1
                     continue
                 stats.failed += 1
                 self._log_failure(route, message, attempt + 1, started)
-                return
+                return True
             stats.handled += 1
+            if outage:
+                logger.info("handler %s on %s reached the queue again", route.name, message.topic)
             if result is not None:
                 await self._reply(context, result)
-            return
+            return True
+
+    async def _wait_or_stop(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     def _log_failure(
         self, route: Route, message: IncomingMessage, runs: int, started: float
@@ -240,3 +285,15 @@ class MqttApp:
             logger.error(
                 "could not send the reply of %s to %s: %s", context.route.name, response_topic, exc
             )
+
+
+def _queue_unreachable(exc: BaseException) -> bool:
+    """Whether the error (or one it was raised from) says the queue backend is unreachable."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ConnectionLostError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
 import sqlite3
 import time
@@ -289,6 +290,40 @@ async def test_a_raising_handler_is_retried_then_acknowledged_and_the_window_mov
         assert app.stats.received == 1
 
 
+@pytest.mark.timeout(60)
+async def test_a_handler_raising_cancelled_error_itself_does_not_hold_the_window(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CancelledError that the handler raises (not the app cancelling it) is a failure like any
+    other: acknowledged and logged, so it cannot hold a place in the window across restarts."""
+    good: asyncio.Queue[int] = asyncio.Queue()
+    router = Router()
+
+    @router.on("cancel/{kind}/{n}", qos=1)
+    async def handler(kind: str, n: str) -> None:
+        if kind == "bad":
+            raise asyncio.CancelledError()
+        good.put_nowait(int(n))
+
+    async with own_mosquitto(tmp_path) as broker:
+        settings = broker.settings(mqtt_clean_session=False, mqtt_receive_maximum=2)
+        caplog.set_level(logging.INFO, "topiq.mqtt")
+        async with running(MqttApp(router, settings)) as app:
+            for n in range(3):
+                await mosquitto_pub(broker, f"cancel/bad/{n}", "x")
+            for n in range(3):
+                await mosquitto_pub(broker, f"cancel/ok/{n}", "x")
+            assert sorted([await asyncio.wait_for(good.get(), 20) for _ in range(3)]) == [0, 1, 2]
+        assert app.stats.failed == 3
+        assert "raised CancelledError" in caplog.text
+
+        # Acknowledged: a new app on the same session gets none of them again.
+        async with running(MqttApp(router, settings)) as app:
+            await mosquitto_pub(broker, "cancel/ok/9", "x")
+            assert await asyncio.wait_for(good.get(), 20) == 9
+        assert app.stats.received == 1
+
+
 # -- (d) the window is bounded ---------------------------------------------------------------------
 
 
@@ -372,3 +407,90 @@ async def test_a_qos2_route_is_subscribed_at_qos1_with_a_warning(
         await mosquitto_pub(broker, f"{prefix}/exactly-once", "{}", qos=2)
         assert await asyncio.wait_for(got.get(), 20) == 1
     assert f"subscribing to '{prefix}/exactly-once' at QoS 1, not the QoS 2" in caplog.text
+
+
+# -- the queue backend down mid-stream: messages are held, not dropped -----------------------------
+
+
+def stored_in_redis(url: str, run: str) -> list[int]:
+    """The `n` of every job of `run` in the Redis queue (repeats kept); [] while it is down."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+    try:
+        found = []
+        for key in client.scan_iter(match="*:payloads"):
+            for payload in client.hvals(key):
+                data = json.loads(payload)["data"]
+                if data.get("run") == run:
+                    found.append(int(data["n"]))
+        return found
+    except redis.exceptions.RedisError:
+        return []
+    finally:
+        client.close()
+
+
+def stored_in_redis_file(workdir: Path, run: str) -> list[int]:
+    """Jobs of `run` in a stopped Redis's append-only file (what survives its restart)."""
+    found = []
+    for aof in workdir.rglob("*.aof"):
+        text = aof.read_bytes().decode("utf-8", "replace")
+        found += [int(n) for n in re.findall(rf'"run":"{run}","n":(\d+)', text)]
+    return found
+
+
+@pytest.mark.process
+@pytest.mark.redis
+@pytest.mark.timeout(150)
+async def test_messages_are_held_while_the_queue_is_down_and_none_is_lost(tmp_path: Path) -> None:
+    """Redis killed mid-stream and restarted: each message's push fails for a while; the app
+    holds them unacknowledged (never treats an outage as a poison message) and every one has
+    its job once Redis is back."""
+    from tests.test_worker_processes import PrivateRedis
+
+    run = uuid.uuid4().hex[:12]
+    redis_server = PrivateRedis(tmp_path / "redis")
+    (tmp_path / "redis").mkdir()
+    redis_server.start()
+    url = f"redis://127.0.0.1:{redis_server.port}/0"
+    try:
+        async with own_mosquitto(tmp_path) as broker:
+            env = broker.env(
+                MQTT_CLEAN_SESSION="false",
+                MQTT_CLIENT_ID=f"delivery-outage-{run}",
+                QUEUE_CONNECTION="redis",
+                REDIS_URL=url,
+                MQTT_HANDLER_CONCURRENCY="4",
+                MQTT_RECEIVE_MAXIMUM="20",
+                DELIVERY_HANDLER_DELAY="0.01",
+            )
+            app = await start_app(env)
+            try:
+                await mosquitto_pub(broker, f"topiq-test/{run}/in", lines=lines(MESSAGES))
+                await until(lambda: len(stored_in_redis(url, run)) >= 30, 60, "30 jobs stored")
+                redis_server.kill()
+                at_kill = len(set(stored_in_redis_file(tmp_path / "redis", run)))
+                await app.wait_for_line("could not reach the queue", timeout=30)
+                # The outage itself is what is tested: longer than all of a handler's retries
+                # (0.2 s + 0.4 s by default), which used to drop the messages as poison.
+                await asyncio.sleep(2.0)
+                redis_server.start()  # same port and AOF: the jobs stored before come back
+                await until(
+                    lambda: len(set(stored_in_redis(url, run))) >= MESSAGES,
+                    90,
+                    f"{MESSAGES} distinct jobs after the outage",
+                )
+            finally:
+                code = await app.stop()
+            jobs = stored_in_redis(url, run)
+            assert sorted(set(jobs)) == list(range(MESSAGES))
+            assert "acknowledged and dropped" not in app.log, app.log
+            assert code == 0, app.log
+            assert at_kill < MESSAGES, "the stream was over before the outage: nothing tested"
+            print(
+                f"\nRedis outage: {MESSAGES} messages in, about {at_kill} stored at the kill, "
+                f"{len(set(jobs))} distinct jobs after ({len(jobs) - MESSAGES} repeats)"
+            )
+    finally:
+        redis_server.kill()
