@@ -168,6 +168,8 @@ def test_instance_settings_are_settings_not_data() -> None:
         ("timeout", float("nan"), "timeout must be a number of seconds"),
         ("timeout", float("inf"), "timeout must be a number of seconds"),
         ("timeout", True, "timeout must be a number of seconds"),
+        ("timeout", 1e308, "timeout must be a number of seconds from 0 to 2592000"),
+        ("retry_after", [1, 10**12], "retry_after must be seconds from 0 to 2592000"),
         ("max_tries", 0, "max_tries must be at least 1"),
         ("max_tries", 2.5, "max_tries must be a whole number"),
         ("max_tries", "3", "max_tries must be a whole number"),

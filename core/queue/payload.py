@@ -144,15 +144,20 @@ def _clashes(cls: type[Job], names: frozenset[str], data: dict[str, Any]) -> lis
 _PLAIN = frozenset({int, float})
 
 
+#: The longest `timeout` or `retry_after` a job may have (30 days): leases and due times are
+#: kept as integer milliseconds, and a longer job belongs in a schedule, not one try.
+MAX_SECONDS = 30 * 24 * 3600
+
+
 def _limits(max_tries: Any, timeout: Any, retry_after: Any) -> tuple[int, float, Any]:
     """The three numeric settings, checked; `ValueError` names the one that is wrong."""
     if (  # the usual case, at a fraction of the cost of the checks below (NaN fails `<=`)
         type(max_tries) is int
         and max_tries >= 1
         and type(timeout) in _PLAIN
-        and 0 <= timeout < math.inf
+        and 0 <= timeout <= MAX_SECONDS
         and type(retry_after) in _PLAIN
-        and 0 <= retry_after < math.inf
+        and 0 <= retry_after <= MAX_SECONDS
     ):
         return max_tries, timeout, retry_after
     if type(max_tries) is not int:
@@ -161,13 +166,17 @@ def _limits(max_tries: Any, timeout: Any, retry_after: Any) -> tuple[int, float,
         max_tries = int(max_tries)
     if max_tries < 1:
         raise ValueError(f"max_tries must be at least 1, got {max_tries!r}")
-    if not (_is_number(timeout) and timeout >= 0):
-        raise ValueError(f"timeout must be a number of seconds (0 or more), got {timeout!r}")
+    if not (_is_number(timeout) and 0 <= timeout <= MAX_SECONDS):
+        raise ValueError(
+            f"timeout must be a number of seconds from 0 to {MAX_SECONDS} (30 days), "
+            f"got {timeout!r}"
+        )
     delays = retry_after if isinstance(retry_after, list | tuple) else (retry_after,)
     for delay in delays:
-        if not (_is_number(delay) and delay >= 0):
+        if not (_is_number(delay) and 0 <= delay <= MAX_SECONDS):
             raise ValueError(
-                f"retry_after must be seconds (0 or more) or a list of them, got {retry_after!r}"
+                f"retry_after must be seconds from 0 to {MAX_SECONDS} (30 days) or a list of "
+                f"them, got {retry_after!r}"
             )
     return max_tries, timeout, retry_after
 
