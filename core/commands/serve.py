@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable
@@ -23,6 +24,7 @@ from core.mqtt import publisher
 from core.mqtt.app import MqttApp
 from core.mqtt.broker import EmbeddedBroker
 from core.mqtt.dashboard import Dashboard, JobCounts
+from core.mqtt.endpoint import sync_handlers_running
 from core.mqtt.errors import BrokerStartError
 from core.mqtt.options import ConnectionOptions
 from core.mqtt.routing import Router
@@ -119,7 +121,22 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
         stack.callback(set_default_manager, None)
         # Closed before the broker stops, so it disconnects cleanly.
         stack.push_async_callback(publisher.close)
-        return await _serve(router, settings, options, stats, manager, with_worker, devices, args)
+        code = await _serve(router, settings, options, stats, manager, with_worker, devices, args)
+    stuck = sync_handlers_running()
+    if stuck:
+        # A plain `def` handler outlived the grace period; a thread cannot be cancelled and the
+        # interpreter would wait for it forever. Its message was not acknowledged: the broker
+        # sends it again to the next app.
+        logger.critical(
+            "%d plain `def` handler(s) still running after the grace period; ending the "
+            "process (exit code %d)",
+            stuck,
+            code,
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(code)
+    return code
 
 
 async def _serve(

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import threading
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from core.mqtt.context import MessageContext
 from core.mqtt.errors import RouteError
 
-__all__ = ["Endpoint", "Handler", "bind_handler"]
+__all__ = ["Endpoint", "Handler", "bind_handler", "sync_handlers_running"]
 
 #: A route handler: a function (usually async) taking what it needs by name.
 Handler = Callable[..., Any]
@@ -86,6 +87,30 @@ def bind_handler(handler: Handler, pattern: str, path_params: Collection[str]) -
             return await handler(**kwargs)
         # A plain `def` handler may block (file or network I/O): keep it off the event loop
         # so the receive loop and other handlers keep running.
-        return await asyncio.to_thread(functools.partial(handler, **kwargs))
+        return await asyncio.to_thread(_counted, functools.partial(handler, **kwargs))
 
     return endpoint
+
+
+_sync_running = 0  # plain `def` handlers running in threads right now
+_sync_lock = threading.Lock()
+
+
+def _counted(call: Callable[[], Any]) -> Any:
+    global _sync_running
+    with _sync_lock:
+        _sync_running += 1
+    try:
+        return call()
+    finally:
+        with _sync_lock:
+            _sync_running -= 1
+
+
+def sync_handlers_running() -> int:
+    """How many plain `def` handlers are still running in their threads.
+
+    A thread cannot be cancelled: one still running when the app stops would keep the process
+    alive forever (the interpreter waits for its threads), so the app ends the process then.
+    """
+    return _sync_running

@@ -38,3 +38,15 @@ async def store(run: str, payload: Any) -> None:
     await asyncio.sleep(float(os.environ.get("DELIVERY_HANDLER_DELAY", "0")))
     await dispatch(DeliveredJob(run, int(payload["n"])))
     logger.info("delivery-test stored n=%d", payload["n"])
+
+
+#: A plain `def` handler that blocks far past any grace period (a thread cannot be cancelled).
+blocking = Router()
+
+
+@blocking.on("topiq-test/{run}/block", qos=1)
+def block(run: str, payload: Any) -> None:
+    logger.info("delivery-test blocking n=%d", payload["n"])
+    import time
+
+    time.sleep(float(os.environ.get("DELIVERY_BLOCK_SECONDS", "3600")))

@@ -494,3 +494,39 @@ async def test_messages_are_held_while_the_queue_is_down_and_none_is_lost(tmp_pa
             )
     finally:
         redis_server.kill()
+
+
+@pytest.mark.process
+@pytest.mark.timeout(60)
+async def test_sigterm_ends_an_app_whose_sync_handler_outlives_the_grace(tmp_path: Path) -> None:
+    """A plain `def` handler cannot be cancelled: the app still exits after the grace period
+    (it used to wait for the thread forever), and the message comes again to the next app."""
+    run = uuid.uuid4().hex[:12]
+    async with own_mosquitto(tmp_path) as broker:
+        env = broker.env(
+            MQTT_CLEAN_SESSION="false",
+            MQTT_CLIENT_ID=f"delivery-block-{run}",
+            QUEUE_CONNECTION="memory",
+            MQTT_GRACE="1",
+        )
+        argv = ["serve", "--app", "tests.mqtt.delivery_apps:blocking"]
+        app = await AppProcess(argv, env).start()
+        try:
+            await app.wait_for_line("connected to the MQTT broker")
+            await mosquitto_pub(broker, f"topiq-test/{run}/block", '{"n": 7}')
+            await app.wait_for_line("delivery-test blocking n=7")
+            started = time.monotonic()
+            code = await app.stop(timeout=20)
+            took = time.monotonic() - started
+        finally:
+            await app.kill()
+        assert code == 0, app.log
+        assert took < 15, f"exit took {took:.1f}s"
+        assert "still running after the grace period" in app.log
+
+        again = await AppProcess(argv, {**env, "DELIVERY_BLOCK_SECONDS": "0"}).start()
+        try:
+            await again.wait_for_line("delivery-test blocking n=7", timeout=20)
+        finally:
+            await again.stop()
+        print(f"\nsync handler past the grace: exit 0 after {took:.2f}s; the message came again")
