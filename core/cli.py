@@ -242,9 +242,24 @@ def _start_line(args: argparse.Namespace, settings: Settings) -> None:
     )
 
 
+def _env_file_first(raw: list[str]) -> list[str]:
+    """`--env-file` is a global option; written after the command it means the same."""
+    moved: list[str] = []
+    rest: list[str] = []
+    tokens = iter(raw)
+    for token in tokens:
+        if token == "--env-file":
+            moved += [token, *[value for value in [next(tokens, None)] if value is not None]]
+        elif token.startswith("--env-file="):
+            moved.append(token)
+        else:
+            rest.append(token)
+    return moved + rest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, load the settings once, run the command; returns the exit code."""
-    raw = list(sys.argv[1:] if argv is None else argv)
+    raw = _env_file_first(list(sys.argv[1:] if argv is None else argv))
     position = _global_options_end(raw)
     if position < len(raw) and not raw[position].startswith("-") and raw[position] not in COMMANDS:
         return _unknown_command(raw[position])

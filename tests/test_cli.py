@@ -190,6 +190,23 @@ def test_env_file_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
     assert done.stdout == ""
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["queue:stats", "--env-file", "prod.env"],
+        ["queue:stats", "--env-file=prod.env"],
+        ["queue:work", "--env-file", "prod.env", "--max-jobs", "1"],
+    ],
+)
+def test_env_file_after_the_command_means_the_same(tmp_path: Path, argv: list[str]) -> None:
+    done = run(argv, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["topiq: --env-file prod.env: no such file"]
+    (tmp_path / "prod.env").write_text("QUEUE_CONNECTION=memory\n")
+    shown = run(["queue:stats", "--json", "--env-file", "prod.env"], cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+
+
 def _project(tmp_path: Path) -> tuple[Path, str]:
     """A project directory whose .env names a relative SQLite file, and one queued job."""
     project = tmp_path / "project"
@@ -258,3 +275,13 @@ def test_topiq_help_names_itself(tmp_path: Path) -> None:
     assert done.returncode == 0
     assert done.stdout.startswith("usage: topiq ")
     assert "queue:work" in done.stdout
+
+
+def test_main_py_under_a_python_without_the_dependencies_says_what_to_run(tmp_path: Path) -> None:
+    """`python main.py` with a Python that is not the project's virtualenv (here: the same one
+    with its site-packages off) names what is missing and the command to use instead."""
+    done = run(["--help"], cwd=tmp_path, program=[sys.executable, "-S", str(ROOT / "main.py")])
+    assert done.returncode == 1
+    assert "lacks Topiq's dependencies" in done.stderr
+    assert "scripts/setup" in done.stderr and ".venv/bin/python main.py" in done.stderr
+    assert "Traceback" not in done.stderr
