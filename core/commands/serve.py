@@ -106,7 +106,14 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
     async with contextlib.AsyncExitStack() as stack:
         if options.embedded:
             try:
-                broker = await stack.enter_async_context(EmbeddedBroker(options.host, options.port))
+                # Only the default port (1883, often a running Mosquitto's) may move: another
+                # one was chosen on purpose, and devices are told it, so it is kept or the
+                # start fails.
+                default = Settings.model_fields["mqtt_embedded_port"].default
+                chosen = settings.mqtt_embedded_port != default
+                broker = await stack.enter_async_context(
+                    EmbeddedBroker(options.host, options.port, fallback=not chosen)
+                )
             except BrokerStartError as exc:
                 print(f"topiq: {exc}", file=sys.stderr)
                 return ExitCode.ERROR

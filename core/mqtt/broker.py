@@ -28,12 +28,15 @@ class EmbeddedBroker:
         host: The address to listen on (loopback by default: nothing outside this machine
             can reach an unauthenticated development broker).
         port: The port to listen on; when it is taken, a free one (`port` then holds it).
+        fallback: Whether a taken `port` may be replaced by a free one; `False` when the
+            port was chosen on purpose (`MQTT_EMBEDDED_PORT` set): devices expect it there.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *, fallback: bool = True) -> None:
         self.host = host
         self.port = port
         self.requested_port = port
+        self.fallback = fallback
         self._broker: Any = None
 
     async def __aenter__(self) -> Self:
@@ -43,6 +46,13 @@ class EmbeddedBroker:
             BrokerStartError: the address cannot be listened on, or amqtt failed to start.
         """
         taken = not self._port_is_free(self.port)
+        if taken and not self.fallback:
+            raise BrokerStartError(
+                f"port {self.port} on {self.host} is taken (another MQTT broker?), and "
+                f"MQTT_EMBEDDED_PORT={self.port} asks the embedded broker for exactly that port: "
+                "free it, set another MQTT_EMBEDDED_PORT, unset it (a free port is then chosen), "
+                f"or set MQTT_HOST={self.host} MQTT_PORT={self.port} to use the broker there"
+            )
         if taken:
             self.port = self._free_port()
         # amqtt (and its state machine library) announce every connection at INFO; keep them
@@ -71,7 +81,7 @@ class EmbeddedBroker:
             # One line that says both what happened and how to choose otherwise.
             logger.warning(
                 "port %d on %s is taken (another MQTT broker?): the embedded MQTT broker (amqtt) "
-                "listens on %s:%d instead; set MQTT_EMBEDDED_PORT to choose its port, or "
+                "listens on %s:%d instead; set MQTT_EMBEDDED_PORT to another port to fix it, or "
                 "MQTT_HOST=%s MQTT_PORT=%d to use the broker on %d",
                 self.requested_port,
                 self.host,

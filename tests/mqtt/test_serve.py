@@ -68,15 +68,26 @@ async def test_an_unreachable_broker_is_named_with_a_fix_and_retried(tmp_path: P
     assert app.log.count("cannot reach the MQTT broker") == 1  # one clear line, not a flood
 
 
+def _hold_default_port() -> socket.socket | None:
+    """Hold 1883 (the default embedded port) if it is free; None when something has it."""
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 1883))
+        holder.listen()
+    except OSError:
+        holder.close()
+        return None
+    return holder
+
+
 @pytest.mark.timeout(30)
 async def test_a_taken_embedded_port_moves_the_broker_to_a_free_one_and_names_it(
     tmp_path: Path,
 ) -> None:
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        taken = holder.getsockname()[1]
-        env = fresh_env(tmp_path, MQTT_EMBEDDED_PORT=str(taken), QUEUE_CONNECTION="memory")
+    taken = 1883
+    holder = _hold_default_port()
+    try:
+        env = fresh_env(tmp_path, QUEUE_CONNECTION="memory")
         app = await AppProcess(["serve", "--worker"], env, cwd=tmp_path).start()
         try:
             line = await app.wait_for_line("the embedded MQTT broker (amqtt) listens on")
@@ -84,8 +95,29 @@ async def test_a_taken_embedded_port_moves_the_broker_to_a_free_one_and_names_it
             code = await app.stop(signal.SIGINT)
         finally:
             await app.kill()
+    finally:
+        if holder is not None:
+            holder.close()
     moved = re.search(r"listens on 127\.0\.0\.1:(\d+) instead", line)
     assert moved and int(moved.group(1)) != taken, line
     assert f"port {taken} on 127.0.0.1 is taken (another MQTT broker?)" in line
     assert f"MQTT_HOST=127.0.0.1 MQTT_PORT={taken} to use the broker on {taken}" in line
     assert code == 0, app.log
+
+
+@pytest.mark.timeout(30)
+async def test_an_embedded_port_set_on_purpose_is_kept_or_the_start_fails(tmp_path: Path) -> None:
+    """Devices are told MQTT_EMBEDDED_PORT: a taken one is an error, never silently moved."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        env = fresh_env(tmp_path, MQTT_EMBEDDED_PORT=str(taken), QUEUE_CONNECTION="memory")
+        app = await AppProcess(["serve"], env, cwd=tmp_path).start()
+        try:
+            code = await app.wait(20)
+        finally:
+            await app.kill()
+    assert code == 1, app.log
+    assert f"port {taken} on 127.0.0.1 is taken" in app.log
+    assert f"MQTT_EMBEDDED_PORT={taken} asks the embedded broker for exactly that port" in app.log
