@@ -20,3 +20,9 @@ async def main() -> list[str]:
     backlog = await queue.size("notifications")
     print(f"{backlog} notifications waiting")
     return ids
+
+
+if __name__ == "__main__":  # `.venv/bin/python docs/examples/queue_dispatch.py`
+    import asyncio
+
+    asyncio.run(main())
