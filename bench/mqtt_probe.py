@@ -31,7 +31,7 @@ _seen = 0
 _warm = False
 
 
-async def call_handle(job: Job, timeout: float) -> Any:
+async def call_handle(job: Job, *args: Any, **kwargs: Any) -> Any:
     global _seen, _warm
     started = time.time()
     device = str(getattr(job, "device_id", ""))
@@ -45,7 +45,7 @@ async def call_handle(job: Job, timeout: float) -> Any:
     elif device.startswith("warm-") and not _warm:
         _warm = True
         _redis.rpush(_key, json.dumps({"count": 0, "first": 0, "t": started}))
-    return await _handle(job, timeout)
+    return await _handle(job, *args, **kwargs)  # whatever else the worker passes
 
 
 worker_module.call_handle = call_handle  # type: ignore[assignment]
