@@ -6,9 +6,10 @@ import re
 import time
 from datetime import datetime, timedelta
 
-__all__ = ["Delay", "parse_delay"]
+__all__ = ["Delay", "Duration", "parse_delay", "parse_duration"]
 
 Delay = float | int | str | timedelta | datetime
+Duration = float | int | str | timedelta
 
 _UNITS = {
     "ms": 0.001,
@@ -74,3 +75,33 @@ def _parse_text(text: str) -> float:
         total += float(number) * _UNITS[unit]
         pos = match.end()
     return total
+
+
+def parse_duration(value: Duration, name: str = "duration") -> float:
+    """Seconds in a job setting such as `timeout`, `retry_after` or `ttl`.
+
+    Accepts a number of seconds, a `timedelta`, or a string such as "90", "90s", "10 minutes"
+    or "1h". Unlike a delay, a negative or non-finite value is an error, not zero.
+
+    Raises:
+        ValueError: naming the setting (`name`) and what is wrong with the value.
+    """
+    if type(value) is int or type(value) is float:
+        seconds = float(value)
+    elif isinstance(value, bool) or not isinstance(value, int | float | str | timedelta):
+        raise ValueError(
+            f"{name} must be seconds (a number) or a duration such as '90s', '10 minutes' "
+            f"or '1h', got {value!r}"
+        )
+    elif isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, str):
+        try:
+            seconds = _parse_text(value)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    else:
+        seconds = float(value)
+    if seconds != seconds or seconds in (float("inf"), float("-inf")) or seconds < 0:
+        raise ValueError(f"{name} must be a finite number of seconds ≥ 0, got {value!r}")
+    return seconds

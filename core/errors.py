@@ -11,6 +11,11 @@ TopiqError
 ├── DriverError               a queue backend failed (the cause is chained)
 │   └── ConnectionLostError   the backend cannot be reached right now
 ├── JobTimeoutError           a job ran past its timeout (also a built-in TimeoutError)
+├── DuplicateJobError         a dispatch met a waiting or running job with its id or unique key
+├── JobNotFoundError          no job (or no kept record) has this id
+├── JobFailedError            `result()` of a job that failed (its error text and traceback)
+│   ├── JobCancelledError     ... that was cancelled
+│   └── JobExpiredError       ... that expired before it started (`ttl`)
 ├── WorkerLostError           a job's lease expired on its last try: its worker died
 └── MqttError                 the MQTT side (core.mqtt.errors)
     ├── BrokerStartError      the embedded broker cannot start (its port is taken)
@@ -28,6 +33,11 @@ __all__ = [
     "ConfigurationError",
     "ConnectionLostError",
     "DriverError",
+    "DuplicateJobError",
+    "JobCancelledError",
+    "JobExpiredError",
+    "JobFailedError",
+    "JobNotFoundError",
     "JobTimeoutError",
     "PayloadError",
     "PayloadTooLargeError",
@@ -79,6 +89,44 @@ class ConnectionLostError(DriverError):
 
 class JobTimeoutError(TopiqError, TimeoutError):
     """A job ran longer than its `timeout` and was cancelled."""
+
+
+class DuplicateJobError(TopiqError):
+    """A dispatch met a waiting or running job with the same `job_id` or `unique_key`, and the
+    job's `on_duplicate` is `"reject"`; nothing was enqueued.
+
+    `existing` is the id of the job that holds the id or key.
+    """
+
+    def __init__(self, message: str, existing: str = "") -> None:
+        super().__init__(message)
+        self.existing = existing
+
+
+class JobNotFoundError(TopiqError, LookupError):
+    """No job has this id on the connection, or its record is no longer kept."""
+
+
+class JobFailedError(TopiqError):
+    """The job failed for good; `error` is its exception line and `traceback` its text."""
+
+    def __init__(self, message: str, *, job_id: str = "", error: str = "", traceback: str = ""):
+        super().__init__(message)
+        self.job_id = job_id
+        self.error = error
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text}\n{self.traceback}" if self.traceback else text
+
+
+class JobCancelledError(JobFailedError):
+    """The job was cancelled before it finished."""
+
+
+class JobExpiredError(JobFailedError):
+    """The job was not started within its `ttl` and will not run."""
 
 
 class WorkerLostError(TopiqError):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar, Literal
 
-__all__ = ["Job"]
+__all__ = ["Job", "JobMiddleware"]
+
+#: A job middleware: `async def mw(job, call_next) -> result`, where `await call_next()` runs
+#: the rest of the chain (the next middleware, then `handle()`) and returns its result.
+JobMiddleware = Callable[["Job", Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
 logger = logging.getLogger("topiq.job")
 
@@ -15,8 +19,10 @@ class Job:
     """A unit of background work, dispatched with `await dispatch(job)`.
 
     Subclasses implement `async def handle(self)` (a plain `def handle` runs in a thread so it
-    cannot block the event loop) and may implement `async def failed(self, exception)`, called
-    once when the job fails for good.
+    cannot block the event loop); its return value is the job's result. They may implement
+    `async def succeeded(self, result)` and `async def failed(self, exception)`, called once
+    when the job succeeds or fails for good, and `middleware()`, the callables that wrap each
+    try (see `JobMiddleware`).
 
     Public instance attributes (names not starting with `_`) are the job's data: they are stored
     as JSON and restored on the worker without calling `__init__`, so a constructor may take
@@ -34,22 +40,64 @@ class Job:
         retry_after: Seconds to wait before the next try; a list gives one delay per try,
             the last one repeated.
         connection: The queue connection to use; `None` means the configured default.
-        job_id: Set at dispatch; the same on every try.
+        job_id: The job's id: chosen at dispatch unless set before it; the same on every try.
         attempts: Which try this is, 1 on the first run.
+        unique_key: At most one waiting job per key on its queue (`""`: no key).
+        unique_for: Seconds the key stays taken after dispatch (0: until the job starts).
+        on_duplicate: What a dispatch meeting a waiting or running job with the same
+            `job_id` or `unique_key` does: "reject" (raise `DuplicateJobError`), "keep"
+            (return the existing job's handle), "replace" (the waiting job takes this job's
+            data and keeps its id).
+        at_front: Put the job at the head of its queue.
+        ttl: Seconds after becoming due by which the job must start, or it expires (0: never).
+        result_ttl: Seconds the record and result are kept after success (`None`: the
+            `QUEUE_RESULT_TTL` setting; 0: nothing is kept).
+        failure_ttl: Seconds the record is kept after failure, cancel or expiry (`None`: the
+            `QUEUE_FAILURE_TTL` setting). The failed-job store keeps failures until pruned.
+        aliases: Old class paths (`"app.jobs.old_module:OldName"`) whose waiting payloads this
+            class runs, so that renaming a job class strands nothing.
+
+    Durations (`timeout`, `retry_after`, `ttl`, `unique_for`, `result_ttl`, `failure_ttl`)
+    may be numbers of seconds or strings such as "90s", "10 minutes", "1h"; every setting is
+    checked at dispatch, with an error naming it.
     """
 
     queue: str = "default"
     max_tries: int = 3
-    timeout: float = 60
-    retry_after: float | Sequence[float] = 0
+    timeout: float | str = 60
+    retry_after: float | str | Sequence[float | str] = 0
     connection: str | None = None
 
     job_id: str = ""
     attempts: int = 0
 
+    unique_key: str = ""
+    unique_for: float | str = 0
+    on_duplicate: Literal["reject", "keep", "replace"] = "reject"
+    at_front: bool = False
+    ttl: float | str = 0
+    result_ttl: float | str | None = None
+    failure_ttl: float | str | None = None
+    aliases: ClassVar[Sequence[str]] = ()
+
     # Names that configure the job rather than carry its data.
     _settings_names: ClassVar[frozenset[str]] = frozenset(
-        {"queue", "max_tries", "timeout", "retry_after", "connection", "job_id", "attempts"}
+        {
+            "queue",
+            "max_tries",
+            "timeout",
+            "retry_after",
+            "connection",
+            "job_id",
+            "attempts",
+            "unique_key",
+            "unique_for",
+            "on_duplicate",
+            "at_front",
+            "ttl",
+            "result_ttl",
+            "failure_ttl",
+        }
     )
 
     def __init__(self) -> None:
@@ -59,17 +107,26 @@ class Job:
         """Do the work. Raise to fail this try; raise `Retry(delay)` to ask for another."""
         raise NotImplementedError(f"{type(self).__qualname__} must implement handle()")
 
+    async def succeeded(self, result: Any) -> None:
+        """Called once when a try succeeded, with `handle()`'s return value. Override to react."""
+
     async def failed(self, exception: BaseException) -> None:
         """Called exactly once when the job has failed for good. Override to react."""
 
+    def middleware(self) -> Sequence[JobMiddleware]:
+        """The callables that wrap each try, outermost first. Override to add some."""
+        return ()
+
     def backoff(self, attempts: int) -> float:
         """Seconds to wait before the try after try number `attempts`."""
+        from core.delays import parse_duration
+
         delays = self.retry_after
-        if isinstance(delays, int | float):
-            return float(delays)
+        if isinstance(delays, int | float | str):
+            return parse_duration(delays, "retry_after")
         if not delays:
             return 0.0
-        return float(delays[min(attempts, len(delays)) - 1])
+        return parse_duration(delays[min(attempts, len(delays)) - 1], "retry_after")
 
     def data(self) -> dict[str, Any]:
         """The job's payload data: its public instance attributes."""
@@ -83,9 +140,9 @@ class Job:
 
         `payload` may be bytes, a string, or anything JSON can carry (sent as JSON).
         """
-        from core.mqtt.publisher import publish
+        from core.runtime import get_publisher
 
-        await publish(topic, payload, qos=qos, retain=retain)
+        await get_publisher()(topic, payload, qos=qos, retain=retain)
 
     def __repr__(self) -> str:
         return f"<{type(self).__qualname__} id={self.job_id or '-'} attempts={self.attempts}>"

@@ -15,26 +15,41 @@ manager, written once. A driver stores, hands out and removes payloads atomicall
 
 A reservation is identified by the job id *and* its try count: an `ack`, `release` or `extend`
 from a worker whose lease expired and whose job was reserved again is ignored.
+
+The job lifecycle (status records, results, uniqueness, cancel, `ttl`) is kept by the same
+primitives, in the same round trips: `push` writes the waiting record and applies `job_id` and
+`unique_key` rules atomically, `reserve` marks jobs running (and expires those past their `ttl`),
+`release` marks them retrying, and `ack` writes how each ended (`ReservedJob.outcome`) and keeps
+that record for `Outcome.keep` seconds. `job_status`, `wait_ended`, `cancel` and
+`cancel_requested` read and steer single jobs; `recent` counts how jobs ended over the last
+minutes.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import os
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 from core.settings import Settings
+from core.status import ENDED, JobStatus, Status
 
 __all__ = [
     "Driver",
     "FailedJob",
     "FailedStore",
+    "OnDuplicate",
+    "Outcome",
     "OutgoingJob",
+    "Pushed",
     "QueueStats",
+    "RecentCounts",
     "ReservedJob",
     "WorkerInfo",
     "claim_record_id",
@@ -43,14 +58,68 @@ __all__ = [
 ]
 
 
+OnDuplicate = Literal["reject", "keep", "replace"]
+
+
 @dataclass(frozen=True, slots=True)
 class OutgoingJob:
-    """A job on its way into a queue."""
+    """A job on its way into a queue, with the lifecycle rules the driver applies at push."""
 
     id: str
     queue: str
     payload: bytes
     delay: float = 0.0  # seconds from now; 0 means ready at once
+    job: str = ""  # the class path (`module:QualName`), kept in its status record
+    max_tries: int | None = None  # kept in its status record
+    at_front: bool = False  # ready at the head of the queue (several: the latest first)
+    #: The caller chose the id: if a job with this id is waiting or running on this queue,
+    #: `on_duplicate` decides (an id is never stored twice).
+    check_id: bool = False
+    #: At most one waiting job per key and queue ("" for none). A key held only by a running
+    #: job lets one new waiting job (its successor) in.
+    unique_key: str = ""
+    #: Seconds the key stays taken after dispatch, whatever happens to the job; 0: the key is
+    #: free again once its job starts (for a successor) or ends.
+    unique_for: float = 0.0
+    #: What a duplicate (by id or key) does: "reject" (nothing stored; `Pushed.outcome` is
+    #: "duplicate"), "keep" (nothing stored; the holder's id is returned), "replace" (the
+    #: waiting holder's payload becomes this one's; it keeps its id). A holder that is running,
+    #: or whose key is held by `unique_for` after it ended, is never replaced: "replace" then
+    #: acts as "keep".
+    on_duplicate: OnDuplicate = "reject"
+    #: Seconds after it becomes due by which its first try must start, or it expires (status
+    #: `expired`, never run); 0: never.
+    ttl: float = 0.0
+    #: Seconds an expired or cancelled-while-waiting record is kept (the job's `failure_ttl`).
+    failure_ttl: float = 604800.0
+
+
+@dataclass(frozen=True, slots=True)
+class Pushed:
+    """What `push` did with one `OutgoingJob`.
+
+    `id` is the job that now holds the work: the new job ("created"), or the holder of the id
+    or key ("duplicate": rejected; "kept": left as it was; "replaced": holder's payload swapped).
+    """
+
+    id: str
+    outcome: Literal["created", "duplicate", "kept", "replaced"] = "created"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a reserved job ended, written with its acknowledgement.
+
+    `status` is one of `succeeded`, `failed`, `cancelled`, `expired`; `keep` is how many
+    seconds its record stays readable (0: deleted at once). `result` is the JSON of the
+    return value.
+    """
+
+    status: Status
+    keep: float
+    result: bytes | None = None
+    error: str = ""
+    traceback: str = ""
 
 
 @dataclass(slots=True)
@@ -61,6 +130,20 @@ class ReservedJob:
     queue: str
     payload: bytes
     attempts: int  # this try's number, counting this one
+    #: Set by the worker before it acknowledges the job; `None` acknowledges as "succeeded"
+    #: with the connection's default `result_ttl` and no result.
+    outcome: Outcome | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RecentCounts:
+    """How many jobs of a queue ended each way over a recent window (`queue:stats`)."""
+
+    window: float  # seconds
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    expired: int = 0
 
 
 def new_record_id() -> str:
@@ -243,8 +326,10 @@ class Driver(abc.ABC):
     # -- primitives --------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def push(self, jobs: Sequence[OutgoingJob]) -> None:
-        """Store `jobs` in one round trip where the backend allows."""
+    async def push(self, jobs: Sequence[OutgoingJob]) -> list[Pushed]:
+        """Store `jobs` in one round trip where the backend allows; one `Pushed` per job, in
+        order. Id and key checks and the store are one atomic step per job, so competing
+        dispatchers never store two waiting jobs with one id or one unique key."""
 
     @abc.abstractmethod
     async def reserve(
@@ -253,9 +338,13 @@ class Driver(abc.ABC):
         limit: int,
         lease: float,
         ack: Sequence[ReservedJob] = (),
+        *,
+        worker: str = "",
     ) -> list[ReservedJob]:
         """Acknowledge `ack`, then take up to `limit` ready jobs, earlier queues first.
 
+        Each job taken is marked running by `worker` (its status record says so). A job whose
+        first try was not started within its `ttl` is expired instead (never returned).
         Never blocks waiting for work; `wait` does that.
         """
 
@@ -265,14 +354,17 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     async def ack(self, jobs: Sequence[ReservedJob]) -> None:
-        """Remove finished jobs."""
+        """Remove finished jobs, writing each one's `outcome` as its record."""
 
     @abc.abstractmethod
-    async def release(self, job: ReservedJob, delay: float = 0.0, *, refund: bool = False) -> None:
+    async def release(
+        self, job: ReservedJob, delay: float = 0.0, *, refund: bool = False, error: str = ""
+    ) -> None:
         """Put a reserved job back: after `delay` seconds, or at once.
 
         With `refund`, the try does not count and the job goes to the front of its queue
-        (a worker stopping before it could finish the job).
+        (a worker stopping before it could finish the job); its status is `queued`. Otherwise
+        its status is `retrying`, with `error` as the reason.
         """
 
     @abc.abstractmethod
@@ -331,3 +423,44 @@ class Driver(abc.ABC):
     async def size(self, queue: str) -> int:
         """Jobs of `queue` not yet finished (pending + delayed + reserved)."""
         return (await self.stats(queue)).size
+
+    # -- single jobs -------------------------------------------------------------------
+
+    async def job_status(self, job_id: str, queue: str | None = None) -> JobStatus | None:
+        """The record of one job, or `None` if the connection has none (never had, or its
+        record was not kept). `queue` narrows the search when known."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no status records")
+
+    async def wait_ended(self, job_id: str, queue: str | None, timeout: float) -> JobStatus | None:
+        """The job's record once it has ended, or as it is when `timeout` seconds have passed.
+
+        Drivers that can block on the server do; this default polls with a growing pause.
+        """
+        deadline = time.monotonic() + timeout
+        pause = 0.005
+        while True:
+            record = await self.job_status(job_id, queue)
+            left = deadline - time.monotonic()
+            if record is None or record.status in ENDED or left <= 0:
+                return record
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, 0.2)
+
+    async def cancel(self, job_id: str, queue: str | None = None) -> bool:
+        """Cancel a job: a waiting one is removed (record `cancelled`, kept for the job's
+        `failure_ttl`); for a running one, its worker is asked to cancel it (`cancel_requested`
+        tells it). `False` if the job has ended or is unknown."""
+        raise NotImplementedError(f"{type(self).__name__} cannot cancel jobs")
+
+    async def cancel_requested(self, jobs: Sequence[ReservedJob]) -> list[str]:
+        """The ids among `jobs` (held by the caller) whose cancellation was asked for."""
+        return []
+
+    async def recent(self, queue: str, window: float = 3600.0) -> RecentCounts:
+        """How many jobs of `queue` ended each way over the last `window` seconds."""
+        return RecentCounts(window)
+
+    async def prune_records(self) -> int:
+        """Delete ended records past their keep time; returns how many. Backends whose
+        records expire by themselves (Redis) return 0."""
+        return 0
