@@ -206,6 +206,11 @@ class QueueStats:
     delayed: int  # waiting for their time (first dispatch or retry)
     reserved: int  # held by a worker under a lease
     failed: int  # in the failed-job store
+    # How jobs ended over the recent window (`RecentCounts`), filled in by the manager.
+    succeeded: int = 0
+    failed_recent: int = 0
+    cancelled: int = 0
+    expired: int = 0
 
     @property
     def size(self) -> int:
