@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     queue_max_payload_bytes: int = Field(default=1024 * 1024, gt=0)
     queue_lease_margin: float = Field(default=10.0, gt=0)
     queue_failed_connection: QueueConnection | None = None
+    # Seconds a job's status record (and result) is kept after success / failure, cancel or
+    # expiry, unless the job says otherwise (`result_ttl`, `failure_ttl`); 0 keeps nothing.
+    queue_result_ttl: float = Field(default=500.0, ge=0)
+    queue_failure_ttl: float = Field(default=604800.0, ge=0)
 
     # -- worker defaults (the CLI flags override them) ------------------------------------
     worker_sleep: float = Field(default=0.25, ge=0)
@@ -133,6 +137,21 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return level
+
+    @field_validator("queue_result_ttl", "queue_failure_ttl", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        # "10 minutes" as well as 600; the `ge=0` bound and the float type are checked after.
+        if isinstance(value, str) and value.strip() and not _is_float(value):
+            from core.delays import parse_duration
+
+            try:
+                return parse_duration(value, "duration")
+            except ValueError:
+                raise ValueError(
+                    "must be seconds or a duration such as '90s', '10 minutes' or '1h'"
+                ) from None
+        return value
 
     @field_validator("queue_failed_connection", mode="before")
     @classmethod
@@ -228,6 +247,14 @@ class Settings(BaseSettings):
         if self.enable_mysql:
             mapping[QueueConnection.REDIS] = QueueConnection.DATABASE
         return mapping
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _describe(exc: ValidationError) -> str:
