@@ -38,11 +38,21 @@ from core.commands._common import (
 from core.settings import Settings
 
 HELP = {
-    "queue:stats": "show pending, delayed, reserved and failed jobs per queue, and live workers",
+    "queue:stats": "show pending, delayed, reserved and failed jobs per queue, how jobs ended "
+    "over the last hour, and live workers",
     "queue:clear": "delete the jobs waiting in a queue (not the ones running)",
 }
 
 _QUEUE_COLUMNS = ("queue", "pending", "delayed", "reserved", "failed")
+#: How jobs ended over the recent window: JSON key -> table column.
+_RECENT_COLUMNS = {
+    "succeeded": "succeeded 1h",
+    "failed_recent": "failed 1h",
+    "cancelled": "cancelled 1h",
+    "expired": "expired 1h",
+}
+#: The recent window `queue:stats` reports (the manager's default: the last hour).
+RECENT_WINDOW = 3600
 _WORKER_COLUMNS = (
     "host",
     "pid",
@@ -113,6 +123,7 @@ async def _snapshot(conn: Connection, queue: str | None) -> dict[str, Any]:
     workers = await conn.driver.workers()
     return {
         "connection": conn.name,
+        "recent_window": RECENT_WINDOW,
         "queues": [
             {
                 "queue": s.queue,
@@ -120,6 +131,10 @@ async def _snapshot(conn: Connection, queue: str | None) -> dict[str, Any]:
                 "delayed": s.delayed,
                 "reserved": s.reserved,
                 "failed": s.failed,
+                "succeeded": s.succeeded,
+                "failed_recent": s.failed_recent,
+                "cancelled": s.cancelled,
+                "expired": s.expired,
             }
             for s in stats
         ],
@@ -143,9 +158,11 @@ async def _snapshot(conn: Connection, queue: str | None) -> dict[str, Any]:
 def _render(data: dict[str, Any]) -> RenderableType:
     queues = table(
         f"Queues ({data['connection']})",
-        _QUEUE_COLUMNS,
-        [[q[column] for column in _QUEUE_COLUMNS] for q in data["queues"]],
-        caption="" if data["queues"] else "no queue has been used yet",
+        (*_QUEUE_COLUMNS, *_RECENT_COLUMNS.values()),
+        [[q[column] for column in (*_QUEUE_COLUMNS, *_RECENT_COLUMNS)] for q in data["queues"]],
+        caption="failed: in the failed-job store; '1h': jobs that ended so over the last hour"
+        if data["queues"]
+        else "no queue has been used yet",
     )
     now = time.time()
     workers = table(
