@@ -123,6 +123,8 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[Results, dict[str,
                 for peer in args.peer_list if not task.topiq_only else ["topiq"]:
                     if task.backend == "mysql" and peer not in ("topiq", "routemq"):
                         continue
+                    if task.peers and peer not in ("topiq", *task.peers):
+                        continue
                     started = time.monotonic()
                     python = pythons.get(peer)
                     if python is None:

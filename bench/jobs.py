@@ -30,3 +30,19 @@ class Latency(Job):
 
     async def handle(self) -> None:
         marks.hit(self.sent)
+
+
+class NoopUnkept(Noop):
+    """W2n's job: a `Noop` whose status record and result are not kept (`result_ttl = 0`)."""
+
+    result_ttl = 0
+
+
+class Echo(Job):
+    """W8's job: returns its argument, which the dispatcher awaits through the job's handle."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    async def handle(self) -> int:
+        return self.value

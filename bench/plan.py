@@ -15,6 +15,7 @@ class Task:
     backend: str
     topiq_only: bool
     params: dict[str, Any]
+    peers: tuple[str, ...] = ()  # the libraries it applies to when not all (with Topiq)
 
 
 FULL: dict[str, dict[str, Any]] = {
@@ -25,6 +26,7 @@ FULL: dict[str, dict[str, Any]] = {
     "W5": {"n": 2_000},
     "W6": {"n": 5_000, "rate": 1_000},
     "W7": {"n": 200_000, "first": 10_000},
+    "W8": {"n": 500},
 }
 SMOKE: dict[str, dict[str, Any]] = {
     "W1": {"n": 200},
@@ -34,18 +36,25 @@ SMOKE: dict[str, dict[str, Any]] = {
     "W5": {"n": 100},
     "W6": {"n": 50, "rate": 200},
     "W7": {"n": 2_000, "first": 200},
+    "W8": {"n": 10},
 }
 
 
 def tasks(only: list[str], smoke: bool, budget: float) -> list[Task]:
-    """The runs to make, in order; `only` limits them to some workloads."""
+    """The runs to make, in order; `only` limits them to some workloads (W2 includes W2n,
+    W2 with results not kept, run right after it so that both see the same load)."""
     sizes = SMOKE if smoke else FULL
     out = []
-    for name in ("W1", "W2", "W3", "W4", "W5", "W6", "W7"):
+    for name in ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8"):
         if only and name not in only:
             continue
         params = {**sizes[name], "budget": budget}
-        if name == "W5":
+        if name == "W2":
+            out.append(Task("W2", "W2", "redis", False, params))
+            out.append(Task("W2n", "W2n", "redis", True, params))
+        elif name == "W8":
+            out.append(Task("W8", "W8", "redis", False, params, peers=("arq", "saq")))
+        elif name == "W5":
             out.append(Task("W5m", "W5", "mysql", False, params))
             out.append(Task("W5s", "W5", "sqlite", True, params))
         else:

@@ -31,6 +31,7 @@ class Row:
     target: str = ""
     met: Callable[[float, float | None], bool | None] | None = None  # (topiq, best) -> met
     scale: float = 1.0
+    per: str = ""  # a ratio row: this source's figure over the same metric of source `per`
 
 
 ROWS = [
@@ -39,11 +40,17 @@ ROWS = [
         lambda t, b: t >= 50_000),
     Row("W2", "rate", "W2 no-op jobs, 1 worker, concurrency 32", "jobs/s", True,
         "≥ 3 x best peer", lambda t, b: None if b is None else t >= 3 * b),
+    Row("W2n", "rate", "W2 no-op jobs, results not kept (result_ttl=0)", "jobs/s", True),
+    Row("W2", "rate", "W2 results kept (default) / not kept", "%", True, "≥ 80 %",
+        lambda t, b: t >= 80, scale=100, per="W2n"),
     Row("W2", "startup", "W2 worker start to first job (not in the rate)", "s", False),
     Row("W3", "efficiency", "W3 sleep(0.01) jobs: efficiency", "%", True, "≥ 95 %",
         lambda t, b: t >= 95, scale=100),
     Row("W4", "p50", "W4 dispatch → start, p50", "ms", False, "< 2 ms", lambda t, b: t < 2),
     Row("W4", "p99", "W4 dispatch → start, p99", "ms", False, "< 10 ms", lambda t, b: t < 10),
+    Row("W8", "p50", "W8 dispatch → await result, p50", "ms", False, "≤ best peer",
+        lambda t, b: None if b is None else t <= b),
+    Row("W8", "p99", "W8 dispatch → await result, p99", "ms", False),
     Row("W5m", "rate", "W5 MariaDB no-op jobs", "jobs/s", True, "≥ 2,000/s and ≥ 10 x RouteMQ",
         lambda t, b: t >= 2000 and (None if b is None else t >= 10 * b)),
     Row("W5s", "rate", "W5 SQLite no-op jobs", "jobs/s", True),
@@ -74,6 +81,8 @@ class Results:
 
     def cell(self, row: Row, peer: str) -> tuple[float | None, str]:
         """(median, shown text) of one table cell."""
+        if row.per:
+            return self._ratio(row, peer)
         result = self.data.get((row.source, peer))
         if result is None:
             return None, "-"
@@ -93,6 +102,18 @@ class Results:
         if result["error"]:
             text += self.note(f"{NAMES[peer]}, {row.source}: a later run failed: {result['error']}")
         return value, text
+
+    def _ratio(self, row: Row, peer: str) -> tuple[float | None, str]:
+        """A ratio row's cell: the medians of two sources divided (both measured, else n/a)."""
+        if (row.per, peer) not in self.data:
+            return None, "-"
+        top, _ = self.cell(Row(row.source, row.metric, "", "", row.higher), peer)
+        bottom, _ = self.cell(Row(row.per, row.metric, "", "", row.higher), peer)
+        if top is None or bottom is None or bottom == 0:
+            # the notes of the two rows it divides say why
+            return None, "n/a"
+        value = top / bottom * row.scale
+        return value, fmt(value, row.unit)
 
 
 def fmt(value: float, unit: str) -> str:

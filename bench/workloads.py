@@ -91,6 +91,11 @@ async def w2_noop(peer: Peer, n: int, budget: float, **_: Any) -> Figures:
     return await _drain(peer, "noop", n, budget)
 
 
+async def w2_unkept(peer: Peer, n: int, budget: float, **_: Any) -> Figures:
+    """W2n: W2 with jobs whose status record and result are not kept (`result_ttl = 0`)."""
+    return await _drain(peer, "noop_unkept", n, budget)
+
+
 async def w3_sleep(peer: Peer, n: int, budget: float, concurrency: int = 32, **_: Any) -> Figures:
     """W3: sleep jobs; efficiency = theoretical minimum (n * SLEEP / 32) / measured."""
     figures = await _drain(peer, "sleep", n, budget)
@@ -131,6 +136,44 @@ async def w4_latency(peer: Peer, n: int, rate: float, budget: float, **_: Any) -
     return figures
 
 
+def _percentiles(samples: list[float]) -> Figures:
+    """p50 and p99 in ms of `samples` (seconds), nearest rank."""
+    ordered = sorted(samples)
+    return {
+        "p50": statistics.median(ordered) * 1000,
+        "p99": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))] * 1000,
+        "samples": len(ordered),
+    }
+
+
+async def w8_result(peer: Peer, n: int, budget: float, **_: Any) -> Figures:
+    """W8: an idle worker; `n` round trips one after the other, each the dispatch of a job
+    that returns its argument and the wait for that result through the library's own call
+    (Topiq `await handle.result()`, SAQ `Queue.apply`, arq `Job.result()`)."""
+    with WorkerProcess(peer, marks=[1]) as worker:
+        try:  # warm-up: the worker is up once this one's result is back
+            warm = await peer.round_trip(-1, timeout=max(budget, 30.0))
+        except TimeoutError:
+            raise TimeoutError(f"the warm-up job's result did not come: {worker.tail()}") from None
+        if warm != -1:
+            raise AssertionError(f"the warm-up job returned {warm!r}, not -1")
+        await asyncio.sleep(0.5)  # let the worker go idle
+        samples: list[float] = []
+        deadline = time.monotonic() + budget
+        for value in range(n):
+            if time.monotonic() >= deadline:
+                break
+            started = time.perf_counter()
+            got = await peer.round_trip(value, timeout=budget)
+            samples.append(time.perf_counter() - started)
+            if got != value:
+                raise AssertionError(f"round trip {value} returned {got!r}")
+    figures = _percentiles(samples)
+    if len(samples) < n:
+        figures["partial"] = f"stopped after {budget:.0f}s at {len(samples)} of {n} round trips"
+    return figures
+
+
 async def w7_memory(peer: Peer, n: int, first: int, budget: float, **_: Any) -> Figures:
     """W7: the worker's RSS after `first` and after `n` no-op jobs."""
     await fill(peer, "noop", n)
@@ -150,8 +193,10 @@ async def w7_memory(peer: Peer, n: int, first: int, budget: float, **_: Any) -> 
 WORKLOADS: dict[str, Callable[..., Awaitable[Figures]]] = {
     "W1": w1_enqueue,
     "W2": w2_noop,
+    "W2n": w2_unkept,
     "W3": w3_sleep,
     "W4": w4_latency,
     "W5": w2_noop,  # W2 on a database backend
     "W7": w7_memory,
+    "W8": w8_result,
 }

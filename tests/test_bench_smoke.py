@@ -1,7 +1,8 @@
 """The benchmark harness in smoke mode (tiny sizes, one run), so it cannot rot unnoticed.
 
-It never downloads: Topiq runs from bench/.venv/topiq or this environment, and at most one
-peer (SAQ, cheap) joins, only when its environment was already built by a full `bench/run`.
+It never downloads: Topiq runs from bench/.venv/topiq or this environment, and the peers of
+W8's result round trip (SAQ and arq) join only when their environments were already built by
+a full `bench/run`.
 """
 
 from __future__ import annotations
@@ -24,10 +25,19 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_smoke(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None and not Path("/usr/bin/redis-server").exists():
         pytest.skip("redis-server is not installed (scripts/services up installs it)")
-    peer = "saq" if envs.ready("saq") else ""
+    peers = [name for name in ("saq", "arq") if envs.ready(name)]
     report = tmp_path / "BENCHMARKS.md"
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--peers", peer, "--output", str(report)],
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--smoke",
+            "--peers",
+            ",".join(peers),
+            "--output",
+            str(report),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -39,7 +49,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "bench:begin" in text
     assert "bench:end" in text
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if "|" in line}
-    for workload in ("W1", "W2", "W3", "W4", "W5", "W6", "W7"):
+    for workload in ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8"):
         assert any(label.startswith(workload) for label in rows), f"no {workload} row"
     number = re.compile(r"^[\d,.]+$")
     # Topiq's own Redis figures must be measured, not n/a (its column comes first).
@@ -49,9 +59,18 @@ def test_bench_smoke(tmp_path: Path) -> None:
         "W3 sleep",
         "W4 dispatch",
         "W6 MQTT publish",  # the probe wraps the worker: a changed signature must show here
+        "W2 no-op jobs, results not kept",  # result_ttl=0
+        "W2 results kept (default) / not kept",
+        "W8 dispatch → await result, p50",  # `await handle.result()` across processes
+        "W8 dispatch → await result, p99",
     ):
         row = next(line for name, line in rows.items() if name.startswith(label))
         topiq = row.split(" | ")[2].strip()
         assert number.match(topiq), row
-    if peer:
-        assert "| SAQ |" in text
+    # The peers' round trips are measured too (their columns follow Topiq's, in order).
+    head = next(line for name, line in rows.items() if name == "Workload").split(" | ")
+    w8 = next(line for name, line in rows.items() if name.startswith("W8 dispatch")).split(" | ")
+    for name, shown in (("saq", "SAQ"), ("arq", "arq")):
+        if name in peers:
+            cell = w8[head.index(shown)].strip()
+            assert number.match(cell.split("[")[0]), f"{shown}'s W8: {cell}"

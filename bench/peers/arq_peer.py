@@ -1,5 +1,6 @@
-"""arq: `ArqRedis.enqueue_job`, and its worker through `arq.run_worker` (what the `arq` CLI
-calls; the CLI itself has no quieter level than INFO, which logs every job)."""
+"""arq: `ArqRedis.enqueue_job` (W8: then `Job.result()`), and its worker through
+`arq.run_worker` (what the `arq` CLI calls; the CLI itself has no quieter level than INFO,
+which logs every job)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,12 @@ async def latency(ctx: dict[str, Any], sent: float) -> None:
     marks.hit(sent)
 
 
+async def echo(ctx: dict[str, Any], value: int) -> int:
+    return value
+
+
 class WorkerSettings:
-    functions: ClassVar[list[Any]] = [noop, sleep, latency]
+    functions: ClassVar[list[Any]] = [noop, sleep, latency, echo]
     redis_settings = RedisSettings.from_dsn(os.environ.get("BENCH_QUEUE_URL", "redis://127.0.0.1"))
     max_jobs = 32
 
@@ -36,7 +41,10 @@ class WorkerSettings:
 class ArqPeer(Peer):
     name = "arq"
     dists = ("arq", "redis")
-    note = "max_jobs=32; library defaults otherwise (poll_delay 0.5 s, results kept 1 h)"
+    note = (
+        "max_jobs=32; library defaults otherwise (poll_delay 0.5 s, results kept 1 h; "
+        "`Job.result` poll_delay 0.5 s)"
+    )
 
     async def open(self) -> None:
         self.pool: ArqRedis = await create_pool(RedisSettings.from_dsn(self.ctx.redis_url))
@@ -49,6 +57,12 @@ class ArqPeer(Peer):
             await self.pool.enqueue_job("latency", sent)
         else:
             await self.pool.enqueue_job(kind)
+
+    async def round_trip(self, value: int, timeout: float) -> object:
+        job = await self.pool.enqueue_job("echo", value)
+        assert job is not None  # None only for a job id already queued
+        # `Job.result` reads the result back every `poll_delay` (default 0.5 s).
+        return await job.result(timeout=timeout)
 
     def worker_command(self) -> list[str]:
         return [self.python(), "-m", __name__]

@@ -12,7 +12,8 @@ from typing import Any, ClassVar, Literal
 REPO = Path(__file__).resolve().parents[2]
 QUEUE = "bench"
 
-JobKind = Literal["noop", "sleep", "latency"]
+#: noop_unkept: a no-op whose result is not kept (Topiq `result_ttl = 0`; W2n only).
+JobKind = Literal["noop", "sleep", "latency", "noop_unkept"]
 
 
 class Unsupported(Exception):
@@ -71,6 +72,11 @@ class Peer(abc.ABC):
     async def enqueue_bulk(self, kind: JobKind, n: int) -> None:
         """Enqueue `n` jobs with the library's bulk API."""
         raise Unsupported(f"{self.name} has no bulk enqueue API")
+
+    async def round_trip(self, value: int, timeout: float) -> object:
+        """Dispatch the echo job with `value` and wait for its result the way the library
+        documents (W8); TimeoutError after `timeout` seconds."""
+        raise Unsupported(f"{self.name}: no result round trip in this benchmark")
 
     @abc.abstractmethod
     def worker_command(self) -> list[str]:

@@ -1,6 +1,7 @@
 """SAQ: `Queue.enqueue`, and its worker through the `saq` CLI (WARNING by default).
 
-SAQ has no bulk enqueue (`Queue.map` enqueues concurrently and then waits for the results)."""
+SAQ has no bulk enqueue (`Queue.map` enqueues concurrently and then waits for the results).
+W8's round trip is `Queue.apply` (enqueue, then wait for the result)."""
 
 from __future__ import annotations
 
@@ -26,12 +27,16 @@ async def latency(ctx: Any, *, sent: float) -> None:
     marks.hit(sent)
 
 
+async def echo(ctx: Any, *, value: int) -> int:
+    return value
+
+
 def settings() -> dict[str, Any]:
     """The worker settings the `saq` CLI loads (`saq bench.peers.saq_peer.settings`)."""
     url = os.environ.get("BENCH_QUEUE_URL", "redis://127.0.0.1")
     return {
         "queue": Queue.from_url(url, name=QUEUE),
-        "functions": [noop, sleep, latency],
+        "functions": [noop, sleep, latency, echo],
         "concurrency": 32,
     }
 
@@ -39,7 +44,7 @@ def settings() -> dict[str, Any]:
 class SaqPeer(Peer):
     name = "saq"
     dists = ("saq", "redis")
-    note = "concurrency=32"
+    note = "concurrency=32; `Queue.apply` with its default poll_interval (0.5 s)"
 
     async def open(self) -> None:
         self.queue = Queue.from_url(self.ctx.redis_url, name=QUEUE)
@@ -53,6 +58,10 @@ class SaqPeer(Peer):
             await self.queue.enqueue("latency", sent=sent)
         else:
             await self.queue.enqueue(kind)
+
+    async def round_trip(self, value: int, timeout: float) -> object:
+        # `apply` enqueues and then reads the job back every `poll_interval` (default 0.5 s).
+        return await self.queue.apply("echo", timeout=timeout, value=value)
 
     def worker_command(self) -> list[str]:
         return [self.python(), "-m", "saq", f"{__name__}.settings"]

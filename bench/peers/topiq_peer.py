@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from bench.peers.base import QUEUE, REPO, JobKind, Peer
+from bench.peers.base import QUEUE, REPO, JobKind, Peer, Unsupported
 
 
 class TopiqPeer(Peer):
@@ -46,6 +46,8 @@ class TopiqPeer(Peer):
 
         if kind == "latency":
             return jobs.Latency(sent)
+        if kind == "noop_unkept":
+            return jobs.NoopUnkept()
         return jobs.Sleep() if kind == "sleep" else jobs.Noop()
 
     async def enqueue(self, kind: JobKind, sent: float = 0.0) -> None:
@@ -53,6 +55,17 @@ class TopiqPeer(Peer):
 
     async def enqueue_bulk(self, kind: JobKind, n: int) -> None:
         await self.manager.bulk([self._job(kind) for _ in range(n)], QUEUE)  # type: ignore[misc]
+
+    async def round_trip(self, value: int, timeout: float) -> object:
+        from bench import jobs
+
+        handle = await self.manager.push(jobs.Echo(value), QUEUE)
+        result = getattr(handle, "result", None)
+        if result is None:  # the release before issue #12 returns the bare id
+            raise Unsupported(
+                "push returned a plain id: job handles with `result()` are not in this checkout"
+            )
+        return await result(timeout=timeout)
 
     def worker_command(self) -> list[str]:
         return [
