@@ -2,13 +2,26 @@
 
 Every state change is one Lua script (see `lua/*.lua`, each with its KEYS/ARGV header), so it is
 atomic. All keys of a queue share the hash tag `{<prefix>:<queue>}`: one queue lives in one
-Redis Cluster slot. Idle workers block in BLPOP on the queue's wake list instead of polling.
+Redis Cluster slot, a job's status record and unique keys included (see push.lua for the key
+schema). Idle workers block in BLPOP on the queue's wake list instead of polling; a caller
+waiting for a job to end blocks in BLPOP on the job's `done` list.
+
+Status records are written by the same scripts that move the job (push, reserve, release, ack),
+so keeping them costs no round trip. An ended record expires by itself (PEXPIRE of its keep
+time): `prune_records` has nothing to do.
+
+Rolling deploys: the wave-1 keys keep their meaning, so a wave-1 worker runs jobs pushed by this
+driver and this driver runs jobs pushed by wave-1 code. A job pushed by wave-1 code has no
+record: its status is read from where it is (`queued`, `scheduled`, `retrying`, `running`). A
+job pushed here but acknowledged by a wave-1 worker keeps the record it had (`queued` or
+`running`), without expiry, until something removes its key.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import math
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -31,8 +44,11 @@ from core.queue.drivers.base import (
     Driver,
     FailedJob,
     FailedStore,
+    Outcome,
     OutgoingJob,
+    Pushed,
     QueueStats,
+    RecentCounts,
     ReservedJob,
     WorkerInfo,
     claim_record_id,
@@ -40,6 +56,7 @@ from core.queue.drivers.base import (
 )
 from core.queue.drivers.tls import check_redis_url, redis_tls_failure
 from core.settings import Settings
+from core.status import ENDED, JobStatus, Status
 
 __all__ = ["RedisDriver", "RedisFailedStore"]
 
@@ -54,7 +71,17 @@ _SCRIPTS = (
     "retry_failed",
     "failed_claim",
     "failed_remove",
+    "cancel",
+    "status",
+    "recent",
 )
+
+#: How long a `done` token stays for late waiters, and how long a waiter's mark outlives the
+#: slice it blocks for (ms).
+_DONE_KEEP_MS = 60_000
+_WAITER_MARGIN_MS = 5_000
+#: The longest a waiter blocks before reading the record again (a lost token costs this much).
+_WAIT_SLICE = 1.0
 
 
 def _load_script(name: str) -> str:
@@ -75,16 +102,43 @@ async def _translated(what: str) -> AsyncIterator[None]:
 class _Keys:
     """The keys of one queue, all under one hash tag."""
 
-    __slots__ = ("attempts", "delayed", "payloads", "ready", "reserved", "wake")
+    __slots__ = (
+        "attempts",
+        "cancel",
+        "counts",
+        "delayed",
+        "front",
+        "payloads",
+        "ready",
+        "reserved",
+        "tag",
+        "wake",
+    )
 
     def __init__(self, prefix: str, queue: str) -> None:
         tag = f"{prefix}:{{{prefix}:{queue}}}"
+        self.tag = tag
         self.ready = f"{tag}:ready"
         self.delayed = f"{tag}:delayed"
         self.reserved = f"{tag}:reserved"
         self.payloads = f"{tag}:payloads"
         self.attempts = f"{tag}:attempts"
         self.wake = f"{tag}:wake"
+        self.front = f"{tag}:front"
+        self.cancel = f"{tag}:cancel"
+        self.counts = f"{tag}:counts"
+
+    def record(self, job_id: str) -> str:
+        return f"{self.tag}:job:{job_id}"
+
+    def done(self, job_id: str) -> str:
+        return f"{self.tag}:done:{job_id}"
+
+    def unique(self, key: str) -> str:
+        return f"{self.tag}:unique:{key}"
+
+    def status_keys(self) -> list[str]:
+        return [self.payloads, self.attempts, self.reserved, self.delayed]
 
 
 class RedisFailedStore(FailedStore):
@@ -306,7 +360,7 @@ class RedisDriver(Driver):
 
     # -- primitives --------------------------------------------------------------------
 
-    async def _scripts_run(self, calls: Sequence[tuple[str, list[str], list[Any]]]) -> None:
+    async def _scripts_run(self, calls: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
         """Run Lua scripts: one directly, several in one pipelined round trip.
 
         The pipeline sends bare EVALSHAs: redis-py's script-aware pipelines ask SCRIPT EXISTS
@@ -315,36 +369,80 @@ class RedisDriver(Driver):
         """
         if len(calls) == 1:
             name, keys, args = calls[0]
-            await self._scripts[name](keys=keys, args=args)
-            return
+            return [await self._scripts[name](keys=keys, args=args)]
         for attempt in (1, 2):
             async with self.client.pipeline(transaction=False) as pipe:
                 for name, keys, args in calls:
                     pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
                 try:
-                    await pipe.execute()
-                    return
+                    return list(await pipe.execute())
                 except NoScriptError:
                     if attempt == 2:
                         raise
             for name in {name for name, _, _ in calls}:
                 await self.client.script_load(self._scripts[name].script)
+        raise AssertionError("unreachable")
 
-    async def push(self, jobs: Sequence[OutgoingJob]) -> None:
-        groups: dict[str, list[Any]] = defaultdict(list)
-        for job in jobs:
-            groups[job.queue] += (job.id, job.payload, int(job.delay * 1000))
+    def _ms(self, seconds: float) -> int:
+        return max(0, int(seconds * 1000))
+
+    async def _remember(self, names: Sequence[str]) -> None:
+        """Add queues to the list the stats command shows (once per queue and process)."""
+        new = [name for name in names if name not in self._known_queues]
+        if new:
+            await self.client.sadd(f"{self.prefix}:queues", *new)
+            self._known_queues.update(new)
+
+    async def push(self, jobs: Sequence[OutgoingJob]) -> list[Pushed]:
+        groups: dict[str, list[Any]] = {}
+        slots: dict[str, list[int]] = defaultdict(list)  # queue -> indexes into `jobs`
+        for index, job in enumerate(jobs):
+            args = groups.get(job.queue)
+            if args is None:
+                args = groups[job.queue] = [self.keys(job.queue).tag]
+            args += (
+                job.id,
+                job.payload,
+                self._ms(job.delay),
+                job.job,
+                "" if job.max_tries is None else job.max_tries,
+                1 if job.at_front else 0,
+                1 if job.check_id else 0,
+                job.unique_key,
+                self._ms(job.unique_for),
+                job.on_duplicate,
+                self._ms(job.ttl),
+                self._ms(job.failure_ttl),
+            )
+            slots[job.queue].append(index)
         calls = []
         for name, args in groups.items():
             k = self.keys(name)
-            keys = [k.ready, k.delayed, k.payloads, k.wake, k.attempts, k.reserved]
+            keys = [k.ready, k.delayed, k.payloads, k.wake, k.attempts, k.reserved, k.front]
             calls.append(("push", keys, args))
         async with _translated("push"):
-            new = [name for name in groups if name not in self._known_queues]
-            if new:  # once per queue and process: the list of queues the stats command shows
-                await self.client.sadd(f"{self.prefix}:queues", *new)
-                self._known_queues.update(new)
-            await self._scripts_run(calls)
+            await self._remember(list(groups))
+            replies = await self._scripts_run(calls)
+        out: list[Pushed | None] = [None] * len(jobs)
+        for name, reply in zip(groups, replies, strict=True):
+            for n, index in enumerate(slots[name]):
+                out[index] = Pushed(_text(reply[2 * n + 1]), _text(reply[2 * n]))  # type: ignore[arg-type]
+        return [pushed for pushed in out if pushed is not None]
+
+    def _ack_args(self, jobs: Sequence[ReservedJob]) -> list[Any]:
+        args: list[Any] = []
+        for job in jobs:
+            outcome = job.outcome or Outcome(Status.SUCCEEDED, self.settings.queue_result_ttl)
+            args += (
+                job.id,
+                job.attempts,
+                outcome.status.value,
+                self._ms(outcome.keep),
+                outcome.result or b"",
+                outcome.error,
+                outcome.traceback,
+            )
+        return args
 
     async def reserve(
         self,
@@ -352,24 +450,34 @@ class RedisDriver(Driver):
         limit: int,
         lease: float,
         ack: Sequence[ReservedJob] = (),
+        *,
+        worker: str = "",
     ) -> list[ReservedJob]:
         acks = _by_queue(ack)
         out: list[ReservedJob] = []
         lease_ms = max(1, int(lease * 1000))
+        failure_ms = self._ms(self.settings.queue_failure_ttl)
         async with _translated("reserve"):
             for name in queues:
                 want = limit - len(out)
                 if want <= 0 and name not in acks:
                     break
                 k = self.keys(name)
-                args: list[Any] = [max(0, want), lease_ms, 0]
                 mine = acks.pop(name, ())
+                args: list[Any] = [max(0, want), lease_ms, worker, k.tag, failure_ms, len(mine)]
                 if mine:
-                    args[2] = len(mine)
-                    for job in mine:
-                        args += (job.id, job.attempts)
+                    args += self._ack_args(mine)
                 reply = await self._scripts["reserve"](
-                    keys=[k.ready, k.delayed, k.reserved, k.payloads, k.attempts, k.wake],
+                    keys=[
+                        k.ready,
+                        k.delayed,
+                        k.reserved,
+                        k.payloads,
+                        k.attempts,
+                        k.wake,
+                        k.front,
+                        k.cancel,
+                    ],
                     args=args,
                 )
                 next_ms = int(reply[0])
@@ -398,9 +506,7 @@ class RedisDriver(Driver):
         calls = []
         for name, jobs in groups.items():
             k = self.keys(name)
-            args: list[Any] = []
-            for job in jobs:
-                args += (job.id, job.attempts)
+            args = [k.tag, *self._ack_args(jobs)]
             calls.append(("ack", [k.reserved, k.payloads, k.attempts], args))
         await self._scripts_run(calls)
 
@@ -409,12 +515,22 @@ class RedisDriver(Driver):
             async with _translated("ack"):
                 await self._ack_groups(_by_queue(jobs))
 
-    async def release(self, job: ReservedJob, delay: float = 0.0, *, refund: bool = False) -> None:
+    async def release(
+        self, job: ReservedJob, delay: float = 0.0, *, refund: bool = False, error: str = ""
+    ) -> None:
         k = self.keys(job.queue)
         async with _translated("release"):
             await self._scripts["release"](
-                keys=[k.ready, k.delayed, k.reserved, k.attempts, k.wake],
-                args=[job.id, job.attempts, int(delay * 1000), 1 if refund else 0],
+                keys=[k.ready, k.delayed, k.reserved, k.attempts, k.wake, k.payloads, k.cancel],
+                args=[
+                    job.id,
+                    job.attempts,
+                    int(delay * 1000),
+                    1 if refund else 0,
+                    k.tag,
+                    error,
+                    self._ms(self.settings.queue_failure_ttl),
+                ],
             )
 
     async def extend(self, leases: Sequence[tuple[ReservedJob, float]]) -> None:
@@ -445,7 +561,7 @@ class RedisDriver(Driver):
         k = self.keys(queue)
         async with _translated("clear"):
             deleted = await self._scripts["clear"](
-                keys=[k.ready, k.delayed, k.payloads, k.attempts, k.wake]
+                keys=[k.ready, k.delayed, k.payloads, k.attempts, k.wake, k.front], args=[k.tag]
             )
         return int(deleted)
 
@@ -453,16 +569,22 @@ class RedisDriver(Driver):
         return self._failed
 
     async def retry_failed(self, records: Sequence[FailedJob]) -> list[str]:
-        groups: dict[str, list[Any]] = defaultdict(list)
+        groups: dict[str, list[Any]] = {}
         for record in records:
             if record.connection == self.name:
-                groups[record.queue] += (record.id, record.record_id, record.payload.encode())
+                args = groups.get(record.queue)
+                if args is None:
+                    args = groups[record.queue] = [self.keys(record.queue).tag]
+                job_class = record.job_class
+                args += (
+                    record.id,
+                    record.record_id,
+                    record.payload.encode(),
+                    "" if job_class == "?" else job_class,
+                )
         moved: list[str] = []
         async with _translated("retrying failed jobs"):
-            new = [name for name in groups if name not in self._known_queues]
-            if new:
-                await self.client.sadd(f"{self.prefix}:queues", *new)
-                self._known_queues.update(new)
+            await self._remember(list(groups))
             for name, args in groups.items():
                 k = self.keys(name)
                 keys = [k.ready, k.delayed, k.payloads, k.wake, k.attempts, k.reserved]
@@ -471,6 +593,172 @@ class RedisDriver(Driver):
                 )
                 moved += [job_id.decode() for job_id in ids]
         return moved
+
+    # -- single jobs -------------------------------------------------------------------
+
+    async def _status_reply(
+        self, queue: str, job_id: str, mark_ms: int = 0, token_back: bool = False
+    ) -> JobStatus | None:
+        k = self.keys(queue)
+        reply = await self._scripts["status"](
+            keys=k.status_keys(), args=[job_id, k.tag, mark_ms, 1 if token_back else 0]
+        )
+        return self._decode_status(job_id, queue, reply)
+
+    def _decode_status(self, job_id: str, queue: str, reply: Sequence[Any]) -> JobStatus | None:
+        """A `JobStatus` from status.lua's reply: the record, corrected by where the job is."""
+        now_ms, payload, attempts_raw, lease, due = reply[:5]
+        rec = {_text(reply[i]): reply[i + 1] for i in range(5, len(reply), 2)}
+        if not rec and payload is None:
+            return None
+        stored = _text(rec.get("status", b""))
+        attempts = int(attempts_raw if attempts_raw is not None else rec.get("attempts", 0))
+        fields: dict[str, Any] = {
+            "job": _text(rec.get("job", b"")),
+            "max_tries": _int(rec.get("max_tries")),
+            "enqueued_at": _seconds(rec.get("enqueued_at")),
+            "due_at": _seconds(rec.get("due_at")),
+            "started_at": _seconds(rec.get("started_at")),
+            "ended_at": _seconds(rec.get("ended_at")),
+            "worker": _text(rec.get("worker", b"")),
+            "error": _text(rec.get("error", b"")),
+            "traceback": _text(rec.get("traceback", b"")),
+            "result": rec.get("result"),
+        }
+        if payload:  # no class path in the record: a job pushed by wave-1 code
+            envelope = _envelope(payload)
+            fields["job"] = fields["job"] or str(envelope.get("job", ""))
+            if fields["max_tries"] is None:
+                fields["max_tries"] = _int(envelope.get("max_tries"))
+            if fields["enqueued_at"] is None:
+                fields["enqueued_at"] = _seconds(envelope.get("created_at"))
+        if stored in ENDED or payload is None:
+            # Ended; or gone without a word (acknowledged by a wave-1 worker): as recorded.
+            status = Status(stored) if stored in Status.__members__.values() else Status.QUEUED
+        elif lease is not None:
+            status = Status.RUNNING
+        else:
+            if due is not None:
+                fields["due_at"] = float(due) / 1000
+                status = Status.RETRYING if stored == "retrying" else Status.SCHEDULED
+            elif stored in ("retrying", "running"):
+                status = Status.RETRYING  # a failed try, or its worker was lost
+            else:
+                status = Status.QUEUED
+            if not rec and attempts > 0:
+                status = Status.RETRYING
+            expires = _int(rec.get("expires_at"))
+            if expires is not None and attempts == 0 and int(now_ms) >= expires:
+                status = Status.EXPIRED  # not reaped by a worker yet
+                fields["ended_at"] = expires / 1000
+                ttl = expires / 1000 - (fields["due_at"] or expires / 1000)
+                fields["error"] = f"not started within its ttl of {ttl:g}s"
+        return JobStatus(
+            id=job_id,
+            status=status,
+            connection=self.name,
+            queue=queue,
+            attempts=attempts,
+            **fields,
+        )
+
+    async def _find(self, job_id: str) -> JobStatus | None:
+        """The job's record on whichever known queue has it (one pipelined round trip)."""
+        names = await self.queues()
+        if not names:
+            return None
+        calls = []
+        for name in names:
+            k = self.keys(name)
+            calls.append(("status", k.status_keys(), [job_id, k.tag, 0, 0]))
+        replies = await self._scripts_run(calls)
+        found = [
+            record
+            for name, reply in zip(names, replies, strict=True)
+            if (record := self._decode_status(job_id, name, reply)) is not None
+        ]
+        if not found:
+            return None
+        # The same id on several queues: the live one, else the latest.
+        return max(
+            found, key=lambda r: (r.status not in ENDED, r.ended_at or 0.0, r.enqueued_at or 0.0)
+        )
+
+    async def job_status(self, job_id: str, queue: str | None = None) -> JobStatus | None:
+        async with _translated("reading a job's status"):
+            if queue is None:
+                return await self._find(job_id)
+            return await self._status_reply(queue, job_id)
+
+    async def wait_ended(self, job_id: str, queue: str | None, timeout: float) -> JobStatus | None:
+        """Block on the server: the scripts that end a job push a token to its `done` list
+        when a waiter has marked itself (status.lua does, with each read of the record).
+
+        The waiter reads the record again at least every second, so a lost token costs at
+        most that; a token taken is pushed back for other waiters of the same job.
+        """
+        deadline = time.monotonic() + timeout
+        if queue is None:
+            record = await self.job_status(job_id)
+            if record is None or record.status in ENDED or timeout <= 0:
+                return record
+            queue = record.queue
+        done = self.keys(queue).done(job_id)
+        token = False
+        async with _translated("waiting for a job to end"):
+            while True:
+                left = deadline - time.monotonic()
+                pause = min(_WAIT_SLICE, left)
+                mark = int(max(pause, 0) * 1000) + _WAITER_MARGIN_MS
+                record = await self._status_reply(queue, job_id, mark, token)
+                if record is None or record.status in ENDED or pause < 0.001:
+                    return record
+                token = await self.client.blpop([done], timeout=pause) is not None
+
+    async def cancel(self, job_id: str, queue: str | None = None) -> bool:
+        if queue is None:
+            record = await self.job_status(job_id)
+            if record is None or record.status in ENDED:
+                return False
+            queue = record.queue
+        k = self.keys(queue)
+        async with _translated("cancelling a job"):
+            done = await self._scripts["cancel"](
+                keys=[k.ready, k.delayed, k.reserved, k.payloads, k.attempts, k.front, k.cancel],
+                args=[job_id, k.tag, self._ms(self.settings.queue_failure_ttl)],
+            )
+        return int(done) > 0
+
+    async def cancel_requested(self, jobs: Sequence[ReservedJob]) -> list[str]:
+        groups = _by_queue(jobs)
+        if not groups:
+            return []
+        async with _translated("reading cancel requests"):
+            if len(groups) == 1:
+                [(name, held)] = groups.items()
+                flags: list[Any] = [
+                    await self.client.smismember(self.keys(name).cancel, [j.id for j in held])
+                ]
+            else:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for name, held in groups.items():
+                        pipe.smismember(self.keys(name).cancel, [j.id for j in held])
+                    flags = await pipe.execute()
+        return [
+            job.id
+            for held, marks in zip(groups.values(), flags, strict=True)
+            for job, mark in zip(held, marks, strict=True)
+            if int(mark)
+        ]
+
+    async def recent(self, queue: str, window: float = 3600.0) -> RecentCounts:
+        k = self.keys(queue)
+        minutes = max(1, math.ceil(window / 60))
+        async with _translated("reading recent counts"):
+            succeeded, failed, cancelled, expired = await self._scripts["recent"](
+                keys=[k.counts], args=[minutes]
+            )
+        return RecentCounts(window, int(succeeded), int(failed), int(cancelled), int(expired))
 
     # -- workers and the restart signal ------------------------------------------------
 
@@ -537,6 +825,31 @@ return 1
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _int(value: Any) -> int | None:
+    """An integer field of a record or payload (`None` when absent, empty or not a number)."""
+    if value is None or value in (b"", ""):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _seconds(value: Any) -> float | None:
+    """A time in ms since the epoch, in seconds (`None` when absent)."""
+    ms = _int(value)
+    return None if ms is None else ms / 1000
+
+
+def _envelope(payload: bytes) -> dict[str, Any]:
+    """The payload's JSON object, or an empty one: a status read never fails on a payload."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _by_queue(jobs: Sequence[ReservedJob]) -> dict[str, Sequence[ReservedJob]]:

@@ -1,16 +1,49 @@
--- ack.lua: remove finished jobs, if the caller still holds their reservation.
+-- ack.lua: remove finished jobs, if the caller still holds their reservation, and write how
+-- each one ended in its status record.
+--
+-- Key schema: see push.lua.
 --
 -- KEYS: 1 reserved, 2 payloads, 3 attempts
--- ARGV: pairs of (job id, attempts token)
+-- ARGV: 1 tag, then 6 per job: id, attempts token, status (succeeded/failed/cancelled/expired),
+--       keep ms (0: the record is deleted), result ('' none: the JSON of a result is never
+--       empty), error, traceback -- 7 in all
 -- Returns: the number of jobs removed
+local tag = ARGV[1]
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local removed = 0
-for i = 1, #ARGV, 2 do
+local ended = {}
+for i = 2, #ARGV, 7 do
   local id, token = ARGV[i], ARGV[i + 1]
   if redis.call('HGET', KEYS[3], id) == token then
     redis.call('ZREM', KEYS[1], id)
     redis.call('HDEL', KEYS[2], id)
     redis.call('HDEL', KEYS[3], id)
+    local status, keep, rec = ARGV[i + 2], tonumber(ARGV[i + 3]), tag .. ':job:' .. id
+    if keep > 0 then
+      redis.call('HSET', rec, 'status', status, 'ended_at', now, 'attempts', token,
+        'error', ARGV[i + 5], 'traceback', ARGV[i + 6])
+      if ARGV[i + 4] ~= '' then
+        redis.call('HSET', rec, 'result', ARGV[i + 4])
+      end
+      redis.call('PEXPIRE', rec, keep)
+    else
+      redis.call('DEL', rec)
+    end
+    redis.call('SREM', tag .. ':cancel', id)
+    if redis.call('EXISTS', tag .. ':waiter:' .. id) == 1 then
+      redis.call('RPUSH', tag .. ':done:' .. id, '1')
+      redis.call('PEXPIRE', tag .. ':done:' .. id, 60000)
+    end
+    ended[status] = (ended[status] or 0) + 1
     removed = removed + 1
   end
+end
+if removed > 0 then
+  local counts = tag .. ':counts:' .. math.floor(now / 60000)
+  for status, n in pairs(ended) do
+    redis.call('HINCRBY', counts, status, n)
+  end
+  redis.call('EXPIRE', counts, 10800)
 end
 return removed

@@ -1,56 +1,156 @@
 -- reserve.lua: acknowledge finished jobs, then reserve up to `limit` ready jobs under a lease.
 --
--- Before reserving it makes due delayed jobs ready (in due order) and returns jobs whose lease
--- expired to the head of the queue: every worker that reserves also reaps, atomically, so a due
--- or orphaned job is handed to exactly one worker.
+-- Before reserving it makes due delayed jobs ready (in due order; at_front ones to the head)
+-- and returns jobs whose lease expired to the head of the queue: every worker that reserves
+-- also reaps, atomically, so a due or orphaned job is handed to exactly one worker. A reaped
+-- job whose cancellation was asked for is cancelled instead; a job whose first try did not
+-- start within its ttl is expired instead of handed out. Key schema and record fields: see
+-- push.lua.
 --
--- KEYS: 1 ready, 2 delayed, 3 reserved, 4 payloads, 5 attempts, 6 wake
--- ARGV: 1 limit, 2 lease ms, 3 ack count n, then n pairs of (job id, attempts token)
+-- KEYS: 1 ready, 2 delayed, 3 reserved, 4 payloads, 5 attempts, 6 wake, 7 front, 8 cancel
+-- ARGV: 1 limit, 2 lease ms, 3 worker id, 4 tag, 5 failure_ttl ms for records without one
+--       (jobs pushed by wave-1 code), 6 ack count n, then n groups of 7 as in ack.lua (id,
+--       token, status, keep ms, result, error, traceback)
 -- Returns: {next_ms, id1, payload1, attempts1, id2, ...} where next_ms is, when nothing was
 --          reserved, how long until a delayed job or a lease falls due (-1: none); else 0.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local limit, lease, acks = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local limit, lease, worker, tag = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local default_keep, acks = ARGV[5], tonumber(ARGV[6])
+local ended = {}
 
-for i = 4, 3 + acks * 2, 2 do
+local function count(status)
+  ended[status] = (ended[status] or 0) + 1
+end
+
+local function wake_waiters(id)
+  if redis.call('EXISTS', tag .. ':waiter:' .. id) == 1 then
+    redis.call('RPUSH', tag .. ':done:' .. id, '1')
+    redis.call('PEXPIRE', tag .. ':done:' .. id, 60000)
+  end
+end
+
+-- End a job that is not running (its payload is dropped): expired or cancelled.
+local function finish(id, status, err)
+  local rec = tag .. ':job:' .. id
+  redis.call('HDEL', KEYS[4], id)
+  redis.call('HDEL', KEYS[5], id)
+  redis.call('SREM', KEYS[8], id)
+  local f = redis.call('HMGET', rec, 'failure_ttl', 'unique_key', 'unique_for')
+  local keep = tonumber(f[1] or default_keep)
+  -- A key held by unique_for stays taken until it expires, whatever happens to the job.
+  if f[2] and f[2] ~= '' and (f[3] or '0') == '0'
+      and redis.call('GET', tag .. ':unique:' .. f[2]) == id then
+    redis.call('DEL', tag .. ':unique:' .. f[2])
+  end
+  if keep > 0 then
+    redis.call('HSET', rec, 'status', status, 'ended_at', now, 'error', err)
+    redis.call('HDEL', rec, 'expires_at')
+    redis.call('PEXPIRE', rec, keep)
+  else
+    redis.call('DEL', rec)
+  end
+  wake_waiters(id)
+  count(status)
+end
+
+for i = 7, 6 + acks * 7, 7 do
   local id, token = ARGV[i], ARGV[i + 1]
   if redis.call('HGET', KEYS[5], id) == token then
     redis.call('ZREM', KEYS[3], id)
     redis.call('HDEL', KEYS[4], id)
     redis.call('HDEL', KEYS[5], id)
+    local status, keep, rec = ARGV[i + 2], tonumber(ARGV[i + 3]), tag .. ':job:' .. id
+    if keep > 0 then
+      redis.call('HSET', rec, 'status', status, 'ended_at', now, 'attempts', token,
+        'error', ARGV[i + 5], 'traceback', ARGV[i + 6])
+      if ARGV[i + 4] ~= '' then
+        redis.call('HSET', rec, 'result', ARGV[i + 4])
+      end
+      redis.call('PEXPIRE', rec, keep)
+    else
+      redis.call('DEL', rec)
+    end
+    redis.call('SREM', KEYS[8], id)
+    wake_waiters(id)
+    count(status)
   end
 end
 
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
 if #due > 0 then
   redis.call('ZREM', KEYS[2], unpack(due))
-  redis.call('RPUSH', KEYS[1], unpack(due))
+  if redis.call('EXISTS', KEYS[7]) == 1 then
+    for _, id in ipairs(due) do
+      if redis.call('SREM', KEYS[7], id) == 1 then
+        redis.call('LPUSH', KEYS[1], id)
+      else
+        redis.call('RPUSH', KEYS[1], id)
+      end
+    end
+  else
+    redis.call('RPUSH', KEYS[1], unpack(due))
+  end
 end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1000)
 if #expired > 0 then
   redis.call('ZREM', KEYS[3], unpack(expired))
+  local cancels = redis.call('EXISTS', KEYS[8]) == 1
   -- LPUSH reverses its arguments: push the newest first so the oldest ends at the head.
   for i = #expired, 1, -1 do
-    redis.call('LPUSH', KEYS[1], expired[i])
+    local id = expired[i]
+    if cancels and redis.call('SISMEMBER', KEYS[8], id) == 1 then
+      finish(id, 'cancelled', 'cancelled while its worker was lost')
+    else
+      redis.call('LPUSH', KEYS[1], id)
+      local rec = tag .. ':job:' .. id
+      if redis.call('EXISTS', rec) == 1 then
+        redis.call('HSET', rec, 'status', 'retrying', 'due_at', now)
+      end
+    end
   end
 end
 
 local out = {0}
-if limit > 0 then
-  local ids = redis.call('LPOP', KEYS[1], limit)
-  if ids then
-    for _, id in ipairs(ids) do
-      local payload = redis.call('HGET', KEYS[4], id)
-      -- No payload: the job was acknowledged after its lease had expired; it is done.
-      if payload then
+local got = 0
+while limit > got do
+  local ids = redis.call('LPOP', KEYS[1], limit - got)
+  if not ids then break end
+  for _, id in ipairs(ids) do
+    local payload = redis.call('HGET', KEYS[4], id)
+    -- No payload: the job was acknowledged after its lease had expired; it is done.
+    if payload then
+      local rec = tag .. ':job:' .. id
+      local f = redis.call('HMGET', rec, 'expires_at', 'unique_key', 'unique_for')
+      if f[1] and tonumber(f[1]) <= now and not redis.call('HGET', KEYS[5], id) then
+        finish(id, 'expired',
+          'not started within its ttl of ' .. (tonumber(f[1]) - tonumber(redis.call('HGET', rec, 'due_at') or f[1])) / 1000 .. 's')
+      else
+        if f[1] then redis.call('HDEL', rec, 'expires_at') end
+        if f[2] and f[2] ~= '' and (f[3] or '0') == '0'
+            and redis.call('GET', tag .. ':unique:' .. f[2]) == id then
+          -- unique_for 0: the key is free for a successor once the job starts.
+          redis.call('DEL', tag .. ':unique:' .. f[2])
+        end
         local attempts = redis.call('HINCRBY', KEYS[5], id, 1)
         redis.call('ZADD', KEYS[3], now + lease, id)
+        redis.call('HSET', rec, 'status', 'running', 'attempts', attempts, 'started_at', now,
+          'worker', worker)
         out[#out + 1] = id
         out[#out + 1] = payload
         out[#out + 1] = attempts
+        got = got + 1
       end
     end
   end
+end
+
+if next(ended) ~= nil then
+  local counts = tag .. ':counts:' .. math.floor(now / 60000)
+  for status, n in pairs(ended) do
+    redis.call('HINCRBY', counts, status, n)
+  end
+  redis.call('EXPIRE', counts, 10800)
 end
 
 local left = redis.call('LLEN', KEYS[1])

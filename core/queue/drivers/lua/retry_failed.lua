@@ -6,17 +6,21 @@
 --   <ftag>:rids      hash   job id -> record id (a new one each time a record is stored)
 --   <ftag>:index     zset   job id -> failed_at (s)
 --   <ftag>:queue:<q> zset   job id -> failed_at (s), the records of queue q
--- and the queue's keys under {<prefix>:<queue>} as in push.lua. The script spans both tags:
+-- and the queue's keys under {<prefix>:<queue>} as in push.lua (the job's status record is
+-- written afresh: `queued`, no tries). The script spans both tags:
 -- fine on a single Redis server; on Redis Cluster the two-step retry (claim, push, remove)
 -- must be used instead.
 --
 -- KEYS: 1 records, 2 rids, 3 index, 4 queue index,
 --       5 ready, 6 delayed, 7 payloads, 8 wake, 9 attempts, 10 reserved
--- ARGV: triples of (job id, record id, payload); an empty record id matches a record stored
---       before record ids existed
+-- ARGV: 1 the queue's tag, then quadruples of (job id, record id, payload, class path); an
+--       empty record id matches a record stored before record ids existed
 -- Returns: the ids of the jobs moved back, ready now with their tries counted afresh
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local tag = ARGV[1]
 local moved = {}
-for i = 1, #ARGV, 3 do
+for i = 2, #ARGV, 4 do
   local id, rid, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if redis.call('HEXISTS', KEYS[1], id) == 1 and (redis.call('HGET', KEYS[2], id) or '') == rid then
     redis.call('HDEL', KEYS[1], id)
@@ -30,6 +34,9 @@ for i = 1, #ARGV, 3 do
       redis.call('ZREM', KEYS[6], id)
       redis.call('LREM', KEYS[5], 0, id)
     end
+    redis.call('DEL', tag .. ':job:' .. id, tag .. ':done:' .. id)
+    redis.call('HSET', tag .. ':job:' .. id, 'status', 'queued', 'job', ARGV[i + 3],
+      'attempts', 0, 'enqueued_at', now, 'due_at', now)
     redis.call('RPUSH', KEYS[5], id)
     moved[#moved + 1] = id
   end
