@@ -6,7 +6,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Literal
 
-__all__ = ["Job", "JobMiddleware"]
+__all__ = ["Job", "JobFunction", "JobMiddleware", "job"]
 
 #: A job middleware: `async def mw(job, call_next) -> result`, where `await call_next()` runs
 #: the rest of the chain (the next middleware, then `handle()`) and returns its result.
@@ -146,3 +146,8 @@ class Job:
 
     def __repr__(self) -> str:
         return f"<{type(self).__qualname__} id={self.job_id or '-'} attempts={self.attempts}>"
+
+
+# `@job` for functions lives in core.functions (it builds Job subclasses); re-exported here so
+# that `from core.job import job` works. core.functions needs nothing of this module at import.
+from core.functions import JobFunction, job  # noqa: E402

@@ -163,20 +163,22 @@ def test_instance_settings_are_settings_not_data() -> None:
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("timeout", "30", "timeout must be a number of seconds"),
+        ("timeout", "thirty", "timeout: invalid delay 'thirty'"),
+        ("timeout", "40 days", "timeout must be a number of seconds from 0 to 2592000"),
         ("timeout", -1, "timeout must be a number of seconds"),
         ("timeout", float("nan"), "timeout must be a number of seconds"),
         ("timeout", float("inf"), "timeout must be a number of seconds"),
         ("timeout", True, "timeout must be a number of seconds"),
         ("timeout", 1e308, "timeout must be a number of seconds from 0 to 2592000"),
-        ("retry_after", [1, 10**12], "retry_after must be seconds from 0 to 2592000"),
+        ("retry_after", [1, 10**12], "retry_after must be a number of seconds from 0 to 2592000"),
         ("max_tries", 0, "max_tries must be at least 1"),
         ("max_tries", 2.5, "max_tries must be a whole number"),
         ("max_tries", "3", "max_tries must be a whole number"),
         ("max_tries", None, "max_tries must be a whole number"),
-        ("retry_after", "5", "retry_after must be seconds"),
-        ("retry_after", [1, "x"], "retry_after must be seconds"),
-        ("retry_after", -2, "retry_after must be seconds"),
+        ("retry_after", "5 fortnights", "retry_after: invalid delay '5 fortnights'"),
+        ("retry_after", [1, "x"], "retry_after: invalid delay 'x'"),
+        ("retry_after", [1, None], r"retry_after must be a number of seconds.*got None"),
+        ("retry_after", -2, "retry_after must be a number of seconds"),
     ],
 )
 def test_settings_that_are_not_numbers_are_refused_at_dispatch(

@@ -3,48 +3,66 @@
 A payload is one JSON object:
 
     {"id": "…", "job": "app.jobs.mail:SendMail", "queue": "default", "data": {…},
-     "max_tries": 3, "timeout": 60, "retry_after": 0, "created_at": 1700000000000}
+     "max_tries": 3, "timeout": 60, "retry_after": 0, "created_at": 1700000000000,
+     "result_ttl": 500, "failure_ttl": 604800, "ttl": 30}
 
-`attempts` is not in the payload: the driver counts tries at reservation, so a worker that dies
-mid-job still spends one.
+Durations are stored as numbers of seconds, whatever form the job gave them in ("10 minutes");
+`result_ttl` and `failure_ttl` are resolved from the settings at dispatch (payloads written
+before they existed lack them: the worker then uses its own settings); `ttl` is there only when
+the job has one. `attempts` is not in the payload: the driver counts tries at reservation, so a
+worker that dies mid-job still spends one.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import math
 import os
+import pkgutil
 import re
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, Literal
 
 import orjson
 
+from core.delays import parse_duration
 from core.errors import (
     PayloadError,
     PayloadTooLargeError,
     SerializationError,
     UnknownJobError,
 )
+from core.functions import JobFunction
 from core.job import Job
 
 __all__ = [
+    "MAX_KEEP_SECONDS",
+    "MAX_SECONDS",
     "Decoded",
     "JobLoader",
+    "JobSettings",
+    "class_path",
     "decode_envelope",
     "encode",
+    "job_settings",
     "new_job_id",
     "unloadable_reason",
+    "validate_job_id",
     "validate_queue",
 ]
 
 _DUMP_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:@/-]{1,190}$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9_.:@/+=-]{1,190}$")
 _GOOD_NAMES: set[str] = set()
+
+logger = logging.getLogger("topiq.queue")
 
 
 def new_job_id() -> str:
@@ -65,6 +83,13 @@ def validate_queue(name: str) -> str:
     return name
 
 
+def validate_job_id(value: Any, where: str = "job_id") -> str:
+    """Return `value` if it can be a job id, else `ValueError` naming `where` and the rule."""
+    if isinstance(value, str) and _JOB_ID.match(value) is not None:
+        return value
+    raise ValueError(f"{where} must be 1 to 190 letters, digits and _ . : @ / + = -, got {value!r}")
+
+
 def _refuse(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON")
 
@@ -73,7 +98,20 @@ def _refuse(value: Any) -> Any:
 
 #: The settings a class (or an instance, before dispatch) chooses. They travel in the
 #: payload's own fields, never in its data, and must be plain values on the class.
-_SETTINGS = ("queue", "max_tries", "timeout", "retry_after", "connection")
+_SETTINGS = (
+    "queue",
+    "max_tries",
+    "timeout",
+    "retry_after",
+    "connection",
+    "unique_key",
+    "unique_for",
+    "on_duplicate",
+    "at_front",
+    "ttl",
+    "result_ttl",
+    "failure_ttl",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +147,27 @@ def _class_info(cls: type[Job]) -> _ClassInfo:
                     "per job, set it on the instance before dispatch"
                 )
                 break
+        if problem is None:
+            problem = _aliases_problem(cls)
         info = _CLASS_INFO[cls] = _ClassInfo(names, problem)
     return info
+
+
+def _aliases_problem(cls: type[Job]) -> str | None:
+    aliases = inspect.getattr_static(cls, "aliases", ())
+    if isinstance(aliases, str) or not isinstance(aliases, list | tuple):
+        return (
+            f"{cls.__qualname__}.aliases must be a tuple of class paths such as "
+            f"('app.jobs.old_module:OldName',), got {aliases!r}"
+        )
+    for alias in aliases:
+        module, _, qualname = alias.partition(":") if isinstance(alias, str) else ("", "", "")
+        if not module or not qualname or not all(p.isidentifier() for p in module.split(".")):
+            return (
+                f"{cls.__qualname__}.aliases: {alias!r} is not a class path of the form "
+                "'package.module:ClassName'"
+            )
+    return None
 
 
 def _kind(raw: object) -> str:
@@ -185,8 +242,176 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def encode(job: Job, *, job_id: str, queue: str, max_bytes: int) -> bytes:
-    """The payload for `job`, or `SerializationError` naming the attribute it cannot carry."""
+#: The longest `result_ttl` or `failure_ttl` (10 years): longer is no longer a keep time.
+MAX_KEEP_SECONDS = 3650 * 24 * 3600
+
+_ON_DUPLICATE = ("reject", "keep", "replace")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class JobSettings:
+    """A job's settings, checked, with durations in seconds (as numbers, the payload's form)."""
+
+    max_tries: int
+    timeout: float
+    retry_after: float | list[float]
+    ttl: float
+    unique_key: str
+    unique_for: float
+    on_duplicate: Literal["reject", "keep", "replace"]
+    at_front: bool
+    result_ttl: float | None  # None: the QUEUE_RESULT_TTL setting
+    failure_ttl: float | None  # None: the QUEUE_FAILURE_TTL setting
+
+
+#: The settings an instance may override; an instance setting none of them uses its class's
+#: settings, checked once per class.
+_OVERRIDABLE = frozenset(
+    (
+        "max_tries",
+        "timeout",
+        "retry_after",
+        "ttl",
+        "unique_key",
+        "unique_for",
+        "on_duplicate",
+        "at_front",
+        "result_ttl",
+        "failure_ttl",
+    )
+)
+_CLASS_SETTINGS: dict[type[Job], JobSettings] = {}
+
+
+def job_settings(job: Job) -> JobSettings:
+    """The settings of `job` (its class's, with what the instance overrides), checked.
+
+    Raises:
+        SerializationError: naming the setting (`Class.name`) and what is wrong with it.
+    """
+    cls = type(job)
+    if _OVERRIDABLE.isdisjoint(job.__dict__):
+        settings = _CLASS_SETTINGS.get(cls)
+        if settings is None:
+            settings = _CLASS_SETTINGS[cls] = _checked_settings(cls, cls)
+        return settings
+    return _checked_settings(cls, job)
+
+
+def _checked_settings(cls: type[Job], source: Any) -> JobSettings:
+    try:
+        return _settings_of(source)
+    except ValueError as exc:
+        raise SerializationError(f"{cls.__qualname__}.{exc}") from None
+
+
+def _seconds(value: Any, name: str, limit: float) -> float:
+    """A duration setting in seconds (a plain number is kept as it is: int stays int)."""
+    if type(value) in _PLAIN and 0 <= value <= limit:
+        return value  # type: ignore[no-any-return]
+    seconds = -1.0  # not a duration: refused below
+    if isinstance(value, str):
+        seconds = parse_duration(value, name)  # its error names the setting and the text
+    elif isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif _is_number(value):
+        seconds = float(value)
+    if not 0 <= seconds <= limit:
+        raise ValueError(
+            f"{name} must be a number of seconds from 0 to {limit:.0f}{_days(limit)} or a duration "
+            f"such as '90s', '10 minutes' or '1h', got {value!r}"
+        )
+    return seconds
+
+
+def _days(limit: float) -> str:
+    return f" ({limit / 86400:g} days)" if limit >= 86400 else ""
+
+
+def _settings_of(source: Any) -> JobSettings:
+    """The settings read from `source` (a class or an instance); `ValueError` names the bad one."""
+    max_tries = source.max_tries
+    if type(max_tries) is not int:
+        if not (_is_number(max_tries) and float(max_tries).is_integer()):
+            raise ValueError(f"max_tries must be a whole number, got {max_tries!r}")
+        max_tries = int(max_tries)
+    if max_tries < 1:
+        raise ValueError(f"max_tries must be at least 1, got {max_tries!r}")
+    timeout = _seconds(source.timeout, "timeout", MAX_SECONDS)
+    raw = source.retry_after
+    retry_after: float | list[float]
+    if isinstance(raw, list | tuple):
+        try:
+            retry_after = [_seconds(delay, "retry_after", MAX_SECONDS) for delay in raw]
+        except ValueError as exc:
+            raise ValueError(f"{exc}; in the list {raw!r}") from None
+    else:
+        retry_after = _seconds(raw, "retry_after", MAX_SECONDS)
+    ttl = _seconds(source.ttl, "ttl", MAX_SECONDS)
+    unique_for = _seconds(source.unique_for, "unique_for", MAX_SECONDS)
+    result_ttl = source.result_ttl
+    if result_ttl is not None:
+        result_ttl = _seconds(result_ttl, "result_ttl", MAX_KEEP_SECONDS)
+    failure_ttl = source.failure_ttl
+    if failure_ttl is not None:
+        failure_ttl = _seconds(failure_ttl, "failure_ttl", MAX_KEEP_SECONDS)
+    unique_key = source.unique_key
+    if not isinstance(unique_key, str):
+        raise ValueError(f"unique_key must be a string, got {unique_key!r}")
+    if len(unique_key) > 190 or _CONTROL.search(unique_key):
+        raise ValueError(
+            f"unique_key must be at most 190 characters without control characters, got "
+            f"{unique_key[:200]!r}"
+        )
+    on_duplicate = source.on_duplicate
+    if on_duplicate not in _ON_DUPLICATE or not isinstance(on_duplicate, str):
+        raise ValueError(
+            f"on_duplicate must be 'reject', 'keep' or 'replace', got {on_duplicate!r}"
+        )
+    at_front = source.at_front
+    if type(at_front) is not bool:
+        raise ValueError(f"at_front must be True or False, got {at_front!r}")
+    return JobSettings(
+        max_tries=max_tries,
+        timeout=timeout,
+        retry_after=retry_after,
+        ttl=ttl,
+        unique_key=unique_key,
+        unique_for=unique_for,
+        on_duplicate=on_duplicate,  # type: ignore[arg-type]
+        at_front=at_front,
+        result_ttl=result_ttl,
+        failure_ttl=failure_ttl,
+    )
+
+
+_CLASS_PATHS: dict[type, str] = {}
+
+
+def class_path(cls: type) -> str:
+    """`module:QualName` of a class: what its payloads name."""
+    path = _CLASS_PATHS.get(cls)
+    if path is None:
+        path = _CLASS_PATHS[cls] = f"{cls.__module__}:{cls.__qualname__}"
+    return path
+
+
+def encode(
+    job: Job,
+    *,
+    job_id: str,
+    queue: str,
+    max_bytes: int,
+    settings: JobSettings | None = None,
+    result_ttl: float = 500.0,
+    failure_ttl: float = 604800.0,
+) -> bytes:
+    """The payload for `job`, or `SerializationError` naming the attribute it cannot carry.
+
+    `settings` are the job's checked settings (`job_settings(job)` if not given); `result_ttl`
+    and `failure_ttl` are the connection's defaults, written when the job sets none.
+    """
     cls = type(job)
     info = _class_info(cls)
     if info.problem is not None:
@@ -199,20 +424,22 @@ def encode(job: Job, *, job_id: str, queue: str, max_bytes: int) -> bytes:
             + ". Instance attributes named like something the class defines (a method, a "
             "property, a class attribute) cannot carry job data: rename them"
         )
-    try:
-        max_tries, timeout, retry_after = _limits(job.max_tries, job.timeout, job.retry_after)
-    except ValueError as exc:
-        raise SerializationError(f"{cls.__qualname__}.{exc}") from None
+    if settings is None:
+        settings = job_settings(job)
     envelope = {
         "id": job_id,
-        "job": f"{cls.__module__}:{cls.__qualname__}",
+        "job": class_path(cls),
         "queue": queue,
         "data": data,
-        "max_tries": max_tries,
-        "timeout": timeout,
-        "retry_after": retry_after,
+        "max_tries": settings.max_tries,
+        "timeout": settings.timeout,
+        "retry_after": settings.retry_after,
         "created_at": int(time.time() * 1000),
+        "result_ttl": result_ttl if settings.result_ttl is None else settings.result_ttl,
+        "failure_ttl": failure_ttl if settings.failure_ttl is None else settings.failure_ttl,
     }
+    if settings.ttl:
+        envelope["ttl"] = settings.ttl
     try:
         raw = orjson.dumps(envelope, default=_refuse, option=_DUMP_OPTIONS)
     except TypeError as exc:
@@ -250,7 +477,10 @@ def unloadable_reason(cls: type, allowed_modules: Sequence[str]) -> str | None:
     """
     module, qualname = cls.__module__, cls.__qualname__
     snake = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
-    move = f"move the class into a module under app/ (e.g. app/jobs/{snake}.py) and import it"
+    what = "class"
+    if getattr(cls, "_job_function", None) is not None:  # a @job function's generated class
+        what = "function"
+    move = f"move the {what} into a module under app/ (e.g. app/jobs/{snake}.py) and import it"
     if module == "__main__":
         return (
             f"{qualname} is defined in __main__ (the script being run), which no worker can "
@@ -274,10 +504,10 @@ def unloadable_reason(cls: type, allowed_modules: Sequence[str]) -> str | None:
     if target is not None:
         for part in qualname.split("."):
             target = getattr(target, part, None)
-        if target is not cls:
+        if _job_class(target) is not cls:
             return (
-                f"{module}:{qualname} does not name this class (was it created or replaced at "
-                "run time?): define the job class once, at module level"
+                f"{module}:{qualname} does not name this {what} (was it created or replaced at "
+                f"run time?): define the job {what} once, at module level"
             )
     return None
 
@@ -298,25 +528,73 @@ def decode_envelope(raw: bytes | str) -> dict[str, Any]:
 
 @dataclass(slots=True)
 class Decoded:
-    """A job rebuilt from its payload, with the limits it was dispatched with."""
+    """A job rebuilt from its payload, with the limits it was dispatched with.
+
+    `result_ttl` and `failure_ttl` are `None` when the payload predates them (the worker then
+    uses its own settings).
+    """
 
     job: Job
     max_tries: int
     timeout: float
+    result_ttl: float | None = None
+    failure_ttl: float | None = None
+
+
+def _job_class(target: Any) -> type[Job] | None:
+    """The `Job` class an imported name stands for: a class, or a `@job` function's class."""
+    if isinstance(target, type) and issubclass(target, Job):
+        return target
+    if isinstance(target, JobFunction):
+        return target.job_class
+    return None
+
+
+def _declaring(path: str) -> list[type[Job]]:
+    """Every imported `Job` class that lists `path` in its `aliases`."""
+    found: list[type[Job]] = []
+    seen: set[type[Job]] = set()
+    stack = list(Job.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        stack.extend(cls.__subclasses__())
+        aliases = inspect.getattr_static(cls, "aliases", ())
+        if isinstance(aliases, list | tuple) and path in aliases:
+            found.append(cls)
+    return found
+
+
+def _jobs_package(prefix: str) -> str | None:
+    """The package whose modules may hold job classes for an allowed-modules prefix:
+    `app.` → `app.jobs`; `app.jobs.` → `app.jobs`; `""` (anything) → none."""
+    package = prefix.rstrip(".")
+    if not package:
+        return None
+    return package if package.rpartition(".")[2] == "jobs" else f"{package}.jobs"
 
 
 class JobLoader:
-    """Turns payloads back into jobs, importing only `Job` subclasses under allowed modules."""
+    """Turns payloads back into jobs, importing only `Job` subclasses under allowed modules.
+
+    A class path that cannot be imported is looked up among the `aliases` of the job classes
+    imported so far; failing that, the modules of each allowed package's `jobs` package (for
+    `app.`: `app.jobs.*`) are imported, once, and the aliases looked at again.
+    """
 
     def __init__(self, allowed_modules: Sequence[str]) -> None:
         self._allowed = tuple(allowed_modules)
         self._classes: dict[str, type[Job]] = {}
+        self._scanned = False
 
     def allowed(self, module: str) -> bool:
         return _allowed(module, self._allowed)
 
     def resolve(self, path: str) -> type[Job]:
-        """The class named `module:QualName`, or `UnknownJobError`."""
+        """The class named `module:QualName` (or declaring it as an alias), or
+        `UnknownJobError`."""
         cls = self._classes.get(path)
         if cls is not None:
             return cls
@@ -333,11 +611,62 @@ class JobLoader:
             for part in qualname.split("."):
                 target = getattr(target, part)
         except Exception as exc:
-            raise UnknownJobError(f"job class {path!r} cannot be imported: {exc!r}") from exc
-        if not (isinstance(target, type) and issubclass(target, Job)):
-            raise UnknownJobError(f"{path!r} is not a subclass of core.job.Job")
-        self._classes[path] = target
-        return target
+            found = self._alias(path)
+            if found is None:
+                raise UnknownJobError(
+                    f"job class {path!r} cannot be imported, and no job class declares it in "
+                    f"its `aliases`: {exc!r}"
+                ) from exc
+            cls = found
+        else:
+            found = _job_class(target)
+            if found is None:
+                raise UnknownJobError(
+                    f"{path!r} is not a subclass of core.job.Job nor a @job function"
+                )
+            cls = found
+        self._classes[path] = cls
+        return cls
+
+    def _alias(self, path: str) -> type[Job] | None:
+        found = self._allowed_only(_declaring(path))
+        if not found and not self._scanned:
+            self._scanned = True
+            self._import_job_modules()
+            found = self._allowed_only(_declaring(path))
+        if len(found) > 1:
+            names = ", ".join(sorted(class_path(cls) for cls in found))
+            raise UnknownJobError(
+                f"job class {path!r} is declared as an alias by more than one class ({names}): "
+                "keep it in one class's `aliases`"
+            )
+        return found[0] if found else None
+
+    def _allowed_only(self, classes: list[type[Job]]) -> list[type[Job]]:
+        return [cls for cls in classes if self.allowed(cls.__module__)]
+
+    def _import_job_modules(self) -> None:
+        """Import every module of the allowed packages' `jobs` packages (once per loader)."""
+        for prefix in self._allowed:
+            package = _jobs_package(prefix)
+            if package is None:
+                continue
+            try:
+                module = importlib.import_module(package)
+            except Exception as exc:
+                if not isinstance(exc, ModuleNotFoundError) or exc.name not in (
+                    package,
+                    package.rpartition(".")[0],
+                ):
+                    logger.warning("job aliases: cannot import %s: %r", package, exc)
+                continue
+            for info in pkgutil.walk_packages(
+                getattr(module, "__path__", []), prefix=f"{package}.", onerror=lambda _: None
+            ):
+                try:
+                    importlib.import_module(info.name)
+                except Exception as exc:
+                    logger.warning("job aliases: cannot import %s: %r", info.name, exc)
 
     def load(self, raw: bytes | str, *, job_id: str, attempts: int) -> Decoded:
         """Rebuild the job without calling its constructor.
@@ -372,11 +701,18 @@ class JobLoader:
                 + "; ".join(_clashes(cls, info.names, data))
             )
         try:
+            defaults = _CLASS_SETTINGS.get(cls) or _settings_of(cls)
+        except ValueError as exc:
+            raise PayloadError(f"{path}: {cls.__qualname__}.{exc}") from None
+        try:
             max_tries, timeout, retry_after = _limits(
-                envelope.get("max_tries", cls.max_tries),
-                envelope.get("timeout", cls.timeout),
-                envelope.get("retry_after", cls.retry_after),
+                envelope.get("max_tries", defaults.max_tries),
+                envelope.get("timeout", defaults.timeout),
+                envelope.get("retry_after", defaults.retry_after),
             )
+            result_ttl = _kept_for(envelope, "result_ttl")
+            failure_ttl = _kept_for(envelope, "failure_ttl")
+            ttl = _kept_for(envelope, "ttl", MAX_SECONDS)
         except ValueError as exc:
             raise PayloadError(f"{path}: payload field {exc}") from None
         queue = envelope.get("queue")
@@ -395,6 +731,28 @@ class JobLoader:
             state["retry_after"] = retry_after
         if queue is not None and queue != cls.queue:
             state["queue"] = queue
+        if ttl is not None and ttl != cls.ttl:
+            state["ttl"] = ttl
+        if result_ttl is not None and result_ttl != cls.result_ttl:
+            state["result_ttl"] = result_ttl
+        if failure_ttl is not None and failure_ttl != cls.failure_ttl:
+            state["failure_ttl"] = failure_ttl
         state["job_id"] = job_id
         state["attempts"] = attempts
-        return Decoded(job=job, max_tries=max_tries, timeout=float(timeout))
+        return Decoded(
+            job=job,
+            max_tries=max_tries,
+            timeout=float(timeout),
+            result_ttl=None if result_ttl is None else float(result_ttl),
+            failure_ttl=None if failure_ttl is None else float(failure_ttl),
+        )
+
+
+def _kept_for(envelope: dict[str, Any], name: str, limit: float = MAX_KEEP_SECONDS) -> Any:
+    """A seconds field of the payload (`None` if absent); `ValueError` if it is not one."""
+    value = envelope.get(name)
+    if value is None:
+        return None
+    if not (_is_number(value) and 0 <= value <= limit):
+        raise ValueError(f"{name} must be a number of seconds from 0 to {limit:.0f}, got {value!r}")
+    return value

@@ -14,19 +14,45 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
 from core.delays import Delay, parse_delay
-from core.errors import ConfigurationError, SerializationError, UnloadableJobError
-from core.job import Job
-from core.queue.drivers import Driver, FailedStore, OutgoingJob, QueueStats, create_driver
-from core.queue.payload import encode, new_job_id, unloadable_reason, validate_queue
+from core.errors import (
+    ConfigurationError,
+    DuplicateJobError,
+    SerializationError,
+    UnloadableJobError,
+)
+from core.events import EventKind, JobEvent, events
+from core.hooks import hooks
+from core.job import Job, JobFunction
+from core.queue.drivers import (
+    Driver,
+    FailedStore,
+    OutgoingJob,
+    Pushed,
+    QueueStats,
+    create_driver,
+)
+from core.queue.drivers.base import OnDuplicate
+from core.queue.handle import JobHandle
+from core.queue.payload import (
+    class_path,
+    encode,
+    job_settings,
+    new_job_id,
+    unloadable_reason,
+    validate_job_id,
+    validate_queue,
+)
 from core.settings import QueueConnection, Settings
 
 __all__ = [
+    "JobHandle",
     "QueueManager",
     "dispatch",
     "get_default_manager",
@@ -52,6 +78,7 @@ class QueueManager:
         self.dispatched = 0
         #: Job classes a worker can import (checked once per class).
         self._loadable: set[type[Job]] = set()
+        self._hooks_loaded = False
 
     # -- connections -------------------------------------------------------------------
 
@@ -136,6 +163,12 @@ class QueueManager:
 
     def _target(self, job: Job, queue: str | None, connection: str | None) -> tuple[str, str]:
         if not isinstance(job, Job):
+            if isinstance(job, JobFunction):
+                name = job.function.__qualname__
+                raise SerializationError(
+                    f"{name} is a @job function: dispatch a call of it with "
+                    f"`await {name}.dispatch(...)`"
+                )
             raise SerializationError(
                 f"only core.job.Job instances can be dispatched, got {type(job).__name__}"
             )
@@ -152,13 +185,101 @@ class QueueManager:
             self._loadable.add(cls)
         return conn, validate_queue(queue)
 
-    def _outgoing(self, job: Job, queue: str, delay: float) -> OutgoingJob:
-        job_id = new_job_id()
+    def _outgoing(
+        self,
+        job: Job,
+        queue: str,
+        delay: float,
+        job_id: str | None = None,
+        at_front: bool | None = None,
+        on_duplicate: str | None = None,
+    ) -> OutgoingJob:
+        settings = job_settings(job)
+        state = job.__dict__
+        chosen = job_id
+        if chosen is None:
+            chosen = job.job_id
+            if chosen and chosen == state.get(_ASSIGNED):
+                chosen = ""  # the id an earlier dispatch (or the worker) gave this instance
+            elif chosen:
+                chosen = _checked_id(chosen, f"{type(job).__qualname__}.job_id")
+        else:
+            chosen = _checked_id(chosen, "push(job_id=...)")
+        if at_front is None:
+            at_front = settings.at_front
+        elif type(at_front) is not bool:
+            raise SerializationError(f"push(at_front=...) must be True or False, got {at_front!r}")
+        if on_duplicate is None:
+            on_duplicate = settings.on_duplicate
+        elif on_duplicate not in _ON_DUPLICATE:
+            raise SerializationError(
+                "push(on_duplicate=...) must be 'reject', 'keep' or 'replace', "
+                f"got {on_duplicate!r}"
+            )
+        new_id = chosen or new_job_id()
+        failure_ttl = settings.failure_ttl
+        if failure_ttl is None:
+            failure_ttl = self.settings.queue_failure_ttl
         payload = encode(
-            job, job_id=job_id, queue=queue, max_bytes=self.settings.queue_max_payload_bytes
+            job,
+            job_id=new_id,
+            queue=queue,
+            max_bytes=self.settings.queue_max_payload_bytes,
+            settings=settings,
+            result_ttl=self.settings.queue_result_ttl,
+            failure_ttl=failure_ttl,
         )
+        return OutgoingJob(
+            new_id,
+            queue,
+            payload,
+            delay,
+            job=class_path(type(job)),
+            max_tries=settings.max_tries,
+            at_front=at_front,
+            check_id=bool(chosen),
+            unique_key=settings.unique_key,
+            unique_for=settings.unique_for,
+            on_duplicate=on_duplicate,  # type: ignore[arg-type]
+            ttl=settings.ttl,
+            failure_ttl=failure_ttl,
+        )
+
+    async def _settle(
+        self, job: Job, outgoing: OutgoingJob, pushed: Pushed | None, connection: str
+    ) -> JobHandle | DuplicateJobError:
+        """The handle for what `push` did with one job (or the error of a rejected duplicate);
+        runs the dispatch hooks and event for a stored job."""
+        if pushed is None:  # a driver that predates `Pushed`
+            job_id, outcome = outgoing.id, "created"
+        else:
+            job_id, outcome = pushed.id, pushed.outcome
+        if outcome == "duplicate":
+            return _duplicate(outgoing, job_id)
         job.job_id = job_id
-        return OutgoingJob(job_id, queue, payload, delay)
+        if job_id != outgoing.id or not outgoing.check_id:
+            # Not an id the caller chose: dispatching this instance again is a new job.
+            job.__dict__[_ASSIGNED] = job_id
+        if outcome == "created" or outcome == "replaced":
+            if outcome == "created":
+                self.dispatched += 1
+            await hooks.dispatched(job, job_id)
+            if events.active:
+                events.emit(
+                    JobEvent(
+                        EventKind.DISPATCHED,
+                        job_id,
+                        outgoing.queue,
+                        connection,
+                        job=outgoing.job,
+                    )
+                )
+        # Handles of the default manager go through the facade, which closes its connections.
+        return JobHandle(job_id, outgoing.queue, connection, None if self is _default else self)
+
+    def _load_hooks(self) -> None:
+        self._hooks_loaded = True
+        hooks.load()
 
     async def push(
         self,
@@ -167,20 +288,47 @@ class QueueManager:
         connection: str | None = None,
         *,
         delay: Delay | None = None,
-    ) -> str:
-        """Queue `job` and return its id. Nothing is queued if the job cannot be stored."""
+        job_id: str | None = None,
+        at_front: bool | None = None,
+        on_duplicate: OnDuplicate | None = None,
+    ) -> JobHandle:
+        """Queue `job` and return its handle. Nothing is queued if the job cannot be stored.
+
+        `job_id` (or the job's own `job_id`, set before dispatch) names the job: if a job with
+        that id is waiting or running on the queue, `on_duplicate` decides, as for a
+        `unique_key`: "reject" raises `DuplicateJobError`, "keep" returns the existing job's
+        handle, "replace" gives a waiting one this job's data. `at_front` and `on_duplicate`
+        override the job's settings for this dispatch.
+        """
+        if not self._hooks_loaded:
+            self._load_hooks()
         conn, name = self._target(job, queue, connection)
-        outgoing = self._outgoing(job, name, parse_delay(delay) if delay is not None else 0.0)
+        outgoing = self._outgoing(
+            job,
+            name,
+            parse_delay(delay) if delay is not None else 0.0,
+            job_id,
+            at_front,
+            on_duplicate,
+        )
         driver = await self.connection(conn)
-        await driver.push([outgoing])
-        self.dispatched += 1
-        return outgoing.id
+        pushed = await driver.push([outgoing])
+        result = await self._settle(job, outgoing, pushed[0] if pushed else None, conn)
+        if isinstance(result, DuplicateJobError):
+            raise result
+        return result
 
     async def later(
-        self, delay: Delay, job: Job, queue: str | None = None, connection: str | None = None
-    ) -> str:
-        """Queue `job` to run after `delay` (seconds, "10 minutes", timedelta or datetime)."""
-        return await self.push(job, queue, connection, delay=delay)
+        self,
+        delay: Delay,
+        job: Job,
+        queue: str | None = None,
+        connection: str | None = None,
+        **options: Any,
+    ) -> JobHandle:
+        """Queue `job` to run after `delay` (seconds, "10 minutes", timedelta or datetime);
+        `options` as for `push` (`job_id`, `at_front`, `on_duplicate`)."""
+        return await self.push(job, queue, connection, delay=delay, **options)
 
     async def bulk(
         self,
@@ -189,24 +337,78 @@ class QueueManager:
         connection: str | None = None,
         *,
         delay: Delay | None = None,
-    ) -> list[str]:
-        """Queue many jobs with one round trip per connection; returns their ids in order.
+    ) -> list[JobHandle]:
+        """Queue many jobs with one round trip per connection; returns their handles in order.
 
-        Every job is encoded before anything is sent, so one bad job queues none of them.
+        Every job is encoded before anything is sent, so one bad job queues none of them. A job
+        rejected as a duplicate (`on_duplicate="reject"`) does not stop the others: they are
+        stored (each job's `job_id` says where), then `DuplicateJobError` is raised naming the
+        rejected ones (`existing`: the first one's holder).
         """
+        if not self._hooks_loaded:
+            self._load_hooks()
         seconds = parse_delay(delay) if delay is not None else 0.0
-        groups: dict[str, list[OutgoingJob]] = defaultdict(list)
-        ids: list[str] = []
+        groups: dict[str, list[tuple[int, Job, OutgoingJob]]] = defaultdict(list)
+        count = 0
         for job in jobs:
             conn, name = self._target(job, queue, connection)
-            outgoing = self._outgoing(job, name, seconds)
-            groups[conn].append(outgoing)
-            ids.append(outgoing.id)
+            groups[conn].append((count, job, self._outgoing(job, name, seconds)))
+            count += 1
+        handles: list[JobHandle | None] = [None] * count
+        rejected: list[DuplicateJobError] = []
         for conn, batch in groups.items():
             driver = await self.connection(conn)
-            await driver.push(batch)
-            self.dispatched += len(batch)
-        return ids
+            pushed: Sequence[Pushed | None] | None = await driver.push([o for _, _, o in batch])
+            if not pushed:
+                pushed = [None] * len(batch)
+            for (index, job, outgoing), done in zip(batch, pushed, strict=True):
+                result = await self._settle(job, outgoing, done, conn)
+                if isinstance(result, DuplicateJobError):
+                    rejected.append(result)
+                else:
+                    handles[index] = result
+        if rejected:
+            listed = "; ".join(str(error) for error in rejected[:5])
+            more = f"; and {len(rejected) - 5} more" if len(rejected) > 5 else ""
+            raise DuplicateJobError(
+                f"{len(rejected)} of {count} jobs not queued as duplicates (the others were): "
+                f"{listed}{more}",
+                existing=rejected[0].existing,
+            )
+        return [handle for handle in handles if handle is not None]
+
+    # -- single jobs -------------------------------------------------------------------
+
+    def job(
+        self, job_id: str, connection: str | None = None, *, queue: str | None = None
+    ) -> JobHandle:
+        """The handle of the job with this id (no I/O: ask it with `status()`, `result()`).
+
+        `queue`, when known, spares the driver a search.
+        """
+        if not isinstance(job_id, str) or _JOB_ID.match(job_id) is None:
+            raise ValueError(
+                f"invalid job id {job_id!r}: job ids are 1 to 190 letters, digits and "
+                "_ . : @ / + = -"
+            )
+        return JobHandle(
+            str(job_id),
+            validate_queue(queue) if queue is not None else None,
+            self.connection_name(connection),
+            self,
+        )
+
+    async def cancel(
+        self, job_id: str, connection: str | None = None, *, queue: str | None = None
+    ) -> bool:
+        """Cancel a job: a waiting one is removed, a running one is cancelled in its worker.
+        `False` if it has ended already or is unknown."""
+        return await self.job(job_id, connection, queue=queue).cancel()
+
+    async def prune_records(self, connection: str | None = None) -> int:
+        """Delete ended jobs' records past their keep time; returns how many (Redis: 0, its
+        records expire by themselves)."""
+        return await (await self.connection(connection)).prune_records()
 
     # -- inspecting --------------------------------------------------------------------
 
@@ -218,7 +420,8 @@ class QueueManager:
     async def stats(
         self, queue: str | None = None, connection: str | None = None
     ) -> list[QueueStats]:
-        """Counts per queue (every queue the connection has seen, or just `queue`)."""
+        """Counts per queue (every queue the connection has seen, or just `queue`), with how
+        many jobs ended each way over the last hour."""
         driver = await self.connection(connection)
         store = await self.failed_store(connection)
         names: Sequence[str] = [queue] if queue else await driver.queues()
@@ -226,10 +429,48 @@ class QueueManager:
         for name in names:
             stats = await driver.stats(name)
             failed = await store.count(name)
+            recent = await driver.recent(name)
             out.append(
-                QueueStats(driver.name, name, stats.pending, stats.delayed, stats.reserved, failed)
+                QueueStats(
+                    driver.name,
+                    name,
+                    stats.pending,
+                    stats.delayed,
+                    stats.reserved,
+                    failed,
+                    succeeded=recent.succeeded,
+                    failed_recent=recent.failed,
+                    cancelled=recent.cancelled,
+                    expired=recent.expired,
+                )
             )
         return out
+
+
+#: The instance attribute (private: never payload data) holding the id Topiq gave the job, so
+#: that dispatching the same instance again makes a new job rather than a duplicate.
+_ASSIGNED = "_topiq_assigned_id"
+_ON_DUPLICATE = ("reject", "keep", "replace")
+_JOB_ID = re.compile(r"^[A-Za-z0-9_.:@/+=-]{1,190}$")
+
+
+def _checked_id(value: Any, where: str) -> str:
+    try:
+        return validate_job_id(value, where)
+    except ValueError as exc:
+        raise SerializationError(str(exc)) from None
+
+
+def _duplicate(outgoing: OutgoingJob, holder: str) -> DuplicateJobError:
+    if outgoing.check_id and holder == outgoing.id:
+        what = f"job id {outgoing.id!r} is taken by a waiting or running job"
+    else:
+        what = f"unique_key {outgoing.unique_key!r} is held by job {holder!r}"
+    return DuplicateJobError(
+        f"{what} on queue {outgoing.queue!r} ({outgoing.job}, on_duplicate='reject'); "
+        "nothing was queued",
+        existing=holder,
+    )
 
 
 # -- the default manager and the facade ---------------------------------------------------
@@ -276,14 +517,30 @@ class _Facade:
             self._closers[id(loop)] = closer
         return manager
 
-    async def push(self, job: Job, *args: Any, **kwargs: Any) -> str:
+    async def push(self, job: Job, *args: Any, **kwargs: Any) -> JobHandle:
         return await (await self._manager()).push(job, *args, **kwargs)
 
-    async def later(self, delay: Delay, job: Job, *args: Any, **kwargs: Any) -> str:
+    async def later(self, delay: Delay, job: Job, *args: Any, **kwargs: Any) -> JobHandle:
         return await (await self._manager()).later(delay, job, *args, **kwargs)
 
-    async def bulk(self, jobs: Iterable[Job], *args: Any, **kwargs: Any) -> list[str]:
+    async def bulk(self, jobs: Iterable[Job], *args: Any, **kwargs: Any) -> list[JobHandle]:
         return await (await self._manager()).bulk(jobs, *args, **kwargs)
+
+    def job(
+        self, job_id: str, connection: str | None = None, *, queue: str | None = None
+    ) -> JobHandle:
+        """The handle of the job with this id, on the default manager (no I/O)."""
+        handle = get_default_manager().job(job_id, connection, queue=queue)
+        handle._manager = None  # its calls go through this facade (connections closed with it)
+        return handle
+
+    async def cancel(
+        self, job_id: str, connection: str | None = None, *, queue: str | None = None
+    ) -> bool:
+        return await self.job(job_id, connection, queue=queue).cancel()
+
+    async def prune_records(self, connection: str | None = None) -> int:
+        return await (await self._manager()).prune_records(connection)
 
     async def size(self, queue: str | None = None, connection: str | None = None) -> int:
         return await (await self._manager()).size(queue, connection)
@@ -297,6 +554,16 @@ class _Facade:
 queue = _Facade()
 
 
-async def dispatch(job: Job, *, delay: Delay | None = None) -> str:
-    """Queue `job` on its own queue and connection; returns the job id."""
-    return await queue.push(job, delay=delay)
+async def dispatch(
+    job: Job,
+    *,
+    delay: Delay | None = None,
+    job_id: str | None = None,
+    at_front: bool | None = None,
+    on_duplicate: OnDuplicate | None = None,
+) -> JobHandle:
+    """Queue `job` on its own queue and connection; returns its handle (a `str` subclass equal
+    to the job id). Options as for `QueueManager.push`."""
+    return await queue.push(
+        job, delay=delay, job_id=job_id, at_front=at_front, on_duplicate=on_duplicate
+    )
