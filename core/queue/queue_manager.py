@@ -542,6 +542,13 @@ class _Facade:
     async def prune_records(self, connection: str | None = None) -> int:
         return await (await self._manager()).prune_records(connection)
 
+    def fake(self, settings: Settings | None = None) -> contextlib.AbstractContextManager[Any]:
+        """`with queue.fake() as fake:` records dispatches instead of storing them (for tests;
+        see `core.testing.fake_queue`)."""
+        from core.testing import fake_queue
+
+        return fake_queue(settings)
+
     async def size(self, queue: str | None = None, connection: str | None = None) -> int:
         return await (await self._manager()).size(queue, connection)
 
