@@ -14,12 +14,19 @@ Same semantics as the memory driver, on the tables of `sql_tables`:
   behind the others (`available_at` = now); a delayed one at its time.
 * Nothing notifies a waiting worker: `wait` sleeps until the next delayed job or lease expiry,
   at most its timeout (the worker's `--sleep`).
+* The job lifecycle (see `sql_lifecycle`): a stored job's status is read from its row; `ack`
+  moves each job's record to `queue_job_records` in the transaction that deletes it; a job past
+  its `ttl`, or whose cancel was asked for while it ran and whose lease then ran out, ends in
+  the claim that finds it (it is never handed out); `prune_records`, which workers call about
+  once a minute, deletes records past their keep time and counters older than two hours.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -43,13 +50,16 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.errors import ConfigurationError, DriverError
+from core.queue.drivers import sql_lifecycle as life
 from core.queue.drivers import sql_tables as t
 from core.queue.drivers.base import (
     Driver,
     FailedJob,
     FailedStore,
     OutgoingJob,
+    Pushed,
     QueueStats,
+    RecentCounts,
     ReservedJob,
     WorkerInfo,
     claim_record_id,
@@ -68,6 +78,7 @@ from core.queue.drivers.sql_migrations import (
     writer,
 )
 from core.settings import Settings
+from core.status import JobStatus, Status
 
 __all__ = ["DatabaseDriver", "DatabaseFailedStore"]
 
@@ -75,8 +86,13 @@ T = TypeVar("T")
 
 _ATTEMPTS = 3  # runs of a transaction that hit a MySQL deadlock or lock timeout
 _MIN_WAIT = 0.01  # seconds: a job that is due but locked by another claim is taken very soon
+_COUNTS_KEPT = 2 * 3600  # seconds of per-minute counters `prune_records` keeps
+_PRUNE_BATCH = 1000  # rows per DELETE, so that a prune never holds many locks for long
 _jobs = t.queue_jobs.c
 _failed = t.queue_failed_jobs.c
+_records = t.queue_job_records.c
+_counts = t.queue_counts.c
+_keys = t.queue_unique_keys.c
 
 
 class DatabaseDriver(Driver):
@@ -151,30 +167,25 @@ class DatabaseDriver(Driver):
 
     # -- primitives --------------------------------------------------------------------
 
-    async def push(self, jobs: Sequence[OutgoingJob]) -> None:
-        """Insert every job in one transaction (one multi-row INSERT)."""
+    async def push(self, jobs: Sequence[OutgoingJob]) -> list[Pushed]:
+        """Store every job in one transaction.
+
+        Runs of plain jobs go in one multi-row INSERT each; a job with an id check or a unique
+        key is checked and stored on its own (`sql_lifecycle.push_checked`), in list order.
+        """
         if not jobs:
-            return
+            return []
         created = t.now()
         try:
-            rows = [
-                {
-                    "uuid": job.id,
-                    "queue": job.queue,
-                    "payload": job.payload.decode("utf-8"),
-                    "attempts": 0,
-                    "available_at": t.now(job.delay) if job.delay > 0 else created,
-                    "created_at": created,
-                }
-                for job in jobs
-            ]
+            rows = [self._row(job, created, rank) for rank, job in enumerate(jobs)]
         except UnicodeDecodeError as exc:
             raise DriverError(
                 f"a payload for the database queue must be UTF-8 text: {exc}"
             ) from None
         new = sorted({job.queue for job in jobs} - self._registered)
+        keep = self.settings.queue_failure_ttl
 
-        async def op(conn: AsyncConnection) -> None:
+        async def op(conn: AsyncConnection) -> list[Pushed]:
             if new:
                 await conn.execute(
                     insert(t.queue_names)
@@ -182,17 +193,64 @@ class DatabaseDriver(Driver):
                     .prefix_with("OR IGNORE", dialect="sqlite"),
                     [{"name": name, "created_at": created} for name in new],
                 )
-            try:
-                await conn.execute(insert(t.queue_jobs), rows)
-            except sa_exc.IntegrityError:
-                # An id that is already stored (a failed job retried before its worker's late
-                # ack landed) starts afresh, so that ack no longer matches: the rare path.
-                ids = [row["uuid"] for row in rows]
-                await conn.execute(delete(t.queue_jobs).where(t.queue_jobs.c.uuid.in_(ids)))
-                await conn.execute(insert(t.queue_jobs), rows)
+            out: list[Pushed] = []
+            plain: list[dict[str, Any]] = []
+            for job, row in zip(jobs, rows, strict=True):
+                if not (job.check_id or job.unique_key):
+                    plain.append(row)
+                    out.append(Pushed(job.id))
+                    continue
+                await self._insert_plain(conn, plain)
+                plain = []
+                out.append(await life.push_checked(conn, job, row, created, self.name, keep))
+            await self._insert_plain(conn, plain)
+            return out
 
-        await self._run("push jobs", op)
+        pushed = await self._run("push jobs", op)
         self._registered.update(new)
+        return pushed
+
+    @staticmethod
+    def _row(job: OutgoingJob, created: datetime, rank: int) -> dict[str, Any]:
+        """The `queue_jobs` row of a job pushed at `created` (`rank`: its place in the call)."""
+        due = t.now(job.delay) if job.delay > 0 else created
+        row: dict[str, Any] = {
+            "uuid": job.id,
+            "queue": job.queue,
+            "payload": job.payload.decode("utf-8"),
+            "attempts": 0,
+            "available_at": due,
+            "created_at": created,
+            "reserved_at": None,
+            "reserved_until": None,
+            "job": job.job or None,
+            "max_tries": job.max_tries,
+            "state": "waiting",
+            "due_at": None,
+            "expires_at": t.now(job.delay + job.ttl) if job.ttl > 0 else None,
+            "failure_ttl": job.failure_ttl,
+            "unique_key": job.unique_key or None,
+        }
+        if job.at_front and job.delay > 0:
+            row["reserved_until"] = due  # a lease nobody holds, ending when it is due
+        elif job.at_front:
+            row["available_at"], row["due_at"] = t.front_time(created, rank), created
+        return row
+
+    @staticmethod
+    async def _insert_plain(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+        """Insert jobs without checks in one statement."""
+        if not rows:
+            return
+        try:
+            await conn.execute(insert(t.queue_jobs), rows)
+        except sa_exc.IntegrityError:
+            # An id that is already stored (a failed job retried before its worker's late
+            # ack landed) starts afresh, so that ack no longer matches: the rare path.
+            ids = [row["uuid"] for row in rows]
+            await conn.execute(delete(t.queue_jobs).where(_jobs.uuid.in_(ids)))
+            await conn.execute(delete(t.queue_job_records).where(_records.uuid.in_(ids)))
+            await conn.execute(insert(t.queue_jobs), rows)
 
     async def reserve(
         self,
@@ -200,35 +258,78 @@ class DatabaseDriver(Driver):
         limit: int,
         lease: float,
         ack: Sequence[ReservedJob] = (),
+        *,
+        worker: str = "",
     ) -> list[ReservedJob]:
-        """Acknowledge `ack` and claim up to `limit` jobs, in one transaction."""
+        """Acknowledge `ack` and claim up to `limit` jobs, in one transaction.
+
+        A claimed job past its ttl, or whose cancel was asked for, ends instead (its record
+        written) and is not handed out. The ended jobs are counted last, just before the
+        commit: every worker updates those counter rows.
+        """
         if limit <= 0 and not ack:
             return []
 
         async def op(conn: AsyncConnection) -> list[ReservedJob]:
+            counted: Counter[tuple[str, str]] = Counter()
             if ack:
-                await conn.execute(delete(t.queue_jobs).where(t.held(ack)))
-            if limit <= 0:
-                return []
-            now = t.now()
-            picked: list[Row[Any]] = []
-            for name in queues:
-                if len(picked) >= limit:
-                    break
-                picked.extend(await t.claim(conn, name, now, limit - len(picked)))
-            if not picked:
-                return []
-            await conn.execute(
-                update(t.queue_jobs)
-                .where(_jobs.id.in_([row.id for row in picked]))
-                .values(attempts=_jobs.attempts + 1, reserved_at=now, reserved_until=t.now(lease))
-            )
-            return [
-                ReservedJob(row.uuid, row.queue, row.payload.encode(), row.attempts + 1)
-                for row in picked
-            ]
+                await life.ack_rows(conn, ack, self.name, self._result_ttl, counted)
+            taken = await self._claim(conn, queues, limit, lease, worker, counted)
+            await life.count(conn, counted)
+            return taken
 
         return await self._run("reserve jobs", op)
+
+    async def _claim(
+        self,
+        conn: AsyncConnection,
+        queues: Sequence[str],
+        limit: int,
+        lease: float,
+        worker: str,
+        counted: Counter[tuple[str, str]],
+    ) -> list[ReservedJob]:
+        if limit <= 0:
+            return []
+        now = t.now()
+        picked: list[Row[Any]] = []
+        for name in queues:
+            if len(picked) >= limit:
+                break
+            picked.extend(await t.claim(conn, name, now, limit - len(picked)))
+        ending = []
+        for row in picked:
+            state = life.live_state(row, now)
+            if state == "cancelled":
+                ending.append((row, Status.CANCELLED, "cancelled"))
+            elif state == "expired":
+                ending.append((row, Status.EXPIRED, life.ttl_error(row)))
+        if ending:
+            keep = self.settings.queue_failure_ttl
+            await life.end_rows(conn, ending, now, self.name, keep, counted)
+            gone = {row.id for row, _, _ in ending}
+            picked = [row for row in picked if row.id not in gone]
+        if not picked:
+            return []
+        await conn.execute(
+            update(t.queue_jobs)
+            .where(_jobs.id.in_([row.id for row in picked]))
+            .values(
+                attempts=_jobs.attempts + 1,
+                reserved_at=now,
+                reserved_until=t.now(lease),
+                worker=worker,
+                state="queued",  # started once: given back, it is queued again, not waiting
+            )
+        )
+        return [
+            ReservedJob(row.uuid, row.queue, row.payload.encode(), row.attempts + 1)
+            for row in picked
+        ]
+
+    @property
+    def _result_ttl(self) -> float:
+        return self.settings.queue_result_ttl
 
     async def wait(self, queues: Sequence[str], timeout: float) -> None:
         """Sleep until the next delayed job or lease expiry in `queues`, at most `timeout`."""
@@ -260,20 +361,31 @@ class DatabaseDriver(Driver):
         await asyncio.sleep(timeout)
 
     async def ack(self, jobs: Sequence[ReservedJob]) -> None:
-        """Delete finished jobs still held under these reservations."""
+        """Delete finished jobs still held under these reservations, writing their records."""
         if not jobs:
             return
 
         async def op(conn: AsyncConnection) -> None:
-            await conn.execute(delete(t.queue_jobs).where(t.held(jobs)))
+            counted: Counter[tuple[str, str]] = Counter()
+            await life.ack_rows(conn, jobs, self.name, self._result_ttl, counted)
+            await life.count(conn, counted)
 
         await self._run("acknowledge jobs", op)
 
-    async def release(self, job: ReservedJob, delay: float = 0.0, *, refund: bool = False) -> None:
-        """Return a reserved job: after `delay`, at once behind the others, or (refund) first."""
+    async def release(
+        self, job: ReservedJob, delay: float = 0.0, *, refund: bool = False, error: str = ""
+    ) -> None:
+        """Return a reserved job: after `delay`, at once behind the others, or (refund) first.
+
+        Refunded, it is `queued` again; otherwise `retrying`, with `error` kept.
+        """
         values: dict[str, Any] = {"reserved_at": None, "reserved_until": None}
         if refund:
             values["attempts"] = _jobs.attempts - 1
+            values["state"] = "queued"
+        else:
+            values["state"] = "retrying"
+            values["error"] = error or None
         if delay > 0:
             values["available_at"] = t.now(delay)
         elif not refund:
@@ -302,10 +414,16 @@ class DatabaseDriver(Driver):
     async def stats(self, queue: str) -> QueueStats:
         """Pending, delayed and reserved counts in one grouped COUNT."""
         now = t.now()
+        free = _jobs.reserved_at.is_(None)  # an `at_front` job's delay is a lease nobody holds
         query = select(
             func.count(),
-            func.sum(case((and_(_jobs.reserved_until.is_(None), _jobs.available_at > now), 1))),
-            func.sum(case((_jobs.reserved_until > now, 1))),
+            func.sum(
+                case(
+                    (and_(_jobs.reserved_until.is_(None), _jobs.available_at > now), 1),
+                    (and_(free, _jobs.reserved_until > now), 1),
+                )
+            ),
+            func.sum(case((and_(_jobs.reserved_until > now, ~free), 1))),
         ).where(_jobs.queue == queue)
 
         async def op(conn: AsyncConnection) -> tuple[int, int, int]:
@@ -341,7 +459,11 @@ class DatabaseDriver(Driver):
             result = await conn.execute(
                 delete(t.queue_jobs).where(
                     _jobs.queue == queue,
-                    or_(_jobs.reserved_until.is_(None), _jobs.reserved_until <= now),
+                    or_(
+                        _jobs.reserved_until.is_(None),
+                        _jobs.reserved_until <= now,
+                        _jobs.reserved_at.is_(None),
+                    ),
                 )
             )
             return int(result.rowcount)
@@ -383,8 +505,9 @@ class DatabaseDriver(Driver):
                 )
             )
             await self._register(conn, {record.queue for record in held}, created)
-            # A job still stored (a late ack that never landed) starts afresh.
+            # A job still stored (a late ack that never landed) starts afresh, record reset.
             await conn.execute(delete(t.queue_jobs).where(_jobs.uuid.in_(moved)))
+            await conn.execute(delete(t.queue_job_records).where(_records.uuid.in_(moved)))
             await conn.execute(
                 insert(t.queue_jobs),
                 [
@@ -395,6 +518,8 @@ class DatabaseDriver(Driver):
                         "attempts": 0,
                         "available_at": created,
                         "created_at": created,
+                        "job": record.job_class,
+                        "state": "waiting",
                     }
                     for record in held
                 ],
@@ -415,6 +540,154 @@ class DatabaseDriver(Driver):
                 .prefix_with("OR IGNORE", dialect="sqlite"),
                 [{"name": name, "created_at": at} for name in new],
             )
+
+    # -- single jobs -------------------------------------------------------------------
+
+    async def job_status(self, job_id: str, queue: str | None = None) -> JobStatus | None:
+        """The job's row in `queue_jobs` (a stored job), else its record (an ended one)."""
+        live = select(*life.LIVE).where(_jobs.uuid == job_id)
+        ended = select(t.queue_job_records).where(_records.uuid == job_id)
+        if queue is not None:
+            live, ended = live.where(_jobs.queue == queue), ended.where(_records.queue == queue)
+
+        async def op(conn: AsyncConnection) -> JobStatus | None:
+            now = t.now()
+            row = (await conn.execute(live)).first()
+            if row is not None:
+                return life.live_status(row, now, self.name)
+            record = (await conn.execute(ended.where(_records.keep_until > now))).first()
+            return None if record is None else life.record_status(record)
+
+        return await self._run("read a job's status", op, write=False)
+
+    async def cancel(self, job_id: str, queue: str | None = None) -> bool:
+        """A waiting job ends `cancelled` at once; a running one is flagged for its worker."""
+        query = select(*life.LIVE).where(_jobs.uuid == job_id).with_for_update()
+        if queue is not None:
+            query = query.where(_jobs.queue == queue)
+        keep = self.settings.queue_failure_ttl
+
+        async def op(conn: AsyncConnection) -> bool:
+            row = (await conn.execute(query)).first()
+            if row is None:
+                return False
+            now = t.now()
+            state = life.live_state(row, now)
+            if state == "running":
+                if not row.cancel_requested:
+                    await conn.execute(
+                        update(t.queue_jobs).where(_jobs.id == row.id).values(cancel_requested=1)
+                    )
+                return True
+            if state == "expired":  # ended already, though nobody wrote it: write it now
+                await life.end_rows(
+                    conn, [(row, Status.EXPIRED, life.ttl_error(row))], now, self.name, keep
+                )
+                return False
+            await life.end_rows(conn, [(row, Status.CANCELLED, "cancelled")], now, self.name, keep)
+            return True
+
+        return await self._run("cancel a job", op)
+
+    async def cancel_requested(self, jobs: Sequence[ReservedJob]) -> list[str]:
+        """The ids among `jobs`, still held, whose cancel was asked for: one SELECT."""
+        if not jobs:
+            return []
+        query = select(_jobs.uuid).where(t.held(jobs), _jobs.cancel_requested.is_not(None))
+
+        async def op(conn: AsyncConnection) -> list[str]:
+            return [str(uuid) for uuid in (await conn.scalars(query)).all()]
+
+        return await self._run("look for cancel requests", op, write=False)
+
+    async def recent(self, queue: str, window: float = 3600.0) -> RecentCounts:
+        """Sums of the per-minute counters of the last `window` seconds."""
+        first = math.floor((time.time() - window) / 60)
+        query = (
+            select(_counts.status, func.sum(_counts.count))
+            .where(_counts.queue == queue, _counts.minute >= first)
+            .group_by(_counts.status)
+        )
+
+        async def op(conn: AsyncConnection) -> dict[str, int]:
+            return {str(status): int(n or 0) for status, n in (await conn.execute(query)).all()}
+
+        totals = await self._run("count ended jobs", op, write=False)
+        return RecentCounts(
+            window,
+            succeeded=totals.get(Status.SUCCEEDED.value, 0),
+            failed=totals.get(Status.FAILED.value, 0),
+            cancelled=totals.get(Status.CANCELLED.value, 0),
+            expired=totals.get(Status.EXPIRED.value, 0),
+        )
+
+    async def prune_records(self) -> int:
+        """Delete records past their keep time, counters older than two hours and unique-key
+        rows whose job is gone and whose `unique_for` has passed; returns the records deleted.
+
+        In batches of `_PRUNE_BATCH` rows, each its own short transaction.
+        """
+        deleted = 0
+        while True:
+            now = t.now()
+            doomed = (
+                select(_records.uuid)
+                .where(_records.keep_until <= now)
+                .order_by(_records.keep_until)
+                .limit(_PRUNE_BATCH)
+            )
+
+            async def op(conn: AsyncConnection, doomed: Any = doomed, now: datetime = now) -> int:
+                ids = list((await conn.scalars(doomed)).all())
+                if not ids:
+                    return 0
+                result = await conn.execute(
+                    delete(t.queue_job_records).where(
+                        _records.uuid.in_(ids), _records.keep_until <= now
+                    )
+                )
+                return int(result.rowcount)
+
+            batch = await self._run("prune job records", op)
+            deleted += batch
+            if batch < _PRUNE_BATCH:
+                break
+        oldest = life.minute_now() - _COUNTS_KEPT // 60
+
+        async def counters(conn: AsyncConnection) -> None:
+            await conn.execute(delete(t.queue_counts).where(_counts.minute < oldest))
+
+        await self._run("prune job counters", counters)
+        await self._prune_keys()
+        return deleted
+
+    async def _prune_keys(self) -> None:
+        """Delete unique-key rows nobody holds: their job is gone, `unique_for` has passed.
+
+        Each row is deleted only if it still names the job it named when read, so that a key
+        a dispatcher has just taken again is left alone.
+        """
+        now = t.now()
+        gone = ~select(_jobs.id).where(_jobs.uuid == _keys.uuid).exists()
+        free = or_(_keys.held_until.is_(None), _keys.held_until <= now)
+        candidates = select(_keys.queue, _keys.unique_key, _keys.uuid).where(free, gone)
+
+        async def op(conn: AsyncConnection) -> None:
+            rows = (await conn.execute(candidates.limit(_PRUNE_BATCH))).all()
+            if rows:
+                named = or_(
+                    *(
+                        and_(
+                            _keys.queue == r.queue,
+                            _keys.unique_key == r.unique_key,
+                            _keys.uuid == r.uuid,
+                        )
+                        for r in rows
+                    )
+                )
+                await conn.execute(delete(t.queue_unique_keys).where(named, free, gone))
+
+        await self._run("prune unique keys", op)
 
     # -- worker registry and the restart signal ---------------------------------------------
 

@@ -323,10 +323,60 @@ def _add_record_id(connection: Connection) -> None:
         )
 
 
+#: The columns schema version 3 adds to `queue_jobs`: all nullable, so that the release before
+#: it (which names none of them) still pushes, reserves and acknowledges during a rolling deploy.
+_V3_COLUMNS = (
+    "job",
+    "max_tries",
+    "worker",
+    "state",
+    "error",
+    "due_at",
+    "expires_at",
+    "failure_ttl",
+    "unique_key",
+    "cancel_requested",
+)
+
+
+def _add_lifecycle(connection: Connection) -> None:
+    dialect = connection.dialect
+    found = inspect(connection)
+    for table in (t.queue_jobs, t.queue_failed_jobs):
+        uuid = {c["name"]: c for c in found.get_columns(table.name)}["uuid"]
+        length = getattr(uuid["type"], "length", None)
+        if dialect.name != "sqlite" and length is not None and length < 190:
+            # Ids chosen by users: up to 190 characters (the widest indexed utf8mb4 column).
+            # SQLite does not enforce a VARCHAR length: nothing to do there.
+            connection.execute(
+                text(
+                    f"ALTER TABLE {table.name} MODIFY uuid VARCHAR(190) "
+                    "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
+                )
+            )
+    columns = {c["name"] for c in found.get_columns(t.queue_jobs.name)}
+    for name in _V3_COLUMNS:
+        if name not in columns:
+            column = t.queue_jobs.c[name]
+            kind = column.type.compile(dialect=dialect)
+            connection.execute(text(f"ALTER TABLE queue_jobs ADD COLUMN {name} {kind} NULL"))
+    t.metadata.create_all(
+        connection,
+        tables=[t.queue_job_records, t.queue_unique_keys, t.queue_counts],
+        checkfirst=True,
+    )
+
+
 #: Every schema version, oldest first. Append; never edit a released step.
 STEPS: tuple[Step, ...] = (
     Step(1, "queue_jobs, queue_failed_jobs, queue_names, queue_workers, queue_meta", _create_v1),
     Step(2, "queue_failed_jobs.record_id: each failure's own id", _add_record_id),
+    Step(
+        3,
+        "job lifecycle: 190-character ids, queue_jobs' record columns, queue_job_records, "
+        "queue_unique_keys, queue_counts",
+        _add_lifecycle,
+    ),
 )
 LATEST_VERSION = STEPS[-1].version
 

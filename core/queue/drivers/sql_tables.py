@@ -16,6 +16,19 @@ must keep their clocks in sync (NTP): a lease is `reserved_until`, compared with
 Ready jobs are taken in `(available_at, id)` order: the order in which they became ready, then
 the order in which they were pushed.
 
+`at_front` jobs (schema version 3) use the same columns, so the claim index serves them as it
+serves every job:
+
+* ready now: `available_at` is their push time mirrored before 2000-01-01 (`front_time`), so
+  they come before every other ready job and a later one before an earlier one (a stack);
+  `due_at` keeps the real time.
+* delayed: stored as a lease that nobody holds (`reserved_at IS NULL`, `reserved_until` = the
+  due time). When it is due, the claim takes it with the expired leases, at the head of the
+  queue; `stats` counts it as delayed, not reserved.
+
+A job's status while it is stored is read from this row (`state`, the lease, `attempts`);
+once it ends, its record moves to `queue_job_records`.
+
 The statements whose shape matters (they must follow an index, or differ per dialect) are
 here with the tables: `claim`, `held` and `upsert`.
 """
@@ -32,6 +45,7 @@ from sqlalchemy import (
     Column,
     ColumnElement,
     DateTime,
+    Double,
     Index,
     Integer,
     MetaData,
@@ -54,16 +68,21 @@ from sqlalchemy.types import TypeEngine
 from core.queue.drivers.base import ReservedJob
 
 __all__ = [
+    "FRONT",
     "claim",
     "from_db_time",
+    "front_time",
     "held",
     "metadata",
     "now",
+    "queue_counts",
     "queue_failed_jobs",
+    "queue_job_records",
     "queue_jobs",
     "queue_meta",
     "queue_names",
     "queue_schema_version",
+    "queue_unique_keys",
     "queue_workers",
     "to_db_time",
     "upsert",
@@ -92,7 +111,7 @@ queue_jobs = Table(
     "queue_jobs",
     metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
-    Column("uuid", String(36), nullable=False),
+    Column("uuid", String(190), nullable=False),  # 36 before schema version 3
     Column("queue", String(190), nullable=False),
     Column("payload", LongText, nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
@@ -100,6 +119,18 @@ queue_jobs = Table(
     Column("reserved_until", Time, nullable=True),
     Column("available_at", Time, nullable=False),
     Column("created_at", Time, nullable=False),
+    # Schema version 3 (the job lifecycle): all nullable, so that a release without them still
+    # pushes, reserves and acknowledges; a row it wrote reads with these unknown.
+    Column("job", Text, nullable=True),  # the class path
+    Column("max_tries", Integer, nullable=True),
+    Column("worker", String(255), nullable=True),  # the worker of the last try
+    Column("state", String(16), nullable=True),  # "queued" or "retrying" while not running
+    Column("error", Text, nullable=True),  # why the last try failed
+    Column("due_at", Time, nullable=True),  # when it became ready, for an `at_front` job
+    Column("expires_at", Time, nullable=True),  # due time + ttl: expires if not started by then
+    Column("failure_ttl", Double, nullable=True),  # seconds to keep it cancelled or expired
+    Column("unique_key", String(190), nullable=True),  # the key it was pushed with
+    Column("cancel_requested", Integer, nullable=True),  # 1: cancel it (it is running)
     Index("queue_jobs_uuid_unique", "uuid", unique=True),
     # The claim index. Ready jobs: equality on (queue, reserved_until IS NULL), a range on
     # available_at, rows already in (available_at, id) order: no sort, LIMIT stops the scan.
@@ -113,7 +144,7 @@ queue_failed_jobs = Table(
     "queue_failed_jobs",
     metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
-    Column("uuid", String(36), nullable=False),
+    Column("uuid", String(190), nullable=False),  # 36 before schema version 3
     Column("connection", String(255), nullable=False),
     Column("queue", String(190), nullable=False),
     Column("payload", LongText, nullable=False),
@@ -125,6 +156,54 @@ queue_failed_jobs = Table(
     Index("queue_failed_jobs_uuid_unique", "uuid", unique=True),
     Index("queue_failed_jobs_failed_at", "failed_at"),  # newest first; prune
     Index("queue_failed_jobs_queue", "queue", "failed_at"),  # one queue, newest first
+    **_MYSQL_OPTIONS,
+)
+
+#: Jobs that ended (schema version 3): how, and with what result, until `keep_until`.
+queue_job_records = Table(
+    "queue_job_records",
+    metadata,
+    Column("uuid", String(190), primary_key=True),
+    Column("connection", String(255), nullable=False),
+    Column("queue", String(190), nullable=False),
+    Column("job", Text, nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("max_tries", Integer, nullable=True),
+    Column("enqueued_at", Time, nullable=True),
+    Column("due_at", Time, nullable=True),
+    Column("started_at", Time, nullable=True),
+    Column("ended_at", Time, nullable=False),
+    Column("worker", String(255), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("traceback", LongText, nullable=True),
+    Column("result", LongText, nullable=True),  # JSON
+    Column("keep_until", Time, nullable=False),
+    Index("queue_job_records_keep_until", "keep_until"),  # prune
+    **_MYSQL_OPTIONS,
+)
+
+#: Unique keys (schema version 3): the job last stored under each key of a queue, and until
+#: when the key stays taken whatever that job does (`unique_for`; NULL: while it waits).
+#: A row is never freed eagerly: whether the key is taken is read from its job's row.
+queue_unique_keys = Table(
+    "queue_unique_keys",
+    metadata,
+    Column("queue", String(190), primary_key=True),
+    Column("unique_key", String(190), primary_key=True),
+    Column("uuid", String(190), nullable=False),
+    Column("held_until", Time, nullable=True),
+    **_MYSQL_OPTIONS,
+)
+
+#: How many jobs ended each way per queue and minute (schema version 3), for `recent`.
+queue_counts = Table(
+    "queue_counts",
+    metadata,
+    Column("queue", String(190), primary_key=True),
+    Column("minute", BigInteger, primary_key=True, autoincrement=False),  # epoch minutes
+    Column("status", String(16), primary_key=True),
+    Column("count", BigInteger, nullable=False),
     **_MYSQL_OPTIONS,
 )
 
@@ -201,7 +280,29 @@ _CLAIMED = (
     _jobs.attempts,
     _jobs.reserved_until,
     _jobs.available_at,
+    # Read from the rows the claim fetches anyway: a job past its ttl, or whose cancel was
+    # asked for, ends here instead of being handed out, without another read.
+    _jobs.reserved_at,
+    _jobs.created_at,
+    _jobs.job,
+    _jobs.max_tries,
+    _jobs.worker,
+    _jobs.due_at,
+    _jobs.expires_at,
+    _jobs.failure_ttl,
+    _jobs.cancel_requested,
 )
+
+#: Ready `at_front` jobs sort before this time (see the module notes).
+FRONT = datetime(2000, 1, 1)
+
+
+def front_time(moment: datetime, rank: int = 0) -> datetime:
+    """`moment` mirrored before `FRONT`: a later moment gives an earlier time.
+
+    `rank` (jobs pushed in one call) puts the later jobs of the call first too.
+    """
+    return FRONT - (moment - FRONT) - timedelta(milliseconds=rank)
 
 
 async def claim(conn: AsyncConnection, queue: str, at: datetime, limit: int) -> list[Row[Any]]:

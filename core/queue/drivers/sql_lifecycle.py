@@ -1,0 +1,432 @@
+"""The job lifecycle on the queue tables: statuses, records of ended jobs, ids and unique keys.
+
+Used by `database.DatabaseDriver` inside its transactions; nothing here opens one.
+
+* A stored job's status is read from its `queue_jobs` row (`live_status`): writing a record at
+  each step would cost the hot path a statement per job. `state` says what the lease cannot:
+  "waiting" (never started), "queued" (started before, or given back with its try refunded),
+  "retrying". Rows of the release before (state NULL) read from their lease and tries.
+* A job that ends (acknowledged, expired, cancelled) moves to `queue_job_records` in the
+  transaction that deletes its row (`end_rows`, `ack_rows`), and its queue's per-minute counter
+  of that status goes up (`count`).
+* Unique keys are never freed by a write: `queue_unique_keys` names the job last stored under
+  a key, and whether that job still holds it is read from its row when the next job with the
+  key is pushed (`take_key`). The key row is locked first (`FOR UPDATE`; SQLite has one writer
+  at a time), so competing dispatchers decide one after the other.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, Table, delete, insert, select, update
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from core.queue.drivers import sql_tables as t
+from core.queue.drivers.base import Outcome, OutgoingJob, Pushed, ReservedJob
+from core.status import JobStatus, Status
+
+__all__ = [
+    "LIVE",
+    "ack_rows",
+    "count",
+    "end_rows",
+    "epoch",
+    "live_state",
+    "live_status",
+    "minute_now",
+    "push_checked",
+    "record_status",
+    "ttl_error",
+]
+
+_jobs = t.queue_jobs.c
+_records = t.queue_job_records.c
+_keys = t.queue_unique_keys.c
+
+#: The `queue_jobs` columns a status or a record is made from.
+LIVE = (
+    _jobs.id,
+    _jobs.uuid,
+    _jobs.queue,
+    _jobs.attempts,
+    _jobs.reserved_at,
+    _jobs.reserved_until,
+    _jobs.available_at,
+    _jobs.created_at,
+    _jobs.job,
+    _jobs.max_tries,
+    _jobs.worker,
+    _jobs.state,
+    _jobs.error,
+    _jobs.due_at,
+    _jobs.expires_at,
+    _jobs.failure_ttl,
+    _jobs.unique_key,
+    _jobs.cancel_requested,
+)
+
+
+def epoch(moment: datetime | None) -> float | None:
+    """A time from the tables as epoch seconds."""
+    return None if moment is None else t.from_db_time(moment).timestamp()
+
+
+def due_time(row: Any) -> datetime:
+    """When the job became (or becomes) ready: its `available_at`, unless that is an
+    `at_front` mirror or its delay is kept as a lease nobody holds (see `sql_tables`)."""
+    if row.reserved_at is None and row.reserved_until is not None:
+        return row.reserved_until  # type: ignore[no-any-return]
+    if row.available_at < t.FRONT:
+        return row.due_at or row.created_at  # type: ignore[no-any-return]
+    return row.available_at  # type: ignore[no-any-return]
+
+
+def live_state(row: Any, now: datetime) -> str:
+    """What a stored job is doing: "running", "waiting", or how it has ended without anyone
+    writing it yet: "expired" (past its ttl) or "cancelled" (a cancel was asked for while it
+    ran, and it is no longer running)."""
+    if row.reserved_at is not None and row.reserved_until is not None and row.reserved_until > now:
+        return "running"
+    if row.cancel_requested:
+        return "cancelled"
+    if row.attempts == 0 and row.expires_at is not None and row.expires_at <= now:
+        return "expired"
+    return "waiting"
+
+
+def ttl_error(row: Any) -> str:
+    ttl = (row.expires_at - due_time(row)).total_seconds()
+    return f"not started within its ttl of {ttl:g}s"
+
+
+def live_status(row: Any, now: datetime, connection: str) -> JobStatus:
+    """The status of a job from its `queue_jobs` row."""
+    state = live_state(row, now)
+    due = due_time(row)
+    ended: datetime | None = None
+    error = row.error or ""
+    if state == "running":
+        status = Status.RUNNING
+    elif state == "cancelled":
+        status, ended, error = Status.CANCELLED, row.reserved_until, "cancelled"
+    elif state == "expired":
+        status, ended, error = Status.EXPIRED, row.expires_at, ttl_error(row)
+    elif row.state == "retrying" or (row.state is None and row.attempts > 0):
+        status = Status.RETRYING
+    elif due > now:
+        status = Status.SCHEDULED
+    else:
+        status = Status.QUEUED
+    return JobStatus(
+        id=row.uuid,
+        status=status,
+        connection=connection,
+        queue=row.queue,
+        job=row.job or "",
+        attempts=row.attempts,
+        max_tries=row.max_tries,
+        enqueued_at=epoch(row.created_at),
+        due_at=epoch(due),
+        started_at=epoch(row.reserved_at),
+        ended_at=epoch(ended),
+        worker=row.worker or "",
+        error=error,
+    )
+
+
+def record_status(row: Any) -> JobStatus:
+    """The status of an ended job from its `queue_job_records` row."""
+    return JobStatus(
+        id=row.uuid,
+        status=Status(row.status),
+        connection=row.connection,
+        queue=row.queue,
+        job=row.job or "",
+        attempts=row.attempts,
+        max_tries=row.max_tries,
+        enqueued_at=epoch(row.enqueued_at),
+        due_at=epoch(row.due_at),
+        started_at=epoch(row.started_at),
+        ended_at=epoch(row.ended_at),
+        worker=row.worker or "",
+        error=row.error or "",
+        traceback=row.traceback or "",
+        result=None if row.result is None else row.result.encode(),
+    )
+
+
+def _record(row: Any, connection: str, outcome: Outcome, now: datetime) -> dict[str, Any]:
+    return {
+        "uuid": row.uuid,
+        "connection": connection,
+        "queue": row.queue,
+        "job": row.job,
+        "status": outcome.status.value,
+        "attempts": row.attempts,
+        "max_tries": row.max_tries,
+        "enqueued_at": row.created_at,
+        "due_at": due_time(row),
+        "started_at": row.reserved_at,
+        "ended_at": now,
+        "worker": row.worker,
+        "error": outcome.error or None,
+        "traceback": outcome.traceback or None,
+        "result": None if outcome.result is None else outcome.result.decode(),
+        "keep_until": t.now(outcome.keep),
+    }
+
+
+async def _upsert_many(
+    conn: AsyncConnection, table: Table, rows: Sequence[Mapping[str, Any]], **add: str
+) -> None:
+    """Insert `rows` in one statement, replacing rows with the same key (or, for the columns
+    named in `add`, adding the new value to the stored one)."""
+    keys = {c.name for c in table.primary_key}
+    if conn.dialect.name == "sqlite":
+        lite = sqlite_insert(table).values(list(rows))
+        lite_set = {
+            name: (table.c[name] + lite.excluded[name]) if name in add else lite.excluded[name]
+            for name in rows[0]
+            if name not in keys
+        }
+        await conn.execute(lite.on_conflict_do_update(index_elements=list(keys), set_=lite_set))
+    else:
+        my = mysql_insert(table).values(list(rows))
+        my_set = {
+            name: (table.c[name] + my.inserted[name]) if name in add else my.inserted[name]
+            for name in rows[0]
+            if name not in keys
+        }
+        await conn.execute(my.on_duplicate_key_update(my_set))
+
+
+async def write_records(conn: AsyncConnection, records: Sequence[Mapping[str, Any]]) -> None:
+    """Store records of ended jobs (one statement), replacing older ones of the same ids."""
+    if records:
+        await _upsert_many(conn, t.queue_job_records, records)
+
+
+async def count(conn: AsyncConnection, ended: Counter[tuple[str, str]]) -> None:
+    """Add to this minute's counters of how jobs ended, per (queue, status); one statement.
+
+    Sorted, so that two transactions lock the same counter rows in the same order.
+    """
+    if not ended:
+        return
+    minute = minute_now()
+    rows = [
+        {"queue": queue, "minute": minute, "status": status, "count": n}
+        for (queue, status), n in sorted(ended.items())
+    ]
+    await _upsert_many(conn, t.queue_counts, rows, count="add")
+
+
+def minute_now() -> int:
+    """The counters' current minute: epoch minutes."""
+    return int(time.time() // 60)
+
+
+async def end_rows(
+    conn: AsyncConnection,
+    rows: Sequence[tuple[Any, Status, str]],
+    now: datetime,
+    connection: str,
+    default_keep: float,
+    counted: Counter[tuple[str, str]] | None = None,
+) -> None:
+    """End stored jobs that will never run (expired, cancelled): rows deleted, records kept
+    for each job's `failure_ttl`, counted (into `counted` when given, for the caller to write
+    once; else now)."""
+    if not rows:
+        return
+    await conn.execute(delete(t.queue_jobs).where(_jobs.id.in_([row.id for row, _, _ in rows])))
+    records = []
+    tally: Counter[tuple[str, str]] = Counter() if counted is None else counted
+    for row, status, error in rows:
+        keep = default_keep if row.failure_ttl is None else float(row.failure_ttl)
+        if keep > 0:
+            records.append(_record(row, connection, Outcome(status, keep, error=error), now))
+        tally[(row.queue, status.value)] += 1
+    await write_records(conn, records)
+    if counted is None:
+        await count(conn, tally)
+
+
+async def ack_rows(
+    conn: AsyncConnection,
+    jobs: Sequence[ReservedJob],
+    connection: str,
+    default_keep: float,
+    counted: Counter[tuple[str, str]],
+) -> None:
+    """Delete the rows still held under these reservations and write how each ended.
+
+    MariaDB and SQLite delete and read the rows in one statement (RETURNING); MySQL locks and
+    reads them first. The counters go into `counted`, for the caller to write last: they are
+    the rows every worker updates, so their locks are held only until the commit.
+    """
+    if conn.dialect.delete_returning:
+        result = await conn.execute(delete(t.queue_jobs).where(t.held(jobs)).returning(*LIVE))
+        rows = result.all()
+    else:
+        query = select(*LIVE).where(t.held(jobs)).with_for_update()
+        rows = (await conn.execute(query)).all()
+        if rows:
+            await conn.execute(delete(t.queue_jobs).where(_jobs.id.in_([r.id for r in rows])))
+    if not rows:
+        return
+    outcomes = {job.id: job.outcome for job in jobs}
+    now = t.now()
+    records = []
+    for row in rows:
+        outcome = outcomes.get(row.uuid) or Outcome(Status.SUCCEEDED, default_keep)
+        if outcome.keep > 0:
+            records.append(_record(row, connection, outcome, now))
+        counted[(row.queue, outcome.status.value)] += 1
+    await write_records(conn, records)
+
+
+# -- push with an id check or a unique key --------------------------------------------------
+
+
+async def _stored(conn: AsyncConnection, job_id: str) -> Any:
+    query = select(*LIVE).where(_jobs.uuid == job_id).with_for_update()
+    return (await conn.execute(query)).first()
+
+
+async def _duplicate(
+    conn: AsyncConnection, holder: Row[Any], job: OutgoingJob, *, replaceable: bool
+) -> Pushed:
+    if job.on_duplicate == "reject":
+        return Pushed(holder.uuid, "duplicate")
+    if job.on_duplicate == "replace" and replaceable:
+        # The holder keeps its id, tries, place in the queue and due time.
+        values: dict[str, Any] = {"payload": job.payload.decode("utf-8")}
+        if job.job:
+            values["job"] = job.job
+        if job.max_tries is not None:
+            values["max_tries"] = job.max_tries
+        await conn.execute(update(t.queue_jobs).where(_jobs.id == holder.id).values(**values))
+        return Pushed(holder.uuid, "replaced")
+    return Pushed(holder.uuid, "kept")
+
+
+async def _check_id(
+    conn: AsyncConnection, job: OutgoingJob, now: datetime, ender: _Ender
+) -> Pushed | None:
+    """The outcome if a job with this id is waiting or running (on any queue: ids are
+    unique across the tables); `None` if the id is free (an ended job's record is dropped)."""
+    row = await _stored(conn, job.id)
+    if row is not None:
+        state = live_state(row, now)
+        if state in ("waiting", "running"):
+            return await _duplicate(conn, row, job, replaceable=state == "waiting")
+        await ender.end(row, state)  # ended without anyone writing it: write it now
+    await conn.execute(delete(t.queue_job_records).where(_records.uuid == job.id))
+    return None
+
+
+class _Ender:
+    """Ends rows found expired or cancelled on the way (see `end_rows`)."""
+
+    def __init__(
+        self, conn: AsyncConnection, now: datetime, connection: str, default_keep: float
+    ) -> None:
+        self.conn, self.now, self.connection, self.keep = conn, now, connection, default_keep
+
+    async def end(self, row: Row[Any], state: str) -> None:
+        if state == "expired":
+            ending = [(row, Status.EXPIRED, ttl_error(row))]
+        else:
+            ending = [(row, Status.CANCELLED, "cancelled")]
+        await end_rows(self.conn, ending, self.now, self.connection, self.keep)
+
+
+async def _take_key(
+    conn: AsyncConnection, job: OutgoingJob, now: datetime, ender: _Ender
+) -> Pushed | None:
+    """Lock the job's unique key; the outcome if its holder keeps it, `None` once the key
+    names this job (the caller stores it)."""
+    here = (_keys.queue == job.queue) & (_keys.unique_key == job.unique_key)
+    held_until = t.now(job.unique_for) if job.unique_for > 0 else None
+    for _ in range(2):
+        key = (
+            await conn.execute(select(_keys.uuid, _keys.held_until).where(here).with_for_update())
+        ).first()
+        if key is not None:
+            break
+        # Nobody stored a job under this key yet (or its row was pruned): take it. A
+        # dispatcher doing the same at once makes this insert a no-op: then lock its row.
+        taken = await conn.execute(
+            insert(t.queue_unique_keys)
+            .prefix_with("IGNORE", dialect="mysql")
+            .prefix_with("OR IGNORE", dialect="sqlite")
+            .values(queue=job.queue, unique_key=job.unique_key, uuid=job.id, held_until=held_until)
+        )
+        if taken.rowcount:
+            return None
+    else:  # pragma: no cover - the second look always finds the row the insert ran into
+        raise sa_exc.InvalidRequestError(f"unique key {job.unique_key!r} vanished while locked")
+    held = key.held_until is not None and key.held_until > now
+    holder = await _stored(conn, key.uuid)
+    if holder is not None and (holder.queue != job.queue or holder.unique_key != job.unique_key):
+        holder = None  # the id was reused by a job without this key
+    state = "gone" if holder is None else live_state(holder, now)
+    if holder is not None and state in ("expired", "cancelled"):
+        await ender.end(holder, state)
+        holder, state = None, "gone"
+    if holder is not None and state == "waiting" and (holder.state == "waiting" or held):
+        return await _duplicate(conn, holder, job, replaceable=True)
+    if held:
+        # Running or ended, and `unique_for` keeps the key: never replaced.
+        if job.on_duplicate == "reject":
+            return Pushed(key.uuid, "duplicate")
+        return Pushed(key.uuid, "kept")
+    # Its job started (the key was its only while it waited) or ended: this job takes it.
+    await conn.execute(
+        update(t.queue_unique_keys).where(here).values(uuid=job.id, held_until=held_until)
+    )
+    return None
+
+
+async def push_checked(
+    conn: AsyncConnection,
+    job: OutgoingJob,
+    row: Mapping[str, Any],
+    now: datetime,
+    connection: str,
+    default_keep: float,
+) -> Pushed:
+    """Push one job with an id check and/or a unique key: checks and store in the caller's
+    transaction, so that competing dispatchers decide one after the other."""
+    ender = _Ender(conn, now, connection, default_keep)
+    for _ in range(2):
+        if job.check_id:
+            found = await _check_id(conn, job, now, ender)
+            if found is not None:
+                return found
+        if job.unique_key:
+            found = await _take_key(conn, job, now, ender)
+            if found is not None:
+                return found
+        try:
+            await conn.execute(insert(t.queue_jobs).values(**row))
+            return Pushed(job.id)
+        except sa_exc.IntegrityError:
+            if job.check_id:
+                continue  # another dispatcher stored this id meanwhile: check it again
+            # Stored already, without an id check: start afresh (as a plain push does).
+            await conn.execute(delete(t.queue_jobs).where(_jobs.uuid == job.id))
+            await conn.execute(delete(t.queue_job_records).where(_records.uuid == job.id))
+            await conn.execute(insert(t.queue_jobs).values(**row))
+            return Pushed(job.id)
+    found = await _check_id(conn, job, now, ender)
+    return found if found is not None else Pushed(job.id, "kept")
