@@ -215,12 +215,23 @@ def ops(log: Path, first: int, delay: float) -> tuple[list[dict[str, Any]], set[
     return out, set(range(first, first + 25))
 
 
+def left_in(backend: Backend, *queues: str) -> int:
+    """Jobs not finished (waiting, delayed or held) on `queues`, as the new release counts:
+    an ack that did not take would leave its job held, to run again when its lease ends."""
+
+    async def go() -> int:
+        async with QueueManager(backend.settings()) as manager:
+            return sum([await manager.size(queue) for queue in queues])
+
+    return asyncio.run(go())
+
+
 def status_of(backend: Backend, job_id: str) -> Any:
     """The new release's view of a job, through its handle (`queue.job(id).status()`)."""
 
     async def go() -> Any:
         async with QueueManager(backend.settings()) as manager:
-            return await manager.job(job_id).status()  # type: ignore[attr-defined]
+            return await manager.job(job_id).status()
 
     return asyncio.run(go())
 
@@ -279,6 +290,7 @@ def test_new_worker_runs_what_the_old_release_left(
     counted = Counter(e["n"] for e in runs(log))
     assert counted == Counter(expected | {99}), counted  # each exactly once
     assert sorted(e["id"] for e in runs(log) if e["n"] != 99) == sorted(ids[:-1])
+    assert left_in(server_backend, queue, failing) == 0
     # The new worker's ack writes the record of a job the old release pushed.
     done = status_of(server_backend, ids[0])
     assert (str(done), done.attempts) == ("succeeded", 1)
@@ -330,3 +342,4 @@ def test_old_and_new_side_by_side_on_one_queue(
     assert counted == Counter({**dict.fromkeys(first | second, 1),
                                **dict.fromkeys(third | fourth, 2)}), counted  # fmt: skip
     assert len({e["id"] for e in runs(log)}) == len(runs(log)), "a job ran twice"
+    assert left_in(server_backend, server_backend.overrides["queue_default"]) == 0
