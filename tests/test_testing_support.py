@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from core.errors import DuplicateJobError, SerializationError, UnloadableJobError
-from core.job import Job
+from core.job import Job, job
 from core.mqtt import (
     InvalidPayloadError,
     MessageContext,
@@ -152,6 +152,24 @@ async def test_uniqueness_applies_as_on_a_real_queue(fake: FakeQueue) -> None:
     fake.assert_dispatched_times(Bare, 1)
 
 
+@job(queue="maths")
+async def add(a: int, b: int) -> int:
+    return a + b
+
+
+async def test_queue_fake_records_job_functions_by_the_function() -> None:
+    with queue.fake(unreachable()) as fake:
+        handle = await add.dispatch(1, b=2)
+        await add.later(30, 5, 6)
+        fake.assert_dispatched(add, count=2)
+        fake.assert_dispatched(add, args=[1], kwargs={"b": 2}, queue="maths")
+        fake.assert_dispatched(add, count=1, delay=30)
+        fake.assert_not_dispatched(add, args=[9, 9])
+        assert fake.dispatches[0].path == "tests.test_testing_support:add"
+        assert fake.dispatches[0].id == str(handle)
+    assert await add(2, 3) == 5  # still an ordinary function outside the queue
+
+
 def test_the_fake_is_the_default_manager_only_within_the_block() -> None:
     before = make_settings()
     set_default_manager(None)
@@ -170,6 +188,7 @@ def test_the_fake_is_the_default_manager_only_within_the_block() -> None:
 
 def test_the_fixture_is_a_plugin_users_enable(pytester: pytest.Pytester) -> None:
     pytester.makeconftest('pytest_plugins = ["core.testing"]\n')
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     pytester.makepyfile(
         test_user=textwrap.dedent(
             """
