@@ -1,4 +1,21 @@
-"""Running one try of a job: the timeout, the thread for sync handlers, and `failed()`."""
+"""Running one try of a job, for whoever runs it: the worker, and the `sync` connection.
+
+One try, in this order:
+
+1. `hooks.starting(job)` (the application's `before_run` hooks; one that raises fails the try);
+2. the job's middleware, outermost first, around
+3. `handle()`, under its timeout (a plain `def handle` in a thread);
+4. then, on success: `job.succeeded(result)` (what it raises is logged: the job still
+   succeeded), then `hooks.finished(job, succeeded, result)`;
+   on a try that will be retried: `hooks.finished(job, retrying, exc)`;
+   on the last failure: `job.failed(exc)`, `hooks.failing(job, exc)`,
+   `hooks.finished(job, failed, exc)`;
+   on a cancel: `hooks.finished(job, cancelled, exc)` (`failed()` is not called).
+
+The runner decides *when* a job is retried or recorded (leases, the failed-job store); this
+module says *what* runs around `handle()` and how the outcome is written (`Outcome`), so the
+two runners cannot drift apart. It knows nothing of the worker or of MQTT.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +24,41 @@ import contextvars
 import inspect
 import logging
 import threading
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from core.errors import JobTimeoutError
-from core.job import Job
-from core.queue.drivers.base import FailedJob, ReservedJob
+from core.events import EventKind, JobEvent, events
+from core.hooks import hooks
+from core.job import Job, JobMiddleware
+from core.queue.drivers.base import FailedJob, Outcome, ReservedJob
+from core.status import Status
 
 __all__ = [
     "JobAbandonedError",
     "JobThreads",
     "call_failed",
     "call_handle",
+    "call_succeeded",
+    "cancelled_outcome",
     "describe",
+    "emit",
+    "failed_outcome",
     "failed_record",
+    "job_path",
+    "on_cancelled",
+    "on_failed",
+    "on_retrying",
+    "on_succeeded",
+    "run_try",
+    "succeeded_outcome",
+    "wants_success_calls",
 ]
 
 logger = logging.getLogger("topiq.worker")
@@ -89,6 +124,7 @@ async def call_handle(
     *,
     stop_within: float = 0.0,
     on_stuck: Callable[[JobAbandonedError], None] | None = None,
+    on_thread: Callable[[asyncio.Future[Any]], None] | None = None,
 ) -> Any:
     """Run `job.handle()`, cancelled after `timeout` seconds (then `JobTimeoutError`).
 
@@ -98,7 +134,8 @@ async def call_handle(
     swallows its cancellation and is still running `stop_within` seconds later cannot be
     stopped either: `on_stuck` is called (from the event loop) with the error to record, and
     this call keeps waiting for the job, whose result no longer matters. Without `threads`
-    (the sync connection), sync handles use the loop's default executor.
+    (the sync connection), sync handles use the loop's default executor. `on_thread` is
+    given the future of a sync handle's thread as it starts (to learn when it really ends).
     """
     cls = type(job)
     function = cls.handle
@@ -107,7 +144,7 @@ async def call_handle(
         is_async = _ASYNC_HANDLE[function] = inspect.iscoroutinefunction(function)
     handle = job.handle  # the method itself: the loader refuses data that would shadow it
     if not is_async:
-        return await _call_in_thread(job, handle, timeout, threads, stop_within)
+        return await _call_in_thread(job, handle, timeout, threads, stop_within, on_thread)
     if timeout <= 0:
         return await handle()
     # A bare timer and a flag: what asyncio.timeout() does, at a third of its cost per job.
@@ -160,6 +197,7 @@ async def _call_in_thread(
     timeout: float,
     threads: JobThreads | None,
     stop_within: float,
+    on_thread: Callable[[asyncio.Future[Any]], None] | None,
 ) -> Any:
     if threads is None:
         future = asyncio.get_running_loop().run_in_executor(
@@ -167,6 +205,8 @@ async def _call_in_thread(
         )
     else:
         future = threads.start(handle)
+    if on_thread is not None:
+        on_thread(future)
     # asyncio.wait never cancels the future: cancelling this call leaves the thread running.
     await asyncio.wait({future}, timeout=timeout if timeout > 0 else None)
     if future.done():
@@ -206,4 +246,187 @@ def failed_record(connection: str, reserved: ReservedJob, exc: BaseException) ->
         payload=reserved.payload.decode("utf-8", "replace"),
         exception="".join(traceback.format_exception(exc)),
         failed_at=datetime.now(UTC),
+    )
+
+
+# -- one try: hooks, middleware, handle -------------------------------------------------
+
+
+async def run_try(
+    job: Job,
+    timeout: float,
+    threads: JobThreads | None = None,
+    *,
+    stop_within: float = 0.0,
+    on_stuck: Callable[[JobAbandonedError], None] | None = None,
+    on_thread: Callable[[asyncio.Future[Any]], None] | None = None,
+) -> Any:
+    """`hooks.starting(job)`, then the job's middleware (outermost first) around `call_handle`.
+
+    The timeout covers `handle()` itself; what a middleware does around `call_next()` is not
+    timed. Returns `handle()`'s result as the middleware passes it on.
+    """
+    if hooks.any_run_hooks:
+        await hooks.starting(job)
+    chain: Sequence[JobMiddleware] = job.middleware()
+    if not chain:
+        return await call_handle(
+            job, timeout, threads, stop_within=stop_within, on_stuck=on_stuck, on_thread=on_thread
+        )
+
+    def link(index: int) -> Callable[[], Awaitable[Any]]:
+        if index == len(chain):
+            return lambda: call_handle(
+                job,
+                timeout,
+                threads,
+                stop_within=stop_within,
+                on_stuck=on_stuck,
+                on_thread=on_thread,
+            )
+        middleware = chain[index]
+        rest = link(index + 1)
+        return lambda: middleware(job, rest)
+
+    return await link(0)()
+
+
+def wants_success_calls(job: Job) -> bool:
+    """Whether `on_succeeded` has anything to call for this job (skipped on the hot path)."""
+    return hooks.any_run_hooks or type(job).succeeded is not Job.succeeded
+
+
+async def call_succeeded(job: Job, result: Any, timeout: float) -> None:
+    """Call `job.succeeded(result)`; what it raises is logged, and the job still succeeded."""
+    try:
+        async with asyncio.timeout(timeout if timeout > 0 else None):
+            outcome = job.succeeded(result)
+            if inspect.isawaitable(outcome):
+                await outcome
+    except Exception:
+        logger.exception(
+            "job %s %s: succeeded() raised (the job still succeeded)",
+            job.job_id,
+            type(job).__qualname__,
+        )
+
+
+async def on_succeeded(job: Job, result: Any, timeout: float) -> None:
+    """After a try succeeded: `job.succeeded(result)`, then the `after_run` hooks."""
+    if type(job).succeeded is not Job.succeeded:
+        await call_succeeded(job, result, timeout)
+    if hooks.any_run_hooks:
+        await hooks.finished(job, Status.SUCCEEDED, result)
+
+
+async def on_retrying(job: Job, exc: BaseException) -> None:
+    """After a try that failed (or asked for a retry) and will run again."""
+    if hooks.any_run_hooks:
+        await hooks.finished(job, Status.RETRYING, exc)
+
+
+async def on_failed(job: Job, exc: BaseException, timeout: float) -> None:
+    """After the last try failed: `job.failed(exc)`, `on_failure` hooks, `after_run` hooks."""
+    await call_failed(job, exc, timeout)
+    if hooks.any_run_hooks:
+        await hooks.failing(job, exc)
+        await hooks.finished(job, Status.FAILED, exc)
+
+
+async def on_cancelled(job: Job, exc: BaseException) -> None:
+    """After a running try was cancelled on request (`failed()` is not called)."""
+    if hooks.any_run_hooks:
+        await hooks.finished(job, Status.CANCELLED, exc)
+
+
+# -- outcomes: what the acknowledgement writes ------------------------------------------
+
+#: As payloads are written: datetimes and dataclasses are refused rather than guessed at.
+_RESULT_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+#: Outcomes of jobs that returned None, per keep time: shared, nothing to encode.
+_NO_RESULT: dict[float, Outcome] = {}
+
+
+def _refuse(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def succeeded_outcome(job: Job, result: Any, keep: float, max_bytes: int) -> Outcome:
+    """The record of a try that succeeded, with `result` as JSON when it can be kept.
+
+    A result that is not JSON, or larger than `max_bytes`, is not kept: the job still
+    succeeded (its work is done), the record says why there is no result, and a warning is
+    logged.
+    """
+    if result is None:
+        outcome = _NO_RESULT.get(keep)
+        if outcome is None:
+            outcome = Outcome(Status.SUCCEEDED, keep)
+            if len(_NO_RESULT) < 64:
+                _NO_RESULT[keep] = outcome
+        return outcome
+    if keep <= 0:
+        return Outcome(Status.SUCCEEDED, keep)  # nothing is kept: no need to encode it
+    try:
+        raw = orjson.dumps(result, default=_refuse, option=_RESULT_OPTIONS)
+    except TypeError as exc:
+        note = f"result of type {type(result).__name__} is not JSON ({exc}); not kept"
+    else:
+        if len(raw) <= max_bytes:
+            return Outcome(Status.SUCCEEDED, keep, raw)
+        note = (
+            f"result of {len(raw)} bytes is over the limit of {max_bytes} "
+            "(QUEUE_MAX_PAYLOAD_BYTES); not kept"
+        )
+    logger.warning("job %s %s: %s", job.job_id, type(job).__qualname__, note)
+    return Outcome(Status.SUCCEEDED, keep, None, note)
+
+
+def failed_outcome(exc: BaseException, keep: float) -> Outcome:
+    """The record of a job that failed for good."""
+    return Outcome(
+        Status.FAILED, keep, None, describe(exc), "".join(traceback.format_exception(exc))
+    )
+
+
+def cancelled_outcome(keep: float, reason: str = "cancelled while running") -> Outcome:
+    """The record of a running job cancelled on request."""
+    return Outcome(Status.CANCELLED, keep, None, reason)
+
+
+# -- events -------------------------------------------------------------------------------
+
+
+def job_path(job: Job | None) -> str:
+    """The job's class path, `module:QualName` ("" without a job)."""
+    if job is None:
+        return ""
+    cls = type(job)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def emit(
+    kind: EventKind,
+    reserved: ReservedJob,
+    connection: str,
+    job: Job | None = None,
+    *,
+    worker: str = "",
+    started: float | None = None,
+    error: str = "",
+) -> None:
+    """Announce a change of one job's state (callers check `events.active` first: cheap)."""
+    duration = None if started is None else time.perf_counter() - started
+    events.emit(
+        JobEvent(
+            kind,
+            reserved.id,
+            reserved.queue,
+            connection,
+            job=job_path(job),
+            attempts=reserved.attempts,
+            duration=duration,
+            error=error,
+            worker=worker,
+        )
     )

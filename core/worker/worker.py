@@ -11,6 +11,13 @@ A job that will not stop (it swallows its cancellation, or a sync `handle` outli
 in a thread, which cannot be killed) is given up: its try fails, the worker takes no new job, the
 others get the grace period and go back unspent, and the worker stops with `StopReason.STUCK`
 so that supervisord starts a fresh process.
+
+What runs around `handle()` in one try (hooks, middleware, `succeeded()`/`failed()`, the
+outcome written with the acknowledgement) is `core.execution`, shared with the `sync`
+connection. While jobs run, the worker asks the backend every half second whether any of them
+was cancelled (`queue:cancel`, `handle.cancel()`): such a job's task is cancelled, and it is
+acknowledged as `cancelled`: never retried, `failed()` not called. In the background, at most
+once a minute, it deletes status records past their keep time (`prune_records`).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import functools
 import logging
 import math
 import os
+import random
 import signal
 import socket
 import sys
@@ -31,19 +39,36 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from core.errors import ConfigurationError, DriverError, PayloadError, Retry, WorkerLostError
+from core.errors import (
+    ConfigurationError,
+    DriverError,
+    JobCancelledError,
+    PayloadError,
+    Retry,
+    WorkerLostError,
+)
+from core.events import EventKind, events
+from core.execution import (
+    JobAbandonedError,
+    JobThreads,
+    cancelled_outcome,
+    describe,
+    emit,
+    failed_outcome,
+    failed_record,
+    on_cancelled,
+    on_failed,
+    on_retrying,
+    on_succeeded,
+    run_try,
+    succeeded_outcome,
+    wants_success_calls,
+)
+from core.hooks import hooks
 from core.job import Job
 from core.queue.drivers.base import Driver, FailedJob, FailedStore, ReservedJob, WorkerInfo
 from core.queue.payload import JobLoader, decode_envelope
 from core.queue.queue_manager import QueueManager
-from core.worker.execution import (
-    JobAbandonedError,
-    JobThreads,
-    call_failed,
-    call_handle,
-    describe,
-    failed_record,
-)
 from core.worker.options import ExitCode, StopReason, WorkerOptions
 from core.worker.watchdog import Watchdog
 
@@ -54,6 +79,10 @@ logger = logging.getLogger("topiq.worker")
 T = TypeVar("T")
 _DEFAULT_TIMEOUT = 60.0
 _DEFAULT_MAX_TRIES = Job.max_tries
+#: Seconds between two questions to the backend about cancel requests, while jobs run.
+_CANCEL_POLL = 0.5
+#: Seconds between two prunes of expired status records.
+_PRUNE_EVERY = 60.0
 
 
 @dataclass(slots=True)
@@ -66,6 +95,7 @@ class WorkerCounts:
     returned: int = 0  # handed back unfinished because the worker was stopping
     lost: int = 0  # cancelled: its lease could not be renewed, another worker may have it
     given_up: int = 0  # would not stop after its timeout: try failed, the worker exits
+    cancelled: int = 0  # cancelled on request while running (or waiting in the buffer)
 
 
 @dataclass(slots=True)
@@ -89,6 +119,12 @@ class _Running:
     max_tries: int = _DEFAULT_MAX_TRIES
     given_up: bool = False  # would not stop: whatever its task does from now on is ignored
     lost: bool = False  # its lease lapsed: cancelled, and no longer ours to ack or release
+    result_ttl: float = 0.0  # seconds its record is kept after success
+    failure_ttl: float = 0.0  # seconds its record is kept after failure or cancel
+    cancelling: bool = False  # a cancel was asked for: its task is being cancelled
+    settled: bool = False  # its try has ended (handle returned or raised): too late to cancel
+    thread: asyncio.Future[Any] | None = None  # a sync handle's thread, once started
+    started: float = 0.0  # perf_counter at the start of its try
 
 
 @dataclass(slots=True)
@@ -100,6 +136,8 @@ class _Failure:
     exc: BaseException
     record: FailedJob
     failed_timeout: float
+    failure_ttl: float
+    started: float | None = None  # perf_counter at the start of its try
     hooked: bool = False  # `failed()` was called
     busy: bool = False  # a recording attempt is in flight
     held: bool = False  # a recording attempt failed: it waits for the store
@@ -123,6 +161,11 @@ class Worker:
         self._margin = settings.queue_lease_margin
         self._loader = JobLoader(settings.queue_allowed_modules)
         self._default_lease = (options.timeout or _DEFAULT_TIMEOUT) + self._margin
+        self._result_ttl = float(getattr(settings, "queue_result_ttl", 500.0))
+        self._failure_ttl = float(getattr(settings, "queue_failure_ttl", 604800.0))
+        self._max_result = settings.queue_max_payload_bytes
+        self._cancel_every = _CANCEL_POLL
+        self._prune_every = _PRUNE_EVERY
         # Jobs reserved ahead of a free slot hold only this short lease (renewed by the
         # heartbeat), so a worker that dies with them buffered gives them back quickly.
         self._prestart_lease = self._margin
@@ -198,6 +241,7 @@ class Worker:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         try:
+            hooks.load()
             self._driver = await self._until_connected()
             if self._driver is None:
                 return self._stop_reason or StopReason.SIGNAL
@@ -205,14 +249,20 @@ class Worker:
             opener = asyncio.create_task(self._open_store_at_start())
             async with self._watchdog:
                 heartbeat = asyncio.create_task(self._heartbeat(), name="topiq-worker-heartbeat")
+                duties = [
+                    asyncio.create_task(self._watch_cancels(), name="topiq-worker-cancels"),
+                    asyncio.create_task(self._prune_records(), name="topiq-worker-prune"),
+                ]
                 try:
                     await self._work()
                 finally:
                     await self._drain()
                     await self._settle_given_up()
                     await self._settle_failures()
+                    for duty in duties:
+                        duty.cancel()
                     heartbeat.cancel()
-                    await asyncio.gather(heartbeat, return_exceptions=True)
+                    await asyncio.gather(heartbeat, *duties, return_exceptions=True)
             self._closing = True
             if self._flusher is not None:
                 await asyncio.gather(self._flusher, return_exceptions=True)
@@ -319,7 +369,9 @@ class Worker:
                 asked = time.monotonic()
                 try:
                     # Shielded: a reservation that reached the server must reach us too.
-                    jobs = await asyncio.shield(driver.reserve(queues, room, lease, acks))
+                    jobs = await asyncio.shield(
+                        driver.reserve(queues, room, lease, acks, worker=self.id)
+                    )
                     failures = 0
                 except Exception as exc:
                     self._done[:0] = acks
@@ -410,7 +462,7 @@ class Worker:
     async def _process(self, run: _Running) -> None:
         reserved = run.reserved
         try:
-            job, max_tries, timeout, error = self._load(reserved)
+            job, max_tries, timeout, error = self._load(run)
             run.max_tries = max_tries
             if reserved.attempts > max_tries:
                 label = type(job).__qualname__ if job is not None else "job"
@@ -420,12 +472,12 @@ class Worker:
                 )
                 lost.__cause__ = error
                 logger.error("job %s %s failed for good: %s", reserved.id, label, lost)
-                await self._fail(reserved, job, lost, timeout)
+                await self._fail(run, job, lost, timeout)
                 return
             if job is None:
                 assert error is not None
                 logger.error("job %s on %s cannot be run: %s", reserved.id, reserved.queue, error)
-                await self._fail(reserved, None, error, timeout)
+                await self._fail(run, None, error, timeout)
                 return
             await self._run(run, job, max_tries, timeout)
         except DriverError as exc:
@@ -439,7 +491,7 @@ class Worker:
             # somewhere, so record it as failed rather than let the task die with it.
             logger.exception("job %s: the worker could not handle it", reserved.id)
             if not (run.given_up or run.lost) and reserved.id not in self._failures:
-                await self._fail(reserved, None, exc, _DEFAULT_TIMEOUT)
+                await self._fail(run, None, exc, _DEFAULT_TIMEOUT)
         finally:
             if self._running.get(reserved.id) is run:
                 del self._running[reserved.id]
@@ -447,13 +499,17 @@ class Worker:
                 self._processed += 1
             self._changed.set()
 
-    def _load(self, reserved: ReservedJob) -> tuple[Job | None, int, float, BaseException | None]:
-        """The job, its max_tries and timeout, and the error if it cannot be loaded.
+    def _load(self, run: _Running) -> tuple[Job | None, int, float, BaseException | None]:
+        """The job, its max_tries and timeout, and the error if it cannot be loaded; sets the
+        run's record keep times.
 
         Whatever goes wrong is returned, never raised; max_tries then comes from the raw payload
         when it says (else the default), so the tries check never depends on a good load.
         """
         opts = self.options
+        reserved = run.reserved
+        run.result_ttl = self._result_ttl
+        run.failure_ttl = self._failure_ttl
         try:
             decoded = self._loader.load(
                 reserved.payload, job_id=reserved.id, attempts=reserved.attempts
@@ -468,6 +524,13 @@ class Worker:
                 or timeout < 0
             ):
                 raise PayloadError(f"timeout must be a number of seconds ≥ 0, got {timeout!r}")
+            # Payloads from before result keeping carry neither: the settings then apply.
+            result_ttl = getattr(decoded, "result_ttl", None)
+            if result_ttl is not None:
+                run.result_ttl = float(result_ttl)
+            failure_ttl = getattr(decoded, "failure_ttl", None)
+            if failure_ttl is not None:
+                run.failure_ttl = float(failure_ttl)
             return decoded.job, opts.max_tries or max_tries, opts.timeout or float(timeout), None
         except Exception as exc:
             error = exc
@@ -476,9 +539,11 @@ class Worker:
                 error.__cause__ = exc
         max_tries = _DEFAULT_MAX_TRIES
         with contextlib.suppress(Exception):
-            raw = decode_envelope(reserved.payload).get("max_tries")
+            envelope = decode_envelope(reserved.payload)
+            raw = envelope.get("max_tries")
             if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
                 max_tries = raw
+            run.failure_ttl = _keep_time(envelope.get("failure_ttl"), self._failure_ttl)
         return None, opts.max_tries or max_tries, opts.timeout or _DEFAULT_TIMEOUT, error
 
     async def _run(self, run: _Running, job: Job, max_tries: int, timeout: float) -> None:
@@ -489,7 +554,7 @@ class Worker:
         run.job = job
         lease = timeout + self._margin
         run.label = label
-        started = time.perf_counter()
+        started = run.started = time.perf_counter()
         try:
             if lease != run.lease:
                 # Reserved under a short or the default lease: give it the one its own timeout
@@ -502,40 +567,74 @@ class Worker:
                     self._lose(run)
                     return
             run.deadline = time.monotonic() + timeout
-            await call_handle(
+            if events.active:
+                emit(EventKind.STARTED, reserved, self.connection, job, worker=self.id)
+            result = await run_try(
                 job,
                 timeout,
                 self._threads,
                 stop_within=self._stop_within,
                 on_stuck=functools.partial(self._give_up, run),
+                on_thread=functools.partial(_set_thread, run),
             )
         except asyncio.CancelledError:
+            run.settled = True
             if run.given_up or run.lost:
                 return  # not ours to release any more; the task ends here
+            if run.cancelling:
+                await self._cancelled(run, job)
+                return
             logger.warning(
                 "job %s %s returned to its queue: the worker is stopping", job.job_id, label
             )
             await self._bookkeep("return a job", lambda: driver.release(reserved, refund=True))
             self.counts.returned += 1
+            if events.active:
+                emit(
+                    EventKind.RETURNED,
+                    reserved,
+                    self.connection,
+                    job,
+                    worker=self.id,
+                    started=started,
+                )
             raise
         except JobAbandonedError as exc:
+            run.settled = True
             self._give_up(run, exc)
-        except Retry as request:
-            if run.given_up or run.lost:
-                return
-            delay = request.delay if request.delay is not None else self._backoff(job, reserved)
-            await self._retry_or_fail(reserved, job, label, max_tries, request, delay)
         except Exception as exc:
+            run.settled = True
             if run.given_up or run.lost:
                 return
-            await self._retry_or_fail(
-                reserved, job, label, max_tries, exc, self._backoff(job, reserved)
-            )
+            if run.cancelling:
+                # It stopped on its cancel with an error of its own: still cancelled, not retried.
+                await self._cancelled(run, job)
+                return
+            if isinstance(exc, Retry) and exc.delay is not None:
+                delay = exc.delay
+            else:
+                delay = self._backoff(job, reserved)
+            await self._retry_or_fail(run, job, exc, delay)
         else:
+            run.settled = True
             if run.given_up or run.lost:
                 return
+            if wants_success_calls(job):
+                await on_succeeded(job, result, timeout)
+                if run.given_up or run.lost:
+                    return
+            reserved.outcome = succeeded_outcome(job, result, run.result_ttl, self._max_result)
             self._finish(reserved)
             self.counts.done += 1
+            if events.active:
+                emit(
+                    EventKind.SUCCEEDED,
+                    reserved,
+                    self.connection,
+                    job,
+                    worker=self.id,
+                    started=started,
+                )
             logger.info(
                 "job %s %s try %d/%d done in %.1fms",
                 job.job_id,
@@ -583,28 +682,39 @@ class Worker:
             run.lease_until = max(run.lease_until, asked + lease)
 
     async def _retry_or_fail(
-        self,
-        reserved: ReservedJob,
-        job: Job,
-        label: str,
-        max_tries: int,
-        exc: BaseException,
-        delay: float,
+        self, run: _Running, job: Job, exc: BaseException, delay: float
     ) -> None:
         driver = self._driver
         assert driver is not None
+        reserved, label, max_tries = run.reserved, run.label, run.max_tries
         if reserved.attempts < max_tries:
+            asked = isinstance(exc, Retry)
+            reason = describe(exc)
             logger.warning(
                 "job %s %s try %d/%d %s; retrying in %gs",
                 job.job_id,
                 label,
                 reserved.attempts,
                 max_tries,
-                "asked for a retry" if isinstance(exc, Retry) else f"failed ({describe(exc)})",
+                "asked for a retry" if asked else f"failed ({reason})",
                 delay,
             )
-            await self._bookkeep("release a job", lambda: driver.release(reserved, delay))
+            # The hooks hear of this try before the next one can start anywhere.
+            await on_retrying(job, exc)
+            await self._bookkeep(
+                "release a job", lambda: driver.release(reserved, delay, error=reason)
+            )
             self.counts.retried += 1
+            if events.active:
+                emit(
+                    EventKind.RETRYING,
+                    reserved,
+                    self.connection,
+                    job,
+                    worker=self.id,
+                    started=run.started or None,
+                    error=reason,
+                )
             return
         logger.error(
             "job %s %s try %d/%d failed for good: %s",
@@ -615,7 +725,147 @@ class Worker:
             describe(exc),
         )
         timeout = self.options.timeout or _job_timeout(job)
-        await self._fail(reserved, job, exc, timeout)
+        await self._fail(run, job, exc, timeout)
+
+    # -- cancel on request -------------------------------------------------------------
+
+    async def _watch_cancels(self) -> None:
+        """While jobs are held here, ask the backend every half second whether any of them
+        was cancelled (one call per poll), and cancel those."""
+        driver = self._driver
+        assert driver is not None
+        failing = False
+        while True:
+            await asyncio.sleep(self._cancel_every)
+            runs = [run for run in self._running.values() if not (run.cancelling or run.settled)]
+            held = [run.reserved for run in runs]
+            held += [waiting.reserved for waiting in self._buffer]
+            if not held:
+                continue
+            try:
+                requested = await driver.cancel_requested(held)
+            except Exception as exc:
+                if not failing:
+                    logger.warning("could not ask for cancel requests: %s", describe(exc))
+                failing = True
+                continue
+            failing = False
+            for job_id in requested:
+                run = self._running.get(job_id)
+                if run is not None:
+                    self._cancel(run)
+                    continue
+                for waiting in self._buffer:
+                    if waiting.reserved.id == job_id:
+                        self._buffer.remove(waiting)
+                        self._cancel_unstarted(waiting.reserved)
+                        break
+
+    def _cancel(self, run: _Running) -> None:
+        """Cancel a running job's task on request; one that will not stop is given up."""
+        if run.cancelling or run.settled or run.given_up or run.lost:
+            return
+        task = run.task
+        if task is None or task.done():
+            return
+        run.cancelling = True
+        logger.warning("job %s %s: cancel requested; cancelling it", run.reserved.id, run.label)
+        task.cancel()
+        asyncio.get_running_loop().call_later(self._stop_within, self._cancel_overdue, run, task)
+
+    def _cancel_overdue(self, run: _Running, task: asyncio.Task[None]) -> None:
+        if task.done() or run.settled or run.given_up or run.lost:
+            return
+        self._give_up(
+            run,
+            JobAbandonedError(
+                f"{run.label} did not stop within {self._stop_within:g}s of being cancelled "
+                f"(try {run.reserved.attempts})"
+            ),
+        )
+
+    async def _cancelled(self, run: _Running, job: Job) -> None:
+        """A try stopped on its cancel request: acknowledge it as cancelled."""
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        thread = run.thread
+        if thread is not None and not thread.done():
+            # A thread cannot be stopped: it counts as stopped only once it has returned.
+            await asyncio.wait({thread}, timeout=self._stop_within)
+            if not thread.done():
+                self._give_up(
+                    run,
+                    JobAbandonedError(
+                        f"{run.label} was cancelled, and its thread, which cannot be stopped, "
+                        f"was still running {self._stop_within:g}s later "
+                        f"(try {run.reserved.attempts})"
+                    ),
+                )
+                return
+        await self._finish_cancelled(run, job)
+
+    async def _finish_cancelled(self, run: _Running, job: Job | None) -> None:
+        reserved = run.reserved
+        logger.warning("job %s %s cancelled on request", reserved.id, run.label)
+        if job is not None:
+            await on_cancelled(job, JobCancelledError("cancelled on request", job_id=reserved.id))
+        reserved.outcome = cancelled_outcome(run.failure_ttl)
+        self.counts.cancelled += 1
+        self._finish(reserved)
+        if events.active:
+            emit(
+                EventKind.CANCELLED,
+                reserved,
+                self.connection,
+                job,
+                worker=self.id,
+                started=run.started or None,
+                error="cancelled on request",
+            )
+
+    def _cancel_unstarted(self, reserved: ReservedJob) -> None:
+        """A job cancelled while it waited here for a slot: never started, acknowledged."""
+        failure_ttl = self._failure_ttl
+        with contextlib.suppress(Exception):
+            failure_ttl = _keep_time(
+                decode_envelope(reserved.payload).get("failure_ttl"), failure_ttl
+            )
+        logger.warning("job %s cancelled on request before it started", reserved.id)
+        reserved.outcome = cancelled_outcome(failure_ttl, "cancelled before it started")
+        self.counts.cancelled += 1
+        self._finish(reserved)
+        if events.active:
+            emit(
+                EventKind.CANCELLED,
+                reserved,
+                self.connection,
+                worker=self.id,
+                error="cancelled before it started",
+            )
+
+    # -- pruning -------------------------------------------------------------------------
+
+    async def _prune_records(self) -> None:
+        """Delete status records past their keep time, at most once a minute, off the job
+        path. The first prune comes at a random point of the first minute, so that workers
+        started together do not prune together."""
+        driver = self._driver
+        assert driver is not None
+        await asyncio.sleep(random.uniform(0.5, 1.0) * self._prune_every)
+        while True:
+            # Its own task, never cancelled mid-call (see `_heartbeat`); waited for at the end.
+            prune = self._track(asyncio.create_task(driver.prune_records()))
+            try:
+                pruned = await asyncio.shield(prune)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("could not prune status records: %s", describe(exc))
+            else:
+                if pruned:
+                    logger.info("pruned %d status record(s) past their keep time", pruned)
+            await asyncio.sleep(self._prune_every)
 
     # -- jobs that will not stop ---------------------------------------------------------
 
@@ -649,12 +899,13 @@ class Worker:
         while self._given_up:
             run, exc = self._given_up.pop(0)
             job = run.job
-            if job is None:
-                await self._fail(run.reserved, None, exc, _DEFAULT_TIMEOUT)
+            if run.cancelling:
+                await self._finish_cancelled(run, job)  # cancelled: never retried
                 continue
-            await self._retry_or_fail(
-                run.reserved, job, run.label, run.max_tries, exc, self._backoff(job, run.reserved)
-            )
+            if job is None:
+                await self._fail(run, None, exc, _DEFAULT_TIMEOUT)
+                continue
+            await self._retry_or_fail(run, job, exc, self._backoff(job, run.reserved))
 
     def _lose(self, run: _Running) -> None:
         """Its lease lapsed while the backend was unreachable: another worker may run it now."""
@@ -689,7 +940,7 @@ class Worker:
     # -- failures that must be recorded ------------------------------------------------
 
     async def _fail(
-        self, reserved: ReservedJob, job: Job | None, exc: BaseException, failed_timeout: float
+        self, run: _Running, job: Job | None, exc: BaseException, failed_timeout: float
     ) -> None:
         """Call `failed()` once, record the failure, then acknowledge the job.
 
@@ -698,12 +949,15 @@ class Worker:
         `failed()` is called only once the store has answered, so that a worker stopping
         before it could record does not leave a second call to the next worker.
         """
+        reserved = run.reserved
         failure = _Failure(
             reserved,
             job,
             exc,
             failed_record(self.connection, reserved, exc),
             failed_timeout,
+            run.failure_ttl,
+            started=run.started or None,
             lease_until=time.monotonic() + self._margin,
         )
         self._failures[reserved.id] = failure
@@ -734,9 +988,10 @@ class Worker:
         try:
             if not failure.hooked:
                 if failure.job is not None:
-                    # The store answers: `failed()` can be followed by its record.
+                    # The store answers: `failed()` (and the hooks) can be followed by its
+                    # record.
                     await (await self._store()).get(failure.reserved.id)
-                    await call_failed(failure.job, failure.exc, failure.failed_timeout)
+                    await on_failed(failure.job, failure.exc, failure.failed_timeout)
                 failure.hooked = True
             await (await self._store()).add(failure.record)
         except Exception as exc:
@@ -759,7 +1014,19 @@ class Worker:
             self._store_down = False
         del self._failures[failure.reserved.id]
         self.counts.failed += 1
-        self._finish(failure.reserved)
+        reserved = failure.reserved
+        reserved.outcome = failed_outcome(failure.exc, failure.failure_ttl)
+        self._finish(reserved)
+        if events.active:
+            emit(
+                EventKind.FAILED,
+                reserved,
+                self.connection,
+                failure.job,
+                worker=self.id,
+                started=failure.started,
+                error=describe(failure.exc),
+            )
         return True
 
     async def _record_held(self) -> None:
@@ -1042,6 +1309,16 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
+
+
+def _set_thread(run: _Running, future: asyncio.Future[Any]) -> None:
+    run.thread = future
+
+
+def _keep_time(value: Any, default: float) -> float:
+    """A record keep time read from a raw payload, or `default` when it gives none usable."""
+    usable = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if usable and math.isfinite(value) and value >= 0 else default
 
 
 def _job_timeout(job: Job) -> float:

@@ -1,26 +1,50 @@
 """The `sync` connection: `dispatch` runs the job at once, in the caller. For tests and debugging.
 
-Each job runs every try it is allowed straight away (delays and `retry_after` are skipped);
-if the last try fails, `failed()` is called, the failure is recorded in memory, and the
-exception propagates to the caller of `dispatch` so that a test sees it.
+Each job runs every try it is allowed straight away (delays and `retry_after` are skipped),
+through the same code as on a worker (`core.execution`: hooks, middleware, `succeeded()`,
+`failed()`, events). Jobs are stored the way the memory connection stores them, so ids,
+`unique_key`, status records and results work as elsewhere: `handle.status()` and
+`handle.result()` read what the run left. If the last try fails, `failed()` is called, the
+failure is recorded in memory, and the exception propagates to the caller of `dispatch` so that
+a test sees it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from core.errors import Retry
-from core.queue.drivers.base import OutgoingJob, ReservedJob
+from core.events import EventKind, events
+from core.execution import (
+    describe,
+    emit,
+    failed_outcome,
+    failed_record,
+    on_failed,
+    on_retrying,
+    on_succeeded,
+    run_try,
+    succeeded_outcome,
+    wants_success_calls,
+)
+from core.queue.drivers.base import OutgoingJob, Pushed, ReservedJob
 from core.queue.drivers.memory import MemoryDriver
 from core.queue.payload import JobLoader
 from core.settings import Settings
-from core.worker.execution import call_failed, call_handle, failed_record
 
 if TYPE_CHECKING:
     from core.queue.queue_manager import QueueManager
 
 __all__ = ["SyncDriver"]
+
+#: The lease of a job running inline: nothing else reserves from a sync connection's queues
+#: but jobs dispatched from inside a running job, which must never be handed the running one.
+_LEASE = 366 * 86400.0
+#: The `worker` named in the status records of jobs run inline.
+WORKER = "sync"
 
 
 class SyncDriver(MemoryDriver):
@@ -32,27 +56,88 @@ class SyncDriver(MemoryDriver):
         # Sync runs whatever the caller dispatches: the caller is trusted, so any module goes.
         self._loader = JobLoader([""])
 
-    async def push(self, jobs: Sequence[OutgoingJob]) -> None:
+    async def push(self, jobs: Sequence[OutgoingJob]) -> list[Pushed]:
+        """Store each job (ready now: delays are skipped) and run it before the next one."""
+        out: list[Pushed] = []
         for outgoing in jobs:
-            await self._run(outgoing)
+            ready = replace(outgoing, delay=0.0) if outgoing.delay else outgoing
+            [pushed] = await super().push([ready])
+            out.append(pushed)
+            if pushed.outcome in ("created", "replaced"):
+                await self._run(ready.queue)
+        return out
 
-    async def _run(self, outgoing: OutgoingJob) -> None:
-        attempts = 0
+    async def _run(self, queue: str) -> None:
+        """Run the job just stored on `queue` (the only one ready there) to its end."""
         while True:
-            attempts += 1
-            decoded = self._loader.load(outgoing.payload, job_id=outgoing.id, attempts=attempts)
-            job = decoded.job
-            try:
-                await call_handle(job, decoded.timeout)
+            held = await self.reserve([queue], 1, _LEASE, worker=WORKER)
+            if not held:
+                return  # it expired (its ttl) or was taken by no one: nothing to run
+            if await self._try(held[0]):
                 return
-            except Exception as exc:
-                if attempts < decoded.max_tries:
-                    continue
-                await call_failed(job, exc, decoded.timeout)
-                reserved = ReservedJob(outgoing.id, outgoing.queue, outgoing.payload, attempts)
-                await self.failed_store().add(failed_record(self.name, reserved, exc))
-                if isinstance(exc, Retry):
-                    raise RuntimeError(
-                        f"{type(job).__qualname__} asked to retry on its last try"
-                    ) from exc
-                raise
+
+    async def _try(self, reserved: ReservedJob) -> bool:
+        """One try; whether the job has ended (False: it goes round again at once)."""
+        settings = self.settings
+        try:
+            decoded = self._loader.load(
+                reserved.payload, job_id=reserved.id, attempts=reserved.attempts
+            )
+        except Exception as exc:
+            await self._record_failure(reserved, exc, settings.queue_failure_ttl)
+            raise
+        job = decoded.job
+        result_ttl = decoded.result_ttl
+        failure_ttl = decoded.failure_ttl
+        started = time.perf_counter()
+        if events.active:
+            emit(EventKind.STARTED, reserved, self.name, job, worker=WORKER)
+        try:
+            result = await run_try(job, decoded.timeout)
+        except Exception as exc:
+            reason = describe(exc)
+            if reserved.attempts < decoded.max_tries:
+                await on_retrying(job, exc)
+                await self.release(reserved, error=reason)
+                if events.active:
+                    emit(
+                        EventKind.RETRYING,
+                        reserved,
+                        self.name,
+                        job,
+                        worker=WORKER,
+                        started=started,
+                        error=reason,
+                    )
+                return False
+            await on_failed(job, exc, decoded.timeout)
+            keep = settings.queue_failure_ttl if failure_ttl is None else failure_ttl
+            await self._record_failure(reserved, exc, keep)
+            if events.active:
+                emit(
+                    EventKind.FAILED,
+                    reserved,
+                    self.name,
+                    job,
+                    worker=WORKER,
+                    started=started,
+                    error=reason,
+                )
+            if isinstance(exc, Retry):
+                raise RuntimeError(
+                    f"{type(job).__qualname__} asked to retry on its last try"
+                ) from exc
+            raise
+        if wants_success_calls(job):
+            await on_succeeded(job, result, decoded.timeout)
+        keep = settings.queue_result_ttl if result_ttl is None else result_ttl
+        reserved.outcome = succeeded_outcome(job, result, keep, settings.queue_max_payload_bytes)
+        await self.ack([reserved])
+        if events.active:
+            emit(EventKind.SUCCEEDED, reserved, self.name, job, worker=WORKER, started=started)
+        return True
+
+    async def _record_failure(self, reserved: ReservedJob, exc: BaseException, keep: float) -> None:
+        await self.failed_store().add(failed_record(self.name, reserved, exc))
+        reserved.outcome = failed_outcome(exc, keep)
+        await self.ack([reserved])
