@@ -33,21 +33,29 @@ pytestmark = pytest.mark.timeout(60)
 Q = "lifecycle"
 
 
-def payload(job_id: str) -> bytes:
+def payload(job_id: str, queue: str) -> bytes:
     return json.dumps(
-        {"job": "tests.jobs:RecordJob", "id": job_id, "queue": Q, "data": {"log": "x"}}
+        {"job": "tests.jobs:RecordJob", "id": job_id, "queue": queue, "data": {"log": "x"}}
     ).encode()
 
 
-async def push(driver: Driver, job_id: str, delay: float = 0.0, **extra: Any) -> None:
+async def push(
+    driver: Driver, job_id: str, delay: float = 0.0, queue: str = Q, **extra: Any
+) -> None:
     outgoing = OutgoingJob(
-        job_id, Q, payload(job_id), delay, job="tests.jobs:RecordJob", max_tries=3, **extra
+        job_id,
+        queue,
+        payload(job_id, queue),
+        delay,
+        job="tests.jobs:RecordJob",
+        max_tries=3,
+        **extra,
     )
     await driver.push([outgoing])
 
 
-async def take(driver: Driver) -> ReservedJob:
-    [held] = await driver.reserve([Q], 1, 30, worker="test-worker")
+async def take(driver: Driver, queue: str = Q) -> ReservedJob:
+    [held] = await driver.reserve([queue], 1, 30, worker="test-worker")
     return held
 
 
@@ -278,25 +286,28 @@ def on_backend(ops: Ops, action: Any) -> Any:
 
 def test_job_cancel_and_prune_on_a_server_backend(ops: Ops) -> None:
     async def setup(driver: Driver) -> None:
-        for name in ("s-ok", "s-failed", "s-waiting"):
-            await push(driver, name)
-        await finish(driver, await take(driver), SUCCESS)
-        await finish(driver, await take(driver), FAILURE)
+        for name in (f"{ops.queue}-s-ok", f"{ops.queue}-s-failed", f"{ops.queue}-s-waiting"):
+            await push(driver, name, queue=ops.queue)
+        await finish(driver, await take(driver, ops.queue), SUCCESS)
+        await finish(driver, await take(driver, ops.queue), FAILURE)
 
     on_backend(ops, setup)
-    shown = ops.cli("queue:job", "s-ok", "--json")
+    shown = ops.cli("queue:job", f"{ops.queue}-s-ok", "--json")
     assert shown.code == 0, shown.err
     data = json.loads(shown.out)
     assert data["status"] == "succeeded" and data["result"] == {"rows": 3}
     assert data["attempts"] == 1 and data["worker"] == "test-worker"
-    failed = ops.cli("queue:job", "s-failed", "--wait", "5")
+    failed = ops.cli("queue:job", f"{ops.queue}-s-failed", "--wait", "5")
     assert failed.code == 1 and "RuntimeError: sensor offline" in failed.out
-    assert ops.cli("queue:job", "s-unknown").code == 1
-    assert ops.cli("queue:job", "s-waiting", "--wait", "0.2").code == 124
-    cancelled = ops.cli("queue:cancel", "s-waiting")
+    assert ops.cli("queue:job", f"{ops.queue}-s-unknown").code == 1
+    assert ops.cli("queue:job", f"{ops.queue}-s-waiting", "--wait", "0.2").code == 124
+    cancelled = ops.cli("queue:cancel", f"{ops.queue}-s-waiting")
     assert cancelled.code == 0, cancelled.err
-    assert json.loads(ops.cli("queue:job", "s-waiting", "--json").out)["status"] == "cancelled"
-    assert ops.cli("queue:cancel", "s-waiting").code == 1
+    assert (
+        json.loads(ops.cli("queue:job", f"{ops.queue}-s-waiting", "--json").out)["status"]
+        == "cancelled"
+    )
+    assert ops.cli("queue:cancel", f"{ops.queue}-s-waiting").code == 1
     pruned = ops.cli("queue:prune", "--json")
     assert pruned.code == 0, pruned.err
     assert json.loads(pruned.out)["deleted"] == 0  # every record is still within its keep time
@@ -304,13 +315,13 @@ def test_job_cancel_and_prune_on_a_server_backend(ops: Ops) -> None:
 
 def test_prune_deletes_records_past_their_keep_time(ops: Ops) -> None:
     async def setup(driver: Driver) -> None:
-        await push(driver, "p-1")
-        await finish(driver, await take(driver), Outcome(Status.SUCCEEDED, keep=0.2))
+        await push(driver, f"{ops.queue}-p-1", queue=ops.queue)
+        await finish(driver, await take(driver, ops.queue), Outcome(Status.SUCCEEDED, keep=0.2))
 
     on_backend(ops, setup)
     time.sleep(1.1)  # the keep time passing is what is tested (SQL stores whole seconds)
     pruned = json.loads(ops.cli("queue:prune", "--json").out)
-    gone = ops.cli("queue:job", "p-1")
+    gone = ops.cli("queue:job", f"{ops.queue}-p-1")
     assert gone.code == 1
     if ops.connection == "redis":
         assert pruned["deleted"] == 0  # Redis expired the key by itself
@@ -320,15 +331,20 @@ def test_prune_deletes_records_past_their_keep_time(ops: Ops) -> None:
 
 def test_stats_shows_how_jobs_ended_over_the_last_hour(ops: Ops) -> None:
     async def setup(driver: Driver) -> None:
-        for name in ("r-1", "r-2", "r-3", "r-4"):
-            await push(driver, name)
-        await finish(driver, await take(driver), SUCCESS)
-        await finish(driver, await take(driver), SUCCESS)
-        await finish(driver, await take(driver), FAILURE)
-        assert await driver.cancel("r-4")
+        for name in (
+            f"{ops.queue}-r-1",
+            f"{ops.queue}-r-2",
+            f"{ops.queue}-r-3",
+            f"{ops.queue}-r-4",
+        ):
+            await push(driver, name, queue=ops.queue)
+        await finish(driver, await take(driver, ops.queue), SUCCESS)
+        await finish(driver, await take(driver, ops.queue), SUCCESS)
+        await finish(driver, await take(driver, ops.queue), FAILURE)
+        assert await driver.cancel(f"{ops.queue}-r-4")
 
     on_backend(ops, setup)
-    data = json.loads(ops.cli("queue:stats", "--queue", Q, "--json").out)
+    data = json.loads(ops.cli("queue:stats", "--queue", ops.queue, "--json").out)
     [row] = data["queues"]
     assert data["recent_window"] == 3600
     assert (row["succeeded"], row["failed_recent"], row["cancelled"], row["expired"]) == (
@@ -337,7 +353,7 @@ def test_stats_shows_how_jobs_ended_over_the_last_hour(ops: Ops) -> None:
         1,
         0,
     )
-    drawn = ops.cli("queue:stats", "--queue", Q)
+    drawn = ops.cli("queue:stats", "--queue", ops.queue)
     assert "succeeded 1h" in drawn.out and "expired 1h" in drawn.out
 
 
@@ -345,8 +361,8 @@ def test_wait_as_a_process_returns_when_the_job_succeeds(ops: Ops) -> None:
     """`queue:job --wait` in its own process; this test ends the job it waits for."""
 
     async def setup(driver: Driver) -> ReservedJob:
-        await push(driver, "w-1")
-        return await take(driver)
+        await push(driver, f"{ops.queue}-w-1", queue=ops.queue)
+        return await take(driver, ops.queue)
 
     async def scenario(manager: QueueManager) -> tuple[int, str, float]:
         driver = await manager.connection()
@@ -357,7 +373,7 @@ def test_wait_as_a_process_returns_when_the_job_succeeds(ops: Ops) -> None:
             "--env-file",
             "/dev/null",
             "queue:job",
-            "w-1",
+            f"{ops.queue}-w-1",
             "--wait",
             "30",
             "--json",
