@@ -33,7 +33,7 @@ class HourlyJob(Job):
     ttl = "90s"
     unique_for = "10 minutes"
     result_ttl = "1 day"
-    failure_ttl = timedelta(days=2)
+    failure_ttl = "2 days"
 
     def __init__(self, n: int = 0) -> None:
         self.n = n
