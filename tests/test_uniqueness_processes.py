@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -67,9 +68,11 @@ async def _dispatch(queue: str, name: str, rounds: int) -> None:
                 unique_key=f"key-{n}",
                 on_duplicate=KEY_RULES[n % len(KEY_RULES)],  # type: ignore[arg-type]
             )
+            began = time.time()
             pushed_id, pushed_key = await driver.push([by_id, by_key])
             result = {
                 "round": n,
+                "push": [began, time.time()],
                 "id": [pushed_id.id, pushed_id.outcome],
                 "key": [pushed_key.id, pushed_key.outcome, by_key.id],
             }
@@ -133,6 +136,16 @@ def _race(backend: Backend, queue: str, logs: Path) -> list[list[dict[str, Any]]
                     pipe.close()
 
 
+def _overlap(spans: list[list[float]]) -> bool:
+    """Whether at least two of these pushes ran at the same time."""
+    ended = -1.0
+    for began, end in sorted(spans):
+        if began < ended:
+            return True
+        ended = max(ended, end)
+    return False
+
+
 async def test_one_job_per_id_and_per_key_under_four_dispatchers(
     server_backend: Backend, tmp_path: Path
 ) -> None:
@@ -141,6 +154,9 @@ async def test_one_job_per_id_and_per_key_under_four_dispatchers(
     queue = str(server_backend.overrides["queue_default"])
     rounds = await asyncio.to_thread(_race, server_backend, queue, tmp_path)
 
+    overlapping = sum(1 for told in rounds if _overlap([entry["push"] for entry in told]))
+    # The test means something only if the dispatchers did race.
+    assert overlapping >= ROUNDS // 2, f"pushes overlapped in only {overlapping}/{ROUNDS} rounds"
     for n, told in enumerate(rounds):
         # The id: one dispatcher created it, the others were told it is there.
         ids = [entry["id"] for entry in told]
