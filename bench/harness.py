@@ -43,6 +43,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="seconds a library's run may take before it is cut short",
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument(
+        "--section",
+        default="",
+        help="write a section of this name instead of the main table (for a run of some "
+        "workloads or peers: the main table keeps its full run's figures)",
+    )
     parser.add_argument("--output", type=Path, default=None,
                         help="where to write the report (default BENCHMARKS.md; "
                              "--smoke writes none unless given)")  # fmt: skip
@@ -111,6 +117,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[Results, dict[str,
     tasks = plan.tasks(args.only_list, args.smoke, args.budget)
     needs = {t.workload for t in tasks}
     results, facts = Results(), {"started": time.strftime("%Y-%m-%d %H:%M %Z")}
+    facts["load"] = os.getloadavg()[0]  # other work on the machine skews every figure
     mysql_version, mysql_why = services.mysql_status() if "W5" in needs else (None, "")
     with services.Server.redis(workdir) as redis:
         facts["redis"] = services.redis_version(redis.url)
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(results, args.peer_list, header(args, facts), footer(args, facts))
     print(section)
     if args.output is not None:
-        write(args.output, section)
+        write(args.output, section, args.section)
         say(f"bench: wrote {args.output}")
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)

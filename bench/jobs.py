@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from bench import marks
+from bench.marks import SLEEP
 from core.job import Job
-
-SLEEP = 0.01  # W3's job: seconds of asyncio.sleep
 
 
 class Noop(Job):

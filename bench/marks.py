@@ -23,6 +23,10 @@ from typing import Any
 
 import redis
 
+#: W3's job in every library: seconds of asyncio.sleep. Here, not in bench/jobs.py, because
+#: the peers' environments cannot import Topiq's `core`.
+SLEEP = 0.01
+
 _count = 0
 _first = 0.0
 _last_report = 0.0

@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench.jobs import SLEEP
+from bench.marks import SLEEP
 from bench.peers.base import JobKind, Peer, Unsupported
 from bench.worker_process import WorkerProcess
 
@@ -151,10 +151,19 @@ async def w8_result(peer: Peer, n: int, budget: float, **_: Any) -> Figures:
     that returns its argument and the wait for that result through the library's own call
     (Topiq `await handle.result()`, SAQ `Queue.apply`, arq `Job.result()`)."""
     with WorkerProcess(peer, marks=[1]) as worker:
-        try:  # warm-up: the worker is up once this one's result is back
-            warm = await peer.round_trip(-1, timeout=max(budget, 30.0))
-        except TimeoutError:
-            raise TimeoutError(f"the warm-up job's result did not come: {worker.tail()}") from None
+        # Warm-up: the worker is up once this one's result is back. A job that arrives while
+        # the worker starts may be lost to its start-up (SAQ's first sweep aborts it as
+        # stale): the warm-up tries again, the measured round trips never do.
+        for attempt in (1, 2, 3):
+            try:
+                warm = await peer.round_trip(-1, timeout=max(budget, 30.0))
+                break
+            except TimeoutError:
+                raise TimeoutError(f"no warm-up result came: {worker.tail()}") from None
+            except Exception:
+                if attempt == 3:
+                    raise
+                await asyncio.sleep(0.5)
         if warm != -1:
             raise AssertionError(f"the warm-up job returned {warm!r}, not -1")
         await asyncio.sleep(0.5)  # let the worker go idle

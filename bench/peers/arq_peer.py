@@ -12,7 +12,7 @@ from arq import create_pool, run_worker
 from arq.connections import ArqRedis, RedisSettings
 
 from bench import marks
-from bench.jobs import SLEEP
+from bench.marks import SLEEP
 from bench.peers.base import JobKind, Peer
 
 

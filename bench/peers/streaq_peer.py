@@ -11,7 +11,7 @@ from typing import Any
 from streaq import Worker
 
 from bench import marks
-from bench.jobs import SLEEP
+from bench.marks import SLEEP
 from bench.peers.base import QUEUE, JobKind, Peer
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from taskiq_redis import RedisStreamBroker
 
 from bench import marks
-from bench.jobs import SLEEP
+from bench.marks import SLEEP
 from bench.peers.base import QUEUE, JobKind, Peer
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from routemq.job import Job
 
 from bench import marks
-from bench.jobs import SLEEP
+from bench.marks import SLEEP
 
 
 @Job.register
