@@ -108,6 +108,10 @@ class JobFunction(Generic[P, R]):
     `job_class` is the generated `Job` subclass; `make(*args, **kwargs)` builds one job of it.
     """
 
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[P, R]
+
     def __init__(self, function: Callable[P, R], options: dict[str, Any]) -> None:
         if not inspect.isfunction(function):
             raise TypeError(
