@@ -158,6 +158,11 @@ class MemoryFailedStore(FailedStore):
         return sum(1 for r in self._records.values() if queue in (None, r.queue))
 
 
+def _class_of(record: FailedJob) -> str:
+    path = record.job_class
+    return "" if path == "?" else path
+
+
 class MemoryDriver(Driver):
     kind = "memory"
     blocks = True
@@ -167,7 +172,10 @@ class MemoryDriver(Driver):
         self._queues: dict[str, _Queue] = {}
         self._seq = itertools.count()
         self._pushed = asyncio.Event()
+        # (queue, id) -> the event its `wait_ended` callers wait on, set when the job ends;
+        # and how many wait on it, so that the last one to give up removes it.
         self._ended: dict[tuple[str, str], asyncio.Event] = {}
+        self._waiters: dict[tuple[str, str], int] = {}
         self._failed = MemoryFailedStore()
         self._workers: dict[str, tuple[WorkerInfo, float]] = {}
         self._restart_at: float | None = None
@@ -557,9 +565,18 @@ class MemoryDriver(Driver):
             expires = stored.expires_at() if stored is not None else None
             if expires is not None:
                 left = min(left, max(expires - time.monotonic(), 0.0) + 0.001)
-            event = self._ended.setdefault((record.queue, job_id), asyncio.Event())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), left)
+            key = (record.queue, job_id)
+            event = self._ended.setdefault(key, asyncio.Event())
+            self._waiters[key] = self._waiters.get(key, 0) + 1
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), left)
+            finally:
+                self._waiters[key] -= 1
+                if not self._waiters[key]:
+                    del self._waiters[key]
+                    if self._ended.get(key) is event:
+                        del self._ended[key]
 
     async def cancel(self, job_id: str, queue: str | None = None) -> bool:
         found = self._find(job_id, queue)
@@ -622,12 +639,8 @@ class MemoryDriver(Driver):
         moving = [r for r in records if r.connection == self.name and self._failed.holds(r)]
         for record in moving:
             await self._failed.remove(record)
-        await self.push(
-            [
-                OutgoingJob(r.id, r.queue, r.payload.encode(), job=r.job_class.replace("?", ""))
-                for r in moving
-            ]
-        )
+        back = [OutgoingJob(r.id, r.queue, r.payload.encode(), job=_class_of(r)) for r in moving]
+        await self.push(back)
         return [record.id for record in moving]
 
     async def report_worker(self, info: WorkerInfo, ttl: float) -> None:
