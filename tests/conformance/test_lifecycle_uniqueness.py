@@ -104,7 +104,7 @@ async def test_replace_keeps_a_scheduled_jobs_due_time(driver: Driver, queue: st
     ("on_duplicate", "outcome"), [("reject", "duplicate"), ("keep", "kept"), ("replace", "kept")]
 )
 async def test_a_running_id_is_never_replaced(
-    driver: Driver, queue: str, on_duplicate: str, outcome: str
+    driver: Driver, queue: str, on_duplicate: str, outcome: Any
 ) -> None:
     job_id = new_id()
     await driver.push([by_id(job_id, queue, 1)])
@@ -216,7 +216,7 @@ async def test_keys_are_freed_only_by_their_holder(driver: Driver, queue: str) -
     ("on_duplicate", "outcome"), [("reject", "duplicate"), ("keep", "kept"), ("replace", "kept")]
 )
 async def test_unique_for_holds_the_key_while_running_and_after_the_end(
-    driver: Driver, queue: str, on_duplicate: str, outcome: str
+    driver: Driver, queue: str, on_duplicate: str, outcome: Any
 ) -> None:
     [first] = await driver.push([by_key("k", queue, 1, unique_for=60)])
     [held] = await driver.reserve([queue], 1, lease=30)
