@@ -247,9 +247,11 @@ class DatabaseDriver(Driver):
         except sa_exc.IntegrityError:
             # An id that is already stored (a failed job retried before its worker's late
             # ack landed) starts afresh, so that ack no longer matches: the rare path.
-            ids = [row["uuid"] for row in rows]
-            await conn.execute(delete(t.queue_jobs).where(_jobs.uuid.in_(ids)))
-            await conn.execute(delete(t.queue_job_records).where(_records.uuid.in_(ids)))
+            for row in rows:
+                here = (_jobs.uuid == row["uuid"]) & (_jobs.queue == row["queue"])
+                if await conn.scalar(select(_jobs.id).where(here)) is not None:
+                    await conn.execute(delete(t.queue_jobs).where(here))
+                    await life.forget_record(conn, row["uuid"], row["queue"])
             await conn.execute(insert(t.queue_jobs), rows)
 
     async def reserve(
@@ -506,8 +508,10 @@ class DatabaseDriver(Driver):
             )
             await self._register(conn, {record.queue for record in held}, created)
             # A job still stored (a late ack that never landed) starts afresh, record reset.
-            await conn.execute(delete(t.queue_jobs).where(_jobs.uuid.in_(moved)))
-            await conn.execute(delete(t.queue_job_records).where(_records.uuid.in_(moved)))
+            for record in held:
+                here = (_jobs.uuid == record.id) & (_jobs.queue == record.queue)
+                await conn.execute(delete(t.queue_jobs).where(here))
+                await life.forget_record(conn, record.id, record.queue)
             await conn.execute(
                 insert(t.queue_jobs),
                 [
@@ -545,8 +549,12 @@ class DatabaseDriver(Driver):
 
     async def job_status(self, job_id: str, queue: str | None = None) -> JobStatus | None:
         """The job's row in `queue_jobs` (a stored job), else its record (an ended one)."""
-        live = select(*life.LIVE).where(_jobs.uuid == job_id)
-        ended = select(t.queue_job_records).where(_records.uuid == job_id)
+        live = select(*life.LIVE).where(_jobs.uuid == job_id).order_by(_jobs.id.desc())
+        ended = (
+            select(t.queue_job_records)
+            .where(_records.uuid == job_id)
+            .order_by(_records.ended_at.desc())
+        )
         if queue is not None:
             live, ended = live.where(_jobs.queue == queue), ended.where(_records.queue == queue)
 
@@ -668,7 +676,9 @@ class DatabaseDriver(Driver):
         a dispatcher has just taken again is left alone.
         """
         now = t.now()
-        gone = ~select(_jobs.id).where(_jobs.uuid == _keys.uuid).exists()
+        gone = (
+            ~select(_jobs.id).where(_jobs.uuid == _keys.uuid, _jobs.queue == _keys.queue).exists()
+        )
         free = or_(_keys.held_until.is_(None), _keys.held_until <= now)
         candidates = select(_keys.queue, _keys.unique_key, _keys.uuid).where(free, gone)
 

@@ -39,6 +39,7 @@ __all__ = [
     "count",
     "end_rows",
     "epoch",
+    "forget_record",
     "live_state",
     "live_status",
     "minute_now",
@@ -283,11 +284,11 @@ async def ack_rows(
             await conn.execute(delete(t.queue_jobs).where(_jobs.id.in_([r.id for r in rows])))
     if not rows:
         return
-    outcomes = {job.id: job.outcome for job in jobs}
+    outcomes = {(job.id, job.queue): job.outcome for job in jobs}
     now = t.now()
     records = []
     for row in rows:
-        outcome = outcomes.get(row.uuid) or Outcome(Status.SUCCEEDED, default_keep)
+        outcome = outcomes.get((row.uuid, row.queue)) or Outcome(Status.SUCCEEDED, default_keep)
         if outcome.keep > 0:
             records.append(_record(row, connection, outcome, now))
         counted[(row.queue, outcome.status.value)] += 1
@@ -297,8 +298,8 @@ async def ack_rows(
 # -- push with an id check or a unique key --------------------------------------------------
 
 
-async def _stored(conn: AsyncConnection, job_id: str) -> Any:
-    query = select(*LIVE).where(_jobs.uuid == job_id).with_for_update()
+async def _stored(conn: AsyncConnection, job_id: str, queue: str) -> Any:
+    query = select(*LIVE).where(_jobs.uuid == job_id, _jobs.queue == queue).with_for_update()
     return (await conn.execute(query)).first()
 
 
@@ -322,16 +323,22 @@ async def _duplicate(
 async def _check_id(
     conn: AsyncConnection, job: OutgoingJob, now: datetime, ender: _Ender
 ) -> Pushed | None:
-    """The outcome if a job with this id is waiting or running (on any queue: ids are
-    unique across the tables); `None` if the id is free (an ended job's record is dropped)."""
-    row = await _stored(conn, job.id)
+    """The outcome if a job with this id is waiting or running on its queue; `None` if the id
+    is free (an ended job's record is dropped)."""
+    row = await _stored(conn, job.id, job.queue)
     if row is not None:
         state = live_state(row, now)
         if state in ("waiting", "running"):
             return await _duplicate(conn, row, job, replaceable=state == "waiting")
         await ender.end(row, state)  # ended without anyone writing it: write it now
-    await conn.execute(delete(t.queue_job_records).where(_records.uuid == job.id))
+    await forget_record(conn, job.id, job.queue)
     return None
+
+
+async def forget_record(conn: AsyncConnection, job_id: str, queue: str) -> None:
+    """Drop an ended job's record: a new job with its id starts afresh."""
+    here = (_records.uuid == job_id) & (_records.queue == queue)
+    await conn.execute(delete(t.queue_job_records).where(here))
 
 
 class _Ender:
@@ -376,8 +383,8 @@ async def _take_key(
     else:  # pragma: no cover - the second look always finds the row the insert ran into
         raise sa_exc.InvalidRequestError(f"unique key {job.unique_key!r} vanished while locked")
     held = key.held_until is not None and key.held_until > now
-    holder = await _stored(conn, key.uuid)
-    if holder is not None and (holder.queue != job.queue or holder.unique_key != job.unique_key):
+    holder = await _stored(conn, key.uuid, job.queue)
+    if holder is not None and holder.unique_key != job.unique_key:
         holder = None  # the id was reused by a job without this key
     state = "gone" if holder is None else live_state(holder, now)
     if holder is not None and state in ("expired", "cancelled"):
@@ -424,8 +431,9 @@ async def push_checked(
             if job.check_id:
                 continue  # another dispatcher stored this id meanwhile: check it again
             # Stored already, without an id check: start afresh (as a plain push does).
-            await conn.execute(delete(t.queue_jobs).where(_jobs.uuid == job.id))
-            await conn.execute(delete(t.queue_job_records).where(_records.uuid == job.id))
+            here = (_jobs.uuid == job.id) & (_jobs.queue == job.queue)
+            await conn.execute(delete(t.queue_jobs).where(here))
+            await forget_record(conn, job.id, job.queue)
             await conn.execute(insert(t.queue_jobs).values(**row))
             return Pushed(job.id)
     found = await _check_id(conn, job, now, ender)

@@ -354,6 +354,24 @@ def _add_lifecycle(connection: Connection) -> None:
                     "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
                 )
             )
+    # Ids are unique per queue, as on every backend: the unique index on the id alone becomes
+    # one on (id, queue), which still serves lookups by id.
+    index = next(
+        i for i in found.get_indexes("queue_jobs") if i["name"] == "queue_jobs_uuid_unique"
+    )
+    if list(index["column_names"]) == ["uuid"]:
+        if dialect.name == "sqlite":
+            connection.execute(text("DROP INDEX queue_jobs_uuid_unique"))
+            connection.execute(
+                text("CREATE UNIQUE INDEX queue_jobs_uuid_unique ON queue_jobs (uuid, queue)")
+            )
+        else:  # one statement: never a moment without the index
+            connection.execute(
+                text(
+                    "ALTER TABLE queue_jobs DROP INDEX queue_jobs_uuid_unique, "
+                    "ADD UNIQUE INDEX queue_jobs_uuid_unique (uuid, queue)"
+                )
+            )
     columns = {c["name"] for c in found.get_columns(t.queue_jobs.name)}
     for name in _V3_COLUMNS:
         if name not in columns:

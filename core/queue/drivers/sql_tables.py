@@ -131,7 +131,8 @@ queue_jobs = Table(
     Column("failure_ttl", Double, nullable=True),  # seconds to keep it cancelled or expired
     Column("unique_key", String(190), nullable=True),  # the key it was pushed with
     Column("cancel_requested", Integer, nullable=True),  # 1: cancel it (it is running)
-    Index("queue_jobs_uuid_unique", "uuid", unique=True),
+    # One job per id and queue (per id before schema version 3); serves lookups by id alone.
+    Index("queue_jobs_uuid_unique", "uuid", "queue", unique=True),
     # The claim index. Ready jobs: equality on (queue, reserved_until IS NULL), a range on
     # available_at, rows already in (available_at, id) order: no sort, LIMIT stops the scan.
     # Expired leases: a range on (queue, reserved_until) that skips the NULLs. Also covers
@@ -164,8 +165,8 @@ queue_job_records = Table(
     "queue_job_records",
     metadata,
     Column("uuid", String(190), primary_key=True),
+    Column("queue", String(190), primary_key=True),
     Column("connection", String(255), nullable=False),
-    Column("queue", String(190), nullable=False),
     Column("job", Text, nullable=True),
     Column("status", String(16), nullable=False),
     Column("attempts", Integer, nullable=False),
@@ -341,15 +342,21 @@ async def claim(conn: AsyncConnection, queue: str, at: datetime, limit: int) -> 
 
 
 def held(jobs: Sequence[ReservedJob]) -> ColumnElement[bool]:
-    """Rows still reserved under these reservations: same uuid and same try count.
+    """Rows still reserved under these reservations: same uuid, queue and try count.
 
-    Grouped by try count, `uuid IN (...)` per group, so that the unique uuid index serves it.
+    Grouped by queue and try count, `uuid IN (...)` per group, so that the unique
+    `(uuid, queue)` index serves it.
     """
-    by_attempts: dict[int, list[str]] = defaultdict(list)
+    groups: dict[tuple[str, int], list[str]] = defaultdict(list)
     for job in jobs:
-        by_attempts[job.attempts].append(job.id)
+        groups[(job.queue, job.attempts)].append(job.id)
     return and_(
-        or_(*(and_(_jobs.attempts == n, _jobs.uuid.in_(ids)) for n, ids in by_attempts.items())),
+        or_(
+            *(
+                and_(_jobs.uuid.in_(ids), _jobs.queue == queue, _jobs.attempts == n)
+                for (queue, n), ids in groups.items()
+            )
+        ),
         _jobs.reserved_until.is_not(None),
     )
 
