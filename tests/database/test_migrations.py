@@ -8,14 +8,30 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, inspect, select
+from sqlalchemy import (
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    delete,
+    func,
+    insert,
+    inspect,
+    select,
+    update,
+)
 
 from core.cli import main
 from core.errors import ConfigurationError
 from core.queue.drivers import sql_tables as t
+from core.queue.drivers.base import OutgoingJob
+from core.queue.drivers.database import DatabaseDriver
 from core.queue.drivers.sql_migrations import (
     LATEST_VERSION,
     check_server_version,
@@ -23,7 +39,9 @@ from core.queue.drivers.sql_migrations import (
     database_url,
     migrate,
     schema_version,
+    writer,
 )
+from tests.database.conftest import settings_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = {
@@ -238,3 +256,211 @@ def test_urls_get_the_async_driver_or_a_clear_error() -> None:
         with pytest.raises(ConfigurationError) as caught:
             database_url(bad)
         assert "s3cret" not in str(caught.value)
+
+
+# -- version 2 -> 3 (the job lifecycle), with jobs in the tables --------------------------------
+
+_V2 = MetaData()
+# The tables as the release before the job lifecycle (schema version 2, commit 2c381ca) made
+# them, and as its code names them: its statements must keep working on version 3.
+V2_JOBS = Table(
+    "queue_jobs",
+    _V2,
+    Column("id", t.BigId, primary_key=True, autoincrement=True),
+    Column("uuid", String(36), nullable=False),
+    Column("queue", String(190), nullable=False),
+    Column("payload", t.LongText, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("reserved_at", t.Time, nullable=True),
+    Column("reserved_until", t.Time, nullable=True),
+    Column("available_at", t.Time, nullable=False),
+    Column("created_at", t.Time, nullable=False),
+    Index("queue_jobs_uuid_unique", "uuid", unique=True),
+    Index("queue_jobs_claim", "queue", "reserved_until", "available_at", "id"),
+    **t._MYSQL_OPTIONS,
+)
+V2_FAILED = Table(
+    "queue_failed_jobs",
+    _V2,
+    Column("id", t.BigId, primary_key=True, autoincrement=True),
+    Column("uuid", String(36), nullable=False),
+    Column("connection", String(255), nullable=False),
+    Column("queue", String(190), nullable=False),
+    Column("payload", t.LongText, nullable=False),
+    Column("exception", t.LongText, nullable=False),
+    Column("failed_at", t.Time, nullable=False),
+    Column("record_id", String(32), nullable=False, server_default=""),
+    Index("queue_failed_jobs_uuid_unique", "uuid", unique=True),
+    Index("queue_failed_jobs_failed_at", "failed_at"),
+    Index("queue_failed_jobs_queue", "queue", "failed_at"),
+    **t._MYSQL_OPTIONS,
+)
+for _table in (t.queue_names, t.queue_workers, t.queue_meta, t.queue_schema_version):
+    _table.to_metadata(_V2)
+
+
+def _payload(job_id: str) -> str:
+    return f'{{"id": "{job_id}", "job": "tests.jobs:Echo", "data": {{}}}}'
+
+
+async def _make_v2(url: str) -> dict[str, str]:
+    """A version-2 database holding a job in each state and a failed record; their ids."""
+    ids = {name: uuid.uuid4().hex for name in ("ready", "delayed", "running", "retrying", "failed")}
+    now = t.now()
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_V2.create_all)
+            await conn.execute(
+                insert(t.queue_schema_version), [{"version": v, "applied_at": now} for v in (1, 2)]
+            )
+
+            def job(name: str, **values: object) -> dict[str, object]:
+                row: dict[str, object] = {
+                    "uuid": ids[name],
+                    "queue": "old",
+                    "payload": _payload(ids[name]),
+                    "attempts": 0,
+                    "reserved_at": None,
+                    "reserved_until": None,
+                    "available_at": now,
+                    "created_at": now,
+                }
+                row.update(values)
+                return row
+
+            await conn.execute(
+                insert(V2_JOBS),
+                [
+                    job("ready"),
+                    job("delayed", available_at=t.now(3600)),
+                    job("running", attempts=1, reserved_at=now, reserved_until=t.now(3600)),
+                    job("retrying", attempts=1, available_at=t.now(3600)),
+                ],
+            )
+            await conn.execute(
+                insert(V2_FAILED).values(
+                    uuid=ids["failed"],
+                    connection="database",
+                    queue="old",
+                    payload=_payload(ids["failed"]),
+                    exception="RuntimeError: boom",
+                    failed_at=now,
+                    record_id="a" * 32,
+                )
+            )
+    finally:
+        await engine.dispose()
+    return ids
+
+
+async def test_version_2_with_jobs_migrates_to_3_and_reads_right(fresh_url: str) -> None:
+    ids = await _make_v2(fresh_url)
+    engine = create_engine(fresh_url)
+    try:
+        assert await schema_version(engine) == 2
+        assert await migrate(engine) == 3
+        assert await migrate(engine) == 3  # again: nothing to do
+        async with engine.connect() as conn:
+            names = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
+            columns = await conn.run_sync(
+                lambda sync: {c["name"] for c in inspect(sync).get_columns("queue_jobs")}
+            )
+        assert names >= TABLES | {"queue_job_records", "queue_unique_keys", "queue_counts"}
+        assert columns >= {"job", "state", "expires_at", "unique_key", "cancel_requested"}
+    finally:
+        await engine.dispose()
+
+    async with DatabaseDriver("database", settings_for(fresh_url)) as driver:
+        seen = {name: await driver.job_status(job_id) for name, job_id in ids.items()}
+        assert seen["failed"] is None  # only in the failed store
+        statuses = {name: str(status) for name, status in seen.items() if status is not None}
+        assert statuses == {
+            "ready": "queued",
+            "delayed": "scheduled",
+            "running": "running",
+            "retrying": "retrying",
+        }
+        running = seen["running"]
+        assert running is not None and (running.attempts, running.job, running.worker) == (
+            1,
+            "",
+            "",
+        )
+        assert running.started_at is not None and running.enqueued_at is not None
+        record = await driver.failed_store().get(ids["failed"])
+        assert record is not None and record.exception == "RuntimeError: boom"
+        # Ids of 190 characters, and the same id on another queue.
+        long_id = "x" * 190
+        pushed = await driver.push([OutgoingJob(long_id, "old", b"{}", check_id=True)])
+        assert [p.outcome for p in pushed] == ["created"]
+        again = await driver.push([OutgoingJob(ids["ready"], "other", b"{}", check_id=True)])
+        assert [p.outcome for p in again] == ["created"]
+        # The old jobs run and end with records.
+        taken = await driver.reserve(["old"], 10, lease=30, worker="w-new")
+        assert {job.id for job in taken} == {ids["ready"], long_id}
+        await driver.ack(taken)
+        done = await driver.job_status(ids["ready"], "old")
+        assert done is not None and str(done) == "succeeded" and done.worker == "w-new"
+
+
+async def _old_release_round(url: str, queue: str, job_id: str) -> list[str]:
+    """Push, reserve and acknowledge as the release before version 3 does (its statements,
+    on its view of the tables); returns the ids it reserved."""
+    engine = create_engine(url)
+    try:
+        async with writer(engine).begin() as conn:
+            now = t.now()
+            await conn.execute(
+                insert(V2_JOBS).values(
+                    uuid=job_id,
+                    queue=queue,
+                    payload=_payload(job_id),
+                    attempts=0,
+                    available_at=now,
+                    created_at=now,
+                )
+            )
+        async with writer(engine).begin() as conn:
+            c = V2_JOBS.c
+            rows = (
+                await conn.execute(
+                    select(c.id, c.uuid, c.attempts)
+                    .where(c.queue == queue, c.reserved_until.is_(None), c.available_at <= t.now())
+                    .order_by(c.available_at, c.id)
+                    .limit(10)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            await conn.execute(
+                update(V2_JOBS)
+                .where(c.id.in_([r.id for r in rows]))
+                .values(attempts=c.attempts + 1, reserved_at=t.now(), reserved_until=t.now(30))
+            )
+        async with writer(engine).begin() as conn:
+            for row in rows:
+                await conn.execute(
+                    delete(V2_JOBS).where(
+                        c.uuid == row.uuid,
+                        c.attempts == row.attempts + 1,
+                        c.reserved_until.is_not(None),
+                    )
+                )
+        return [str(row.uuid) for row in rows]
+    finally:
+        await engine.dispose()
+
+
+async def test_the_release_before_still_pushes_reserves_and_acks_on_version_3(
+    fresh_url: str,
+) -> None:
+    """A rolling deploy: version-2 code beside version-3 code on the migrated tables."""
+    await _make_v2(fresh_url)
+    async with DatabaseDriver("database", settings_for(fresh_url)) as driver:  # migrates
+        old_id, new_id = uuid.uuid4().hex, uuid.uuid4().hex
+        # A job pushed by the new release, with its lifecycle columns, run by the old one.
+        await driver.push([OutgoingJob(new_id, "mixed", b"{}", job="tests.jobs:Echo", ttl=60)])
+        assert await _old_release_round(fresh_url, "mixed", old_id) == [new_id, old_id]
+        assert await driver.size("mixed") == 0
+        # The old ack wrote no record: the job is simply gone (documented).
+        assert await driver.job_status(new_id, "mixed") is None
