@@ -226,7 +226,7 @@ async def test_cancel_a_waiting_job_then_nothing_is_left_to_cancel(
     assert (await conn.driver.job_status("c1")).status is Status.CANCELLED  # type: ignore[union-attr]
     assert await conn.driver.reserve([Q], 1, 30) == []
     code, out, err = await run(capsys, conn, "queue:cancel", "c1")
-    assert code == 1 and err.strip() == "topiq: nothing to cancel: job c1 has already cancelled"
+    assert code == 1 and err.strip() == "topiq: nothing to cancel: job c1 has ended (cancelled)"
     code, _, err = await run(capsys, conn, "queue:cancel", "c2")
     assert code == 1 and "no job c2" in err
 

@@ -229,12 +229,12 @@ async def cancel_job(args: argparse.Namespace, conn: Connection) -> int:
     if record is None:
         raise _unknown(args.id, conn)
     if record.status in ENDED:
-        raise CommandFailed(f"nothing to cancel: job {args.id} has already {record.status}")
+        raise CommandFailed(f"nothing to cancel: job {args.id} has ended ({record.status})")
     cancelled = await conn.driver.cancel(args.id, record.queue or None)
     if not cancelled:  # it ended between the two calls
         latest = await conn.driver.job_status(args.id, record.queue or None)
-        how = f"has already {latest.status}" if latest is not None else "has ended"
-        raise CommandFailed(f"nothing to cancel: job {args.id} {how}")
+        how = f" ({latest.status})" if latest is not None else ""
+        raise CommandFailed(f"nothing to cancel: job {args.id} has ended{how}")
     if record.status in WAITING:
         message = f"Cancelled job {args.id}: it was {record.status} and will not run."
         what = "removed"
