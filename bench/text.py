@@ -102,7 +102,7 @@ def footer(args: argparse.Namespace, facts: dict[str, Any]) -> str:
   plus one worker (`bench/mqtt_probe.py` notes each job's start); lost = messages whose job
   never started. W7: the worker's VmRSS after 10,000 and after 200,000 no-op jobs.
 - W2 keeps each job's status record and result (Topiq's default `result_ttl`, 500 s); W2n is
-  the same run right after it with `result_ttl = 0` (nothing kept); the ratio row divides the
+  the same run just before it with `result_ttl = 0` (nothing kept); the ratio row divides the
   two. W8: an idle worker (after one warm-up), 500 round trips one after the other, each a
   dispatch of a job returning its argument and the wait for that result with the library's
   own call: Topiq `await (await push(job)).result()` (Redis), SAQ `Queue.apply`, arq
