@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -177,7 +177,7 @@ class DatabaseDriver(Driver):
             return []
         created = t.now()
         try:
-            rows = [self._row(job, created, rank) for rank, job in enumerate(jobs)]
+            rows = [self._row(job, created) for job in jobs]
         except UnicodeDecodeError as exc:
             raise DriverError(
                 f"a payload for the database queue must be UTF-8 text: {exc}"
@@ -195,7 +195,10 @@ class DatabaseDriver(Driver):
                 )
             out: list[Pushed] = []
             plain: list[dict[str, Any]] = []
+            fronts: dict[str, datetime] = {}
             for job, row in zip(jobs, rows, strict=True):
+                if row["due_at"] is not None:  # at_front, ready now: before the current head
+                    row = {**row, "available_at": await self._front(conn, job.queue, fronts)}
                 if not (job.check_id or job.unique_key):
                     plain.append(row)
                     out.append(Pushed(job.id))
@@ -211,8 +214,26 @@ class DatabaseDriver(Driver):
         return pushed
 
     @staticmethod
-    def _row(job: OutgoingJob, created: datetime, rank: int) -> dict[str, Any]:
-        """The `queue_jobs` row of a job pushed at `created` (`rank`: its place in the call)."""
+    async def _front(conn: AsyncConnection, queue: str, fronts: dict[str, datetime]) -> datetime:
+        """An `available_at` before every ready job of `queue`: one MIN on the claim index
+        per queue and push, then a millisecond earlier for each further `at_front` job."""
+        if queue in fronts:
+            fronts[queue] -= timedelta(milliseconds=1)
+            return fronts[queue]
+        head = await conn.scalar(
+            select(func.min(_jobs.available_at)).where(
+                _jobs.queue == queue, _jobs.reserved_until.is_(None)
+            )
+        )
+        front = t.front_time(t.now())
+        if head is not None and head <= front:
+            front = head - timedelta(milliseconds=1)
+        fronts[queue] = front
+        return front
+
+    @staticmethod
+    def _row(job: OutgoingJob, created: datetime) -> dict[str, Any]:
+        """The `queue_jobs` row of a job pushed at `created`."""
         due = t.now(job.delay) if job.delay > 0 else created
         row: dict[str, Any] = {
             "uuid": job.id,
@@ -234,7 +255,7 @@ class DatabaseDriver(Driver):
         if job.at_front and job.delay > 0:
             row["reserved_until"] = due  # a lease nobody holds, ending when it is due
         elif job.at_front:
-            row["available_at"], row["due_at"] = t.front_time(created, rank), created
+            row["due_at"] = created  # `available_at` is set in the transaction (`_front`)
         return row
 
     @staticmethod

@@ -19,9 +19,9 @@ the order in which they were pushed.
 `at_front` jobs (schema version 3) use the same columns, so the claim index serves them as it
 serves every job:
 
-* ready now: `available_at` is their push time mirrored before 2000-01-01 (`front_time`), so
-  they come before every other ready job and a later one before an earlier one (a stack);
-  `due_at` keeps the real time.
+* ready now: `available_at` is before 2000-01-01 (their push time mirrored, `front_time`) and
+  before the queue's current head, so they come before every other ready job and a later one
+  before an earlier one (a stack); `due_at` keeps the real time.
 * delayed: stored as a lease that nobody holds (`reserved_at IS NULL`, `reserved_until` = the
   due time). When it is due, the claim takes it with the expired leases, at the head of the
   queue; `stats` counts it as delayed, not reserved.
@@ -298,12 +298,9 @@ _CLAIMED = (
 FRONT = datetime(2000, 1, 1)
 
 
-def front_time(moment: datetime, rank: int = 0) -> datetime:
-    """`moment` mirrored before `FRONT`: a later moment gives an earlier time.
-
-    `rank` (jobs pushed in one call) puts the later jobs of the call first too.
-    """
-    return FRONT - (moment - FRONT) - timedelta(milliseconds=rank)
+def front_time(moment: datetime) -> datetime:
+    """`moment` mirrored before `FRONT`: a later moment gives an earlier time."""
+    return FRONT - (moment - FRONT)
 
 
 async def claim(conn: AsyncConnection, queue: str, at: datetime, limit: int) -> list[Row[Any]]:
