@@ -263,7 +263,8 @@ class QueueManager:
         if outcome == "created" or outcome == "replaced":
             if outcome == "created":
                 self.dispatched += 1
-            await hooks.dispatched(job, job_id)
+            if hooks._dispatch:  # dispatch is a hot path: no coroutine when no hook listens
+                await hooks.dispatched(job, job_id)
             if events.active:
                 events.emit(
                     JobEvent(
