@@ -252,7 +252,7 @@ def failed_record(connection: str, reserved: ReservedJob, exc: BaseException) ->
 # -- one try: hooks, middleware, handle -------------------------------------------------
 
 
-async def run_try(
+def run_try(
     job: Job,
     timeout: float,
     threads: JobThreads | None = None,
@@ -260,19 +260,32 @@ async def run_try(
     stop_within: float = 0.0,
     on_stuck: Callable[[JobAbandonedError], None] | None = None,
     on_thread: Callable[[asyncio.Future[Any]], None] | None = None,
-) -> Any:
-    """`hooks.starting(job)`, then the job's middleware (outermost first) around `call_handle`.
+) -> Awaitable[Any]:
+    """`hooks.starting(job)`, then the job's middleware (outermost first) around `call_handle`;
+    await it for `handle()`'s result as the middleware passes it on.
 
     The timeout covers `handle()` itself; what a middleware does around `call_next()` is not
-    timed. Returns `handle()`'s result as the middleware passes it on.
+    timed. With no hook and no middleware this is `call_handle` itself (the hot path).
     """
-    if hooks.any_run_hooks:
-        await hooks.starting(job)
     chain: Sequence[JobMiddleware] = job.middleware()
-    if not chain:
-        return await call_handle(
+    if not chain and not hooks.any_run_hooks:
+        return call_handle(
             job, timeout, threads, stop_within=stop_within, on_stuck=on_stuck, on_thread=on_thread
         )
+    return _wrapped_try(job, chain, timeout, threads, stop_within, on_stuck, on_thread)
+
+
+async def _wrapped_try(
+    job: Job,
+    chain: Sequence[JobMiddleware],
+    timeout: float,
+    threads: JobThreads | None,
+    stop_within: float,
+    on_stuck: Callable[[JobAbandonedError], None] | None,
+    on_thread: Callable[[asyncio.Future[Any]], None] | None,
+) -> Any:
+    if hooks.any_run_hooks:
+        await hooks.starting(job)
 
     def link(index: int) -> Callable[[], Awaitable[Any]]:
         if index == len(chain):
