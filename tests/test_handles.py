@@ -28,6 +28,7 @@ from core.events import EventKind, JobEvent, events
 from core.hooks import hooks
 from core.queue.drivers import Outcome, ReservedJob
 from core.queue.handle import JobHandle
+from core.queue.payload import JobLoader
 from core.queue.queue_manager import QueueManager, dispatch, queue
 from core.status import Status
 from tests.jobs import RecordJob
@@ -213,6 +214,13 @@ async def test_dispatching_one_instance_twice_makes_two_jobs(manager: QueueManag
     first = await manager.push(job)
     second = await manager.push(job)  # wave-1 code does this: a generated id is not reused
     assert first != second and job.job_id == second
+    # A job a worker rebuilt, dispatching itself again from handle(): a new job too.
+    driver = await manager.connection()
+    [reserved] = await take(manager, limit=1)
+    loaded = JobLoader(["tests."]).load(reserved.payload, job_id=reserved.id, attempts=1).job
+    again = await manager.push(loaded)
+    assert again != reserved.id and loaded.job_id == again
+    await driver.ack([reserved])
     assert await manager.size() == 2
 
 

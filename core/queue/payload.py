@@ -42,6 +42,7 @@ from core.functions import JobFunction
 from core.job import Job
 
 __all__ = [
+    "ASSIGNED_ID",
     "MAX_KEEP_SECONDS",
     "MAX_SECONDS",
     "Decoded",
@@ -63,6 +64,11 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9_.:@/+=-]{1,190}$")
 _GOOD_NAMES: set[str] = set()
 
 logger = logging.getLogger("topiq.queue")
+
+#: The instance attribute (private: never payload data) holding the id Topiq gave a job (at
+#: dispatch, or when a worker rebuilt it), so that dispatching that object again makes a new
+#: job rather than a duplicate of its own id.
+ASSIGNED_ID = "_topiq_assigned_id"
 
 
 def new_job_id() -> str:
@@ -738,6 +744,7 @@ class JobLoader:
         if failure_ttl is not None and failure_ttl != cls.failure_ttl:
             state["failure_ttl"] = failure_ttl
         state["job_id"] = job_id
+        state[ASSIGNED_ID] = job_id  # given, not chosen: dispatching this job again is a new job
         state["attempts"] = attempts
         return Decoded(
             job=job,

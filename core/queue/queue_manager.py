@@ -41,6 +41,7 @@ from core.queue.drivers import (
 from core.queue.drivers.base import OnDuplicate
 from core.queue.handle import JobHandle
 from core.queue.payload import (
+    ASSIGNED_ID,
     class_path,
     encode,
     job_settings,
@@ -199,7 +200,7 @@ class QueueManager:
         chosen = job_id
         if chosen is None:
             chosen = job.job_id
-            if chosen and chosen == state.get(_ASSIGNED):
+            if chosen and chosen == state.get(ASSIGNED_ID):
                 chosen = ""  # the id an earlier dispatch (or the worker) gave this instance
             elif chosen:
                 chosen = _checked_id(chosen, f"{type(job).__qualname__}.job_id")
@@ -259,7 +260,7 @@ class QueueManager:
         job.job_id = job_id
         if job_id != outgoing.id or not outgoing.check_id:
             # Not an id the caller chose: dispatching this instance again is a new job.
-            job.__dict__[_ASSIGNED] = job_id
+            job.__dict__[ASSIGNED_ID] = job_id
         if outcome == "created" or outcome == "replaced":
             if outcome == "created":
                 self.dispatched += 1
@@ -448,9 +449,6 @@ class QueueManager:
         return out
 
 
-#: The instance attribute (private: never payload data) holding the id Topiq gave the job, so
-#: that dispatching the same instance again makes a new job rather than a duplicate.
-_ASSIGNED = "_topiq_assigned_id"
 _ON_DUPLICATE = ("reject", "keep", "replace")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.:@/+=-]{1,190}$")
 
