@@ -1063,7 +1063,7 @@ class Worker:
                 failure.reserved.id,
             )
             with contextlib.suppress(Exception):
-                await driver.release(failure.reserved)
+                await driver.release(failure.reserved, error=describe(failure.exc))
             del self._failures[failure.reserved.id]
 
     # -- acknowledgements --------------------------------------------------------------
