@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -103,13 +103,9 @@ class _RecordingDriver(MemoryDriver):
         super().__init__(name, settings)
         self.log: list[tuple[OutgoingJob, Pushed]] = []
 
-    async def push(self, jobs: Any) -> Any:
-        jobs = list(jobs)
+    async def push(self, jobs: Sequence[OutgoingJob]) -> list[Pushed]:
         pushed = await super().push(jobs)
-        outcomes: list[Pushed] = (
-            list(pushed) if pushed is not None else [Pushed(job.id) for job in jobs]
-        )
-        self.log.extend(zip(jobs, outcomes, strict=True))
+        self.log.extend(zip(jobs, pushed, strict=True))
         return pushed
 
 
