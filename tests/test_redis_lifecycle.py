@@ -88,6 +88,8 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         binary,
         *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)),
         *("--cluster-enabled", "yes", "--cluster-config-file", str(workdir / "nodes.conf")),
+        # The bus port defaults to the port + 10000, which a free port above 55535 cannot have.
+        *("--cluster-port", str(free_port())),
         *("--save", "", "--appendonly", "no"),
     ]
     server = PrivateServer("redis-cluster", argv, port, workdir)

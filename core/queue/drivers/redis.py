@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -44,7 +45,6 @@ from core.queue.drivers.base import (
     Driver,
     FailedJob,
     FailedStore,
-    Outcome,
     OutgoingJob,
     Pushed,
     QueueStats,
@@ -394,15 +394,15 @@ class RedisDriver(Driver):
             self._known_queues.update(new)
 
     async def push(self, jobs: Sequence[OutgoingJob]) -> list[Pushed]:
-        groups: dict[str, list[Any]] = {}
+        # Per queue: its option sets (jobs of one bulk push usually share theirs: sent once),
+        # then (id, payload, option set number) per job. See push.lua.
+        groups: dict[str, tuple[dict[tuple[Any, ...], int], list[Any]]] = {}
         slots: dict[str, list[int]] = defaultdict(list)  # queue -> indexes into `jobs`
         for index, job in enumerate(jobs):
-            args = groups.get(job.queue)
-            if args is None:
-                args = groups[job.queue] = [self.keys(job.queue).tag]
-            args += (
-                job.id,
-                job.payload,
+            group = groups.get(job.queue)
+            if group is None:
+                group = groups[job.queue] = ({}, [])
+            options = (
                 self._ms(job.delay),
                 job.job,
                 "" if job.max_tries is None else job.max_tries,
@@ -414,12 +414,14 @@ class RedisDriver(Driver):
                 self._ms(job.ttl),
                 self._ms(job.failure_ttl),
             )
+            number = group[0].setdefault(options, len(group[0]) + 1)
+            group[1].extend((job.id, job.payload, number))
             slots[job.queue].append(index)
         calls = []
-        for name, args in groups.items():
+        for name, (sets, rows) in groups.items():
             k = self.keys(name)
             keys = [k.ready, k.delayed, k.payloads, k.wake, k.attempts, k.reserved, k.front]
-            calls.append(("push", keys, args))
+            calls.append(("push", keys, [k.tag, len(sets), *chain.from_iterable(sets), *rows]))
         async with _translated("push"):
             await self._remember(list(groups))
             replies = await self._scripts_run(calls)
@@ -430,19 +432,20 @@ class RedisDriver(Driver):
         return [pushed for pushed in out if pushed is not None]
 
     def _ack_args(self, jobs: Sequence[ReservedJob]) -> list[Any]:
-        args: list[Any] = []
+        """The outcome count, the outcomes, then (id, token, outcome number) per job (ack.lua):
+        jobs that ended alike without a result share one outcome, sent once."""
+        outcomes: dict[tuple[Any, ...], int] = {}
+        rows: list[Any] = []
+        default = (Status.SUCCEEDED.value, self._ms(self.settings.queue_result_ttl), b"", "", "")
         for job in jobs:
-            outcome = job.outcome or Outcome(Status.SUCCEEDED, self.settings.queue_result_ttl)
-            args += (
-                job.id,
-                job.attempts,
-                outcome.status.value,
-                self._ms(outcome.keep),
-                outcome.result or b"",
-                outcome.error,
-                outcome.traceback,
+            o = job.outcome
+            key = (
+                default
+                if o is None
+                else (o.status.value, self._ms(o.keep), o.result or b"", o.error, o.traceback)
             )
-        return args
+            rows += (job.id, job.attempts, outcomes.setdefault(key, len(outcomes) + 1))
+        return [len(outcomes), *chain.from_iterable(outcomes), *rows]
 
     async def reserve(
         self,
@@ -465,8 +468,7 @@ class RedisDriver(Driver):
                 k = self.keys(name)
                 mine = acks.pop(name, ())
                 args: list[Any] = [max(0, want), lease_ms, worker, k.tag, failure_ms, len(mine)]
-                if mine:
-                    args += self._ack_args(mine)
+                args += self._ack_args(mine)
                 reply = await self._scripts["reserve"](
                     keys=[
                         k.ready,

@@ -38,7 +38,8 @@ if keep > 0 then
 else
   redis.call('DEL', rec)
 end
-if redis.call('EXISTS', tag .. ':waiter:' .. id) == 1 then
+if redis.call('EXISTS', tag .. ':waiters') == 1
+    and redis.call('EXISTS', tag .. ':waiter:' .. id) == 1 then
   redis.call('RPUSH', tag .. ':done:' .. id, '1')
   redis.call('PEXPIRE', tag .. ':done:' .. id, 60000)
 end

@@ -15,6 +15,7 @@
 --                                for its keep time (PEXPIRE), never expiring while it lives
 --   <tag>:unique:<key>   string  the id of the job holding unique key <key> (PX unique_for)
 --   <tag>:waiter:<id>    string  set (PX) while someone waits for <id> to end
+--   <tag>:waiters        string  set (PX) while someone waits for a job of the queue to end
 --   <tag>:done:<id>      list    a token pushed when <id> ends and someone waits (PX 60 s)
 --   <tag>:counts:<min>   hash    status -> jobs that ended so in that minute (EXPIRE 3 h)
 -- Record fields (times in ms since the epoch, the server's clock): status, job, max_tries,
@@ -24,9 +25,11 @@
 -- Keys named <tag>:...:<id> are built here from ARGV[1] (the tag): they are in the same slot.
 --
 -- KEYS: 1 ready, 2 delayed, 3 payloads, 4 wake, 5 attempts, 6 reserved, 7 front
--- ARGV: 1 tag, then 12 per job: id, payload, delay ms (0: ready now), job class path,
---       max_tries ('' unknown), at_front (1/0), check_id (1/0), unique key ('' none),
---       unique_for ms, on_duplicate (reject/keep/replace), ttl ms (0 none), failure_ttl ms
+-- ARGV: 1 tag, 2 option set count m, then m option sets of 10: delay ms (0: ready now), job
+--       class path, max_tries ('' unknown), at_front (1/0), check_id (1/0), unique key (''
+--       none), unique_for ms, on_duplicate (reject/keep/replace), ttl ms (0 none), failure_ttl
+--       ms; then per job 3: id, payload, the number of its option set (1..m). Jobs of one
+--       bulk push usually share their options: they are sent once.
 -- Returns: pairs of (outcome, id): outcome created/duplicate/kept/replaced, id the job that
 --          holds the work (the new one, or the holder of the id or key)
 local t = redis.call('TIME')
@@ -40,8 +43,12 @@ local function waiting(id)
   return redis.call('HEXISTS', KEYS[3], id) == 1 and not redis.call('ZSCORE', KEYS[6], id)
 end
 
-for i = 2, #ARGV, 12 do
-  local id, payload, delay = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+local sets = tonumber(ARGV[2])
+for j = 3 + sets * 10, #ARGV, 3 do
+  local id, payload = ARGV[j], ARGV[j + 1]
+  -- ARGV[i + 2] .. ARGV[i + 11] are this job's 10 options, in the header's order.
+  local i = 3 + (tonumber(ARGV[j + 2]) - 1) * 10 - 2
+  local delay = tonumber(ARGV[i + 2])
   local ukey, dup = ARGV[i + 7], ARGV[i + 9]
   local outcome, holder = 'created', id
   local ufor = tonumber(ARGV[i + 8])
@@ -98,7 +105,7 @@ for i = 2, #ARGV, 12 do
     local due = now + delay
     local fields = {
       'status', delay > 0 and 'scheduled' or 'queued', 'job', ARGV[i + 3],
-      'max_tries', ARGV[i + 4], 'attempts', 0, 'enqueued_at', now, 'due_at', due,
+      'max_tries', ARGV[i + 4], 'enqueued_at', now, 'due_at', due,
       'failure_ttl', ARGV[i + 11],
     }
     local ttl = tonumber(ARGV[i + 10])

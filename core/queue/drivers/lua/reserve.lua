@@ -9,22 +9,23 @@
 --
 -- KEYS: 1 ready, 2 delayed, 3 reserved, 4 payloads, 5 attempts, 6 wake, 7 front, 8 cancel
 -- ARGV: 1 limit, 2 lease ms, 3 worker id, 4 tag, 5 failure_ttl ms for records without one
---       (jobs pushed by wave-1 code), 6 ack count n, then n groups of 7 as in ack.lua (id,
---       token, status, keep ms, result, error, traceback)
+--       (jobs pushed by wave-1 code), 6 ack count n, 7 outcome count m, then m outcomes of 5
+--       and n acks of 3 as in ack.lua
 -- Returns: {next_ms, id1, payload1, attempts1, id2, ...} where next_ms is, when nothing was
 --          reserved, how long until a delayed job or a lease falls due (-1: none); else 0.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local limit, lease, worker, tag = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local default_keep, acks = ARGV[5], tonumber(ARGV[6])
+local default_keep, acks, outcomes = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 local ended = {}
+local waiters = redis.call('EXISTS', tag .. ':waiters') == 1
 
 local function count(status)
   ended[status] = (ended[status] or 0) + 1
 end
 
 local function wake_waiters(id)
-  if redis.call('EXISTS', tag .. ':waiter:' .. id) == 1 then
+  if waiters and redis.call('EXISTS', tag .. ':waiter:' .. id) == 1 then
     redis.call('RPUSH', tag .. ':done:' .. id, '1')
     redis.call('PEXPIRE', tag .. ':done:' .. id, 60000)
   end
@@ -54,16 +55,20 @@ local function finish(id, status, err)
   count(status)
 end
 
-for i = 7, 6 + acks * 7, 7 do
-  local id, token = ARGV[i], ARGV[i + 1]
+local cancels = redis.call('EXISTS', KEYS[8]) == 1
+local first = 8 + outcomes * 5
+for j = first, first + acks * 3 - 1, 3 do
+  local id, token = ARGV[j], ARGV[j + 1]
+  -- ARGV[i + 2] .. ARGV[i + 6] are this job's outcome, in ack.lua's order.
+  local i = 8 + (tonumber(ARGV[j + 2]) - 1) * 5 - 2
   if redis.call('HGET', KEYS[5], id) == token then
     redis.call('ZREM', KEYS[3], id)
     redis.call('HDEL', KEYS[4], id)
     redis.call('HDEL', KEYS[5], id)
     local status, keep, rec = ARGV[i + 2], tonumber(ARGV[i + 3]), tag .. ':job:' .. id
     if keep > 0 then
-      redis.call('HSET', rec, 'status', status, 'ended_at', now, 'attempts', token,
-        'error', ARGV[i + 5], 'traceback', ARGV[i + 6])
+      redis.call('HSET', rec, 'status', status, 'ended_at', now, 'error', ARGV[i + 5],
+        'traceback', ARGV[i + 6])
       if ARGV[i + 4] ~= '' then
         redis.call('HSET', rec, 'result', ARGV[i + 4])
       end
@@ -71,7 +76,7 @@ for i = 7, 6 + acks * 7, 7 do
     else
       redis.call('DEL', rec)
     end
-    redis.call('SREM', KEYS[8], id)
+    if cancels then redis.call('SREM', KEYS[8], id) end
     wake_waiters(id)
     count(status)
   end

@@ -1,7 +1,9 @@
 -- status.lua: everything needed to tell one job's status, read at one instant.
 --
--- Key schema and record fields: see push.lua. With a waiter id, marks that someone waits for
--- the job to end (ack.lua and the others then push a token to <tag>:done:<id>).
+-- Key schema and record fields: see push.lua. With a mark, records that someone waits for the
+-- job to end (<tag>:waiter:<id>, and <tag>:waiters for the queue, so that the scripts ending
+-- jobs look for waiters only while there are some): the scripts ending the job then push a
+-- token to <tag>:done:<id>.
 --
 -- KEYS: 1 payloads, 2 attempts, 3 reserved, 4 delayed
 -- ARGV: 1 job id, 2 tag, 3 waiter mark ms (0: none), 4 1 to push back a done token the
@@ -14,7 +16,12 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local id, tag = ARGV[1], ARGV[2]
 local mark = tonumber(ARGV[3])
 if mark > 0 then
-  redis.call('SET', tag .. ':waiter:' .. id, '1', 'PX', mark)
+  -- Marks never shorten one another: several callers may wait.
+  for _, key in ipairs({tag .. ':waiter:' .. id, tag .. ':waiters'}) do
+    if redis.call('PTTL', key) < mark then
+      redis.call('SET', key, '1', 'PX', mark)
+    end
+  end
 end
 if ARGV[4] == '1' then
   redis.call('RPUSH', tag .. ':done:' .. id, '1')
