@@ -260,7 +260,9 @@ async def test_prune_deletes_expired_records_old_counters_and_free_keys(
     old = int(time.time() // 60) - 3 * 60
     async with driver._engine.begin() as conn:  # a counter from three hours ago
         await conn.execute(
-            t.queue_counts.insert().values(queue=queue, minute=old, status="succeeded", count=7)
+            t.queue_counts.insert().values(
+                queue=queue, minute=old, status="succeeded", shard=0, count=7
+            )
         )
     await asyncio.sleep(0.1)
     keys = t.queue_unique_keys.c

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -110,6 +111,7 @@ class DatabaseDriver(Driver):
         self._writer: AsyncEngine | None = None
         self._store = DatabaseFailedStore(self)
         self._registered: set[str] = set()  # queue names this process has put in queue_names
+        self._shard = random.randrange(1024)  # its own rows of queue_counts
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -196,6 +198,7 @@ class DatabaseDriver(Driver):
             out: list[Pushed] = []
             plain: list[dict[str, Any]] = []
             fronts: dict[str, datetime] = {}
+            counted: Counter[tuple[str, str]] = Counter()
             for job, row in zip(jobs, rows, strict=True):
                 if row["due_at"] is not None:  # at_front, ready now: before the current head
                     row = {**row, "available_at": await self._front(conn, job.queue, fronts)}
@@ -205,8 +208,11 @@ class DatabaseDriver(Driver):
                     continue
                 await self._insert_plain(conn, plain)
                 plain = []
-                out.append(await life.push_checked(conn, job, row, created, self.name, keep))
+                out.append(
+                    await life.push_checked(conn, job, row, created, self.name, keep, counted)
+                )
             await self._insert_plain(conn, plain)
+            await life.count(conn, counted, self._shard)
             return out
 
         pushed = await self._run("push jobs", op)
@@ -298,7 +304,7 @@ class DatabaseDriver(Driver):
             if ack:
                 await life.ack_rows(conn, ack, self.name, self._result_ttl, counted)
             taken = await self._claim(conn, queues, limit, lease, worker, counted)
-            await life.count(conn, counted)
+            await life.count(conn, counted, self._shard)
             return taken
 
         return await self._run("reserve jobs", op)
@@ -391,7 +397,7 @@ class DatabaseDriver(Driver):
         async def op(conn: AsyncConnection) -> None:
             counted: Counter[tuple[str, str]] = Counter()
             await life.ack_rows(conn, jobs, self.name, self._result_ttl, counted)
-            await life.count(conn, counted)
+            await life.count(conn, counted, self._shard)
 
         await self._run("acknowledge jobs", op)
 
@@ -608,13 +614,14 @@ class DatabaseDriver(Driver):
                         update(t.queue_jobs).where(_jobs.id == row.id).values(cancel_requested=1)
                     )
                 return True
+            counted: Counter[tuple[str, str]] = Counter()
             if state == "expired":  # ended already, though nobody wrote it: write it now
-                await life.end_rows(
-                    conn, [(row, Status.EXPIRED, life.ttl_error(row))], now, self.name, keep
-                )
-                return False
-            await life.end_rows(conn, [(row, Status.CANCELLED, "cancelled")], now, self.name, keep)
-            return True
+                ending = [(row, Status.EXPIRED, life.ttl_error(row))]
+            else:
+                ending = [(row, Status.CANCELLED, "cancelled")]
+            await life.end_rows(conn, ending, now, self.name, keep, counted)
+            await life.count(conn, counted, self._shard)
+            return state != "expired"
 
         return await self._run("cancel a job", op)
 

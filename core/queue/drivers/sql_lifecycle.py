@@ -185,49 +185,48 @@ def _record(row: Any, connection: str, outcome: Outcome, now: datetime) -> dict[
     }
 
 
-async def _upsert_many(
-    conn: AsyncConnection, table: Table, rows: Sequence[Mapping[str, Any]], **add: str
-) -> None:
-    """Insert `rows` in one statement, replacing rows with the same key (or, for the columns
-    named in `add`, adding the new value to the stored one)."""
-    keys = {c.name for c in table.primary_key}
-    if conn.dialect.name == "sqlite":
-        lite = sqlite_insert(table).values(list(rows))
-        lite_set = {
-            name: (table.c[name] + lite.excluded[name]) if name in add else lite.excluded[name]
-            for name in rows[0]
-            if name not in keys
-        }
-        await conn.execute(lite.on_conflict_do_update(index_elements=list(keys), set_=lite_set))
+_UPSERTS: dict[tuple[str, str], Any] = {}
+
+
+def _upsert(dialect: str, table: Table, add: str = "") -> Any:
+    """The statement that inserts rows of `table`, replacing a row with the same key (or, for
+    the column `add`, adding the new value to the stored one). Built once per table and
+    dialect, so that SQLAlchemy compiles it once; run with a list of rows, it is one INSERT."""
+    cached = _UPSERTS.get((dialect, table.name))
+    if cached is not None:
+        return cached
+    keys = [c.name for c in table.primary_key]
+    names = [c.name for c in table.columns if c.name not in keys]
+    if dialect == "sqlite":
+        lite = sqlite_insert(table)
+        new = lite.excluded
+        sets = {n: (table.c[n] + new[n]) if n == add else new[n] for n in names}
+        statement: Any = lite.on_conflict_do_update(index_elements=keys, set_=sets)
     else:
-        my = mysql_insert(table).values(list(rows))
-        my_set = {
-            name: (table.c[name] + my.inserted[name]) if name in add else my.inserted[name]
-            for name in rows[0]
-            if name not in keys
-        }
-        await conn.execute(my.on_duplicate_key_update(my_set))
+        my = mysql_insert(table)
+        sets = {n: (table.c[n] + my.inserted[n]) if n == add else my.inserted[n] for n in names}
+        statement = my.on_duplicate_key_update(sets)
+    _UPSERTS[(dialect, table.name)] = statement
+    return statement
 
 
 async def write_records(conn: AsyncConnection, records: Sequence[Mapping[str, Any]]) -> None:
     """Store records of ended jobs (one statement), replacing older ones of the same ids."""
     if records:
-        await _upsert_many(conn, t.queue_job_records, records)
+        await conn.execute(_upsert(conn.dialect.name, t.queue_job_records), list(records))
 
 
-async def count(conn: AsyncConnection, ended: Counter[tuple[str, str]]) -> None:
-    """Add to this minute's counters of how jobs ended, per (queue, status); one statement.
-
-    Sorted, so that two transactions lock the same counter rows in the same order.
-    """
+async def count(conn: AsyncConnection, ended: Counter[tuple[str, str]], shard: int) -> None:
+    """Add to this minute's counters of how jobs ended, per (queue, status), in the caller's
+    `shard`; one statement. Sorted, so that the rows are locked in one order."""
     if not ended:
         return
     minute = minute_now()
     rows = [
-        {"queue": queue, "minute": minute, "status": status, "count": n}
+        {"queue": queue, "minute": minute, "status": status, "shard": shard, "count": n}
         for (queue, status), n in sorted(ended.items())
     ]
-    await _upsert_many(conn, t.queue_counts, rows, count="add")
+    await conn.execute(_upsert(conn.dialect.name, t.queue_counts, "count"), rows)
 
 
 def minute_now() -> int:
@@ -241,24 +240,20 @@ async def end_rows(
     now: datetime,
     connection: str,
     default_keep: float,
-    counted: Counter[tuple[str, str]] | None = None,
+    counted: Counter[tuple[str, str]],
 ) -> None:
     """End stored jobs that will never run (expired, cancelled): rows deleted, records kept
-    for each job's `failure_ttl`, counted (into `counted` when given, for the caller to write
-    once; else now)."""
+    for each job's `failure_ttl`, counted into `counted` (the caller writes the counts)."""
     if not rows:
         return
     await conn.execute(delete(t.queue_jobs).where(_jobs.id.in_([row.id for row, _, _ in rows])))
     records = []
-    tally: Counter[tuple[str, str]] = Counter() if counted is None else counted
     for row, status, error in rows:
         keep = default_keep if row.failure_ttl is None else float(row.failure_ttl)
         if keep > 0:
             records.append(_record(row, connection, Outcome(status, keep, error=error), now))
-        tally[(row.queue, status.value)] += 1
+        counted[(row.queue, status.value)] += 1
     await write_records(conn, records)
-    if counted is None:
-        await count(conn, tally)
 
 
 async def ack_rows(
@@ -345,16 +340,22 @@ class _Ender:
     """Ends rows found expired or cancelled on the way (see `end_rows`)."""
 
     def __init__(
-        self, conn: AsyncConnection, now: datetime, connection: str, default_keep: float
+        self,
+        conn: AsyncConnection,
+        now: datetime,
+        connection: str,
+        default_keep: float,
+        counted: Counter[tuple[str, str]],
     ) -> None:
         self.conn, self.now, self.connection, self.keep = conn, now, connection, default_keep
+        self.counted = counted
 
     async def end(self, row: Row[Any], state: str) -> None:
         if state == "expired":
             ending = [(row, Status.EXPIRED, ttl_error(row))]
         else:
             ending = [(row, Status.CANCELLED, "cancelled")]
-        await end_rows(self.conn, ending, self.now, self.connection, self.keep)
+        await end_rows(self.conn, ending, self.now, self.connection, self.keep, self.counted)
 
 
 async def _take_key(
@@ -411,10 +412,12 @@ async def push_checked(
     now: datetime,
     connection: str,
     default_keep: float,
+    counted: Counter[tuple[str, str]],
 ) -> Pushed:
     """Push one job with an id check and/or a unique key: checks and store in the caller's
-    transaction, so that competing dispatchers decide one after the other."""
-    ender = _Ender(conn, now, connection, default_keep)
+    transaction, so that competing dispatchers decide one after the other. Jobs found ended
+    on the way (past their ttl) are counted into `counted`."""
+    ender = _Ender(conn, now, connection, default_keep, counted)
     for _ in range(2):
         if job.check_id:
             found = await _check_id(conn, job, now, ender)

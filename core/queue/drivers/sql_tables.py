@@ -197,13 +197,16 @@ queue_unique_keys = Table(
     **_MYSQL_OPTIONS,
 )
 
-#: How many jobs ended each way per queue and minute (schema version 3), for `recent`.
+#: How many jobs ended each way per queue and minute (schema version 3), for `recent`. Each
+#: driver adds to rows of its own `shard` (random): workers acknowledging at once do not wait
+#: for each other's counter row; `recent` sums the shards.
 queue_counts = Table(
     "queue_counts",
     metadata,
     Column("queue", String(190), primary_key=True),
     Column("minute", BigInteger, primary_key=True, autoincrement=False),  # epoch minutes
     Column("status", String(16), primary_key=True),
+    Column("shard", Integer, primary_key=True, autoincrement=False),
     Column("count", BigInteger, nullable=False),
     **_MYSQL_OPTIONS,
 )
