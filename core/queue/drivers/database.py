@@ -24,13 +24,12 @@ Same semantics as the memory driver, on the tables of `sql_tables`:
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -87,8 +86,6 @@ T = TypeVar("T")
 
 _ATTEMPTS = 3  # runs of a transaction that hit a MySQL deadlock or lock timeout
 _MIN_WAIT = 0.01  # seconds: a job that is due but locked by another claim is taken very soon
-_COUNTS_KEPT = 2 * 3600  # seconds of per-minute counters `prune_records` keeps
-_PRUNE_BATCH = 1000  # rows per DELETE, so that a prune never holds many locks for long
 _jobs = t.queue_jobs.c
 _failed = t.queue_failed_jobs.c
 _records = t.queue_job_records.c
@@ -179,7 +176,7 @@ class DatabaseDriver(Driver):
             return []
         created = t.now()
         try:
-            rows = [self._row(job, created) for job in jobs]
+            rows = [life.job_row(job, created) for job in jobs]
         except UnicodeDecodeError as exc:
             raise DriverError(
                 f"a payload for the database queue must be UTF-8 text: {exc}"
@@ -201,85 +198,23 @@ class DatabaseDriver(Driver):
             counted: Counter[tuple[str, str]] = Counter()
             for job, row in zip(jobs, rows, strict=True):
                 if row["due_at"] is not None:  # at_front, ready now: before the current head
-                    row = {**row, "available_at": await self._front(conn, job.queue, fronts)}
+                    row = {**row, "available_at": await life.front(conn, job.queue, fronts)}
                 if not (job.check_id or job.unique_key):
                     plain.append(row)
                     out.append(Pushed(job.id))
                     continue
-                await self._insert_plain(conn, plain)
+                await life.insert_plain(conn, plain)
                 plain = []
                 out.append(
                     await life.push_checked(conn, job, row, created, self.name, keep, counted)
                 )
-            await self._insert_plain(conn, plain)
+            await life.insert_plain(conn, plain)
             await life.count(conn, counted, self._shard)
             return out
 
         pushed = await self._run("push jobs", op)
         self._registered.update(new)
         return pushed
-
-    @staticmethod
-    async def _front(conn: AsyncConnection, queue: str, fronts: dict[str, datetime]) -> datetime:
-        """An `available_at` before every ready job of `queue`: one MIN on the claim index
-        per queue and push, then a millisecond earlier for each further `at_front` job."""
-        if queue in fronts:
-            fronts[queue] -= timedelta(milliseconds=1)
-            return fronts[queue]
-        head = await conn.scalar(
-            select(func.min(_jobs.available_at)).where(
-                _jobs.queue == queue, _jobs.reserved_until.is_(None)
-            )
-        )
-        front = t.front_time(t.now())
-        if head is not None and head <= front:
-            front = head - timedelta(milliseconds=1)
-        fronts[queue] = front
-        return front
-
-    @staticmethod
-    def _row(job: OutgoingJob, created: datetime) -> dict[str, Any]:
-        """The `queue_jobs` row of a job pushed at `created`."""
-        due = t.now(job.delay) if job.delay > 0 else created
-        row: dict[str, Any] = {
-            "uuid": job.id,
-            "queue": job.queue,
-            "payload": job.payload.decode("utf-8"),
-            "attempts": 0,
-            "available_at": due,
-            "created_at": created,
-            "reserved_at": None,
-            "reserved_until": None,
-            "job": job.job or None,
-            "max_tries": job.max_tries,
-            "state": "waiting",
-            "due_at": None,
-            "expires_at": t.now(job.delay + job.ttl) if job.ttl > 0 else None,
-            "failure_ttl": job.failure_ttl,
-            "unique_key": job.unique_key or None,
-        }
-        if job.at_front and job.delay > 0:
-            row["reserved_until"] = due  # a lease nobody holds, ending when it is due
-        elif job.at_front:
-            row["due_at"] = created  # `available_at` is set in the transaction (`_front`)
-        return row
-
-    @staticmethod
-    async def _insert_plain(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-        """Insert jobs without checks in one statement."""
-        if not rows:
-            return
-        try:
-            await conn.execute(insert(t.queue_jobs), rows)
-        except sa_exc.IntegrityError:
-            # An id that is already stored (a failed job retried before its worker's late
-            # ack landed) starts afresh, so that ack no longer matches: the rare path.
-            for row in rows:
-                here = (_jobs.uuid == row["uuid"]) & (_jobs.queue == row["queue"])
-                if await conn.scalar(select(_jobs.id).where(here)) is not None:
-                    await conn.execute(delete(t.queue_jobs).where(here))
-                    await life.forget_record(conn, row["uuid"], row["queue"])
-            await conn.execute(insert(t.queue_jobs), rows)
 
     async def reserve(
         self,
@@ -576,52 +511,21 @@ class DatabaseDriver(Driver):
 
     async def job_status(self, job_id: str, queue: str | None = None) -> JobStatus | None:
         """The job's row in `queue_jobs` (a stored job), else its record (an ended one)."""
-        live = select(*life.LIVE).where(_jobs.uuid == job_id).order_by(_jobs.id.desc())
-        ended = (
-            select(t.queue_job_records)
-            .where(_records.uuid == job_id)
-            .order_by(_records.ended_at.desc())
-        )
-        if queue is not None:
-            live, ended = live.where(_jobs.queue == queue), ended.where(_records.queue == queue)
 
         async def op(conn: AsyncConnection) -> JobStatus | None:
-            now = t.now()
-            row = (await conn.execute(live)).first()
-            if row is not None:
-                return life.live_status(row, now, self.name)
-            record = (await conn.execute(ended.where(_records.keep_until > now))).first()
-            return None if record is None else life.record_status(record)
+            return await life.read_status(conn, job_id, queue, self.name)
 
         return await self._run("read a job's status", op, write=False)
 
     async def cancel(self, job_id: str, queue: str | None = None) -> bool:
         """A waiting job ends `cancelled` at once; a running one is flagged for its worker."""
-        query = select(*life.LIVE).where(_jobs.uuid == job_id).with_for_update()
-        if queue is not None:
-            query = query.where(_jobs.queue == queue)
         keep = self.settings.queue_failure_ttl
 
         async def op(conn: AsyncConnection) -> bool:
-            row = (await conn.execute(query)).first()
-            if row is None:
-                return False
-            now = t.now()
-            state = life.live_state(row, now)
-            if state == "running":
-                if not row.cancel_requested:
-                    await conn.execute(
-                        update(t.queue_jobs).where(_jobs.id == row.id).values(cancel_requested=1)
-                    )
-                return True
             counted: Counter[tuple[str, str]] = Counter()
-            if state == "expired":  # ended already, though nobody wrote it: write it now
-                ending = [(row, Status.EXPIRED, life.ttl_error(row))]
-            else:
-                ending = [(row, Status.CANCELLED, "cancelled")]
-            await life.end_rows(conn, ending, now, self.name, keep, counted)
+            done = await life.cancel(conn, job_id, queue, self.name, keep, counted)
             await life.count(conn, counted, self._shard)
-            return state != "expired"
+            return done
 
         return await self._run("cancel a job", op)
 
@@ -638,94 +542,27 @@ class DatabaseDriver(Driver):
 
     async def recent(self, queue: str, window: float = 3600.0) -> RecentCounts:
         """Sums of the per-minute counters of the last `window` seconds."""
-        first = math.floor((time.time() - window) / 60)
-        query = (
-            select(_counts.status, func.sum(_counts.count))
-            .where(_counts.queue == queue, _counts.minute >= first)
-            .group_by(_counts.status)
-        )
 
-        async def op(conn: AsyncConnection) -> dict[str, int]:
-            return {str(status): int(n or 0) for status, n in (await conn.execute(query)).all()}
+        async def op(conn: AsyncConnection) -> RecentCounts:
+            return await life.recent(conn, queue, window)
 
-        totals = await self._run("count ended jobs", op, write=False)
-        return RecentCounts(
-            window,
-            succeeded=totals.get(Status.SUCCEEDED.value, 0),
-            failed=totals.get(Status.FAILED.value, 0),
-            cancelled=totals.get(Status.CANCELLED.value, 0),
-            expired=totals.get(Status.EXPIRED.value, 0),
-        )
+        return await self._run("count ended jobs", op, write=False)
 
     async def prune_records(self) -> int:
         """Delete records past their keep time, counters older than two hours and unique-key
         rows whose job is gone and whose `unique_for` has passed; returns the records deleted.
 
-        In batches of `_PRUNE_BATCH` rows, each its own short transaction.
+        In batches of `sql_lifecycle.PRUNE_BATCH` rows, each its own short transaction.
         """
         deleted = 0
         while True:
-            now = t.now()
-            doomed = (
-                select(_records.uuid)
-                .where(_records.keep_until <= now)
-                .order_by(_records.keep_until)
-                .limit(_PRUNE_BATCH)
-            )
-
-            async def op(conn: AsyncConnection, doomed: Any = doomed, now: datetime = now) -> int:
-                ids = list((await conn.scalars(doomed)).all())
-                if not ids:
-                    return 0
-                result = await conn.execute(
-                    delete(t.queue_job_records).where(
-                        _records.uuid.in_(ids), _records.keep_until <= now
-                    )
-                )
-                return int(result.rowcount)
-
-            batch = await self._run("prune job records", op)
+            batch = await self._run("prune job records", life.prune_records)
             deleted += batch
-            if batch < _PRUNE_BATCH:
+            if batch < life.PRUNE_BATCH:
                 break
-        oldest = life.minute_now() - _COUNTS_KEPT // 60
-
-        async def counters(conn: AsyncConnection) -> None:
-            await conn.execute(delete(t.queue_counts).where(_counts.minute < oldest))
-
-        await self._run("prune job counters", counters)
-        await self._prune_keys()
+        await self._run("prune job counters", life.prune_counts)
+        await self._run("prune unique keys", life.prune_keys)
         return deleted
-
-    async def _prune_keys(self) -> None:
-        """Delete unique-key rows nobody holds: their job is gone, `unique_for` has passed.
-
-        Each row is deleted only if it still names the job it named when read, so that a key
-        a dispatcher has just taken again is left alone.
-        """
-        now = t.now()
-        gone = (
-            ~select(_jobs.id).where(_jobs.uuid == _keys.uuid, _jobs.queue == _keys.queue).exists()
-        )
-        free = or_(_keys.held_until.is_(None), _keys.held_until <= now)
-        candidates = select(_keys.queue, _keys.unique_key, _keys.uuid).where(free, gone)
-
-        async def op(conn: AsyncConnection) -> None:
-            rows = (await conn.execute(candidates.limit(_PRUNE_BATCH))).all()
-            if rows:
-                named = or_(
-                    *(
-                        and_(
-                            _keys.queue == r.queue,
-                            _keys.unique_key == r.unique_key,
-                            _keys.uuid == r.uuid,
-                        )
-                        for r in rows
-                    )
-                )
-                await conn.execute(delete(t.queue_unique_keys).where(named, free, gone))
-
-        await self._run("prune unique keys", op)
 
     # -- worker registry and the restart signal ---------------------------------------------
 

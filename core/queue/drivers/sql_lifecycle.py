@@ -17,40 +17,54 @@ Used by `database.DatabaseDriver` inside its transactions; nothing here opens on
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, Table, delete, insert, select, update
+from sqlalchemy import Row, Table, and_, delete, func, insert, or_, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.queue.drivers import sql_tables as t
-from core.queue.drivers.base import Outcome, OutgoingJob, Pushed, ReservedJob
+from core.queue.drivers.base import Outcome, OutgoingJob, Pushed, RecentCounts, ReservedJob
 from core.status import JobStatus, Status
 
 __all__ = [
     "LIVE",
+    "PRUNE_BATCH",
     "ack_rows",
+    "cancel",
     "count",
     "end_rows",
     "epoch",
     "forget_record",
+    "front",
+    "insert_plain",
+    "job_row",
     "live_state",
     "live_status",
     "minute_now",
+    "prune_counts",
+    "prune_keys",
+    "prune_records",
     "push_checked",
+    "read_status",
+    "recent",
     "record_status",
     "ttl_error",
 ]
 
+COUNTS_KEPT = 2 * 3600  # seconds of per-minute counters `prune_counts` keeps
+PRUNE_BATCH = 1000  # rows per DELETE, so that a prune never holds many locks for long
 _jobs = t.queue_jobs.c
 _records = t.queue_job_records.c
 _keys = t.queue_unique_keys.c
+_counts = t.queue_counts.c
 
 #: The `queue_jobs` columns a status or a record is made from.
 LIVE = (
@@ -441,3 +455,185 @@ async def push_checked(
             return Pushed(job.id)
     found = await _check_id(conn, job, now, ender)
     return found if found is not None else Pushed(job.id, "kept")
+
+
+# -- plain pushes ---------------------------------------------------------------------------
+
+
+def job_row(job: OutgoingJob, created: datetime) -> dict[str, Any]:
+    """The `queue_jobs` row of a job pushed at `created` (see `sql_tables` for `at_front`)."""
+    due = t.now(job.delay) if job.delay > 0 else created
+    row: dict[str, Any] = {
+        "uuid": job.id,
+        "queue": job.queue,
+        "payload": job.payload.decode("utf-8"),
+        "attempts": 0,
+        "available_at": due,
+        "created_at": created,
+        "reserved_at": None,
+        "reserved_until": None,
+        "job": job.job or None,
+        "max_tries": job.max_tries,
+        "state": "waiting",
+        "due_at": None,
+        "expires_at": t.now(job.delay + job.ttl) if job.ttl > 0 else None,
+        "failure_ttl": job.failure_ttl,
+        "unique_key": job.unique_key or None,
+    }
+    if job.at_front and job.delay > 0:
+        row["reserved_until"] = due  # a lease nobody holds, ending when it is due
+    elif job.at_front:
+        row["due_at"] = created  # `available_at` is set in the transaction (`front`)
+    return row
+
+
+async def front(conn: AsyncConnection, queue: str, fronts: dict[str, datetime]) -> datetime:
+    """An `available_at` before every ready job of `queue`: one MIN on the claim index per
+    queue and push, then a millisecond earlier for each further `at_front` job."""
+    if queue in fronts:
+        fronts[queue] -= timedelta(milliseconds=1)
+        return fronts[queue]
+    head = await conn.scalar(
+        select(func.min(_jobs.available_at)).where(
+            _jobs.queue == queue, _jobs.reserved_until.is_(None)
+        )
+    )
+    at = t.front_time(t.now())
+    if head is not None and head <= at:
+        at = head - timedelta(milliseconds=1)
+    fronts[queue] = at
+    return at
+
+
+async def insert_plain(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """Insert jobs without checks in one statement."""
+    if not rows:
+        return
+    try:
+        await conn.execute(insert(t.queue_jobs), rows)
+    except sa_exc.IntegrityError:
+        # An id that is already stored (a failed job retried before its worker's late ack
+        # landed) starts afresh, so that ack no longer matches: the rare path.
+        for row in rows:
+            here = (_jobs.uuid == row["uuid"]) & (_jobs.queue == row["queue"])
+            if await conn.scalar(select(_jobs.id).where(here)) is not None:
+                await conn.execute(delete(t.queue_jobs).where(here))
+                await forget_record(conn, row["uuid"], row["queue"])
+        await conn.execute(insert(t.queue_jobs), rows)
+
+
+# -- single jobs ----------------------------------------------------------------------------
+
+
+async def read_status(
+    conn: AsyncConnection, job_id: str, queue: str | None, connection: str
+) -> JobStatus | None:
+    """The job's status from its `queue_jobs` row, else from its record while it is kept."""
+    live = select(*LIVE).where(_jobs.uuid == job_id).order_by(_jobs.id.desc())
+    ended = select(t.queue_job_records).where(_records.uuid == job_id)
+    if queue is not None:
+        live, ended = live.where(_jobs.queue == queue), ended.where(_records.queue == queue)
+    now = t.now()
+    row = (await conn.execute(live)).first()
+    if row is not None:
+        return live_status(row, now, connection)
+    ended = ended.where(_records.keep_until > now).order_by(_records.ended_at.desc())
+    record = (await conn.execute(ended)).first()
+    return None if record is None else record_status(record)
+
+
+async def cancel(
+    conn: AsyncConnection,
+    job_id: str,
+    queue: str | None,
+    connection: str,
+    default_keep: float,
+    counted: Counter[tuple[str, str]],
+) -> bool:
+    """Cancel a stored job: a waiting one ends `cancelled` (counted into `counted`), a running
+    one gets `cancel_requested`. `False` if none is stored, or it had expired."""
+    query = select(*LIVE).where(_jobs.uuid == job_id).with_for_update()
+    if queue is not None:
+        query = query.where(_jobs.queue == queue)
+    row = (await conn.execute(query)).first()
+    if row is None:
+        return False
+    now = t.now()
+    state = live_state(row, now)
+    if state == "running":
+        if not row.cancel_requested:
+            await conn.execute(
+                update(t.queue_jobs).where(_jobs.id == row.id).values(cancel_requested=1)
+            )
+        return True
+    if state == "expired":  # ended already, though nobody wrote it: write it now
+        ending = [(row, Status.EXPIRED, ttl_error(row))]
+    else:
+        ending = [(row, Status.CANCELLED, "cancelled")]
+    await end_rows(conn, ending, now, connection, default_keep, counted)
+    return state != "expired"
+
+
+async def recent(conn: AsyncConnection, queue: str, window: float) -> RecentCounts:
+    """Sums of the per-minute counters (every shard) of the last `window` seconds."""
+    first = math.floor((time.time() - window) / 60)
+    query = (
+        select(_counts.status, func.sum(_counts.count))
+        .where(_counts.queue == queue, _counts.minute >= first)
+        .group_by(_counts.status)
+    )
+    totals = {str(status): int(n or 0) for status, n in (await conn.execute(query)).all()}
+    return RecentCounts(
+        window,
+        succeeded=totals.get(Status.SUCCEEDED.value, 0),
+        failed=totals.get(Status.FAILED.value, 0),
+        cancelled=totals.get(Status.CANCELLED.value, 0),
+        expired=totals.get(Status.EXPIRED.value, 0),
+    )
+
+
+# -- pruning --------------------------------------------------------------------------------
+
+
+async def prune_records(conn: AsyncConnection) -> int:
+    """Delete up to `PRUNE_BATCH` records past their keep time; returns how many."""
+    now = t.now()
+    doomed = (
+        select(_records.uuid, _records.queue)
+        .where(_records.keep_until <= now)
+        .order_by(_records.keep_until)
+        .limit(PRUNE_BATCH)
+    )
+    ids = (await conn.execute(doomed)).all()
+    if not ids:
+        return 0
+    named = or_(*(and_(_records.uuid == r.uuid, _records.queue == r.queue) for r in ids))
+    result = await conn.execute(
+        delete(t.queue_job_records).where(named, _records.keep_until <= now)
+    )
+    return int(result.rowcount)
+
+
+async def prune_counts(conn: AsyncConnection) -> None:
+    """Delete the counters older than `COUNTS_KEPT`."""
+    oldest = minute_now() - COUNTS_KEPT // 60
+    await conn.execute(delete(t.queue_counts).where(_counts.minute < oldest))
+
+
+async def prune_keys(conn: AsyncConnection) -> None:
+    """Delete up to `PRUNE_BATCH` unique-key rows nobody holds: their job is gone and their
+    `unique_for` has passed. Each only if it still names the job it named when read, so that
+    a key a dispatcher has just taken again is left alone."""
+    now = t.now()
+    gone = ~select(_jobs.id).where(_jobs.uuid == _keys.uuid, _jobs.queue == _keys.queue).exists()
+    free = or_(_keys.held_until.is_(None), _keys.held_until <= now)
+    candidates = select(_keys.queue, _keys.unique_key, _keys.uuid).where(free, gone)
+    rows = (await conn.execute(candidates.limit(PRUNE_BATCH))).all()
+    if rows:
+        named = or_(
+            *(
+                and_(_keys.queue == r.queue, _keys.unique_key == r.unique_key, _keys.uuid == r.uuid)
+                for r in rows
+            )
+        )
+        await conn.execute(delete(t.queue_unique_keys).where(named, free, gone))
