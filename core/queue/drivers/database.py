@@ -484,7 +484,7 @@ class DatabaseDriver(Driver):
                         "attempts": 0,
                         "available_at": created,
                         "created_at": created,
-                        "job": record.job_class,
+                        "job": None if record.job_class == "?" else record.job_class,
                         "state": "waiting",
                     }
                     for record in held
