@@ -276,6 +276,20 @@ async def test_events_of_each_end_name_the_worker_and_the_duration(
     ]
 
 
+async def test_a_job_handed_back_by_a_stopping_worker_is_announced_as_returned(
+    log: str, heard: list[JobEvent]
+) -> None:
+    async with QueueManager(make_settings(queue_connection="memory")) as manager:
+        handle = await manager.push(CancelMeJob(log, seconds=60))
+        async with running(manager, grace=0.2) as worker:
+            await wait_for_event(heard, EventKind.STARTED)
+        assert worker.counts.returned == 1
+        [returned] = [e for e in heard if e.kind is EventKind.RETURNED]
+        assert returned.job_id == handle and returned.worker == worker.id
+        assert returned.duration is not None and returned.duration >= 0.2
+        assert (await handle.status()).status is Status.QUEUED  # unspent, waiting again
+
+
 # -- cancel of running jobs ---------------------------------------------------------------
 
 

@@ -1278,6 +1278,15 @@ class Worker:
             "return a job", functools.partial(driver.release, run.reserved, refund=True)
         )
         self.counts.returned += 1
+        if events.active:
+            emit(
+                EventKind.RETURNED,
+                run.reserved,
+                self.connection,
+                run.job,
+                worker=self.id,
+                started=run.started or None,
+            )
 
     def _track(self, task: asyncio.Task[T]) -> asyncio.Task[T]:
         """Keep a background task referenced, and let `_drain` wait for it."""
