@@ -14,7 +14,6 @@ that id (or, with `--wait`, it ended any other way), 124 when `--wait` ran out f
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from typing import Any
@@ -38,6 +37,7 @@ from core.commands._common import (
     when,
 )
 from core.delays import parse_duration
+from core.queue.payload import validate_job_id
 from core.settings import Settings
 from core.status import ENDED, WAITING, JobStatus, Status
 
@@ -49,17 +49,16 @@ HELP = {
 
 #: `queue:job --wait` ran out before the job ended (the exit code of `timeout(1)`).
 EXIT_WAIT_TIMED_OUT = 124
-#: The characters and length a job id may have (the rule dispatch applies to chosen ids).
-_JOB_ID = re.compile(r"[A-Za-z0-9_.:@/+=-]{1,190}")
 
 
 def job_id(text: str) -> str:
     """An argparse type: a job id as dispatch accepts it, or a usage error saying why."""
-    if not _JOB_ID.fullmatch(text):
+    try:
+        return validate_job_id(text)
+    except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text[:60]!r} is not a job id: up to 190 letters, digits and _ . : @ / + = -"
-        )
-    return text
+        ) from None
 
 
 def _wait_seconds(text: str) -> float:
