@@ -85,6 +85,9 @@ class QueueManager:
 
     def connection_name(self, name: str | None = None) -> str:
         """The connection `name` names, or the default one; `ConfigurationError` if unknown."""
+        known = _CONNECTION_NAMES.get(name) if isinstance(name, str) else None
+        if known is not None:  # the usual case, asked several times per dispatch
+            return known
         if name is None:
             return self.settings.queue_connection.value
         try:
@@ -450,6 +453,7 @@ class QueueManager:
 
 
 _ON_DUPLICATE = ("reject", "keep", "replace")
+_CONNECTION_NAMES: dict[str, str] = {c.value: c.value for c in QueueConnection}
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.:@/+=-]{1,190}$")
 
 
