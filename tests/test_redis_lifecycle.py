@@ -457,3 +457,32 @@ async def test_a_release_of_a_job_asked_to_cancel_cancels_it(
     assert record is not None and record.status is Status.CANCELLED
     assert await driver.reserve([queue], 1, 30) == []
     assert (await driver.recent(queue)).cancelled == 1
+
+
+async def test_a_poll_cancelled_mid_command_stops(driver: RedisDriver, queue: str) -> None:
+    # redis-py may finish a command whose task was cancelled and drop the cancel: the polls a
+    # worker cancels to stop (cancel_requested, wait_ended) must stop all the same.
+    job_id = new_id()
+    await driver.push([outgoing(job_id, queue)])
+    held = await driver.reserve([queue], 1, 60)
+
+    async def poll_cancels() -> None:
+        while True:
+            try:
+                await driver.cancel_requested(held)
+            except Exception:  # as a worker's poll does: a failed poll is retried
+                continue
+            await asyncio.sleep(0)
+
+    async def wait_end() -> None:
+        while True:
+            await driver.wait_ended(job_id, queue, 0.001)
+            await asyncio.sleep(0)
+
+    for poll in (poll_cancels, wait_end):
+        for delay in range(100):
+            task = asyncio.create_task(poll())
+            await asyncio.sleep(delay / 100_000)
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=2)
+            assert done, f"{poll.__name__} went on after its cancel (try {delay})"

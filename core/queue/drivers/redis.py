@@ -19,6 +19,7 @@ job pushed here but acknowledged by a wave-1 worker keeps the record it had (`qu
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import math
@@ -97,6 +98,20 @@ async def _translated(what: str) -> AsyncIterator[None]:
         raise ConnectionLostError(f"Redis unreachable during {what}: {exc}") from exc
     except RedisError as exc:
         raise DriverError(f"Redis error during {what}: {exc}") from exc
+
+
+def _raise_if_cancelled() -> None:
+    """Raise the cancellation of the current task if a call swallowed it.
+
+    redis-py sometimes completes a command whose task was cancelled meanwhile and returns its
+    reply, the cancel request lost (seen with redis-py 8.1: about one cancel in ten of a
+    worker's cancel poll, which then ran forever). Polling calls that are cancelled to stop
+    them (`cancel_requested`, `wait_ended`) check this after each command. Never used on
+    calls a caller may make while handling its own cancellation (release, ack).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class _Keys:
@@ -713,9 +728,11 @@ class RedisDriver(Driver):
                 pause = min(_WAIT_SLICE, left)
                 mark = int(max(pause, 0) * 1000) + _WAITER_MARGIN_MS
                 record = await self._status_reply(queue, job_id, mark, token)
+                _raise_if_cancelled()
                 if record is None or record.status in ENDED or pause < 0.001:
                     return record
                 token = await self.client.blpop([done], timeout=pause) is not None
+                _raise_if_cancelled()
 
     async def cancel(self, job_id: str, queue: str | None = None) -> bool:
         if queue is None:
@@ -746,6 +763,7 @@ class RedisDriver(Driver):
                     for name, held in groups.items():
                         pipe.smismember(self.keys(name).cancel, [j.id for j in held])
                     flags = await pipe.execute()
+        _raise_if_cancelled()
         return [
             job.id
             for held, marks in zip(groups.values(), flags, strict=True)
