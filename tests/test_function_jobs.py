@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-from core.errors import SerializationError, UnloadableJobError
+from core.errors import PayloadError, SerializationError, UnloadableJobError
 from core.functions import JobFunction
 from core.job import Job, job
 from core.queue.drivers.memory import MemoryDriver
@@ -95,6 +95,16 @@ async def test_the_loader_rebuilds_the_call_and_handle_returns_the_function_resu
     decoded = JobLoader(["tests."]).load(raw, job_id="x", attempts=1)
     assert type(decoded.job) is add.job_class
     assert await decoded.job.handle() == {"sum": 27}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{"args": "12", "kwargs": {}}, {"args": [1], "kwargs": [2]}, {"args": [1]}, {"x": 1}],
+)
+def test_a_function_payload_of_another_shape_is_refused_at_load(data: dict[str, Any]) -> None:
+    raw = orjson.dumps({"job": f"{PATH}:add", "data": data})
+    with pytest.raises(PayloadError, match=r"@job function's payload data must be exactly"):
+        JobLoader(["tests."]).load(raw, job_id="x", attempts=1)
 
 
 async def test_later_and_per_call_options() -> None:

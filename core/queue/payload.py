@@ -706,6 +706,15 @@ class JobLoader:
                 f"{path}: payload data may only set data attributes, but "
                 + "; ".join(_clashes(cls, info.names, data))
             )
+        if getattr(cls, "_job_function", None) is not None and not (
+            isinstance(data.get("args"), list)
+            and isinstance(data.get("kwargs"), dict)
+            and len(data) == 2
+        ):
+            raise PayloadError(
+                f"{path}: a @job function's payload data must be exactly "
+                '{"args": [...], "kwargs": {...}}, got keys ' + ", ".join(sorted(data)[:5])
+            )
         try:
             defaults = _CLASS_SETTINGS.get(cls) or _settings_of(cls)
         except ValueError as exc:
