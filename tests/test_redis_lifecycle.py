@@ -486,3 +486,16 @@ async def test_a_poll_cancelled_mid_command_stops(driver: RedisDriver, queue: st
             task.cancel()
             done, _ = await asyncio.wait([task], timeout=2)
             assert done, f"{poll.__name__} went on after its cancel (try {delay})"
+
+
+async def test_a_due_job_reads_queued_before_any_reserve_moves_it(
+    driver: RedisDriver, queue: str
+) -> None:
+    job_id = new_id()
+    await driver.push([outgoing(job_id, queue, delay=0.05)])
+    record = await driver.job_status(job_id, queue)
+    assert record is not None and record.status is Status.SCHEDULED
+    await asyncio.sleep(0.1)  # the due time passes; no reserve runs
+    assert await driver.client.zscore(driver.keys(queue).delayed, job_id) is not None
+    record = await driver.job_status(job_id, queue)
+    assert record is not None and record.status is Status.QUEUED

@@ -657,7 +657,12 @@ class RedisDriver(Driver):
         else:
             if due is not None:
                 fields["due_at"] = float(due) / 1000
-                status = Status.RETRYING if stored == "retrying" else Status.SCHEDULED
+                if stored == "retrying":
+                    status = Status.RETRYING
+                elif float(due) > int(now_ms):
+                    status = Status.SCHEDULED
+                else:
+                    status = Status.QUEUED  # due: ready, whether or not a reserve moved it yet
             elif stored in ("retrying", "running"):
                 status = Status.RETRYING  # a failed try, or its worker was lost
             else:
