@@ -476,7 +476,8 @@ def job_row(job: OutgoingJob, created: datetime) -> dict[str, Any]:
         "max_tries": job.max_tries,
         "state": "waiting",
         "due_at": None,
-        "expires_at": t.now(job.delay + job.ttl) if job.ttl > 0 else None,
+        # From the due time itself, so that the ttl read back (`ttl_error`) is the one given.
+        "expires_at": t.to_db_time(due + timedelta(seconds=job.ttl)) if job.ttl > 0 else None,
         "failure_ttl": job.failure_ttl,
         "unique_key": job.unique_key or None,
     }
