@@ -268,7 +268,10 @@ def test_new_worker_runs_what_the_old_release_left(
     # An old worker leaves the failed record (the gate is closed: its one try fails).
     old_worker = old.worker(server_backend, ["--queue", failing, "--stop-when-empty"],
                             tmp_path / "old-worker.log")  # fmt: skip
-    old_worker.wait(60)
+    try:
+        old_worker.wait(60)
+    finally:
+        old_worker.stop()  # only if it is still running (it should have exited by itself)
     assert [e["n"] for e in read(log) if e["event"] == "try"] == [99], old_worker.output
     assert runs(log) == []
 
