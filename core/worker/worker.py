@@ -203,6 +203,7 @@ class Worker:
         self._bookkeeping: set[asyncio.Task[Any]] = set()
         self._lease_requests: list[tuple[_Running, float]] = []
         self._lease_batch: asyncio.Task[None] | None = None
+        self._duty_calls: set[asyncio.Future[Any]] = set()
 
     # -- control -----------------------------------------------------------------------
 
@@ -263,6 +264,7 @@ class Worker:
                         duty.cancel()
                     heartbeat.cancel()
                     await asyncio.gather(heartbeat, *duties, return_exceptions=True)
+                    await self._end_calls()
             self._closing = True
             if self._flusher is not None:
                 await asyncio.gather(self._flusher, return_exceptions=True)
@@ -743,7 +745,7 @@ class Worker:
             if not held:
                 continue
             try:
-                requested = await driver.cancel_requested(held)
+                requested = await self._whole_call(driver.cancel_requested(held))
             except Exception as exc:
                 if not failing:
                     logger.warning("could not ask for cancel requests: %s", describe(exc))
@@ -854,10 +856,8 @@ class Worker:
         assert driver is not None
         await asyncio.sleep(random.uniform(0.5, 1.0) * self._prune_every)
         while True:
-            # Its own task, never cancelled mid-call (see `_heartbeat`); waited for at the end.
-            prune = self._track(asyncio.create_task(driver.prune_records()))
             try:
-                pruned = await asyncio.shield(prune)
+                pruned = await self._whole_call(driver.prune_records())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -866,6 +866,24 @@ class Worker:
                 if pruned:
                     logger.info("pruned %d status record(s) past their keep time", pruned)
             await asyncio.sleep(self._prune_every)
+
+    async def _whole_call(self, call: Awaitable[T]) -> T:
+        """Await a backend call of a background duty as a task of its own: cancelling the
+        duty never cuts the call off half-way (that can leave a connection unusable, see
+        `_heartbeat`); `_end_calls` lets it finish when the worker stops."""
+        task: asyncio.Task[T] = asyncio.ensure_future(call)
+        self._duty_calls.add(task)
+        task.add_done_callback(self._duty_calls.discard)
+        return await asyncio.shield(task)
+
+    async def _end_calls(self) -> None:
+        """Stopping: let background calls in flight finish (bounded), then give up on them."""
+        calls = set(self._duty_calls)
+        if calls:
+            await asyncio.wait(calls, timeout=self._margin)
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
 
     # -- jobs that will not stop ---------------------------------------------------------
 
