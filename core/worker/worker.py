@@ -62,7 +62,6 @@ from core.execution import (
     on_succeeded,
     run_try,
     succeeded_outcome,
-    wants_success_calls,
 )
 from core.hooks import hooks
 from core.job import Job
@@ -527,12 +526,10 @@ class Worker:
             ):
                 raise PayloadError(f"timeout must be a number of seconds ≥ 0, got {timeout!r}")
             # Payloads from before result keeping carry neither: the settings then apply.
-            result_ttl = getattr(decoded, "result_ttl", None)
-            if result_ttl is not None:
-                run.result_ttl = float(result_ttl)
-            failure_ttl = getattr(decoded, "failure_ttl", None)
-            if failure_ttl is not None:
-                run.failure_ttl = float(failure_ttl)
+            if decoded.result_ttl is not None:
+                run.result_ttl = decoded.result_ttl
+            if decoded.failure_ttl is not None:
+                run.failure_ttl = decoded.failure_ttl
             return decoded.job, opts.max_tries or max_tries, opts.timeout or float(timeout), None
         except Exception as exc:
             error = exc
@@ -569,7 +566,8 @@ class Worker:
                     self._lose(run)
                     return
             run.deadline = time.monotonic() + timeout
-            if events.active:
+            announce = events.active
+            if announce:
                 emit(EventKind.STARTED, reserved, self.connection, job, worker=self.id)
             result = await run_try(
                 job,
@@ -621,14 +619,14 @@ class Worker:
             run.settled = True
             if run.given_up or run.lost:
                 return
-            if wants_success_calls(job):
+            if hooks.any_run_hooks or type(job).succeeded is not Job.succeeded:
                 await on_succeeded(job, result, timeout)
                 if run.given_up or run.lost:
                     return
             reserved.outcome = succeeded_outcome(job, result, run.result_ttl, self._max_result)
             self._finish(reserved)
             self.counts.done += 1
-            if events.active:
+            if announce:
                 emit(
                     EventKind.SUCCEEDED,
                     reserved,
