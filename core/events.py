@@ -2,7 +2,8 @@
 
 The manager emits `dispatched`; whoever runs a try (the worker, the `sync` connection) emits
 `started`, then one of `succeeded`, `retrying`, `failed`, `cancelled`, `returned` (handed back
-unfinished by a stopping worker), and `expired` when a job is found past its `ttl`. The
+unfinished by a stopping worker). (`expired` is reserved: a job past its `ttl` is taken out
+by the backend inside a reserve, and is counted and recorded there instead.) The
 dashboard, the metrics and MQTT status messages subscribe here rather than each hooking the
 worker:
 

@@ -19,7 +19,7 @@ from core.settings import Settings
 
 HELP = {"make:job": "create app/jobs/<name>_job.py with a new Job class"}
 
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*\Z")
 # A word boundary inside a CamelCase name: before an upper-case letter that follows a lower-case
 # letter or digit, and before the last capital of an acronym (HTTPRequest -> HTTP_Request).
 _BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")

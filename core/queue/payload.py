@@ -59,8 +59,8 @@ __all__ = [
 ]
 
 _DUMP_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
-_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:@/-]{1,190}$")
-_JOB_ID = re.compile(r"^[A-Za-z0-9_.:@/+=-]{1,190}$")
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:@/-]{1,190}\Z")
+_JOB_ID = re.compile(r"^[A-Za-z0-9_.:@/+=-]{1,190}\Z")
 _GOOD_NAMES: set[str] = set()
 
 logger = logging.getLogger("topiq.queue")

@@ -454,7 +454,7 @@ class QueueManager:
 
 _ON_DUPLICATE = ("reject", "keep", "replace")
 _CONNECTION_NAMES: dict[str, str] = {c.value: c.value for c in QueueConnection}
-_JOB_ID = re.compile(r"^[A-Za-z0-9_.:@/+=-]{1,190}$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9_.:@/+=-]{1,190}\Z")
 
 
 def _checked_id(value: Any, where: str) -> str:
