@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import itertools
 import math
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -83,6 +85,9 @@ _DONE_KEEP_MS = 60_000
 _WAITER_MARGIN_MS = 5_000
 #: The longest a waiter blocks before reading the record again (a lost token costs this much).
 _WAIT_SLICE = 1.0
+#: Tokens of unanswered reservations remembered per queue (one per failed call while the
+#: server is away; only the last one that reached it matters).
+_UNANSWERED_KEPT = 16
 
 
 def _load_script(name: str) -> str:
@@ -323,6 +328,11 @@ class RedisDriver(Driver):
         self._known_queues: set[str] = set()
         self._next_due: dict[str, float] = {}  # queue -> monotonic time work may fall due
         self._failed = RedisFailedStore(self)
+        # Reservations whose reply never came (see reserve.lua, "Grants"): this driver's id,
+        # a counter for its calls, and per queue the tokens of calls left unanswered.
+        self._reserver = secrets.token_hex(8)
+        self._grants = itertools.count(1)
+        self._unanswered: dict[str, list[str]] = {}
 
     def script(self, name: str) -> AsyncScript:
         """The registered Lua script `name` (see `lua/`)."""
@@ -484,19 +494,30 @@ class RedisDriver(Driver):
                 mine = acks.pop(name, ())
                 args: list[Any] = [max(0, want), lease_ms, worker, k.tag, failure_ms, len(mine)]
                 args += self._ack_args(mine)
-                reply = await self._scripts["reserve"](
-                    keys=[
-                        k.ready,
-                        k.delayed,
-                        k.reserved,
-                        k.payloads,
-                        k.attempts,
-                        k.wake,
-                        k.front,
-                        k.cancel,
-                    ],
-                    args=args,
-                )
+                # The script may have run even if its reply is lost (the server crashed before
+                # answering): the next call names this token to get those jobs back unspent.
+                token = str(next(self._grants))
+                unanswered = self._unanswered.get(name, [])
+                args += (self._reserver, token, *unanswered)
+                try:
+                    reply = await self._scripts["reserve"](
+                        keys=[
+                            k.ready,
+                            k.delayed,
+                            k.reserved,
+                            k.payloads,
+                            k.attempts,
+                            k.wake,
+                            k.front,
+                            k.cancel,
+                        ],
+                        args=args,
+                    )
+                except BaseException:
+                    self._unanswered[name] = [*unanswered, token][-_UNANSWERED_KEPT:]
+                    raise
+                if unanswered:
+                    del self._unanswered[name]
                 next_ms = int(reply[0])
                 if next_ms:
                     self._next_due[name] = (

@@ -10,7 +10,17 @@
 -- KEYS: 1 ready, 2 delayed, 3 reserved, 4 payloads, 5 attempts, 6 wake, 7 front, 8 cancel
 -- ARGV: 1 limit, 2 lease ms, 3 worker id, 4 tag, 5 failure_ttl ms for records without one
 --       (jobs pushed by wave-1 code), 6 ack count n, 7 outcome count m, then m outcomes of 5
---       and n acks of 3 as in ack.lua
+--       and n acks of 3 as in ack.lua, then the reserver id (one per driver instance), this
+--       call's grant token, and the tokens of this reserver's calls whose reply never came
+-- Grants: <tag>:grant:<reserver> = "token id attempts id attempts ..." holds the jobs handed
+--       out by the reserver's last call that reserved any. A reply lost on the way (the script
+--       ran, the connection broke before the answer arrived: a server crash right after its
+--       append-only fsync) is indistinguishable from a dead worker to everyone but the worker
+--       that sent it: when it calls again naming the lost token, the jobs still held under that
+--       grant (same attempts, not handed to anyone else) are handed back to it with their try
+--       unchanged, instead of lapsing and coming back a try later (lost on a last try).
+--       They come first in the reply and count against `limit` (all are returned, even past
+--       it: they are the caller's already).
 -- Returns: {next_ms, id1, payload1, attempts1, id2, ...} where next_ms is, when nothing was
 --          reserved, how long until a delayed job or a lease falls due (-1: none); else 0.
 local t = redis.call('TIME')
@@ -116,8 +126,44 @@ if #expired > 0 then
   end
 end
 
+local tail = first + acks * 3
+local grant_key, token = tag .. ':grant:' .. ARGV[tail], ARGV[tail + 1]
+local grant = {token}
 local out = {0}
 local got = 0
+if #ARGV > tail + 1 then
+  local last = redis.call('GET', grant_key)
+  local parts = {}
+  if last then
+    for part in string.gmatch(last, '%S+') do parts[#parts + 1] = part end
+  end
+  local lost = false
+  for j = tail + 2, #ARGV do
+    if ARGV[j] == parts[1] then lost = true end
+  end
+  if lost then
+    for g = 2, #parts - 1, 2 do
+      local id, tries = parts[g], parts[g + 1]
+      local payload = redis.call('HGET', KEYS[4], id)
+      -- Still ours: its try was not counted again (reaped jobs wait in the queue untouched).
+      if payload and redis.call('HGET', KEYS[5], id) == tries
+          and (redis.call('ZSCORE', KEYS[3], id)
+            or redis.call('LREM', KEYS[1], 1, id) == 1) then
+        redis.call('ZADD', KEYS[3], now + lease, id)
+        local rec = tag .. ':job:' .. id
+        if redis.call('EXISTS', rec) == 1 then
+          redis.call('HSET', rec, 'status', 'running', 'worker', worker)
+        end
+        out[#out + 1] = id
+        out[#out + 1] = payload
+        out[#out + 1] = tonumber(tries)
+        grant[#grant + 1] = id
+        grant[#grant + 1] = tries
+        got = got + 1
+      end
+    end
+  end
+end
 while limit > got do
   local ids = redis.call('LPOP', KEYS[1], limit - got)
   if not ids then break end
@@ -144,10 +190,17 @@ while limit > got do
         out[#out + 1] = id
         out[#out + 1] = payload
         out[#out + 1] = attempts
+        grant[#grant + 1] = id
+        grant[#grant + 1] = attempts
         got = got + 1
       end
     end
   end
+end
+
+if got > 0 then
+  -- Kept a minute past the lease: long enough for a worker to reconnect after a restart.
+  redis.call('SET', grant_key, table.concat(grant, ' '), 'PX', lease + 60000)
 end
 
 if next(ended) ~= nil then
