@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
@@ -60,6 +62,23 @@ __all__ = [
     "queue",
     "set_default_manager",
 ]
+
+
+#: The latest a delayed job may fall due: SQL stores times as DATETIME, which ends with the year
+#: 9999, and a due time plus its ttl (30 days at most) must fit too. A later one failed in the SQL
+#: driver with a bare OverflowError, and Redis stored one that `queue:job` could not show.
+_LATEST_DUE = datetime(9999, 1, 1, tzinfo=UTC).timestamp()
+
+
+def _delay_seconds(delay: Delay | None) -> float:
+    """Seconds from now for a dispatch `delay` (`parse_delay`); `ValueError` naming the delay
+    if it ends after 9999-01-01."""
+    if delay is None:
+        return 0.0
+    seconds = parse_delay(delay)
+    if seconds > _LATEST_DUE - time.time():
+        raise ValueError(f"invalid delay {delay!r}: it ends after 9999-01-01")
+    return seconds
 
 
 class QueueManager:
@@ -311,7 +330,7 @@ class QueueManager:
         outgoing = self._outgoing(
             job,
             name,
-            parse_delay(delay) if delay is not None else 0.0,
+            _delay_seconds(delay),
             job_id,
             at_front,
             on_duplicate,
@@ -352,7 +371,7 @@ class QueueManager:
         """
         if not self._hooks_loaded:
             self._load_hooks()
-        seconds = parse_delay(delay) if delay is not None else 0.0
+        seconds = _delay_seconds(delay)
         groups: dict[str, list[tuple[int, Job, OutgoingJob]]] = defaultdict(list)
         count = 0
         for job in jobs:
