@@ -30,7 +30,8 @@ def events(log: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
     path = Path(log)
     if not path.exists():
         return []
-    out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # Only whole lines: a writer in another process may be half-way through the last one.
+    out = [json.loads(line) for line in path.read_text().split("\n")[:-1] if line.strip()]
     return [e for e in out if kind is None or e["event"] == kind]
 
 
