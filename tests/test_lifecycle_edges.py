@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
 
 import pytest
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from core.queue.drivers import sql_tables as t
+from core.queue.drivers.database import DatabaseDriver
 from core.queue.queue_manager import QueueManager
 from core.status import Status
+from tests.conftest import _backend
 from tests.jobs import RecordJob
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,3 +43,38 @@ async def test_a_long_delay_within_range_is_kept(manager: QueueManager) -> None:
     assert record.status == Status.SCHEDULED
     assert record.due_at is not None
     assert before + TEN_YEARS - 5 <= record.due_at <= time.time() + TEN_YEARS + 5
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+async def sql_manager(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[QueueManager]:
+    backend = next(_backend(request.param, request, tmp_path))
+    async with QueueManager(backend.settings()) as qm:
+        yield qm
+
+
+async def test_a_lying_failure_ttl_column_does_not_wedge_the_queue(
+    sql_manager: QueueManager,
+) -> None:
+    """A row whose failure_ttl column was written by hand past the longest keep (3650 days)
+    is expired with that keep time; it used to make every reserve of its queue fail
+    (OverflowError), so that no job of the queue ran again."""
+    doomed = await sql_manager.push(RecordJob("doomed"))
+    other = await sql_manager.push(RecordJob("other"))
+    driver = await sql_manager.connection()
+    assert isinstance(driver, DatabaseDriver)
+
+    async def lie_about(conn: AsyncConnection) -> None:
+        await conn.execute(
+            update(t.queue_jobs)
+            .where(t.queue_jobs.c.uuid == doomed.id)
+            .values(failure_ttl=1e308, expires_at=datetime(2000, 1, 1))
+        )
+
+    await driver._run("test", lie_about)
+    queue = sql_manager.settings.queue_default
+    reserved = await driver.reserve([queue], 10, 30, worker="w-test")
+    assert [job.id for job in reserved] == [other.id]
+    record = await doomed.status()
+    assert record.status == Status.EXPIRED

@@ -248,6 +248,26 @@ def minute_now() -> int:
     return int(time.time() // 60)
 
 
+#: The longest a record is kept (the dispatch limit of result_ttl and failure_ttl, 3650 days).
+_MAX_KEEP = 3650 * 24 * 3600.0
+
+
+def _failure_keep(value: Any, default: float) -> float:
+    """A row's `failure_ttl` column as seconds to keep its record. The column is not trusted
+    (a row written by hand, or by other code): a value that is not a number is read as the
+    default, and one past the longest keep as that, instead of overflowing the keep time in
+    reserve/cancel and so failing every reserve of the queue."""
+    if value is None:
+        return default
+    try:
+        keep = float(value)
+    except (TypeError, ValueError):
+        return default
+    if math.isnan(keep):
+        return default
+    return min(keep, _MAX_KEEP)
+
+
 async def end_rows(
     conn: AsyncConnection,
     rows: Sequence[tuple[Any, Status, str]],
@@ -263,7 +283,7 @@ async def end_rows(
     await conn.execute(delete(t.queue_jobs).where(_jobs.id.in_([row.id for row, _, _ in rows])))
     records = []
     for row, status, error in rows:
-        keep = default_keep if row.failure_ttl is None else float(row.failure_ttl)
+        keep = _failure_keep(row.failure_ttl, default_keep)
         if keep > 0:
             records.append(_record(row, connection, Outcome(status, keep, error=error), now))
         counted[(row.queue, status.value)] += 1
