@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.queue.drivers import sql_tables as t
 from core.queue.drivers.database import DatabaseDriver
+from core.queue.drivers.redis import RedisDriver
 from core.queue.queue_manager import QueueManager
 from core.status import Status
 from tests.conftest import _backend
@@ -78,3 +79,59 @@ async def test_a_lying_failure_ttl_column_does_not_wedge_the_queue(
     assert [job.id for job in reserved] == [other.id]
     record = await doomed.status()
     assert record.status == Status.EXPIRED
+
+
+@pytest.fixture
+async def redis_manager(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[QueueManager]:
+    backend = next(_backend("redis", request, tmp_path))
+    async with QueueManager(backend.settings()) as qm:
+        yield qm
+
+
+@pytest.mark.parametrize(
+    "lie",
+    [
+        {"failure_ttl": "forever"},
+        {"failure_ttl": "1e308"},
+        {"failure_ttl": "inf"},
+        {"due_at": "yesterday"},
+    ],
+)
+async def test_a_lying_redis_record_does_not_wedge_the_queue(
+    redis_manager: QueueManager, lie: dict[str, str]
+) -> None:
+    """The same on Redis: reserve.lua expired the job with `PEXPIRE rec <failure_ttl>` and did
+    arithmetic on its due_at: a record field that is not a number, or a keep past the longest
+    (3650 days), failed every reserve of the queue."""
+    queue = redis_manager.settings.queue_default
+    doomed = RecordJob("doomed")
+    doomed.ttl = 60
+    doomed_handle = await redis_manager.push(doomed)
+    other = await redis_manager.push(RecordJob("other"))
+    driver = await redis_manager.connection()
+    assert isinstance(driver, RedisDriver)
+    record_key = driver.keys(queue).record(doomed_handle.id)
+    # Its ttl ran out long ago (epoch ms), and another field lies.
+    await driver.client.hset(record_key, mapping={"expires_at": 1, **lie})
+    reserved = await driver.reserve([queue], 10, 30, worker="w-test")
+    assert [job.id for job in reserved] == [other.id]
+    assert await driver.client.hget(record_key, "status") == b"expired"
+    error = await driver.client.hget(record_key, "error")
+    assert error.startswith(b"not started within its ttl of ")
+    assert 0 < await driver.client.pttl(record_key) <= 3650 * 86400 * 1000
+
+
+async def test_a_redis_record_with_a_garbled_expires_at_runs_its_job(
+    redis_manager: QueueManager,
+) -> None:
+    queue = redis_manager.settings.queue_default
+    job = RecordJob("garbled")
+    job.ttl = 60
+    handle = await redis_manager.push(job)
+    driver = await redis_manager.connection()
+    assert isinstance(driver, RedisDriver)
+    await driver.client.hset(driver.keys(queue).record(handle.id), "expires_at", "soon")
+    reserved = await driver.reserve([queue], 10, 30, worker="w-test")
+    assert [job.id for job in reserved] == [handle.id]

@@ -48,7 +48,12 @@ local function finish(id, status, err)
   redis.call('HDEL', KEYS[5], id)
   redis.call('SREM', KEYS[8], id)
   local f = redis.call('HMGET', rec, 'failure_ttl', 'unique_key', 'unique_for')
-  local keep = tonumber(f[1] or default_keep)
+  -- The record's failure_ttl is not trusted (a hash written by hand): a value that is not a
+  -- number counts as the default, one past the longest keep (3650 days) as that; else PEXPIRE
+  -- or the comparison below fails, and with it every reserve of the queue.
+  local keep = tonumber(f[1]) or tonumber(default_keep)
+  if keep ~= keep then keep = 0 end
+  keep = math.floor(math.min(keep, 315360000000))
   -- A key held by unique_for stays taken until it expires, whatever happens to the job.
   if f[2] and f[2] ~= '' and (f[3] or '0') == '0'
       and redis.call('GET', tag .. ':unique:' .. f[2]) == id then
@@ -173,9 +178,11 @@ while limit > got do
     if payload then
       local rec = tag .. ':job:' .. id
       local f = redis.call('HMGET', rec, 'expires_at', 'unique_key', 'unique_for')
-      if f[1] and tonumber(f[1]) <= now and not redis.call('HGET', KEYS[5], id) then
-        finish(id, 'expired',
-          'not started within its ttl of ' .. (tonumber(f[1]) - tonumber(redis.call('HGET', rec, 'due_at') or f[1])) / 1000 .. 's')
+      -- Record fields are not trusted (see finish): an expires_at that is no number is no ttl.
+      local expires = tonumber(f[1])
+      if expires and expires <= now and not redis.call('HGET', KEYS[5], id) then
+        local due = tonumber(redis.call('HGET', rec, 'due_at')) or expires
+        finish(id, 'expired', 'not started within its ttl of ' .. (expires - due) / 1000 .. 's')
       else
         if f[1] then redis.call('HDEL', rec, 'expires_at') end
         if f[2] and f[2] ~= '' and (f[3] or '0') == '0'
