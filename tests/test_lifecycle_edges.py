@@ -135,3 +135,25 @@ async def test_a_redis_record_with_a_garbled_expires_at_runs_its_job(
     await driver.client.hset(driver.keys(queue).record(handle.id), "expires_at", "soon")
     reserved = await driver.reserve([queue], 10, 30, worker="w-test")
     assert [job.id for job in reserved] == [handle.id]
+
+
+@pytest.mark.parametrize("lie", ["forever", "1e308", "inf", "nan"])
+async def test_a_lying_redis_failure_ttl_does_not_break_cancel(
+    redis_manager: QueueManager, lie: str
+) -> None:
+    """cancel.lua kept the record for `PEXPIRE rec <failure_ttl>`: a field that is not a
+    usable number made the cancel of that job fail."""
+    queue = redis_manager.settings.queue_default
+    handle = await redis_manager.push(RecordJob("cancel-me"))
+    driver = await redis_manager.connection()
+    assert isinstance(driver, RedisDriver)
+    record_key = driver.keys(queue).record(handle.id)
+    await driver.client.hset(record_key, "failure_ttl", lie)
+    assert await handle.cancel() is True
+    assert await driver.reserve([queue], 10, 30, worker="w-test") == []
+    ttl = await driver.client.pttl(record_key)
+    if lie == "nan":
+        assert ttl == -2  # kept for 0 s: gone
+    else:
+        assert await driver.client.hget(record_key, "status") == b"cancelled"
+        assert 0 < ttl <= 3650 * 86400 * 1000

@@ -30,7 +30,11 @@ if f[2] and f[2] ~= '' and (f[3] or '0') == '0'
     and redis.call('GET', tag .. ':unique:' .. f[2]) == id then
   redis.call('DEL', tag .. ':unique:' .. f[2])
 end
-local keep = tonumber(f[1] or ARGV[3])
+-- Not trusted (a record written by hand): not a number counts as the default, NaN as 0, and a
+-- keep past the longest one (3650 days) as that one, so that PEXPIRE never refuses it.
+local keep = tonumber(f[1]) or tonumber(ARGV[3])
+if keep ~= keep then keep = 0 end
+keep = math.floor(math.min(keep, 315360000000))
 if keep > 0 then
   redis.call('HSET', rec, 'status', 'cancelled', 'ended_at', now)
   redis.call('HDEL', rec, 'expires_at')
