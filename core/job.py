@@ -14,6 +14,23 @@ JobMiddleware = Callable[["Job", Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
 logger = logging.getLogger("topiq.job")
 
+#: The settings a job chooses (on its class, or on the instance before dispatch): they travel
+#: in the payload's own fields, never in its data.
+JOB_SETTINGS = (
+    "queue",
+    "max_tries",
+    "timeout",
+    "retry_after",
+    "connection",
+    "unique_key",
+    "unique_for",
+    "on_duplicate",
+    "at_front",
+    "ttl",
+    "result_ttl",
+    "failure_ttl",
+)
+
 
 class Job:
     """A unit of background work, dispatched with `await dispatch(job)`.
@@ -81,24 +98,7 @@ class Job:
     aliases: ClassVar[Sequence[str]] = ()
 
     # Names that configure the job rather than carry its data.
-    _settings_names: ClassVar[frozenset[str]] = frozenset(
-        {
-            "queue",
-            "max_tries",
-            "timeout",
-            "retry_after",
-            "connection",
-            "job_id",
-            "attempts",
-            "unique_key",
-            "unique_for",
-            "on_duplicate",
-            "at_front",
-            "ttl",
-            "result_ttl",
-            "failure_ttl",
-        }
-    )
+    _settings_names: ClassVar[frozenset[str]] = frozenset((*JOB_SETTINGS, "job_id", "attempts"))
 
     def __init__(self) -> None:
         """Jobs need no constructor arguments, but subclasses may take any."""

@@ -39,7 +39,7 @@ from core.errors import (
     UnknownJobError,
 )
 from core.functions import JobFunction
-from core.job import Job
+from core.job import JOB_SETTINGS, Job
 
 __all__ = [
     "ASSIGNED_ID",
@@ -104,20 +104,7 @@ def _refuse(value: Any) -> Any:
 
 #: The settings a class (or an instance, before dispatch) chooses. They travel in the
 #: payload's own fields, never in its data, and must be plain values on the class.
-_SETTINGS = (
-    "queue",
-    "max_tries",
-    "timeout",
-    "retry_after",
-    "connection",
-    "unique_key",
-    "unique_for",
-    "on_duplicate",
-    "at_front",
-    "ttl",
-    "result_ttl",
-    "failure_ttl",
-)
+_SETTINGS = JOB_SETTINGS
 
 
 @dataclass(frozen=True, slots=True)
