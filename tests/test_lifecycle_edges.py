@@ -157,3 +157,12 @@ async def test_a_lying_redis_failure_ttl_does_not_break_cancel(
     else:
         assert await driver.client.hget(record_key, "status") == b"cancelled"
         assert 0 < ttl <= 3650 * 86400 * 1000
+
+
+@pytest.mark.parametrize("moment", [1e300, -1e20, float("inf"), float("nan")])
+def test_a_time_no_calendar_holds_is_shown_not_fatal(moment: float) -> None:
+    """`queue:job` formats the times of a record: one written by hand must not crash it."""
+    from core.commands._common import stamp, when
+
+    assert "not a valid time" in when(moment)
+    assert "not a valid time" in stamp(moment)

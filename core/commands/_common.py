@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -305,13 +306,19 @@ def _is_number(text: str) -> bool:
 def when(moment: datetime | float) -> str:
     """A time (a datetime or epoch seconds) in UTC, to the second: `2024-05-01 12:00:03Z`."""
     if not isinstance(moment, datetime):
-        moment = datetime.fromtimestamp(moment, UTC)
+        try:
+            moment = datetime.fromtimestamp(moment, UTC)
+        except (OverflowError, OSError, ValueError):
+            # A stored time no calendar holds (a record written by hand): shown, not fatal.
+            return f"{moment!r} (not a valid time)"
     return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z"
 
 
 def stamp(moment: datetime | float) -> str:
     """`when` with how long ago it was: `2024-05-01 12:00:03Z (5m ago)`."""
     seconds = moment.timestamp() if isinstance(moment, datetime) else moment
+    if not math.isfinite(seconds):
+        return when(moment)
     return f"{when(moment)} ({ago(time.time() - seconds)})"
 
 
