@@ -18,6 +18,10 @@ connection. While jobs run, the worker asks the backend every half second whethe
 was cancelled (`queue:cancel`, `handle.cancel()`): such a job's task is cancelled, and it is
 acknowledged as `cancelled`: never retried, `failed()` not called. In the background, at most
 once a minute, it deletes status records past their keep time (`prune_records`).
+
+The parts with little state of their own live beside this module: `state` (the records of held
+jobs), `loading` (a payload to a job), `failures` (recording jobs failed for good), `cancels`
+(cancel requests), `heartbeat` (lease renewal) and `background` (pruning, duty calls).
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import functools
 import logging
 import math
 import os
-import random
 import signal
 import socket
 import sys
@@ -36,14 +39,11 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from core.errors import (
     ConfigurationError,
     DriverError,
-    JobCancelledError,
-    PayloadError,
     Retry,
     WorkerLostError,
 )
@@ -51,13 +51,8 @@ from core.events import EventKind, events
 from core.execution import (
     JobAbandonedError,
     JobThreads,
-    cancelled_outcome,
     describe,
     emit,
-    failed_outcome,
-    failed_record,
-    on_cancelled,
-    on_failed,
     on_retrying,
     on_succeeded,
     run_try,
@@ -65,10 +60,23 @@ from core.execution import (
 )
 from core.hooks import hooks
 from core.job import Job
-from core.queue.drivers.base import Driver, FailedJob, FailedStore, ReservedJob, WorkerInfo
-from core.queue.payload import JobLoader, decode_envelope
+from core.queue.drivers.base import Driver, ReservedJob
+from core.queue.payload import JobLoader
 from core.queue.queue_manager import QueueManager
+from core.worker.background import Duties
+from core.worker.cancels import CancelRequests
+from core.worker.failures import FailureRecorder
+from core.worker.heartbeat import Heartbeat
+from core.worker.loading import load
 from core.worker.options import ExitCode, StopReason, WorkerOptions
+from core.worker.state import (
+    DEFAULT_TIMEOUT,
+    Buffered,
+    Running,
+    WorkerCounts,
+    job_timeout,
+    set_thread,
+)
 from core.worker.watchdog import Watchdog
 
 __all__ = ["Worker", "WorkerCounts", "exit_code"]
@@ -76,71 +84,6 @@ __all__ = ["Worker", "WorkerCounts", "exit_code"]
 logger = logging.getLogger("topiq.worker")
 
 T = TypeVar("T")
-_DEFAULT_TIMEOUT = 60.0
-_DEFAULT_MAX_TRIES = Job.max_tries
-#: Seconds between two questions to the backend about cancel requests, while jobs run.
-_CANCEL_POLL = 0.5
-#: Seconds between two prunes of expired status records.
-_PRUNE_EVERY = 60.0
-
-
-@dataclass(slots=True)
-class WorkerCounts:
-    """What a worker's finished tries came to."""
-
-    done: int = 0  # succeeded
-    retried: int = 0  # failed or asked for a retry, and will run again
-    failed: int = 0  # failed for good (recorded in the failed-job store)
-    returned: int = 0  # handed back unfinished because the worker was stopping
-    lost: int = 0  # cancelled: its lease could not be renewed, another worker may have it
-    given_up: int = 0  # would not stop after its timeout: try failed, the worker exits
-    cancelled: int = 0  # cancelled on request while running (or waiting in the buffer)
-
-
-@dataclass(slots=True)
-class _Buffered:
-    """A job reserved ahead of a free slot, under a short lease the heartbeat renews."""
-
-    reserved: ReservedJob
-    lease: float  # seconds it was reserved for
-    lease_until: float  # monotonic time its stored lease ends, as far as we know
-
-
-@dataclass(slots=True)
-class _Running:
-    reserved: ReservedJob
-    deadline: float  # monotonic time its timeout ends
-    label: str
-    lease: float  # seconds of its lease as last asked for
-    lease_until: float  # monotonic time its stored lease ends, as far as we know
-    task: asyncio.Task[None] | None = None
-    job: Job | None = None
-    max_tries: int = _DEFAULT_MAX_TRIES
-    given_up: bool = False  # would not stop: whatever its task does from now on is ignored
-    lost: bool = False  # its lease lapsed: cancelled, and no longer ours to ack or release
-    result_ttl: float = 0.0  # seconds its record is kept after success
-    failure_ttl: float = 0.0  # seconds its record is kept after failure or cancel
-    cancelling: bool = False  # a cancel was asked for: its task is being cancelled
-    settled: bool = False  # its try has ended (handle returned or raised): too late to cancel
-    thread: asyncio.Future[Any] | None = None  # a sync handle's thread, once started
-    started: float = 0.0  # perf_counter at the start of its try
-
-
-@dataclass(slots=True)
-class _Failure:
-    """A job that failed for good, held (lease renewed) until its failure is recorded."""
-
-    reserved: ReservedJob
-    job: Job | None
-    exc: BaseException
-    record: FailedJob
-    failed_timeout: float
-    failure_ttl: float
-    started: float | None = None  # perf_counter at the start of its try
-    hooked: bool = False  # `failed()` was called
-    busy: bool = False  # a recording attempt is in flight
-    held: bool = False  # a recording attempt failed: it waits for the store
-    lease_until: float = field(default_factory=time.monotonic)
 
 
 class Worker:
@@ -159,22 +102,23 @@ class Worker:
         settings = manager.settings
         self._margin = settings.queue_lease_margin
         self._loader = JobLoader(settings.queue_allowed_modules)
-        self._default_lease = (options.timeout or _DEFAULT_TIMEOUT) + self._margin
+        self._default_lease = (options.timeout or DEFAULT_TIMEOUT) + self._margin
         self._result_ttl = float(getattr(settings, "queue_result_ttl", 500.0))
         self._failure_ttl = float(getattr(settings, "queue_failure_ttl", 604800.0))
         self._max_result = settings.queue_max_payload_bytes
-        self._cancel_every = _CANCEL_POLL
-        self._prune_every = _PRUNE_EVERY
+        self._cancels = CancelRequests(self)
+        self._duties = Duties(self._margin)
+        self._heartbeat = Heartbeat(self)
         # Jobs reserved ahead of a free slot hold only this short lease (renewed by the
         # heartbeat), so a worker that dies with them buffered gives them back quickly.
         self._prestart_lease = self._margin
         # How long a job may take to stop after its cancellation before it is given up.
         self._stop_within = max(0.5, min(self._margin / 2, 5.0))
         self._heartbeat_every = max(0.2, min(5.0, self._margin / 3))
-        self._running: dict[str, _Running] = {}
+        self._running: dict[str, Running] = {}
         # Reserved ahead of a free slot, so that a finishing job is replaced without waiting
         # for a round trip to the backend.
-        self._buffer: deque[_Buffered] = deque()
+        self._buffer: deque[Buffered] = deque()
         self._prefetch = (
             options.prefetch if options.prefetch is not None else options.concurrency // 4
         )
@@ -192,17 +136,17 @@ class Worker:
         self._watchdog = Watchdog(self._running)
         self._threads = JobThreads(options.concurrency)
         self._driver: Driver | None = None
-        self._failed: FailedStore | None = None
-        self._store_down = False
-        self._failures: dict[str, _Failure] = {}
-        self._recorder: asyncio.Task[None] | None = None
-        self._given_up: list[tuple[_Running, JobAbandonedError]] = []
+        self._failed_jobs = FailureRecorder(
+            manager, self.connection, self.id, self._margin, self.counts, self._finish, self._track
+        )
+        # Failed for good, held (lease renewed) until recorded: the recorder's own dict.
+        self._failures = self._failed_jobs.held
+        self._given_up: list[tuple[Running, JobAbandonedError]] = []
         self._abandoned: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._bookkeeping: set[asyncio.Task[Any]] = set()
-        self._lease_requests: list[tuple[_Running, float]] = []
+        self._lease_requests: list[tuple[Running, float]] = []
         self._lease_batch: asyncio.Task[None] | None = None
-        self._duty_calls: set[asyncio.Future[Any]] = set()
 
     # -- control -----------------------------------------------------------------------
 
@@ -215,6 +159,15 @@ class Worker:
     def processed(self) -> int:
         """Jobs finished (done, retried or failed) so far."""
         return self._processed
+
+    @property
+    def _prune_every(self) -> float:
+        """Seconds between two prunes of expired status records (tests shorten it)."""
+        return self._duties.prune_every
+
+    @_prune_every.setter
+    def _prune_every(self, seconds: float) -> None:
+        self._duties.prune_every = seconds
 
     @property
     def must_end_process(self) -> bool:
@@ -246,24 +199,28 @@ class Worker:
             if self._driver is None:
                 return self._stop_reason or StopReason.SIGNAL
             # Not waited for: a failed-job store that is down must not keep jobs from running.
-            opener = asyncio.create_task(self._open_store_at_start())
+            opener = asyncio.create_task(self._failed_jobs.open_store_at_start())
             async with self._watchdog:
-                heartbeat = asyncio.create_task(self._heartbeat(), name="topiq-worker-heartbeat")
+                heartbeat = asyncio.create_task(
+                    self._heartbeat.run(), name="topiq-worker-heartbeat"
+                )
                 duties = [
-                    asyncio.create_task(self._watch_cancels(), name="topiq-worker-cancels"),
-                    asyncio.create_task(self._prune_records(), name="topiq-worker-prune"),
+                    asyncio.create_task(self._cancels.watch(), name="topiq-worker-cancels"),
+                    asyncio.create_task(
+                        self._duties.prune_records(self._driver), name="topiq-worker-prune"
+                    ),
                 ]
                 try:
                     await self._work()
                 finally:
                     await self._drain()
                     await self._settle_given_up()
-                    await self._settle_failures()
+                    await self._failed_jobs.settle(self._driver, self.options.grace)
                     for duty in duties:
                         duty.cancel()
                     heartbeat.cancel()
                     await asyncio.gather(heartbeat, *duties, return_exceptions=True)
-                    await self._end_calls()
+                    await self._duties.end_calls()
             self._closing = True
             if self._flusher is not None:
                 await asyncio.gather(self._flusher, return_exceptions=True)
@@ -388,7 +345,7 @@ class Worker:
                     continue
                 self._acknowledged(acks)
                 if jobs:
-                    held = [_Buffered(job, lease, asked + lease) for job in jobs]
+                    held = [Buffered(job, lease, asked + lease) for job in jobs]
                     if self._stop_reason is not None:
                         await self._return_unstarted(held)
                         break
@@ -414,7 +371,7 @@ class Worker:
             self._buffer.clear()
             await self._return_unstarted(unstarted)
 
-    async def _return_unstarted(self, jobs: list[_Buffered]) -> None:
+    async def _return_unstarted(self, jobs: list[Buffered]) -> None:
         """Give back jobs reserved but never started, without spending their try."""
         driver = self._driver
         assert driver is not None
@@ -444,12 +401,12 @@ class Worker:
 
     # -- running jobs ------------------------------------------------------------------
 
-    def _start(self, held: _Buffered) -> None:
+    def _start(self, held: Buffered) -> None:
         self._started += 1
         reserved = held.reserved
-        run = _Running(
+        run = Running(
             reserved,
-            deadline=time.monotonic() + _DEFAULT_TIMEOUT,
+            deadline=time.monotonic() + DEFAULT_TIMEOUT,
             label="?",
             lease=held.lease,
             lease_until=held.lease_until,
@@ -460,10 +417,12 @@ class Worker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _process(self, run: _Running) -> None:
+    async def _process(self, run: Running) -> None:
         reserved = run.reserved
         try:
-            job, max_tries, timeout, error = self._load(run)
+            job, max_tries, timeout, error = load(
+                run, self._loader, self.options, self._result_ttl, self._failure_ttl
+            )
             run.max_tries = max_tries
             if reserved.attempts > max_tries:
                 label = type(job).__qualname__ if job is not None else "job"
@@ -473,12 +432,12 @@ class Worker:
                 )
                 lost.__cause__ = error
                 logger.error("job %s %s failed for good: %s", reserved.id, label, lost)
-                await self._fail(run, job, lost, timeout)
+                await self._failed_jobs.fail(run, job, lost, timeout)
                 return
             if job is None:
                 assert error is not None
                 logger.error("job %s on %s cannot be run: %s", reserved.id, reserved.queue, error)
-                await self._fail(run, None, error, timeout)
+                await self._failed_jobs.fail(run, None, error, timeout)
                 return
             await self._run(run, job, max_tries, timeout)
         except DriverError as exc:
@@ -492,7 +451,7 @@ class Worker:
             # somewhere, so record it as failed rather than let the task die with it.
             logger.exception("job %s: the worker could not handle it", reserved.id)
             if not (run.given_up or run.lost) and reserved.id not in self._failures:
-                await self._fail(run, None, exc, _DEFAULT_TIMEOUT)
+                await self._failed_jobs.fail(run, None, exc, DEFAULT_TIMEOUT)
         finally:
             if self._running.get(reserved.id) is run:
                 del self._running[reserved.id]
@@ -500,52 +459,7 @@ class Worker:
                 self._processed += 1
             self._changed.set()
 
-    def _load(self, run: _Running) -> tuple[Job | None, int, float, BaseException | None]:
-        """The job, its max_tries and timeout, and the error if it cannot be loaded; sets the
-        run's record keep times.
-
-        Whatever goes wrong is returned, never raised; max_tries then comes from the raw payload
-        when it says (else the default), so the tries check never depends on a good load.
-        """
-        opts = self.options
-        reserved = run.reserved
-        run.result_ttl = self._result_ttl
-        run.failure_ttl = self._failure_ttl
-        try:
-            decoded = self._loader.load(
-                reserved.payload, job_id=reserved.id, attempts=reserved.attempts
-            )
-            max_tries, timeout = decoded.max_tries, decoded.timeout
-            if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
-                raise PayloadError(f"max_tries must be a whole number ≥ 1, got {max_tries!r}")
-            if (
-                isinstance(timeout, bool)
-                or not isinstance(timeout, int | float)
-                or not math.isfinite(timeout)
-                or timeout < 0
-            ):
-                raise PayloadError(f"timeout must be a number of seconds ≥ 0, got {timeout!r}")
-            # Payloads from before result keeping carry neither: the settings then apply.
-            if decoded.result_ttl is not None:
-                run.result_ttl = decoded.result_ttl
-            if decoded.failure_ttl is not None:
-                run.failure_ttl = decoded.failure_ttl
-            return decoded.job, opts.max_tries or max_tries, opts.timeout or float(timeout), None
-        except Exception as exc:
-            error = exc
-            if not isinstance(exc, PayloadError):
-                error = PayloadError(f"the job cannot be loaded from its payload: {describe(exc)}")
-                error.__cause__ = exc
-        max_tries = _DEFAULT_MAX_TRIES
-        with contextlib.suppress(Exception):
-            envelope = decode_envelope(reserved.payload)
-            raw = envelope.get("max_tries")
-            if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
-                max_tries = raw
-            run.failure_ttl = _keep_time(envelope.get("failure_ttl"), self._failure_ttl)
-        return None, opts.max_tries or max_tries, opts.timeout or _DEFAULT_TIMEOUT, error
-
-    async def _run(self, run: _Running, job: Job, max_tries: int, timeout: float) -> None:
+    async def _run(self, run: Running, job: Job, max_tries: int, timeout: float) -> None:
         driver = self._driver
         assert driver is not None
         reserved = run.reserved
@@ -575,14 +489,14 @@ class Worker:
                 self._threads,
                 stop_within=self._stop_within,
                 on_stuck=functools.partial(self._give_up, run),
-                on_thread=functools.partial(_set_thread, run),
+                on_thread=functools.partial(set_thread, run),
             )
         except asyncio.CancelledError:
             run.settled = True
             if run.given_up or run.lost:
                 return  # not ours to release any more; the task ends here
             if run.cancelling:
-                await self._cancelled(run, job)
+                await self._cancels.cancelled(run, job)
                 return
             logger.warning(
                 "job %s %s returned to its queue: the worker is stopping", job.job_id, label
@@ -608,7 +522,7 @@ class Worker:
                 return
             if run.cancelling:
                 # It stopped on its cancel with an error of its own: still cancelled, not retried.
-                await self._cancelled(run, job)
+                await self._cancels.cancelled(run, job)
                 return
             if isinstance(exc, Retry) and exc.delay is not None:
                 delay = exc.delay
@@ -658,7 +572,7 @@ class Worker:
             )
             return 0.0
 
-    async def _set_lease(self, run: _Running, lease: float) -> None:
+    async def _set_lease(self, run: Running, lease: float) -> None:
         """Renew a lease, batched with the others asked for in the same turn of the loop."""
         run.lease = lease
         self._lease_requests.append((run, lease))
@@ -682,7 +596,7 @@ class Worker:
             run.lease_until = max(run.lease_until, asked + lease)
 
     async def _retry_or_fail(
-        self, run: _Running, job: Job, exc: BaseException, delay: float
+        self, run: Running, job: Job, exc: BaseException, delay: float
     ) -> None:
         driver = self._driver
         assert driver is not None
@@ -724,168 +638,10 @@ class Worker:
             max_tries,
             describe(exc),
         )
-        timeout = self.options.timeout or _job_timeout(job)
-        await self._fail(run, job, exc, timeout)
+        timeout = self.options.timeout or job_timeout(job)
+        await self._failed_jobs.fail(run, job, exc, timeout)
 
-    # -- cancel on request -------------------------------------------------------------
-
-    async def _watch_cancels(self) -> None:
-        """While jobs are held here, ask the backend every half second whether any of them
-        was cancelled (one call per poll), and cancel those."""
-        driver = self._driver
-        assert driver is not None
-        failing = False
-        while True:
-            await asyncio.sleep(self._cancel_every)
-            runs = [run for run in self._running.values() if not (run.cancelling or run.settled)]
-            held = [run.reserved for run in runs]
-            held += [waiting.reserved for waiting in self._buffer]
-            if not held:
-                continue
-            try:
-                requested = await self._whole_call(driver.cancel_requested(held))
-            except Exception as exc:
-                if not failing:
-                    logger.warning("could not ask for cancel requests: %s", describe(exc))
-                failing = True
-                continue
-            failing = False
-            for job_id in requested:
-                run = self._running.get(job_id)
-                if run is not None:
-                    self._cancel(run)
-                    continue
-                for waiting in self._buffer:
-                    if waiting.reserved.id == job_id:
-                        self._buffer.remove(waiting)
-                        self._cancel_unstarted(waiting.reserved)
-                        break
-
-    def _cancel(self, run: _Running) -> None:
-        """Cancel a running job's task on request; one that will not stop is given up."""
-        if run.cancelling or run.settled or run.given_up or run.lost:
-            return
-        task = run.task
-        if task is None or task.done():
-            return
-        run.cancelling = True
-        logger.warning("job %s %s: cancel requested; cancelling it", run.reserved.id, run.label)
-        task.cancel()
-        asyncio.get_running_loop().call_later(self._stop_within, self._cancel_overdue, run, task)
-
-    def _cancel_overdue(self, run: _Running, task: asyncio.Task[None]) -> None:
-        if task.done() or run.settled or run.given_up or run.lost:
-            return
-        self._give_up(
-            run,
-            JobAbandonedError(
-                f"{run.label} did not stop within {self._stop_within:g}s of being cancelled "
-                f"(try {run.reserved.attempts})"
-            ),
-        )
-
-    async def _cancelled(self, run: _Running, job: Job) -> None:
-        """A try stopped on its cancel request: acknowledge it as cancelled."""
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
-        thread = run.thread
-        if thread is not None and not thread.done():
-            # A thread cannot be stopped: it counts as stopped only once it has returned.
-            await asyncio.wait({thread}, timeout=self._stop_within)
-            if not thread.done():
-                self._give_up(
-                    run,
-                    JobAbandonedError(
-                        f"{run.label} was cancelled, and its thread, which cannot be stopped, "
-                        f"was still running {self._stop_within:g}s later "
-                        f"(try {run.reserved.attempts})"
-                    ),
-                )
-                return
-        await self._finish_cancelled(run, job)
-
-    async def _finish_cancelled(self, run: _Running, job: Job | None) -> None:
-        reserved = run.reserved
-        logger.warning("job %s %s cancelled on request", reserved.id, run.label)
-        if job is not None:
-            await on_cancelled(job, JobCancelledError("cancelled on request", job_id=reserved.id))
-        reserved.outcome = cancelled_outcome(run.failure_ttl)
-        self.counts.cancelled += 1
-        self._finish(reserved)
-        if events.active:
-            emit(
-                EventKind.CANCELLED,
-                reserved,
-                self.connection,
-                job,
-                worker=self.id,
-                started=run.started or None,
-                error="cancelled on request",
-            )
-
-    def _cancel_unstarted(self, reserved: ReservedJob) -> None:
-        """A job cancelled while it waited here for a slot: never started, acknowledged."""
-        failure_ttl = self._failure_ttl
-        with contextlib.suppress(Exception):
-            failure_ttl = _keep_time(
-                decode_envelope(reserved.payload).get("failure_ttl"), failure_ttl
-            )
-        logger.warning("job %s cancelled on request before it started", reserved.id)
-        reserved.outcome = cancelled_outcome(failure_ttl, "cancelled before it started")
-        self.counts.cancelled += 1
-        self._finish(reserved)
-        if events.active:
-            emit(
-                EventKind.CANCELLED,
-                reserved,
-                self.connection,
-                worker=self.id,
-                error="cancelled before it started",
-            )
-
-    # -- pruning -------------------------------------------------------------------------
-
-    async def _prune_records(self) -> None:
-        """Delete status records past their keep time, at most once a minute, off the job
-        path. The first prune comes at a random point of the first minute, so that workers
-        started together do not prune together."""
-        driver = self._driver
-        assert driver is not None
-        await asyncio.sleep(random.uniform(0.5, 1.0) * self._prune_every)
-        while True:
-            try:
-                pruned = await self._whole_call(driver.prune_records())
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.warning("could not prune status records: %s", describe(exc))
-            else:
-                if pruned:
-                    logger.info("pruned %d status record(s) past their keep time", pruned)
-            await asyncio.sleep(self._prune_every)
-
-    async def _whole_call(self, call: Awaitable[T]) -> T:
-        """Await a backend call of a background duty as a task of its own: cancelling the
-        duty never cuts the call off half-way (that can leave a connection unusable, see
-        `_heartbeat`); `_end_calls` lets it finish when the worker stops."""
-        task: asyncio.Task[T] = asyncio.ensure_future(call)
-        self._duty_calls.add(task)
-        task.add_done_callback(self._duty_calls.discard)
-        return await asyncio.shield(task)
-
-    async def _end_calls(self) -> None:
-        """Stopping: let background calls in flight finish (bounded), then give up on them."""
-        calls = set(self._duty_calls)
-        if calls:
-            await asyncio.wait(calls, timeout=self._margin)
-            for call in calls:
-                call.cancel()
-            await asyncio.gather(*calls, return_exceptions=True)
-
-    # -- jobs that will not stop ---------------------------------------------------------
-
-    def _give_up(self, run: _Running, exc: JobAbandonedError) -> None:
+    def _give_up(self, run: Running, exc: JobAbandonedError) -> None:
         """A job that will not stop: its try fails, and this worker stops for a restart.
 
         Its retry or failure is recorded when the worker has drained, just before it exits, so
@@ -916,14 +672,14 @@ class Worker:
             run, exc = self._given_up.pop(0)
             job = run.job
             if run.cancelling:
-                await self._finish_cancelled(run, job)  # cancelled: never retried
+                await self._cancels.finish_cancelled(run, job)  # cancelled: never retried
                 continue
             if job is None:
-                await self._fail(run, None, exc, _DEFAULT_TIMEOUT)
+                await self._failed_jobs.fail(run, None, exc, DEFAULT_TIMEOUT)
                 continue
             await self._retry_or_fail(run, job, exc, self._backoff(job, run.reserved))
 
-    def _lose(self, run: _Running) -> None:
+    def _lose(self, run: Running) -> None:
         """Its lease lapsed while the backend was unreachable: another worker may run it now."""
         if run.given_up or run.lost:
             return
@@ -943,7 +699,7 @@ class Worker:
             task.cancel()
             asyncio.get_running_loop().call_later(self._stop_within, self._check_stopped, run, task)
 
-    def _check_stopped(self, run: _Running, task: asyncio.Task[None]) -> None:
+    def _check_stopped(self, run: Running, task: asyncio.Task[None]) -> None:
         if not task.done():
             self._abandoned.add(task)
             logger.critical(
@@ -952,137 +708,6 @@ class Worker:
                 run.label,
             )
             self.stop(StopReason.STUCK)
-
-    # -- failures that must be recorded ------------------------------------------------
-
-    async def _fail(
-        self, run: _Running, job: Job | None, exc: BaseException, failed_timeout: float
-    ) -> None:
-        """Call `failed()` once, record the failure, then acknowledge the job.
-
-        A failed-job store that does not answer does not hold up the worker: the job stays
-        reserved here (the heartbeat renews its lease) and is recorded when the store answers.
-        `failed()` is called only once the store has answered, so that a worker stopping
-        before it could record does not leave a second call to the next worker.
-        """
-        reserved = run.reserved
-        failure = _Failure(
-            reserved,
-            job,
-            exc,
-            failed_record(self.connection, reserved, exc),
-            failed_timeout,
-            run.failure_ttl,
-            started=run.started or None,
-            lease_until=time.monotonic() + self._margin,
-        )
-        self._failures[reserved.id] = failure
-        task = self._track(asyncio.create_task(self._record(failure)))
-        await asyncio.shield(task)
-
-    async def _store(self) -> FailedStore:
-        if self._failed is None:
-            self._failed = await self.manager.failed_store(self.connection)
-        return self._failed
-
-    async def _open_store_at_start(self) -> None:
-        try:
-            await self._store()
-        except Exception as exc:
-            self._store_down = True
-            logger.error(
-                "the failed-job store is unreachable (%s); jobs keep running, and a job that "
-                "fails for good stays reserved until its failure can be recorded",
-                describe(exc),
-            )
-
-    async def _record(self, failure: _Failure) -> bool:
-        """One attempt to record a failure; on success the job is acknowledged."""
-        if failure.busy or self._failures.get(failure.reserved.id) is not failure:
-            return False
-        failure.busy = True
-        try:
-            if not failure.hooked:
-                if failure.job is not None:
-                    # The store answers: `failed()` (and the hooks) can be followed by its
-                    # record.
-                    await (await self._store()).get(failure.reserved.id)
-                    await on_failed(failure.job, failure.exc, failure.failed_timeout)
-                failure.hooked = True
-            await (await self._store()).add(failure.record)
-        except Exception as exc:
-            if not failure.held:
-                failure.held = True
-                logger.error(
-                    "cannot record the failure of job %s yet (%s); it stays reserved until "
-                    "the failed-job store answers",
-                    failure.reserved.id,
-                    describe(exc),
-                )
-            self._store_down = True
-            if self._recorder is None or self._recorder.done():
-                self._recorder = asyncio.create_task(self._record_held())
-            return False
-        finally:
-            failure.busy = False
-        if self._store_down:
-            logger.warning("the failed-job store answers again")
-            self._store_down = False
-        del self._failures[failure.reserved.id]
-        self.counts.failed += 1
-        reserved = failure.reserved
-        reserved.outcome = failed_outcome(failure.exc, failure.failure_ttl)
-        self._finish(reserved)
-        if events.active:
-            emit(
-                EventKind.FAILED,
-                reserved,
-                self.connection,
-                failure.job,
-                worker=self.id,
-                started=failure.started,
-                error=describe(failure.exc),
-            )
-        return True
-
-    async def _record_held(self) -> None:
-        """Retry recording held failures, with backoff, until none is left."""
-        delay = 0.2
-        while self._failures:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-            for failure in list(self._failures.values()):
-                if not await self._record(failure):
-                    break
-
-    async def _settle_failures(self) -> None:
-        """Stopping: give held failures until the grace ends, then hand the rest back."""
-        recorder = self._recorder
-        if self._failures and recorder is not None and not recorder.done():
-            logger.warning(
-                "worker %s waiting up to %gs to record %d failed job(s)",
-                self.id,
-                self.options.grace,
-                len(self._failures),
-            )
-            await asyncio.wait({recorder}, timeout=self.options.grace)
-            recorder.cancel()
-            await asyncio.gather(recorder, return_exceptions=True)
-        driver = self._driver
-        assert driver is not None
-        for failure in list(self._failures.values()):
-            # Back to its queue with its try spent: the next worker to reserve it finds it past
-            # max_tries and records it (calling `failed()` if it was not called here).
-            logger.error(
-                "job %s: its failure could not be recorded (the failed-job store is "
-                "unreachable); handed back for the next worker to record",
-                failure.reserved.id,
-            )
-            with contextlib.suppress(Exception):
-                await driver.release(failure.reserved, error=describe(failure.exc))
-            del self._failures[failure.reserved.id]
-
-    # -- acknowledgements --------------------------------------------------------------
 
     def _finish(self, reserved: ReservedJob) -> None:
         """A job is done with here: acknowledge it (its lease is renewed until that is stored)."""
@@ -1137,105 +762,13 @@ class Worker:
                 raise
             self._acknowledged(acks)
 
-    # -- background duties -------------------------------------------------------------
+    # -- lapsed leases, stopping -------------------------------------------------------
 
-    async def _heartbeat(self) -> None:
-        """Every `interval`: renew leases, report this worker, look for a restart request.
-
-        A beat runs as a task of its own, never cancelled mid-call (a command cut off half-way
-        can leave a connection unusable): when one has not finished in time, the leases it was
-        renewing count as not renewed, and the next beat waits for it instead of piling up.
-        """
-        interval = self._heartbeat_every
-        beat: asyncio.Task[bool] | None = None
-        try:
-            while True:
-                if beat is None or beat.done():
-                    beat = asyncio.create_task(self._beat(interval), name="topiq-worker-beat")
-                await asyncio.wait({beat}, timeout=max(interval, self._margin / 2))
-                if not (beat.done() and not beat.cancelled() and beat.result()):
-                    self._check_lapsing(interval)
-                await asyncio.sleep(interval)
-        finally:
-            if beat is not None and not beat.done():
-                # Stopping: let a beat in flight finish its calls (bounded), then give up on it.
-                await asyncio.wait({beat}, timeout=self._margin)
-                beat.cancel()
-                await asyncio.gather(beat, return_exceptions=True)
-
-    async def _beat(self, interval: float) -> bool:
-        """One heartbeat; whether every lease held here was renewed."""
-        driver = self._driver
-        assert driver is not None
-        renewed = await self._renew_leases(driver)
-        try:
-            await driver.report_worker(self._info(), ttl=interval * 3)
-            requested = await driver.restart_requested_at()
-            if requested is not None and requested > self._started_at:
-                self.stop(StopReason.RESTART)
-        except Exception as exc:
-            logger.warning("worker heartbeat failed: %s", describe(exc))
-        return renewed
-
-    async def _renew_leases(self, driver: Driver) -> bool:
-        """Renew the lease of every job held here; whether that worked."""
-        now = time.monotonic()
-        margin = self._margin
-        running = [(run, max(0.0, run.deadline - now) + margin) for run in self._running.values()]
-        buffered = [(held, self._prestart_lease) for held in self._buffer]
-        failures = list(self._failures.values())
-        leases: list[tuple[ReservedJob, float]] = [(run.reserved, s) for run, s in running]
-        leases += [(held.reserved, s) for held, s in buffered]
-        leases += [(failure.reserved, margin) for failure in failures]
-        leases += [(job, margin) for job in self._unacked.values()]
-        leases += [(run.reserved, margin) for run, _ in self._given_up]
-        if not leases:
-            return True
-        try:
-            await driver.extend(leases)
-        except Exception as exc:
-            logger.warning(
-                "could not renew the leases of %d job(s): %s", len(leases), describe(exc)
-            )
-            return False
-        for run, seconds in running:
-            run.lease_until = max(run.lease_until, now + seconds)
-        for held, seconds in buffered:
-            held.lease_until = max(held.lease_until, now + seconds)
-        for failure in failures:
-            failure.lease_until = now + margin
-        return True
-
-    def _check_lapsing(self, interval: float) -> None:
-        """Renewal failed: cancel the jobs whose lease ends before the next try could renew it."""
-        lapsing = time.monotonic() + interval
-        for run in list(self._running.values()):
-            if run.lease_until <= lapsing:
-                self._lose(run)
-        for held in list(self._buffer):
-            if held.lease_until <= lapsing:
-                self._buffer.remove(held)
-                self._lapsed(held)
-
-    def _lapsed(self, held: _Buffered) -> None:
+    def _lapsed(self, held: Buffered) -> None:
         logger.error(
             "job %s: its lease lapsed while it waited for a slot (its renewal failed or was "
             "late); not started, since another worker may have it",
             held.reserved.id,
-        )
-
-    def _info(self) -> WorkerInfo:
-        return WorkerInfo(
-            id=self.id,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            connection=self.connection,
-            queues=self.options.queues,
-            concurrency=self.options.concurrency,
-            started_at=self._started_at,
-            seen_at=time.time(),
-            processed=self._processed,
-            running=tuple(self._running),
         )
 
     async def _drain(self) -> None:
@@ -1275,7 +808,7 @@ class Worker:
     def _live_tasks(self) -> set[asyncio.Task[None]]:
         return {task for task in self._tasks if task not in self._abandoned and not task.done()}
 
-    def _refused(self, run: _Running) -> None:
+    def _refused(self, run: Running) -> None:
         """A job that did not stop when cancelled: hand it back unspent; the process must end."""
         driver = self._driver
         assert driver is not None
@@ -1334,25 +867,6 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
-
-
-def _set_thread(run: _Running, future: asyncio.Future[Any]) -> None:
-    run.thread = future
-
-
-def _keep_time(value: Any, default: float) -> float:
-    """A record keep time read from a raw payload, or `default` when it gives none usable."""
-    usable = isinstance(value, int | float) and not isinstance(value, bool)
-    return float(value) if usable and math.isfinite(value) and value >= 0 else default
-
-
-def _job_timeout(job: Job) -> float:
-    """The job's timeout as a number, for `failed()`'s own limit."""
-    try:
-        value = float(job.timeout or _DEFAULT_TIMEOUT)
-    except (TypeError, ValueError):
-        return _DEFAULT_TIMEOUT
-    return value if math.isfinite(value) and value > 0 else _DEFAULT_TIMEOUT
 
 
 def exit_code(worker: Worker, reason: StopReason) -> int:
