@@ -79,9 +79,8 @@ _SCRIPTS = (
     "recent",
 )
 
-#: How long a `done` token stays for late waiters, and how long a waiter's mark outlives the
-#: slice it blocks for (ms).
-_DONE_KEEP_MS = 60_000
+#: How long a waiter's mark outlives the slice it blocks for (ms). A `done` token stays 60 s
+#: for late waiters: the scripts that push one set that (PEXPIRE 60000).
 _WAITER_MARGIN_MS = 5_000
 #: The longest a waiter blocks before reading the record again (a lost token costs this much).
 _WAIT_SLICE = 1.0
