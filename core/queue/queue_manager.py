@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, get_args
 
 from core.delays import Delay, parse_delay
 from core.errors import (
@@ -410,11 +409,13 @@ class QueueManager:
 
         `queue`, when known, spares the driver a search.
         """
-        if not isinstance(job_id, str) or _JOB_ID.match(job_id) is None:
+        try:
+            validate_job_id(job_id)
+        except ValueError:
             raise ValueError(
                 f"invalid job id {job_id!r}: job ids are 1 to 190 letters, digits and "
                 "_ . : @ / + = -"
-            )
+            ) from None
         return JobHandle(
             str(job_id),
             validate_queue(queue) if queue is not None else None,
@@ -471,9 +472,8 @@ class QueueManager:
         return out
 
 
-_ON_DUPLICATE = ("reject", "keep", "replace")
+_ON_DUPLICATE = get_args(OnDuplicate)
 _CONNECTION_NAMES: dict[str, str] = {c.value: c.value for c in QueueConnection}
-_JOB_ID = re.compile(r"^[A-Za-z0-9_.:@/+=-]{1,190}\Z")
 
 
 def _checked_id(value: Any, where: str) -> str:
