@@ -102,10 +102,6 @@ def _refuse(value: Any) -> Any:
 
 # -- what a job class allows its data to be --------------------------------------------
 
-#: The settings a class (or an instance, before dispatch) chooses. They travel in the
-#: payload's own fields, never in its data, and must be plain values on the class.
-_SETTINGS = JOB_SETTINGS
-
 
 @dataclass(frozen=True, slots=True)
 class _ClassInfo:
@@ -131,7 +127,7 @@ def _class_info(cls: type[Job]) -> _ClassInfo:
             and (hasattr(Job, name) or hasattr(type(inspect.getattr_static(cls, name)), "__get__"))
         )
         problem = None
-        for name in _SETTINGS:
+        for name in JOB_SETTINGS:  # settings must be plain values on the class
             raw = inspect.getattr_static(cls, name)
             if hasattr(type(raw), "__get__"):
                 problem = (
@@ -260,20 +256,7 @@ class JobSettings:
 
 #: The settings an instance may override; an instance setting none of them uses its class's
 #: settings, checked once per class.
-_OVERRIDABLE = frozenset(
-    (
-        "max_tries",
-        "timeout",
-        "retry_after",
-        "ttl",
-        "unique_key",
-        "unique_for",
-        "on_duplicate",
-        "at_front",
-        "result_ttl",
-        "failure_ttl",
-    )
-)
+_OVERRIDABLE = frozenset(JOB_SETTINGS) - {"queue", "connection"}
 _CLASS_SETTINGS: dict[type[Job], JobSettings] = {}
 
 
