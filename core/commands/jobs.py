@@ -160,10 +160,7 @@ def timings(record: JobStatus) -> dict[str, float | None]:
 
 
 def _print_record(args: argparse.Namespace, conn: Connection, record: JobStatus) -> None:
-    data = record.to_dict()
-    if not args.json:
-        data["timings"] = timings(record)
-    emit(args, data, lambda: _render(conn, record))
+    emit(args, record.to_dict(), lambda: _render(conn, record))
 
 
 def _seconds_text(value: float | None) -> str | None:
