@@ -220,15 +220,21 @@ async def _call_in_thread(
     )
 
 
-async def call_failed(job: Job, exception: BaseException, timeout: float) -> None:
-    """Call `job.failed(exception)`; what it raises is logged, never propagated."""
+async def _call_quietly(job: Job, call: Callable[[], Any], timeout: float, what: str) -> None:
+    """Call one of the job's own callbacks (sync or async) under `timeout`; what it raises is
+    logged as `what`, never propagated."""
     try:
         async with asyncio.timeout(timeout if timeout > 0 else None):
-            result = job.failed(exception)
-            if inspect.isawaitable(result):
-                await result
+            outcome = call()
+            if inspect.isawaitable(outcome):
+                await outcome
     except Exception:
-        logger.exception("job %s %s: failed() raised", job.job_id, type(job).__qualname__)
+        logger.exception("job %s %s: %s", job.job_id, type(job).__qualname__, what)
+
+
+async def call_failed(job: Job, exception: BaseException, timeout: float) -> None:
+    """Call `job.failed(exception)`; what it raises is logged, never propagated."""
+    await _call_quietly(job, lambda: job.failed(exception), timeout, "failed() raised")
 
 
 def describe(exc: BaseException) -> str:
@@ -311,17 +317,12 @@ def wants_success_calls(job: Job) -> bool:
 
 async def call_succeeded(job: Job, result: Any, timeout: float) -> None:
     """Call `job.succeeded(result)`; what it raises is logged, and the job still succeeded."""
-    try:
-        async with asyncio.timeout(timeout if timeout > 0 else None):
-            outcome = job.succeeded(result)
-            if inspect.isawaitable(outcome):
-                await outcome
-    except Exception:
-        logger.exception(
-            "job %s %s: succeeded() raised (the job still succeeded)",
-            job.job_id,
-            type(job).__qualname__,
-        )
+    await _call_quietly(
+        job,
+        lambda: job.succeeded(result),
+        timeout,
+        "succeeded() raised (the job still succeeded)",
+    )
 
 
 async def on_succeeded(job: Job, result: Any, timeout: float) -> None:
