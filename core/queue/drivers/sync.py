@@ -36,6 +36,7 @@ from core.queue.payload import JobLoader
 from core.settings import Settings
 
 if TYPE_CHECKING:
+    from core.job import Job
     from core.queue.queue_manager import QueueManager
 
 __all__ = ["SyncDriver"]
@@ -90,8 +91,7 @@ class SyncDriver(MemoryDriver):
         result_ttl = decoded.result_ttl
         failure_ttl = decoded.failure_ttl
         started = time.perf_counter()
-        if events.active:
-            emit(EventKind.STARTED, reserved, self.name, job, worker=WORKER)
+        self._announce(EventKind.STARTED, reserved, job)
         try:
             result = await run_try(job, decoded.timeout)
         except Exception as exc:
@@ -99,30 +99,12 @@ class SyncDriver(MemoryDriver):
             if reserved.attempts < decoded.max_tries:
                 await on_retrying(job, exc)
                 await self.release(reserved, error=reason)
-                if events.active:
-                    emit(
-                        EventKind.RETRYING,
-                        reserved,
-                        self.name,
-                        job,
-                        worker=WORKER,
-                        started=started,
-                        error=reason,
-                    )
+                self._announce(EventKind.RETRYING, reserved, job, started, reason)
                 return False
             await on_failed(job, exc, decoded.timeout)
             keep = settings.queue_failure_ttl if failure_ttl is None else failure_ttl
             await self._record_failure(reserved, exc, keep)
-            if events.active:
-                emit(
-                    EventKind.FAILED,
-                    reserved,
-                    self.name,
-                    job,
-                    worker=WORKER,
-                    started=started,
-                    error=reason,
-                )
+            self._announce(EventKind.FAILED, reserved, job, started, reason)
             if isinstance(exc, Retry):
                 raise RuntimeError(
                     f"{type(job).__qualname__} asked to retry on its last try"
@@ -133,9 +115,20 @@ class SyncDriver(MemoryDriver):
         keep = settings.queue_result_ttl if result_ttl is None else result_ttl
         reserved.outcome = succeeded_outcome(job, result, keep, settings.queue_max_payload_bytes)
         await self.ack([reserved])
-        if events.active:
-            emit(EventKind.SUCCEEDED, reserved, self.name, job, worker=WORKER, started=started)
+        self._announce(EventKind.SUCCEEDED, reserved, job, started)
         return True
+
+    def _announce(
+        self,
+        kind: EventKind,
+        reserved: ReservedJob,
+        job: Job,
+        started: float | None = None,
+        error: str = "",
+    ) -> None:
+        """Announce a change of the job's state, when anyone listens."""
+        if events.active:
+            emit(kind, reserved, self.name, job, worker=WORKER, started=started, error=error)
 
     async def _record_failure(self, reserved: ReservedJob, exc: BaseException, keep: float) -> None:
         await self.failed_store().add(failed_record(self.name, reserved, exc))
