@@ -120,7 +120,8 @@ def _path(target: Target) -> str:
 
 def _label(target: Target) -> str:
     """A short name for messages: the class or function name."""
-    return _path(target).rpartition(":")[2] or _path(target)
+    path = _path(target)
+    return path.rpartition(":")[2] or path
 
 
 class _FakeManager(QueueManager):
@@ -296,7 +297,7 @@ class FakeQueue:
 
 
 def _is(record: Dispatch, target: Target) -> bool:
-    if isinstance(target, type) and isinstance(record.job, target) and not isinstance(target, str):
+    if isinstance(target, type) and isinstance(record.job, target):
         return True
     return record.path == _path(target)
 
