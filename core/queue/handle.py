@@ -32,6 +32,12 @@ __all__ = ["JobHandle"]
 
 #: Longest single wait on the driver inside `result()`: a lost wake-up costs at most this.
 _SLICE = 30.0
+#: What `result()` raises for a job that did not succeed, and the verb its message uses.
+_ENDINGS: dict[Status, tuple[type[JobFailedError], str]] = {
+    Status.FAILED: (JobFailedError, "failed"),
+    Status.CANCELLED: (JobCancelledError, "was cancelled"),
+    Status.EXPIRED: (JobExpiredError, "expired before it started"),
+}
 
 
 class JobHandle(str):
@@ -136,12 +142,7 @@ class JobHandle(str):
         if record.status == Status.SUCCEEDED:
             return record.value()
         what = f"job {self.id!r}" + (f" ({record.job})" if record.job else "")
-        kinds: dict[Status, tuple[type[JobFailedError], str]] = {
-            Status.FAILED: (JobFailedError, "failed"),
-            Status.CANCELLED: (JobCancelledError, "was cancelled"),
-            Status.EXPIRED: (JobExpiredError, "expired before it started"),
-        }
-        error_type, verb = kinds.get(record.status, (JobFailedError, str(record.status)))
+        error_type, verb = _ENDINGS.get(record.status, (JobFailedError, str(record.status)))
         reason = f": {record.error}" if record.error and record.error not in verb else ""
         raise error_type(
             f"{what} {verb}{reason}", job_id=self.id, error=record.error, traceback=record.traceback
