@@ -35,6 +35,7 @@ from core.commands._common import (
     stamp,
     table,
 )
+from core.queue.queue_manager import RECENT_WINDOW
 from core.settings import Settings
 
 HELP = {
@@ -51,8 +52,6 @@ _RECENT_COLUMNS = {
     "cancelled": "cancelled 1h",
     "expired": "expired 1h",
 }
-#: The recent window `queue:stats` reports (the manager's default: the last hour).
-RECENT_WINDOW = 3600
 _WORKER_COLUMNS = (
     "host",
     "pid",

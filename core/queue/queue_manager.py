@@ -454,7 +454,7 @@ class QueueManager:
         for name in names:
             stats = await driver.stats(name)
             failed = await store.count(name)
-            recent = await driver.recent(name)
+            recent = await driver.recent(name, RECENT_WINDOW)
             out.append(
                 QueueStats(
                     driver.name,
@@ -472,6 +472,8 @@ class QueueManager:
         return out
 
 
+#: Seconds `stats()` counts how jobs ended over (the last hour).
+RECENT_WINDOW = 3600
 _ON_DUPLICATE = get_args(OnDuplicate)
 _CONNECTION_NAMES: dict[str, str] = {c.value: c.value for c in QueueConnection}
 
