@@ -103,8 +103,8 @@ class Worker:
         self._margin = settings.queue_lease_margin
         self._loader = JobLoader(settings.queue_allowed_modules)
         self._default_lease = (options.timeout or DEFAULT_TIMEOUT) + self._margin
-        self._result_ttl = float(getattr(settings, "queue_result_ttl", 500.0))
-        self._failure_ttl = float(getattr(settings, "queue_failure_ttl", 604800.0))
+        self._result_ttl = settings.queue_result_ttl
+        self._failure_ttl = settings.queue_failure_ttl
         self._max_result = settings.queue_max_payload_bytes
         self._cancels = CancelRequests(self)
         self._duties = Duties(self._margin)
