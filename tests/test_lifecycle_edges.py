@@ -166,3 +166,27 @@ def test_a_time_no_calendar_holds_is_shown_not_fatal(moment: float) -> None:
 
     assert "not a valid time" in when(moment)
     assert "not a valid time" in stamp(moment)
+
+
+@pytest.mark.parametrize("lie", ["forever", "inf", "1e308", "nan"])
+async def test_a_lying_redis_failure_ttl_does_not_break_the_release_of_a_cancelled_job(
+    redis_manager: QueueManager, lie: str
+) -> None:
+    """release.lua ended a job cancelled while it ran with `PEXPIRE rec <failure_ttl>`: a field
+    that is not a usable number made the worker's release fail."""
+    queue = redis_manager.settings.queue_default
+    handle = await redis_manager.push(RecordJob("cancel-running"))
+    driver = await redis_manager.connection()
+    assert isinstance(driver, RedisDriver)
+    [held] = await driver.reserve([queue], 1, 30, worker="w-test")
+    record_key = driver.keys(queue).record(handle.id)
+    await driver.client.hset(record_key, "failure_ttl", lie)
+    assert await handle.cancel() is True
+    await driver.release(held, error="cancelled")
+    assert await driver.reserve([queue], 10, 30, worker="w-test") == []
+    ttl = await driver.client.pttl(record_key)
+    if lie == "nan":
+        assert ttl == -2  # kept for 0 s: gone
+    else:
+        assert await driver.client.hget(record_key, "status") == b"cancelled"
+        assert 0 < ttl <= 3650 * 86400 * 1000

@@ -20,7 +20,10 @@ end
 if redis.call('SREM', KEYS[7], id) == 1 then
   redis.call('HDEL', KEYS[6], id)
   redis.call('HDEL', KEYS[4], id)
-  local keep = tonumber(redis.call('HGET', rec, 'failure_ttl') or ARGV[7])
+  -- Not trusted (a record written by hand), as in cancel.lua and reserve.lua.
+  local keep = tonumber(redis.call('HGET', rec, 'failure_ttl')) or tonumber(ARGV[7])
+  if keep ~= keep then keep = 0 end
+  keep = math.floor(math.min(keep, 315360000000))
   if keep > 0 then
     redis.call('HSET', rec, 'status', 'cancelled', 'ended_at', now, 'error', ARGV[6])
     redis.call('PEXPIRE', rec, keep)
