@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, get_args
 
 import orjson
 
@@ -40,6 +40,7 @@ from core.errors import (
 )
 from core.functions import JobFunction
 from core.job import JOB_SETTINGS, Job
+from core.queue.drivers.base import OnDuplicate
 
 __all__ = [
     "ASSIGNED_ID",
@@ -234,7 +235,7 @@ def _is_number(value: Any) -> bool:
 #: The longest `result_ttl` or `failure_ttl` (10 years): longer is no longer a keep time.
 MAX_KEEP_SECONDS = 3650 * 24 * 3600
 
-_ON_DUPLICATE = ("reject", "keep", "replace")
+_ON_DUPLICATE = get_args(OnDuplicate)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -248,7 +249,7 @@ class JobSettings:
     ttl: float
     unique_key: str
     unique_for: float
-    on_duplicate: Literal["reject", "keep", "replace"]
+    on_duplicate: OnDuplicate
     at_front: bool
     result_ttl: float | None  # None: the QUEUE_RESULT_TTL setting
     failure_ttl: float | None  # None: the QUEUE_FAILURE_TTL setting
