@@ -686,10 +686,13 @@ class JobLoader:
                 f"{path}: a @job function's payload data must be exactly "
                 '{"args": [...], "kwargs": {...}}, got keys ' + ", ".join(sorted(data)[:5])
             )
-        try:
-            defaults = _CLASS_SETTINGS.get(cls) or _settings_of(cls)
-        except ValueError as exc:
-            raise PayloadError(f"{path}: {cls.__qualname__}.{exc}") from None
+        defaults = _CLASS_SETTINGS.get(cls)
+        if defaults is None:
+            # Checked once per class, as at dispatch (a worker rarely dispatches what it runs).
+            try:
+                defaults = _CLASS_SETTINGS[cls] = _settings_of(cls)
+            except ValueError as exc:
+                raise PayloadError(f"{path}: {cls.__qualname__}.{exc}") from None
         try:
             max_tries, timeout, retry_after = _limits(
                 envelope.get("max_tries", defaults.max_tries),
