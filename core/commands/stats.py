@@ -69,7 +69,7 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value < 0.1:
+    if not value >= 0.1:  # NaN too
         raise argparse.ArgumentTypeError(f"must be at least 0.1 seconds, got {text!r}")
     return value
 
