@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["ENDED", "WAITING", "JobStatus", "Status"]
+__all__ = ["ENDED", "WAITING", "JobStatus", "Progress", "Status"]
 
 
 class Status(enum.StrEnum):
@@ -33,6 +33,39 @@ class Status(enum.StrEnum):
 WAITING = frozenset({Status.QUEUED, Status.SCHEDULED, Status.DEFERRED, Status.RETRYING})
 #: States a job never leaves (until its record is pruned, or it is retried from the failed store).
 ENDED = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.EXPIRED})
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far a chain or a batch has got: its members counted by how they ended.
+
+    `failed` counts members that failed or expired; `pending` those not ended yet.
+    """
+
+    total: int
+    pending: int
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+    @property
+    def done(self) -> int:
+        """Members that ended, whichever way."""
+        return self.total - self.pending
+
+    @property
+    def fraction(self) -> float:
+        """`done / total` (1.0 for an empty workflow)."""
+        return self.done / self.total if self.total else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "pending": self.pending,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "cancelled": self.cancelled,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +92,15 @@ class JobStatus:
     error: str = ""
     traceback: str = ""
     result: bytes | None = None
+    #: "job", or for the record of a workflow (which never runs itself) "chain" or "batch".
+    kind: str = "job"
+    #: While `deferred`: the ids of the dependencies that have not ended yet (for a job; a
+    #: workflow record leaves this empty and counts its members in `progress`).
+    waiting_for: tuple[str, ...] = ()
+    #: A chain's or batch's members counted by how they ended (`None` for a job).
+    progress: Progress | None = None
+    #: The job's priority within its queue (higher first).
+    priority: int = 0
 
     def __str__(self) -> str:
         return self.status.value
@@ -76,4 +118,6 @@ class JobStatus:
         out: dict[str, Any] = {name: getattr(self, name) for name in self.__slots__}
         out["status"] = self.status.value
         out["result"] = self.value()
+        out["waiting_for"] = list(self.waiting_for)
+        out["progress"] = None if self.progress is None else self.progress.to_dict()
         return out

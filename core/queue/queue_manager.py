@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -314,6 +315,8 @@ class QueueManager:
         job_id: str | None = None,
         at_front: bool | None = None,
         on_duplicate: OnDuplicate | None = None,
+        once_key: str = "",
+        once_for: float = 0.0,
     ) -> JobHandle:
         """Queue `job` and return its handle. Nothing is queued if the job cannot be stored.
 
@@ -322,6 +325,9 @@ class QueueManager:
         `unique_key`: "reject" raises `DuplicateJobError`, "keep" returns the existing job's
         handle, "replace" gives a waiting one this job's data. `at_front` and `on_duplicate`
         override the job's settings for this dispatch.
+
+        `once_key` (for schedulers) stores the job only if no push took that key in the last
+        `once_for` seconds; otherwise nothing is stored and `DuplicateJobError` is raised.
         """
         if not self._hooks_loaded:
             self._load_hooks()
@@ -334,6 +340,8 @@ class QueueManager:
             at_front,
             on_duplicate,
         )
+        if once_key:
+            outgoing = dataclasses.replace(outgoing, once_key=once_key, once_for=once_for)
         driver = await self.connection(conn)
         pushed = await driver.push([outgoing])
         result = await self._settle(job, outgoing, pushed[0] if pushed else None, conn)

@@ -23,6 +23,21 @@ primitives, in the same round trips: `push` writes the waiting record and applie
 that record for `Outcome.keep` seconds. `job_status`, `wait_ended`, `cancel` and
 `cancel_requested` read and steer single jobs; `recent` counts how jobs ended over the last
 minutes.
+
+Workflows and limits ride on the same primitives (the full rules: docs/workflows.md and the
+driver notes in `OutgoingJob`):
+
+* `priority`: `reserve` hands out `at_front` jobs first, then higher priorities, then in the
+  order jobs became ready; O(log n) per job, the priority-0 path as fast as before.
+* `depends_on`: a job pushed with dependencies is `deferred` until they end; each end of a
+  dependency (ack, cancel, expiry, a workflow record finishing) resolves its dependents in the
+  same atomic step, so the last two dependencies ending at once release a dependent once.
+* Workflow records (`kind` "chain"/"batch"): never run; they end when their members have
+  ended and count them (`JobStatus.progress`).
+* `limit`: `reserve` skips a job whose limit key is at its rate or concurrency limit without
+  counting a try; it becomes ready again when the rate allows or a job of its key stops.
+* `once_key`: at most one push per key while the key lives (`once_for`): schedule ticks.
+* `get_marker`/`set_marker`: small named values (a schedule's last tick).
 """
 
 from __future__ import annotations
@@ -41,9 +56,14 @@ from core.settings import Settings
 from core.status import ENDED, JobStatus, Status
 
 __all__ = [
+    "MAX_PRIORITY",
+    "Dependency",
+    "DependencyRule",
     "Driver",
     "FailedJob",
     "FailedStore",
+    "JobKind",
+    "Limit",
     "OnDuplicate",
     "Outcome",
     "OutgoingJob",
@@ -59,6 +79,45 @@ __all__ = [
 
 
 OnDuplicate = Literal["reject", "keep", "replace"]
+#: When a job with dependencies may run (see `OutgoingJob.rule`).
+DependencyRule = Literal["succeeded", "ended", "failed"]
+#: A job that runs, or the record of a workflow that never runs itself.
+JobKind = Literal["job", "chain", "batch"]
+
+#: The largest priority magnitude (both signs): exact as a float score and as a 32-bit column.
+MAX_PRIORITY = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Dependency:
+    """A job that another waits for: its id, and its queue when known (`None`: the driver
+    finds it among the connection's queues)."""
+
+    id: str
+    queue: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A limit on job starts, shared by every job of one queue with the same `key`.
+
+    `rate` starts per `period` seconds (0: no rate limit), spaced evenly (GCRA): a start is
+    allowed when the previous allowed start is `period / rate` seconds old, or up to
+    `burst - 1` intervals early (burst 1: never two starts closer than the interval).
+    `concurrency` caps the jobs of the key running at once (0: no cap). A job counts against
+    `concurrency` from its reserve until its ack, release or lost lease.
+    """
+
+    key: str
+    rate: int = 0
+    period: float = 0.0
+    burst: int = 1
+    concurrency: int = 0
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two starts at the steady rate (0: no rate limit)."""
+        return self.period / self.rate if self.rate else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +151,40 @@ class OutgoingJob:
     ttl: float = 0.0
     #: Seconds an expired or cancelled-while-waiting record is kept (the job's `failure_ttl`).
     failure_ttl: float = 604800.0
+    #: Higher first within the queue (after `at_front` jobs); equal priorities in the order
+    #: they became ready. Kept with the job: a retry, a refund or a lost lease keeps it.
+    priority: int = 0
+    #: The jobs this one waits for. While any has not ended the job is `deferred` (not ready,
+    #: whatever its delay); once they have, `rule` decides. A dependency that is not known
+    #: (never pushed, or its record is gone) stores nothing: `Pushed.outcome` "missing", `id`
+    #: the unknown dependency. A dependency pushed earlier in the same `push` call is known.
+    depends_on: tuple[Dependency, ...] = ()
+    #: "succeeded": runs once every dependency succeeded; one that failed, expired or was
+    #: cancelled cancels this job (error "dependency <id> <status>"), and so on down its own
+    #: dependents. "ended": runs once every dependency ended, however
+    #: (`allow_dependency_failure`). "failed": runs as soon as one dependency failed or
+    #: expired; cancelled (error "no dependency failed") once all ended without a failure
+    #: (a workflow's `catch`).
+    rule: DependencyRule = "succeeded"
+    #: "job" runs `payload`. "chain"/"batch" is a workflow's record: `payload` is empty, it is
+    #: never reserved; it waits (`deferred`) for its members (`depends_on`, rule "ended"),
+    #: counts how each ended (`JobStatus.progress`), and when the last has ended it ends
+    #: itself: `failed` if any member failed or expired, else `cancelled` if any was
+    #: cancelled, else `succeeded` (kept for `failure_ttl`, or the connection's result ttl
+    #: when it succeeded), resolving its own dependents (a batch's `then` and `finally_`).
+    #: Cancelling it cancels its members that have not ended (as `cancel` would each).
+    kind: JobKind = "job"
+    #: For a workflow record: the first member that fails or expires cancels the members still
+    #: waiting (a batch without `allow_failures`).
+    cancel_on_failure: bool = False
+    #: The limit this job's starts count against (`None`: none).
+    limit: Limit | None = None
+    #: At most one push per `once_key` and queue while the key lives: a push whose key is
+    #: taken stores nothing (`Pushed.outcome` "duplicate", `id` the job that took it). The key
+    #: is taken in the same atomic step as the job is stored and lives `once_for` seconds
+    #: whatever happens to the job ("" for none).
+    once_key: str = ""
+    once_for: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +196,7 @@ class Pushed:
     """
 
     id: str
-    outcome: Literal["created", "duplicate", "kept", "replaced"] = "created"
+    outcome: Literal["created", "duplicate", "kept", "replaced", "missing"] = "created"
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +295,7 @@ class QueueStats:
 
     connection: str
     queue: str
-    pending: int  # ready to run now
+    pending: int  # ready to run now (or waiting only for a limit)
     delayed: int  # waiting for their time (first dispatch or retry)
     reserved: int  # held by a worker under a lease
     failed: int  # in the failed-job store
@@ -211,11 +304,12 @@ class QueueStats:
     failed_recent: int = 0
     cancelled: int = 0
     expired: int = 0
+    deferred: int = 0  # waiting for dependencies (workflow records not counted)
 
     @property
     def size(self) -> int:
-        """Jobs not yet finished: pending + delayed + reserved."""
-        return self.pending + self.delayed + self.reserved
+        """Jobs not yet finished: pending + delayed + reserved + deferred."""
+        return self.pending + self.delayed + self.reserved + self.deferred
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,3 +563,13 @@ class Driver(abc.ABC):
         """Delete ended records past their keep time; returns how many. Backends whose
         records expire by themselves (Redis) return 0."""
         return 0
+
+    # -- small named values ------------------------------------------------------------
+
+    async def get_marker(self, name: str) -> str | None:
+        """The value stored under `name` by `set_marker`, or `None` (never set, or expired)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no markers")
+
+    async def set_marker(self, name: str, value: str, ttl: float) -> None:
+        """Store `value` under `name` for `ttl` seconds (replacing any earlier value)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no markers")
