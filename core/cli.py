@@ -56,6 +56,8 @@ COMMANDS: dict[str, str] = {
     "queue:restart": "restart",
     "queue:migrate": "migrate",
     "make:job": "make_job",
+    "schedule:list": "schedule",
+    "schedule:run": "schedule",
 }
 
 

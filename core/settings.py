@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     worker_sleep: float = Field(default=0.25, ge=0)
     worker_concurrency: int = Field(default=1, ge=1)
     worker_grace: float = Field(default=30.0, ge=0)
+    # The module declaring the schedules (`schedule:run`, `queue:work --with-scheduler`).
+    schedule_module: str = "app.schedule"
 
     # -- redis -------------------------------------------------------------------------
     enable_redis: bool = False

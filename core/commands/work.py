@@ -71,6 +71,12 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stop-when-empty", action="store_true", help="exit once the queues are empty"
     )
+    parser.add_argument(
+        "--with-scheduler",
+        action="store_true",
+        help="also run the scheduler: enqueue the ticks of the schedules in SCHEDULE_MODULE "
+        "(app.schedule); any number of schedulers enqueue each tick once",
+    )
 
 
 def options_from(args: argparse.Namespace, settings: Settings) -> WorkerOptions:
@@ -95,6 +101,7 @@ def options_from(args: argparse.Namespace, settings: Settings) -> WorkerOptions:
         timeout=args.timeout,
         grace=settings.worker_grace if args.grace is None else args.grace,
         stop_when_empty=args.stop_when_empty,
+        with_scheduler=args.with_scheduler,
     )
 
 

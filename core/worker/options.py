@@ -24,6 +24,7 @@ class WorkerOptions:
     grace: float = 30.0  # seconds running jobs get to finish after a stop signal
     stop_when_empty: bool = False  # stop once no job is ready
     handle_signals: bool = True  # SIGTERM/SIGINT stop it (off when the host program owns them)
+    with_scheduler: bool = False  # also enqueue the ticks of the app's schedules (core.schedule)
 
     def __post_init__(self) -> None:
         checks = [

@@ -195,6 +195,10 @@ class Worker:
                 loop.add_signal_handler(sig, self.stop)
         try:
             hooks.load()
+            if self.options.with_scheduler:
+                from core.schedule import schedule
+
+                schedule.load(self.manager.settings.schedule_module)
             self._driver = await self._until_connected()
             if self._driver is None:
                 return self._stop_reason or StopReason.SIGNAL
@@ -210,9 +214,15 @@ class Worker:
                         self._duties.prune_records(self._driver), name="topiq-worker-prune"
                     ),
                 ]
+                scheduler = self._start_scheduler()
                 try:
                     await self._work()
                 finally:
+                    if scheduler is not None:  # no new ticks once stopping; a push ends first
+                        scheduler[0].stop()
+                        await asyncio.wait({scheduler[1]}, timeout=self._margin)
+                        scheduler[1].cancel()
+                        await asyncio.gather(scheduler[1], return_exceptions=True)
                     await self._drain()
                     await self._settle_given_up()
                     await self._failed_jobs.settle(self._driver, self.options.grace)
@@ -249,6 +259,15 @@ class Worker:
                 "worker %s stopped (%s) after %d jobs", self.id, reason.value, self._processed
             )
         return reason
+
+    def _start_scheduler(self) -> tuple[Any, asyncio.Task[None]] | None:
+        """`--with-scheduler`: the app's schedules enqueued by this process too."""
+        if not self.options.with_scheduler:
+            return None
+        from core.schedule import Scheduler
+
+        scheduler = Scheduler(self.manager)
+        return scheduler, asyncio.create_task(scheduler.run(), name="topiq-worker-scheduler")
 
     async def _until_connected(self) -> Driver | None:
         delay = 0.1
