@@ -60,6 +60,11 @@ OPTIONS = frozenset(
         "result_ttl",
         "failure_ttl",
         "aliases",
+        "priority",
+        "rate_limit",
+        "burst",
+        "concurrency_limit",
+        "limit_key",
     }
 )
 #: What `.options(...)` accepts besides the settings (`aliases` is a class matter).
@@ -253,8 +258,9 @@ def job(function: Callable[P, R] | None = None, /, **options: Any) -> Any:
     """Make a function dispatchable as a job: `@job` or `@job(queue=..., timeout=..., ...)`.
 
     Options are `Job` settings: queue, max_tries, timeout, retry_after, connection, unique_key,
-    unique_for, on_duplicate, at_front, ttl, result_ttl, failure_ttl, aliases. They are checked
-    here, naming the one that is wrong.
+    unique_for, on_duplicate, at_front, ttl, result_ttl, failure_ttl, aliases, priority,
+    rate_limit, burst, concurrency_limit, limit_key. They are checked here, naming the one that
+    is wrong (a `limit_key` naming data is checked at dispatch: `{args[0]}`, `{kwargs[name]}`).
     """
     unknown = sorted(set(options) - OPTIONS)
     if unknown:

@@ -29,6 +29,11 @@ JOB_SETTINGS = (
     "ttl",
     "result_ttl",
     "failure_ttl",
+    "priority",
+    "rate_limit",
+    "burst",
+    "concurrency_limit",
+    "limit_key",
 )
 
 
@@ -73,6 +78,16 @@ class Job:
             `QUEUE_FAILURE_TTL` setting). The failed-job store keeps failures until pruned.
         aliases: Old class paths (`"app.jobs.old_module:OldName"`) whose waiting payloads this
             class runs, so that renaming a job class strands nothing.
+        priority: Higher runs first within its queue (an int; 0 by default); equal
+            priorities run in the order they became ready.
+        rate_limit: At most this many starts per period, e.g. "100/minute", "5/second",
+            "10/30s" (`None`: no rate limit); spaced evenly unless `burst` says otherwise.
+        burst: How many starts the rate limit admits at once (1: none closer than the
+            rate's interval).
+        concurrency_limit: At most this many jobs of the limit key running at once (`None`
+            or 0: no cap).
+        limit_key: Which jobs share a limit: a template formatted with the job's data
+            (`"api:{customer_id}"`); `""`: every limited job of the queue without a key.
 
     Durations (`timeout`, `retry_after`, `ttl`, `unique_for`, `result_ttl`, `failure_ttl`)
     may be numbers of seconds or strings such as "90s", "10 minutes", "1h"; every setting is
@@ -96,6 +111,11 @@ class Job:
     result_ttl: float | str | None = None
     failure_ttl: float | str | None = None
     aliases: ClassVar[Sequence[str]] = ()
+    priority: int = 0
+    rate_limit: str | None = None
+    burst: int = 1
+    concurrency_limit: int | None = None
+    limit_key: str = ""
 
     # Names that configure the job rather than carry its data.
     _settings_names: ClassVar[frozenset[str]] = frozenset((*JOB_SETTINGS, "job_id", "attempts"))

@@ -14,7 +14,7 @@ pickled and sent to other processes.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from core.errors import (
     JobCancelledError,
@@ -59,7 +59,7 @@ class JobHandle(str):
         queue: str | None = None,
         connection: str = "",
         manager: QueueManager | None = None,
-    ) -> JobHandle:
+    ) -> Self:
         handle = super().__new__(cls, job_id)
         handle.queue = queue
         handle.connection = connection
@@ -141,7 +141,7 @@ class JobHandle(str):
     def _outcome(self, record: JobStatus) -> Any:
         if record.status == Status.SUCCEEDED:
             return record.value()
-        what = f"job {self.id!r}" + (f" ({record.job})" if record.job else "")
+        what = f"{record.kind or 'job'} {self.id!r}" + (f" ({record.job})" if record.job else "")
         error_type, verb = _ENDINGS.get(record.status, (JobFailedError, str(record.status)))
         reason = f": {record.error}" if record.error and record.error not in verb else ""
         raise error_type(

@@ -22,6 +22,7 @@ import math
 import os
 import pkgutil
 import re
+import string
 import sys
 import time
 from collections.abc import Sequence
@@ -40,7 +41,7 @@ from core.errors import (
 )
 from core.functions import JobFunction
 from core.job import JOB_SETTINGS, Job
-from core.queue.drivers.base import OnDuplicate
+from core.queue.drivers.base import MAX_PRIORITY, Limit, OnDuplicate
 
 __all__ = [
     "ASSIGNED_ID",
@@ -49,11 +50,14 @@ __all__ = [
     "Decoded",
     "JobLoader",
     "JobSettings",
+    "LimitSettings",
     "class_path",
     "decode_envelope",
     "encode",
     "job_settings",
+    "limit_of",
     "new_job_id",
+    "parse_rate",
     "unloadable_reason",
     "validate_job_id",
     "validate_queue",
@@ -240,6 +244,22 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """A job's `rate_limit`, `burst`, `concurrency_limit` and `limit_key`, checked.
+
+    `key` is the `limit_key` template; `fixed` is the `Limit` itself when the template names no
+    data (built once per class), `None` when each job formats its own key.
+    """
+
+    rate: int
+    period: float
+    burst: int
+    concurrency: int
+    key: str
+    fixed: Limit | None
+
+
+@dataclass(frozen=True, slots=True)
 class JobSettings:
     """A job's settings, checked, with durations in seconds (as numbers, the payload's form)."""
 
@@ -253,6 +273,8 @@ class JobSettings:
     at_front: bool
     result_ttl: float | None  # None: the QUEUE_RESULT_TTL setting
     failure_ttl: float | None  # None: the QUEUE_FAILURE_TTL setting
+    priority: int = 0
+    limit: LimitSettings | None = None  # None: neither a rate nor a concurrency limit
 
 
 #: The settings an instance may override; an instance setting none of them uses its class's
@@ -349,6 +371,8 @@ def _settings_of(source: Any) -> JobSettings:
     at_front = source.at_front
     if type(at_front) is not bool:
         raise ValueError(f"at_front must be True or False, got {at_front!r}")
+    priority = check_priority(source.priority)
+    limit = _limit_settings(source)
     return JobSettings(
         max_tries=max_tries,
         timeout=timeout,
@@ -360,7 +384,129 @@ def _settings_of(source: Any) -> JobSettings:
         at_front=at_front,
         result_ttl=result_ttl,
         failure_ttl=failure_ttl,
+        priority=priority,
+        limit=limit,
     )
+
+
+def check_priority(value: Any, name: str = "priority") -> int:
+    """`value` if it is a usable priority, else `ValueError` naming `name`."""
+    if type(value) is int and -MAX_PRIORITY <= value <= MAX_PRIORITY:
+        return value
+    raise ValueError(
+        f"{name} must be a whole number from {-MAX_PRIORITY} to {MAX_PRIORITY} (higher runs "
+        f"first), got {value!r}"
+    )
+
+
+#: What a rate's period may be called after "N/" (and what `parse_duration` reads after a 1).
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\S.*?)\s*\Z")
+
+
+def parse_rate(value: Any, name: str = "rate_limit") -> tuple[int, float]:
+    """`(starts, period in seconds)` of a rate such as "100/minute", "5/s", "10/30s" or
+    "3/2 minutes"; `ValueError` naming `name` if it is not one."""
+    match = _RATE.match(value) if isinstance(value, str) else None
+    period = 0.0
+    if match is not None:
+        text = match.group(2)
+        try:
+            period = parse_duration(text if text[0].isdigit() else f"1 {text}", name)
+        except ValueError:
+            period = 0.0
+    if match is None or int(match.group(1)) < 1 or not 0 < period <= MAX_SECONDS:
+        raise ValueError(
+            f"{name} must be starts per period such as '100/minute', '5/second', '1000/hour', "
+            f"'10/30s' or '3/2 minutes' (a whole number of at least 1, a period up to 30 "
+            f"days), got {value!r}"
+        )
+    return int(match.group(1)), period
+
+
+def _limit_settings(source: Any) -> LimitSettings | None:
+    """The limit settings of `source`, checked (`None` when it has no limit)."""
+    rate_limit, burst = source.rate_limit, source.burst
+    concurrency, key = source.concurrency_limit, source.limit_key
+    if type(burst) is not int or burst < 1:
+        raise ValueError(f"burst must be a whole number of at least 1, got {burst!r}")
+    if concurrency is not None and (type(concurrency) is not int or concurrency < 0):
+        raise ValueError(
+            f"concurrency_limit must be None or a whole number (0: no cap), got {concurrency!r}"
+        )
+    if not isinstance(key, str):
+        raise ValueError(f"limit_key must be a string template, got {key!r}")
+    fields = _template_fields(key)
+    if rate_limit is None and not concurrency:
+        return None
+    rate, period = (0, 0.0) if rate_limit is None else parse_rate(rate_limit)
+    fixed = None
+    if not fields:
+        _check_key(key, key)
+        fixed = Limit(key, rate, period, burst, concurrency or 0)
+    return LimitSettings(rate, period, burst, concurrency or 0, key, fixed)
+
+
+def _template_fields(template: str) -> list[str]:
+    """The names a `limit_key` template takes from the job's data; `ValueError` if it is not
+    a template."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(
+            f"limit_key {template!r} is not a template ({exc}); write names of the job's data "
+            "in braces, e.g. 'api:{customer_id}', and double a literal brace ('{{')"
+        ) from None
+    names = []
+    for _, field, _, _ in parsed:
+        if field is None:
+            continue
+        name = re.split(r"[.\[]", field, maxsplit=1)[0]
+        if not name.isidentifier():
+            raise ValueError(
+                f"limit_key {template!r}: each {{...}} must name a data attribute of the job, "
+                f"e.g. '{{customer_id}}', got {{{field}}}"
+            )
+        names.append(name)
+    return names
+
+
+def _check_key(key: str, template: str) -> str:
+    if len(key) > 190 or _CONTROL.search(key):
+        shown = "" if key == template else f" (from {template!r})"
+        raise ValueError(
+            f"limit_key must be at most 190 characters without control characters, got "
+            f"{key[:200]!r}{shown}"
+        )
+    return key
+
+
+def limit_of(job: Job, settings: JobSettings) -> Limit | None:
+    """The `Limit` a dispatch of `job` counts against (its key formatted from its data), or
+    `None`; `SerializationError` naming `limit_key` if the template cannot be filled."""
+    spec = settings.limit
+    if spec is None:
+        return None
+    if spec.fixed is not None:
+        return spec.fixed
+    cls = type(job)
+    data = {k: v for k, v in job.__dict__.items() if k[0] != "_"}
+    try:
+        key = spec.key.format_map(data)
+    except KeyError as exc:
+        known = ", ".join(sorted(data)) or "none"
+        raise SerializationError(
+            f"{cls.__qualname__}.limit_key {spec.key!r} names {exc.args[0]!r}, which this job "
+            f"has no data attribute of (its attributes: {known})"
+        ) from None
+    except (AttributeError, IndexError, TypeError, ValueError) as exc:
+        raise SerializationError(
+            f"{cls.__qualname__}.limit_key {spec.key!r} cannot be filled from the job's data: {exc}"
+        ) from None
+    try:
+        _check_key(key, spec.key)
+    except ValueError as exc:
+        raise SerializationError(f"{cls.__qualname__}.{exc}") from None
+    return Limit(key, spec.rate, spec.period, spec.burst, spec.concurrency)
 
 
 _CLASS_PATHS: dict[type, str] = {}

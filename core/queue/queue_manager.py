@@ -26,6 +26,7 @@ from core.delays import Delay, parse_delay
 from core.errors import (
     ConfigurationError,
     DuplicateJobError,
+    JobNotFoundError,
     SerializationError,
     UnloadableJobError,
 )
@@ -40,23 +41,41 @@ from core.queue.drivers import (
     QueueStats,
     create_driver,
 )
-from core.queue.drivers.base import OnDuplicate
+from core.queue.drivers.base import Dependency, DependencyRule, OnDuplicate
 from core.queue.handle import JobHandle
 from core.queue.payload import (
     ASSIGNED_ID,
+    check_priority,
     class_path,
     encode,
     job_settings,
+    limit_of,
     new_job_id,
     unloadable_reason,
     validate_job_id,
     validate_queue,
 )
 from core.settings import QueueConnection, Settings
+from core.workflows import (
+    Batch,
+    Chain,
+    Node,
+    Planner,
+    Step,
+    Workflow,
+    WorkflowHandle,
+    batch,
+    chain,
+)
 
 __all__ = [
+    "Batch",
+    "Chain",
     "JobHandle",
     "QueueManager",
+    "WorkflowHandle",
+    "batch",
+    "chain",
     "dispatch",
     "get_default_manager",
     "queue",
@@ -216,6 +235,9 @@ class QueueManager:
         job_id: str | None = None,
         at_front: bool | None = None,
         on_duplicate: str | None = None,
+        priority: int | None = None,
+        depends_on: tuple[Dependency, ...] = (),
+        rule: DependencyRule = "succeeded",
     ) -> OutgoingJob:
         settings = job_settings(job)
         state = job.__dict__
@@ -239,6 +261,13 @@ class QueueManager:
                 "push(on_duplicate=...) must be 'reject', 'keep' or 'replace', "
                 f"got {on_duplicate!r}"
             )
+        if priority is None:
+            priority = settings.priority
+        else:
+            try:
+                priority = check_priority(priority, "push(priority=...)")
+            except ValueError as exc:
+                raise SerializationError(str(exc)) from None
         new_id = chosen or new_job_id()
         failure_ttl = settings.failure_ttl
         if failure_ttl is None:
@@ -266,11 +295,15 @@ class QueueManager:
             on_duplicate=on_duplicate,  # type: ignore[arg-type]
             ttl=settings.ttl,
             failure_ttl=failure_ttl,
+            priority=priority,
+            depends_on=depends_on,
+            rule=rule,
+            limit=None if settings.limit is None else limit_of(job, settings),
         )
 
     async def _settle(
         self, job: Job, outgoing: OutgoingJob, pushed: Pushed | None, connection: str
-    ) -> JobHandle | DuplicateJobError:
+    ) -> JobHandle | DuplicateJobError | JobNotFoundError:
         """The handle for what `push` did with one job (or the error of a rejected duplicate);
         runs the dispatch hooks and event for a stored job."""
         if pushed is None:  # a driver that predates `Pushed`
@@ -279,6 +312,8 @@ class QueueManager:
             job_id, outcome = pushed.id, pushed.outcome
         if outcome == "duplicate":
             return _duplicate(outgoing, job_id)
+        if outcome == "missing":
+            return _missing(outgoing, job_id)
         job.job_id = job_id
         if job_id != outgoing.id or not outgoing.check_id:
             # Not an id the caller chose: dispatching this instance again is a new job.
@@ -315,6 +350,9 @@ class QueueManager:
         job_id: str | None = None,
         at_front: bool | None = None,
         on_duplicate: OnDuplicate | None = None,
+        depends_on: DependsOn = None,
+        allow_dependency_failure: bool = False,
+        priority: int | None = None,
         once_key: str = "",
         once_for: float = 0.0,
     ) -> JobHandle:
@@ -323,8 +361,14 @@ class QueueManager:
         `job_id` (or the job's own `job_id`, set before dispatch) names the job: if a job with
         that id is waiting or running on the queue, `on_duplicate` decides, as for a
         `unique_key`: "reject" raises `DuplicateJobError`, "keep" returns the existing job's
-        handle, "replace" gives a waiting one this job's data. `at_front` and `on_duplicate`
-        override the job's settings for this dispatch.
+        handle, "replace" gives a waiting one this job's data. `at_front`, `on_duplicate` and
+        `priority` override the job's settings for this dispatch.
+
+        `depends_on` (a handle, a job id, or an iterable of them, on the same connection)
+        makes the job wait (status `deferred`) until those jobs have succeeded; one that
+        fails, expires or is cancelled cancels it, unless `allow_dependency_failure` (then it
+        runs once they have all ended, however). An unknown dependency raises
+        `JobNotFoundError` and nothing is queued.
 
         `once_key` (for schedulers) stores the job only if no push took that key in the last
         `once_for` seconds; otherwise nothing is stored and `DuplicateJobError` is raised.
@@ -339,13 +383,16 @@ class QueueManager:
             job_id,
             at_front,
             on_duplicate,
+            priority,
+            () if depends_on is None else _dependencies(depends_on, conn),
+            _rule(allow_dependency_failure),
         )
         if once_key:
             outgoing = dataclasses.replace(outgoing, once_key=once_key, once_for=once_for)
         driver = await self.connection(conn)
         pushed = await driver.push([outgoing])
         result = await self._settle(job, outgoing, pushed[0] if pushed else None, conn)
-        if isinstance(result, DuplicateJobError):
+        if isinstance(result, Exception):
             raise result
         return result
 
@@ -358,7 +405,9 @@ class QueueManager:
         **options: Any,
     ) -> JobHandle:
         """Queue `job` to run after `delay` (seconds, "10 minutes", timedelta or datetime);
-        `options` as for `push` (`job_id`, `at_front`, `on_duplicate`)."""
+        `options` as for `push` (`job_id`, `at_front`, `on_duplicate`, `depends_on`,
+        `allow_dependency_failure`, `priority`). With dependencies, the delay counts from now
+        and the job runs once both have passed."""
         return await self.push(job, queue, connection, delay=delay, **options)
 
     async def bulk(
@@ -368,32 +417,46 @@ class QueueManager:
         connection: str | None = None,
         *,
         delay: Delay | None = None,
+        depends_on: DependsOn = None,
+        allow_dependency_failure: bool = False,
+        priority: int | None = None,
     ) -> list[JobHandle]:
         """Queue many jobs with one round trip per connection; returns their handles in order.
 
         Every job is encoded before anything is sent, so one bad job queues none of them. A job
         rejected as a duplicate (`on_duplicate="reject"`) does not stop the others: they are
         stored (each job's `job_id` says where), then `DuplicateJobError` is raised naming the
-        rejected ones (`existing`: the first one's holder).
+        rejected ones (`existing`: the first one's holder). `depends_on`,
+        `allow_dependency_failure` and `priority` apply to each job, as for `push`; with an
+        unknown dependency nothing is stored and `JobNotFoundError` is raised.
         """
         if not self._hooks_loaded:
             self._load_hooks()
         seconds = _delay_seconds(delay)
+        rule = _rule(allow_dependency_failure)
         groups: dict[str, list[tuple[int, Job, OutgoingJob]]] = defaultdict(list)
         count = 0
+        needs: dict[str, tuple[Dependency, ...]] = {}
         for job in jobs:
             conn, name = self._target(job, queue, connection)
-            groups[conn].append((count, job, self._outgoing(job, name, seconds)))
+            if depends_on is not None and conn not in needs:
+                needs[conn] = _dependencies(depends_on, conn)
+            outgoing = self._outgoing(
+                job, name, seconds, None, None, None, priority, needs.get(conn, ()), rule
+            )
+            groups[conn].append((count, job, outgoing))
             count += 1
         handles: list[JobHandle | None] = [None] * count
         rejected: list[DuplicateJobError] = []
-        for conn, batch in groups.items():
+        for conn, group in groups.items():
             driver = await self.connection(conn)
-            pushed: Sequence[Pushed | None] | None = await driver.push([o for _, _, o in batch])
+            pushed: Sequence[Pushed | None] | None = await driver.push([o for _, _, o in group])
             if not pushed:
-                pushed = [None] * len(batch)
-            for (index, job, outgoing), done in zip(batch, pushed, strict=True):
+                pushed = [None] * len(group)
+            for (index, job, outgoing), done in zip(group, pushed, strict=True):
                 result = await self._settle(job, outgoing, done, conn)
+                if isinstance(result, JobNotFoundError):
+                    raise result  # the dependency is unknown: no job of the call was stored
                 if isinstance(result, DuplicateJobError):
                     rejected.append(result)
                 else:
@@ -407,6 +470,77 @@ class QueueManager:
                 existing=rejected[0].existing,
             )
         return [handle for handle in handles if handle is not None]
+
+    # -- workflows ---------------------------------------------------------------------
+
+    async def push_workflow(self, workflow: Workflow) -> WorkflowHandle:
+        """Store a chain or batch (`chain(...)`, `batch(...)`) in one round trip; returns its
+        handle. Every job is encoded before anything is sent, so one bad job stores nothing.
+
+        A member rejected as a duplicate (`job_id` or `unique_key` taken, `on_duplicate`
+        "reject"; or a `unique_key` held by another job, which it cannot stand in for) raises
+        `DuplicateJobError`: the parts stored before it are cancelled, so nothing of the
+        workflow runs (but a first member a worker had already started).
+        """
+        if not isinstance(workflow, Workflow):
+            raise TypeError(
+                f"push_workflow takes a chain(...) or batch(...), got {type(workflow).__name__}"
+            )
+        return await self._push_plan(self._plan(workflow))
+
+    def _plan(self, workflow: Workflow) -> Planner:
+        if not self._hooks_loaded:
+            self._load_hooks()
+        return Planner(self, workflow)
+
+    async def _push_plan(self, plan: Planner) -> WorkflowHandle:
+        conn = plan.connection
+        steps = plan.steps
+        driver = await self.connection(conn)
+        outgoing = [step.outgoing for step in steps]
+        pushed: Sequence[Pushed] = await driver.push(outgoing) or [Pushed(o.id) for o in outgoing]
+        problem = _workflow_problem(plan.root.kind, steps, pushed)
+        if problem is not None:
+            stored = [
+                (step.outgoing, done)
+                for step, done in zip(steps, pushed, strict=True)
+                if done.outcome == "created"
+            ]
+            for out, done in reversed(stored):  # dependents first: nothing is released
+                await driver.cancel(done.id, out.queue)
+            raise problem
+        handles: list[JobHandle | None] = []
+        for step, done in zip(steps, pushed, strict=True):
+            if step.job is None:
+                handles.append(None)
+                continue
+            result = await self._settle(step.job, step.outgoing, done, conn)
+            if isinstance(result, Exception):  # not reached: `_workflow_problem` saw it
+                raise result
+            handles.append(result)
+        manager = None if self is _default else self
+
+        def build(node: Node) -> JobHandle:
+            if node.kind == "job":
+                handle = handles[node.step]
+                assert handle is not None
+                return handle
+            record = steps[node.step].outgoing
+            return WorkflowHandle(
+                record.id,
+                record.queue,
+                conn,
+                manager,
+                kind=node.kind,
+                jobs=[build(member) for member in node.members],
+                then_job=None if node.then is None else build(node.then),
+                catch_job=None if node.catch is None else build(node.catch),
+                finally_job=None if node.finally_ is None else build(node.finally_),
+            )
+
+        root = build(plan.root)
+        assert isinstance(root, WorkflowHandle)
+        return root
 
     # -- single jobs -------------------------------------------------------------------
 
@@ -475,6 +609,7 @@ class QueueManager:
                     failed_recent=recent.failed,
                     cancelled=recent.cancelled,
                     expired=recent.expired,
+                    deferred=stats.deferred,
                 )
             )
         return out
@@ -491,6 +626,86 @@ def _checked_id(value: Any, where: str) -> str:
         return validate_job_id(value, where)
     except ValueError as exc:
         raise SerializationError(str(exc)) from None
+
+
+#: What `depends_on=` takes: a handle or job id, or an iterable of them (`None`: none).
+DependsOn = str | Iterable[str] | None
+
+
+def _rule(allow_dependency_failure: bool) -> DependencyRule:
+    if allow_dependency_failure is True:
+        return "ended"
+    if allow_dependency_failure is False:
+        return "succeeded"
+    raise SerializationError(
+        f"allow_dependency_failure must be True or False, got {allow_dependency_failure!r}"
+    )
+
+
+def _dependencies(depends_on: DependsOn, connection: str) -> tuple[Dependency, ...]:
+    """`depends_on=` as the driver takes it: handles keep their queue; ids are checked."""
+    items: Iterable[Any] = (depends_on,) if isinstance(depends_on, str) else depends_on or ()
+    if isinstance(items, bytes | dict) or not isinstance(items, Iterable):
+        raise SerializationError(
+            f"depends_on takes a job handle, a job id, or a list of them, got {depends_on!r}"
+        )
+    out: list[Dependency] = []
+    seen: set[str] = set()
+    for item in items:
+        if not isinstance(item, str):
+            raise SerializationError(
+                f"depends_on takes job handles or job ids, got {type(item).__name__} {item!r}"
+            )
+        job_id = _checked_id(str.__str__(item), "depends_on")
+        if job_id in seen:
+            continue
+        seen.add(job_id)
+        queue = None
+        if isinstance(item, JobHandle):
+            queue = item.queue
+            if item.connection and item.connection != connection:
+                raise SerializationError(
+                    f"depends_on: job {job_id!r} is on the {item.connection!r} connection and "
+                    f"this job goes to {connection!r}; a job can only wait for jobs of its own "
+                    "connection"
+                )
+        out.append(Dependency(job_id, queue))
+    return tuple(out)
+
+
+def _workflow_problem(
+    kind: str, steps: Sequence[Step], pushed: Sequence[Pushed]
+) -> DuplicateJobError | JobNotFoundError | None:
+    """Why the workflow could not be stored whole (the first part that was not), or `None`.
+
+    Dependencies come before their dependents, so the first problem is the cause: a member
+    not stored makes every part waiting for it "missing".
+    """
+    stored = sum(1 for done in pushed if done.outcome == "created")
+    after = f"; the {stored} parts stored before it were cancelled" if stored else ""
+    for step, done in zip(steps, pushed, strict=True):
+        out = step.outgoing
+        if done.outcome == "duplicate":
+            error = _duplicate(out, done.id)
+            return DuplicateJobError(f"{kind} not dispatched: {error}{after}", existing=done.id)
+        if done.outcome in ("kept", "replaced") and done.id != out.id:
+            verb = "took its data" if done.outcome == "replaced" else "was kept"
+            return DuplicateJobError(
+                f"{kind} not dispatched: unique_key {out.unique_key!r} of {out.job} is held by "
+                f"job {done.id!r} on queue {out.queue!r} (which {verb}); a workflow member "
+                f"must be a job of its own{after}",
+                existing=done.id,
+            )
+        if done.outcome == "missing":
+            return JobNotFoundError(f"{kind} not dispatched: {_missing(out, done.id)}{after}")
+    return None
+
+
+def _missing(outgoing: OutgoingJob, dependency: str) -> JobNotFoundError:
+    return JobNotFoundError(
+        f"job {outgoing.id} ({outgoing.job}) depends on unknown job {dependency} (never "
+        "dispatched on this connection, or its record is no longer kept); nothing was queued"
+    )
 
 
 def _duplicate(outgoing: OutgoingJob, holder: str) -> DuplicateJobError:
@@ -558,6 +773,9 @@ class _Facade:
     async def bulk(self, jobs: Iterable[Job], *args: Any, **kwargs: Any) -> list[JobHandle]:
         return await (await self._manager()).bulk(jobs, *args, **kwargs)
 
+    async def push_workflow(self, workflow: Workflow) -> WorkflowHandle:
+        return await (await self._manager()).push_workflow(workflow)
+
     def job(
         self, job_id: str, connection: str | None = None, *, queue: str | None = None
     ) -> JobHandle:
@@ -600,9 +818,19 @@ async def dispatch(
     job_id: str | None = None,
     at_front: bool | None = None,
     on_duplicate: OnDuplicate | None = None,
+    depends_on: DependsOn = None,
+    allow_dependency_failure: bool = False,
+    priority: int | None = None,
 ) -> JobHandle:
     """Queue `job` on its own queue and connection; returns its handle (a `str` subclass equal
     to the job id). Options as for `QueueManager.push`."""
     return await queue.push(
-        job, delay=delay, job_id=job_id, at_front=at_front, on_duplicate=on_duplicate
+        job,
+        delay=delay,
+        job_id=job_id,
+        at_front=at_front,
+        on_duplicate=on_duplicate,
+        depends_on=depends_on,
+        allow_dependency_failure=allow_dependency_failure,
+        priority=priority,
     )
