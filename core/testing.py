@@ -16,7 +16,9 @@ sync, ...) is an in-memory store: dispatch runs its real checks (the payload is 
 is one a worker may import, every setting valid, `job_id`/`unique_key` rules), returns real
 handles (status `queued` or `scheduled`), and nothing runs. `queue.fake()` makes it the
 default manager (what `dispatch`, `queue.push/later/bulk` and `@job` functions use) until the
-block ends.
+block ends. A chain or batch dispatched on it is recorded as its jobs (members, then the
+callbacks, each a `Dispatch`), and returns a real `WorkflowHandle` whose members wait as they
+would (the first of a chain `queued`, the rest `deferred`).
 
 To get the `fake_queue` fixture in a test suite, enable this module as a pytest plugin in
 `conftest.py`: `pytest_plugins = ["core.testing"]`.
@@ -40,6 +42,7 @@ from core.queue.drivers.base import OutgoingJob, Pushed
 from core.queue.drivers.memory import MemoryDriver
 from core.queue.queue_manager import QueueManager
 from core.settings import Settings
+from core.workflows import Workflow, WorkflowHandle
 
 if TYPE_CHECKING:
     from core.mqtt.app import MqttApp
@@ -158,8 +161,20 @@ class _FakeManager(QueueManager):
             listed, connection, lambda: super(_FakeManager, self).bulk(listed, *args, **kwargs)
         )
 
+    async def push_workflow(self, workflow: Workflow) -> WorkflowHandle:
+        """Dispatch a chain or batch as the real manager does, then record its jobs."""
+        plan = self._plan(workflow)
+        marks = {name: len(recorder.log) for name, recorder in self._recorders.items()}
+        handle = await self._push_plan(plan)  # a workflow refused whole records nothing
+        # None: the workflow's record, which is no job.
+        self._record([step.job for step in plan.steps], plan.connection, marks)
+        return handle
+
     async def _recorded(
-        self, jobs: list[Job], connection: str | None, call: Callable[[], Awaitable[Any]]
+        self,
+        jobs: Sequence[Job | None],
+        connection: str | None,
+        call: Callable[[], Awaitable[Any]],
     ) -> Any:
         if self._recording:  # `later` or `bulk` calling `push`: the outer call records
             return await call()
@@ -171,19 +186,25 @@ class _FakeManager(QueueManager):
             self._recording = False
             self._record(jobs, connection, marks)
 
-    def _record(self, jobs: list[Job], connection: str | None, marks: Mapping[str, int]) -> None:
-        """Pair the jobs with what their connections' stores were given, in order."""
+    def _record(
+        self, jobs: Sequence[Job | None], connection: str | None, marks: Mapping[str, int]
+    ) -> None:
+        """Pair the jobs with what their connections' stores were given, in order (`None`:
+        a workflow's record, which is no job)."""
         for name, recorder in self._recorders.items():
             entries = recorder.log[marks.get(name, 0) :]
             if not entries:
                 continue
             mine = [
-                job for job in jobs if self.connection_name(connection or job.connection) == name
+                job
+                for job in jobs
+                if self.connection_name(connection or (job.connection if job else None)) == name
             ]
             if len(mine) != len(entries) and len(jobs) == len(entries):
-                mine = jobs
+                mine = list(jobs)
             for job, (outgoing, pushed) in zip(mine, entries, strict=False):
-                self.fake._note(job, name, outgoing, pushed)
+                if job is not None and outgoing.kind == "job":
+                    self.fake._note(job, name, outgoing, pushed)
 
     def forget(self) -> None:
         """Empty every store."""
@@ -208,7 +229,7 @@ class FakeQueue:
     def _note(self, job: Job, connection: str, outgoing: OutgoingJob, pushed: Pushed) -> None:
         from core.queue.payload import decode_envelope
 
-        if pushed.outcome in ("duplicate", "kept"):
+        if pushed.outcome in ("duplicate", "kept", "missing"):
             return  # nothing new was stored
         envelope = decode_envelope(outgoing.payload)
         record = Dispatch(

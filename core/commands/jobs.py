@@ -6,6 +6,10 @@
     python main.py queue:cancel 3f2c9a...              # remove it, or stop it in its worker
     python main.py queue:prune                         # delete job records past their keep time
 
+For a chain's or batch's id, `queue:job` shows its kind and progress ("3/10 done: 2 succeeded, 1
+failed, 0 cancelled, 7 pending"); for a deferred job, the ids it waits for. `--json` carries
+`kind`, `progress`, `waiting_for` and `priority` for scripts.
+
 `queue:job` exits 0 when the job is found (with `--wait`: when it succeeded), 1 when no job has
 that id (or, with `--wait`, it ended any other way), 124 when `--wait` ran out first (as
 `timeout(1)` does), so that a deploy script can wait for a job it dispatched.
@@ -39,7 +43,7 @@ from core.commands._common import (
 from core.delays import parse_duration
 from core.queue.payload import validate_job_id
 from core.settings import Settings
-from core.status import ENDED, WAITING, JobStatus, Status
+from core.status import ENDED, WAITING, JobStatus, Progress, Status
 
 HELP = {
     "queue:job": "show one job: its status, timings, and result or error (--wait for it to end)",
@@ -169,7 +173,18 @@ def _seconds_text(value: float | None) -> str | None:
     return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"
 
 
+def progress_text(progress: Progress) -> str:
+    """A workflow's progress in one line: "3/10 done: 2 succeeded, 1 failed, 0 cancelled, 7
+    pending"."""
+    return (
+        f"{progress.done}/{progress.total} done: {progress.succeeded} succeeded, "
+        f"{progress.failed} failed, {progress.cancelled} cancelled, {progress.pending} pending"
+    )
+
+
 def _render(conn: Connection, record: JobStatus) -> RenderableType:
+    if record.kind != "job":
+        return _render_workflow(conn, record)
     took = timings(record)
     tries = str(record.attempts)
     if record.max_tries is not None:
@@ -180,6 +195,12 @@ def _render(conn: Connection, record: JobStatus) -> RenderableType:
         ("queue", record.queue or None),
         ("class", record.job or None),
         ("tries", tries),
+    ]
+    if record.priority:
+        rows.append(("priority", str(record.priority)))
+    if record.waiting_for:
+        rows.append(("waiting for", ", ".join(record.waiting_for)))
+    rows += [
         ("enqueued", _when(record.enqueued_at)),
         ("due", _when(record.due_at)),
         ("started", _when(record.started_at)),
@@ -212,6 +233,24 @@ def _render(conn: Connection, record: JobStatus) -> RenderableType:
     return Group(*parts)
 
 
+def _render_workflow(conn: Connection, record: JobStatus) -> RenderableType:
+    """A chain's or batch's record: its members counted, not a run of its own."""
+    rows: list[tuple[str, Any]] = [
+        ("kind", record.kind),
+        ("status", record.status.value),
+        ("progress", None if record.progress is None else progress_text(record.progress)),
+        ("name", record.job or None),
+        ("connection", record.connection or conn.name),
+        ("queue", record.queue or None),
+        ("enqueued", _when(record.enqueued_at)),
+        ("ended", _when(record.ended_at)),
+    ]
+    if record.error:
+        rows.append(("error", record.error))
+    title = f"{record.kind.capitalize()} {record.id}"
+    return table(title, ("field", "value"), rows, wrap=("value",))
+
+
 def _when(moment: float | None) -> str | None:
     return None if moment is None else when(moment)
 
@@ -231,7 +270,13 @@ async def cancel_job(args: argparse.Namespace, conn: Connection) -> int:
         latest = await conn.driver.job_status(args.id, record.queue or None)
         how = f" ({latest.status})" if latest is not None else ""
         raise CommandFailed(f"nothing to cancel: job {args.id} has ended{how}")
-    if record.status in WAITING:
+    if record.kind != "job":
+        message = (
+            f"Cancelled {record.kind} {args.id}: its members that had not ended are cancelled "
+            "(a running one within about a second); see queue:job for its progress."
+        )
+        what = "members"
+    elif record.status in WAITING:
         message = f"Cancelled job {args.id}: it was {record.status} and will not run."
         what = "removed"
     else:

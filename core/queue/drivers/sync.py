@@ -7,6 +7,14 @@ through the same code as on a worker (`core.execution`: hooks, middleware, `succ
 `handle.result()` read what the run left. If the last try fails, `failed()` is called, the
 failure is recorded in memory, and the exception propagates to the caller of `dispatch` so that
 a test sees it.
+
+Workflows and dependencies follow the memory connection's rules, with every job run as soon as
+it is ready: a chain runs member by member, stopping at the first failure (the rest end
+`cancelled`), then its `catch` and `finally_`; a batch runs every member (each one has ended
+before the next is stored, so a failure cancels nothing), then its callbacks. A failing member
+of a workflow does not raise: the workflow handle's `result()` reports it. A job whose
+dependencies ran already runs or is cancelled as their records say. Rate and concurrency limits
+do not apply (jobs run one at a time, inline).
 """
 
 from __future__ import annotations
@@ -56,26 +64,38 @@ class SyncDriver(MemoryDriver):
         self._manager = manager
         # Sync runs whatever the caller dispatches: the caller is trusted, so any module goes.
         self._loader = JobLoader([""])
+        #: The queues jobs were stored on, in order: where released jobs are looked for.
+        self._seen: dict[str, None] = {}
 
     async def push(self, jobs: Sequence[OutgoingJob]) -> list[Pushed]:
-        """Store each job (ready now: delays are skipped) and run it before the next one."""
+        """Store each job (ready now: delays and limits are skipped) and run what became ready
+        (it, and the jobs its end released) before the next one."""
+        workflow = any(outgoing.kind != "job" for outgoing in jobs)
         out: list[Pushed] = []
         for outgoing in jobs:
-            ready = replace(outgoing, delay=0.0) if outgoing.delay else outgoing
+            ready = outgoing
+            if outgoing.delay or outgoing.limit is not None:
+                ready = replace(outgoing, delay=0.0, limit=None)
             [pushed] = await super().push([ready])
             out.append(pushed)
+            self._seen.setdefault(ready.queue)
             if pushed.outcome in ("created", "replaced"):
-                await self._run(ready.queue)
+                await self._run(raise_failures=not workflow)
         return out
 
-    async def _run(self, queue: str) -> None:
-        """Run the job just stored on `queue` (the only one ready there) to its end."""
+    async def _run(self, *, raise_failures: bool) -> None:
+        """Run every ready job to its end (retries at once), until none is ready: the job just
+        stored, and the jobs released by its end. A job that fails for good raises, unless
+        `raise_failures` is off (a workflow: its record tells)."""
         while True:
-            held = await self.reserve([queue], 1, _LEASE, worker=WORKER)
+            held = await self.reserve(list(self._seen), 1, _LEASE, worker=WORKER)
             if not held:
-                return  # it expired (its ttl) or was taken by no one: nothing to run
-            if await self._try(held[0]):
-                return
+                return  # nothing (more) is ready: the job expired, is deferred, or ran
+            try:
+                await self._try(held[0])
+            except Exception:
+                if raise_failures:
+                    raise
 
     async def _try(self, reserved: ReservedJob) -> bool:
         """One try; whether the job has ended (False: it goes round again at once)."""
