@@ -469,6 +469,9 @@ class Scheduler:
             try:
                 await self.run_due()
                 failures = 0
+            except ConfigurationError as exc:
+                logger.error("scheduler stopped: %s", exc)
+                raise  # no retry mends a setting
             except Exception as exc:
                 failures += 1
                 pause = min(30.0, 0.5 * 2 ** min(failures, 6))
@@ -498,6 +501,12 @@ class Scheduler:
     async def _run_one(self, item: Schedule, now: int) -> list[Enqueued]:
         state = self._state[item.name]
         driver = await self.manager.connection(item.connection or item.job.connection)
+        if driver.kind == "sync":
+            raise ConfigurationError(
+                f"schedule {item.name}: the sync connection runs jobs inside dispatch and keeps "
+                "no once keys; a scheduler needs redis, database or memory (QUEUE_CONNECTION, "
+                "or the schedule's connection=)"
+            )
         if state.cursor is None:  # first pass: since the last tick any scheduler enqueued
             raw = await driver.get_marker(item.marker)
             last = _marker_value(raw)
