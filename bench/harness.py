@@ -12,10 +12,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import envs, plan, services
+from bench import checkout, envs, plan, services
 from bench.peers import PEERS
 from bench.report import Results, render, write
 from bench.text import footer, header
@@ -41,6 +42,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         type=float,
         default=plan.BUDGET,
         help="seconds a library's run may take before it is cut short",
+    )
+    parser.add_argument(
+        "--before",
+        default=checkout.BEFORE,
+        help="an earlier commit whose W2 is measured beside today's (W2b; default "
+        f"{checkout.BEFORE}, the code before issue #13; '' for none)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     parser.add_argument(
@@ -88,9 +95,12 @@ def interpreters(peers: list[str], smoke: bool, log: Path) -> dict[str, str | No
     return found
 
 
-def agent(python: str, args: list[str], workdir: Path, timeout: float) -> dict[str, Any]:
-    """Run `bench.agent` in one library's environment and return its JSON answer."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def agent(
+    python: str, args: list[str], workdir: Path, timeout: float, source: Path = REPO
+) -> dict[str, Any]:
+    """Run `bench.agent` in one library's environment and return its JSON answer; `source`:
+    the checkout whose `bench` and `core` it runs (an earlier commit's, for W2b)."""
+    env = {**os.environ, "PYTHONPATH": str(source)}
     with (workdir / "agents.log").open("ab") as log:
         try:
             done = subprocess.run(
@@ -114,8 +124,15 @@ def agent(python: str, args: list[str], workdir: Path, timeout: float) -> dict[s
 def run_all(args: argparse.Namespace, workdir: Path) -> tuple[Results, dict[str, Any]]:
     pythons = interpreters([*args.peer_list, *([] if args.smoke else ["tools"])],
                            args.smoke, workdir / "pip.log")  # fmt: skip
-    tasks = plan.tasks(args.only_list, args.smoke, args.budget)
+    tasks = plan.tasks(args.only_list, args.smoke, args.budget, args.before)
     needs = {t.workload for t in tasks}
+    # An earlier commit's checkout is made by a full run; a smoke run uses one already there.
+    checkouts = {
+        rev: checkout.prepare(rev, create=not args.smoke)
+        for rev in sorted({t.checkout for t in tasks if t.checkout})
+    }
+    for rev, (where, why) in checkouts.items():
+        say(f"checkout {rev}: {where}" if where else f"checkout {rev}: n/a ({why})")
     results, facts = Results(), {"started": time.strftime("%Y-%m-%d %H:%M %Z")}
     facts["load"] = os.getloadavg()[0]  # other work on the machine skews every figure
     mysql_version, mysql_why = services.mysql_status() if "W5" in needs else (None, "")
@@ -126,33 +143,49 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[Results, dict[str,
             if mosquitto is not None and mosquitto.failed:
                 pythons["topiq:W6"] = mosquitto.failed
             facts["mysql"], facts["mosquitto"] = mysql_version, services.mosquitto_version()
+
+            def measure(task: plan.Task, peer: str, repeats: int) -> dict[str, Any]:
+                python = pythons.get(peer)
+                if python is None:
+                    return {"runs": [], "error": pythons.get(f"{peer}:why")}
+                if task.workload == "W6" and pythons.get("topiq:W6"):
+                    return {"runs": [], "error": pythons["topiq:W6"]}
+                if task.backend == "mysql" and mysql_version is None:
+                    return {"runs": [], "error": mysql_why}
+                source = REPO
+                if task.checkout:
+                    where, why = checkouts[task.checkout]
+                    if where is None:
+                        return {"runs": [], "error": why}
+                    source = where
+                ctx = {
+                    "redis_url": redis.url,
+                    "workdir": str(workdir),
+                    "backend": task.backend,
+                    "db_url": services.mysql_url(f"bench_{peer}")
+                    if task.backend == "mysql" else "",
+                    "extra": {"mqtt_port": mosquitto.port if mosquitto else 0},
+                }  # fmt: skip
+                spec = {"peer": peer, "workload": task.workload, "params": task.params,
+                        "repeats": repeats, "ctx": ctx}  # fmt: skip
+                timeout = repeats * (task.params["budget"] * 4 + 120)
+                return agent(python, [json.dumps(spec)], workdir, timeout, source)
+
+            paired = [t for t in tasks if t.paired]
             for task in tasks:
                 for peer in args.peer_list if not task.topiq_only else ["topiq"]:
                     if task.backend == "mysql" and peer not in ("topiq", "routemq"):
                         continue
                     if task.peers and peer not in ("topiq", *task.peers):
                         continue
+                    if task.paired and peer == "topiq":
+                        if task is paired[0]:  # all of them now, alternating run by run
+                            for done, answer in alternate(paired, args.repeats, measure):
+                                results.data[(done.source, peer)] = answer
+                                say(f"{done.source} {peer}: {_brief(answer)}")
+                        continue
                     started = time.monotonic()
-                    python = pythons.get(peer)
-                    if python is None:
-                        answer = {"runs": [], "error": pythons.get(f"{peer}:why")}
-                    elif task.workload == "W6" and pythons.get("topiq:W6"):
-                        answer = {"runs": [], "error": pythons["topiq:W6"]}
-                    elif task.backend == "mysql" and mysql_version is None:
-                        answer = {"runs": [], "error": mysql_why}
-                    else:
-                        ctx = {
-                            "redis_url": redis.url,
-                            "workdir": str(workdir),
-                            "backend": task.backend,
-                            "db_url": services.mysql_url(f"bench_{peer}")
-                            if task.backend == "mysql" else "",
-                            "extra": {"mqtt_port": mosquitto.port if mosquitto else 0},
-                        }  # fmt: skip
-                        spec = {"peer": peer, "workload": task.workload, "params": task.params,
-                                "repeats": args.repeats, "ctx": ctx}  # fmt: skip
-                        timeout = args.repeats * (task.params["budget"] * 4 + 120)
-                        answer = agent(python, [json.dumps(spec)], workdir, timeout)
+                    answer = measure(task, peer, args.repeats)
                     results.data[(task.source, peer)] = answer
                     say(f"{task.source} {peer}: {_brief(answer)} "
                         f"({time.monotonic() - started:.0f}s)")  # fmt: skip
@@ -162,6 +195,26 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[Results, dict[str,
         if isinstance(py, str) and ":" not in peer and peer != "tools"
     }
     return results, facts
+
+
+Measure = Callable[[plan.Task, str, int], dict[str, Any]]
+
+
+def alternate(
+    paired: list[plan.Task], repeats: int, measure: Measure
+) -> list[tuple[plan.Task, dict[str, Any]]]:
+    """Topiq's runs of `paired`, one run of each in turn, `repeats` times over; each task's
+    runs gathered into one answer (its first error kept)."""
+    answers: dict[str, dict[str, Any]] = {
+        task.source: {"runs": [], "error": None} for task in paired
+    }
+    for _ in range(repeats):
+        for task in paired:
+            answer = measure(task, "topiq", 1)
+            gathered = answers[task.source]
+            gathered["runs"].extend(answer.get("runs", []))
+            gathered["error"] = gathered["error"] or answer.get("error")
+    return [(task, answers[task.source]) for task in paired]
 
 
 class _nothing:

@@ -16,6 +16,11 @@ class Task:
     topiq_only: bool
     params: dict[str, Any]
     peers: tuple[str, ...] = ()  # the libraries it applies to when not all (with Topiq)
+    #: Topiq's runs of the tasks marked `paired` alternate run by run (one of each, then
+    #: again), so that a change in the machine's load falls on all of them alike.
+    paired: bool = False
+    #: Run Topiq from this earlier commit (a worktree, see bench/checkout.py), not this checkout.
+    checkout: str = ""
 
 
 FULL: dict[str, dict[str, Any]] = {
@@ -40,18 +45,25 @@ SMOKE: dict[str, dict[str, Any]] = {
 }
 
 
-def tasks(only: list[str], smoke: bool, budget: float) -> list[Task]:
-    """The runs to make, in order; `only` limits them to some workloads (W2 includes W2n,
-    W2 with results not kept, run just before Topiq's W2 so that both see the same load)."""
+def tasks(only: list[str], smoke: bool, budget: float, before: str = "") -> list[Task]:
+    """The runs to make, in order; `only` limits them to some workloads.
+
+    W2 includes W2n (results not kept), W2p (random priorities 0..9) and, with `before` (a
+    commit), W2b: W2 of that commit's code. Topiq's runs of these alternate with its W2's, run
+    by run, so that all of them see the same load; the report divides them.
+    """
     sizes = SMOKE if smoke else FULL
     out = []
     for name in ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8"):
         if only and name not in only:
             continue
         params = {**sizes[name], "budget": budget}
-        if name == "W2":  # W2n first: then Topiq's two runs are next to each other
-            out.append(Task("W2n", "W2n", "redis", True, params))
-            out.append(Task("W2", "W2", "redis", False, params))
+        if name == "W2":
+            out.append(Task("W2n", "W2n", "redis", True, params, paired=True))
+            out.append(Task("W2", "W2", "redis", False, params, paired=True))
+            if before:
+                out.append(Task("W2b", "W2", "redis", True, params, paired=True, checkout=before))
+            out.append(Task("W2p", "W2p", "redis", True, params, paired=True))
         elif name == "W8":
             out.append(Task("W8", "W8", "redis", False, params, peers=("arq", "saq")))
         elif name == "W5":

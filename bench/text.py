@@ -64,6 +64,7 @@ def _versions(facts: dict[str, Any]) -> str:
 
 def footer(args: argparse.Namespace, facts: dict[str, Any]) -> str:
     machine = facts.get("machine", {})
+    before = getattr(args, "before", "") or "none"
     return f"""### Machine and versions
 
 - {machine.get("cores")} cores ({_cpu()}), {_memory()} RAM, {machine.get("platform")}
@@ -102,8 +103,13 @@ def footer(args: argparse.Namespace, facts: dict[str, Any]) -> str:
   plus one worker (`bench/mqtt_probe.py` notes each job's start); lost = messages whose job
   never started. W7: the worker's VmRSS after 10,000 and after 200,000 no-op jobs.
 - W2 keeps each job's status record and result (Topiq's default `result_ttl`, 500 s); W2n is
-  the same run just before it with `result_ttl = 0` (nothing kept); the ratio row divides the
-  two. W8: an idle worker (after one warm-up), 500 round trips one after the other, each a
+  the same run with `result_ttl = 0` (nothing kept); the ratio row divides the two. W2p is W2
+  with each job given a random priority 0..9 (`job.priority`, the same seeded sequence every
+  run). W2b is W2 of the code before issue #13 (commit {before}, `--before`): a `git worktree`
+  of it under `bench/.venv/src/`, run with its own `bench` and `core` in Topiq's environment.
+  Topiq's W2n, W2, W2b and W2p runs alternate run by run (one of each, then again) so that all
+  four see the same load; the ratio rows divide their medians.
+- W8: an idle worker (after one warm-up), 500 round trips one after the other, each a
   dispatch of a job returning its argument and the wait for that result with the library's
   own call: Topiq `await (await push(job)).result()` (Redis), SAQ `Queue.apply`, arq
   `enqueue_job` then `Job.result()`; timed from before the dispatch to the result in hand.

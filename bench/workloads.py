@@ -96,6 +96,12 @@ async def w2_unkept(peer: Peer, n: int, budget: float, **_: Any) -> Figures:
     return await _drain(peer, "noop_unkept", n, budget)
 
 
+async def w2_priorities(peer: Peer, n: int, budget: float, **_: Any) -> Figures:
+    """W2p: W2 with each job given a random priority 0..9 (the worker hands them out highest
+    first, FIFO among equals)."""
+    return await _drain(peer, "noop_prio", n, budget)
+
+
 async def w3_sleep(peer: Peer, n: int, budget: float, concurrency: int = 32, **_: Any) -> Figures:
     """W3: sleep jobs; efficiency = theoretical minimum (n * SLEEP / 32) / measured."""
     figures = await _drain(peer, "sleep", n, budget)
@@ -203,6 +209,7 @@ WORKLOADS: dict[str, Callable[..., Awaitable[Figures]]] = {
     "W1": w1_enqueue,
     "W2": w2_noop,
     "W2n": w2_unkept,
+    "W2p": w2_priorities,
     "W3": w3_sleep,
     "W4": w4_latency,
     "W5": w2_noop,  # W2 on a database backend

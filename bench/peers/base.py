@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 QUEUE = "bench"
 
 #: noop_unkept: a no-op whose result is not kept (Topiq `result_ttl = 0`; W2n only).
-JobKind = Literal["noop", "sleep", "latency", "noop_unkept"]
+#: noop_prio: a no-op with a random priority 0..9 (Topiq `priority`; W2p only).
+JobKind = Literal["noop", "sleep", "latency", "noop_unkept", "noop_prio"]
 
 
 class Unsupported(Exception):

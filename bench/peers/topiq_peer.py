@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import ClassVar
 
 from bench.peers.base import QUEUE, REPO, JobKind, Peer, Unsupported
@@ -40,14 +41,21 @@ class TopiqPeer(Peer):
     async def close(self) -> None:
         await self.manager.close()
 
-    @staticmethod
-    def _job(kind: JobKind, sent: float = 0.0) -> object:
+    #: W2p's priorities: the same sequence in every run.
+    _priorities = random.Random(13)
+
+    @classmethod
+    def _job(cls, kind: JobKind, sent: float = 0.0) -> object:
         from bench import jobs
 
         if kind == "latency":
             return jobs.Latency(sent)
         if kind == "noop_unkept":
             return jobs.NoopUnkept()
+        if kind == "noop_prio":
+            job = jobs.Noop()
+            job.priority = cls._priorities.randint(0, 9)  # an instance's own setting
+            return job
         return jobs.Sleep() if kind == "sleep" else jobs.Noop()
 
     async def enqueue(self, kind: JobKind, sent: float = 0.0) -> None:
