@@ -479,8 +479,8 @@ class QueueManager:
 
         A member rejected as a duplicate (`job_id` or `unique_key` taken, `on_duplicate`
         "reject"; or a `unique_key` held by another job, which it cannot stand in for) raises
-        `DuplicateJobError`: the parts stored before it are cancelled, so nothing of the
-        workflow runs (but a first member a worker had already started).
+        `DuplicateJobError`: the workflow's jobs that were stored are cancelled, so none of
+        them runs (but a first member a worker had already started, which is asked to stop).
         """
         if not isinstance(workflow, Workflow):
             raise TypeError(
@@ -501,12 +501,15 @@ class QueueManager:
         pushed: Sequence[Pushed] = await driver.push(outgoing) or [Pushed(o.id) for o in outgoing]
         problem = _workflow_problem(plan.root.kind, steps, pushed)
         if problem is not None:
+            # Its jobs, dependents first so that nothing is released. Not its records: one
+            # waiting for the job that holds a member's id would cancel that job too; a record
+            # ends by itself once its members have.
             stored = [
                 (step.outgoing, done)
                 for step, done in zip(steps, pushed, strict=True)
-                if done.outcome == "created"
+                if done.outcome == "created" and step.job is not None
             ]
-            for out, done in reversed(stored):  # dependents first: nothing is released
+            for out, done in reversed(stored):
                 await driver.cancel(done.id, out.queue)
             raise problem
         handles: list[JobHandle | None] = []
@@ -681,12 +684,16 @@ def _workflow_problem(
     Dependencies come before their dependents, so the first problem is the cause: a member
     not stored makes every part waiting for it "missing".
     """
-    stored = sum(1 for done in pushed if done.outcome == "created")
-    after = f"; the {stored} parts stored before it were cancelled" if stored else ""
+    stored = sum(
+        1
+        for step, done in zip(steps, pushed, strict=True)
+        if step.job and done.outcome == "created"
+    )
+    after = f"; its {stored} other jobs were stored and are cancelled" if stored else ""
     for step, done in zip(steps, pushed, strict=True):
         out = step.outgoing
         if done.outcome == "duplicate":
-            error = _duplicate(out, done.id)
+            error = str(_duplicate(out, done.id)).removesuffix("; nothing was queued")
             return DuplicateJobError(f"{kind} not dispatched: {error}{after}", existing=done.id)
         if done.outcome in ("kept", "replaced") and done.id != out.id:
             verb = "took its data" if done.outcome == "replaced" else "was kept"
@@ -697,7 +704,8 @@ def _workflow_problem(
                 existing=done.id,
             )
         if done.outcome == "missing":
-            return JobNotFoundError(f"{kind} not dispatched: {_missing(out, done.id)}{after}")
+            error = str(_missing(out, done.id)).removesuffix("; nothing was queued")
+            return JobNotFoundError(f"{kind} not dispatched: {error}{after}")
     return None
 
 
