@@ -1,9 +1,28 @@
 """An in-process queue: same semantics as the servers, gone when the process exits.
 
 For tests, and for running the app and a worker in one process during development. It is the
-reference for the job lifecycle every driver implements (records, uniqueness, `at_front`, `ttl`,
-cancel, recent counts): where the servers need a script or a transaction, this driver relies on
-the event loop instead, since nothing else runs between two `await`s.
+reference for the job lifecycle and the workflow rules every driver implements (records,
+uniqueness, `at_front`, `ttl`, cancel, recent counts, priorities, dependencies, workflow
+records, limits, once keys, markers): where the servers need a script or a transaction, this
+driver relies on the event loop instead, since nothing else runs between two `await`s.
+
+How a queue keeps its waiting jobs (every job has one `place`, and every structure below may
+hold stale entries, skipped when they no longer match the job's place: a cancel or an ack costs
+O(1) and never searches a list):
+
+* `first`: ready `at_front` jobs, the latest first.
+* `ready`: ready jobs of priority 0 in the order they became ready (the plain path: a deque).
+* `ranked`: ready jobs of any other priority, a heap by (-priority, order).
+* `delayed`: jobs waiting for their time, a heap by due time.
+* `held`: ready jobs a limit holds back, per limit key (`_Gate`), in the order they would have
+  been handed out; a key whose first held job may start is listed in `open`, one whose rate
+  lets it start at a known time in `timed`.
+* `waits`: deferred jobs and workflow records, with the dependencies they still wait for.
+
+The order `reserve` hands jobs out in is the rank (class, -priority, order): class 0 for
+`at_front` jobs, 1 for the rest; order grows with each job made ready at the back of its level,
+and is negative (and falling) for a job put at the head of its level (a refund, a lost lease,
+an `at_front` job), so the latest such job comes first.
 """
 
 from __future__ import annotations
@@ -15,14 +34,17 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from core.queue.drivers.base import (
+    DependencyRule,
     Driver,
     FailedJob,
     FailedStore,
+    JobKind,
+    Limit,
     Outcome,
     OutgoingJob,
     Pushed,
@@ -34,7 +56,7 @@ from core.queue.drivers.base import (
     new_record_id,
 )
 from core.settings import Settings
-from core.status import ENDED, WAITING, JobStatus, Status
+from core.status import ENDED, WAITING, JobStatus, Progress, Status
 
 __all__ = ["MemoryDriver", "MemoryFailedStore"]
 
@@ -42,6 +64,13 @@ __all__ = ["MemoryDriver", "MemoryFailedStore"]
 COUNTS_KEPT = 7200.0
 #: How often ended records past their keep time are swept out while jobs are acknowledged.
 SWEEP_EVERY = 60.0
+
+#: A dependency or dependent: (queue name, job id).
+_JobKey = tuple[str, str]
+#: Where `reserve` hands a job out: (class, -priority, order); lower first.
+_Rank = tuple[int, int, int]
+#: Endings that count as a failure for the "failed" rule and a workflow's progress.
+_FAILURES = frozenset({Status.FAILED, Status.EXPIRED})
 
 
 @dataclass
@@ -62,6 +91,9 @@ class _Record:
     error: str = ""
     traceback: str = ""
     result: bytes | None = None
+    kind: JobKind = "job"
+    priority: int = 0
+    progress: Progress | None = None  # a workflow record's members, counted
     # What the lifecycle rules need, never shown:
     due: float = 0.0  # monotonic time it becomes (became) ready
     ttl: float = 0.0
@@ -70,8 +102,14 @@ class _Record:
     keep_until: float | None = None  # monotonic; set once the job has ended
 
     def expires_at(self) -> float | None:
-        """Monotonic time after which a first try may no longer start."""
-        if self.ttl > 0 and self.attempts == 0 and self.status in WAITING:
+        """Monotonic time after which a first try may no longer start (a deferred job's ttl
+        has not begun: it counts from when the job becomes due)."""
+        if (
+            self.ttl > 0
+            and self.attempts == 0
+            and self.status in WAITING
+            and self.status is not Status.DEFERRED
+        ):
             return self.due + self.ttl
         return None
 
@@ -83,20 +121,67 @@ class _Key:
 
 
 @dataclass
+class _Wait:
+    """A deferred job or a workflow record: what it waits for and how those ended so far."""
+
+    kind: JobKind
+    rule: DependencyRule
+    #: Dependencies not ended yet, in push order (a dict as an ordered set: O(1) removal).
+    pending: dict[_JobKey, None]
+    total: int
+    due: float = 0.0  # monotonic: push time + delay (a job released before it is scheduled)
+    due_wall: float = 0.0
+    delayed: bool = False
+    at_front: bool = False
+    cancel_on_failure: bool = False
+    tripped: bool = False  # cancel_on_failure has fired
+    succeeded: int = 0
+    failed: int = 0  # failed or expired
+    cancelled: int = 0
+
+    def progress(self) -> Progress:
+        return Progress(self.total, len(self.pending), self.succeeded, self.failed, self.cancelled)
+
+
+@dataclass
+class _Gate:
+    """The limit state of one (queue, limit key)."""
+
+    tat: float = 0.0  # GCRA theoretical arrival time (monotonic)
+    running: set[str] = field(default_factory=set)  # ids reserved now: never drifts
+    held: list[tuple[_Rank, str]] = field(default_factory=list)  # heap of held-back jobs
+    listed: _Rank | None = None  # the rank under which the key is in `open`, if it is
+    timed: bool = False  # in `timed`: its rate lets its first held job start at a known time
+
+
+@dataclass
 class _Queue:
     name: str
-    ready: deque[str] = field(default_factory=deque)
-    delayed: list[tuple[float, int, str]] = field(default_factory=list)  # heap (due, seq, id)
+    first: deque[tuple[int, str]] = field(default_factory=deque)  # (order, id)
+    ready: deque[tuple[int, str]] = field(default_factory=deque)  # (order, id)
+    ranked: list[tuple[int, int, str]] = field(default_factory=list)  # heap (-priority, order, id)
+    delayed: list[tuple[float, int, str]] = field(default_factory=list)  # heap (due, order, id)
+    #: Where each waiting (not deferred) job is: ("first"|"ready"|"ranked"|"delayed"|"held",
+    #: order). An entry of the structures above that does not match is stale.
+    place: dict[str, tuple[str, int]] = field(default_factory=dict)
     reserved: dict[str, float] = field(default_factory=dict)  # id -> lease expiry
     payloads: dict[str, bytes] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
+    priority: dict[str, int] = field(default_factory=dict)  # id -> priority, when not 0
+    limits: dict[str, Limit] = field(default_factory=dict)  # id -> its limit
     front: set[str] = field(default_factory=set)  # delayed at_front jobs: at the head when due
+    waits: dict[str, _Wait] = field(default_factory=dict)  # deferred jobs, workflow records
+    gates: dict[str, _Gate] = field(default_factory=dict)  # limit key -> state
+    open: list[tuple[_Rank, str]] = field(default_factory=list)  # heap (head rank, limit key)
+    timed: list[tuple[float, str]] = field(default_factory=list)  # heap (allowed at, limit key)
     records: dict[str, _Record] = field(default_factory=dict)
     keys: dict[str, _Key] = field(default_factory=dict)
+    once: dict[str, tuple[str, float]] = field(default_factory=dict)  # key -> (holder, until)
     cancels: set[str] = field(default_factory=set)  # running jobs whose cancel was asked for
     counts: dict[int, dict[Status, int]] = field(default_factory=dict)  # minute -> counts
 
     def waiting(self, job_id: str) -> bool:
+        """Stored and not running: ready, delayed, held back or deferred."""
         return job_id in self.payloads and job_id not in self.reserved
 
 
@@ -170,12 +255,22 @@ class MemoryDriver(Driver):
     def __init__(self, name: str, settings: Settings) -> None:
         super().__init__(name, settings)
         self._queues: dict[str, _Queue] = {}
-        self._seq = itertools.count()
+        self._seq = itertools.count()  # orders at the back of a level (and delayed entries)
+        self._head = itertools.count(1)  # negated: orders at the head of a level
         self._pushed = asyncio.Event()
+        self._stirred = False  # something became ready: wake the waiters before returning
         # (queue, id) -> the event its `wait_ended` callers wait on, set when the job ends;
         # and how many wait on it, so that the last one to give up removes it.
         self._ended: dict[tuple[str, str], asyncio.Event] = {}
         self._waiters: dict[tuple[str, str], int] = {}
+        # Dependency -> the jobs and workflow records waiting for it (entries of dependents
+        # that stopped waiting are left and skipped).
+        self._dependents: dict[_JobKey, list[_JobKey]] = {}
+        # Ends whose dependents are still to be resolved: a work list, so that a cascade of
+        # any depth never recurses.
+        self._ends: deque[tuple[_JobKey, Status]] = deque()
+        self._settling = False
+        self._markers: dict[str, tuple[str, float]] = {}  # name -> (value, monotonic expiry)
         self._failed = MemoryFailedStore()
         self._workers: dict[str, tuple[WorkerInfo, float]] = {}
         self._restart_at: float | None = None
@@ -189,38 +284,93 @@ class MemoryDriver(Driver):
 
     def _wake(self) -> None:
         # Replace the event so that later waiters block again; earlier ones wake up.
+        self._stirred = False
         self._pushed.set()
         self._pushed = asyncio.Event()
+
+    def _wake_if_stirred(self) -> None:
+        if self._stirred:
+            self._wake()
+
+    # -- where waiting jobs are ---------------------------------------------------------
+
+    def _make_ready(
+        self, queue: _Queue, job_id: str, *, head: bool = False, front: bool = False
+    ) -> None:
+        """Put a job among the ready ones: `front` before every other (the latest first),
+        `head` at the head of its priority level (refund, lost lease), else at its back."""
+        self._stirred = True
+        if front:
+            order = -next(self._head)
+            queue.first.appendleft((order, job_id))
+            queue.place[job_id] = ("first", order)
+            return
+        order = -next(self._head) if head else next(self._seq)
+        priority = queue.priority.get(job_id, 0)
+        if priority:
+            heapq.heappush(queue.ranked, (-priority, order, job_id))
+            queue.place[job_id] = ("ranked", order)
+        else:
+            if head:
+                queue.ready.appendleft((order, job_id))
+            else:
+                queue.ready.append((order, job_id))
+            queue.place[job_id] = ("ready", order)
+
+    def _make_delayed(self, queue: _Queue, job_id: str, due: float) -> None:
+        order = next(self._seq)
+        heapq.heappush(queue.delayed, (due, order, job_id))
+        queue.place[job_id] = ("delayed", order)
 
     # -- push and the uniqueness rules -------------------------------------------------
 
     async def push(self, jobs: Sequence[OutgoingJob]) -> list[Pushed]:
         # No await from here to the end: each job's checks and store are one atomic step.
+        # Jobs are stored in order, so a dependency pushed earlier in the call is known.
         out = [self._push_one(job, time.monotonic(), time.time()) for job in jobs]
         self._wake()
         return out
 
     def _push_one(self, job: OutgoingJob, now: float, wall: float) -> Pushed:
         queue = self._queue(job.queue)
-        if job.check_id and job.id in queue.payloads:
-            return self._duplicate(queue, job.id, job, replaceable=queue.waiting(job.id))
-        if job.unique_key:
-            key = self._live_key(queue, job.unique_key, now)
-            if key is not None:
-                holder = key.holder
-                if queue.waiting(holder):
-                    return self._duplicate(queue, holder, job, replaceable=True)
-                if key.until is not None:  # held by `unique_for`: holder running or ended
-                    return self._duplicate(queue, holder, job, replaceable=False)
-                # Held until its job starts, and that job has started: the successor goes in.
-        if job.id in queue.payloads:
-            # Stored already, without an id check (a failed job retried before a late ack):
-            # start afresh.
-            self._forget(queue, job.id)
-        self._store(queue, job, now, wall)
-        if job.unique_key:
+        if queue.delayed and queue.delayed[0][0] <= now:
+            self._mature_delayed(queue, now)
+        if job.once_key:
+            taken = queue.once.get(job.once_key)
+            if taken is not None and taken[1] > now:
+                return Pushed(taken[0], "duplicate")
+        # Every dependency must be known before anything is stored.
+        deps: dict[_JobKey, Status] = {}
+        for dep in job.depends_on:
+            found = self._find(dep.id, dep.queue)
+            if found is None:
+                return Pushed(dep.id, "missing")
+            deps[(found[0].name, dep.id)] = found[1].status
+        if job.kind == "job":
+            if job.check_id and job.id in queue.payloads:
+                return self._duplicate(queue, job.id, job, replaceable=queue.waiting(job.id))
+            if job.unique_key:
+                key = self._live_key(queue, job.unique_key, now)
+                if key is not None:
+                    holder = key.holder
+                    if queue.waiting(holder):
+                        return self._duplicate(queue, holder, job, replaceable=True)
+                    if key.until is not None:  # held by `unique_for`: holder running or ended
+                        return self._duplicate(queue, holder, job, replaceable=False)
+                    # Held until its job starts, and that job has started: the successor
+                    # goes in.
+            if job.id in queue.payloads:
+                # Stored already, without an id check (a failed job retried before a late
+                # ack): start afresh.
+                self._forget(queue, job.id)
+        if job.once_key:
+            queue.once[job.once_key] = (job.id, now + job.once_for)
+        if job.unique_key and job.kind == "job":
             until = now + job.unique_for if job.unique_for > 0 else None
             queue.keys[job.unique_key] = _Key(job.id, until)
+        self._store(queue, job, now, wall, deferred=bool(deps))
+        if deps or job.kind != "job":
+            self._attach(queue, job, deps, now, wall)
         return Pushed(job.id)
 
     def _live_key(self, queue: _Queue, key: str, now: float) -> _Key | None:
@@ -242,7 +392,8 @@ class MemoryDriver(Driver):
         if job.on_duplicate == "reject":
             return Pushed(holder, "duplicate")
         if job.on_duplicate == "replace" and replaceable:
-            # The holder keeps its id, tries, place in the queue and due time.
+            # The holder keeps its id, tries, priority, dependencies, place in the queue and
+            # due time: only its payload (and what its record says of the class) changes.
             queue.payloads[holder] = job.payload
             record = queue.records.get(holder)
             if record is not None:
@@ -251,45 +402,103 @@ class MemoryDriver(Driver):
             return Pushed(holder, "replaced")
         return Pushed(holder, "kept")
 
-    def _store(self, queue: _Queue, job: OutgoingJob, now: float, wall: float) -> None:
-        queue.payloads[job.id] = job.payload
-        queue.attempts[job.id] = 0
-        queue.cancels.discard(job.id)
-        due = now + max(job.delay, 0.0)
+    def _store(
+        self, queue: _Queue, job: OutgoingJob, now: float, wall: float, *, deferred: bool
+    ) -> None:
+        delay = max(job.delay, 0.0)
         queue.records[job.id] = _Record(
             job.id,
             job.queue,
-            Status.SCHEDULED if job.delay > 0 else Status.QUEUED,
+            Status.SCHEDULED if delay > 0 else Status.QUEUED,
             job=job.job,
             max_tries=job.max_tries,
             enqueued_at=wall,
-            due_at=wall + max(job.delay, 0.0),
-            due=due,
+            due_at=wall + delay,
+            due=now + delay,
             ttl=job.ttl,
             failure_ttl=job.failure_ttl,
             unique_key=job.unique_key,
+            kind=job.kind,
+            priority=job.priority,
         )
-        if job.delay > 0:
-            heapq.heappush(queue.delayed, (due, next(self._seq), job.id))
+        if job.kind != "job":
+            return  # a workflow record: no payload, never reserved (`_attach` does the rest)
+        queue.payloads[job.id] = job.payload
+        queue.attempts[job.id] = 0
+        queue.cancels.discard(job.id)
+        if job.priority:
+            queue.priority[job.id] = job.priority
+        if job.limit is not None:
+            queue.limits[job.id] = job.limit
+        if deferred:
+            return  # `_attach` makes it deferred
+        if delay > 0:
+            self._make_delayed(queue, job.id, now + delay)
             if job.at_front:
                 queue.front.add(job.id)
-        elif job.at_front:
-            queue.ready.appendleft(job.id)  # several: the latest first
         else:
-            queue.ready.append(job.id)
+            self._make_ready(queue, job.id, front=job.at_front)
+
+    def _attach(
+        self,
+        queue: _Queue,
+        job: OutgoingJob,
+        deps: dict[_JobKey, Status],
+        now: float,
+        wall: float,
+    ) -> None:
+        """Make a just-stored job deferred (or a workflow record waiting for its members):
+        registered with its live dependencies, the ended ones applied at once."""
+        record = queue.records[job.id]
+        record.status = Status.DEFERRED
+        record.due_at = None
+        delay = max(job.delay, 0.0)
+        wait = queue.waits[job.id] = _Wait(
+            kind=job.kind,
+            rule="ended" if job.kind != "job" else job.rule,
+            pending=dict.fromkeys(deps),
+            total=len(deps),
+            due=now + delay,
+            due_wall=wall + delay,
+            delayed=delay > 0,
+            at_front=job.at_front,
+            cancel_on_failure=job.cancel_on_failure,
+        )
+        if job.kind != "job":
+            record.progress = wait.progress()
+        me = (queue.name, job.id)
+        ended: list[tuple[_JobKey, Status]] = []
+        for dep, status in deps.items():
+            if status in ENDED:
+                ended.append((dep, status))
+            else:
+                self._dependents.setdefault(dep, []).append(me)
+        if not deps:  # a workflow record without members: over at once
+            self._finish(queue, job.id, wait, now, wall)
+            return
+        # Apply the ended ones as if they ended now; any cascade waits for the drain below.
+        settling, self._settling = self._settling, True
+        try:
+            for dep, status in ended:
+                self._resolve(me, dep, status, now, wall)
+        finally:
+            self._settling = settling
+        self._drain(now, wall)
 
     def _forget(self, queue: _Queue, job_id: str) -> None:
-        """Take a job out of every place it waits or runs (its record stays)."""
-        queue.reserved.pop(job_id, None)
-        with contextlib.suppress(ValueError):
-            queue.ready.remove(job_id)
-        if any(entry[2] == job_id for entry in queue.delayed):
-            queue.delayed = [entry for entry in queue.delayed if entry[2] != job_id]
-            heapq.heapify(queue.delayed)
+        """Take a job out of every place it waits or runs (its record stays). Entries left in
+        the ordered structures no longer match its place and are skipped."""
+        self._unreserve(queue, job_id)
+        queue.place.pop(job_id, None)
         queue.front.discard(job_id)
         queue.payloads.pop(job_id, None)
         queue.attempts.pop(job_id, None)
         queue.cancels.discard(job_id)
+        queue.priority.pop(job_id, None)
+        queue.limits.pop(job_id, None)
+        wait = queue.waits.get(job_id)
+        if wait is not None and wait.kind == "job":
+            del queue.waits[job_id]
 
     @staticmethod
     def _free_key(queue: _Queue, record: _Record) -> None:
@@ -298,20 +507,298 @@ class MemoryDriver(Driver):
         if held is not None and held.holder == record.id and held.until is None:
             del queue.keys[record.unique_key]
 
+    # -- dependencies and workflow records ----------------------------------------------
+
+    def _settle(self, key: _JobKey, status: Status, now: float, wall: float) -> None:
+        """A job (or workflow record) ended: resolve its dependents, in this same step."""
+        self._ends.append((key, status))
+        self._drain(now, wall)
+
+    def _drain(self, now: float, wall: float) -> None:
+        # Only the outermost caller drains: a dependent cancelled or a record finished while
+        # resolving adds its own end to the list instead of recursing.
+        if self._settling:
+            return
+        self._settling = True
+        try:
+            while self._ends:
+                key, status = self._ends.popleft()
+                for dependent in self._dependents.pop(key, ()):
+                    self._resolve(dependent, key, status, now, wall)
+        finally:
+            self._settling = False
+
+    def _resolve(
+        self, dependent: _JobKey, dep: _JobKey, status: Status, now: float, wall: float
+    ) -> None:
+        """Apply one dependency's end to one dependent. Idempotent: a dependent no longer
+        deferred, or that counted this dependency already, is left alone."""
+        queue = self._queues.get(dependent[0])
+        job_id = dependent[1]
+        wait = queue.waits.get(job_id) if queue is not None else None
+        if queue is None or wait is None or dep not in wait.pending:
+            return
+        del wait.pending[dep]
+        if status is Status.SUCCEEDED:
+            wait.succeeded += 1
+        elif status in _FAILURES:
+            wait.failed += 1
+        else:
+            wait.cancelled += 1
+        if wait.kind != "job":
+            self._count_member(queue, job_id, wait, status, now, wall)
+            return
+        if wait.rule == "succeeded":
+            if status is not Status.SUCCEEDED:
+                self._end_waiting(
+                    queue, job_id, Status.CANCELLED, f"dependency {dep[1]} {status}", now, wall
+                )
+            elif not wait.pending:
+                self._release_deferred(queue, job_id, wait, now, wall)
+        elif wait.rule == "failed":
+            if status in _FAILURES:
+                # Runs at the first failure; the dependencies still pending no longer matter.
+                self._release_deferred(queue, job_id, wait, now, wall)
+            elif not wait.pending:
+                self._end_waiting(
+                    queue, job_id, Status.CANCELLED, "no dependency failed", now, wall
+                )
+        elif not wait.pending:  # "ended"
+            self._release_deferred(queue, job_id, wait, now, wall)
+
+    def _release_deferred(
+        self, queue: _Queue, job_id: str, wait: _Wait, now: float, wall: float
+    ) -> None:
+        """A deferred job may run: scheduled if its delay (counted from its push) has not
+        passed, else ready now (its ttl counting from now). It keeps its priority."""
+        del queue.waits[job_id]
+        record = queue.records[job_id]
+        if wait.delayed and wait.due > now:
+            record.status = Status.SCHEDULED
+            record.due, record.due_at = wait.due, wait.due_wall
+            self._make_delayed(queue, job_id, wait.due)
+            if wait.at_front:
+                queue.front.add(job_id)
+            self._stirred = True  # `wait` callers recompute their timeout
+        else:
+            record.status = Status.QUEUED
+            record.due, record.due_at = now, wall
+            self._make_ready(queue, job_id, front=wait.at_front)
+
+    def _count_member(
+        self, queue: _Queue, record_id: str, wait: _Wait, status: Status, now: float, wall: float
+    ) -> None:
+        """A workflow record counts one member's end; the last one ends the record."""
+        record = queue.records.get(record_id)
+        if record is not None:
+            record.progress = wait.progress()
+        if wait.cancel_on_failure and status in _FAILURES and not wait.tripped:
+            # The first failure cancels the members still waiting (not running ones); each
+            # resolves back into this record as cancelled through the work list.
+            wait.tripped = True
+            for member in list(wait.pending):
+                self._cancel_tree(member, ask_running=False, now=now, wall=wall)
+        if not wait.pending:
+            self._finish(queue, record_id, wait, now, wall)
+
+    def _finish(self, queue: _Queue, record_id: str, wait: _Wait, now: float, wall: float) -> None:
+        """End a workflow record whose members have all ended."""
+        del queue.waits[record_id]
+        record = queue.records.get(record_id)
+        if record is None:
+            return
+        record.progress = wait.progress()
+        if wait.failed:
+            status, error = Status.FAILED, f"{wait.failed} of {wait.total} members failed"
+        elif wait.cancelled:
+            status, error = Status.CANCELLED, f"{wait.cancelled} of {wait.total} members cancelled"
+        else:
+            status, error = Status.SUCCEEDED, ""
+        keep = self.settings.queue_result_ttl if status is Status.SUCCEEDED else record.failure_ttl
+        self._end(queue, record, Outcome(status, keep, error=error), now, wall)
+
+    def _cancel_tree(self, key: _JobKey, *, ask_running: bool, now: float, wall: float) -> None:
+        """Cancel a job if it is waiting (a running one is asked to, if `ask_running`); for a
+        workflow record, do so to each of its members that has not ended (nested ones too)."""
+        stack = [key]
+        while stack:
+            name, job_id = stack.pop()
+            queue = self._queues.get(name)
+            if queue is None:
+                continue
+            wait = queue.waits.get(job_id)
+            if wait is not None and wait.kind != "job":
+                stack.extend(reversed(wait.pending))
+            elif queue.waiting(job_id):
+                self._end_waiting(queue, job_id, Status.CANCELLED, "cancelled", now, wall)
+            elif ask_running and job_id in queue.reserved:
+                queue.cancels.add(job_id)
+
+    # -- limits ------------------------------------------------------------------------
+
+    def _gate(self, queue: _Queue, key: str) -> _Gate:
+        gate = queue.gates.get(key)
+        if gate is None:
+            gate = queue.gates[key] = _Gate()
+        return gate
+
+    @staticmethod
+    def _held_head(queue: _Queue, gate: _Gate) -> tuple[_Rank, str] | None:
+        """The key's first held-back job still held (stale entries dropped)."""
+        held = gate.held
+        while held:
+            rank, job_id = held[0]
+            if queue.place.get(job_id) == ("held", rank[2]):
+                return held[0]
+            heapq.heappop(held)
+        return None
+
+    def _hold(self, queue: _Queue, key: str, gate: _Gate, rank: _Rank, job_id: str) -> None:
+        """Hold a job back for its limit key, keeping its rank among the key's jobs."""
+        heapq.heappush(gate.held, (rank, job_id))
+        queue.place[job_id] = ("held", rank[2])
+        if gate.listed is not None and rank < gate.listed:
+            # The key may start a job and this one comes first: list it under its rank.
+            gate.listed = rank
+            heapq.heappush(queue.open, (rank, key))
+
+    def _list(self, queue: _Queue, key: str, gate: _Gate) -> None:
+        """The key may start a job again: offer its first held job to `reserve`."""
+        if gate.listed is not None:
+            return
+        head = self._held_head(queue, gate)
+        if head is not None:
+            gate.listed = head[0]
+            heapq.heappush(queue.open, (head[0], key))
+            self._stirred = True
+
+    @staticmethod
+    def _admit(gate: _Gate, limit: Limit, now: float) -> bool:
+        """Whether a job of the key may start now; if so, its start is counted (rate)."""
+        if limit.concurrency and len(gate.running) >= limit.concurrency:
+            return False
+        if limit.rate:
+            interval = limit.interval
+            # GCRA: allowed up to `burst - 1` intervals ahead of the theoretical arrival time.
+            if now < gate.tat - (limit.burst - 1) * interval:
+                return False
+            gate.tat = max(gate.tat, now) + interval
+        return True
+
+    @staticmethod
+    def _block(queue: _Queue, key: str, gate: _Gate, limit: Limit) -> None:
+        """A key could not start its first held job: wait for a running job of the key to
+        stop (concurrency; `_unreserve` lists it again) or for the time its rate allows."""
+        if limit.concurrency and len(gate.running) >= limit.concurrency:
+            return
+        if not gate.timed:
+            gate.timed = True
+            at = gate.tat - (limit.burst - 1) * limit.interval
+            heapq.heappush(queue.timed, (at, key))
+
+    def _unreserve(self, queue: _Queue, job_id: str) -> bool:
+        """Take a job out of the running ones (its limit key gets a slot back)."""
+        if queue.reserved.pop(job_id, None) is None:
+            return False
+        limit = queue.limits.get(job_id)
+        if limit is not None:
+            gate = queue.gates.get(limit.key)
+            if gate is not None and job_id in gate.running:
+                gate.running.discard(job_id)
+                self._list(queue, limit.key, gate)
+        return True
+
     # -- reserve, ack, release ---------------------------------------------------------
 
     def _mature(self, queue: _Queue, now: float) -> None:
-        while queue.delayed and queue.delayed[0][0] <= now:
-            _, _, job_id = heapq.heappop(queue.delayed)
+        """Make due delayed jobs ready, put jobs whose lease expired back at the head of their
+        level, and offer keys whose rate now allows a start."""
+        self._mature_delayed(queue, now)
+        if queue.reserved:
+            expired = [job_id for job_id, until in queue.reserved.items() if until <= now]
+            # The earliest lost lease ends up first.
+            for job_id in reversed(expired):
+                self._unreserve(queue, job_id)
+                self._make_ready(queue, job_id, head=True)
+        timed = queue.timed
+        while timed and timed[0][0] <= now:
+            _, key = heapq.heappop(timed)
+            gate = queue.gates.get(key)
+            if gate is not None:
+                gate.timed = False
+                self._list(queue, key, gate)
+
+    def _mature_delayed(self, queue: _Queue, now: float) -> None:
+        """Make due delayed jobs ready, in due order. A push does it first too, so that jobs
+        due before it are ordered before the jobs it makes ready."""
+        delayed, place = queue.delayed, queue.place
+        while delayed and delayed[0][0] <= now:
+            _, order, job_id = heapq.heappop(delayed)
+            if place.get(job_id) != ("delayed", order):
+                continue  # stale: cancelled, cleared, acknowledged
             if job_id in queue.front:
                 queue.front.discard(job_id)
-                queue.ready.appendleft(job_id)
+                self._make_ready(queue, job_id, front=True)
             else:
-                queue.ready.append(job_id)
-        expired = [job_id for job_id, until in queue.reserved.items() if until <= now]
-        for job_id in reversed(expired):
-            del queue.reserved[job_id]
-            queue.ready.appendleft(job_id)
+                self._make_ready(queue, job_id)
+
+    def _take(self, queue: _Queue) -> tuple[_Rank, str, str] | None:
+        """Pop the next job to hand out: (its rank, its id, its limit key if it comes from the
+        held-back ones, else "")."""
+        place, ready = queue.place, queue.ready
+        if not queue.first and not queue.ranked and not queue.open:
+            # The plain path: priority-0 jobs only.
+            while ready:
+                order, job_id = ready.popleft()
+                if place.get(job_id) == ("ready", order):
+                    return (1, 0, order), job_id, ""
+            return None
+        first, ranked, opened = queue.first, queue.ranked, queue.open
+        while first and place.get(first[0][1]) != ("first", first[0][0]):
+            first.popleft()
+        while ready and place.get(ready[0][1]) != ("ready", ready[0][0]):
+            ready.popleft()
+        while ranked and place.get(ranked[0][2]) != ("ranked", ranked[0][1]):
+            heapq.heappop(ranked)
+        while opened:
+            rank, key = opened[0]
+            gate = queue.gates.get(key)
+            if gate is None or gate.listed != rank:
+                heapq.heappop(opened)  # stale: the key was listed again under another rank
+                continue
+            head = self._held_head(queue, gate)
+            if head is None or head[0] != rank:
+                heapq.heappop(opened)
+                gate.listed = None
+                self._list(queue, key, gate)  # again under its current head, if any
+                continue
+            break
+        best: _Rank | None = None
+        source = ""
+        if first:
+            best, source = (0, 0, first[0][0]), "first"
+        if ready:
+            rank = (1, 0, ready[0][0])
+            if best is None or rank < best:
+                best, source = rank, "ready"
+        if ranked:
+            rank = (1, ranked[0][0], ranked[0][1])
+            if best is None or rank < best:
+                best, source = rank, "ranked"
+        if opened and (best is None or opened[0][0] < best):
+            best, source = opened[0][0], "open"
+        if best is None:
+            return None
+        if source == "first":
+            return best, first.popleft()[1], ""
+        if source == "ready":
+            return best, ready.popleft()[1], ""
+        if source == "ranked":
+            return best, heapq.heappop(ranked)[2], ""
+        _, key = heapq.heappop(opened)
+        gate = queue.gates[key]
+        gate.listed = None
+        return best, heapq.heappop(gate.held)[1], key
 
     def _owns(self, queue: _Queue, job: ReservedJob) -> bool:
         return queue.attempts.get(job.id) == job.attempts
@@ -332,18 +819,26 @@ class MemoryDriver(Driver):
         for name in queues:
             queue = self._queue(name)
             self._mature(queue, now)
-            while queue.ready and len(out) < limit:
-                job_id = queue.ready.popleft()
-                payload = queue.payloads.get(job_id)
-                if payload is None:  # acknowledged after its lease had expired
-                    continue
+            while len(out) < limit:
+                taken = self._take(queue)
+                if taken is None:
+                    break
+                rank, job_id, from_key = taken
+                del queue.place[job_id]
                 record = queue.records.get(job_id)
-                if job_id in queue.cancels:  # cancelled while running, then its lease ran out
-                    self._end_waiting(queue, job_id, Status.CANCELLED, "cancelled", now, wall)
+                if job_id in queue.cancels or (record is not None and self._past_ttl(record, now)):
+                    if job_id in queue.cancels:  # cancelled while running, then lease lost
+                        self._end_waiting(queue, job_id, Status.CANCELLED, "cancelled", now, wall)
+                    elif record is not None:
+                        self._expire(queue, record, now, wall)
+                    if from_key:  # offer the key's next held job in its place
+                        self._list(queue, from_key, queue.gates[from_key])
                     continue
-                if record is not None and self._past_ttl(record, now):
-                    self._expire(queue, record, now, wall)
-                    continue
+                job_limit = queue.limits.get(job_id)
+                if job_limit is not None and not self._start(
+                    queue, job_id, rank, job_limit, from_key, now
+                ):
+                    continue  # held back: no try counted, still `queued`
                 attempts = queue.attempts[job_id] = queue.attempts.get(job_id, 0) + 1
                 queue.reserved[job_id] = now + lease
                 if record is not None:
@@ -352,10 +847,30 @@ class MemoryDriver(Driver):
                     record.started_at = wall
                     record.worker = worker
                     self._free_key(queue, record)
-                out.append(ReservedJob(job_id, name, payload, attempts))
+                out.append(ReservedJob(job_id, name, queue.payloads[job_id], attempts))
             if len(out) >= limit:
                 break
+        self._wake_if_stirred()
         return out
+
+    def _start(
+        self, queue: _Queue, job_id: str, rank: _Rank, limit: Limit, from_key: str, now: float
+    ) -> bool:
+        """Whether a limited job may start now (counted if so); if not, it is held back."""
+        gate = self._gate(queue, limit.key)
+        if not from_key and self._held_head(queue, gate) is not None:
+            # Jobs of its key are held already: it queues behind (or, by rank, before) them
+            # without a check of its own; the key's first held job is checked when offered.
+            self._hold(queue, limit.key, gate, rank, job_id)
+            return False
+        if not self._admit(gate, limit, now):
+            self._hold(queue, limit.key, gate, rank, job_id)
+            self._block(queue, limit.key, gate, limit)
+            return False
+        gate.running.add(job_id)
+        if from_key:
+            self._list(queue, from_key, gate)  # offer the next held job of the key
+        return True
 
     @staticmethod
     def _past_ttl(record: _Record, now: float) -> bool:
@@ -376,7 +891,7 @@ class MemoryDriver(Driver):
         self, queue: _Queue, job_id: str, status: Status, error: str, now: float, wall: float
     ) -> None:
         """End a job that will never run (expired, cancelled): payload gone, record kept for its
-        `failure_ttl`, counted, key freed, waiters woken."""
+        `failure_ttl`, counted, key freed, waiters woken, dependents resolved."""
         self._forget(queue, job_id)
         record = queue.records.get(job_id)
         if record is None:
@@ -396,10 +911,12 @@ class MemoryDriver(Driver):
             record.keep_until = now + outcome.keep
         else:
             queue.records.pop(record.id, None)
-        self._count(queue, outcome.status, wall)
+        if record.kind == "job":  # workflow records did not run: not in `recent`
+            self._count(queue, outcome.status, wall)
         event = self._ended.pop((record.queue, record.id), None)
         if event is not None:
             event.set()
+        self._settle((queue.name, record.id), outcome.status, now, wall)
 
     @staticmethod
     def _count(queue: _Queue, status: Status, wall: float) -> None:
@@ -416,12 +933,14 @@ class MemoryDriver(Driver):
         now = time.monotonic()
         for name in queues:
             queue = self._queue(name)
-            if queue.ready:
+            if queue.first or queue.ready or queue.ranked or queue.open:
                 return
             if queue.delayed:
                 timeout = min(timeout, queue.delayed[0][0] - now)
             if queue.reserved:
                 timeout = min(timeout, min(queue.reserved.values()) - now)
+            if queue.timed:  # a held-back job its rate lets start then
+                timeout = min(timeout, queue.timed[0][0] - now)
         if timeout <= 0:
             return
         with contextlib.suppress(TimeoutError):
@@ -433,10 +952,7 @@ class MemoryDriver(Driver):
             queue = self._queue(job.queue)
             if not self._owns(queue, job):
                 continue  # a lapsed reservation: the job is someone else's now
-            queue.reserved.pop(job.id, None)
-            queue.payloads.pop(job.id, None)
-            queue.attempts.pop(job.id, None)
-            queue.cancels.discard(job.id)
+            self._forget(queue, job.id)
             outcome = job.outcome or Outcome(Status.SUCCEEDED, self.settings.queue_result_ttl)
             record = queue.records.get(job.id)
             if record is None:
@@ -445,22 +961,24 @@ class MemoryDriver(Driver):
             self._end(queue, record, outcome, now, wall)
         if now - self._swept >= SWEEP_EVERY:
             self._sweep(now)
+        self._wake_if_stirred()
 
     async def release(
         self, job: ReservedJob, delay: float = 0.0, *, refund: bool = False, error: str = ""
     ) -> None:
         queue = self._queue(job.queue)
-        if not self._owns(queue, job) or queue.reserved.pop(job.id, None) is None:
+        if not self._owns(queue, job) or not self._unreserve(queue, job.id):
             return
         now = time.monotonic()
         if refund:
             queue.attempts[job.id] -= 1
+        # A retry is not an end: dependents stay deferred.
         if delay > 0:
-            heapq.heappush(queue.delayed, (now + delay, next(self._seq), job.id))
-        elif refund:
-            queue.ready.appendleft(job.id)
+            self._make_delayed(queue, job.id, now + delay)
         else:
-            queue.ready.append(job.id)
+            # A refund goes to the head of its priority level, a retry behind the ready jobs
+            # of its level.
+            self._make_ready(queue, job.id, head=refund)
         record = queue.records.get(job.id)
         if record is not None:
             record.attempts = queue.attempts[job.id]
@@ -482,31 +1000,52 @@ class MemoryDriver(Driver):
 
     async def stats(self, queue: str) -> QueueStats:
         q = self._queue(queue)
-        pending = sum(1 for job_id in q.ready if job_id in q.payloads)
-        return QueueStats(self.name, queue, pending, len(q.delayed), len(q.reserved), 0)
+        delayed = sum(1 for where, _ in q.place.values() if where == "delayed")
+        deferred = sum(1 for wait in q.waits.values() if wait.kind == "job")
+        return QueueStats(
+            self.name,
+            queue,
+            len(q.place) - delayed,  # ready, including jobs a limit holds back
+            delayed,
+            len(q.reserved),
+            0,
+            deferred=deferred,
+        )
 
     async def queues(self) -> list[str]:
         return sorted(self._queues)
 
     async def clear(self, queue: str) -> int:
         q = self._queue(queue)
-        doomed = [*q.ready, *(job_id for _, _, job_id in q.delayed)]
-        q.ready.clear()
-        q.delayed.clear()
-        q.front.clear()
+        doomed = [*q.place, *(job_id for job_id, w in q.waits.items() if w.kind == "job")]
         for job_id in doomed:
-            q.payloads.pop(job_id, None)
-            q.attempts.pop(job_id, None)
+            self._forget(q, job_id)
             record = q.records.pop(job_id, None)
             if record is not None:
                 self._free_key(q, record)
+        q.first.clear()
+        q.ready.clear()
+        q.ranked.clear()
+        q.delayed.clear()
+        q.open.clear()
+        q.timed.clear()
+        for gate in q.gates.values():
+            gate.held.clear()
+            gate.listed = None
+            gate.timed = False
+        # Their records are gone, but whatever waits for them (a workflow record, a job of
+        # another queue) must not wait forever: it resolves them as cancelled.
+        now, wall = time.monotonic(), time.time()
+        for job_id in doomed:
+            self._settle((queue, job_id), Status.CANCELLED, now, wall)
+        self._wake_if_stirred()
         return len(doomed)
 
     # -- single jobs -------------------------------------------------------------------
 
     def _find(self, job_id: str, queue: str | None) -> tuple[_Queue, _Record] | None:
         """The job's queue and record (a live job's first), dropping records past their keep."""
-        names = [queue] if queue is not None else list(self._queues)
+        names: Iterable[str] = [queue] if queue is not None else list(self._queues)
         found: list[tuple[_Queue, _Record]] = []
         now = time.monotonic()
         for name in names:
@@ -530,11 +1069,16 @@ class MemoryDriver(Driver):
         now = time.monotonic()
         if q.waiting(job_id) and self._past_ttl(record, now):
             self._expire(q, record, now, time.time())  # reaped here rather than at a reserve
+            self._wake_if_stirred()
             if job_id not in q.records:
                 return None
         status = record.status
         if status is Status.SCHEDULED and record.due <= now:
             status = Status.QUEUED  # due: ready, whether or not a reserve has moved it yet
+        wait = q.waits.get(job_id)
+        waiting_for: tuple[str, ...] = ()
+        if wait is not None and wait.kind == "job":
+            waiting_for = tuple(dep_id for _, dep_id in wait.pending)
         return JobStatus(
             id=record.id,
             status=status,
@@ -551,6 +1095,10 @@ class MemoryDriver(Driver):
             error=record.error,
             traceback=record.traceback,
             result=record.result,
+            kind=record.kind,
+            waiting_for=waiting_for,
+            progress=record.progress,
+            priority=record.priority,
         )
 
     async def wait_ended(self, job_id: str, queue: str | None, timeout: float) -> JobStatus | None:
@@ -582,16 +1130,25 @@ class MemoryDriver(Driver):
         found = self._find(job_id, queue)
         if found is None:
             return False
-        q = found[0]
-        if q.waiting(job_id):
-            self._end_waiting(
-                q, job_id, Status.CANCELLED, "cancelled", time.monotonic(), time.time()
-            )
-            return True
-        if job_id in q.reserved:
-            q.cancels.add(job_id)
-            return True
-        return False
+        q, record = found
+        now, wall = time.monotonic(), time.time()
+        try:
+            if record.kind != "job":
+                # A workflow record: cancel its members that have not ended (running ones are
+                # asked to); it ends itself once they have.
+                if record.status in ENDED:
+                    return False
+                self._cancel_tree((q.name, job_id), ask_running=True, now=now, wall=wall)
+                return True
+            if q.waiting(job_id):  # ready, delayed, held back or deferred
+                self._end_waiting(q, job_id, Status.CANCELLED, "cancelled", now, wall)
+                return True
+            if job_id in q.reserved:
+                q.cancels.add(job_id)
+                return True
+            return False
+        finally:
+            self._wake_if_stirred()
 
     async def cancel_requested(self, jobs: Sequence[ReservedJob]) -> list[str]:
         return [job.id for job in jobs if job.id in self._queue(job.queue).cancels]
@@ -616,6 +1173,8 @@ class MemoryDriver(Driver):
         return self._sweep(time.monotonic())
 
     def _sweep(self, now: float) -> int:
+        """Drop ended records past their keep time (returns how many), and expired once keys,
+        markers and limit state no job needs any more."""
         self._swept = now
         dropped = 0
         for q in self._queues.values():
@@ -627,7 +1186,32 @@ class MemoryDriver(Driver):
             for job_id in doomed:
                 del q.records[job_id]
             dropped += len(doomed)
+            for key in [k for k, (_, until) in q.once.items() if until <= now]:
+                del q.once[key]
+            for key in [
+                k
+                for k, g in q.gates.items()
+                if not g.running
+                and g.listed is None
+                and not g.timed
+                and g.tat <= now
+                and self._held_head(q, g) is None
+            ]:
+                del q.gates[key]  # a fresh gate behaves the same
+        for name in [n for n, (_, until) in self._markers.items() if until <= now]:
+            del self._markers[name]
         return dropped
+
+    # -- small named values ------------------------------------------------------------
+
+    async def get_marker(self, name: str) -> str | None:
+        held = self._markers.get(name)
+        if held is None or held[1] <= time.monotonic():
+            return None
+        return held[0]
+
+    async def set_marker(self, name: str, value: str, ttl: float) -> None:
+        self._markers[name] = (value, time.monotonic() + ttl)
 
     # -- failed store, workers ---------------------------------------------------------
 
@@ -636,6 +1220,7 @@ class MemoryDriver(Driver):
 
     async def retry_failed(self, records: Sequence[FailedJob]) -> list[str]:
         # Checked, deleted and pushed without yielding to the event loop: one atomic step.
+        # The job's dependents were resolved when it failed: they stay as they ended.
         moving = [r for r in records if r.connection == self.name and self._failed.holds(r)]
         for record in moving:
             await self._failed.remove(record)
