@@ -59,7 +59,7 @@ from core.queue.drivers.base import (
 )
 from core.queue.drivers.tls import check_redis_url, redis_tls_failure
 from core.settings import Settings
-from core.status import ENDED, JobStatus, Status
+from core.status import ENDED, JobStatus, Progress, Status
 
 __all__ = ["RedisDriver", "RedisFailedStore"]
 
@@ -89,8 +89,15 @@ _WAIT_SLICE = 1.0
 _UNANSWERED_KEPT = 16
 
 
+#: The scripts that end, place or release jobs: lua/lib.lua (shared functions) is prepended.
+_WITH_LIB = frozenset(("push", "reserve", "ack", "release", "cancel", "clear", "retry_failed"))
+
+
 def _load_script(name: str) -> str:
-    return resources.files("core.queue.drivers").joinpath(f"lua/{name}.lua").read_text("utf-8")
+    def read(file: str) -> str:
+        return resources.files("core.queue.drivers").joinpath(f"lua/{file}.lua").read_text("utf-8")
+
+    return read("lib") + "\n" + read(name) if name in _WITH_LIB else read(name)
 
 
 @contextlib.asynccontextmanager
@@ -418,42 +425,111 @@ class RedisDriver(Driver):
             self._known_queues.update(new)
 
     async def push(self, jobs: Sequence[OutgoingJob]) -> list[Pushed]:
-        # Per queue: its option sets (jobs of one bulk push usually share theirs: sent once),
-        # then (id, payload, option set number) per job. See push.lua.
-        groups: dict[str, tuple[dict[tuple[Any, ...], int], list[Any]]] = {}
-        slots: dict[str, list[int]] = defaultdict(list)  # queue -> indexes into `jobs`
+        # Per script call: its option sets (jobs of one bulk push usually share theirs: sent
+        # once), then per job (id, payload, option set number, dependencies). See push.lua.
+        # Without dependencies the jobs of a queue go in one call per queue; with them, each
+        # run of consecutive jobs of one queue is a call, in order, so that a dependency pushed
+        # earlier in the same push is stored before its dependents (one round trip still).
+        linked = any(job.depends_on or job.kind != "job" for job in jobs)
+        places = await self._dependency_queues(jobs) if linked else {}
+        runs: list[tuple[str, dict[tuple[Any, ...], int], list[Any], list[int]]] = []
+        by_queue: dict[str, int] = {}
         for index, job in enumerate(jobs):
-            group = groups.get(job.queue)
-            if group is None:
-                group = groups[job.queue] = ({}, [])
-            options = (
-                self._ms(job.delay),
-                job.job,
-                "" if job.max_tries is None else job.max_tries,
-                1 if job.at_front else 0,
-                1 if job.check_id else 0,
-                job.unique_key,
-                self._ms(job.unique_for),
-                job.on_duplicate,
-                self._ms(job.ttl),
-                self._ms(job.failure_ttl),
-            )
-            number = group[0].setdefault(options, len(group[0]) + 1)
-            group[1].extend((job.id, job.payload, number))
-            slots[job.queue].append(index)
+            if linked:
+                if not runs or runs[-1][0] != job.queue:
+                    runs.append((job.queue, {}, [], []))
+                run = runs[-1]
+            else:
+                at = by_queue.get(job.queue)
+                if at is None:
+                    at = by_queue[job.queue] = len(runs)
+                    runs.append((job.queue, {}, [], []))
+                run = runs[at]
+            name, sets, rows, slots = run
+            number = sets.setdefault(self._push_options(job), len(sets) + 1)
+            rows.extend((job.id, job.payload, number, len(job.depends_on)))
+            for dep in job.depends_on:
+                queue = dep.queue or places.get(dep.id) or job.queue
+                rows.extend((self.keys(queue).tag, dep.id))
+            slots.append(index)
         calls = []
-        for name, (sets, rows) in groups.items():
+        result_ms = self._ms(self.settings.queue_result_ttl)
+        for name, sets, rows, _ in runs:
             k = self.keys(name)
             keys = [k.ready, k.delayed, k.payloads, k.wake, k.attempts, k.reserved, k.front]
-            calls.append(("push", keys, [k.tag, len(sets), *chain.from_iterable(sets), *rows]))
+            args = [k.tag, result_ms, len(sets), *chain.from_iterable(sets), *rows]
+            calls.append(("push", keys, args))
         async with _translated("push"):
-            await self._remember(list(groups))
+            await self._remember(list(dict.fromkeys(job.queue for job in jobs)))
             replies = await self._scripts_run(calls)
         out: list[Pushed | None] = [None] * len(jobs)
-        for name, reply in zip(groups, replies, strict=True):
-            for n, index in enumerate(slots[name]):
+        for (_, _, _, slots), reply in zip(runs, replies, strict=True):
+            for n, index in enumerate(slots):
                 out[index] = Pushed(_text(reply[2 * n + 1]), _text(reply[2 * n]))  # type: ignore[arg-type]
         return [pushed for pushed in out if pushed is not None]
+
+    def _push_options(self, job: OutgoingJob) -> tuple[Any, ...]:
+        """The job's option set, in push.lua's order."""
+        limit = job.limit
+        return (
+            self._ms(job.delay),
+            job.job,
+            "" if job.max_tries is None else job.max_tries,
+            1 if job.at_front else 0,
+            1 if job.check_id else 0,
+            job.unique_key,
+            self._ms(job.unique_for),
+            job.on_duplicate,
+            self._ms(job.ttl),
+            self._ms(job.failure_ttl),
+            job.priority,
+            job.rule,
+            job.kind,
+            1 if job.cancel_on_failure else 0,
+            0 if limit is None else 1,
+            "" if limit is None else limit.key,
+            0 if limit is None else repr(limit.interval * 1000),
+            1 if limit is None else max(1, limit.burst),
+            0 if limit is None else limit.concurrency,
+            job.once_key,
+            self._ms(job.once_for),
+        )
+
+    async def _dependency_queues(self, jobs: Sequence[OutgoingJob]) -> dict[str, str]:
+        """The queue of each dependency named without one: a job pushed earlier in the same
+        call, else the known queue holding a record (or payload) of that id, the dependent's
+        own queue first (one pipelined round trip). Not found: left out (push.lua then says
+        "missing" on the dependent's queue)."""
+        places: dict[str, str] = {}
+        unknown: dict[str, str] = {}  # dependency id -> the dependent's queue
+        for job in jobs:
+            for dep in job.depends_on:
+                if dep.queue is None and dep.id not in places:
+                    unknown.setdefault(dep.id, job.queue)
+            places.setdefault(job.id, job.queue)
+        if not unknown:
+            return places
+        ask = {dep_id: queue for dep_id, queue in unknown.items() if dep_id not in places}
+        if not ask:
+            return places
+        async with _translated("finding dependencies"):
+            names = await self.queues()
+            candidates = [
+                (dep_id, [own, *(n for n in names if n != own)]) for dep_id, own in ask.items()
+            ]
+            async with self.client.pipeline(transaction=False) as pipe:
+                for dep_id, order in candidates:
+                    for name in order:
+                        k = self.keys(name)
+                        pipe.exists(k.record(dep_id))
+                        pipe.hexists(k.payloads, dep_id)
+                found = iter(await pipe.execute())
+        for dep_id, order in candidates:
+            for name in order:
+                has_record, has_payload = next(found), next(found)
+                if (has_record or has_payload) and dep_id not in places:
+                    places[dep_id] = name
+        return places
 
     def _ack_args(self, jobs: Sequence[ReservedJob]) -> list[Any]:
         """The outcome count, the outcomes, then (id, token, outcome number) per job (ack.lua):
@@ -584,10 +660,18 @@ class RedisDriver(Driver):
     async def stats(self, queue: str) -> QueueStats:
         k = self.keys(queue)
         async with _translated("stats"):
-            pending, delayed, reserved = await self._scripts["stats"](
-                keys=[k.ready, k.delayed, k.reserved]
+            pending, delayed, reserved, deferred = await self._scripts["stats"](
+                keys=[k.ready, k.delayed, k.reserved], args=[k.tag]
             )
-        return QueueStats(self.name, queue, int(pending), int(delayed), int(reserved), 0)
+        return QueueStats(
+            self.name,
+            queue,
+            int(pending),
+            int(delayed),
+            int(reserved),
+            0,
+            deferred=int(deferred),
+        )
 
     async def queues(self) -> list[str]:
         async with _translated("listing queues"):
@@ -644,8 +728,8 @@ class RedisDriver(Driver):
 
     def _decode_status(self, job_id: str, queue: str, reply: Sequence[Any]) -> JobStatus | None:
         """A `JobStatus` from status.lua's reply: the record, corrected by where the job is."""
-        now_ms, payload, attempts_raw, lease, due = reply[:5]
-        rec = {_text(reply[i]): reply[i + 1] for i in range(5, len(reply), 2)}
+        now_ms, payload, attempts_raw, lease, due, waiting_for = reply[:6]
+        rec = {_text(reply[i]): reply[i + 1] for i in range(6, len(reply), 2)}
         if not rec and payload is None:
             return None
         stored = _text(rec.get("status", b""))
@@ -669,7 +753,16 @@ class RedisDriver(Driver):
                 fields["max_tries"] = _int(envelope.get("max_tries"))
             if fields["enqueued_at"] is None:
                 fields["enqueued_at"] = _seconds(envelope.get("created_at"))
-        if stored in ENDED or payload is None:
+        kind = _text(rec.get("kind", b"job"))
+        extra: dict[str, Any] = {"priority": _int(rec.get("priority")) or 0}
+        if kind in ("chain", "batch"):
+            extra["kind"] = kind
+            extra["progress"] = _progress(rec)
+        if stored == "deferred" and (payload is not None or kind != "job"):
+            status = Status.DEFERRED
+            fields["due_at"] = None
+            extra["waiting_for"] = tuple(_text(w) for w in waiting_for or ())
+        elif stored in ENDED or payload is None:
             # Ended; or gone without a word (acknowledged by a wave-1 worker): as recorded.
             status = Status(stored) if stored in Status.__members__.values() else Status.QUEUED
         elif lease is not None:
@@ -702,6 +795,7 @@ class RedisDriver(Driver):
             queue=queue,
             attempts=attempts,
             **fields,
+            **extra,
         )
 
     async def _find(self, job_id: str) -> JobStatus | None:
@@ -805,6 +899,17 @@ class RedisDriver(Driver):
             )
         return RecentCounts(window, int(succeeded), int(failed), int(cancelled), int(expired))
 
+    # -- small named values ------------------------------------------------------------
+
+    async def get_marker(self, name: str) -> str | None:
+        async with _translated("reading a marker"):
+            raw = await self.client.get(f"{self.prefix}:marker:{name}")
+        return None if raw is None else _text(raw)
+
+    async def set_marker(self, name: str, value: str, ttl: float) -> None:
+        async with _translated("writing a marker"):
+            await self.client.set(f"{self.prefix}:marker:{name}", value, px=max(1, int(ttl * 1000)))
+
     # -- workers and the restart signal ------------------------------------------------
 
     # The registry: one key per worker holding its report, with the heartbeat's TTL, so a dead
@@ -866,6 +971,16 @@ if redis.call('PTTL', KEYS[1]) < ttl then
 end
 return 1
 """
+
+
+def _progress(rec: dict[str, Any]) -> Progress:
+    """A workflow record's member counts (lib.lua: p_total, p_succeeded, ...)."""
+    total = _int(rec.get("p_total")) or 0
+    succeeded = _int(rec.get("p_succeeded")) or 0
+    failed = _int(rec.get("p_failed")) or 0
+    cancelled = _int(rec.get("p_cancelled")) or 0
+    pending = max(0, total - succeeded - failed - cancelled)
+    return Progress(total, pending, succeeded, failed, cancelled)
 
 
 def _text(value: bytes | str) -> str:

@@ -8,14 +8,12 @@
 --       expired), keep ms (0: the record is deleted), result ('' none: the JSON of a result is
 --       never empty), error, traceback; then per job 3: id, attempts token, the number of its
 --       outcome (1..m). Jobs that ended alike without a result share one outcome.
+-- Each end resolves the job's dependents and frees its limit slot in this script (lib.lua).
 -- Returns: the number of jobs removed
 local tag = ARGV[1]
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local q = Q(tag)
 local removed = 0
-local ended = {}
 local cancels = redis.call('EXISTS', tag .. ':cancel') == 1
-local waiters = redis.call('EXISTS', tag .. ':waiters') == 1
 local outcomes = tonumber(ARGV[2])
 for j = 3 + outcomes * 5, #ARGV, 3 do
   local id, token = ARGV[j], ARGV[j + 1]
@@ -37,19 +35,11 @@ for j = 3 + outcomes * 5, #ARGV, 3 do
       redis.call('DEL', rec)
     end
     if cancels then redis.call('SREM', tag .. ':cancel', id) end
-    if waiters and redis.call('EXISTS', tag .. ':waiter:' .. id) == 1 then
-      redis.call('RPUSH', tag .. ':done:' .. id, '1')
-      redis.call('PEXPIRE', tag .. ':done:' .. id, 60000)
-    end
-    ended[status] = (ended[status] or 0) + 1
+    wake_waiters(q, id)
+    count(q, status)
+    ended_running(q, id, status)
     removed = removed + 1
   end
 end
-if removed > 0 then
-  local counts = tag .. ':counts:' .. math.floor(now / 60000)
-  for status, n in pairs(ended) do
-    redis.call('HINCRBY', counts, status, n)
-  end
-  redis.call('EXPIRE', counts, 10800)
-end
+flush(nil)
 return removed

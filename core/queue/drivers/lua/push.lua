@@ -23,41 +23,74 @@
 -- expires_at (due_at + ttl, until the first try starts), failure_ttl (ms), unique_key,
 -- unique_for (ms).
 -- Keys named <tag>:...:<id> are built here from ARGV[1] (the tag): they are in the same slot.
+-- Issue #13 keys (priorities, dependencies, workflow records, limits, once keys): lib.lua.
 --
 -- KEYS: 1 ready, 2 delayed, 3 payloads, 4 wake, 5 attempts, 6 reserved, 7 front
--- ARGV: 1 tag, 2 option set count m, then m option sets of 10: delay ms (0: ready now), job
+-- ARGV: 1 tag, 2 the connection's result ttl ms (a workflow record that succeeds is kept so
+--       long), 3 option set count m, then m option sets of 21: delay ms (0: ready now), job
 --       class path, max_tries ('' unknown), at_front (1/0), check_id (1/0), unique key (''
 --       none), unique_for ms, on_duplicate (reject/keep/replace), ttl ms (0 none), failure_ttl
---       ms; then per job 3: id, payload, the number of its option set (1..m). Jobs of one
---       bulk push usually share their options: they are sent once.
--- Returns: pairs of (outcome, id): outcome created/duplicate/kept/replaced, id the job that
---          holds the work (the new one, or the holder of the id or key)
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+--       ms, priority, rule, kind (job/chain/batch), cancel_on_failure (1/0), limited (1/0),
+--       limit key, limit interval ms (0: no rate), burst, concurrency (0: none), once key (''
+--       none), once_for ms; then per job: id, payload, the number of its option set (1..m),
+--       its dependency count d, then d pairs (dependency's queue tag, dependency id). Jobs of
+--       one bulk push usually share their options: they are sent once.
+-- Returns: pairs of (outcome, id): outcome created/duplicate/kept/replaced/missing, id the job
+--          that holds the work (the new one, or the holder of the id or key), or for
+--          `missing` the unknown dependency (nothing of the job stored)
 local tag = ARGV[1]
+local q = Q(tag)
+local result_keep = ARGV[2]
 local out = {}
-local ready = 0
+local NOPT = 21
+local ENDED = {succeeded = true, failed = true, cancelled = true, expired = true}
 
 -- A job is waiting if its payload is stored and no worker holds it.
 local function waiting(id)
   return redis.call('HEXISTS', KEYS[3], id) == 1 and not redis.call('ZSCORE', KEYS[6], id)
 end
 
-local sets = tonumber(ARGV[2])
-for j = 3 + sets * 10, #ARGV, 3 do
+local sets = tonumber(ARGV[3])
+local j = 4 + sets * NOPT
+while j <= #ARGV do
   local id, payload = ARGV[j], ARGV[j + 1]
-  -- ARGV[i + 2] .. ARGV[i + 11] are this job's 10 options, in the header's order.
-  local i = 3 + (tonumber(ARGV[j + 2]) - 1) * 10 - 2
+  -- ARGV[i + 2] .. ARGV[i + 22] are this job's options, in the header's order.
+  local i = 4 + (tonumber(ARGV[j + 2]) - 1) * NOPT - 2
+  local ndeps = tonumber(ARGV[j + 3])
+  local deps = {}
+  for d = 1, ndeps do
+    deps[d] = {ARGV[j + 2 + 2 * d], ARGV[j + 3 + 2 * d]}
+  end
+  j = j + 4 + 2 * ndeps
   local delay = tonumber(ARGV[i + 2])
   local ukey, dup = ARGV[i + 7], ARGV[i + 9]
   local outcome, holder = 'created', id
   local ufor = tonumber(ARGV[i + 8])
+  local kind = ARGV[i + 14]
+  local once, once_key = ARGV[i + 21], nil
 
-  if ARGV[i + 6] == '1' and redis.call('HEXISTS', KEYS[3], id) == 1 then
-    -- The id is waiting or running.
+  -- Dependencies: each known (its record, or a payload of a job pushed by older code).
+  for _, d in ipairs(deps) do
+    local st = redis.call('HGET', d[1] .. ':job:' .. d[2], 'status')
+    if not st and redis.call('HEXISTS', d[1] .. ':payloads', d[2]) == 0 then
+      outcome, holder = 'missing', d[2]
+      break
+    end
+    d[3] = st or 'queued'
+  end
+
+  if outcome ~= 'created' then
+    -- missing: nothing stored
+  elseif once ~= '' and redis.call('EXISTS', tag .. ':once:' .. once) == 1 then
+    once_key = tag .. ':once:' .. once
+    outcome, holder = 'duplicate', redis.call('GET', once_key)
+  elseif ARGV[i + 6] == '1' and (redis.call('HEXISTS', KEYS[3], id) == 1
+      or redis.call('SISMEMBER', q.flows, id) == 1) then
+    -- The id is waiting or running (or a workflow record that has not ended).
     if dup == 'reject' then
       outcome = 'duplicate'
-    elseif dup == 'replace' and not redis.call('ZSCORE', KEYS[6], id) then
+    elseif dup == 'replace' and redis.call('HEXISTS', KEYS[3], id) == 1
+        and not redis.call('ZSCORE', KEYS[6], id) then
       redis.call('HSET', KEYS[3], id, payload)
       redis.call('HSET', tag .. ':job:' .. id, 'job', ARGV[i + 3], 'max_tries', ARGV[i + 4])
       outcome = 'replaced'
@@ -90,7 +123,10 @@ for j = 3 + sets * 10, #ARGV, 3 do
 
   if outcome == 'created' then
     local rec = tag .. ':job:' .. id
-    if redis.call('HSET', KEYS[3], id, payload) == 0 then
+    local flow = kind == 'chain' or kind == 'batch'
+    if flow then
+      redis.call('HDEL', KEYS[3], id)
+    elseif redis.call('HSET', KEYS[3], id, payload) == 0 then
       -- The id was already stored (a failed job retried before its worker's late ack landed):
       -- start it afresh, so that ack no longer matches and the tries really reset.
       redis.call('HDEL', KEYS[5], id)
@@ -99,50 +135,90 @@ for j = 3 + sets * 10, #ARGV, 3 do
       redis.call('LREM', KEYS[1], 0, id)
       redis.call('SREM', KEYS[7], id)
       redis.call('SREM', tag .. ':cancel', id)
+      local pm = redis.call('HGET', rec, 'pm')
+      if pm then redis.call('ZREM', q.prio, pm) end
+      redis.call('SREM', q.deferred, id)
     end
     -- A record of an earlier job with this id (ended, or reset above) is replaced.
-    redis.call('DEL', rec, tag .. ':done:' .. id)
+    redis.call('DEL', rec, tag .. ':done:' .. id, tag .. ':on:' .. id, tag .. ':wait:' .. id)
     local due = now + delay
+    local deferred = ndeps > 0 or flow
+    local prio = tonumber(ARGV[i + 12]) or 0
+    local front = ARGV[i + 5] == '1'
     local fields = {
-      'status', delay > 0 and 'scheduled' or 'queued', 'job', ARGV[i + 3],
-      'max_tries', ARGV[i + 4], 'enqueued_at', now, 'due_at', due,
+      'status', deferred and 'deferred' or (delay > 0 and 'scheduled' or 'queued'),
+      'job', ARGV[i + 3], 'max_tries', ARGV[i + 4], 'enqueued_at', now,
       'failure_ttl', ARGV[i + 11],
     }
+    local function add(name, value)
+      fields[#fields + 1] = name
+      fields[#fields + 1] = value
+    end
     local ttl = tonumber(ARGV[i + 10])
-    if ttl > 0 then
-      fields[#fields + 1] = 'expires_at'
-      fields[#fields + 1] = due + ttl
+    if deferred then
+      add('release_at', due)
+      if ttl > 0 then add('ttl', ttl) end
+      if front then add('front', '1') end
+      if ARGV[i + 13] ~= 'succeeded' then add('rule', ARGV[i + 13]) end
+    else
+      add('due_at', due)
+      if ttl > 0 then add('expires_at', due + ttl) end
+    end
+    if prio ~= 0 then add('priority', prio) end
+    if flow then
+      add('kind', kind)
+      add('p_total', ndeps)
+      add('rkeep', result_keep)
+      if ARGV[i + 15] == '1' then add('cof', '1') end
+    end
+    if ARGV[i + 16] == '1' then
+      add('lkey', ARGV[i + 17])
+      add('lint', ARGV[i + 18])
+      add('lburst', ARGV[i + 19])
+      add('lconc', ARGV[i + 20])
     end
     if ukey ~= '' then
-      fields[#fields + 1] = 'unique_key'
-      fields[#fields + 1] = ukey
-      fields[#fields + 1] = 'unique_for'
-      fields[#fields + 1] = ufor
+      add('unique_key', ukey)
+      add('unique_for', ufor)
       if ufor > 0 then
         redis.call('SET', tag .. ':unique:' .. ukey, id, 'PX', ufor)
       else
         redis.call('SET', tag .. ':unique:' .. ukey, id)
       end
     end
+    if once ~= '' then
+      redis.call('SET', tag .. ':once:' .. once, id, 'PX', math.max(1, tonumber(ARGV[i + 22])))
+    end
     redis.call('HSET', rec, unpack(fields))
-    local front = ARGV[i + 5] == '1'
-    if delay > 0 then
-      redis.call('ZADD', KEYS[2], due, id)
-      if front then redis.call('SADD', KEYS[7], id) end
-    else
-      if front then
-        redis.call('LPUSH', KEYS[1], id)
+    if deferred then
+      if flow then
+        redis.call('SADD', q.flows, id)
       else
-        redis.call('RPUSH', KEYS[1], id)
+        redis.call('SADD', q.deferred, id)
       end
-      ready = ready + 1
+      local me = ref(tag, id)
+      local wait, on = tag .. ':wait:' .. id, tag .. ':on:' .. id
+      for _, d in ipairs(deps) do
+        local r = ref(d[1], d[2])
+        redis.call('RPUSH', on, r)
+        redis.call('SADD', wait, r)
+      end
+      -- Live dependencies take this job as a dependent; ended ones apply their end at once.
+      for _, d in ipairs(deps) do
+        if not ENDED[d[3]] then redis.call('RPUSH', d[1] .. ':deps:' .. d[2], me) end
+      end
+      for _, d in ipairs(deps) do
+        if ENDED[d[3]] then resolve(me, ref(d[1], d[2]), d[2], d[3]) end
+      end
+      if flow and ndeps == 0 then end_record(q, id) end
+    elseif delay > 0 then
+      delay_job(q, id, due, prio, front)
+    else
+      place(q, id, false, front, prio)
     end
   end
   out[#out + 1] = outcome
   out[#out + 1] = holder
 end
--- One token is enough: a worker that leaves jobs behind passes a token on (see reserve.lua).
-if ready > 0 and redis.call('LLEN', KEYS[4]) == 0 then
-  redis.call('RPUSH', KEYS[4], '1')
-end
+flush(nil)
 return out

@@ -21,54 +21,15 @@
 --       unchanged, instead of lapsing and coming back a try later (lost on a last try).
 --       They come first in the reply and count against `limit` (all are returned, even past
 --       it: they are the caller's already).
+-- Priorities, limits and dependencies (lib.lua): jobs in the prio set with a score below 0
+-- (at_front, then higher priorities) come before the ready list, those above 0 after it; a job
+-- whose limit does not allow a start now is held back (not handed out, no try counted) and the
+-- next one is looked at; every end resolves the ended job's dependents in this same script.
 -- Returns: {next_ms, id1, payload1, attempts1, id2, ...} where next_ms is, when nothing was
---          reserved, how long until a delayed job or a lease falls due (-1: none); else 0.
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+--          reserved, how long until a delayed job, a lease or a held-back limit key falls due (-1: none); else 0.
 local limit, lease, worker, tag = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local default_keep, acks, outcomes = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
-local ended = {}
-local waiters = redis.call('EXISTS', tag .. ':waiters') == 1
-
-local function count(status)
-  ended[status] = (ended[status] or 0) + 1
-end
-
-local function wake_waiters(id)
-  if waiters and redis.call('EXISTS', tag .. ':waiter:' .. id) == 1 then
-    redis.call('RPUSH', tag .. ':done:' .. id, '1')
-    redis.call('PEXPIRE', tag .. ':done:' .. id, 60000)
-  end
-end
-
--- End a job that is not running (its payload is dropped): expired or cancelled.
-local function finish(id, status, err)
-  local rec = tag .. ':job:' .. id
-  redis.call('HDEL', KEYS[4], id)
-  redis.call('HDEL', KEYS[5], id)
-  redis.call('SREM', KEYS[8], id)
-  local f = redis.call('HMGET', rec, 'failure_ttl', 'unique_key', 'unique_for')
-  -- The record's failure_ttl is not trusted (a hash written by hand): a value that is not a
-  -- number counts as the default, one past the longest keep (3650 days) as that; else PEXPIRE
-  -- or the comparison below fails, and with it every reserve of the queue.
-  local keep = tonumber(f[1]) or tonumber(default_keep)
-  if keep ~= keep then keep = 0 end
-  keep = math.floor(math.min(keep, 315360000000))
-  -- A key held by unique_for stays taken until it expires, whatever happens to the job.
-  if f[2] and f[2] ~= '' and (f[3] or '0') == '0'
-      and redis.call('GET', tag .. ':unique:' .. f[2]) == id then
-    redis.call('DEL', tag .. ':unique:' .. f[2])
-  end
-  if keep > 0 then
-    redis.call('HSET', rec, 'status', status, 'ended_at', now, 'error', err)
-    redis.call('HDEL', rec, 'expires_at')
-    redis.call('PEXPIRE', rec, keep)
-  else
-    redis.call('DEL', rec)
-  end
-  wake_waiters(id)
-  count(status)
-end
+local q = Q(tag)
 
 local cancels = redis.call('EXISTS', KEYS[8]) == 1
 local first = 8 + outcomes * 5
@@ -92,23 +53,23 @@ for j = first, first + acks * 3 - 1, 3 do
       redis.call('DEL', rec)
     end
     if cancels then redis.call('SREM', KEYS[8], id) end
-    wake_waiters(id)
-    count(status)
+    wake_waiters(q, id)
+    count(q, status)
+    ended_running(q, id, status)
   end
 end
 
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
-if #due > 0 then
-  redis.call('ZREM', KEYS[2], unpack(due))
-  if redis.call('EXISTS', KEYS[7]) == 1 then
-    for _, id in ipairs(due) do
-      if redis.call('SREM', KEYS[7], id) == 1 then
-        redis.call('LPUSH', KEYS[1], id)
-      else
-        redis.call('RPUSH', KEYS[1], id)
-      end
-    end
-  else
+if redis.call('EXISTS', KEYS[7]) == 1 then
+  -- Some go to the prio set (at_front, prioritized): in due order there.
+  local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1000)
+  for i = 1, #due, 2 do
+    redis.call('ZREM', KEYS[2], due[i])
+    place_due(q, due[i], redis.call('SREM', KEYS[7], due[i]) == 1, tonumber(due[i + 1]))
+  end
+else
+  local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
+  if #due > 0 then
+    redis.call('ZREM', KEYS[2], unpack(due))
     redis.call('RPUSH', KEYS[1], unpack(due))
   end
 end
@@ -116,18 +77,31 @@ local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 10
 if #expired > 0 then
   redis.call('ZREM', KEYS[3], unpack(expired))
   local cancels = redis.call('EXISTS', KEYS[8]) == 1
-  -- LPUSH reverses its arguments: push the newest first so the oldest ends at the head.
+  -- Pushed to the head newest first, so that the oldest ends at the head.
   for i = #expired, 1, -1 do
     local id = expired[i]
+    unlimit(q, id)
     if cancels and redis.call('SISMEMBER', KEYS[8], id) == 1 then
-      finish(id, 'cancelled', 'cancelled while its worker was lost')
+      end_waiting(q, id, 'cancelled', 'cancelled while its worker was lost', default_keep, false)
     else
-      redis.call('LPUSH', KEYS[1], id)
       local rec = tag .. ':job:' .. id
       if redis.call('EXISTS', rec) == 1 then
         redis.call('HSET', rec, 'status', 'retrying', 'due_at', now)
+        place(q, id, true, false, nil)
+      else
+        redis.call('LPUSH', KEYS[1], id)
       end
     end
+  end
+end
+-- Dependents released by those ends are ready for this very call.
+if #work_ > 0 then settle() end
+-- Limit keys whose held-back jobs may start again.
+if redis.call('EXISTS', q.limited) == 1 then
+  local keys = redis.call('ZRANGEBYSCORE', q.limited, '-inf', now, 'LIMIT', 0, 100)
+  for _, key in ipairs(keys) do
+    redis.call('ZREM', q.limited, key)
+    kick(q, key)
   end
 end
 
@@ -150,12 +124,15 @@ if #ARGV > tail + 1 then
     for g = 2, #parts - 1, 2 do
       local id, tries = parts[g], parts[g + 1]
       local payload = redis.call('HGET', KEYS[4], id)
+      local rec = tag .. ':job:' .. id
+      local pm = payload and redis.call('HGET', rec, 'pm')
       -- Still ours: its try was not counted again (reaped jobs wait in the queue untouched).
       if payload and redis.call('HGET', KEYS[5], id) == tries
           and (redis.call('ZSCORE', KEYS[3], id)
-            or redis.call('LREM', KEYS[1], 1, id) == 1) then
+            or (pm and redis.call('ZREM', q.prio, pm) == 1)
+            or (not pm and redis.call('LREM', KEYS[1], 1, id) == 1)) then
+        if pm then redis.call('HDEL', rec, 'pm') end
         redis.call('ZADD', KEYS[3], now + lease, id)
-        local rec = tag .. ':job:' .. id
         if redis.call('EXISTS', rec) == 1 then
           redis.call('HSET', rec, 'status', 'running', 'worker', worker)
         end
@@ -169,40 +146,70 @@ if #ARGV > tail + 1 then
     end
   end
 end
-while limit > got do
-  local ids = redis.call('LPOP', KEYS[1], limit - got)
-  if not ids then break end
-  for _, id in ipairs(ids) do
-    local payload = redis.call('HGET', KEYS[4], id)
-    -- No payload: the job was acknowledged after its lease had expired; it is done.
-    if payload then
-      local rec = tag .. ':job:' .. id
-      local f = redis.call('HMGET', rec, 'expires_at', 'unique_key', 'unique_for')
-      -- Record fields are not trusted (see finish): an expires_at that is no number is no ttl.
-      local expires = tonumber(f[1])
-      if expires and expires <= now and not redis.call('HGET', KEYS[5], id) then
-        local due = tonumber(redis.call('HGET', rec, 'due_at')) or expires
-        finish(id, 'expired', 'not started within its ttl of ' .. (expires - due) / 1000 .. 's')
-      else
-        if f[1] then redis.call('HDEL', rec, 'expires_at') end
-        if f[2] and f[2] ~= '' and (f[3] or '0') == '0'
-            and redis.call('GET', tag .. ':unique:' .. f[2]) == id then
-          -- unique_for 0: the key is free for a successor once the job starts.
-          redis.call('DEL', tag .. ':unique:' .. f[2])
-        end
-        local attempts = redis.call('HINCRBY', KEYS[5], id, 1)
-        redis.call('ZADD', KEYS[3], now + lease, id)
-        redis.call('HSET', rec, 'status', 'running', 'attempts', attempts, 'started_at', now,
-          'worker', worker)
-        out[#out + 1] = id
-        out[#out + 1] = payload
-        out[#out + 1] = attempts
-        grant[#grant + 1] = id
-        grant[#grant + 1] = attempts
-        got = got + 1
-      end
-    end
+
+-- Start one popped job (or expire it, or hold it back by its limit).
+local function start(id)
+  local payload = redis.call('HGET', KEYS[4], id)
+  -- No payload: the job was acknowledged after its lease had expired; it is done.
+  if not payload then return end
+  local rec = tag .. ':job:' .. id
+  local f = redis.call('HMGET', rec, 'expires_at', 'unique_key', 'unique_for', 'lkey', 'lint',
+    'lburst', 'lconc', 'held')
+  -- Record fields are not trusted (see keep_of): an expires_at that is no number is no ttl.
+  local expires = tonumber(f[1])
+  if expires and expires <= now and not redis.call('HGET', KEYS[5], id) then
+    local due = tonumber(redis.call('HGET', rec, 'due_at')) or expires
+    end_waiting(q, id, 'expired', 'not started within its ttl of ' .. (expires - due) / 1000 .. 's',
+      default_keep, false)
+    return
   end
+  if f[4] and not admit(q, id, {f[4], f[5], f[6], f[7], f[8]}) then return end
+  if f[1] then redis.call('HDEL', rec, 'expires_at') end
+  if f[2] and f[2] ~= '' and (f[3] or '0') == '0'
+      and redis.call('GET', tag .. ':unique:' .. f[2]) == id then
+    -- unique_for 0: the key is free for a successor once the job starts.
+    redis.call('DEL', tag .. ':unique:' .. f[2])
+  end
+  local attempts = redis.call('HINCRBY', KEYS[5], id, 1)
+  redis.call('ZADD', KEYS[3], now + lease, id)
+  redis.call('HSET', rec, 'status', 'running', 'attempts', attempts, 'started_at', now,
+    'worker', worker)
+  out[#out + 1] = id
+  out[#out + 1] = payload
+  out[#out + 1] = attempts
+  grant[#grant + 1] = id
+  grant[#grant + 1] = attempts
+  got = got + 1
+end
+
+-- The next prioritized job: below 0 (at_front, higher priorities) or, `after`, any.
+local function pop_prio(after)
+  local m = redis.call('ZRANGE', q.prio, 0, 0, 'WITHSCORES')
+  if not m[1] or (not after and tonumber(m[2]) >= 0) then return nil end
+  redis.call('ZREM', q.prio, m[1])
+  local id = string.sub(m[1], 31)
+  redis.call('HDEL', tag .. ':job:' .. id, 'pm')
+  return id
+end
+
+local prio = redis.call('EXISTS', q.prio) == 1
+while limit > got do
+  if prio then
+    local id = pop_prio(false)
+    if not id then
+      id = redis.call('LPOP', KEYS[1])
+      if not id then id = pop_prio(true) end
+    end
+    if not id then break end
+    start(id)
+    -- A start may have made prioritized jobs ready (a held job let go).
+  else
+    local ids = redis.call('LPOP', KEYS[1], limit - got)
+    if not ids then break end
+    for _, id in ipairs(ids) do start(id) end
+  end
+  if #work_ > 0 then settle() end
+  if not prio and redis.call('EXISTS', q.prio) == 1 then prio = true end
 end
 
 if got > 0 then
@@ -210,15 +217,10 @@ if got > 0 then
   redis.call('SET', grant_key, table.concat(grant, ' '), 'PX', lease + 60000)
 end
 
-if next(ended) ~= nil then
-  local counts = tag .. ':counts:' .. math.floor(now / 60000)
-  for status, n in pairs(ended) do
-    redis.call('HINCRBY', counts, status, n)
-  end
-  redis.call('EXPIRE', counts, 10800)
-end
+flush(tag)
 
 local left = redis.call('LLEN', KEYS[1])
+if prio or redis.call('EXISTS', q.prio) == 1 then left = left + redis.call('ZCARD', q.prio) end
 if left == 0 then
   redis.call('DEL', KEYS[6])
 elseif redis.call('LLEN', KEYS[6]) == 0 then
@@ -232,7 +234,9 @@ if #out == 1 and left == 0 then
   if d[2] then next_ms = tonumber(d[2]) - now end
   local r = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
   if r[2] and (next_ms < 0 or tonumber(r[2]) - now < next_ms) then next_ms = tonumber(r[2]) - now end
-  if next_ms == 0 then next_ms = 1 end
+  local l = redis.call('ZRANGE', q.limited, 0, 0, 'WITHSCORES')
+  if l[2] and (next_ms < 0 or tonumber(l[2]) - now < next_ms) then next_ms = tonumber(l[2]) - now end
+  if next_ms <= 0 and next_ms ~= -1 then next_ms = 1 end
   out[1] = next_ms
 end
 return out

@@ -15,10 +15,9 @@
 --       5 ready, 6 delayed, 7 payloads, 8 wake, 9 attempts, 10 reserved
 -- ARGV: 1 the queue's tag, then quadruples of (job id, record id, payload, class path); an
 --       empty record id matches a record stored before record ids existed
--- Returns: the ids of the jobs moved back, ready now with their tries counted afresh
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+-- Returns: the ids of the jobs moved back (by their priority: lib.lua), ready now with their tries counted afresh
 local tag = ARGV[1]
+local q = Q(tag)
 local moved = {}
 for i = 2, #ARGV, 4 do
   local id, rid, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
@@ -34,14 +33,20 @@ for i = 2, #ARGV, 4 do
       redis.call('ZREM', KEYS[6], id)
       redis.call('LREM', KEYS[5], 0, id)
     end
-    redis.call('DEL', tag .. ':job:' .. id, tag .. ':done:' .. id)
-    redis.call('HSET', tag .. ':job:' .. id, 'status', 'queued', 'job', ARGV[i + 3],
+    -- The job keeps its priority and its limit (lib.lua); its dependents stay as resolved.
+    local rec = tag .. ':job:' .. id
+    local kept = redis.call('HMGET', rec, 'priority', 'lkey', 'lint', 'lburst', 'lconc', 'pm')
+    if kept[6] then redis.call('ZREM', q.prio, kept[6]) end
+    redis.call('DEL', rec, tag .. ':done:' .. id)
+    redis.call('HSET', rec, 'status', 'queued', 'job', ARGV[i + 3],
       'attempts', 0, 'enqueued_at', now, 'due_at', now)
-    redis.call('RPUSH', KEYS[5], id)
+    if kept[1] then redis.call('HSET', rec, 'priority', kept[1]) end
+    if kept[2] then
+      redis.call('HSET', rec, 'lkey', kept[2], 'lint', kept[3], 'lburst', kept[4], 'lconc', kept[5])
+    end
+    place(q, id, false, false, tonumber(kept[1]) or 0)
     moved[#moved + 1] = id
   end
 end
-if #moved > 0 and redis.call('LLEN', KEYS[8]) == 0 then
-  redis.call('RPUSH', KEYS[8], '1')
-end
+flush(nil)
 return moved
