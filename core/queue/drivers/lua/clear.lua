@@ -15,7 +15,7 @@ local function add(list) for _, id in ipairs(list) do ids[#ids + 1] = id end end
 add(redis.call('ZRANGE', KEYS[2], 0, -1))
 add(redis.call('SMEMBERS', q.deferred))
 for _, m in ipairs(redis.call('ZRANGE', q.prio, 0, -1)) do ids[#ids + 1] = string.sub(m, 31) end
-local drop = {KEYS[1], KEYS[2], KEYS[5], KEYS[6], q.prio, q.deferred, q.flows, q.heldkeys,
+local drop = {KEYS[1], KEYS[2], KEYS[5], KEYS[6], q.prio, q.fronts, q.deferred, q.flows, q.heldkeys,
   q.limited}
 for _, key in ipairs(redis.call('SMEMBERS', q.heldkeys)) do
   add(redis.call('LRANGE', tag .. ':held:' .. key, 0, -1))

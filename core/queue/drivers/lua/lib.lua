@@ -11,6 +11,9 @@
 --                                band 0: refunds and lost leases, at the head of their level,
 --                                latest first); the member is kept in the record (`pm`)
 --   <tag>:seq            string  the sequence numbering those members
+--   <tag>:fronts         set     at_front jobs pushed to the head of the ready list (when the
+--                                prio set was empty: workers of older code run them); reserve
+--                                takes them before prioritized jobs
 --   <tag>:deferred       set     jobs waiting for dependencies (workflow records not in it)
 --   <tag>:flows          set     workflow records (chain/batch) that have not ended
 --   <tag>:deps:<id>      list    refs of the jobs waiting for <id> (its dependents)
@@ -50,7 +53,7 @@ local function Q(tag)
       attempts = tag .. ':attempts', wake = tag .. ':wake', front = tag .. ':front',
       cancel = tag .. ':cancel', prio = tag .. ':prio', seq = tag .. ':seq',
       deferred = tag .. ':deferred', flows = tag .. ':flows', runkey = tag .. ':runkey',
-      heldkeys = tag .. ':heldkeys', limited = tag .. ':limited',
+      heldkeys = tag .. ':heldkeys', limited = tag .. ':limited', fronts = tag .. ':fronts',
     }
     queues_[tag] = q
   end
@@ -112,6 +115,11 @@ local function place(q, id, head, front, prio, since)
   if prio == nil then prio = tonumber(redis.call('HGET', rec, 'priority')) or 0 end
   if prio == 0 and not front then
     if head then redis.call('LPUSH', q.ready, id) else redis.call('RPUSH', q.ready, id) end
+  elseif prio == 0 and redis.call('EXISTS', q.prio) == 0 then
+    -- at_front with nothing prioritized waiting: the head of the list, as older code did (its
+    -- workers run it), marked so that it still goes before prioritized jobs pushed later.
+    redis.call('LPUSH', q.ready, id)
+    redis.call('SADD', q.fronts, id)
   else
     local seq = redis.call('INCR', q.seq)
     local member, score
@@ -255,6 +263,7 @@ local function unplace(q, id, rec_status, f_pm, f_lkey)
     redis.call('ZREM', q.prio, f_pm)
   else
     redis.call('LREM', q.ready, 0, id)
+    redis.call('SREM', q.fronts, id)
   end
   redis.call('ZREM', q.delayed, id)
   redis.call('SREM', q.front, id)

@@ -182,33 +182,46 @@ local function start(id)
   got = got + 1
 end
 
--- The next prioritized job: below 0 (at_front, higher priorities) or, `after`, any.
-local function pop_prio(after)
+-- The next prioritized job if its score is below `below` (nil: any).
+local function pop_prio(below)
   local m = redis.call('ZRANGE', q.prio, 0, 0, 'WITHSCORES')
-  if not m[1] or (not after and tonumber(m[2]) >= 0) then return nil end
+  if not m[1] or (below and tonumber(m[2]) >= below) then return nil end
   redis.call('ZREM', q.prio, m[1])
   local id = string.sub(m[1], 31)
   redis.call('HDEL', tag .. ':job:' .. id, 'pm')
   return id
 end
 
+-- The head of the list if it is an at_front job.
+local function pop_front()
+  local id = redis.call('LINDEX', KEYS[1], 0)
+  if id and redis.call('SREM', q.fronts, id) == 1 then
+    redis.call('LPOP', KEYS[1])
+    return id
+  end
+  return nil
+end
+
 local prio = redis.call('EXISTS', q.prio) == 1
+local fronts = redis.call('EXISTS', q.fronts) == 1
 while limit > got do
   if prio then
-    local id = pop_prio(false)
-    if not id then
-      id = redis.call('LPOP', KEYS[1])
-      if not id then id = pop_prio(true) end
-    end
+    -- at_front (the prio set's, pushed later, then the list's), higher priorities, the list,
+    -- lower priorities.
+    local id = pop_prio(-MAXP) or (fronts and pop_front()) or pop_prio(0)
+      or redis.call('LPOP', KEYS[1]) or pop_prio(nil)
     if not id then break end
     start(id)
-    -- A start may have made prioritized jobs ready (a held job let go).
   else
     local ids = redis.call('LPOP', KEYS[1], limit - got)
     if not ids then break end
-    for _, id in ipairs(ids) do start(id) end
+    for _, id in ipairs(ids) do
+      if fronts then redis.call('SREM', q.fronts, id) end
+      start(id)
+    end
   end
   if #work_ > 0 then settle() end
+  -- A start or an end may have made prioritized jobs ready (a held job let go, a dependent).
   if not prio and redis.call('EXISTS', q.prio) == 1 then prio = true end
 end
 
