@@ -73,7 +73,7 @@ _Rank = tuple[int, int, int]
 _FAILURES = frozenset({Status.FAILED, Status.EXPIRED})
 
 
-@dataclass
+@dataclass(slots=True)
 class _Record:
     """One job's status record; `JobStatus` is what callers see of it."""
 
@@ -114,13 +114,13 @@ class _Record:
         return None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Key:
     holder: str  # the job id stored under the key
     until: float | None  # monotonic end of `unique_for`; None: held until its job starts or ends
 
 
-@dataclass
+@dataclass(slots=True)
 class _Wait:
     """A deferred job or a workflow record: what it waits for and how those ended so far."""
 
@@ -143,7 +143,7 @@ class _Wait:
         return Progress(self.total, len(self.pending), self.succeeded, self.failed, self.cancelled)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Gate:
     """The limit state of one (queue, limit key)."""
 
@@ -490,15 +490,21 @@ class MemoryDriver(Driver):
         the ordered structures no longer match its place and are skipped."""
         self._unreserve(queue, job_id)
         queue.place.pop(job_id, None)
-        queue.front.discard(job_id)
         queue.payloads.pop(job_id, None)
         queue.attempts.pop(job_id, None)
-        queue.cancels.discard(job_id)
-        queue.priority.pop(job_id, None)
-        queue.limits.pop(job_id, None)
-        wait = queue.waits.get(job_id)
-        if wait is not None and wait.kind == "job":
-            del queue.waits[job_id]
+        # The rest is empty on the plain path: skip the look-ups then.
+        if queue.front:
+            queue.front.discard(job_id)
+        if queue.cancels:
+            queue.cancels.discard(job_id)
+        if queue.priority:
+            queue.priority.pop(job_id, None)
+        if queue.limits:
+            queue.limits.pop(job_id, None)
+        if queue.waits:
+            wait = queue.waits.get(job_id)
+            if wait is not None and wait.kind == "job":
+                del queue.waits[job_id]
 
     @staticmethod
     def _free_key(queue: _Queue, record: _Record) -> None:
@@ -700,7 +706,7 @@ class MemoryDriver(Driver):
         """Take a job out of the running ones (its limit key gets a slot back)."""
         if queue.reserved.pop(job_id, None) is None:
             return False
-        limit = queue.limits.get(job_id)
+        limit = queue.limits.get(job_id) if queue.limits else None
         if limit is not None:
             gate = queue.gates.get(limit.key)
             if gate is not None and job_id in gate.running:
@@ -713,7 +719,8 @@ class MemoryDriver(Driver):
     def _mature(self, queue: _Queue, now: float) -> None:
         """Make due delayed jobs ready, put jobs whose lease expired back at the head of their
         level, and offer keys whose rate now allows a start."""
-        self._mature_delayed(queue, now)
+        if queue.delayed:
+            self._mature_delayed(queue, now)
         if queue.reserved:
             expired = [job_id for job_id, until in queue.reserved.items() if until <= now]
             # The earliest lost lease ends up first.
@@ -721,7 +728,7 @@ class MemoryDriver(Driver):
                 self._unreserve(queue, job_id)
                 self._make_ready(queue, job_id, head=True)
         timed = queue.timed
-        while timed and timed[0][0] <= now:
+        while timed and timed[0][0] <= now:  # keys whose rate now allows a start
             _, key = heapq.heappop(timed)
             gate = queue.gates.get(key)
             if gate is not None:
@@ -826,15 +833,18 @@ class MemoryDriver(Driver):
                 rank, job_id, from_key = taken
                 del queue.place[job_id]
                 record = queue.records.get(job_id)
-                if job_id in queue.cancels or (record is not None and self._past_ttl(record, now)):
-                    if job_id in queue.cancels:  # cancelled while running, then lease lost
+                cancelled = bool(queue.cancels) and job_id in queue.cancels
+                if cancelled or (
+                    record is not None and record.ttl > 0 and self._past_ttl(record, now)
+                ):
+                    if cancelled:  # cancelled while running, then its lease ran out
                         self._end_waiting(queue, job_id, Status.CANCELLED, "cancelled", now, wall)
                     elif record is not None:
                         self._expire(queue, record, now, wall)
                     if from_key:  # offer the key's next held job in its place
                         self._list(queue, from_key, queue.gates[from_key])
                     continue
-                job_limit = queue.limits.get(job_id)
+                job_limit = queue.limits.get(job_id) if queue.limits else None
                 if job_limit is not None and not self._start(
                     queue, job_id, rank, job_limit, from_key, now
                 ):
@@ -846,7 +856,8 @@ class MemoryDriver(Driver):
                     record.attempts = attempts
                     record.started_at = wall
                     record.worker = worker
-                    self._free_key(queue, record)
+                    if record.unique_key:
+                        self._free_key(queue, record)
                 out.append(ReservedJob(job_id, name, queue.payloads[job_id], attempts))
             if len(out) >= limit:
                 break
@@ -913,10 +924,12 @@ class MemoryDriver(Driver):
             queue.records.pop(record.id, None)
         if record.kind == "job":  # workflow records did not run: not in `recent`
             self._count(queue, outcome.status, wall)
-        event = self._ended.pop((record.queue, record.id), None)
+        key = (record.queue, record.id)
+        event = self._ended.pop(key, None)
         if event is not None:
             event.set()
-        self._settle((queue.name, record.id), outcome.status, now, wall)
+        if key in self._dependents:
+            self._settle(key, outcome.status, now, wall)
 
     @staticmethod
     def _count(queue: _Queue, status: Status, wall: float) -> None:
@@ -949,8 +962,8 @@ class MemoryDriver(Driver):
     async def ack(self, jobs: Sequence[ReservedJob]) -> None:
         now, wall = time.monotonic(), time.time()
         for job in jobs:
-            queue = self._queue(job.queue)
-            if not self._owns(queue, job):
+            queue = self._queues.get(job.queue) or self._queue(job.queue)
+            if queue.attempts.get(job.id) != job.attempts:
                 continue  # a lapsed reservation: the job is someone else's now
             self._forget(queue, job.id)
             outcome = job.outcome or Outcome(Status.SUCCEEDED, self.settings.queue_result_ttl)
