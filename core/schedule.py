@@ -465,6 +465,7 @@ class Scheduler:
         names = ", ".join(item.name for item in self.schedules) or "none"
         logger.info("scheduler starting: %d schedule(s): %s", len(self.schedules), names)
         failures = 0
+        ready = False
         while not self._stopping.is_set():
             try:
                 await self.run_due()
@@ -479,6 +480,12 @@ class Scheduler:
                 await self._sleep(pause)
                 continue
             upcoming = self.next_tick()
+            if not ready:
+                ready = True  # connected, markers read, missed ticks dealt with
+                logger.info(
+                    "scheduler running; next tick at %s",
+                    "never" if upcoming is None else _at(upcoming),
+                )
             pause = MAX_SLEEP
             if upcoming is not None:
                 pause = min(MAX_SLEEP, max(0.0, upcoming / 1000 - self._clock()))

@@ -108,7 +108,7 @@ def test_two_schedulers_enqueue_each_tick_of_a_one_second_interval_once(
     two = Process(["schedule:run"], env, tmp_path / "scheduler-2.log")
     with started(one, two):
         wait_until(
-            lambda: "scheduler starting" in one.output and "scheduler starting" in two.output,
+            lambda: "scheduler running" in one.output and "scheduler running" in two.output,
             30,
             "both schedulers to start",
         )
@@ -168,7 +168,7 @@ def test_a_signal_ends_schedule_run_cleanly(tmp_path: Path, sig: int) -> None:
     }
     process = Process(["schedule:run"], env, tmp_path / "scheduler.log")
     with started(process):
-        wait_until(lambda: "scheduler starting" in process.output, 30, "the scheduler to start")
+        wait_until(lambda: "scheduler running" in process.output, 30, "the scheduler to start")
         sent = time.monotonic()
         process.proc.send_signal(sig)
         code = process.proc.wait(15)
