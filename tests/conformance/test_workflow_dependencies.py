@@ -15,11 +15,12 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import pytest
 
 from core.queue.drivers import Driver, Outcome, Pushed, create_driver
-from core.queue.drivers.base import Dependency
+from core.queue.drivers.base import Dependency, FailedJob
 from core.status import Status
 from tests.conformance.workflow_support import (
     both,
@@ -270,6 +271,22 @@ async def test_rule_failed_counts_an_expiry_as_a_failure(driver: Driver, queue: 
     assert (await status_of(driver, a, queue)).status is Status.EXPIRED
 
 
+async def test_rule_a_dependent_no_longer_deferred_ignores_later_ends(
+    driver: Driver, queue: str
+) -> None:
+    a, b, c, catch = new_id(), new_id(), new_id(), new_id()
+    await driver.push([outgoing(a, queue), outgoing(b, queue), outgoing(c, queue)])
+    await driver.push([outgoing(catch, queue, depends_on=[a, b, c], rule="failed")])
+    await run(driver, queue, a, Status.FAILED)
+    assert (await status_of(driver, catch, queue)).status is Status.QUEUED
+    await run(driver, queue, b, Status.FAILED)  # a second failure: released once only
+    await run(driver, queue, c)  # all ended: not cancelled ("no dependency failed") either
+    record = await status_of(driver, catch, queue)
+    assert (record.status, record.error) == (Status.QUEUED, "")
+    assert await take(driver, queue) == [catch]
+    assert await take(driver, queue) == []
+
+
 async def test_rule_failed_is_cancelled_when_nothing_failed(driver: Driver, queue: str) -> None:
     a, b, catch = new_id(), new_id(), new_id()
     await driver.push([outgoing(a, queue), outgoing(b, queue)])
@@ -337,6 +354,19 @@ async def test_rule_an_unknown_dependency_is_missing_and_nothing_is_stored(
     assert await driver.job_status(elsewhere) is None
 
 
+async def test_rule_a_dependency_whose_record_is_gone_is_missing(
+    driver: Driver, queue: str
+) -> None:
+    a, dep = new_id(), new_id()
+    await driver.push([outgoing(a, queue)])
+    [held] = await driver.reserve([queue], 1, lease=30)
+    held.outcome = Outcome(Status.SUCCEEDED, 0)  # its record is not kept
+    await driver.ack([held])
+    assert await driver.job_status(a, queue) is None
+    assert await driver.push([outgoing(dep, queue, depends_on=[a])]) == [Pushed(a, "missing")]
+    assert await driver.job_status(dep, queue) is None
+
+
 async def test_rule_a_dependency_earlier_in_the_same_push_is_known(
     driver: Driver, queue: str
 ) -> None:
@@ -384,6 +414,27 @@ async def test_rule_a_retry_or_a_refund_is_not_an_end(driver: Driver, queue: str
     assert (record.status, record.waiting_for) == (Status.DEFERRED, (a,))
     await end(driver, held, Status.SUCCEEDED)
     assert await take(driver, queue) == [dep]
+
+
+async def test_rule_retry_failed_leaves_the_dependents_cancelled(
+    driver: Driver, queue: str
+) -> None:
+    a, dep = new_id(), new_id()
+    job = outgoing(a, queue)
+    await driver.push([job, outgoing(dep, queue, depends_on=[a])])
+    held = await reserve_one(driver, queue, a)
+    store = driver.failed_store()
+    await store.add(
+        FailedJob(a, driver.name, queue, job.payload.decode(), "E: boom", datetime.now(UTC))
+    )
+    await end(driver, held, Status.FAILED)
+    assert (await status_of(driver, dep, queue)).status is Status.CANCELLED
+    stored = await store.get(a)
+    assert stored is not None
+    assert await driver.retry_failed([stored]) == [a]
+    assert await take(driver, queue) == [a]
+    record = await status_of(driver, dep, queue)
+    assert (record.status, record.error) == (Status.CANCELLED, f"dependency {a} failed")
 
 
 async def test_rule_clear_removes_deferred_jobs(driver: Driver, queue: str) -> None:

@@ -167,36 +167,50 @@ async def test_rule_a_chain_stops_at_its_first_failure(driver: Driver, queue: st
     assert await take(driver, queue) == []
 
 
+@pytest.mark.parametrize("how", ["failed", "expired"])
 async def test_rule_cancel_on_failure_cancels_the_waiting_members_not_running_ones(
-    driver: Driver, queue: str
+    driver: Driver, queue: str, how: str
 ) -> None:
-    first, running, queued, scheduled, deferred, outside, record = ids(7)
+    first, retrying, running, queued, scheduled, deferred, outside, record = ids(8)
     await driver.push([outgoing(outside, queue, delay=60)])
-    members = [first, running, queued, scheduled, deferred]
+    members = [first, retrying, running, queued, scheduled, deferred]
     await driver.push(
         [
-            outgoing(first, queue, 1),
-            outgoing(running, queue, 2),
-            outgoing(queued, queue, 3),
-            outgoing(scheduled, queue, 4, delay=60),
-            outgoing(deferred, queue, 5, depends_on=[outside]),
+            outgoing(first, queue, 1, ttl=0.2 if how == "expired" else 0.0),
+            outgoing(retrying, queue, 2),
+            outgoing(running, queue, 3),
+            outgoing(queued, queue, 4),
+            outgoing(scheduled, queue, 5, delay=60),
+            outgoing(deferred, queue, 6, depends_on=[outside]),
             record_job(record, queue, "batch", members, cancel_on_failure=True),
         ]
     )
-    held = await driver.reserve([queue], 2, lease=30)
-    assert [h.id for h in held] == [first, running]
+    if how == "expired":
+        await asyncio.sleep(0.3)  # past first's ttl: it expires in the next reserve
+        held = await driver.reserve([queue], 1, lease=30)
+        assert (await status_of(driver, first, queue)).status is Status.EXPIRED
+        assert [h.id for h in held] == []  # every other waiting member was cancelled
+        assert (await status_of(driver, retrying, queue)).status is Status.CANCELLED
+        status = await status_of(driver, record, queue)
+        assert (status.status, status.error) == (Status.FAILED, "1 of 6 members failed")
+        assert status.progress == Progress(6, 0, failed=1, cancelled=5)
+        return
+    held = await driver.reserve([queue], 3, lease=30)
+    assert [h.id for h in held] == [first, retrying, running]
+    await driver.release(held[1], 60, error="E")
+    assert (await status_of(driver, retrying, queue)).status is Status.RETRYING
     await end(driver, held[0], Status.FAILED)
-    for job_id in (queued, scheduled, deferred):
+    for job_id in (retrying, queued, scheduled, deferred):
         assert (await status_of(driver, job_id, queue)).status is Status.CANCELLED, job_id
     assert (await status_of(driver, running, queue)).status is Status.RUNNING
-    assert await driver.cancel_requested([held[1]]) == []  # a running member runs on
+    assert await driver.cancel_requested([held[2]]) == []  # a running member runs on
     status = await status_of(driver, record, queue)
     assert status.status is Status.DEFERRED
-    assert status.progress == Progress(5, 1, failed=1, cancelled=3)
-    await end(driver, held[1], Status.SUCCEEDED)
+    assert status.progress == Progress(6, 1, failed=1, cancelled=4)
+    await end(driver, held[2], Status.SUCCEEDED)
     status = await status_of(driver, record, queue)
-    assert (status.status, status.error) == (Status.FAILED, "1 of 5 members failed")
-    assert status.progress == Progress(5, 0, succeeded=1, failed=1, cancelled=3)
+    assert (status.status, status.error) == (Status.FAILED, "1 of 6 members failed")
+    assert status.progress == Progress(6, 0, succeeded=1, failed=1, cancelled=4)
     # The job outside the batch is untouched.
     assert (await status_of(driver, outside, queue)).status is Status.SCHEDULED
 
