@@ -369,6 +369,31 @@ async def test_a_released_job_is_not_dispatched_twice(manager: QueueManager) -> 
     assert dispatched == [first, second]
 
 
+async def test_a_jobs_limit_reaches_the_driver_per_key(manager: QueueManager) -> None:
+    """Two jobs of one key with `concurrency_limit=1` and one of another key: the second of
+    the first key is held back (still queued, no try spent) until the first ends."""
+    first, second, other = Limited(1), Limited(1), Limited(2)
+    for limited in (first, second, other):
+        limited.concurrency_limit = 1
+    handles = [await manager.push(limited) for limited in (first, second, other)]
+    driver = await manager.connection()
+    held = await driver.reserve([manager.settings.queue_default], 10, 30, worker="w")
+    assert sorted(h.id for h in held) == sorted([handles[0], handles[2]])
+    waiting = await handles[1].status()
+    assert waiting.status is Status.QUEUED and waiting.attempts == 0
+    held_first = next(h for h in held if h.id == handles[0])
+    again = await driver.reserve([manager.settings.queue_default], 10, 30, [held_first])
+    assert [h.id for h in again] == [handles[1]]
+
+
+async def test_a_job_can_wait_for_a_whole_workflow(manager: QueueManager) -> None:
+    flow = await batch([Step("1"), Step("2")]).dispatch()
+    after = await manager.push(Step("after"), depends_on=flow)
+    assert (await after.status()).waiting_for == (flow.id,)
+    await work(manager, after)
+    assert sorted(RUNS[:2]) == ["1", "2"] and RUNS[2] == "after"
+
+
 # -- chains and batches ------------------------------------------------------------------------
 
 
