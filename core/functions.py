@@ -67,8 +67,10 @@ OPTIONS = frozenset(
         "limit_key",
     }
 )
+#: What `.options(...)` passes to the push itself rather than setting on the job.
+_PUSH_OPTIONS = ("job_id", "delay", "depends_on", "allow_dependency_failure")
 #: What `.options(...)` accepts besides the settings (`aliases` is a class matter).
-_CALL_OPTIONS = frozenset({"job_id", "delay"}) | (OPTIONS - {"aliases", "queue", "connection"})
+_CALL_OPTIONS = frozenset(_PUSH_OPTIONS) | (OPTIONS - {"aliases", "queue", "connection"})
 _DUMP_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 
 
@@ -178,8 +180,9 @@ class JobFunction(Generic[P, R]):
         return await queue.later(delay, self.make(*args, **kwargs))
 
     def options(self, **options: Any) -> JobCall[P]:
-        """Per-dispatch choices: `job_id`, `delay`, and any job setting but `queue`,
-        `connection` and `aliases` (`timeout=`, `unique_key=`, `at_front=`, ...)."""
+        """Per-dispatch choices: `job_id`, `delay`, `depends_on`, `allow_dependency_failure`,
+        and any job setting but `queue`, `connection` and `aliases` (`timeout=`,
+        `unique_key=`, `at_front=`, `priority=`, ...)."""
         unknown = sorted(set(options) - _CALL_OPTIONS)
         if unknown:
             raise TypeError(
@@ -194,8 +197,8 @@ class JobCall(Generic[P]):
 
     def __init__(self, function: JobFunction[P, Any], options: dict[str, Any]) -> None:
         self._function = function
-        self._push: dict[str, Any] = {k: options[k] for k in ("job_id", "delay") if k in options}
-        self._settings = {k: v for k, v in options.items() if k not in ("job_id", "delay")}
+        self._push: dict[str, Any] = {k: options[k] for k in _PUSH_OPTIONS if k in options}
+        self._settings = {k: v for k, v in options.items() if k not in _PUSH_OPTIONS}
 
     def make(self, *args: Any, **kwargs: Any) -> Job:
         job = self._function.make(*args, **kwargs)

@@ -189,6 +189,12 @@ async def test_options_take_the_new_settings_and_check_them() -> None:
         limited_fn.options(prio=1)
 
 
+async def test_options_pass_dependencies_to_the_push(manager: QueueManager) -> None:
+    first = await manager.push(Step("first"))
+    handle = await limited_fn.options(depends_on=first, allow_dependency_failure=True).dispatch("d")
+    assert (await handle.status()).waiting_for == (first.id,)
+
+
 def test_settings_reach_the_driver_as_priority_and_limit() -> None:
     manager = QueueManager(make_settings())
     plain = outgoing(manager, Step("a"))

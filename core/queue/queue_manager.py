@@ -719,6 +719,8 @@ def _missing(outgoing: OutgoingJob, dependency: str) -> JobNotFoundError:
 def _duplicate(outgoing: OutgoingJob, holder: str) -> DuplicateJobError:
     if outgoing.check_id and holder == outgoing.id:
         what = f"job id {outgoing.id!r} is taken by a waiting or running job"
+    elif outgoing.once_key and not outgoing.unique_key:
+        what = f"once_key {outgoing.once_key!r} was taken by job {holder!r}"
     else:
         what = f"unique_key {outgoing.unique_key!r} is held by job {holder!r}"
     return DuplicateJobError(
