@@ -607,6 +607,18 @@ async def test_queue_job_shows_a_workflows_progress_and_what_a_job_waits_for(
     assert json.loads(out)["waiting_for"] == []
 
 
+async def test_queue_cancel_of_a_workflow_cancels_its_members(
+    manager: QueueManager, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flow = await batch([Step("1"), Step("2")]).dispatch()
+    code, out = await run_command(capsys, manager, "queue:cancel", flow.id)
+    assert code == 0 and f"Cancelled batch {flow.id}: its members that had not ended" in out
+    for member in flow.jobs:
+        assert (await member.status()).status is Status.CANCELLED
+    with pytest.raises(JobCancelledError, match="2 of 2 members cancelled"):
+        await flow.result(timeout=10)
+
+
 # -- sync and fake ----------------------------------------------------------------------------
 
 
