@@ -16,6 +16,7 @@ import asyncio
 import signal
 from collections import Counter
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -36,10 +37,12 @@ CLOCK_RESOLUTION = 0.001
 
 async def started(procs: Iterable[WorkerProcess]) -> None:
     """Every worker is up and polling (it says so in its log)."""
+
+    def up(proc: WorkerProcess) -> bool:
+        return "starting:" in proc.output
+
     for proc in procs:
-        await asyncio.to_thread(
-            wait_until, lambda p=proc: "starting:" in p.output, 60, "the workers to start"
-        )
+        await asyncio.to_thread(wait_until, partial(up, proc), 60, "the workers to start")
 
 
 def stop(procs: Iterable[WorkerProcess]) -> None:
