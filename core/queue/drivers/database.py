@@ -52,6 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from core.errors import ConfigurationError, DriverError
 from core.queue.drivers import sql_lifecycle as life
 from core.queue.drivers import sql_tables as t
+from core.queue.drivers import sql_workflow as wf
 from core.queue.drivers.base import (
     Driver,
     FailedJob,
@@ -85,6 +86,7 @@ __all__ = ["DatabaseDriver", "DatabaseFailedStore"]
 T = TypeVar("T")
 
 _ATTEMPTS = 3  # runs of a transaction that hit a MySQL deadlock or lock timeout
+_LIMIT_ROUNDS = 4  # claims per queue and reserve while limits hold jobs back
 _MIN_WAIT = 0.01  # seconds: a job that is due but locked by another claim is taken very soon
 _jobs = t.queue_jobs.c
 _failed = t.queue_failed_jobs.c
@@ -195,8 +197,13 @@ class DatabaseDriver(Driver):
             out: list[Pushed] = []
             plain: list[dict[str, Any]] = []
             fronts: dict[str, datetime] = {}
-            counted: Counter[tuple[str, str]] = Counter()
+            ends = life.Ends()
             for job, row in zip(jobs, rows, strict=True):
+                if job.depends_on or job.kind != "job" or job.once_key:
+                    await life.insert_plain(conn, plain)
+                    plain = []
+                    out.append(await self._push_special(conn, job, row, created, fronts, ends))
+                    continue
                 if row["due_at"] is not None:  # at_front, ready now: before the current head
                     row = {**row, "available_at": await life.front(conn, job.queue, fronts)}
                 if not (job.check_id or job.unique_key):
@@ -205,16 +212,63 @@ class DatabaseDriver(Driver):
                     continue
                 await life.insert_plain(conn, plain)
                 plain = []
-                out.append(
-                    await life.push_checked(conn, job, row, created, self.name, keep, counted)
-                )
+                out.append(await life.push_checked(conn, job, row, created, self.name, keep, ends))
             await life.insert_plain(conn, plain)
-            await life.count(conn, counted, self._shard)
+            await self._settle(conn, ends)
+            await life.count(conn, ends, self._shard)
             return out
 
         pushed = await self._run("push jobs", op)
         self._registered.update(new)
         return pushed
+
+    async def _push_special(
+        self,
+        conn: AsyncConnection,
+        job: OutgoingJob,
+        row: dict[str, Any],
+        created: datetime,
+        fronts: dict[str, datetime],
+        ends: life.Ends,
+    ) -> Pushed:
+        """Push a job with dependencies, a workflow record or a job with a once key."""
+        if job.once_key:
+            taken = await wf.take_once(conn, job, created)
+            if taken is not None:
+                return taken
+        deps: list[tuple[str, str, str | None]] = []
+        if job.depends_on or job.kind != "job":
+            deps, missing = await wf.find_dependencies(conn, job, created)
+            if missing is not None:
+                if job.once_key:
+                    await wf.release_once(conn, job)
+                return Pushed(missing, "missing")
+            row = wf.deferred_row(row, job, len(deps))
+        elif row["due_at"] is not None:
+            row = {**row, "available_at": await life.front(conn, job.queue, fronts)}
+        keep = self.settings.queue_failure_ttl
+        if job.check_id or job.unique_key:
+            pushed = await life.push_checked(conn, job, row, created, self.name, keep, ends)
+        else:
+            await life.insert_plain(conn, [row])
+            pushed = Pushed(job.id)
+        if pushed.outcome != "created" or pushed.id != job.id:
+            if job.once_key:
+                await wf.release_once(conn, job)
+            return pushed
+        if deps:
+            await wf.register_dependencies(conn, job, deps, ends)
+        return pushed
+
+    async def _settle(self, conn: AsyncConnection, ends: life.Ends) -> None:
+        """Apply what the ends of this transaction leave (`sql_workflow.settle`)."""
+        if not (ends.resolve or ends.stopped or ends.records):
+            return
+        ctx = wf.Context(conn, self.name, self.settings.queue_failure_ttl, self._result_ttl, ends)
+        while ends.records:
+            record_id, queue = ends.records.pop(0)
+            await wf.cancel_members(ctx, record_id, queue, running=True)
+        await wf.settle(ctx)
 
     async def reserve(
         self,
@@ -235,10 +289,17 @@ class DatabaseDriver(Driver):
             return []
 
         async def op(conn: AsyncConnection) -> list[ReservedJob]:
-            counted: Counter[tuple[str, str]] = Counter()
+            counted = life.Ends()
             if ack:
                 await life.ack_rows(conn, ack, self.name, self._result_ttl, counted)
+                await self._settle(conn, counted)
             taken = await self._claim(conn, queues, limit, lease, worker, counted)
+            if counted.resolve and len(taken) < limit:
+                # Jobs ended in the claim (ttl) released dependents: they may go out now.
+                await self._settle(conn, counted)
+                more = await self._claim(conn, queues, limit - len(taken), lease, worker, counted)
+                taken += more
+            await self._settle(conn, counted)
             await life.count(conn, counted, self._shard)
             return taken
 
@@ -258,9 +319,18 @@ class DatabaseDriver(Driver):
         now = t.now()
         picked: list[Row[Any]] = []
         for name in queues:
-            if len(picked) >= limit:
-                break
-            picked.extend(await t.claim(conn, name, now, limit - len(picked)))
+            for _ in range(_LIMIT_ROUNDS):
+                if len(picked) >= limit:
+                    break
+                held_back = False
+                for row in await t.claim(conn, name, now, limit - len(picked)):
+                    limited = row.limit_key is not None and life.live_state(row, now) == "waiting"
+                    if limited and not await wf.check_limit(conn, row, now, lease):
+                        held_back = True  # not handed out: look further in this queue
+                        continue
+                    picked.append(row)
+                if not held_back:
+                    break
         ending = []
         for row in picked:
             state = life.live_state(row, now)
@@ -275,16 +345,17 @@ class DatabaseDriver(Driver):
             picked = [row for row in picked if row.id not in gone]
         if not picked:
             return []
+        values: dict[str, Any] = {
+            "attempts": _jobs.attempts + 1,
+            "reserved_at": now,
+            "reserved_until": t.now(lease),
+            "worker": worker,
+            "state": "queued",  # started once: given back, it is queued again, not waiting
+        }
+        if any(row.held for row in picked):
+            values["held"] = None
         await conn.execute(
-            update(t.queue_jobs)
-            .where(_jobs.id.in_([row.id for row in picked]))
-            .values(
-                attempts=_jobs.attempts + 1,
-                reserved_at=now,
-                reserved_until=t.now(lease),
-                worker=worker,
-                state="queued",  # started once: given back, it is queued again, not waiting
-            )
+            update(t.queue_jobs).where(_jobs.id.in_([row.id for row in picked])).values(**values)
         )
         return [
             ReservedJob(row.uuid, row.queue, row.payload.encode(), row.attempts + 1)
@@ -312,11 +383,19 @@ class DatabaseDriver(Driver):
                 .where(here, _jobs.reserved_until.is_not(None))
                 .scalar_subquery()
             )
+            # Ready jobs of a lower priority (see `sql_tables.placement`): ready now.
+            soonest.append(
+                select(func.min(_jobs.reserved_until))
+                .where(here, _jobs.reserved_until >= t.PRIO_LOW)
+                .where(_jobs.reserved_until < t.PRIO_LOW_END)
+                .scalar_subquery()
+            )
 
         async def op(conn: AsyncConnection) -> list[datetime]:
             # One MIN per queue and column: each is a single index lookup.
             row = (await conn.execute(select(*soonest))).one()
-            return [moment for moment in row if moment is not None]
+            low = [t.FRONT for moment in row[2::3] if moment is not None]
+            return low + [moment for moment in row if moment is not None]
 
         due = await self._run("look for due jobs", op, write=False)
         if due:
@@ -330,8 +409,9 @@ class DatabaseDriver(Driver):
             return
 
         async def op(conn: AsyncConnection) -> None:
-            counted: Counter[tuple[str, str]] = Counter()
+            counted = life.Ends()
             await life.ack_rows(conn, jobs, self.name, self._result_ttl, counted)
+            await self._settle(conn, counted)
             await life.count(conn, counted, self._shard)
 
         await self._run("acknowledge jobs", op)
@@ -356,7 +436,17 @@ class DatabaseDriver(Driver):
             values["available_at"] = t.now()
 
         async def op(conn: AsyncConnection) -> None:
-            await conn.execute(update(t.queue_jobs).where(t.held([job])).values(**values))
+            query = select(_jobs.id, _jobs.priority, _jobs.limit_key, _jobs.available_at)
+            row = (await conn.execute(query.where(t.held([job])).with_for_update())).first()
+            if row is None:
+                return
+            here = dict(values)
+            if row.priority:  # back in its priority's place (see `sql_tables.placement`)
+                due = here.get("available_at", row.available_at)
+                here.update(t.placement(row.priority, due, t.now()))
+            await conn.execute(update(t.queue_jobs).where(_jobs.id == row.id).values(**here))
+            if row.limit_key is not None:
+                await wf.release_slots(conn, [(job.queue, row.limit_key, job.id)])
 
         await self._run("release a job", op)
 
@@ -376,32 +466,67 @@ class DatabaseDriver(Driver):
         await self._run("extend leases", op)
 
     async def stats(self, queue: str) -> QueueStats:
-        """Pending, delayed and reserved counts in one grouped COUNT."""
+        """Pending, delayed, reserved and deferred counts in one grouped COUNT.
+
+        Jobs held back by a limit count as pending; workflow records not at all.
+        """
         now = t.now()
         free = _jobs.reserved_at.is_(None)  # an `at_front` job's delay is a lease nobody holds
+        loose = _jobs.held.is_(None)  # not held back by a limit
         query = select(
             func.count(),
             func.sum(
                 case(
-                    (and_(_jobs.reserved_until.is_(None), _jobs.available_at > now), 1),
-                    (and_(free, _jobs.reserved_until > now), 1),
+                    (
+                        and_(
+                            _jobs.reserved_until.is_(None),
+                            _jobs.available_at > now,
+                            _jobs.available_at < t.DEFERRED,
+                            loose,
+                        ),
+                        1,
+                    ),
+                    (
+                        and_(
+                            free,
+                            _jobs.reserved_until > now,
+                            _jobs.reserved_until < t.PRIO_LOW,
+                            loose,
+                        ),
+                        1,
+                    ),
                 )
             ),
             func.sum(case((and_(_jobs.reserved_until > now, ~free), 1))),
+            func.sum(case((and_(_jobs.deps.is_not(None), _jobs.kind.is_(None)), 1))),
+            func.sum(case((_jobs.kind.is_not(None), 1))),
         ).where(_jobs.queue == queue)
 
-        async def op(conn: AsyncConnection) -> tuple[int, int, int]:
-            total, delayed, reserved = (await conn.execute(query)).one()
-            return int(total or 0), int(delayed or 0), int(reserved or 0)
+        async def op(conn: AsyncConnection) -> tuple[int, ...]:
+            row = (await conn.execute(query)).one()
+            return tuple(int(n or 0) for n in row)
 
-        total, delayed, reserved = await self._run("count jobs", op, write=False)
-        return QueueStats(self.name, queue, total - delayed - reserved, delayed, reserved, 0)
+        total, delayed, reserved, deferred, records = await self._run("count jobs", op, write=False)
+        pending = total - delayed - reserved - deferred - records
+        return QueueStats(self.name, queue, pending, delayed, reserved, 0, deferred=deferred)
 
     async def size(self, queue: str) -> int:
-        """Jobs of `queue` not yet finished: one COUNT."""
+        """Jobs of `queue` not yet finished: one COUNT, less the workflow records (found
+        among the deferred rows only)."""
+        records = (
+            select(func.count())
+            .where(
+                _jobs.queue == queue,
+                _jobs.reserved_until.is_(None),
+                _jobs.available_at == t.DEFERRED,
+                _jobs.kind.is_not(None),
+            )
+            .scalar_subquery()
+        )
+        query = select(func.count() - records).where(_jobs.queue == queue)
 
         async def op(conn: AsyncConnection) -> int:
-            count = await conn.scalar(select(func.count()).where(_jobs.queue == queue))
+            count = await conn.scalar(query)
             return int(count or 0)
 
         return await self._run("count jobs", op, write=False)
@@ -428,8 +553,16 @@ class DatabaseDriver(Driver):
                         _jobs.reserved_until <= now,
                         _jobs.reserved_at.is_(None),
                     ),
+                    _jobs.kind.is_(None),  # workflow records end with their members
                 )
             )
+            deps = t.queue_dependencies.c
+            gone = ~(
+                select(_jobs.id)
+                .where(_jobs.uuid == deps.job_uuid, _jobs.queue == deps.job_queue)
+                .exists()
+            )
+            await conn.execute(delete(t.queue_dependencies).where(deps.job_queue == queue, gone))
             return int(result.rowcount)
 
         return await self._run("clear a queue", op)
@@ -522,8 +655,9 @@ class DatabaseDriver(Driver):
         keep = self.settings.queue_failure_ttl
 
         async def op(conn: AsyncConnection) -> bool:
-            counted: Counter[tuple[str, str]] = Counter()
+            counted = life.Ends()
             done = await life.cancel(conn, job_id, queue, self.name, keep, counted)
+            await self._settle(conn, counted)
             await life.count(conn, counted, self._shard)
             return done
 
@@ -562,7 +696,26 @@ class DatabaseDriver(Driver):
                 break
         await self._run("prune job counters", life.prune_counts)
         await self._run("prune unique keys", life.prune_keys)
+        await self._run("prune once keys and markers", wf.prune_once)
         return deleted
+
+    # -- small named values ------------------------------------------------------------
+
+    async def get_marker(self, name: str) -> str | None:
+        """The value in `queue_markers`, unless it expired."""
+
+        async def op(conn: AsyncConnection) -> str | None:
+            return await wf.get_marker(conn, name)
+
+        return await self._run("read a marker", op, write=False)
+
+    async def set_marker(self, name: str, value: str, ttl: float) -> None:
+        """Upsert the row of `queue_markers`."""
+
+        async def op(conn: AsyncConnection) -> None:
+            await wf.set_marker(conn, name, value, ttl)
+
+        await self._run("write a marker", op)
 
     # -- worker registry and the restart signal ---------------------------------------------
 

@@ -17,6 +17,7 @@ Used by `database.DatabaseDriver` inside its transactions; nothing here opens on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 from sqlalchemy import Row, Table, and_, delete, func, insert, or_, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.mysql import insert as mysql_insert
@@ -32,16 +34,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.queue.drivers import sql_tables as t
 from core.queue.drivers.base import Outcome, OutgoingJob, Pushed, RecentCounts, ReservedJob
-from core.status import JobStatus, Status
+from core.status import JobStatus, Progress, Status
 
 __all__ = [
     "LIVE",
     "PRUNE_BATCH",
+    "Ends",
     "ack_rows",
     "cancel",
     "count",
     "end_rows",
     "epoch",
+    "forget_dependencies",
     "forget_record",
     "front",
     "insert_plain",
@@ -49,6 +53,7 @@ __all__ = [
     "live_state",
     "live_status",
     "minute_now",
+    "progress_of",
     "prune_counts",
     "prune_keys",
     "prune_records",
@@ -86,7 +91,35 @@ LIVE = (
     _jobs.failure_ttl,
     _jobs.unique_key,
     _jobs.cancel_requested,
+    _jobs.priority,
+    _jobs.kind,
+    _jobs.rule,
+    _jobs.deps,
+    _jobs.dependents,
+    _jobs.ttl,
+    _jobs.limit_key,
+    _jobs.limit_spec,
+    _jobs.held,
+    _jobs.workflow,
 )
+
+
+class Ends(Counter[tuple[str, str]]):
+    """How many jobs ended per (queue, status) in one transaction (the caller writes the
+    counts), and what those ends leave for the same transaction: `resolve` the ended jobs
+    that have dependents (uuid, queue, status), `stopped` the limited jobs that stopped
+    running (queue, limit key, uuid). See `sql_workflow.settle`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resolve: list[tuple[str, str, str]] = []
+        self.stopped: list[tuple[str, str, str]] = []
+        self.records: list[tuple[str, str]] = []  # workflow records to cancel (uuid, queue)
+
+
+def _follow(counted: Counter[tuple[str, str]], row: Any, status: str) -> None:
+    if isinstance(counted, Ends) and row.dependents:
+        counted.resolve.append((row.uuid, row.queue, status))
 
 
 def epoch(moment: datetime | None) -> float | None:
@@ -94,10 +127,15 @@ def epoch(moment: datetime | None) -> float | None:
     return None if moment is None else t.from_db_time(moment).timestamp()
 
 
-def due_time(row: Any) -> datetime:
+def due_time(row: Any) -> datetime | None:
     """When the job became (or becomes) ready: its `available_at`, unless that is an
-    `at_front` mirror or its delay is kept as a lease nobody holds (see `sql_tables`)."""
+    `at_front` mirror or its delay is kept as a lease nobody holds (see `sql_tables`).
+    `None` while it is deferred."""
+    if getattr(row, "deps", None) is not None:
+        return None
     if row.reserved_at is None and row.reserved_until is not None:
+        if t.is_priority_time(row.reserved_until):
+            return row.available_at  # type: ignore[no-any-return]
         return row.reserved_until  # type: ignore[no-any-return]
     if row.available_at < t.FRONT:
         return row.due_at or row.created_at  # type: ignore[no-any-return]
@@ -118,7 +156,8 @@ def live_state(row: Any, now: datetime) -> str:
 
 
 def ttl_error(row: Any) -> str:
-    ttl = (row.expires_at - due_time(row)).total_seconds()
+    due = due_time(row) or row.created_at
+    ttl = (row.expires_at - due).total_seconds()
     return f"not started within its ttl of {ttl:g}s"
 
 
@@ -134,8 +173,12 @@ def live_status(row: Any, now: datetime, connection: str) -> JobStatus:
         status, ended, error = Status.CANCELLED, row.reserved_until, "cancelled"
     elif state == "expired":
         status, ended, error = Status.EXPIRED, row.expires_at, ttl_error(row)
+    elif due is None:
+        status = Status.DEFERRED
     elif row.state == "retrying" or (row.state is None and row.attempts > 0):
         status = Status.RETRYING
+    elif row.held:
+        status = Status.QUEUED  # held back by its limit: it keeps its place
     elif due > now:
         status = Status.SCHEDULED
     else:
@@ -154,6 +197,23 @@ def live_status(row: Any, now: datetime, connection: str) -> JobStatus:
         ended_at=epoch(ended),
         worker=row.worker or "",
         error=error,
+        kind=row.kind or "job",
+        priority=row.priority or 0,
+        progress=progress_of(row.workflow, row.deps),
+    )
+
+
+def progress_of(workflow: str | None, pending: int | None) -> Progress | None:
+    """A workflow record's `Progress` from its counts (JSON) and its members not ended."""
+    if not workflow:
+        return None
+    counts = orjson.loads(workflow)
+    return Progress(
+        total=int(counts["total"]),
+        pending=int(pending or 0),
+        succeeded=int(counts.get("succeeded", 0)),
+        failed=int(counts.get("failed", 0)),
+        cancelled=int(counts.get("cancelled", 0)),
     )
 
 
@@ -175,6 +235,9 @@ def record_status(row: Any) -> JobStatus:
         error=row.error or "",
         traceback=row.traceback or "",
         result=None if row.result is None else row.result.encode(),
+        kind=row.kind or "job",
+        priority=row.priority or 0,
+        progress=progress_of(row.progress, 0),
     )
 
 
@@ -196,6 +259,9 @@ def _record(row: Any, connection: str, outcome: Outcome, now: datetime) -> dict[
         "traceback": outcome.traceback or None,
         "result": None if outcome.result is None else outcome.result.decode(),
         "keep_until": t.now(outcome.keep),
+        "kind": row.kind,
+        "progress": row.workflow,
+        "priority": row.priority,
     }
 
 
@@ -286,8 +352,20 @@ async def end_rows(
         keep = _failure_keep(row.failure_ttl, default_keep)
         if keep > 0:
             records.append(_record(row, connection, Outcome(status, keep, error=error), now))
-        counted[(row.queue, status.value)] += 1
+        if not row.kind:  # workflow records are not jobs that ran
+            counted[(row.queue, status.value)] += 1
+        _follow(counted, row, status.value)
+        if row.deps is not None:
+            await forget_dependencies(conn, row.uuid, row.queue)
     await write_records(conn, records)
+
+
+async def forget_dependencies(conn: AsyncConnection, job_id: str, queue: str) -> None:
+    """Drop the dependency rows of a job that is no longer deferred."""
+    deps = t.queue_dependencies.c
+    await conn.execute(
+        delete(t.queue_dependencies).where(deps.job_uuid == job_id, deps.job_queue == queue)
+    )
 
 
 async def ack_rows(
@@ -321,6 +399,9 @@ async def ack_rows(
         if outcome.keep > 0:
             records.append(_record(row, connection, outcome, now))
         counted[(row.queue, outcome.status.value)] += 1
+        _follow(counted, row, outcome.status.value)
+        if row.limit_key is not None and isinstance(counted, Ends):
+            counted.stopped.append((row.queue, row.limit_key, row.uuid))
     await write_records(conn, records)
 
 
@@ -500,7 +581,19 @@ def job_row(job: OutgoingJob, created: datetime) -> dict[str, Any]:
         "expires_at": t.to_db_time(due + timedelta(seconds=job.ttl)) if job.ttl > 0 else None,
         "failure_ttl": job.failure_ttl,
         "unique_key": job.unique_key or None,
+        # Every row of one multi-row INSERT names the same columns.
+        "priority": None,
+        "limit_key": None,
+        "limit_spec": None,
     }
+    if job.priority:
+        row["priority"] = job.priority
+        if not job.at_front:
+            row.update(t.placement(job.priority, due, created))
+    if job.limit is not None:
+        limit = job.limit
+        row["limit_key"] = limit.key
+        row["limit_spec"] = f"{limit.rate} {limit.period!r} {limit.burst} {limit.concurrency}"
     if job.at_front and job.delay > 0:
         row["reserved_until"] = due  # a lease nobody holds, ending when it is due
     elif job.at_front:
@@ -557,7 +650,18 @@ async def read_status(
     now = t.now()
     row = (await conn.execute(live)).first()
     if row is not None:
-        return live_status(row, now, connection)
+        found = live_status(row, now, connection)
+        if row.deps is not None and not row.kind:
+            deps = t.queue_dependencies.c
+            query = (
+                select(deps.dep_uuid)
+                .where(deps.job_uuid == row.uuid, deps.job_queue == row.queue)
+                .where(deps.status.is_(None))
+                .order_by(deps.seq)
+            )
+            waiting = tuple(str(dep) for dep in (await conn.scalars(query)).all())
+            found = dataclasses.replace(found, waiting_for=waiting)
+        return found
     ended = ended.where(_records.keep_until > now).order_by(_records.ended_at.desc())
     record = (await conn.execute(ended)).first()
     return None if record is None else record_status(record)
@@ -580,6 +684,10 @@ async def cancel(
     if row is None:
         return False
     now = t.now()
+    if row.kind:  # a workflow record: its members are cancelled (`sql_workflow`)
+        if isinstance(counted, Ends):
+            counted.records.append((row.uuid, row.queue))
+        return True
     state = live_state(row, now)
     if state == "running":
         if not row.cancel_requested:

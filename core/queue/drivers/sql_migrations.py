@@ -385,6 +385,42 @@ def _add_lifecycle(connection: Connection) -> None:
     )
 
 
+#: The columns schema version 4 adds: all nullable, so that the release before it (which names
+#: none of them) still pushes, reserves and acknowledges during a rolling deploy.
+_V4_COLUMNS = {
+    "queue_jobs": (
+        "priority",
+        "kind",
+        "rule",
+        "deps",
+        "dependents",
+        "ttl",
+        "limit_key",
+        "limit_spec",
+        "held",
+        "workflow",
+    ),
+    "queue_job_records": ("kind", "progress", "priority"),
+}
+
+
+def _add_workflows(connection: Connection) -> None:
+    dialect = connection.dialect
+    found = inspect(connection)
+    for name, added in _V4_COLUMNS.items():
+        table = t.metadata.tables[name]
+        columns = {c["name"] for c in found.get_columns(name)}
+        for column in added:
+            if column not in columns:
+                kind = table.c[column].type.compile(dialect=dialect)
+                connection.execute(text(f"ALTER TABLE {name} ADD COLUMN {column} {kind} NULL"))
+    t.metadata.create_all(
+        connection,
+        tables=[t.queue_dependencies, t.queue_limits, t.queue_once, t.queue_markers],
+        checkfirst=True,
+    )
+
+
 #: Every schema version, oldest first. Append; never edit a released step.
 STEPS: tuple[Step, ...] = (
     Step(1, "queue_jobs, queue_failed_jobs, queue_names, queue_workers, queue_meta", _create_v1),
@@ -394,6 +430,12 @@ STEPS: tuple[Step, ...] = (
         "job lifecycle: 190-character ids, queue_jobs' record columns, queue_job_records, "
         "queue_unique_keys, queue_counts",
         _add_lifecycle,
+    ),
+    Step(
+        4,
+        "workflows: queue_jobs' priority, dependency, limit and workflow columns, "
+        "queue_dependencies, queue_limits, queue_once, queue_markers",
+        _add_workflows,
     ),
 )
 LATEST_VERSION = STEPS[-1].version

@@ -58,6 +58,7 @@ from sqlalchemy import (
     or_,
     select,
     union_all,
+    update,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.dialects.mysql import insert as mysql_insert
@@ -68,22 +69,34 @@ from sqlalchemy.types import TypeEngine
 from core.queue.drivers.base import ReservedJob
 
 __all__ = [
+    "DEFERRED",
     "FRONT",
+    "PRIO_HIGH",
+    "PRIO_LOW",
+    "PRIO_LOW_END",
     "claim",
     "from_db_time",
     "front_time",
     "held",
+    "is_priority_time",
     "metadata",
     "now",
+    "placement",
+    "priority_time",
     "queue_counts",
+    "queue_dependencies",
     "queue_failed_jobs",
     "queue_job_records",
     "queue_jobs",
+    "queue_limits",
+    "queue_markers",
     "queue_meta",
     "queue_names",
+    "queue_once",
     "queue_schema_version",
     "queue_unique_keys",
     "queue_workers",
+    "rank",
     "to_db_time",
     "upsert",
 ]
@@ -131,6 +144,18 @@ queue_jobs = Table(
     Column("failure_ttl", Double, nullable=True),  # seconds to keep it cancelled or expired
     Column("unique_key", String(190), nullable=True),  # the key it was pushed with
     Column("cancel_requested", Integer, nullable=True),  # 1: cancel it (it is running)
+    # Schema version 4 (workflows and limits): all nullable, so that the release before it
+    # still pushes, reserves and acknowledges (see "Workflows" in the module notes).
+    Column("priority", Integer, nullable=True),  # NULL: 0
+    Column("kind", String(8), nullable=True),  # "chain"/"batch" for a workflow record
+    Column("rule", String(16), nullable=True),  # when a job with dependencies may run
+    Column("deps", Integer, nullable=True),  # dependencies not ended yet; NULL: not deferred
+    Column("dependents", Integer, nullable=True),  # 1: some job depends on this one
+    Column("ttl", Double, nullable=True),  # a deferred job's ttl, counted once it is due
+    Column("limit_key", String(190), nullable=True),  # the limit its starts count against
+    Column("limit_spec", String(120), nullable=True),  # "rate period burst concurrency"
+    Column("held", Integer, nullable=True),  # 1: held back by its rate, 2: by concurrency
+    Column("workflow", Text, nullable=True),  # a workflow record's counts (JSON)
     # One job per id and queue (per id before schema version 3); serves lookups by id alone.
     Index("queue_jobs_uuid_unique", "uuid", "queue", unique=True),
     # The claim index. Ready jobs: equality on (queue, reserved_until IS NULL), a range on
@@ -180,6 +205,10 @@ queue_job_records = Table(
     Column("traceback", LongText, nullable=True),
     Column("result", LongText, nullable=True),  # JSON
     Column("keep_until", Time, nullable=False),
+    # Schema version 4: NULL in records the release before wrote ("job", no progress, 0).
+    Column("kind", String(8), nullable=True),
+    Column("progress", Text, nullable=True),  # a workflow record's counts (JSON)
+    Column("priority", Integer, nullable=True),
     Index("queue_job_records_keep_until", "keep_until"),  # prune
     **_MYSQL_OPTIONS,
 )
@@ -208,6 +237,58 @@ queue_counts = Table(
     Column("status", String(16), primary_key=True),
     Column("shard", Integer, primary_key=True, autoincrement=False),
     Column("count", BigInteger, nullable=False),
+    **_MYSQL_OPTIONS,
+)
+
+#: Dependencies (schema version 4): one row per (dependent job, dependency), in push order
+#: (`seq`); `status` is how the dependency ended once that end was applied to the dependent
+#: (NULL: not yet), so an end applied twice counts once. Rows go when the dependent leaves
+#: `deferred`.
+queue_dependencies = Table(
+    "queue_dependencies",
+    metadata,
+    Column("job_queue", String(190), primary_key=True),
+    Column("job_uuid", String(190), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("dep_queue", String(190), nullable=False),
+    Column("dep_uuid", String(190), nullable=False),
+    Column("status", String(16), nullable=True),
+    Index("queue_dependencies_dep", "dep_uuid", "dep_queue"),  # the dependents of a job
+    **_MYSQL_OPTIONS,
+)
+
+#: Limit state per queue and key (schema version 4): the GCRA theoretical arrival time
+#: (epoch seconds), the ids of the key's jobs reserved last (checked against their rows, so
+#: the running count never drifts), and the time its concurrency-parked jobs wait until.
+queue_limits = Table(
+    "queue_limits",
+    metadata,
+    Column("queue", String(190), primary_key=True),
+    Column("limit_key", String(190), primary_key=True),
+    Column("tat", Double, nullable=False),
+    Column("running", Text, nullable=False),  # JSON list of job ids
+    Column("parked_until", Time, nullable=True),
+    **_MYSQL_OPTIONS,
+)
+
+#: Once keys (schema version 4): a push per queue and key while the key lives.
+queue_once = Table(
+    "queue_once",
+    metadata,
+    Column("queue", String(190), primary_key=True),
+    Column("once_key", String(190), primary_key=True),
+    Column("uuid", String(190), nullable=False),
+    Column("expires_at", Time, nullable=False),
+    **_MYSQL_OPTIONS,
+)
+
+#: Small named values that expire (schema version 4): a schedule's last tick.
+queue_markers = Table(
+    "queue_markers",
+    metadata,
+    Column("name", String(190), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("expires_at", Time, nullable=False),
     **_MYSQL_OPTIONS,
 )
 
@@ -295,6 +376,15 @@ _CLAIMED = (
     _jobs.expires_at,
     _jobs.failure_ttl,
     _jobs.cancel_requested,
+    _jobs.priority,
+    _jobs.limit_key,
+    _jobs.limit_spec,
+    _jobs.held,
+    _jobs.state,
+    _jobs.dependents,
+    _jobs.kind,
+    _jobs.deps,
+    _jobs.workflow,
 )
 
 #: Ready `at_front` jobs sort before this time (see the module notes).
@@ -306,16 +396,75 @@ def front_time(moment: datetime) -> datetime:
     return FRONT - (moment - FRONT)
 
 
+#: Ready prioritized jobs are stored as a lease nobody holds (`reserved_at IS NULL`) ending at
+#: a time that encodes the priority, so that the claim index orders them: higher priorities
+#: before 1900-01-01 (priority p: p milliseconds before it), which the claim's part for
+#: expired leases walks first; lower ones from 9000-01-01 (p milliseconds after it), which a
+#: third part of the claim walks after the ready jobs. Priority 0 keeps the plain form.
+PRIO_HIGH = datetime(1900, 1, 1)
+PRIO_LOW = datetime(9000, 1, 1)
+PRIO_LOW_END = datetime(9001, 1, 1)
+#: The `available_at` of a deferred job or a workflow record: never due, for any release.
+DEFERRED = datetime(9999, 1, 1)
+
+
+def priority_time(priority: int) -> datetime:
+    """The `reserved_until` of a ready job of this (non-zero) priority."""
+    if priority > 0:
+        return PRIO_HIGH - timedelta(milliseconds=priority)
+    return PRIO_LOW + timedelta(milliseconds=-priority)
+
+
+def is_priority_time(moment: datetime | None) -> bool:
+    """Whether a `reserved_until` is a ready prioritized job's (see `priority_time`)."""
+    return moment is not None and (moment < FRONT or PRIO_LOW <= moment < PRIO_LOW_END)
+
+
+def placement(priority: int, due: datetime, at: datetime) -> dict[str, Any]:
+    """The claim columns of a job of `priority` that becomes ready at `due` (now: `at`).
+
+    Priority 0: ready from `available_at`. Otherwise, not yet due: a lease nobody holds
+    ending at `due` (the claim promotes it when due); due: its priority's time, with
+    `available_at` the moment it became ready (its order within the priority).
+    """
+    if not priority:
+        return {"available_at": due, "reserved_until": None, "reserved_at": None}
+    if due > at:
+        return {"available_at": due, "reserved_until": due, "reserved_at": None}
+    return {"available_at": due, "reserved_until": priority_time(priority), "reserved_at": None}
+
+
+def rank(row: Any) -> tuple[Any, ...]:
+    """Where a claimable row stands: `at_front` jobs, then higher priorities; within one,
+    lost leases, then the order in which jobs became ready."""
+    p = row.priority or 0
+    until = row.reserved_until
+    if until is None:
+        if row.available_at < FRONT:
+            return (0, 0, row.available_at, row.id)
+        return (1, -p, 1, row.available_at, row.id)
+    if row.reserved_at is not None:  # a lost lease: the head of its priority
+        return (1, -p, 0, until, row.id)
+    if is_priority_time(until):
+        return (1, -p, 1, row.available_at, row.id)
+    if not p:  # a delayed `at_front` job, now due
+        return (0, 1, until, row.id)
+    return (1, -p, 1, until, row.id)  # a delayed prioritized job, now due
+
+
 async def claim(conn: AsyncConnection, queue: str, at: datetime, limit: int) -> list[Row[Any]]:
     """Lock and return up to `limit` rows of `queue` to reserve, front of the queue first.
 
-    One statement of two ordered, limited parts: first jobs whose lease expired (their worker
-    died), oldest lease first; they go to the front. Then ready jobs, in the order they became
-    ready. Each part walks `queue_jobs_claim` in its order, so the database stops after
-    `limit` rows; SKIP LOCKED passes over rows another transaction is claiming. SQLite (one
-    writer, no FOR UPDATE) wants each limited part wrapped in a subquery; MySQL/MariaDB in
-    parentheses, which SQLAlchemy writes for them. Rows carry `id, uuid, queue, payload,
-    attempts` (before this claim).
+    One statement of three ordered, limited parts: first jobs whose lease expired (their
+    worker died), which also holds ready jobs of a higher priority (`priority_time`) and due
+    delayed `at_front` or prioritized jobs; then ready jobs, in the order they became ready;
+    then ready jobs of a lower priority. Each part walks `queue_jobs_claim` in its order, so
+    the database stops after `limit` rows; SKIP LOCKED passes over rows another transaction
+    is claiming. SQLite (one writer, no FOR UPDATE) wants each limited part wrapped in a
+    subquery; MySQL/MariaDB in parentheses, which SQLAlchemy writes for them. The rows are
+    ordered by `rank`. Prioritized rows fetched but not taken that are due delayed jobs or
+    lost leases are put in their priority's place (`placement`), so that they stop taking
+    room in the first part.
     """
     here = _jobs.queue == queue
     expired = (
@@ -328,16 +477,28 @@ async def claim(conn: AsyncConnection, queue: str, at: datetime, limit: int) -> 
         .where(here, _jobs.reserved_until.is_(None), _jobs.available_at <= at)
         .order_by(_jobs.available_at, _jobs.id)
     )
-    parts = [part.limit(limit).with_for_update(skip_locked=True) for part in (expired, ready)]
+    low = (
+        select(*_CLAIMED, literal(2).label("part"))
+        .where(here, _jobs.reserved_until >= PRIO_LOW, _jobs.reserved_until < PRIO_LOW_END)
+        .order_by(_jobs.reserved_until, _jobs.available_at, _jobs.id)
+    )
+    parts = [part.limit(limit).with_for_update(skip_locked=True) for part in (expired, ready, low)]
     if conn.dialect.name == "sqlite":
         query = union_all(*(select(part.subquery()) for part in parts))
     else:
         query = union_all(*parts)
     rows = (await conn.execute(query)).all()
     # UNION ALL promises no order: restore it. Rows past `limit` stay locked until the commit.
-    ordered = sorted(
-        rows, key=lambda r: (r.part, r.reserved_until or datetime.min, r.available_at, r.id)
-    )
+    ordered = sorted(rows, key=rank)
+    for row in ordered[limit:]:
+        until = row.reserved_until
+        if row.priority and until is not None and not is_priority_time(until):
+            due = until if row.reserved_at is None else row.available_at
+            await conn.execute(
+                update(queue_jobs)
+                .where(_jobs.id == row.id)
+                .values(placement(row.priority, due, at))
+            )
     return ordered[:limit]
 
 
