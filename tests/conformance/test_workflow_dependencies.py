@@ -101,6 +101,19 @@ async def test_rule_released_once_every_dependency_succeeded(driver: Driver, que
     assert await take(driver, queue) == [dep, low]
 
 
+async def test_rule_dependents_released_at_once_go_in_push_order(
+    driver: Driver, queue: str
+) -> None:
+    a = new_id()
+    dependents = [new_id() for _ in range(6)]
+    await driver.push([outgoing(a, queue)])
+    await driver.push([outgoing(d, queue, i, depends_on=[a]) for i, d in enumerate(dependents[:3])])
+    for i, d in enumerate(dependents[3:], start=3):
+        await driver.push([outgoing(d, queue, i, depends_on=[a])])
+    await run(driver, queue, a)  # all six become ready in one step: push order among them
+    assert await take(driver, queue) == dependents
+
+
 async def test_rule_a_released_job_with_a_pending_delay_is_scheduled_from_its_push(
     driver: Driver, queue: str
 ) -> None:
