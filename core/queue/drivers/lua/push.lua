@@ -50,6 +50,12 @@ local function waiting(id)
   return redis.call('HEXISTS', KEYS[3], id) == 1 and not redis.call('ZSCORE', KEYS[6], id)
 end
 
+local fields
+local function add(name, value)
+  fields[#fields + 1] = name
+  fields[#fields + 1] = value
+end
+
 local sets = tonumber(ARGV[3])
 local j = 4 + sets * NOPT
 while j <= #ARGV do
@@ -71,8 +77,10 @@ while j <= #ARGV do
 
   -- Dependencies: each known (its record, or a payload of a job pushed by older code).
   for _, d in ipairs(deps) do
-    local st = redis.call('HGET', d[1] .. ':job:' .. d[2], 'status')
-    if not st and redis.call('HEXISTS', d[1] .. ':payloads', d[2]) == 0 then
+    -- A dependency may be in another queue: its keys come from lib.lua's Q (cross-queue).
+    local dq = Q(d[1])
+    local st = redis.call('HGET', dq.tag .. ':job:' .. d[2], 'status')
+    if not st and redis.call('HEXISTS', dq.payloads, d[2]) == 0 then
       outcome, holder = 'missing', d[2]
       break
     end
@@ -138,22 +146,19 @@ while j <= #ARGV do
       local pm = redis.call('HGET', rec, 'pm')
       if pm then redis.call('ZREM', q.prio, pm) end
       redis.call('SREM', q.deferred, id)
+      redis.call('DEL', tag .. ':on:' .. id, tag .. ':wait:' .. id)
     end
     -- A record of an earlier job with this id (ended, or reset above) is replaced.
-    redis.call('DEL', rec, tag .. ':done:' .. id, tag .. ':on:' .. id, tag .. ':wait:' .. id)
+    redis.call('DEL', rec, tag .. ':done:' .. id)
     local due = now + delay
     local deferred = ndeps > 0 or flow
     local prio = tonumber(ARGV[i + 12]) or 0
     local front = ARGV[i + 5] == '1'
-    local fields = {
+    fields = {
       'status', deferred and 'deferred' or (delay > 0 and 'scheduled' or 'queued'),
       'job', ARGV[i + 3], 'max_tries', ARGV[i + 4], 'enqueued_at', now,
       'failure_ttl', ARGV[i + 11],
     }
-    local function add(name, value)
-      fields[#fields + 1] = name
-      fields[#fields + 1] = value
-    end
     local ttl = tonumber(ARGV[i + 10])
     if deferred then
       add('release_at', due)
@@ -205,7 +210,7 @@ while j <= #ARGV do
       end
       -- Live dependencies take this job as a dependent; ended ones apply their end at once.
       for _, d in ipairs(deps) do
-        if not ENDED[d[3]] then redis.call('RPUSH', d[1] .. ':deps:' .. d[2], me) end
+        if not ENDED[d[3]] then redis.call('RPUSH', Q(d[1]).tag .. ':deps:' .. d[2], me) end
       end
       for _, d in ipairs(deps) do
         if ENDED[d[3]] then resolve(me, ref(d[1], d[2]), d[2], d[3]) end

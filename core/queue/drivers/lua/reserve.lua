@@ -132,6 +132,13 @@ if #ARGV > tail + 1 then
             or (pm and redis.call('ZREM', q.prio, pm) == 1)
             or (not pm and redis.call('LREM', KEYS[1], 1, id) == 1)) then
         if pm then redis.call('HDEL', rec, 'pm') end
+        local l = redis.call('HMGET', rec, 'lkey', 'lconc')
+        if l[1] and (tonumber(l[2]) or 0) > 0 then
+          -- Reaped meanwhile, its slot freed: it holds one again (start counted once).
+          redis.call('SADD', tag .. ':running:' .. l[1], id)
+          redis.call('HSET', q.runkey, id, l[1])
+          q.has_runkey = true
+        end
         redis.call('ZADD', KEYS[3], now + lease, id)
         if redis.call('EXISTS', rec) == 1 then
           redis.call('HSET', rec, 'status', 'running', 'worker', worker)
