@@ -24,6 +24,7 @@ Same semantics as the memory driver, on the tables of `sql_tables`:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
@@ -111,6 +112,11 @@ class DatabaseDriver(Driver):
         self._store = DatabaseFailedStore(self)
         self._registered: set[str] = set()  # queue names this process has put in queue_names
         self._shard = random.randrange(1024)  # its own rows of queue_counts
+        # Set when this process's ack, release or cancel made jobs ready (a dependent
+        # released, a job parked by its key's concurrency limit): wakes its own `wait`.
+        # Other processes' waits sleep until their timeout, as for any push.
+        self._wake: asyncio.Event | None = None
+        self._ready_after_commit = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -158,8 +164,12 @@ class DatabaseDriver(Driver):
             raise DriverError(f"the {self.name!r} queue connection is not open")
         for attempt in range(1, _ATTEMPTS + 1):
             try:
+                self._ready_after_commit = False
                 async with engine.begin() as conn:
-                    return await op(conn)
+                    result = await op(conn)
+                if self._ready_after_commit and self._wake is not None:
+                    self._wake.set()
+                return result
             except (sa_exc.SQLAlchemyError, OSError) as exc:
                 if attempt < _ATTEMPTS and is_conflict(exc):
                     continue
@@ -264,6 +274,7 @@ class DatabaseDriver(Driver):
         """Apply what the ends of this transaction leave (`sql_workflow.settle`)."""
         if not (ends.resolve or ends.stopped or ends.records):
             return
+        self._ready_after_commit = True
         ctx = wf.Context(conn, self.name, self.settings.queue_failure_ttl, self._result_ttl, ends)
         while ends.records:
             record_id, queue = ends.records.pop(0)
@@ -317,20 +328,37 @@ class DatabaseDriver(Driver):
         if limit <= 0:
             return []
         now = t.now()
+        out: list[ReservedJob] = []
         picked: list[Row[Any]] = []
         for name in queues:
             for _ in range(_LIMIT_ROUNDS):
-                if len(picked) >= limit:
+                if len(out) + len(picked) >= limit:
                     break
                 held_back = False
-                for row in await t.claim(conn, name, now, limit - len(picked)):
+                for row in await t.claim(conn, name, now, limit - len(out) - len(picked)):
                     limited = row.limit_key is not None and life.live_state(row, now) == "waiting"
-                    if limited and not await wf.check_limit(conn, row, now, lease):
+                    taking = {row.uuid for row in picked}
+                    if limited and not await wf.check_limit(conn, row, now, lease, taking):
                         held_back = True  # not handed out: look further in this queue
                         continue
                     picked.append(row)
                 if not held_back:
                     break
+                # Mark the jobs taken so far, so that the next look passes over them.
+                out += await self._take(conn, picked, now, lease, worker, counted)
+                picked = []
+        return out + await self._take(conn, picked, now, lease, worker, counted)
+
+    async def _take(
+        self,
+        conn: AsyncConnection,
+        picked: list[Row[Any]],
+        now: datetime,
+        lease: float,
+        worker: str,
+        counted: Counter[tuple[str, str]],
+    ) -> list[ReservedJob]:
+        """End the claimed rows that ended meanwhile (ttl, cancel); reserve the others."""
         ending = []
         for row in picked:
             state = life.live_state(row, now)
@@ -397,11 +425,16 @@ class DatabaseDriver(Driver):
             low = [t.FRONT for moment in row[2::3] if moment is not None]
             return low + [moment for moment in row if moment is not None]
 
+        wake = self._wake = self._wake or asyncio.Event()
+        wake.clear()
         due = await self._run("look for due jobs", op, write=False)
         if due:
             until = (min(due) - t.now()).total_seconds()
             timeout = min(timeout, max(until, _MIN_WAIT))
-        await asyncio.sleep(timeout)
+        if wake.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout)
 
     async def ack(self, jobs: Sequence[ReservedJob]) -> None:
         """Delete finished jobs still held under these reservations, writing their records."""

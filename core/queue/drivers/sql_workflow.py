@@ -21,8 +21,7 @@ Used by `database.DatabaseDriver` inside its transactions; nothing here opens on
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -262,8 +261,9 @@ async def _cancel(ctx: Context, row: Row[Any], error: str) -> None:
 
 
 async def _release(ctx: Context, row: Row[Any]) -> None:
-    """A deferred job becomes ready (or scheduled, if its delay has not passed)."""
-    now = t.now()
+    """A deferred job becomes ready (or scheduled, if its delay has not passed). Jobs
+    released in one step are ready at one time: in push order."""
+    now = ctx.now
     due = max(row.due_at or now, now)
     values: dict[str, Any] = {
         "deps": None,
@@ -395,14 +395,17 @@ async def _lock_limit(conn: AsyncConnection, queue: str, key: str) -> Any:
     return row
 
 
-async def check_limit(conn: AsyncConnection, row: Any, at: datetime, lease: float) -> bool:
+async def check_limit(
+    conn: AsyncConnection, row: Any, at: datetime, lease: float, taking: Collection[str] = ()
+) -> bool:
     """Whether the limited job `row` may start now: if so, its start is counted; if not, it
-    is held back (not handed out, its try not counted) until it can be allowed."""
+    is held back (not handed out, its try not counted) until it can be allowed. `taking`:
+    ids this claim hands out (not marked reserved yet)."""
     rate, period, burst, concurrency = _spec(row)
     key = str(row.limit_key)
     state = await _lock_limit(conn, row.queue, key)
     here = (_limits.queue == row.queue) & (_limits.limit_key == key)
-    clock = time.time()
+    clock = t.from_db_time(at).timestamp()  # the claim's own time: one hold time per claim
     interval = period / rate if rate else 0.0
     tat = float(state.tat)
     running: list[str] = [str(i) for i in orjson.loads(state.running)]
@@ -414,7 +417,7 @@ async def check_limit(conn: AsyncConnection, row: Any, at: datetime, lease: floa
             _jobs.reserved_until > at,
         )
         still = {str(i) for i in (await conn.scalars(query.with_for_update(read=True))).all()}
-        running = [i for i in running if i in still]
+        running = [i for i in running if i in still or i in taking]
     allowed_at = tat - (burst - 1) * interval if rate else 0.0
     if rate and clock < allowed_at:
         when = at + timedelta(seconds=allowed_at - clock)
