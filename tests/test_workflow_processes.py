@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections import Counter
 from collections.abc import Iterable
 from functools import partial
@@ -104,6 +105,10 @@ async def test_rate_limit_5_per_second_holds_across_3_workers(
         if starts[i + 5] - starts[i] < 1.0 - CLOCK_RESOLUTION
     ]
     assert not tight, f"6 starts within less than 1 s: {tight}"
+    spans = [starts[i + 5] - starts[i] for i in range(n - 5)]
+    print(
+        f"rate: {n} starts over {starts[-1] - starts[0]:.3f}s, 6 in a row span >= {min(spans):.3f}s"
+    )
 
 
 @pytest.mark.parametrize("concurrency", [4, 1])
@@ -134,8 +139,11 @@ async def test_concurrency_limit_2_holds_across_3_workers(
     ends = {e["n"]: e["t"] for e in events(log, "end")}
     assert sorted(starts) == sorted(ends) == list(range(n))
     assert most_at_once((starts[i], ends[i]) for i in range(n)) <= 2
+    pids = {e["pid"] for e in events(log, "start")}
     if concurrency == 1:
-        assert len({e["pid"] for e in events(log, "start")}) > 1  # several workers took part
+        assert len(pids) > 1  # several workers took part
+    print(f"concurrency: {n} jobs in {max(e for _, e in held) - min(s for s, _ in held):.3f}s "
+          f"by {len(pids)} worker(s), at most 2 at once")  # fmt: skip
 
 
 async def test_a_dependent_of_two_jobs_ending_together_on_two_workers_runs_once(
@@ -173,6 +181,8 @@ async def test_a_dependent_of_two_jobs_ending_together_on_two_workers_runs_once(
         for a, b in zip(partners[::2], partners[1::2], strict=True)
     )
     assert gaps[pairs // 2] < 0.05, f"the partners' ends were not close: {gaps}"
+    print(f"dependents: partners' ends apart by median {gaps[pairs // 2] * 1000:.1f} ms, "
+          f"max {gaps[-1] * 1000:.1f} ms; each of {pairs} dependents ran once")  # fmt: skip
 
 
 async def test_a_chain_survives_its_worker_killed_mid_member(
@@ -190,6 +200,7 @@ async def test_a_chain_survives_its_worker_killed_mid_member(
             )
             first.signal(signal.SIGKILL)
             first.wait(10)
+            killed = time.monotonic()
         finally:
             first.stop()
         mid = await flow.progress()
@@ -197,6 +208,7 @@ async def test_a_chain_survives_its_worker_killed_mid_member(
         with workers(1, [], server_backend.env(), tmp_path) as [second]:
             # The member's lease (timeout 3 s + margin 2 s) runs out; then it runs again.
             assert await flow.result(timeout=60) is None
+            print(f"chain: done {time.monotonic() - killed:.2f}s after the kill")
             members = await records(flow.jobs, timeout=10)
             whole = await flow.status()
             stop([second])
