@@ -277,7 +277,7 @@ async def test_a_dependent_is_deferred_then_runs_after_its_dependency(
     record = await second.status()
     assert record.status is Status.DEFERRED and record.waiting_for == (first.id,)
     assert record.due_at is None
-    stats = (await manager.stats())[0]
+    stats = (await manager.stats(manager.settings.queue_default))[0]
     assert stats.deferred == 1 and stats.pending == 1
     await work(manager, second)
     assert RUNS == ["first", "second"]
@@ -526,7 +526,7 @@ async def test_a_duplicate_member_stores_nothing_that_runs(manager: QueueManager
         await chain(Step("a"), clash, Step("c")).dispatch()
     assert caught.value.existing == "taken"
     assert str(caught.value).endswith("its 2 other jobs were stored and are cancelled")
-    stats = (await manager.stats())[0]
+    stats = (await manager.stats(manager.settings.queue_default))[0]
     assert (stats.pending, stats.deferred) == (1, 0)  # the holder alone waits
     holder = manager.job("taken")
     await work(manager, holder)
