@@ -335,6 +335,9 @@ class MemoryDriver(Driver):
         queue = self._queue(job.queue)
         if queue.delayed and queue.delayed[0][0] <= now:
             self._mature_delayed(queue, now)
+        # The checks, in order: a taken once key ("duplicate"), an unknown dependency
+        # ("missing"), then the id and unique-key rules. Whatever they refuse stores nothing
+        # and takes no key.
         if job.once_key:
             taken = queue.once.get(job.once_key)
             if taken is not None and taken[1] > now:
