@@ -129,7 +129,8 @@ def test_two_schedulers_enqueue_each_tick_of_a_one_second_interval_once(
     assert len(ticks) == len(set(ticks)), f"a tick was enqueued twice: {ticks}"
     assert 10 <= len(ticks) <= 11  # one more may land between the tenth and the SIGTERM
     assert [b - a for a, b in itertools.pairwise(ticks)] == [1000] * (len(ticks) - 1)
-    assert 8.5 <= took <= 11.5
+    # A tick or two may come before both are running (they start one after the other).
+    assert 7.5 <= took <= 11.5
     assert asyncio.run(jobs_waiting(server_backend)) == len(ticks)  # 10 jobs, not 20
 
 
