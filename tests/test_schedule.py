@@ -433,3 +433,13 @@ async def test_the_guide_example_declares_and_enqueues(clean_registry: None, sta
         assert [(d.schedule, d.created) for d in done] == [("poll-gw-1", True)]
         driver = await manager.connection()
         assert (await driver.stats("polling")).pending == 1
+
+
+async def test_the_sync_connection_cannot_schedule(name: str) -> None:
+    from core.errors import ConfigurationError
+    from tests.conftest import make_settings
+
+    item = Schedules().every("1s", record_job(), name=name)
+    async with QueueManager(make_settings(queue_connection="sync")) as manager:
+        with pytest.raises(ConfigurationError, match=f"schedule {name}: the sync connection"):
+            await asyncio.wait_for(Scheduler(manager, [item]).run(), 10)
