@@ -72,11 +72,10 @@ async def test_rule_rate_burst_1_refuses_a_second_start_within_the_interval_with
     assert (record.status, record.attempts, record.started_at) == (Status.QUEUED, 0, None)
     stats = await driver.stats(queue)
     assert (stats.pending, stats.reserved) == (1, 1)  # a held job is pending
-    held = await reserve_within(driver, queue, 2.0)
+    held = await reserve_within(driver, queue, 2.0)  # allowed again after the interval
     elapsed = time.monotonic() - started
     assert [(h.id, h.attempts) for h in held] == [(b, 1)]
     assert elapsed >= RATE.interval - SLACK, f"second start after {elapsed:.3f}s"
-    assert elapsed < RATE.interval + 1.0
 
 
 async def test_rule_rate_burst_n_admits_n_starts_at_once_then_the_rate(
@@ -88,7 +87,8 @@ async def test_rule_rate_burst_n_admits_n_starts_at_once_then_the_rate(
     started = time.monotonic()
     assert await take(driver, queue) == jobs[:3]
     assert await take(driver, queue) == []
-    held = await reserve_within(driver, queue, 2.0)
+    # One at a time: a slow wake-up could find the fifth allowed too, rightly.
+    held = await reserve_within(driver, queue, 2.0, limit=1)
     elapsed = time.monotonic() - started
     assert [h.id for h in held] == [jobs[3]]  # one more per interval, not a second burst
     assert elapsed >= burst.interval - SLACK
@@ -273,6 +273,29 @@ async def test_rule_limit_state_is_per_queue(driver: Driver, queue: str) -> None
     held = await driver.reserve([queue, other], 10, lease=30)
     assert {h.id for h in held} >= {a, b, c}
     assert len(held) == 4
+
+
+async def test_rule_held_jobs_of_a_key_go_out_by_priority_then_fifo(
+    driver: Driver, queue: str
+) -> None:
+    a, low1, low2, high = ids(4)
+    await driver.push([outgoing(a, queue, limit=ONE_AT_A_TIME)])
+    held = [await reserve_one(driver, queue, a)]
+    await driver.push(
+        [
+            outgoing(low1, queue, limit=ONE_AT_A_TIME),
+            outgoing(low2, queue, limit=ONE_AT_A_TIME),
+            outgoing(high, queue, limit=ONE_AT_A_TIME, priority=5),
+        ]
+    )
+    assert await take(driver, queue) == []
+    order: list[str] = []
+    for _ in range(3):
+        await driver.ack(held)
+        held = await driver.reserve([queue], 10, lease=30)
+        assert len(held) == 1
+        order.append(held[0].id)
+    assert order == [high, low1, low2]
 
 
 async def test_rule_a_held_job_can_be_cancelled(driver: Driver, queue: str) -> None:

@@ -103,6 +103,18 @@ async def test_rule_a_delayed_job_takes_its_key_at_push(driver: Driver, queue: s
     assert await driver.push([again]) == [Pushed(first.id, "duplicate")]
 
 
+async def test_rule_a_job_not_stored_does_not_take_its_key(driver: Driver, queue: str) -> None:
+    unknown = new_id()
+    orphan = outgoing(new_id(), queue, once_key="tick", once_for=60, depends_on=[unknown])
+    assert await driver.push([orphan]) == [Pushed(unknown, "missing")]
+    fresh = outgoing(new_id(), queue, once_key="tick", once_for=60)
+    assert await driver.push([fresh]) == [Pushed(fresh.id, "created")]
+    # A push rejected by its once key leaves the key's holder as it was.
+    dup = outgoing(new_id(), queue, once_key="tick", once_for=60)
+    assert await driver.push([dup]) == [Pushed(fresh.id, "duplicate")]
+    assert await take(driver, queue) == [fresh.id]
+
+
 async def test_rule_two_dispatchers_pushing_one_key_at_once_store_one_job(
     backend: Backend, driver: Driver, queue: str
 ) -> None:
