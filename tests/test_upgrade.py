@@ -1,6 +1,7 @@
 """A rolling upgrade from today's release to this checkout, with real processes on both sides.
 
-Today's release (commit `OLD_COMMIT`, main before issue #12) is checked out with
+An earlier release (each of `OLD_COMMITS`: main before issue #12, schema version 2, and main
+before issue #13, schema version 3) is checked out with
 `git worktree add` into a temporary directory (removed afterwards) and run with this
 environment's Python but `PYTHONPATH` (and the working directory) pointing at that worktree,
 so its processes import the old `core`. The jobs (tests/upgrade_jobs.py, copied into the
@@ -36,7 +37,10 @@ from tests.upgrade_jobs import read
 
 pytestmark = [pytest.mark.process, pytest.mark.slow, pytest.mark.timeout(240)]
 
-OLD_COMMIT = "2c381ca"  # main as released before issue #12 (job lifecycle)
+OLD_COMMITS = {
+    "before-12": "2c381ca",  # main as released before issue #12 (job lifecycle)
+    "before-13": "5320e4d",  # main as released before issue #13 (workflows; schema v4)
+}
 
 #: A dispatcher process: runs with either side's `core` (the working directory and PYTHONPATH
 #: say which), pushes the jobs argv[1] describes and prints their ids and where `core` was.
@@ -138,21 +142,24 @@ class SideWorker(WorkerProcess):
             )
 
 
-@pytest.fixture(scope="module")
-def old_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Today's release checked out beside this one (a git worktree, removed afterwards)."""
+@pytest.fixture(scope="module", params=sorted(OLD_COMMITS))
+def old_tree(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """An earlier release checked out beside this one (a git worktree, removed afterwards)."""
+    commit = OLD_COMMITS[request.param]
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     known = subprocess.run(
-        ["git", "-C", str(ROOT), "cat-file", "-e", f"{OLD_COMMIT}^{{commit}}"],
+        ["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"],
         capture_output=True,
         check=False,
     )
     if known.returncode != 0:
-        pytest.skip(f"commit {OLD_COMMIT} is not in this clone (a shallow clone?)")
+        pytest.skip(f"commit {commit} is not in this clone (a shallow clone?)")
     where = tmp_path_factory.mktemp("old-release") / "topiq"
     added = subprocess.run(
-        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), OLD_COMMIT],
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), commit],
         capture_output=True,
         text=True,
         check=False,
