@@ -184,8 +184,8 @@ async def test_rule_a_refund_frees_the_slot_and_keeps_the_head(driver: Driver, q
     )
     held = await reserve_one(driver, queue, a)
     await driver.release(held, refund=True)
-    held = await driver.reserve([queue], 10, lease=30)
-    assert [(h.id, h.attempts) for h in held] == [(a, 1)]
+    again = await driver.reserve([queue], 10, lease=30)
+    assert [(h.id, h.attempts) for h in again] == [(a, 1)]
 
 
 async def test_rule_a_lost_lease_frees_the_slot_and_a_late_ack_does_not_free_it_twice(
