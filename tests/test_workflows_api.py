@@ -507,6 +507,18 @@ async def test_nested_workflows(manager: QueueManager) -> None:
     assert await flow.progress() == Progress(total=3, pending=0, succeeded=3)
 
 
+async def test_callbacks_may_be_workflows_too(manager: QueueManager) -> None:
+    flow = await batch(
+        [Step("1")], then=chain(Step("t1"), Step("t2")), finally_=batch([Step("f")])
+    ).dispatch()
+    assert isinstance(flow.then_job, WorkflowHandle) and flow.then_job.kind == "chain"
+    assert isinstance(flow.finally_job, WorkflowHandle)
+    await work(manager, flow.finally_job)
+    await work(manager, flow.then_job)
+    assert RUNS[0] == "1" and sorted(RUNS[1:]) == ["f", "t1", "t2"]
+    assert RUNS.index("t1") < RUNS.index("t2")
+
+
 async def test_members_keep_their_own_queues_and_priorities(manager: QueueManager) -> None:
     flow = await chain(Urgent("a"), Step("b"), connection=manager.connection_name()).dispatch()
     moved = Step("c")

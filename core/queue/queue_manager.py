@@ -385,7 +385,7 @@ class QueueManager:
             on_duplicate,
             priority,
             () if depends_on is None else _dependencies(depends_on, conn),
-            _rule(allow_dependency_failure),
+            "succeeded" if allow_dependency_failure is False else _rule(allow_dependency_failure),
         )
         if once_key:
             outgoing = dataclasses.replace(outgoing, once_key=once_key, once_for=once_for)
