@@ -31,10 +31,12 @@ for _, id in ipairs(ids) do
     redis.call('DEL', tag .. ':unique:' .. ukey)
   end
   redis.call('DEL', rec, tag .. ':deps:' .. id, tag .. ':on:' .. id, tag .. ':wait:' .. id)
+  redis.call('SREM', q.hasdeps, id)
 end
 for _, id in ipairs(redis.call('SMEMBERS', q.flows)) do
   redis.call('DEL', tag .. ':job:' .. id, tag .. ':deps:' .. id, tag .. ':on:' .. id,
     tag .. ':wait:' .. id)
+  redis.call('SREM', q.hasdeps, id)
 end
 redis.call('DEL', unpack(drop))
 return deleted

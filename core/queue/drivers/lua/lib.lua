@@ -17,6 +17,8 @@
 --   <tag>:deferred       set     jobs waiting for dependencies (workflow records not in it)
 --   <tag>:flows          set     workflow records (chain/batch) that have not ended
 --   <tag>:deps:<id>      list    refs of the jobs waiting for <id> (its dependents)
+--   <tag>:hasdeps        set     ids that have a deps list (one check per script on the plain
+--                                path instead of one per job)
 --   <tag>:on:<id>        list    refs of <id>'s dependencies, in push order (members of a record)
 --   <tag>:wait:<id>      set     refs of <id>'s dependencies that have not ended
 --   <tag>:limit:<key>    hash    limit state of (queue, key): tat (GCRA, ms), int (ms between
@@ -54,6 +56,7 @@ local function Q(tag)
       cancel = tag .. ':cancel', prio = tag .. ':prio', seq = tag .. ':seq',
       deferred = tag .. ':deferred', flows = tag .. ':flows', runkey = tag .. ':runkey',
       heldkeys = tag .. ':heldkeys', limited = tag .. ':limited', fronts = tag .. ':fronts',
+      hasdeps = tag .. ':hasdeps',
     }
     queues_[tag] = q
   end
@@ -102,7 +105,8 @@ end
 
 -- Queue an ended job for the resolution of its dependents (cheap when it has none).
 local function ended(q, id, status)
-  if redis.call('EXISTS', q.tag .. ':deps:' .. id) == 1 then
+  if q.has_deps == nil then q.has_deps = redis.call('EXISTS', q.hasdeps) == 1 end
+  if q.has_deps and redis.call('SREM', q.hasdeps, id) == 1 then
     work_[#work_ + 1] = {q.tag, id, status}
   end
 end

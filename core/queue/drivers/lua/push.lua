@@ -210,7 +210,12 @@ while j <= #ARGV do
       end
       -- Live dependencies take this job as a dependent; ended ones apply their end at once.
       for _, d in ipairs(deps) do
-        if not ENDED[d[3]] then redis.call('RPUSH', Q(d[1]).tag .. ':deps:' .. d[2], me) end
+        if not ENDED[d[3]] then
+          local dq = Q(d[1])
+          redis.call('RPUSH', dq.tag .. ':deps:' .. d[2], me)
+          redis.call('SADD', dq.hasdeps, d[2])
+          dq.has_deps = true
+        end
       end
       for _, d in ipairs(deps) do
         if ENDED[d[3]] then resolve(me, ref(d[1], d[2]), d[2], d[3]) end
