@@ -139,6 +139,7 @@ while j <= #ARGV do
       -- start it afresh, so that ack no longer matches and the tries really reset.
       redis.call('HDEL', KEYS[5], id)
       redis.call('ZREM', KEYS[6], id)
+      unlimit(q, id)
       redis.call('ZREM', KEYS[2], id)
       redis.call('LREM', KEYS[1], 0, id)
       redis.call('SREM', KEYS[7], id)

@@ -30,6 +30,7 @@ for i = 2, #ARGV, 4 do
       -- Still stored (a late ack never landed): start afresh, as push.lua does.
       redis.call('HDEL', KEYS[9], id)
       redis.call('ZREM', KEYS[10], id)
+      unlimit(q, id)
       redis.call('ZREM', KEYS[6], id)
       redis.call('LREM', KEYS[5], 0, id)
     end
