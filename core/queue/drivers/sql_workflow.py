@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Row, delete, insert, select, update
+from sqlalchemy import Row, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.queue.drivers import sql_lifecycle as life
@@ -469,7 +469,9 @@ async def release_slots(conn: AsyncConnection, stopped: Sequence[tuple[str, str,
                     _jobs.available_at == parked,
                     _jobs.limit_key == key,
                 )
-                .order_by(_jobs.id)
+                # Higher priority first, then push order: a sort of this key's parked
+                # jobs only (those at this one time), not of the queue.
+                .order_by(func.coalesce(_jobs.priority, 0).desc(), _jobs.id)
                 .limit(2)
                 .with_for_update()
             )
