@@ -119,12 +119,12 @@ async def test_rule_a_released_job_with_a_pending_delay_is_scheduled_from_its_pu
 ) -> None:
     a, dep = new_id(), new_id()
     await driver.push([outgoing(a, queue)])
-    await driver.push([outgoing(dep, queue, depends_on=[a], delay=0.4)])
+    await driver.push([outgoing(dep, queue, depends_on=[a], delay=0.8)])
     await run(driver, queue, a)
     record = await status_of(driver, dep, queue)
     assert record.status is Status.SCHEDULED
     assert record.due_at is not None and record.enqueued_at is not None
-    assert abs(record.due_at - record.enqueued_at - 0.4) < 0.1  # the delay counts from its push
+    assert abs(record.due_at - record.enqueued_at - 0.8) < 0.1  # the delay counts from its push
     stats = await driver.stats(queue)
     assert (stats.pending, stats.delayed, stats.deferred) == (0, 1, 0)
     assert await take(driver, queue) == []
@@ -148,8 +148,8 @@ async def test_rule_a_delay_passed_while_deferred_releases_at_once(
 async def test_rule_ttl_counts_from_the_release(driver: Driver, queue: str) -> None:
     a, dep = new_id(), new_id()
     await driver.push([outgoing(a, queue)])
-    await driver.push([outgoing(dep, queue, depends_on=[a], ttl=0.3)])
-    await asyncio.sleep(0.4)  # longer than its ttl, but it was not due yet
+    await driver.push([outgoing(dep, queue, depends_on=[a], ttl=0.6)])
+    await asyncio.sleep(0.7)  # longer than its ttl, but it was not due yet
     assert (await status_of(driver, dep, queue)).status is Status.DEFERRED
     await run(driver, queue, a)
     assert await take(driver, queue) == [dep]
@@ -197,14 +197,14 @@ async def test_rule_a_cancelled_dependent_is_kept_for_its_failure_ttl(
     await driver.push(
         [
             outgoing(gone, queue, depends_on=[a], failure_ttl=0),
-            outgoing(kept, queue, depends_on=[a], failure_ttl=0.4),
+            outgoing(kept, queue, depends_on=[a], failure_ttl=0.8),
         ]
     )
     await run(driver, queue, a, Status.FAILED)
     assert await driver.job_status(gone, queue) is None
     assert (await status_of(driver, kept, queue)).status is Status.CANCELLED
     assert (await driver.recent(queue)).cancelled == 2
-    await asyncio.sleep(0.6)  # the keep time is the behaviour
+    await asyncio.sleep(1.0)  # the keep time is the behaviour
     await driver.prune_records()
     assert await driver.job_status(kept, queue) is None
 

@@ -76,12 +76,12 @@ async def test_rule_once_keys_are_per_queue(driver: Driver, queue: str) -> None:
 
 
 async def test_rule_a_once_key_expires_after_once_for(driver: Driver, queue: str) -> None:
-    first = outgoing(new_id(), queue, once_key="tick", once_for=0.3)
+    first = outgoing(new_id(), queue, once_key="tick", once_for=0.6)
     await driver.push([first])
-    [dup] = await driver.push([outgoing(new_id(), queue, once_key="tick", once_for=0.3)])
+    [dup] = await driver.push([outgoing(new_id(), queue, once_key="tick", once_for=0.6)])
     assert dup == Pushed(first.id, "duplicate")
-    await asyncio.sleep(0.4)  # the key's life is the behaviour
-    later = outgoing(new_id(), queue, once_key="tick", once_for=0.3)
+    await asyncio.sleep(0.7)  # the key's life is the behaviour
+    later = outgoing(new_id(), queue, once_key="tick", once_for=0.6)
     assert await driver.push([later]) == [Pushed(later.id, "created")]
     assert await take(driver, queue) == [first.id, later.id]
 
@@ -146,9 +146,9 @@ async def test_rule_a_marker_is_read_back_and_replaced(driver: Driver) -> None:
 
 async def test_rule_a_marker_expires_after_its_ttl(driver: Driver) -> None:
     name = f"m-{new_id()}"
-    await driver.set_marker(name, "v", ttl=0.3)
+    await driver.set_marker(name, "v", ttl=0.6)
     assert await driver.get_marker(name) == "v"
-    await asyncio.sleep(0.4)  # the ttl is the behaviour
+    await asyncio.sleep(0.7)  # the ttl is the behaviour
     assert await driver.get_marker(name) is None
     await driver.set_marker(name, "w", ttl=60)  # set again after it expired
     assert await driver.get_marker(name) == "w"

@@ -96,7 +96,7 @@ async def test_rule_progress_counts_each_end_and_a_failure_fails_the_record(
         [
             outgoing(ok, queue, 1),
             outgoing(bad, queue, 2),
-            outgoing(late, queue, 3, ttl=0.2),
+            outgoing(late, queue, 3, ttl=0.6),
             outgoing(gone, queue, 4, delay=60),
             record_job(record, queue, "batch", [ok, bad, late, gone]),
         ]
@@ -105,7 +105,7 @@ async def test_rule_progress_counts_each_end_and_a_failure_fails_the_record(
     assert (await status_of(driver, record, queue)).progress == Progress(4, 3, succeeded=1)
     await run(driver, queue, bad, Status.FAILED)
     assert (await status_of(driver, record, queue)).progress == Progress(4, 2, 1, failed=1)
-    await asyncio.sleep(0.3)  # past late's ttl: an expiry counts as a failure
+    await asyncio.sleep(0.7)  # past late's ttl: an expiry counts as a failure
     assert await take(driver, queue) == []
     assert (await status_of(driver, record, queue)).progress == Progress(4, 1, 1, failed=2)
     # Cancelling an ended member changes nothing (an end counts once).
@@ -296,12 +296,12 @@ async def test_rule_a_failed_or_cancelled_record_is_kept_for_its_failure_ttl(
 ) -> None:
     gone_member, gone, kept_member, kept = ids(4)
     await push_batch(driver, queue, [gone_member], gone, failure_ttl=0)
-    await push_batch(driver, queue, [kept_member], kept, failure_ttl=0.4)
+    await push_batch(driver, queue, [kept_member], kept, failure_ttl=0.8)
     await run(driver, queue, gone_member, Status.FAILED)
     assert await driver.cancel(kept_member, queue) is True
     assert await driver.job_status(gone, queue) is None
     assert (await status_of(driver, kept, queue)).status is Status.CANCELLED
-    await asyncio.sleep(0.6)  # the keep time is the behaviour
+    await asyncio.sleep(1.0)  # the keep time is the behaviour
     await driver.prune_records()
     assert await driver.job_status(kept, queue) is None
 
