@@ -13,31 +13,12 @@
 local tag = ARGV[1]
 local q = Q(tag)
 local removed = 0
-local cancels = redis.call('EXISTS', tag .. ':cancel') == 1
 local outcomes = tonumber(ARGV[2])
 for j = 3 + outcomes * 5, #ARGV, 3 do
-  local id, token = ARGV[j], ARGV[j + 1]
   -- ARGV[i + 2] .. ARGV[i + 6] are this job's outcome, in the header's order.
   local i = 3 + (tonumber(ARGV[j + 2]) - 1) * 5 - 2
-  if redis.call('HGET', KEYS[3], id) == token then
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('HDEL', KEYS[2], id)
-    redis.call('HDEL', KEYS[3], id)
-    local status, keep, rec = ARGV[i + 2], tonumber(ARGV[i + 3]), tag .. ':job:' .. id
-    if keep > 0 then
-      redis.call('HSET', rec, 'status', status, 'ended_at', now, 'error', ARGV[i + 5],
-        'traceback', ARGV[i + 6])
-      if ARGV[i + 4] ~= '' then
-        redis.call('HSET', rec, 'result', ARGV[i + 4])
-      end
-      redis.call('PEXPIRE', rec, keep)
-    else
-      redis.call('DEL', rec)
-    end
-    if cancels then redis.call('SREM', tag .. ':cancel', id) end
-    wake_waiters(q, id)
-    count(q, status)
-    ended_running(q, id, status)
+  if ack_one(q, ARGV[j], ARGV[j + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4],
+      ARGV[i + 5], ARGV[i + 6]) then
     removed = removed + 1
   end
 end

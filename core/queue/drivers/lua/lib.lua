@@ -317,6 +317,29 @@ local function ended_running(q, id, status)
   ended(q, id, status)
 end
 
+-- Acknowledge one running job if the caller still holds it (`token`: its tries), writing
+-- how it ended (keep ms 0: the record is deleted). Returns whether it was removed.
+local function ack_one(q, id, token, status, keep, result, err, tb)
+  if redis.call('HGET', q.attempts, id) ~= token then return false end
+  redis.call('ZREM', q.reserved, id)
+  redis.call('HDEL', q.payloads, id)
+  redis.call('HDEL', q.attempts, id)
+  local rec = q.tag .. ':job:' .. id
+  if keep > 0 then
+    redis.call('HSET', rec, 'status', status, 'ended_at', now, 'error', err, 'traceback', tb)
+    if result ~= '' then redis.call('HSET', rec, 'result', result) end
+    redis.call('PEXPIRE', rec, keep)
+  else
+    redis.call('DEL', rec)
+  end
+  if q.has_cancels == nil then q.has_cancels = redis.call('EXISTS', q.cancel) == 1 end
+  if q.has_cancels then redis.call('SREM', q.cancel, id) end
+  wake_waiters(q, id)
+  count(q, status)
+  ended_running(q, id, status)
+  return true
+end
+
 -- -- dependencies and workflow records --------------------------------------------------------
 
 local function release_dependent(q, id)

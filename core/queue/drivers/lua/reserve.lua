@@ -31,32 +31,12 @@ local limit, lease, worker, tag = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3],
 local default_keep, acks, outcomes = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 local q = Q(tag)
 
-local cancels = redis.call('EXISTS', KEYS[8]) == 1
 local first = 8 + outcomes * 5
 for j = first, first + acks * 3 - 1, 3 do
-  local id, token = ARGV[j], ARGV[j + 1]
   -- ARGV[i + 2] .. ARGV[i + 6] are this job's outcome, in ack.lua's order.
   local i = 8 + (tonumber(ARGV[j + 2]) - 1) * 5 - 2
-  if redis.call('HGET', KEYS[5], id) == token then
-    redis.call('ZREM', KEYS[3], id)
-    redis.call('HDEL', KEYS[4], id)
-    redis.call('HDEL', KEYS[5], id)
-    local status, keep, rec = ARGV[i + 2], tonumber(ARGV[i + 3]), tag .. ':job:' .. id
-    if keep > 0 then
-      redis.call('HSET', rec, 'status', status, 'ended_at', now, 'error', ARGV[i + 5],
-        'traceback', ARGV[i + 6])
-      if ARGV[i + 4] ~= '' then
-        redis.call('HSET', rec, 'result', ARGV[i + 4])
-      end
-      redis.call('PEXPIRE', rec, keep)
-    else
-      redis.call('DEL', rec)
-    end
-    if cancels then redis.call('SREM', KEYS[8], id) end
-    wake_waiters(q, id)
-    count(q, status)
-    ended_running(q, id, status)
-  end
+  ack_one(q, ARGV[j], ARGV[j + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4], ARGV[i + 5],
+    ARGV[i + 6])
 end
 
 if redis.call('EXISTS', KEYS[7]) == 1 then
