@@ -10,11 +10,21 @@ Status records are written by the same scripts that move the job (push, reserve,
 so keeping them costs no round trip. An ended record expires by itself (PEXPIRE of its keep
 time): `prune_records` has nothing to do.
 
+Issue #13 (priorities, dependencies, workflow records, limits, once keys) adds keys described
+in lua/lib.lua, whose functions every script that ends, places or releases jobs shares (it is
+prepended to them). The plain path (priority 0, no dependencies, no limits) costs a few EXISTS
+per script call, never one per job. A dependency or dependent in another queue is reached
+through the other queue's keys (lib.lua's `Q`, the one place they are built): fine on a single
+server, not on Redis Cluster yet (issue #17).
+
 Rolling deploys: the wave-1 keys keep their meaning, so a wave-1 worker runs jobs pushed by this
 driver and this driver runs jobs pushed by wave-1 code. A job pushed by wave-1 code has no
 record: its status is read from where it is (`queued`, `scheduled`, `retrying`, `running`). A
 job pushed here but acknowledged by a wave-1 worker keeps the record it had (`queued` or
-`running`), without expiry, until something removes its key.
+`running`), without expiry, until something removes its key. Workers of code before issue #13
+run plain jobs and `at_front` jobs pushed while nothing prioritized waits, but neither see
+prioritized, deferred or limit-held jobs nor resolve dependents when they acknowledge: deploy
+the new workers before pushing workflows.
 """
 
 from __future__ import annotations

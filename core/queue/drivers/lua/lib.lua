@@ -1,7 +1,9 @@
 -- lib.lua: state and functions shared by the scripts that end, place or release jobs.
 -- redis.py prepends this file to push, reserve, ack, release, cancel, clear and retry_failed
 -- (one script each, still run by EVALSHA). It defines `now` (ms, the server's clock) and
--- nothing runs here but reads of TIME.
+-- nothing runs here but reads of TIME. The functions build a queue's key names from its tag
+-- (`Q`): for the script's own queue they are the names its KEYS carry (which name the slot).
+-- A script ends with `flush` (dependents resolved, ended counts, wake tokens).
 --
 -- Keys added by issue #13 (key schema of the rest: push.lua), under the queue's tag:
 --   <tag>:prio           zset    ready jobs that are prioritized or at_front: score -priority
