@@ -9,6 +9,7 @@ running the harness. Peer versions are pinned, for repeatable figures.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import os
@@ -82,8 +83,17 @@ def build(name: str, log: Path, base: str) -> str | None:
     """
     target, stamp = ROOT / name, _stamp(name, base)
     marker = target / ".bench-stamp"
-    if ready(name) and marker.read_text() == stamp:
-        return None
+    ROOT.mkdir(parents=True, exist_ok=True)
+    # One build at a time: two harnesses started together (two engineers' runs) would else
+    # delete the environment the other one is building.
+    with (ROOT / f".{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if ready(name) and marker.read_text() == stamp:
+            return None
+        return _make(name, target, marker, stamp, log, base)
+
+
+def _make(name: str, target: Path, marker: Path, stamp: str, log: Path, base: str) -> str | None:
     shutil.rmtree(target, ignore_errors=True)
     with log.open("ab") as out:
         steps = [
