@@ -206,7 +206,7 @@ def alternate(
     """Topiq's runs of `paired`, one run of each in turn, `repeats` times over; each task's
     runs gathered into one answer (its first error kept)."""
     answers: dict[str, dict[str, Any]] = {
-        task.source: {"runs": [], "error": None} for task in paired
+        task.source: {"runs": [], "error": None, "paired": True} for task in paired
     }
     for _ in range(repeats):
         for task in paired:

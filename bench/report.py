@@ -109,9 +109,15 @@ class Results:
         return value, text
 
     def _ratio(self, row: Row, peer: str) -> tuple[float | None, str]:
-        """A ratio row's cell: the medians of two sources divided (both measured, else n/a)."""
+        """A ratio row's cell: the medians of two sources divided (both measured, else n/a);
+        for runs made in alternation (`paired` answers), the median of the ratios of the runs
+        made side by side, which the machine's changing load moves far less."""
         if (row.per, peer) not in self.data:
             return None, "-"
+        pairs = self._paired(row, peer)
+        if pairs:
+            value = statistics.median(top / bottom for top, bottom in pairs) * row.scale
+            return value, fmt(value, row.unit)
         top, _ = self.cell(Row(row.source, row.metric, "", "", row.higher), peer)
         bottom, _ = self.cell(Row(row.per, row.metric, "", "", row.higher), peer)
         if top is None or bottom is None or bottom == 0:
@@ -119,6 +125,21 @@ class Results:
             return None, "n/a"
         value = top / bottom * row.scale
         return value, fmt(value, row.unit)
+
+    def _paired(self, row: Row, peer: str) -> list[tuple[float, float]]:
+        """(top, bottom) figures of the runs made side by side, or [] if they were not."""
+        top, bottom = self.data.get((row.source, peer)), self.data.get((row.per, peer))
+        if not (top and bottom and top.get("paired") and bottom.get("paired")):
+            return []
+        if len(top["runs"]) != len(bottom["runs"]):
+            return []  # a run failed: the rounds no longer line up
+        pairs = [
+            (a.get(row.metric), b.get(row.metric))
+            for a, b in zip(top["runs"], bottom["runs"], strict=True)
+        ]
+        if any(a is None or not b for a, b in pairs):
+            return []
+        return pairs
 
 
 def fmt(value: float, unit: str) -> str:

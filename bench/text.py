@@ -108,7 +108,8 @@ def footer(args: argparse.Namespace, facts: dict[str, Any]) -> str:
   run). W2b is W2 of the code before issue #13 (commit {before}, `--before`): a `git worktree`
   of it under `bench/.venv/src/`, run with its own `bench` and `core` in Topiq's environment.
   Topiq's W2n, W2, W2b and W2p runs alternate run by run (one of each, then again) so that all
-  four see the same load; the ratio rows divide their medians.
+  four see the same load; their ratio rows show the median of the ratios of the runs made
+  side by side (other ratio rows divide two medians).
 - W8: an idle worker (after one warm-up), 500 round trips one after the other, each a
   dispatch of a job returning its argument and the wait for that result with the library's
   own call: Topiq `await (await push(job)).result()` (Redis), SAQ `Queue.apply`, arq
