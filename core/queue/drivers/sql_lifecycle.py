@@ -37,6 +37,7 @@ from core.queue.drivers.base import Outcome, OutgoingJob, Pushed, RecentCounts, 
 from core.status import JobStatus, Progress, Status
 
 __all__ = [
+    "ACKED",
     "LIVE",
     "PRUNE_BATCH",
     "Ends",
@@ -72,7 +73,7 @@ _keys = t.queue_unique_keys.c
 _counts = t.queue_counts.c
 
 #: The `queue_jobs` columns a status or a record is made from.
-LIVE = (
+_ACKED = (
     _jobs.id,
     _jobs.uuid,
     _jobs.queue,
@@ -92,12 +93,18 @@ LIVE = (
     _jobs.unique_key,
     _jobs.cancel_requested,
     _jobs.priority,
+    _jobs.dependents,
+    _jobs.limit_key,
+)
+#: What an acknowledgement reads of the rows it deletes (a reserved job is never deferred nor
+#: a workflow record: the other columns of `LIVE` are NULL there).
+ACKED = _ACKED
+LIVE = (
+    *_ACKED,
     _jobs.kind,
     _jobs.rule,
     _jobs.deps,
-    _jobs.dependents,
     _jobs.ttl,
-    _jobs.limit_key,
     _jobs.limit_spec,
     _jobs.held,
     _jobs.workflow,
@@ -259,8 +266,8 @@ def _record(row: Any, connection: str, outcome: Outcome, now: datetime) -> dict[
         "traceback": outcome.traceback or None,
         "result": None if outcome.result is None else outcome.result.decode(),
         "keep_until": t.now(outcome.keep),
-        "kind": row.kind,
-        "progress": row.workflow,
+        "kind": getattr(row, "kind", None),
+        "progress": getattr(row, "workflow", None),
         "priority": row.priority,
     }
 
@@ -352,10 +359,10 @@ async def end_rows(
         keep = _failure_keep(row.failure_ttl, default_keep)
         if keep > 0:
             records.append(_record(row, connection, Outcome(status, keep, error=error), now))
-        if not row.kind:  # workflow records are not jobs that ran
+        if not getattr(row, "kind", None):  # workflow records are not jobs that ran
             counted[(row.queue, status.value)] += 1
         _follow(counted, row, status.value)
-        if row.deps is not None:
+        if getattr(row, "deps", None) is not None:
             await forget_dependencies(conn, row.uuid, row.queue)
     await write_records(conn, records)
 
@@ -382,10 +389,10 @@ async def ack_rows(
     the rows every worker updates, so their locks are held only until the commit.
     """
     if conn.dialect.delete_returning:
-        result = await conn.execute(delete(t.queue_jobs).where(t.held(jobs)).returning(*LIVE))
+        result = await conn.execute(delete(t.queue_jobs).where(t.held(jobs)).returning(*ACKED))
         rows = result.all()
     else:
-        query = select(*LIVE).where(t.held(jobs)).with_for_update()
+        query = select(*ACKED).where(t.held(jobs)).with_for_update()
         rows = (await conn.execute(query)).all()
         if rows:
             await conn.execute(delete(t.queue_jobs).where(_jobs.id.in_([r.id for r in rows])))
@@ -581,10 +588,6 @@ def job_row(job: OutgoingJob, created: datetime) -> dict[str, Any]:
         "expires_at": t.to_db_time(due + timedelta(seconds=job.ttl)) if job.ttl > 0 else None,
         "failure_ttl": job.failure_ttl,
         "unique_key": job.unique_key or None,
-        # Every row of one multi-row INSERT names the same columns.
-        "priority": None,
-        "limit_key": None,
-        "limit_spec": None,
     }
     if job.priority:
         row["priority"] = job.priority
@@ -623,6 +626,10 @@ async def insert_plain(conn: AsyncConnection, rows: list[dict[str, Any]]) -> Non
     """Insert jobs without checks in one statement."""
     if not rows:
         return
+    if len(rows) > 1 and any(row.keys() != rows[0].keys() for row in rows):
+        # One multi-row INSERT names the columns of its first row: give every row all of them.
+        names = {name: None for row in rows for name in row}
+        rows = [{**names, **row} for row in rows]
     try:
         await conn.execute(insert(t.queue_jobs), rows)
     except sa_exc.IntegrityError:

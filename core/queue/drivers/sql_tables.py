@@ -380,11 +380,7 @@ _CLAIMED = (
     _jobs.limit_key,
     _jobs.limit_spec,
     _jobs.held,
-    _jobs.state,
     _jobs.dependents,
-    _jobs.kind,
-    _jobs.deps,
-    _jobs.workflow,
 )
 
 #: Ready `at_front` jobs sort before this time (see the module notes).
