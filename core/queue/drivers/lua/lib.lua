@@ -35,7 +35,7 @@
 -- Record fields added: priority (when not 0), pm (its member while in <tag>:prio), front (1: a
 -- delayed at_front job), kind (chain/batch), rule, cof (cancel_on_failure), release_at and ttl
 -- (of a deferred job: its due time once released, its ttl then), lkey/lint/lburst/lconc (its
--- limit), held (1 once held back), p_total/p_succeeded/p_failed/p_cancelled and rkeep (a
+-- limit), held (1 once held back), lf (1: in <tag>:fronts), p_total/p_succeeded/p_failed/p_cancelled and rkeep (a
 -- workflow record's counts and its keep when it succeeds), cofdone.
 local T_ = redis.call('TIME')
 local now = T_[1] * 1000 + math.floor(T_[2] / 1000)
@@ -63,6 +63,21 @@ local function Q(tag)
     queues_[tag] = q
   end
   return q
+end
+
+-- Whether the queue has the keys of prioritized, at_front, limited or dependency-bearing jobs:
+-- one EXISTS on the plain path (all absent), each then known absent; otherwise each is asked
+-- once when needed (the flags below, nil: not asked yet). Scripts that create one set its flag.
+local function probe(q)
+  if redis.call('EXISTS', q.prio, q.fronts, q.limited, q.runkey, q.hasdeps) == 0 then
+    q.has_prio, q.has_fronts, q.has_limited, q.has_runkey, q.has_deps =
+      false, false, false, false, false
+  end
+end
+
+local function has(q, flag, key)
+  if q[flag] == nil then q[flag] = redis.call('EXISTS', key) == 1 end
+  return q[flag]
 end
 
 local function ref(tag, id) return tag .. '\0' .. id end
@@ -107,8 +122,7 @@ end
 
 -- Queue an ended job for the resolution of its dependents (cheap when it has none).
 local function ended(q, id, status)
-  if q.has_deps == nil then q.has_deps = redis.call('EXISTS', q.hasdeps) == 1 end
-  if q.has_deps and redis.call('SREM', q.hasdeps, id) == 1 then
+  if has(q, 'has_deps', q.hasdeps) and redis.call('SREM', q.hasdeps, id) == 1 then
     work_[#work_ + 1] = {q.tag, id, status}
   end
 end
@@ -123,10 +137,14 @@ local function place(q, id, head, front, prio, since)
     if head then redis.call('LPUSH', q.ready, id) else redis.call('RPUSH', q.ready, id) end
   elseif prio == 0 and redis.call('EXISTS', q.prio) == 0 then
     -- at_front with nothing prioritized waiting: the head of the list, as older code did (its
-    -- workers run it), marked so that it still goes before prioritized jobs pushed later.
+    -- workers run it), marked so that it still goes before prioritized jobs pushed later
+    -- (the record's `lf` tells reserve to unmark it).
     redis.call('LPUSH', q.ready, id)
     redis.call('SADD', q.fronts, id)
+    redis.call('HSET', rec, 'lf', '1')
+    q.has_fronts = true
   else
+    q.has_prio = true
     local seq = redis.call('INCR', q.seq)
     local member, score
     if front then
@@ -193,6 +211,7 @@ local function kick(q, key)
   if not at then return end
   if at > now then
     redis.call('ZADD', q.limited, at, key)
+    q.has_limited = true
     return
   end
   redis.call('ZREM', q.limited, key)
@@ -203,8 +222,7 @@ end
 
 -- A running job stopped (ack, release, reaped): its concurrency slot is free.
 local function unlimit(q, id)
-  if q.has_runkey == nil then q.has_runkey = redis.call('EXISTS', q.runkey) == 1 end
-  if not q.has_runkey then return end
+  if not has(q, 'has_runkey', q.runkey) then return end
   local key = redis.call('HGET', q.runkey, id)
   if not key then return end
   redis.call('HDEL', q.runkey, id)
@@ -237,6 +255,7 @@ local function admit(q, id, f)
       kick(q, key)
     elseif at then
       redis.call('ZADD', q.limited, at, key)
+      q.has_limited = true
     end
     return false
   end
@@ -303,7 +322,7 @@ local function end_waiting(q, id, status, err, default_keep, take)
   local keep = keep_of(f[1], default_keep)
   if keep > 0 then
     redis.call('HSET', rec, 'status', status, 'ended_at', now, 'error', err)
-    redis.call('HDEL', rec, 'expires_at', 'pm', 'held', 'front')
+    redis.call('HDEL', rec, 'expires_at', 'pm', 'held', 'front', 'lf')
     redis.call('PEXPIRE', rec, keep)
   else
     redis.call('DEL', rec)

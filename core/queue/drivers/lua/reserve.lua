@@ -30,6 +30,7 @@
 local limit, lease, worker, tag = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local default_keep, acks, outcomes = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 local q = Q(tag)
+probe(q)
 
 local first = 8 + outcomes * 5
 for j = first, first + acks * 3 - 1, 3 do
@@ -39,18 +40,19 @@ for j = first, first + acks * 3 - 1, 3 do
     ARGV[i + 6])
 end
 
-if redis.call('EXISTS', KEYS[7]) == 1 then
-  -- Some go to the prio set (at_front, prioritized): in due order there.
-  local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1000)
-  for i = 1, #due, 2 do
-    redis.call('ZREM', KEYS[2], due[i])
-    place_due(q, due[i], redis.call('SREM', KEYS[7], due[i]) == 1, tonumber(due[i + 1]))
-  end
-else
-  local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
-  if #due > 0 then
-    redis.call('ZREM', KEYS[2], unpack(due))
-    redis.call('RPUSH', KEYS[1], unpack(due))
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1000)
+if #due > 0 then
+  if redis.call('EXISTS', KEYS[7]) == 1 then
+    -- Some go to the prio set (at_front, prioritized): in due order there.
+    for i = 1, #due, 2 do
+      redis.call('ZREM', KEYS[2], due[i])
+      place_due(q, due[i], redis.call('SREM', KEYS[7], due[i]) == 1, tonumber(due[i + 1]))
+    end
+  else
+    local ids = {}
+    for i = 1, #due, 2 do ids[#ids + 1] = due[i] end
+    redis.call('ZREM', KEYS[2], unpack(ids))
+    redis.call('RPUSH', KEYS[1], unpack(ids))
   end
 end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1000)
@@ -77,7 +79,7 @@ end
 -- Dependents released by those ends are ready for this very call.
 if #work_ > 0 then settle() end
 -- Limit keys whose held-back jobs may start again.
-if redis.call('EXISTS', q.limited) == 1 then
+if has(q, 'has_limited', q.limited) then
   local keys = redis.call('ZRANGEBYSCORE', q.limited, '-inf', now, 'LIMIT', 0, 100)
   for _, key in ipairs(keys) do
     redis.call('ZREM', q.limited, key)
@@ -141,7 +143,12 @@ local function start(id)
   if not payload then return end
   local rec = tag .. ':job:' .. id
   local f = redis.call('HMGET', rec, 'expires_at', 'unique_key', 'unique_for', 'lkey', 'lint',
-    'lburst', 'lconc', 'held')
+    'lburst', 'lconc', 'held', 'lf')
+  if f[9] then
+    -- An at_front job that was at the head of the list (lib.lua: place).
+    redis.call('SREM', q.fronts, id)
+    redis.call('HDEL', rec, 'lf')
+  end
   -- Record fields are not trusted (see keep_of): an expires_at that is no number is no ttl.
   local expires = tonumber(f[1])
   if expires and expires <= now and not redis.call('HGET', KEYS[5], id) then
@@ -182,34 +189,30 @@ end
 -- The head of the list if it is an at_front job.
 local function pop_front()
   local id = redis.call('LINDEX', KEYS[1], 0)
-  if id and redis.call('SREM', q.fronts, id) == 1 then
+  if id and redis.call('SISMEMBER', q.fronts, id) == 1 then
     redis.call('LPOP', KEYS[1])
     return id
   end
   return nil
 end
 
-local prio = redis.call('EXISTS', q.prio) == 1
-local fronts = redis.call('EXISTS', q.fronts) == 1
+local prio = has(q, 'has_prio', q.prio)
 while limit > got do
   if prio then
     -- at_front (the prio set's, pushed later, then the list's), higher priorities, the list,
     -- lower priorities.
-    local id = pop_prio(-MAXP) or (fronts and pop_front()) or pop_prio(0)
-      or redis.call('LPOP', KEYS[1]) or pop_prio(nil)
+    local id = pop_prio(-MAXP) or (has(q, 'has_fronts', q.fronts) and pop_front())
+      or pop_prio(0) or redis.call('LPOP', KEYS[1]) or pop_prio(nil)
     if not id then break end
     start(id)
   else
     local ids = redis.call('LPOP', KEYS[1], limit - got)
     if not ids then break end
-    for _, id in ipairs(ids) do
-      if fronts then redis.call('SREM', q.fronts, id) end
-      start(id)
-    end
+    for _, id in ipairs(ids) do start(id) end
   end
   if #work_ > 0 then settle() end
   -- A start or an end may have made prioritized jobs ready (a held job let go, a dependent).
-  if not prio and redis.call('EXISTS', q.prio) == 1 then prio = true end
+  if q.has_prio then prio = true end
 end
 
 if got > 0 then
@@ -220,7 +223,7 @@ end
 flush(tag)
 
 local left = redis.call('LLEN', KEYS[1])
-if prio or redis.call('EXISTS', q.prio) == 1 then left = left + redis.call('ZCARD', q.prio) end
+if prio or q.has_prio then left = left + redis.call('ZCARD', q.prio) end
 if left == 0 then
   redis.call('DEL', KEYS[6])
 elseif redis.call('LLEN', KEYS[6]) == 0 then
