@@ -39,12 +39,12 @@ from core.queue.queue_manager import RECENT_WINDOW
 from core.settings import Settings
 
 HELP = {
-    "queue:stats": "show pending, delayed, reserved and failed jobs per queue, how jobs ended "
-    "over the last hour, and live workers",
+    "queue:stats": "show pending, delayed, deferred, reserved and failed jobs per queue, how "
+    "jobs ended over the last hour, and live workers",
     "queue:clear": "delete the jobs waiting in a queue (not the ones running)",
 }
 
-_QUEUE_COLUMNS = ("queue", "pending", "delayed", "reserved", "failed")
+_QUEUE_COLUMNS = ("queue", "pending", "delayed", "deferred", "reserved", "failed")
 #: How jobs ended over the recent window: JSON key -> table column.
 _RECENT_COLUMNS = {
     "succeeded": "succeeded 1h",
@@ -128,6 +128,7 @@ async def _snapshot(conn: Connection, queue: str | None) -> dict[str, Any]:
                 "queue": s.queue,
                 "pending": s.pending,
                 "delayed": s.delayed,
+                "deferred": s.deferred,
                 "reserved": s.reserved,
                 "failed": s.failed,
                 "succeeded": s.succeeded,
@@ -188,7 +189,7 @@ def _render(data: dict[str, Any]) -> RenderableType:
 
 async def _clear(args: argparse.Namespace, conn: Connection) -> int:
     stats = await conn.driver.stats(args.queue)
-    waiting = stats.pending + stats.delayed
+    waiting = stats.pending + stats.delayed + stats.deferred
     if not args.force:
         question = f"Delete the {waiting} waiting jobs of queue {args.queue} on {conn.name}?"
         # Confirm reads stdin, which blocks: off the event loop.

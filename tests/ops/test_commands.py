@@ -226,7 +226,10 @@ def test_stats_match_what_was_put_in(ops: Ops, log: str) -> None:
         await manager.bulk([RecordJob(log, n) for n in range(5)])
         await manager.later(60, RecordJob(log, 5))
         await manager.later(60, RecordJob(log, 6))
-        await manager.push(RecordJob(log, 7), other)
+        first = await manager.push(RecordJob(log, 7), other)
+        # Two jobs waiting for `first`: deferred, not pending.
+        await manager.push(RecordJob(log, 8), other, depends_on=first)
+        await manager.push(RecordJob(log, 9), other, depends_on=[first])
         driver = await manager.connection()
         assert len(await driver.reserve([ops.queue], 2, 30)) == 2
         await driver.report_worker(info, ttl=60)
@@ -238,11 +241,11 @@ def test_stats_match_what_was_put_in(ops: Ops, log: str) -> None:
     assert data["connection"] == ops.connection
     # Only this test's queues: a shared database may list queues other tests used.
     counts = {
-        q["queue"]: (q["pending"], q["delayed"], q["reserved"], q["failed"])
+        q["queue"]: (q["pending"], q["delayed"], q["deferred"], q["reserved"], q["failed"])
         for q in data["queues"]
         if q["queue"] in (ops.queue, other)
     }
-    assert counts == {ops.queue: (3, 2, 2, 1), other: (1, 0, 0, 1)}
+    assert counts == {ops.queue: (3, 2, 0, 2, 1), other: (1, 0, 2, 0, 1)}
     [worker] = [w for w in data["workers"] if w["id"] == info.id]
     assert worker["host"] == "host-a" and worker["pid"] == 4242
     assert worker["queues"] == [ops.queue, other]
