@@ -37,7 +37,8 @@ class Explained:
         self.plans: list[list[str]] = []
 
     async def execute(self, query: Any, *args: Any) -> Any:
-        sql = str(query.compile(dialect=self.dialect, compile_kwargs={"literal_binds": True}))
+        bound = query.params(**args[0]) if args else query
+        sql = str(bound.compile(dialect=self.dialect, compile_kwargs={"literal_binds": True}))
         if self.dialect.name == "sqlite":
             rows = (await self.conn.execute(text("EXPLAIN QUERY PLAN " + sql))).all()
             self.plans.append([str(row[-1]) for row in rows])
@@ -97,8 +98,9 @@ async def test_the_plain_path_reads_only_what_it_hands_out(
 
         class Analyzed(Explained):
             async def execute(self, query: Any, *args: Any) -> Any:
+                bound = query.params(**args[0]) if args else query
                 sql = str(
-                    query.compile(dialect=self.dialect, compile_kwargs={"literal_binds": True})
+                    bound.compile(dialect=self.dialect, compile_kwargs={"literal_binds": True})
                 )
                 captured.append(sql)
                 return await self.conn.execute(query, *args)

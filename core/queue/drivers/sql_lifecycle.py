@@ -249,7 +249,7 @@ def record_status(row: Any) -> JobStatus:
 
 
 def _record(row: Any, connection: str, outcome: Outcome, now: datetime) -> dict[str, Any]:
-    return {
+    record: dict[str, Any] = {
         "uuid": row.uuid,
         "connection": connection,
         "queue": row.queue,
@@ -266,10 +266,12 @@ def _record(row: Any, connection: str, outcome: Outcome, now: datetime) -> dict[
         "traceback": outcome.traceback or None,
         "result": None if outcome.result is None else outcome.result.decode(),
         "keep_until": t.now(outcome.keep),
-        "kind": getattr(row, "kind", None),
-        "progress": getattr(row, "workflow", None),
-        "priority": row.priority,
     }
+    # Schema version 4's columns, only when set: a plain job's record sends no more NULLs.
+    kind, progress = getattr(row, "kind", None), getattr(row, "workflow", None)
+    if kind is not None or progress is not None or row.priority is not None:
+        record.update(kind=kind, progress=progress, priority=row.priority)
+    return record
 
 
 _UPSERTS: dict[tuple[str, str], Any] = {}
@@ -300,7 +302,11 @@ def _upsert(dialect: str, table: Table, add: str = "") -> Any:
 async def write_records(conn: AsyncConnection, records: Sequence[Mapping[str, Any]]) -> None:
     """Store records of ended jobs (one statement), replacing older ones of the same ids."""
     if records:
-        await conn.execute(_upsert(conn.dialect.name, t.queue_job_records), list(records))
+        rows = list(records)
+        if any(row.keys() != rows[0].keys() for row in rows):
+            names = {name: None for row in rows for name in row}
+            rows = [{**names, **row} for row in rows]
+        await conn.execute(_upsert(conn.dialect.name, t.queue_job_records), rows)
 
 
 async def count(conn: AsyncConnection, ended: Counter[tuple[str, str]], shard: int) -> None:

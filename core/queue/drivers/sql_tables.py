@@ -54,6 +54,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     literal,
     or_,
     select,
@@ -377,8 +378,7 @@ _CLAIMED = (
     _jobs.failure_ttl,
     _jobs.cancel_requested,
     _jobs.priority,
-    _jobs.limit_key,
-    _jobs.limit_spec,
+    _jobs.limit_key,  # the rest of the limit is read only for limited jobs
     _jobs.held,
     _jobs.dependents,
 )
@@ -448,21 +448,15 @@ def rank(row: Any) -> tuple[Any, ...]:
     return (1, -p, 1, until, row.id)  # a delayed prioritized job, now due
 
 
-async def claim(conn: AsyncConnection, queue: str, at: datetime, limit: int) -> list[Row[Any]]:
-    """Lock and return up to `limit` rows of `queue` to reserve, front of the queue first.
+_CLAIMS: dict[str, Any] = {}
 
-    One statement of three ordered, limited parts: first jobs whose lease expired (their
-    worker died), which also holds ready jobs of a higher priority (`priority_time`) and due
-    delayed `at_front` or prioritized jobs; then ready jobs, in the order they became ready;
-    then ready jobs of a lower priority. Each part walks `queue_jobs_claim` in its order, so
-    the database stops after `limit` rows; SKIP LOCKED passes over rows another transaction
-    is claiming. SQLite (one writer, no FOR UPDATE) wants each limited part wrapped in a
-    subquery; MySQL/MariaDB in parentheses, which SQLAlchemy writes for them. The rows are
-    ordered by `rank`. Prioritized rows fetched but not taken that are due delayed jobs or
-    lost leases are put in their priority's place (`placement`), so that they stop taking
-    room in the first part.
-    """
-    here = _jobs.queue == queue
+
+def _claim_statement(dialect: str) -> Any:
+    """The claim's statement for one dialect, with its queue, time and limit as parameters:
+    built once, so that each claim only binds them (see `claim`)."""
+    here = _jobs.queue == bindparam("claim_queue")
+    at = bindparam("claim_at", type_=Time)
+    limit = bindparam("claim_limit", type_=Integer)
     expired = (
         select(*_CLAIMED, literal(0).label("part"))
         .where(here, _jobs.reserved_until <= at)
@@ -479,11 +473,30 @@ async def claim(conn: AsyncConnection, queue: str, at: datetime, limit: int) -> 
         .order_by(_jobs.reserved_until, _jobs.available_at, _jobs.id)
     )
     parts = [part.limit(limit).with_for_update(skip_locked=True) for part in (expired, ready, low)]
-    if conn.dialect.name == "sqlite":
-        query = union_all(*(select(part.subquery()) for part in parts))
-    else:
-        query = union_all(*parts)
-    rows = (await conn.execute(query)).all()
+    if dialect == "sqlite":
+        return union_all(*(select(part.subquery()) for part in parts))
+    return union_all(*parts)
+
+
+async def claim(conn: AsyncConnection, queue: str, at: datetime, limit: int) -> list[Row[Any]]:
+    """Lock and return up to `limit` rows of `queue` to reserve, front of the queue first.
+
+    One statement of three ordered, limited parts: first jobs whose lease expired (their
+    worker died), which also holds ready jobs of a higher priority (`priority_time`) and due
+    delayed `at_front` or prioritized jobs; then ready jobs, in the order they became ready;
+    then ready jobs of a lower priority. Each part walks `queue_jobs_claim` in its order, so
+    the database stops after `limit` rows; SKIP LOCKED passes over rows another transaction
+    is claiming. SQLite (one writer, no FOR UPDATE) wants each limited part wrapped in a
+    subquery; MySQL/MariaDB in parentheses, which SQLAlchemy writes for them. The rows are
+    ordered by `rank`. Prioritized rows fetched but not taken that are due delayed jobs or
+    lost leases are put in their priority's place (`placement`), so that they stop taking
+    room in the first part.
+    """
+    query = _CLAIMS.get(conn.dialect.name)
+    if query is None:
+        query = _CLAIMS[conn.dialect.name] = _claim_statement(conn.dialect.name)
+    params = {"claim_queue": queue, "claim_at": at, "claim_limit": limit}
+    rows = (await conn.execute(query, params)).all()
     # UNION ALL promises no order: restore it. Rows past `limit` stay locked until the commit.
     ordered = sorted(rows, key=rank)
     for row in ordered[limit:]:

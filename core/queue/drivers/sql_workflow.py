@@ -376,8 +376,10 @@ async def cancel_members(ctx: Context, record_id: str, queue: str, *, running: b
 # -- limits ---------------------------------------------------------------------------------
 
 
-def _spec(row: Any) -> tuple[int, float, int, int]:
-    rate, period, burst, concurrency = str(row.limit_spec or "0 0.0 1 0").split()
+async def _spec(conn: AsyncConnection, row: Any) -> tuple[int, float, int, int]:
+    """The limit of a claimed row (the claim reads only its key)."""
+    spec = await conn.scalar(select(_jobs.limit_spec).where(_jobs.id == row.id))
+    rate, period, burst, concurrency = str(spec or "0 0.0 1 0").split()
     return int(rate), float(period), int(burst), int(concurrency)
 
 
@@ -401,7 +403,7 @@ async def check_limit(
     """Whether the limited job `row` may start now: if so, its start is counted; if not, it
     is held back (not handed out, its try not counted) until it can be allowed. `taking`:
     ids this claim hands out (not marked reserved yet)."""
-    rate, period, burst, concurrency = _spec(row)
+    rate, period, burst, concurrency = await _spec(conn, row)
     key = str(row.limit_key)
     state = await _lock_limit(conn, row.queue, key)
     here = (_limits.queue == row.queue) & (_limits.limit_key == key)
