@@ -176,16 +176,6 @@ local function start(id)
   got = got + 1
 end
 
--- The next prioritized job if its score is below `below` (nil: any).
-local function pop_prio(below)
-  local m = redis.call('ZRANGE', q.prio, 0, 0, 'WITHSCORES')
-  if not m[1] or (below and tonumber(m[2]) >= below) then return nil end
-  redis.call('ZREM', q.prio, m[1])
-  local id = string.sub(m[1], 31)
-  redis.call('HDEL', tag .. ':job:' .. id, 'pm')
-  return id
-end
-
 -- The head of the list if it is an at_front job.
 local function pop_front()
   local id = redis.call('LINDEX', KEYS[1], 0)
@@ -196,13 +186,31 @@ local function pop_front()
   return nil
 end
 
+-- The next job when the prio set exists: at_front (the prio set's, pushed later, then the
+-- list's), higher priorities, the list, lower priorities. The set's first member is popped
+-- once and put back as it was when something else goes first.
+local function pop_next()
+  local m = redis.call('ZPOPMIN', q.prio)
+  local score = m[1] and tonumber(m[2])
+  local id
+  if not (score and score < -MAXP) then
+    id = has(q, 'has_fronts', q.fronts) and pop_front()
+    if not id and not (score and score < 0) then id = redis.call('LPOP', KEYS[1]) end
+  end
+  if id then
+    if m[1] then redis.call('ZADD', q.prio, m[2], m[1]) end
+    return id
+  end
+  if not m[1] then return nil end
+  id = string.sub(m[1], 31)
+  redis.call('HDEL', tag .. ':job:' .. id, 'pm')
+  return id
+end
+
 local prio = has(q, 'has_prio', q.prio)
 while limit > got do
   if prio then
-    -- at_front (the prio set's, pushed later, then the list's), higher priorities, the list,
-    -- lower priorities.
-    local id = pop_prio(-MAXP) or (has(q, 'has_fronts', q.fronts) and pop_front())
-      or pop_prio(0) or redis.call('LPOP', KEYS[1]) or pop_prio(nil)
+    local id = pop_next()
     if not id then break end
     start(id)
   else
