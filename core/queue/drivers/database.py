@@ -41,6 +41,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    null,
     or_,
     select,
     text,
@@ -368,7 +369,17 @@ class DatabaseDriver(Driver):
                 ending.append((row, Status.EXPIRED, life.ttl_error(row)))
         if ending:
             keep = self.settings.queue_failure_ttl
+            # The claim reads no `dependents` (the plain path never needs it): look now.
+            ids = [row.id for row, _, _ in ending]
+            followed = select(_jobs.id).where(_jobs.id.in_(ids), _jobs.dependents.is_not(None))
+            watched = set((await conn.scalars(followed)).all())
             await life.end_rows(conn, ending, now, self.name, keep, counted)
+            if isinstance(counted, life.Ends):
+                counted.resolve += [
+                    (row.uuid, row.queue, status.value)
+                    for row, status, _ in ending
+                    if row.id in watched
+                ]
             gone = {row.id for row, _, _ in ending}
             picked = [row for row in picked if row.id not in gone]
         if not picked:
@@ -380,8 +391,7 @@ class DatabaseDriver(Driver):
             "worker": worker,
             "state": "queued",  # started once: given back, it is queued again, not waiting
         }
-        if any(row.held for row in picked):
-            values["held"] = None
+        values["held"] = null()  # no longer held back by a limit (a constant in the SQL)
         await conn.execute(
             update(t.queue_jobs).where(_jobs.id.in_([row.id for row in picked])).values(**values)
         )

@@ -125,7 +125,7 @@ class Ends(Counter[tuple[str, str]]):
 
 
 def _follow(counted: Counter[tuple[str, str]], row: Any, status: str) -> None:
-    if isinstance(counted, Ends) and row.dependents:
+    if isinstance(counted, Ends) and getattr(row, "dependents", None):
         counted.resolve.append((row.uuid, row.queue, status))
 
 

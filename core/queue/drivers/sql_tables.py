@@ -379,8 +379,6 @@ _CLAIMED = (
     _jobs.cancel_requested,
     _jobs.priority,
     _jobs.limit_key,  # the rest of the limit is read only for limited jobs
-    _jobs.held,
-    _jobs.dependents,
 )
 
 #: Ready `at_front` jobs sort before this time (see the module notes).
