@@ -21,12 +21,13 @@ import pytest
 
 from core.queue.drivers import Driver, Outcome, Pushed, create_driver
 from core.queue.drivers.base import Dependency, FailedJob
-from core.status import Status
+from core.status import Progress, Status
 from tests.conformance.workflow_support import (
     both,
     end,
     new_id,
     outgoing,
+    record_job,
     reserve_one,
     run,
     second_driver,
@@ -505,3 +506,55 @@ async def test_rule_last_two_dependencies_ending_at_once_release_the_dependent_o
         assert recent.cancelled == 10
         stats = await driver.stats(queue)
         assert (stats.pending, stats.deferred, stats.reserved) == (0, 0, 0)
+
+
+async def test_rule_clear_ends_the_cleared_jobs_as_cancelled_for_what_waits_on_them(
+    driver: Driver, queue: str
+) -> None:
+    # The cleared queue holds a waiting job and a deferred one; what waits on them lives in
+    # another queue of the connection: a dependent of each rule, a cascade, a batch record.
+    other = f"{queue}-other"
+    a, held_back = new_id(), new_id()
+    strict, loose, hoping, after_strict, on_held = (new_id() for _ in range(5))
+    member, record = new_id(), new_id()
+    await driver.push([outgoing(a, queue), outgoing(member, other)])
+    await driver.push([outgoing(held_back, queue, depends_on=[a])])
+    await driver.push(
+        [
+            outgoing(strict, other, depends_on=[Dependency(a, queue)]),
+            outgoing(loose, other, depends_on=[Dependency(a, queue)], rule="ended"),
+            outgoing(hoping, other, depends_on=[Dependency(a, queue)], rule="failed"),
+            outgoing(after_strict, other, depends_on=[strict]),
+            outgoing(on_held, other, depends_on=[Dependency(held_back, queue)]),
+            record_job(record, other, "batch", [member, a]),
+        ]
+    )
+    assert await driver.clear(queue) == 2
+    assert await driver.job_status(a, queue) is None
+    assert await driver.job_status(held_back, queue) is None
+    expected = {
+        strict: f"dependency {a} cancelled",
+        after_strict: f"dependency {strict} cancelled",  # the cascade goes on
+        hoping: "no dependency failed",  # the cleared job counts as not failed
+        on_held: f"dependency {held_back} cancelled",  # a cleared deferred job too
+    }
+    for job_id, error in expected.items():
+        status = await status_of(driver, job_id, other)
+        assert (status.status, status.error) == (Status.CANCELLED, error), job_id
+    assert (await status_of(driver, loose, other)).status is Status.QUEUED
+    batch = await status_of(driver, record, other)
+    assert batch.status is Status.DEFERRED
+    assert batch.progress == Progress(2, 1, cancelled=1)
+    stats = await driver.stats(other)
+    assert (stats.pending, stats.deferred) == (2, 0)
+    assert (await driver.recent(other)).cancelled == 4
+    held = await driver.reserve([other], 10, lease=30)
+    assert [h.id for h in held] == [member, loose]
+    await end(driver, held[0], Status.SUCCEEDED)
+    batch = await status_of(driver, record, other)
+    assert (batch.status, batch.error) == (Status.CANCELLED, "1 of 2 members cancelled")
+    assert batch.progress == Progress(2, 0, succeeded=1, cancelled=1)
+    # The cleared queue is empty and nothing of it comes back.
+    stats = await driver.stats(queue)
+    assert (stats.pending, stats.deferred, stats.size) == (0, 0, 0)
+    assert await take(driver, queue) == []
