@@ -1,7 +1,15 @@
 -- clear.lua: delete every job of a queue that is not reserved (ready, prioritized, delayed,
 -- deferred, held back by a limit), with its status record (and its unique key, when it still
--- names the job), and the workflow records of the queue that have not ended. Dependents of the
--- deleted jobs in other queues are left as they are (their dependency's record is gone).
+-- names the job). For whatever waits on them, the deleted jobs end as if cancelled, in this
+-- script: their dependents in any queue are resolved with status `cancelled` (a "succeeded"
+-- dependent is cancelled, an "ended" one may be released...) and a chain/batch record in any
+-- queue counts them as cancelled members. The queue's own workflow records are not deleted:
+-- they end with their members, as elsewhere. Dependents in this queue are deferred jobs, so
+-- they are deleted before any resolution runs, which then ignores them.
+--
+-- Cost: O(n) in the deleted jobs (plus their dependents); the structures are read in slices
+-- of SLICE, so no reply or table holds the whole queue at once, and no command takes more than
+-- a slice of arguments.
 --
 -- Key schema and record fields: see push.lua and lib.lua.
 --
@@ -10,19 +18,10 @@
 -- Returns: the number of jobs deleted
 local tag = ARGV[1]
 local q = Q(tag)
-local ids = redis.call('LRANGE', KEYS[1], 0, -1)
-local function add(list) for _, id in ipairs(list) do ids[#ids + 1] = id end end
-add(redis.call('ZRANGE', KEYS[2], 0, -1))
-add(redis.call('SMEMBERS', q.deferred))
-for _, m in ipairs(redis.call('ZRANGE', q.prio, 0, -1)) do ids[#ids + 1] = string.sub(m, 31) end
-local drop = {KEYS[1], KEYS[2], KEYS[5], KEYS[6], q.prio, q.fronts, q.deferred, q.flows, q.heldkeys,
-  q.limited}
-for _, key in ipairs(redis.call('SMEMBERS', q.heldkeys)) do
-  add(redis.call('LRANGE', tag .. ':held:' .. key, 0, -1))
-  drop[#drop + 1] = tag .. ':held:' .. key
-end
+local SLICE = 1000
 local deleted = 0
-for _, id in ipairs(ids) do
+
+local function drop(id)
   deleted = deleted + redis.call('HDEL', KEYS[3], id)
   redis.call('HDEL', KEYS[4], id)
   local rec = tag .. ':job:' .. id
@@ -30,13 +29,49 @@ for _, id in ipairs(ids) do
   if ukey and ukey ~= '' and redis.call('GET', tag .. ':unique:' .. ukey) == id then
     redis.call('DEL', tag .. ':unique:' .. ukey)
   end
-  redis.call('DEL', rec, tag .. ':deps:' .. id, tag .. ':on:' .. id, tag .. ':wait:' .. id)
-  redis.call('SREM', q.hasdeps, id)
+  redis.call('DEL', rec, tag .. ':on:' .. id, tag .. ':wait:' .. id)
+  -- Its dependents (the deps list) are resolved by flush, once everything here is deleted.
+  ended(q, id, 'cancelled')
 end
-for _, id in ipairs(redis.call('SMEMBERS', q.flows)) do
-  redis.call('DEL', tag .. ':job:' .. id, tag .. ':deps:' .. id, tag .. ':on:' .. id,
-    tag .. ':wait:' .. id)
-  redis.call('SREM', q.hasdeps, id)
+
+-- A list read from its head, a slice at a time; then deleted.
+local function drop_list(key)
+  local from = 0
+  while true do
+    local ids = redis.call('LRANGE', key, from, from + SLICE - 1)
+    for _, id in ipairs(ids) do drop(id) end
+    if #ids < SLICE then break end
+    from = from + SLICE
+  end
+  redis.call('DEL', key)
 end
-redis.call('DEL', unpack(drop))
+
+-- A sorted set read by rank, a slice at a time (`skip`: characters before the id in a member).
+local function drop_zset(key, skip)
+  local from = 0
+  while true do
+    local members = redis.call('ZRANGE', key, from, from + SLICE - 1)
+    for _, m in ipairs(members) do drop(string.sub(m, skip + 1)) end
+    if #members < SLICE then break end
+    from = from + SLICE
+  end
+  redis.call('DEL', key)
+end
+
+-- A set emptied a slice at a time (SPOP: each member read once, whatever the set's size).
+local function drop_set(key, each)
+  while true do
+    local members = redis.call('SPOP', key, SLICE)
+    for _, m in ipairs(members) do each(m) end
+    if #members < SLICE then break end
+  end
+end
+
+drop_list(KEYS[1])
+drop_zset(KEYS[2], 0)
+drop_zset(q.prio, 30)  -- member: <band><13 digits><16 digits><id>
+drop_set(q.deferred, drop)
+drop_set(q.heldkeys, function(key) drop_list(tag .. ':held:' .. key) end)
+redis.call('DEL', KEYS[5], KEYS[6], q.fronts, q.limited)
+flush(nil)
 return deleted
