@@ -13,9 +13,10 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from core.queue.drivers import sql_lifecycle as life
 from core.queue.drivers import sql_tables as t
 from core.queue.drivers.base import Dependency, Limit, Outcome, OutgoingJob
 from core.queue.drivers.database import DatabaseDriver
@@ -184,3 +185,80 @@ def test_priority_times_keep_every_priority_apart() -> None:
     assert highs[0] > datetime(1000, 1, 1) and highs[-1] < t.FRONT
     assert lows[0] >= t.PRIO_LOW and lows[-1] < t.PRIO_LOW_END < t.DEFERRED
     assert all(t.is_priority_time(moment) for moment in highs + lows)
+
+
+async def test_clear_resolves_what_waits_on_the_cleared_jobs_batch_by_batch(
+    driver: DatabaseDriver, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pages of 3 rows: the 20 cleared jobs with dependents take seven of them.
+    monkeypatch.setattr(life, "PRUNE_BATCH", 3)
+    other = f"{queue}-other"
+    running, plain = job(queue), [job(queue) for _ in range(5)]
+    firsts = [job(queue) for _ in range(10)]
+    # Deferred in the cleared queue, on a cleared job: resolved first, it would be cancelled
+    # with a record of its own (rule "succeeded"); cleared, it leaves none.
+    seconds = [job(queue, depends_on=(Dependency(a.id),)) for a in firsts]
+    await driver.push([running])
+    [held] = await driver.reserve([queue], 1, lease=30)
+    await driver.push([*firsts, *seconds, *plain])
+    on_second = [job(other, depends_on=(Dependency(b.id, queue),)) for b in seconds]
+    ended = [job(other, depends_on=(Dependency(a.id, queue),), rule="ended") for a in firsts]
+    on_running = job(other, depends_on=(Dependency(running.id, queue),))
+    record = OutgoingJob(
+        uuid.uuid4().hex,
+        other,
+        b"",
+        kind="batch",
+        depends_on=tuple(Dependency(a.id, queue) for a in firsts),
+        rule="ended",
+    )
+    await driver.push([*on_second, *ended, on_running, record])
+
+    statements: list[str] = []
+
+    def seen(*args: Any) -> None:
+        statements.append(str(args[2]))
+
+    engine = driver._writer.sync_engine  # type: ignore[union-attr]
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        assert await driver.clear(queue) == 25
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+
+    for cleared in (*firsts, *seconds, *plain):
+        assert await driver.job_status(cleared.id, queue) is None
+    for dependent, second in zip(on_second, seconds, strict=True):
+        status = await driver.job_status(dependent.id, other)
+        assert status is not None
+        assert (status.status, status.error) == (
+            Status.CANCELLED,
+            f"dependency {second.id} cancelled",
+        )
+    for dependent in ended:
+        status = await driver.job_status(dependent.id, other)
+        assert status is not None and status.status is Status.QUEUED
+    batch = await driver.job_status(record.id, other)
+    assert batch is not None
+    assert (batch.status, batch.error) == (Status.CANCELLED, "10 of 10 members cancelled")
+    waiting = await driver.job_status(on_running.id, other)
+    assert waiting is not None and waiting.status is Status.DEFERRED
+    assert waiting.waiting_for == (running.id,)
+    assert (await driver.recent(other)).cancelled == 10
+    assert (await driver.recent(queue)).cancelled == 0
+    async with driver._engine.connect() as conn:  # type: ignore[union-attr]
+        deps, records = t.queue_dependencies.c, t.queue_job_records.c
+        left = await conn.scalar(select(func.count()).where(deps.job_queue == queue))
+        kept = await conn.scalar(select(func.count()).where(records.queue == queue))
+    assert (left, kept) == (0, 0)  # no dependency rows, no records of the cleared jobs
+    stats = await driver.stats(queue)
+    assert (stats.pending, stats.deferred, stats.reserved) == (0, 0, 1)
+
+    pages = [s for s in statements if "LIMIT" in s and "dependents IS NOT NULL" in s]
+    assert len(pages) == 8  # 7 full or partial pages, then the empty one
+
+    # The running job was not cleared: its dependent goes on waiting for it.
+    held.outcome = Outcome(Status.SUCCEEDED, 60)
+    await driver.ack([held])
+    released = await driver.job_status(on_running.id, other)
+    assert released is not None and released.status is Status.QUEUED

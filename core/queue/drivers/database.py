@@ -584,29 +584,55 @@ class DatabaseDriver(Driver):
         return await self._run("list queues", op, write=False)
 
     async def clear(self, queue: str) -> int:
-        """Delete the jobs of `queue` not held under a live lease."""
+        """Delete the jobs of `queue` not held under a live lease, in one transaction.
+
+        What waits on a cleared job (its dependents and workflow records, in any queue)
+        resolves it as `cancelled`, as `cancel` would, though the cleared jobs leave no
+        records. The cleared deferred jobs drop their dependency rows first, so that no end
+        resolves them; the jobs nothing depends on go in one DELETE; those with dependents
+        go `PRUNE_BATCH` at a time, each batch's ends settled before the next is read.
+        """
         now = t.now()
+        clearable = and_(
+            _jobs.queue == queue,
+            or_(
+                _jobs.reserved_until.is_(None),
+                _jobs.reserved_until <= now,
+                _jobs.reserved_at.is_(None),
+            ),
+            _jobs.kind.is_(None),  # workflow records end with their members
+        )
+        deps = t.queue_dependencies.c
+        cleared_deferred = (
+            select(_jobs.id)
+            .where(_jobs.uuid == deps.job_uuid, _jobs.queue == deps.job_queue, clearable)
+            .exists()
+        )
+        with_dependents = (
+            select(_jobs.id, _jobs.uuid)
+            .where(clearable, _jobs.dependents.is_not(None))
+            .order_by(_jobs.id)
+            .limit(life.PRUNE_BATCH)
+            .with_for_update()
+        )
 
         async def op(conn: AsyncConnection) -> int:
+            await conn.execute(
+                delete(t.queue_dependencies).where(deps.job_queue == queue, cleared_deferred)
+            )
             result = await conn.execute(
-                delete(t.queue_jobs).where(
-                    _jobs.queue == queue,
-                    or_(
-                        _jobs.reserved_until.is_(None),
-                        _jobs.reserved_until <= now,
-                        _jobs.reserved_at.is_(None),
-                    ),
-                    _jobs.kind.is_(None),  # workflow records end with their members
-                )
+                delete(t.queue_jobs).where(clearable, _jobs.dependents.is_(None))
             )
-            deps = t.queue_dependencies.c
-            gone = ~(
-                select(_jobs.id)
-                .where(_jobs.uuid == deps.job_uuid, _jobs.queue == deps.job_queue)
-                .exists()
-            )
-            await conn.execute(delete(t.queue_dependencies).where(deps.job_queue == queue, gone))
-            return int(result.rowcount)
+            cleared = int(result.rowcount)
+            ends = life.Ends()
+            while rows := (await conn.execute(with_dependents)).all():
+                await conn.execute(delete(t.queue_jobs).where(_jobs.id.in_([r.id for r in rows])))
+                cleared += len(rows)
+                cancelled = Status.CANCELLED.value
+                ends.resolve.extend((str(row.uuid), queue, cancelled) for row in rows)
+                await self._settle(conn, ends)
+            await life.count(conn, ends, self._shard)
+            return cleared
 
         return await self._run("clear a queue", op)
 
