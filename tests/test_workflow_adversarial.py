@@ -19,7 +19,7 @@ from core.queue.drivers.base import Limit, Outcome
 from core.queue.queue_manager import QueueManager
 from core.schedule import ScheduleError, Scheduler, Schedules
 from core.status import Status
-from tests.conformance.workflow_support import new_id, outgoing
+from tests.conformance.workflow_support import new_id, outgoing, record_job
 from tests.conftest import Backend
 from tests.jobs import RecordJob
 
@@ -157,3 +157,30 @@ async def test_schedule_keeps_ticking_after_the_clock_is_corrected_back(
         clock.now += 10
         await scheduler.run_due()
     assert await _waiting(manager, backend) == before + 3
+
+
+# -- duplicates inside a workflow --------------------------------------------------------------
+
+
+# F7 (KNOWN BUG, redis driver): a dependency named twice (a workflow whose two members are the
+# same job, e.g. both `job_id="k", on_duplicate="keep"`) is counted twice by Redis: the record
+# shows total 2 and ends `succeeded` with 1 still pending; memory (the reference) and SQL count
+# it once, and Redis lists it twice in `waiting_for`.
+async def test_a_dependency_named_twice_counts_once(driver: Driver, queue: str) -> None:
+    x, record, dependent = new_id(), new_id(), new_id()
+    await driver.push(
+        [
+            outgoing(x, queue),
+            record_job(record, queue, "batch", [x, x]),
+            outgoing(dependent, queue, depends_on=[x, x]),
+        ]
+    )
+    waiting = await driver.job_status(dependent, queue)
+    assert waiting is not None and waiting.waiting_for == (x,)
+    [held] = await driver.reserve([queue], 5, lease=30)
+    held.outcome = Outcome(Status.SUCCEEDED, 60, result=b"1")
+    await driver.ack([held])
+    ended = await driver.job_status(record, queue)
+    assert ended is not None and ended.status is Status.SUCCEEDED
+    assert ended.progress is not None
+    assert (ended.progress.total, ended.progress.pending) == (1, 0)
