@@ -16,7 +16,7 @@ import pytest
 from core.errors import SerializationError
 from core.queue.drivers import Driver, create_driver
 from core.queue.drivers.base import Limit, Outcome
-from core.queue.queue_manager import QueueManager
+from core.queue.queue_manager import QueueManager, WorkflowHandle, batch, chain
 from core.schedule import ScheduleError, Scheduler, Schedules
 from core.status import Status
 from tests.conformance.workflow_support import new_id, outgoing, record_job
@@ -184,3 +184,37 @@ async def test_a_dependency_named_twice_counts_once(driver: Driver, queue: str) 
     assert ended is not None and ended.status is Status.SUCCEEDED
     assert ended.progress is not None
     assert (ended.progress.total, ended.progress.pending) == (1, 0)
+
+
+# -- nested workflows ----------------------------------------------------------------------------
+
+
+# F11 (KNOWN BUG, redis and SQL drivers): cancelling a workflow does not reach the members of a
+# workflow nested in it. Redis: the nested chain's jobs run after the cancel (the nested record
+# ends `succeeded`). SQL: the nested record is ended `cancelled` like a waiting job, with a
+# progress that counts none of its members, the outer `finally_` runs at once, and the nested
+# jobs then run anyway. Memory (the reference) cancels them all.
+async def test_cancel_reaches_the_members_of_a_nested_workflow(manager: QueueManager) -> None:
+    inner = chain(RecordJob("/dev/null", 1), RecordJob("/dev/null", 2))
+    handle = await manager.push_workflow(
+        batch([inner, RecordJob("/dev/null", 3)], finally_=RecordJob("/dev/null", 9))
+    )
+    nested = handle.jobs[0]
+    assert isinstance(nested, WorkflowHandle) and handle.finally_job is not None
+    assert await handle.cancel()
+    driver = await manager.connection()
+    ran: list[str] = []
+    for _ in range(5):
+        held = await driver.reserve([manager.settings.queue_default], 10, lease=30)
+        if not held:
+            break
+        ran += [h.id for h in held]
+        for h in held:
+            h.outcome = Outcome(Status.SUCCEEDED, 60, result=b"1")
+        await driver.ack(held)
+    assert ran == [handle.finally_job.id]  # only the callback: no member runs after a cancel
+    for member in nested.jobs:
+        assert (await member.status()).status is Status.CANCELLED
+    inner_record = await nested.status()
+    assert inner_record.status is Status.CANCELLED
+    assert inner_record.progress is not None and inner_record.progress.cancelled == 2
