@@ -218,3 +218,30 @@ async def test_cancel_reaches_the_members_of_a_nested_workflow(manager: QueueMan
     inner_record = await nested.status()
     assert inner_record.status is Status.CANCELLED
     assert inner_record.progress is not None and inner_record.progress.cancelled == 2
+
+
+# F11 (KNOWN BUG, redis and SQL drivers), without any cancel call: a batch (cancel_on_failure,
+# the default) whose plain member fails first must cancel the nested chain's waiting jobs; on
+# Redis and SQL they run, and on SQL the batch's `finally_` runs before the nested chain ends.
+async def test_a_failing_member_cancels_a_nested_workflow(manager: QueueManager) -> None:
+    first = RecordJob("/dev/null", 3)
+    first.priority = 10  # handed out first
+    inner = chain(RecordJob("/dev/null", 1), RecordJob("/dev/null", 2))
+    handle = await manager.push_workflow(batch([inner, first], finally_=RecordJob("/dev/null", 9)))
+    assert handle.finally_job is not None
+    driver = await manager.connection()
+    queue = manager.settings.queue_default
+    [failing] = await driver.reserve([queue], 1, lease=30)
+    assert failing.id == handle.jobs[1].id
+    failing.outcome = Outcome(Status.FAILED, 60, error="boom")
+    await driver.ack([failing])
+    ran: list[str] = []
+    for _ in range(5):
+        held = await driver.reserve([queue], 10, lease=30)
+        if not held:
+            break
+        ran += [h.id for h in held]
+        for h in held:
+            h.outcome = Outcome(Status.SUCCEEDED, 60, result=b"1")
+        await driver.ack(held)
+    assert ran == [handle.finally_job.id]
