@@ -245,3 +245,21 @@ async def test_a_failing_member_cancels_a_nested_workflow(manager: QueueManager)
             h.outcome = Outcome(Status.SUCCEEDED, 60, result=b"1")
         await driver.ack(held)
     assert ran == [handle.finally_job.id]
+
+
+# -- priorities ----------------------------------------------------------------------------------
+
+
+# F13 (KNOWN BUG, SQL driver): a refunded job that was pushed `at_front` goes back before every
+# priority on SQL; memory (the reference) and Redis put it at the head of its own priority level,
+# as SPEC13 says of refunds ("go to the head of their priority level"), as they do for a lost lease.
+async def test_a_refunded_at_front_job_goes_to_the_head_of_its_priority_level(
+    driver: Driver, queue: str
+) -> None:
+    front, high, plain = new_id(), new_id(), new_id()
+    await driver.push([outgoing(front, queue, at_front=True, max_tries=5)])
+    [held] = await driver.reserve([queue], 1, lease=30)
+    await driver.push([outgoing(high, queue, priority=5), outgoing(plain, queue)])
+    await driver.release(held, 0, refund=True)
+    got = await driver.reserve([queue], 3, lease=30)
+    assert [h.id for h in got] == [high, front, plain]
