@@ -320,3 +320,30 @@ def test_queue_restart_replaces_every_worker(pool: Pool, server_backend: Backend
 
     until(replaced, 90, "every worker to exit and come back with a new pid")
     assert pool.worker_log().count("stopped (restart)") == WORKERS
+
+
+def test_the_scheduler_program_parses_when_included(tmp_path: Path) -> None:
+    """topiq-scheduler.conf, added to the shipped [include] line, runs one `schedule:run`."""
+    from supervisor.options import ServerOptions
+
+    project = tmp_path / "elsewhere"
+    shutil.copytree(SHIPPED, project / "supervisor")
+    (project / "storage" / "logs").mkdir(parents=True)
+    conf = project / "supervisor" / "supervisord.conf"
+    text = conf.read_text()
+    assert "files = topiq-app.conf topiq-worker.conf" in text
+    conf.write_text(
+        text.replace(
+            "files = topiq-app.conf topiq-worker.conf",
+            "files = topiq-app.conf topiq-worker.conf topiq-scheduler.conf",
+        )
+    )
+    options = ServerOptions()
+    options.configfile = str(conf)
+    options.process_config(do_usage=False)
+    groups = {group.name: group.process_configs for group in options.process_group_configs}
+    [scheduler] = groups["topiq-scheduler"]
+    assert scheduler.command.endswith("main.py schedule:run")
+    home = (project / "supervisor" / "..").resolve()
+    assert Path(scheduler.directory).resolve() == home
+    assert scheduler.stopsignal == signal.SIGTERM
