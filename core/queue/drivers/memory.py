@@ -752,16 +752,16 @@ class MemoryDriver(Driver):
             else:
                 self._make_ready(queue, job_id)
 
-    def _take(self, queue: _Queue) -> tuple[_Rank, str, str] | None:
+    def _take(self, queue: _Queue) -> tuple[_Rank, str, str | None] | None:
         """Pop the next job to hand out: (its rank, its id, its limit key if it comes from the
-        held-back ones, else "")."""
+        held-back ones, else `None`; "" is a key too: the queue-wide limit)."""
         place, ready = queue.place, queue.ready
         if not queue.first and not queue.ranked and not queue.open:
             # The plain path: priority-0 jobs only.
             while ready:
                 order, job_id = ready.popleft()
                 if place.get(job_id) == ("ready", order):
-                    return (1, 0, order), job_id, ""
+                    return (1, 0, order), job_id, None
             return None
         first, ranked, opened = queue.first, queue.ranked, queue.open
         while first and place.get(first[0][1]) != ("first", first[0][0]):
@@ -800,11 +800,11 @@ class MemoryDriver(Driver):
         if best is None:
             return None
         if source == "first":
-            return best, first.popleft()[1], ""
+            return best, first.popleft()[1], None
         if source == "ready":
-            return best, ready.popleft()[1], ""
+            return best, ready.popleft()[1], None
         if source == "ranked":
-            return best, heapq.heappop(ranked)[2], ""
+            return best, heapq.heappop(ranked)[2], None
         _, key = heapq.heappop(opened)
         gate = queue.gates[key]
         gate.listed = None
@@ -844,7 +844,7 @@ class MemoryDriver(Driver):
                         self._end_waiting(queue, job_id, Status.CANCELLED, "cancelled", now, wall)
                     elif record is not None:
                         self._expire(queue, record, now, wall)
-                    if from_key:  # offer the key's next held job in its place
+                    if from_key is not None:  # offer the key's next held job in its place
                         self._list(queue, from_key, queue.gates[from_key])
                     continue
                 job_limit = queue.limits.get(job_id) if queue.limits else None
@@ -868,11 +868,17 @@ class MemoryDriver(Driver):
         return out
 
     def _start(
-        self, queue: _Queue, job_id: str, rank: _Rank, limit: Limit, from_key: str, now: float
+        self,
+        queue: _Queue,
+        job_id: str,
+        rank: _Rank,
+        limit: Limit,
+        from_key: str | None,
+        now: float,
     ) -> bool:
         """Whether a limited job may start now (counted if so); if not, it is held back."""
         gate = self._gate(queue, limit.key)
-        if not from_key and self._held_head(queue, gate) is not None:
+        if from_key is None and self._held_head(queue, gate) is not None:
             # Jobs of its key are held already: it queues behind (or, by rank, before) them
             # without a check of its own; the key's first held job is checked when offered.
             self._hold(queue, limit.key, gate, rank, job_id)
@@ -882,7 +888,7 @@ class MemoryDriver(Driver):
             self._block(queue, limit.key, gate, limit)
             return False
         gate.running.add(job_id)
-        if from_key:
+        if from_key is not None:
             self._list(queue, from_key, gate)  # offer the next held job of the key
         return True
 
