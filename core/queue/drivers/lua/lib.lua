@@ -409,20 +409,34 @@ local function end_record(q, id)
 end
 
 -- Cancel the members of record `id` that wait (and with `running`, ask running ones to stop).
--- Returns nothing; the ends resolve back into the record through the work list.
+-- A member that is itself a workflow record that has not ended is cancelled the same way: its
+-- own members are (nested ones too), and it ends once they have. Returns nothing; the ends
+-- resolve back into the records through the work list.
 local function cancel_members(q, id, running, err)
-  local members = redis.call('LRANGE', q.tag .. ':on:' .. id, 0, -1)
-  for _, r in ipairs(members) do
-    local mtag, mid = unref(r)
-    local mq = Q(mtag)
-    if redis.call('SISMEMBER', q.tag .. ':wait:' .. id, r) == 1
-        and redis.call('HEXISTS', mq.payloads, mid) == 1 then
-      if redis.call('ZSCORE', mq.reserved, mid) then
-        if running then redis.call('SADD', mq.cancel, mid) end
-      else
-        end_waiting(mq, mid, 'cancelled', err, 0, true)
+  local stack = {{q, id}}
+  while #stack > 0 do
+    local rq, rid = stack[#stack][1], stack[#stack][2]
+    stack[#stack] = nil
+    local members = redis.call('LRANGE', rq.tag .. ':on:' .. rid, 0, -1)
+    local wait = rq.tag .. ':wait:' .. rid
+    local nested = {}
+    for _, r in ipairs(members) do
+      local mtag, mid = unref(r)
+      local mq = Q(mtag)
+      if redis.call('SISMEMBER', wait, r) == 1 then
+        if redis.call('HEXISTS', mq.payloads, mid) == 1 then
+          if redis.call('ZSCORE', mq.reserved, mid) then
+            if running then redis.call('SADD', mq.cancel, mid) end
+          else
+            end_waiting(mq, mid, 'cancelled', err, 0, true)
+          end
+        elseif redis.call('SISMEMBER', mq.flows, mid) == 1 then
+          nested[#nested + 1] = {mq, mid}
+        end
       end
     end
+    -- Pushed in reverse: the first nested record is taken next.
+    for k = #nested, 1, -1 do stack[#stack + 1] = nested[k] end
   end
 end
 

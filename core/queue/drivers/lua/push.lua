@@ -63,11 +63,18 @@ while j <= #ARGV do
   -- ARGV[i + 2] .. ARGV[i + 22] are this job's options, in the header's order.
   local i = 4 + (tonumber(ARGV[j + 2]) - 1) * NOPT - 2
   local ndeps = tonumber(ARGV[j + 3])
-  local deps = {}
+  -- A dependency named twice counts once (the first naming keeps its place).
+  local deps, named = {}, {}
   for d = 1, ndeps do
-    deps[d] = {ARGV[j + 2 + 2 * d], ARGV[j + 3 + 2 * d]}
+    local dtag, did = ARGV[j + 2 + 2 * d], ARGV[j + 3 + 2 * d]
+    local r = ref(dtag, did)
+    if not named[r] then
+      named[r] = true
+      deps[#deps + 1] = {dtag, did}
+    end
   end
   j = j + 4 + 2 * ndeps
+  ndeps = #deps
   local delay = tonumber(ARGV[i + 2])
   local ukey, dup = ARGV[i + 7], ARGV[i + 9]
   local outcome, holder = 'created', id
