@@ -48,15 +48,22 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 
 from core.delays import Duration, parse_duration
-from core.errors import ConfigurationError, DuplicateJobError
+from core.errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    DuplicateJobError,
+    SerializationError,
+)
 from core.job import Job
 
 if TYPE_CHECKING:
     from core.queue.queue_manager import QueueManager
 
 __all__ = [
+    "CLOCK_SLACK_MS",
     "MARKER_TTL",
     "MAX_CATCH_UP",
+    "MAX_INTERVAL",
     "MissedPolicy",
     "Schedule",
     "ScheduleError",
@@ -80,6 +87,17 @@ _DAY_MS = 86_400_000
 #: The longest a scheduler sleeps before it reads the clock again (a wall clock that jumps is
 #: noticed within this many seconds).
 MAX_SLEEP = 60.0
+#: A last tick (the marker, or a running scheduler's cursor) more than this many milliseconds
+#: later than now means the wall clock went back (it had been stepped forward, then corrected):
+#: the schedule restarts from now rather than stay silent until the clock catches up.
+CLOCK_SLACK_MS = 5000
+#: The longest interval (a schedule's marker must outlive the gap between two ticks).
+MAX_INTERVAL = MARKER_TTL
+#: The latest `start` an interval schedule may have (its ticks must stay datetimes).
+_LATEST_START = datetime(9000, 1, 1, tzinfo=UTC)
+#: Errors a scheduler pass does not swallow: the backend cannot be reached now (the pass is
+#: retried), or a setting no retry mends.
+_PASS_ON: tuple[type[Exception], ...] = (ConnectionLostError, OSError, ConfigurationError)
 _NAME = re.compile(r"^[^\x00-\x1f\x7f]{1,150}\Z")
 
 
@@ -130,6 +148,16 @@ class Schedule:
                 self.interval_ms
             )
         return next(self._cron_after(after_ms, 1), None)
+
+    def latest_until(self, until_ms: int) -> int | None:
+        """The last tick at or before `until_ms`, or `None` if there is none."""
+        if self.kind == "every":
+            if until_ms < self.start_ms:
+                return None
+            return self.start_ms + (until_ms - self.start_ms) // self.interval_ms * (
+                self.interval_ms
+            )
+        return next((tick for tick in self._cron_before(until_ms) if tick <= until_ms), None)
 
     def ticks_between(self, after_ms: int, until_ms: int, limit: int) -> tuple[list[int], bool]:
         """The ticks in (`after_ms`, `until_ms`], oldest first: the latest `limit` of them, and
@@ -246,6 +274,11 @@ class Schedules:
                 raise ConfigurationError(
                     f"SCHEDULE_MODULE: cannot import {module!r}: {exc}"
                 ) from None
+        except SyntaxError as exc:
+            where = f"{exc.filename}, line {exc.lineno}" if exc.filename else "unknown place"
+            raise ConfigurationError(
+                f"SCHEDULE_MODULE: {module!r} has a syntax error: {exc.msg} ({where})"
+            ) from None
         self._loaded.add(module)
 
     def cron(
@@ -290,6 +323,7 @@ class Schedules:
         )
         if item.next_after(_ms(time.time())) is None:
             raise ScheduleError(f"{where}: cron expression {expression!r} never matches")
+        _check_dispatchable(item)
         return self._add(item)
 
     def every(
@@ -315,6 +349,11 @@ class Schedules:
         period = round(seconds * 1000)
         if period < 1000:
             raise ScheduleError(f"{where}: interval must be at least 1 second, got {interval!r}")
+        if seconds > MAX_INTERVAL:
+            raise ScheduleError(
+                f"{where}: interval must be at most {MAX_INTERVAL / 86400:g} days (how long a "
+                f"schedule's last tick is remembered), got {interval!r}"
+            )
         if start is None:
             start_ms = 0
         elif isinstance(start, datetime):
@@ -329,6 +368,10 @@ class Schedules:
             raise ScheduleError(
                 f"{where}: start must be a datetime or epoch seconds, got {start!r}"
             )
+        if not _MS_MIN < start_ms < _ms(_LATEST_START.timestamp()):
+            raise ScheduleError(
+                f"{where}: start must be between year 1 and {_LATEST_START:%Y-%m-%d}, got {start!r}"
+            )
         shown = interval if isinstance(interval, str) else _duration_text(seconds)
         item = Schedule(
             name=self._name(name, job, f"every {shown}"),
@@ -341,6 +384,7 @@ class Schedules:
             interval_ms=period,
             start_ms=start_ms,
         )
+        _check_dispatchable(item)
         return self._add(item)
 
     def _name(self, name: str | None, job: Job, expression: str) -> str:
@@ -376,6 +420,38 @@ def _check_job(job: object, where: str) -> None:
     raise ScheduleError(f"{where}: the job must be a Job instance, got {type(job).__name__}")
 
 
+def _check_dispatchable(item: Schedule) -> None:
+    """Run the checks a dispatch runs on the job (its settings, limit key, data, queue and
+    connection), without I/O: a job the scheduler could never push is refused here."""
+    from core.queue.payload import encode, job_settings, limit_of, validate_queue
+    from core.settings import QueueConnection
+
+    where = f"schedule {item.name!r}"
+    job = item.job
+    connection = item.connection or job.connection
+    if connection is not None:
+        try:
+            QueueConnection(connection)
+        except ValueError:
+            known = ", ".join(c.value for c in QueueConnection)
+            raise ScheduleError(
+                f"{where}: unknown queue connection {connection!r}: must be one of {known}"
+            ) from None
+        if connection == QueueConnection.SYNC:
+            raise ScheduleError(
+                f"{where}: the sync connection runs jobs inside dispatch and keeps no once "
+                "keys; a scheduler needs redis, database or memory"
+            )
+    try:
+        if item.queue is None and job.queue != Job.queue:
+            validate_queue(job.queue)
+        settings = job_settings(job)
+        limit_of(job, settings)
+        encode(job, job_id="schedule-check", queue="default", max_bytes=2**62, settings=settings)
+    except (SerializationError, ValueError, TypeError) as exc:
+        raise ScheduleError(f"{where}: its job cannot be dispatched: {exc}") from None
+
+
 def _check_missed(missed: object, where: str) -> MissedPolicy:
     if missed not in _MISSED:
         raise ScheduleError(f"{where}: missed must be 'skip', 'once' or 'all', got {missed!r}")
@@ -391,6 +467,10 @@ def _check_queue(queue: str | None, where: str) -> str | None:
         return validate_queue(queue)
     except ValueError as exc:
         raise ScheduleError(f"{where}: {exc}") from None
+
+
+#: The earliest start (epoch ms): year 1, plus a day so that every zone can show it.
+_MS_MIN = _ms(datetime(1, 1, 2, tzinfo=UTC).timestamp())
 
 
 def _duration_text(seconds: float) -> str:
@@ -502,7 +582,17 @@ class Scheduler:
         for item in self.schedules:
             if self._stopping.is_set():
                 break
-            done += await self._run_one(item, _ms(self._clock()))
+            now = _ms(self._clock())
+            try:
+                done += await self._run_one(item, now)
+            except _PASS_ON:
+                raise  # the backend is down (retried), or a setting no retry mends
+            except Exception as exc:
+                # One schedule's failure is its own: the others still run.
+                logger.error("schedule %s: skipped at %s: %s", item.name, _at(now), exc)
+                state = self._state[item.name]
+                if state.cursor is not None:
+                    state.cursor = max(state.cursor, now)
         return done
 
     async def _run_one(self, item: Schedule, now: int) -> list[Enqueued]:
@@ -520,10 +610,22 @@ class Scheduler:
             if last is None:
                 state.cursor = now  # never ran: nothing was missed
                 return []
+            if last > now + CLOCK_SLACK_MS:
+                _clock_went_back(item, "its last tick enqueued", last, now)
+                state.cursor = now
+                return []
             state.cursor = state.last = last
             ticks, more = item.ticks_between(last, now, MAX_CATCH_UP)
             ticks = _apply_missed(item, ticks, catching_up=True)
         else:
+            if state.cursor > now + CLOCK_SLACK_MS:
+                # The latest tick due now is the one this pass woke for: deal with it as a
+                # scheduler running along does (its once key makes it a no-op if it was
+                # enqueued before the clock stepped).
+                _clock_went_back(item, "the last tick dealt with", state.cursor, now)
+                latest = item.latest_until(now)
+                state.cursor = now if latest is None else latest - 1
+                state.last = None  # the next tick enqueued replaces the marker from the future
             ticks, more = item.ticks_between(state.cursor, now, MAX_CATCH_UP)
             ticks = _apply_missed(item, ticks, catching_up=False)
         if more and item.missed == "all":
@@ -535,7 +637,14 @@ class Scheduler:
             )
         done = []
         for tick in ticks:
-            done.append(await self._enqueue(item, tick))
+            try:
+                done.append(await self._enqueue(item, tick))
+            except _PASS_ON:
+                raise
+            except Exception as exc:
+                # A push this job can never make (its data, a setting): skip the tick, and
+                # neither retry it nor hold back the schedule's later ticks.
+                logger.error("schedule %s: tick %s not enqueued: %s", item.name, _at(tick), exc)
         state.cursor = max(state.cursor, now)
         return done
 
@@ -582,6 +691,16 @@ def _apply_missed(item: Schedule, ticks: list[int], *, catching_up: bool) -> lis
     if item.missed == "once" or not catching_up:
         return ticks[-1:]
     return []  # skip, starting up
+
+
+def _clock_went_back(item: Schedule, what: str, tick: int, now: int) -> None:
+    logger.warning(
+        "schedule %s: %s (%s) is later than now (%s): the clock went back; starting again from now",
+        item.name,
+        what,
+        _at(tick),
+        _at(now),
+    )
 
 
 def _marker_value(raw: str | None) -> int | None:

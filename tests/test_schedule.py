@@ -9,6 +9,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -56,6 +57,14 @@ def schedules() -> Schedules:
 
 def record_job() -> RecordJob:
     return RecordJob("/dev/null")
+
+
+def bad_job(**settings: object) -> RecordJob:
+    """A job with instance settings (which may be ones no dispatch accepts)."""
+    made = record_job()
+    for key, value in settings.items():
+        setattr(made, key, value)
+    return made
 
 
 # -- cron ticks ----------------------------------------------------------------------------
@@ -221,6 +230,40 @@ def test_two_schedules_with_one_name_are_refused_at_declaration(schedules: Sched
         (lambda s: s.every("30s", record_job(), queue="bad queue"), "invalid queue name"),
         (lambda s: s.every("30s", object()), "must be a Job instance, got object"),
         (lambda s: s.every("30s", record_job(), name=""), "schedule name"),
+        # F3: ticks that cannot be datetimes (or outlive the marker) are refused here, not
+        # met as a traceback in schedule:list / schedule:run.
+        (lambda s: s.every(1e12, record_job()), "interval must be at most 400 days"),
+        (lambda s: s.every("401 days", record_job()), "interval must be at most 400 days"),
+        (lambda s: s.every(10, record_job(), start=1e15), "start must be between year 1"),
+        (
+            lambda s: s.every(10, record_job(), start=datetime(9999, 1, 1, tzinfo=UTC)),
+            "start must be between year 1",
+        ),
+        # F2: a job the scheduler could never push is refused when the module loads.
+        (
+            lambda s: s.every("1s", bad_job(rate_limit="0/second"), name="bad"),
+            "schedule 'bad': its job cannot be dispatched: .*rate_limit",
+        ),
+        (
+            lambda s: s.cron("* * * * *", bad_job(limit_key="{device}", concurrency_limit=1)),
+            "its job cannot be dispatched: .*limit_key '{device}' names 'device'",
+        ),
+        (
+            lambda s: s.every("1s", bad_job(priority=True), name="prio"),
+            "schedule 'prio': its job cannot be dispatched: .*priority",
+        ),
+        (
+            lambda s: s.every("1s", record_job(), name="typo", connection="nope"),
+            "schedule 'typo': unknown queue connection 'nope'",
+        ),
+        (
+            lambda s: s.every("1s", bad_job(connection="nope"), name="typo"),
+            "schedule 'typo': unknown queue connection 'nope'",
+        ),
+        (
+            lambda s: s.every("1s", record_job(), name="inline", connection="sync"),
+            "schedule 'inline': the sync connection",
+        ),
     ],
 )
 def test_bad_declarations_are_refused_with_an_error_naming_the_problem(
@@ -348,6 +391,77 @@ async def test_a_scheduler_that_fell_behind_follows_the_policy(
     assert await pending(manager, backend) == expected
 
 
+async def test_a_schedule_that_cannot_push_skips_its_tick_and_the_others_go_on(
+    backend: Backend, name: str, start: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The payload limit is a connection setting, so only the push can find the job too big.
+    big = Schedules().every("1s", RecordJob("/dev/null", blob="x" * 4096), name=f"{name}-big")
+    good = Schedules().every("1s", record_job(), name=f"{name}-good")
+    clock = Clock(start)
+    async with QueueManager(backend.settings(queue_max_payload_bytes=2048)) as manager:
+        scheduler = Scheduler(manager, [big, good], clock=clock)
+        await scheduler.run_due()
+        with caplog.at_level(logging.ERROR, logger="topiq.schedule"):
+            for _ in range(3):
+                clock.now += 1
+                done = await scheduler.run_due()
+                assert [(d.schedule, d.created) for d in done] == [(good.name, True)]
+        assert await pending(manager, backend) == 3  # the good schedule's three ticks
+    skipped = [r.getMessage() for r in caplog.records if big.name in r.getMessage()]
+    assert len(skipped) == 3  # one line per tick, naming the schedule, then on to the next
+    assert all("not enqueued" in line and "2048" in line for line in skipped)
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["running", "restarted"])
+async def test_a_clock_stepped_forward_then_back_does_not_silence_a_schedule(
+    manager: QueueManager,
+    backend: Backend,
+    name: str,
+    start: float,
+    restart: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    item = Schedules().every("10s", record_job(), name=name)
+    clock = Clock(start)
+    scheduler = Scheduler(manager, [item], clock=clock)
+    await scheduler.run_due()
+    clock.now = start + 30 * 86400  # an RTC a month ahead, until NTP syncs
+    [ahead] = await scheduler.run_due()
+    driver = await manager.connection()
+    assert await driver.get_marker(item.marker) == str(ahead.tick_ms)
+    clock.now = start + 10
+    if restart:
+        scheduler = Scheduler(manager, [item], clock=clock)
+    with caplog.at_level(logging.WARNING, logger="topiq.schedule"):
+        await scheduler.run_due()
+    assert any("the clock went back" in r.getMessage() for r in caplog.records)
+    enqueued = []
+    for _ in range(3):
+        clock.now += 10
+        enqueued += [d.tick_ms for d in await scheduler.run_due() if d.created]
+    assert len(enqueued) == 3
+    # The marker from the future is replaced: the next scheduler to start trusts it again.
+    assert await driver.get_marker(item.marker) == str(enqueued[-1])
+
+
+async def test_a_marker_a_few_seconds_ahead_is_trusted(
+    manager: QueueManager, name: str, start: float
+) -> None:
+    # Another scheduler whose clock runs slightly ahead wrote it: not a clock step.
+    item = Schedules().every("10s", record_job(), name=name)
+    tick = item.next_after(int(start * 1000))
+    assert tick is not None
+    driver = await manager.connection()
+    await driver.set_marker(item.marker, str(tick), MARKER_TTL)
+    clock = Clock(tick / 1000 - 2)
+    scheduler = Scheduler(manager, [item], clock=clock)
+    assert await scheduler.run_due() == []
+    clock.now = tick / 1000 + 0.5
+    assert await scheduler.run_due() == []  # that tick was enqueued by the scheduler ahead
+    clock.now += 10
+    assert [d.tick_ms for d in await scheduler.run_due()] == [tick + 10_000]
+
+
 async def test_all_enqueues_at_most_the_latest_thousand_missed_ticks(
     name: str, start: float, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -390,6 +504,22 @@ def test_the_example_app_schedule_declares_nothing(clean_registry: None) -> None
 
     schedule.load("app.schedule")
     assert len(schedule) == 0
+
+
+def test_a_schedule_module_with_a_syntax_error_is_a_one_line_configuration_error(
+    clean_registry: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.errors import ConfigurationError
+    from core.schedule import schedule
+
+    module = f"schedule_syntax_{uuid.uuid4().hex[:10]}"
+    (tmp_path / f"{module}.py").write_text("from core.schedule import schedule\nx = (\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigurationError) as caught:
+        schedule.load(module)
+    message = str(caught.value)
+    assert message.startswith(f"SCHEDULE_MODULE: {module!r} has a syntax error: ")
+    assert f"{module}.py, line 2" in message and "\n" not in message
 
 
 def test_a_schedule_module_that_is_not_there_is_a_configuration_error(
