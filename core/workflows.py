@@ -65,8 +65,14 @@ class Workflow:
         self.then = None if then is None else _member(then, f"{what} then=")
         self.catch = None if catch is None else _member(catch, f"{what} catch=")
         self.finally_ = None if finally_ is None else _member(finally_, f"{what} finally_=")
-        if not isinstance(name, str) or len(name) > 190:
-            raise ValueError(f"{what} name= must be a string of at most 190 characters")
+        from core.queue.payload import _CONTROL
+
+        if not isinstance(name, str) or len(name) > 190 or _CONTROL.search(name):
+            shown = repr(name[:200]) if isinstance(name, str) else _type(name)
+            raise ValueError(
+                f"{what} name= must be a string of at most 190 characters without control "
+                f"characters, got {shown}"
+            )
         self.name = name
         if connection is not None and not isinstance(connection, str):
             raise TypeError(f"{what} connection= must be a connection name, got {connection!r}")
@@ -365,7 +371,8 @@ class Planner:
                 previous, how = (self.dependency(node),), "succeeded"
         else:
             members = [self._part(part, entry, rule) for part in workflow.members]
-        waits = tuple(self.dependency(node) for node in members)
+        # A job that is two members (one `job_id` kept twice) is waited for once.
+        waits = unique_dependencies(self.dependency(node) for node in members)
         first = self.steps[members[0].step].outgoing
         settings = self.manager.settings
         record = OutgoingJob(
@@ -389,6 +396,14 @@ class Planner:
         if workflow.finally_ is not None:
             node.finally_ = self._part(workflow.finally_, done, "ended")
         return node
+
+
+def unique_dependencies(dependencies: Iterable[Dependency]) -> tuple[Dependency, ...]:
+    """`dependencies` without repeats of an id (the first of each kept), in order."""
+    out: dict[str, Dependency] = {}
+    for dependency in dependencies:
+        out.setdefault(dependency.id, dependency)
+    return tuple(out.values())
 
 
 def _first_job(workflow: Workflow) -> Job:

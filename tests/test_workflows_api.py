@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import pickle
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
+import orjson
 import pytest
 
 from core.cli import build_parser
@@ -35,6 +37,7 @@ from core.hooks import hooks
 from core.job import Job, job
 from core.queue.drivers.base import MAX_PRIORITY, Dependency, Limit, OutgoingJob, Pushed
 from core.queue.handle import JobHandle
+from core.queue.payload import JobLoader
 from core.queue.queue_manager import (
     QueueManager,
     WorkflowHandle,
@@ -48,7 +51,7 @@ from core.status import Progress, Status
 from core.testing import fake_queue
 from core.worker.options import WorkerOptions
 from core.worker.worker import Worker
-from core.workflows import Batch, Chain
+from core.workflows import Batch, Chain, Planner
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.timeout(60)
@@ -254,6 +257,43 @@ def test_push_priority_is_checked_naming_push() -> None:
     for bad in (True, "1", 2**31):
         with pytest.raises(SerializationError, match=r"push\(priority=\.\.\.\)"):
             outgoing(manager, Step("a"), priority=bad)
+
+
+class Alarm(Job):
+    """A job of an earlier release whose data used names that are settings now."""
+
+    max_tries = 1
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    async def handle(self) -> str:
+        level = self.__dict__.get("priority")
+        RUNS.append(f"alarm {self.device} {level} {self.__dict__.get('burst')}")
+        return f"{self.device}:{level}"
+
+
+async def test_a_stored_payload_whose_data_uses_a_new_setting_name_still_runs(
+    manager: QueueManager,
+) -> None:
+    """Upgrading: a job queued by a release before these settings existed, whose data has
+    `priority: "high"` (and `burst`, a list of readings), loads and runs on a new worker; only
+    dispatching it anew refuses the value, naming the setting."""
+    out = outgoing(manager, Alarm("pump"))
+    envelope = orjson.loads(out.payload)
+    envelope["data"].update(priority="high", burst=[1, 2, 3])
+    old = dataclasses.replace(
+        out, queue=manager.settings.queue_default, payload=orjson.dumps(envelope)
+    )
+    driver = await manager.connection()
+    await driver.push([old])
+    handle = manager.job(old.id, queue=old.queue)
+    await work(manager, handle)
+    assert RUNS == ["alarm pump high [1, 2, 3]"]
+    assert await handle.result(timeout=5) == "pump:high"
+    loaded = JobLoader(["tests."]).load(old.payload, job_id=old.id, attempts=1).job
+    with pytest.raises(SerializationError, match=r"Alarm\.priority must be a whole number"):
+        await manager.push(loaded)
 
 
 # -- priority and depends_on through the manager ------------------------------------------------
@@ -545,6 +585,27 @@ async def test_a_duplicate_member_stores_nothing_that_runs(manager: QueueManager
     assert RUNS == ["holder"]
 
 
+async def test_a_job_kept_twice_in_a_workflow_counts_once(manager: QueueManager) -> None:
+    """Two members that keep one waiting job (`job_id`, `on_duplicate="keep"`) are that one
+    job: the record waits for it once and ends succeeded 1/1 (not 1 of 2, one pending)."""
+    holder = await manager.push(Step("holder"), job_id="kept")
+    members = [Step("a"), Step("b")]
+    for member in members:
+        member.job_id = "kept"
+        member.on_duplicate = "keep"
+    record = Planner(manager, batch(members)).steps[-1].outgoing  # what the driver gets
+    assert record.kind == "batch" and [d.id for d in record.depends_on] == ["kept"]
+    twice = (Dependency("x"), Dependency("x", "q"))
+    assert outgoing(manager, Step("c"), depends_on=twice).depends_on == (Dependency("x"),)
+    flow = await batch(members).dispatch()
+    assert (await flow.progress()).total == 1
+    await work(manager, flow)
+    assert RUNS == ["holder"]
+    assert (await holder.status()).status is Status.SUCCEEDED
+    assert (await flow.status()).status is Status.SUCCEEDED
+    assert await flow.progress() == Progress(total=1, pending=0, succeeded=1)
+
+
 async def test_workflow_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="chain\\(\\) needs at least one job"):
         chain()
@@ -560,6 +621,12 @@ async def test_workflow_arguments_are_checked() -> None:
     with pytest.raises(TypeError, match="allow_failures= must be True or False"):
         batch([Step("a")], allow_failures=1)  # type: ignore[arg-type]
     assert isinstance(chain(Step("a")), Chain) and isinstance(batch([Step("a")]), Batch)
+    for bad in ("x\x1b[31mRED\x1b[0m", "line\nfake row", "a\x00b", "x" * 191):
+        with pytest.raises(ValueError, match=r"batch\(\) name= must be a string of at most 190 "):
+            batch([Step("a")], name=bad)
+    with pytest.raises(ValueError, match=r"chain\(\) name= .* without control characters"):
+        chain(Step("a"), name="tab\there")
+    assert batch([Step("a")], name="ünï " + "x" * 185).name.endswith("x")
     elsewhere = Step("b")
     elsewhere.connection = "sync"
     async with QueueManager(make_settings(queue_connection="memory")) as manager:

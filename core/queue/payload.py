@@ -112,6 +112,13 @@ def _refuse(value: Any) -> Any:
 class _ClassInfo:
     names: frozenset[str]  # public names the class defines: no data key may use one
     problem: str | None  # why the class's settings cannot work, if they cannot
+    loaded: frozenset[str]  # of `names`, those a stored payload's data may not use
+
+
+#: Settings that were free data names before they became settings: a payload stored by an
+#: earlier release may carry one as data (`priority: "high"`, an alarm level). A worker loads
+#: it as data; settings are read at dispatch only, where such a value is refused by name.
+_ONCE_DATA = frozenset({"priority", "rate_limit", "burst", "concurrency_limit", "limit_key"})
 
 
 _CLASS_INFO: dict[type[Job], _ClassInfo] = {}
@@ -143,7 +150,7 @@ def _class_info(cls: type[Job]) -> _ClassInfo:
                 break
         if problem is None:
             problem = _aliases_problem(cls)
-        info = _CLASS_INFO[cls] = _ClassInfo(names, problem)
+        info = _CLASS_INFO[cls] = _ClassInfo(names, problem, names - _ONCE_DATA)
     return info
 
 
@@ -812,7 +819,7 @@ class JobLoader:
         if info.problem is not None:
             raise PayloadError(f"{path}: {info.problem}")
         data: dict[str, Any] = envelope["data"]
-        clash = not info.names.isdisjoint(data)
+        clash = not info.loaded.isdisjoint(data)
         if not clash:
             for key in data:
                 if key.startswith("_"):
@@ -821,7 +828,7 @@ class JobLoader:
         if clash:
             raise PayloadError(
                 f"{path}: payload data may only set data attributes, but "
-                + "; ".join(_clashes(cls, info.names, data))
+                + "; ".join(_clashes(cls, info.loaded, data))
             )
         if getattr(cls, "_job_function", None) is not None and not (
             isinstance(data.get("args"), list)

@@ -66,6 +66,7 @@ from core.workflows import (
     WorkflowHandle,
     batch,
     chain,
+    unique_dependencies,
 )
 
 __all__ = [
@@ -296,7 +297,7 @@ class QueueManager:
             ttl=settings.ttl,
             failure_ttl=failure_ttl,
             priority=priority,
-            depends_on=depends_on,
+            depends_on=depends_on if len(depends_on) < 2 else unique_dependencies(depends_on),
             rule=rule,
             limit=None if settings.limit is None else limit_of(job, settings),
         )
