@@ -262,3 +262,31 @@ async def test_clear_resolves_what_waits_on_the_cleared_jobs_batch_by_batch(
     await driver.ack([held])
     released = await driver.job_status(on_running.id, other)
     assert released is not None and released.status is Status.QUEUED
+
+
+async def test_prune_deletes_the_limit_rows_of_idle_keys_only(
+    driver: DatabaseDriver, queue: str
+) -> None:
+    # A rate far in the future (1 start a day) keeps "slow"; a running job keeps "busy";
+    # the keys whose jobs ended, with no rate left to wait for, go.
+    idle = [Limit(f"cust:{i}", concurrency=1) for i in range(3)]
+    busy, slow = Limit("busy", concurrency=1), Limit("slow", rate=1, period=86400.0)
+    pushed = await driver.push([job(queue, limit=lim) for lim in [*idle, busy, slow]])
+    got = await driver.reserve([queue], 10, lease=30)
+    assert {h.id for h in got} == {p.id for p in pushed}
+    await driver.ack([h for h in got if h.id != pushed[3].id])
+    limits = t.queue_limits.c
+
+    async def keys() -> set[str]:
+        async with driver._engine.connect() as conn:  # type: ignore[union-attr]
+            query = select(limits.limit_key).where(limits.queue == queue)
+            return {str(k) for k in (await conn.scalars(query)).all()}
+
+    assert await keys() == {"cust:0", "cust:1", "cust:2", "busy", "slow"}
+    await driver.prune_records()
+    assert await keys() == {"busy", "slow"}
+    # A pruned key works as before: its next job starts and is counted against it.
+    again, _ = await driver.push([job(queue, limit=idle[0]), job(queue, limit=idle[0])])
+    [started] = await driver.reserve([queue], 10, lease=30)
+    assert started.id == again.id  # the second is held by the key's concurrency of 1
+    assert await keys() == {"cust:0", "busy", "slow"}

@@ -484,6 +484,11 @@ class DatabaseDriver(Driver):
             if row is None:
                 return
             here = dict(values)
+            if "available_at" not in here and not row.priority and row.available_at < t.FRONT:
+                # A refunded `at_front` job goes to the head of its priority level, as every
+                # refund does, not before every priority: `FRONT` is before every ready job
+                # of priority 0 and after the `at_front` ones.
+                here["available_at"] = t.FRONT
             if row.priority:  # back in its priority's place (see `sql_tables.placement`)
                 due = here.get("available_at", row.available_at)
                 here.update(t.placement(row.priority, due, t.now()))
@@ -752,8 +757,9 @@ class DatabaseDriver(Driver):
         return await self._run("count ended jobs", op, write=False)
 
     async def prune_records(self) -> int:
-        """Delete records past their keep time, counters older than two hours and unique-key
-        rows whose job is gone and whose `unique_for` has passed; returns the records deleted.
+        """Delete records past their keep time, counters older than two hours, unique-key
+        rows whose job is gone and whose `unique_for` has passed, and the limit rows of idle
+        keys (`sql_workflow.prune_limits`); returns the records deleted.
 
         In batches of `sql_lifecycle.PRUNE_BATCH` rows, each its own short transaction.
         """
@@ -766,6 +772,7 @@ class DatabaseDriver(Driver):
         await self._run("prune job counters", life.prune_counts)
         await self._run("prune unique keys", life.prune_keys)
         await self._run("prune once keys and markers", wf.prune_once)
+        await self._run("prune idle limit keys", wf.prune_limits)
         return deleted
 
     # -- small named values ------------------------------------------------------------

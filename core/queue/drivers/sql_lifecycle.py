@@ -144,7 +144,7 @@ def due_time(row: Any) -> datetime | None:
         if t.is_priority_time(row.reserved_until):
             return row.available_at  # type: ignore[no-any-return]
         return row.reserved_until  # type: ignore[no-any-return]
-    if row.available_at < t.FRONT:
+    if row.available_at <= t.FRONT:  # `FRONT` itself: a refunded `at_front` job
         return row.due_at or row.created_at  # type: ignore[no-any-return]
     return row.available_at  # type: ignore[no-any-return]
 

@@ -21,12 +21,13 @@ Used by `database.DatabaseDriver` inside its transactions; nothing here opens on
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Row, delete, func, insert, select, update
+from sqlalchemy import Row, and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.queue.drivers import sql_lifecycle as life
@@ -40,6 +41,7 @@ __all__ = [
     "check_limit",
     "find_dependencies",
     "get_marker",
+    "prune_limits",
     "register_dependencies",
     "release_once",
     "set_marker",
@@ -347,16 +349,32 @@ async def _end_record(
 
 async def cancel_members(ctx: Context, record_id: str, queue: str, *, running: bool) -> None:
     """Cancel the members of a workflow record that have not ended: waiting ones at once,
-    running ones (with `running`) asked to cancel."""
+    running ones (with `running`) asked to cancel. A member that is itself a workflow record
+    is not ended like a job: its own members are cancelled (nested ones too), and it ends
+    when they have, as any record does."""
+    records = [(record_id, queue)]
+    while records:
+        await _cancel_direct_members(ctx, *records.pop(), running, records)
+    await settle(ctx)
+
+
+async def _cancel_direct_members(
+    ctx: Context, record_id: str, queue: str, running: bool, records: list[tuple[str, str]]
+) -> None:
+    """`cancel_members` for one record; its nested records are added to `records`."""
     conn = ctx.conn
     query = (
         select(_deps.dep_uuid, _deps.dep_queue)
         .where(_deps.job_uuid == record_id, _deps.job_queue == queue, _deps.status.is_(None))
         .order_by(_deps.seq)
     )
+    nested: list[tuple[str, str]] = []
     for member in (await conn.execute(query)).all():
         row = await _lock_job(conn, member.dep_uuid, member.dep_queue)
         if row is None:
+            continue
+        if row.kind:
+            nested.append((str(row.uuid), str(row.queue)))
             continue
         state = life.live_state(row, ctx.now)
         if state == "running":
@@ -370,7 +388,7 @@ async def cancel_members(ctx: Context, record_id: str, queue: str, *, running: b
         else:
             ending = (row, Status.CANCELLED, "cancelled")
         await life.end_rows(conn, [ending], ctx.now, ctx.connection, ctx.failure_keep, ctx.ends)
-    await settle(ctx)
+    records.extend(reversed(nested))  # depth first, in push order
 
 
 # -- limits ---------------------------------------------------------------------------------
@@ -495,6 +513,25 @@ async def release_slots(conn: AsyncConnection, stopped: Sequence[tuple[str, str,
 
 
 # -- once keys and markers ------------------------------------------------------------------
+
+
+async def prune_limits(conn: AsyncConnection) -> int:
+    """Delete up to `PRUNE_BATCH` rows of idle limit keys: none of their jobs running (no
+    running ids), none parked for a later time, and a rate that has caught up (`tat` past).
+    Such a row says nothing a new one would not: the next start of its key makes a new one.
+    Each is deleted only if it is still idle, so a claim taking the key now keeps it."""
+    now, clock = t.now(), time.time()
+    idle = (
+        (_limits.running == "[]")
+        & (_limits.tat < clock)
+        & (_limits.parked_until.is_(None) | (_limits.parked_until <= now))
+    )
+    query = select(_limits.queue, _limits.limit_key).where(idle).limit(life.PRUNE_BATCH)
+    rows = (await conn.execute(query)).all()
+    if not rows:
+        return 0
+    named = or_(*(and_(_limits.queue == r.queue, _limits.limit_key == r.limit_key) for r in rows))
+    return int((await conn.execute(delete(t.queue_limits).where(named, idle))).rowcount)
 
 
 async def take_once(conn: AsyncConnection, job: OutgoingJob, now: datetime) -> Pushed | None:
