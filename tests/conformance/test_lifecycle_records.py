@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -23,17 +22,6 @@ from tests.conftest import Backend
 pytestmark = pytest.mark.timeout(60)
 
 JOB = "tests.jobs:RecordJob"
-
-
-@pytest.fixture
-async def driver(backend: Backend) -> AsyncIterator[Driver]:
-    async with create_driver(backend.connection, backend.settings()) as opened:
-        yield opened
-
-
-@pytest.fixture
-def queue(backend: Backend) -> str:
-    return str(backend.overrides["queue_default"])
 
 
 def new_id() -> str:

@@ -9,28 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 
-from core.queue.drivers import Driver, Outcome, OutgoingJob, Pushed, create_driver
+from core.queue.drivers import Driver, Outcome, OutgoingJob, Pushed
 from core.status import Status
-from tests.conftest import Backend
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def driver(backend: Backend) -> AsyncIterator[Driver]:
-    async with create_driver(backend.connection, backend.settings()) as opened:
-        yield opened
-
-
-@pytest.fixture
-def queue(backend: Backend) -> str:
-    return str(backend.overrides["queue_default"])
 
 
 def new_id() -> str:

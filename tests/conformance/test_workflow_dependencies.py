@@ -14,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
 
-from core.queue.drivers import Driver, Outcome, Pushed, create_driver
+from core.queue.drivers import Driver, Outcome, Pushed
 from core.queue.drivers.base import Dependency, FailedJob
 from core.status import Progress, Status
 from tests.conformance.workflow_support import (
@@ -37,17 +36,6 @@ from tests.conformance.workflow_support import (
 from tests.conftest import Backend
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def driver(backend: Backend) -> AsyncIterator[Driver]:
-    async with create_driver(backend.connection, backend.settings()) as opened:
-        yield opened
-
-
-@pytest.fixture
-def queue(backend: Backend) -> str:
-    return str(backend.overrides["queue_default"])
 
 
 # -- deferred ------------------------------------------------------------------------------

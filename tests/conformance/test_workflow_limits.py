@@ -15,11 +15,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
-from core.queue.drivers import Driver, create_driver
+from core.queue.drivers import Driver
 from core.queue.drivers.base import Limit
 from core.status import Status
 from tests.conformance.workflow_support import (
@@ -41,17 +40,6 @@ RATE = Limit("api", rate=2, period=1.0)
 ONE_AT_A_TIME = Limit("printer", concurrency=1)
 #: Slack for clocks read on two sides (the server's and ours) and rounding to milliseconds.
 SLACK = 0.03
-
-
-@pytest.fixture
-async def driver(backend: Backend) -> AsyncIterator[Driver]:
-    async with create_driver(backend.connection, backend.settings()) as opened:
-        yield opened
-
-
-@pytest.fixture
-def queue(backend: Backend) -> str:
-    return str(backend.overrides["queue_default"])
 
 
 def ids(n: int) -> list[str]:

@@ -9,11 +9,10 @@ named value per connection until its ttl ends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
-from core.queue.drivers import Driver, Pushed, create_driver
+from core.queue.drivers import Driver, Pushed
 from core.status import Status
 from tests.conformance.workflow_support import (
     both,
@@ -27,17 +26,6 @@ from tests.conformance.workflow_support import (
 from tests.conftest import Backend
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def driver(backend: Backend) -> AsyncIterator[Driver]:
-    async with create_driver(backend.connection, backend.settings()) as opened:
-        yield opened
-
-
-@pytest.fixture
-def queue(backend: Backend) -> str:
-    return str(backend.overrides["queue_default"])
 
 
 async def test_rule_a_taken_once_key_is_a_duplicate_naming_the_first_job(

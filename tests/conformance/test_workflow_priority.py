@@ -9,11 +9,10 @@ lease expired at the head of its level). A job keeps its priority for its whole 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
-from core.queue.drivers import Driver, Pushed, create_driver
+from core.queue.drivers import Driver, Pushed
 from core.queue.drivers.base import MAX_PRIORITY
 from core.status import Status
 from tests.conformance.workflow_support import (
@@ -24,20 +23,8 @@ from tests.conformance.workflow_support import (
     status_of,
     take,
 )
-from tests.conftest import Backend
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def driver(backend: Backend) -> AsyncIterator[Driver]:
-    async with create_driver(backend.connection, backend.settings()) as opened:
-        yield opened
-
-
-@pytest.fixture
-def queue(backend: Backend) -> str:
-    return str(backend.overrides["queue_default"])
 
 
 def ids(n: int) -> list[str]:
