@@ -10,6 +10,8 @@ TopiqError
 │   └── UnknownJobError       the payload names a class that is not an allowed Job
 ├── DriverError               a queue backend failed (the cause is chained)
 │   └── ConnectionLostError   the backend cannot be reached right now
+│       └── SpoolFullError    ... and the MQTT app's offline spool is full too
+├── QueueFullError            a dispatch met a queue at its `max_length` (overflow "reject")
 ├── JobTimeoutError           a job ran past its timeout (also a built-in TimeoutError)
 ├── DuplicateJobError         a dispatch met a waiting or running job with its id or unique key
 ├── JobNotFoundError          no job (or no kept record) has this id
@@ -17,6 +19,7 @@ TopiqError
 │   ├── JobCancelledError     ... that was cancelled
 │   └── JobExpiredError       ... that expired before it started (`ttl`)
 ├── WorkerLostError           a job's lease expired on its last try: its worker died
+├── RequestTimeoutError       `Job.request` got no reply in time (also a built-in TimeoutError)
 └── MqttError                 the MQTT side (core.mqtt.errors)
     ├── BrokerStartError      the embedded broker cannot start (its port is taken)
     ├── PublishError          a publish did not reach the broker
@@ -41,8 +44,11 @@ __all__ = [
     "JobTimeoutError",
     "PayloadError",
     "PayloadTooLargeError",
+    "QueueFullError",
+    "RequestTimeoutError",
     "Retry",
     "SerializationError",
+    "SpoolFullError",
     "TopiqError",
     "UnknownJobError",
     "UnloadableJobError",
@@ -85,6 +91,26 @@ class DriverError(TopiqError):
 
 class ConnectionLostError(DriverError):
     """The queue backend cannot be reached; the operation may be retried."""
+
+
+class SpoolFullError(ConnectionLostError):
+    """The queue backend cannot be reached and the offline spool holds its maximum: the MQTT
+    app leaves the message unacknowledged, so the broker keeps it."""
+
+
+class QueueFullError(TopiqError):
+    """The queue holds its `max_length` of waiting jobs and its overflow policy is "reject":
+    nothing was queued."""
+
+    def __init__(self, message: str, *, queue: str = "", max_length: int = 0) -> None:
+        super().__init__(message)
+        self.queue = queue
+        self.max_length = max_length
+
+
+class RequestTimeoutError(TopiqError, TimeoutError):
+    """`Job.request` got no reply in time: the try fails, and `max_tries`/`retry_after`
+    decide whether the command is sent again."""
 
 
 class JobTimeoutError(TopiqError, TimeoutError):

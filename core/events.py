@@ -2,8 +2,8 @@
 
 The manager emits `dispatched`; whoever runs a try (the worker, the `sync` connection) emits
 `started`, then one of `succeeded`, `retrying`, `failed`, `cancelled`, `returned` (handed back
-unfinished by a stopping worker). (`expired` is reserved: a job past its `ttl` is taken out
-by the backend inside a reserve, and is counted and recorded there instead.) The
+unfinished by a stopping worker). A worker emits `expired` for a job its backend
+found past its `ttl` inside a reservation (ended there, never run). The
 dashboard, the metrics and MQTT status messages subscribe here rather than each hooking the
 worker:
 

@@ -50,6 +50,38 @@ def _csv(value: Any) -> Any:
     return value
 
 
+def _parse_bound(entry: str) -> tuple[str, int, str]:
+    """`name=N[:policy]` as (name, N, policy), or `ValueError` saying what is wrong."""
+    name, sep, rest = entry.partition("=")
+    name = name.strip()
+    length, _, overflow = rest.partition(":")
+    overflow = overflow.strip() or "reject"
+    if not sep or not name:
+        raise ValueError(f"{entry!r} must be 'queue=N' or 'queue=N:drop_oldest'")
+    try:
+        count = int(length.strip())
+    except ValueError:
+        raise ValueError(f"{entry!r}: the length must be a whole number, got {length!r}") from None
+    if count < 0:
+        raise ValueError(f"{entry!r}: the length must be 0 or more")
+    if overflow not in ("reject", "drop_oldest"):
+        raise ValueError(f"{entry!r}: the overflow policy must be reject or drop_oldest")
+    return name, count, overflow
+
+
+def _filter_problem(value: str) -> str:
+    """Why `value` is not a valid MQTT topic filter ("" when it is)."""
+    if not value:
+        return "it is empty"
+    levels = value.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return "'#' must be a whole level and the last one"
+        if "+" in level and level != "+":
+            return "'+' must be a whole level"
+    return ""
+
+
 class Settings(BaseSettings):
     """Every setting Topiq reads; `.env.example` documents each one."""
 
@@ -78,6 +110,9 @@ class Settings(BaseSettings):
     # expiry, unless the job says otherwise (`result_ttl`, `failure_ttl`); 0 keeps nothing.
     queue_result_ttl: float = Field(default=500.0, ge=0)
     queue_failure_ttl: float = Field(default=604800.0, ge=0)
+    # Bounded queues: `name=N` or `name=N:drop_oldest` entries, comma-separated (a job's
+    # `max_queue_length` / `overflow` override them). Read with `queue_bound(name)`.
+    queue_max_lengths: Annotated[tuple[str, ...], NoDecode] = ()
 
     # -- worker defaults (the CLI flags override them) ------------------------------------
     worker_sleep: float = Field(default=0.25, ge=0)
@@ -129,8 +164,55 @@ class Settings(BaseSettings):
     mqtt_handler_retries: int = Field(default=2, ge=0)
     mqtt_grace: float = Field(default=10.0, ge=0)
     mqtt_embedded_port: int = Field(default=1883, ge=1, le=65535)
+    # MQTT filters a message's Response Topic must match for a job's outcome to be published
+    # there (comma-separated); empty: never.
+    mqtt_response_topics: Annotated[tuple[str, ...], NoDecode] = ()
+    # Where `Job.request` asks devices to reply: `<prefix>/<worker client id>/<random>`.
+    mqtt_reply_prefix: str = "topiq/replies"
+    # The offline spool: jobs dispatched while the queue backend cannot be reached.
+    mqtt_spool_path: Path = Path("storage/spool.sqlite3")
+    mqtt_spool_max: int = Field(default=100_000, ge=0)  # jobs; 0: no spool
 
-    _csv_fields = field_validator("queue_allowed_modules", mode="before")(_csv)
+    _csv_fields = field_validator(
+        "queue_allowed_modules", "queue_max_lengths", "mqtt_response_topics", mode="before"
+    )(_csv)
+
+    @field_validator("queue_max_lengths")
+    @classmethod
+    def _check_bounds(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        seen: set[str] = set()
+        for entry in value:
+            name = _parse_bound(entry)[0]
+            if name in seen:
+                raise ValueError(f"queue {name!r} is listed twice")
+            seen.add(name)
+        return value
+
+    @field_validator("mqtt_response_topics")
+    @classmethod
+    def _check_filters(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            problem = _filter_problem(entry)
+            if problem:
+                raise ValueError(f"{entry!r} is not an MQTT topic filter: {problem}")
+        return value
+
+    @field_validator("mqtt_reply_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        value = value.strip().strip("/")
+        if not value or any(c in value for c in "+#") or value.startswith("$"):
+            raise ValueError("must be topic levels without '+', '#' or a leading '$'")
+        return value
+
+    def queue_bound(self, queue: str) -> tuple[int, str]:
+        """The `QUEUE_MAX_LENGTHS` entry of `queue`: (max length, overflow); (0, "reject")
+        when it has none."""
+        for entry in self.queue_max_lengths:
+            name, length, overflow = _parse_bound(entry)
+            if name == queue:
+                return length, overflow
+        return 0, "reject"
 
     @field_validator("log_level")
     @classmethod

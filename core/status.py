@@ -101,6 +101,8 @@ class JobStatus:
     progress: Progress | None = None
     #: The job's priority within its queue (higher first).
     priority: int = 0
+    #: The group the job runs in turn with (one at a time, in push order); "" for none.
+    group: str = ""
 
     def __str__(self) -> str:
         return self.status.value

@@ -20,11 +20,12 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self, get_args
+from typing import Any, Protocol, Self, get_args
 
 from core.delays import Delay, parse_delay
 from core.errors import (
     ConfigurationError,
+    ConnectionLostError,
     DuplicateJobError,
     JobNotFoundError,
     SerializationError,
@@ -101,6 +102,23 @@ def _delay_seconds(delay: Delay | None) -> float:
     return seconds
 
 
+class JobSpool(Protocol):
+    """Where jobs wait while their backend cannot be reached (the MQTT app's offline spool).
+
+    Once a spool holds jobs of a connection, every later push to that connection goes to the
+    spool too (behind them: dispatch order holds) until it has been replayed.
+    """
+
+    def holds(self, connection: str) -> bool:
+        """Whether jobs of `connection` are waiting in the spool."""
+        ...
+
+    async def add(self, connection: str, jobs: Sequence[OutgoingJob]) -> None:
+        """Store `jobs` (one push: replayed together, in order), durably before returning;
+        `SpoolFullError` when the spool is at its bound (nothing stored)."""
+        ...
+
+
 class QueueManager:
     """Sends jobs to queues and answers questions about them, on any configured connection.
 
@@ -119,6 +137,9 @@ class QueueManager:
         #: Job classes a worker can import (checked once per class).
         self._loadable: set[type[Job]] = set()
         self._hooks_loaded = False
+        #: Where pushes go while their backend cannot be reached (set by the MQTT app);
+        #: `None`: such a push raises `ConnectionLostError`.
+        self.spool: JobSpool | None = None
 
     # -- connections -------------------------------------------------------------------
 
@@ -319,8 +340,8 @@ class QueueManager:
         if job_id != outgoing.id or not outgoing.check_id:
             # Not an id the caller chose: dispatching this instance again is a new job.
             job.__dict__[ASSIGNED_ID] = job_id
-        if outcome == "created" or outcome == "replaced":
-            if outcome == "created":
+        if outcome == "created" or outcome == "replaced" or outcome == "spooled":
+            if outcome != "replaced":
                 self.dispatched += 1
             if hooks._dispatch:  # dispatch is a hot path: no coroutine when no hook listens
                 await hooks.dispatched(job, job_id)
@@ -336,6 +357,23 @@ class QueueManager:
                 )
         # Handles of the default manager go through the facade, which closes its connections.
         return JobHandle(job_id, outgoing.queue, connection, None if self is _default else self)
+
+    async def _store(self, conn: str, jobs: Sequence[OutgoingJob]) -> Sequence[Pushed | None]:
+        """Push `jobs` (one driver call), or spool them: when the spool already holds jobs of
+        this connection, or the backend cannot be reached."""
+        spool = self.spool
+        if spool is not None and spool.holds(conn):
+            await spool.add(conn, jobs)
+            return [Pushed(job.id, "spooled") for job in jobs]
+        try:
+            driver = await self.connection(conn)
+            pushed: Sequence[Pushed | None] | None = await driver.push(jobs)
+        except ConnectionLostError:
+            if spool is None:
+                raise
+            await spool.add(conn, jobs)  # SpoolFullError (a ConnectionLostError) when full
+            return [Pushed(job.id, "spooled") for job in jobs]
+        return pushed if pushed else [None] * len(jobs)
 
     def _load_hooks(self) -> None:
         self._hooks_loaded = True
@@ -390,9 +428,8 @@ class QueueManager:
         )
         if once_key:
             outgoing = dataclasses.replace(outgoing, once_key=once_key, once_for=once_for)
-        driver = await self.connection(conn)
-        pushed = await driver.push([outgoing])
-        result = await self._settle(job, outgoing, pushed[0] if pushed else None, conn)
+        pushed = await self._store(conn, [outgoing])
+        result = await self._settle(job, outgoing, pushed[0], conn)
         if isinstance(result, Exception):
             raise result
         return result
@@ -450,10 +487,7 @@ class QueueManager:
         handles: list[JobHandle | None] = [None] * count
         rejected: list[DuplicateJobError] = []
         for conn, group in groups.items():
-            driver = await self.connection(conn)
-            pushed: Sequence[Pushed | None] | None = await driver.push([o for _, _, o in group])
-            if not pushed:
-                pushed = [None] * len(group)
+            pushed = await self._store(conn, [o for _, _, o in group])
             for (index, job, outgoing), done in zip(group, pushed, strict=True):
                 result = await self._settle(job, outgoing, done, conn)
                 if isinstance(result, JobNotFoundError):
@@ -497,9 +531,11 @@ class QueueManager:
     async def _push_plan(self, plan: Planner) -> WorkflowHandle:
         conn = plan.connection
         steps = plan.steps
-        driver = await self.connection(conn)
         outgoing = [step.outgoing for step in steps]
-        pushed: Sequence[Pushed] = await driver.push(outgoing) or [Pushed(o.id) for o in outgoing]
+        pushed: Sequence[Pushed] = [
+            done or Pushed(o.id)
+            for o, done in zip(outgoing, await self._store(conn, outgoing), strict=True)
+        ]
         problem = _workflow_problem(plan.root.kind, steps, pushed)
         if problem is not None:
             # Its jobs, dependents first so that nothing is released. Not its records: one
@@ -510,6 +546,7 @@ class QueueManager:
                 for step, done in zip(steps, pushed, strict=True)
                 if done.outcome == "created" and step.job is not None
             ]
+            driver = await self.connection(conn)
             for out, done in reversed(stored):
                 await driver.cancel(done.id, out.queue)
             raise problem

@@ -47,7 +47,7 @@ from core.errors import (
     Retry,
     WorkerLostError,
 )
-from core.events import EventKind, events
+from core.events import EventKind, JobEvent, events
 from core.execution import (
     JobAbandonedError,
     JobThreads,
@@ -363,6 +363,9 @@ class Worker:
                     await self._pause(delay)
                     continue
                 self._acknowledged(acks)
+                if jobs and any(job.expired for job in jobs):
+                    self._expired([job for job in jobs if job.expired])
+                    jobs = [job for job in jobs if not job.expired]
                 if jobs:
                     held = [Buffered(job, lease, asked + lease) for job in jobs]
                     if self._stop_reason is not None:
@@ -389,6 +392,23 @@ class Worker:
             unstarted = list(self._buffer)
             self._buffer.clear()
             await self._return_unstarted(unstarted)
+
+    def _expired(self, jobs: list[ReservedJob]) -> None:
+        """Jobs the backend found past their `ttl` in this reservation: already ended (never
+        run, never acknowledged); announced so that listeners can report the end."""
+        if events.active:
+            for job in jobs:
+                events.emit(
+                    JobEvent(
+                        EventKind.EXPIRED,
+                        job.id,
+                        job.queue,
+                        self.connection,
+                        attempts=job.attempts,
+                        error="expired before it started (ttl)",
+                        worker=self.id,
+                    )
+                )
 
     async def _return_unstarted(self, jobs: list[Buffered]) -> None:
         """Give back jobs reserved but never started, without spending their try."""

@@ -38,6 +38,16 @@ driver notes in `OutgoingJob`):
   counting a try; it becomes ready again when the rate allows or a job of its key stops.
 * `once_key`: at most one push per key while the key lives (`once_for`): schedule ticks.
 * `get_marker`/`set_marker`: small named values (a schedule's last tick).
+
+IoT-native rules ride on them too (docs/iot.md):
+
+* `group`: one job per group and queue is in turn (ready, retrying, running); the others wait
+  in the group's line in push order, and the next takes the turn in the same atomic step as
+  the holder ends. Only turn holders are ever ready, so groups are served fairly.
+* `max_length` + `overflow`: `push` counts the queue's waiting jobs in the same atomic step as
+  the store, and rejects the new job ("full") or drops the oldest waiting one.
+* `reserve` hands back the jobs it expired (`ReservedJob.expired`), so the worker can report
+  their end (an outcome over MQTT); they are already ended and are never run.
 """
 
 from __future__ import annotations
@@ -67,6 +77,7 @@ __all__ = [
     "OnDuplicate",
     "Outcome",
     "OutgoingJob",
+    "Overflow",
     "Pushed",
     "QueueStats",
     "RecentCounts",
@@ -83,6 +94,8 @@ OnDuplicate = Literal["reject", "keep", "replace"]
 DependencyRule = Literal["succeeded", "ended", "failed"]
 #: A job that runs, or the record of a workflow that never runs itself.
 JobKind = Literal["job", "chain", "batch"]
+#: What a push into a full queue does (`OutgoingJob.max_length`).
+Overflow = Literal["reject", "drop_oldest"]
 
 #: The largest priority magnitude (both signs): exact as a float score and as a 32-bit column.
 MAX_PRIORITY = 2**31 - 1
@@ -189,6 +202,30 @@ class OutgoingJob:
     #: whatever happens to the job ("" for none).
     once_key: str = ""
     once_for: float = 0.0
+    #: One job per group and queue at a time, in push order ("" for none). The group's first
+    #: job takes the turn: it is stored as usual (ready, or scheduled until its delay). Later
+    #: jobs of the group wait in the group's line (status `queued`, counted as pending) until
+    #: every job before them has ended. The turn passes only at an end (ack with any
+    #: outcome, cancel, ttl expiry, `clear`, a dependency cascade, a drop by `max_length`),
+    #: in the same atomic step: the line's first job becomes ready (behind the jobs already
+    #: ready: fair between groups), or scheduled until its own due time. A retry, a refund, a
+    #: lost lease or a limit holding the holder back keep the turn. Within a group the order is
+    #: push order: `priority` and `at_front` place the turn holder in the queue, not a job in
+    #: its line. A job with `depends_on` joins its group's line when it is released.
+    group: str = ""
+    #: The most jobs the queue may hold waiting (pending + delayed: ready, scheduled,
+    #: retrying, held by a limit, in a group's line; not running, not deferred); 0: no bound.
+    #: Checked in the same atomic step as the store. A push that would go past it: with
+    #: `overflow` "reject" stores nothing (`Pushed.outcome` "full", `id` this job's id);
+    #: with "drop_oldest" the job is stored and one waiting job is dropped: the first job in
+    #: the line of this job's group if that line is not empty, else the job that has waited
+    #: longest among the queue's ready priority-0 jobs (a turn holder dropped passes the
+    #: turn); with neither, it is rejected as with "reject". A dropped job ends `cancelled`
+    #: (error "dropped: queue <queue> is full (<max_length> waiting)", kept for its
+    #: `failure_ttl`, dependents resolved) and counts as `dropped`, not `cancelled`, in
+    #: `recent`. A push that replaces or keeps a holder adds nothing and is never refused.
+    max_length: int = 0
+    overflow: Overflow = "reject"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +237,12 @@ class Pushed:
     """
 
     id: str
-    outcome: Literal["created", "duplicate", "kept", "replaced", "missing"] = "created"
+    #: "full": rejected by the queue's `max_length` (nothing stored). "spooled": written to
+    #: the MQTT app's offline spool, to be pushed when the backend answers again (set by the
+    #: manager, never by a driver).
+    outcome: Literal["created", "duplicate", "kept", "replaced", "missing", "full", "spooled"] = (
+        "created"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +272,11 @@ class ReservedJob:
     #: Set by the worker before it acknowledges the job; `None` acknowledges as "succeeded"
     #: with the connection's default `result_ttl` and no result.
     outcome: Outcome | None = field(default=None, compare=False)
+    #: Set by `reserve` on a job it found past its `ttl` and ended as `expired` (its record
+    #: written, dependents resolved, group turn passed, counted): handed back only so the
+    #: worker can report the end. It holds no lease: never run, acknowledge or release it.
+    #: Expired jobs come in addition to the `limit` runnable ones.
+    expired: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +288,9 @@ class RecentCounts:
     failed: int = 0
     cancelled: int = 0
     expired: int = 0
+    coalesced: int = 0  # pushes that replaced a waiting job's data ("replaced")
+    dropped: int = 0  # waiting jobs dropped by `max_length` with "drop_oldest"
+    rejected: int = 0  # pushes refused by `max_length` ("full")
 
 
 def new_record_id() -> str:
@@ -299,7 +349,7 @@ class QueueStats:
 
     connection: str
     queue: str
-    pending: int  # ready to run now (or waiting only for a limit)
+    pending: int  # ready to run now (or waiting only for a limit or its group's turn)
     delayed: int  # waiting for their time (first dispatch or retry)
     reserved: int  # held by a worker under a lease
     failed: int  # in the failed-job store
@@ -309,6 +359,10 @@ class QueueStats:
     cancelled: int = 0
     expired: int = 0
     deferred: int = 0  # waiting for dependencies (workflow records not counted)
+    # Over the recent window too (`RecentCounts`), filled in by the manager.
+    coalesced: int = 0
+    dropped: int = 0
+    rejected: int = 0
 
     @property
     def size(self) -> int:
