@@ -1,8 +1,9 @@
 """What a running job may reach beyond its own data, handed in by whoever runs it.
 
 `core/job.py` knows nothing of MQTT or of queues: `Job.publish` asks this module for the
-publisher. The worker and the MQTT app install theirs (`set_publisher`); without one, the
-first publish loads the MQTT publisher lazily, so a script that dispatches on `sync` can still
+publisher, and `Job.request` for the requester (`core.mqtt.requests`, imported on first use).
+The worker and the MQTT app install a publisher (`set_publisher`); without one, the first
+publish loads the MQTT publisher lazily, so a script that dispatches on `sync` can still
 publish.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-__all__ = ["Publisher", "get_publisher", "set_publisher"]
+__all__ = ["Publisher", "Requester", "get_publisher", "get_requester", "set_publisher"]
 
 
 class Publisher(Protocol):
@@ -37,3 +38,17 @@ def get_publisher() -> Publisher:
 
     default: Callable[..., Awaitable[None]] = publish
     return default
+
+
+class Requester(Protocol):
+    def __call__(
+        self, topic: str, payload: Any, *, timeout: float = 10.0, qos: int = 1
+    ) -> Awaitable[Any]: ...
+
+
+def get_requester() -> Requester:
+    """What `Job.request` calls: MQTT 5 request/response (`core.mqtt.requests.request`)."""
+    from core.mqtt.requests import request
+
+    requester: Callable[..., Awaitable[Any]] = request
+    return requester

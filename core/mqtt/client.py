@@ -691,6 +691,74 @@ class PublishConnection:
         self._protocol = options.protocol or Protocol.V5
         self._client: aiomqtt.Client | None = None
         self._lock = asyncio.Lock()
+        # `listen()`: filter -> (handler, qos), subscribed again on every (re)connect.
+        self._listeners: dict[str, tuple[Callable[[IncomingMessage], None], int]] = {}
+        self._subscribed: set[str] = set()
+
+    @property
+    def protocol(self) -> Protocol:
+        """The protocol in use (or to be tried next): known for sure once connected."""
+        return self._protocol
+
+    async def connect(self, timeout: float | None = None) -> Protocol:
+        """Connect now unless connected; returns the protocol the broker speaks.
+
+        Raises:
+            PublishError: the broker could not be reached in time.
+        """
+        wait = self.options.publish_timeout if timeout is None else timeout
+        try:
+            await asyncio.wait_for(self._connected(), wait)
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            await self._drop()
+            raise PublishError(
+                f"cannot connect to the MQTT broker at {self.options.address}: {_describe(exc)}"
+            ) from exc
+        return self._protocol
+
+    async def listen(
+        self, topic_filter: str, handler: Callable[[IncomingMessage], None], *, qos: int = 1
+    ) -> None:
+        """Subscribe to `topic_filter` (now, and again after every reconnect) and call
+        `handler` with each message received on it, on the event loop.
+
+        Raises:
+            PublishError: the broker could not be reached, or refused the subscription.
+        """
+        self._listeners[topic_filter] = (handler, qos)
+        await self.connect()
+        async with self._lock:
+            client = self._client
+            if client is None or topic_filter in self._subscribed:
+                return  # dropped meanwhile: the next connect subscribes it
+            client._client.on_message = self._on_message
+            try:
+                await self._subscribe(client, topic_filter, qos)
+            except aiomqtt.MqttError as exc:
+                raise PublishError(
+                    f"cannot subscribe to {topic_filter!r} via {self.options.address}: "
+                    f"{_describe(exc)}"
+                ) from exc
+
+    async def _subscribe(self, client: aiomqtt.Client, topic_filter: str, qos: int) -> None:
+        granted = await client.subscribe(topic_filter, qos=qos)
+        code = granted[0] if granted else None
+        value = int(code.value) if isinstance(code, ReasonCode) else code
+        if value is not None and value >= 128:
+            raise PublishError(
+                f"the broker at {self.options.address} refused the subscription to "
+                f"{topic_filter!r} ({code})"
+            )
+        self._subscribed.add(topic_filter)
+
+    def _on_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+        for topic_filter, (handler, _qos) in self._listeners.items():
+            if paho.topic_matches_sub(topic_filter, message.topic):
+                try:
+                    handler(_incoming(message))
+                except Exception:
+                    logger.exception("handling a message on %s failed", message.topic)
+                return
 
     async def publish(
         self,
@@ -756,6 +824,18 @@ class PublishConnection:
                         self._protocol = Protocol.V311
                         continue
                     raise
+                self._subscribed = set()
+                if self._listeners:
+                    # Messages come to `listen()`'s handlers (aiomqtt's queue stays empty),
+                    # and the subscriptions are in place before anything is published.
+                    client._client.on_message = self._on_message
+                    try:
+                        for topic_filter, (_handler, qos) in list(self._listeners.items()):
+                            await self._subscribe(client, topic_filter, qos)
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await client.__aexit__(None, None, None)
+                        raise
                 self._client = client
                 return client
 

@@ -24,9 +24,17 @@ from pydantic import BaseModel
 from core.errors import SerializationError
 from core.mqtt.client import MqttClient, PublishConnection
 from core.mqtt.message import MessageProperties
-from core.mqtt.options import ConnectionOptions
+from core.mqtt.options import ConnectionOptions, Protocol
 
-__all__ = ["Publisher", "close", "encode_payload", "publish", "use_connection"]
+__all__ = [
+    "Publisher",
+    "close",
+    "encode_payload",
+    "own_connection",
+    "protocol",
+    "publish",
+    "use_connection",
+]
 
 
 def _default(value: Any) -> Any:
@@ -111,6 +119,24 @@ async def _own_connection() -> PublishConnection:
         await anext(closer)
         _own = _Own(loop, connection, closer)
     return _own.connection
+
+
+async def own_connection() -> PublishConnection:
+    """This process's own connection (opened on first use), which `Job.request` also
+    listens on for replies; it closes with the event loop that opened it."""
+    return await _own_connection()
+
+
+async def protocol() -> Protocol:
+    """The MQTT version `publish()` speaks in this process (connecting first if needed).
+
+    Raises:
+        PublishError: the broker could not be reached in time.
+    """
+    app = _app_connection
+    if app is not None and not app.closed:
+        return app.protocol
+    return await (await _own_connection()).connect()
 
 
 async def close() -> None:

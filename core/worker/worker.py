@@ -39,7 +39,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from core.errors import (
     ConfigurationError,
@@ -79,11 +79,17 @@ from core.worker.state import (
 )
 from core.worker.watchdog import Watchdog
 
+if TYPE_CHECKING:
+    from core.mqtt.outcomes import OutcomePublisher
+
 __all__ = ["Worker", "WorkerCounts", "exit_code"]
 
 logger = logging.getLogger("topiq.worker")
 
 T = TypeVar("T")
+
+#: In a payload whose dispatch asked for its outcome over MQTT (the envelope's `reply` key).
+_REPLY_KEY = b'"reply"'
 
 
 class Worker:
@@ -147,6 +153,8 @@ class Worker:
         self._bookkeeping: set[asyncio.Task[Any]] = set()
         self._lease_requests: list[tuple[Running, float]] = []
         self._lease_batch: asyncio.Task[None] | None = None
+        # Publishes job outcomes over MQTT; made for the first job that asks for it.
+        self._outcomes: OutcomePublisher | None = None
 
     # -- control -----------------------------------------------------------------------
 
@@ -235,6 +243,8 @@ class Worker:
             if self._flusher is not None:
                 await asyncio.gather(self._flusher, return_exceptions=True)
             await self._with_retries("acknowledge finished jobs", self._flush_acks)
+            if self._outcomes is not None:
+                await self._outcomes.close(self._margin)
             with contextlib.suppress(Exception):
                 await self._driver.remove_worker(self.id)
             opener.cancel()  # only if the store still has not answered
@@ -395,7 +405,11 @@ class Worker:
 
     def _expired(self, jobs: list[ReservedJob]) -> None:
         """Jobs the backend found past their `ttl` in this reservation: already ended (never
-        run, never acknowledged); announced so that listeners can report the end."""
+        run, never acknowledged); announced so that listeners can report the end, and their
+        outcome published over MQTT when their dispatch asked for it."""
+        for job in jobs:
+            if _REPLY_KEY in job.payload:
+                self._outcome_publisher().expired(job)
         if events.active:
             for job in jobs:
                 events.emit(
@@ -577,7 +591,7 @@ class Worker:
                 if run.given_up or run.lost:
                     return
             reserved.outcome = succeeded_outcome(job, result, run.result_ttl, self._max_result)
-            self._finish(reserved)
+            self._finish(reserved, result)
             self.counts.done += 1
             if announce:
                 emit(
@@ -748,13 +762,27 @@ class Worker:
             )
             self.stop(StopReason.STUCK)
 
-    def _finish(self, reserved: ReservedJob) -> None:
-        """A job is done with here: acknowledge it (its lease is renewed until that is stored)."""
+    def _finish(self, reserved: ReservedJob, result: Any = None) -> None:
+        """A job is done with here: acknowledge it (its lease is renewed until that is stored),
+        and publish its outcome over MQTT when its dispatch asked for it (in the background).
+
+        `result` is the return value of a job that succeeded.
+        """
+        if _REPLY_KEY in reserved.payload:
+            self._outcome_publisher().ended(reserved, result)
         self._done.append(reserved)
         self._unacked[reserved.id] = reserved
         self._changed.set()
         if self._stop_reason is not None:
             self._flush_soon()
+
+    def _outcome_publisher(self) -> OutcomePublisher:
+        if self._outcomes is None:
+            # Imported here: a worker whose jobs never ask for outcomes loads no MQTT client.
+            from core.mqtt.outcomes import OutcomePublisher
+
+            self._outcomes = OutcomePublisher()
+        return self._outcomes
 
     def _acknowledged(self, jobs: list[ReservedJob]) -> None:
         for job in jobs:
