@@ -34,6 +34,10 @@ JOB_SETTINGS = (
     "burst",
     "concurrency_limit",
     "limit_key",
+    "group",
+    "max_queue_length",
+    "overflow",
+    "status_topic",
 )
 
 
@@ -88,6 +92,17 @@ class Job:
             or 0: no cap).
         limit_key: Which jobs share a limit: a template formatted with the job's data
             (`"api:{customer_id}"`); `""`: every limited job of the queue without a key.
+        group: Jobs of one group and queue run one at a time, in dispatch order: a template
+            formatted with the job's data (`"{device_id}"`); `""`: no group (or the route's,
+            when dispatched from an MQTT handler whose route has `group=`).
+        max_queue_length: The most jobs the queue may hold waiting when this job is pushed
+            (0: the queue's `QUEUE_MAX_LENGTHS` entry, if any).
+        overflow: What a push into a full queue does: "reject" (raise `QueueFullError`) or
+            "drop_oldest" (store it, cancel the oldest waiting job); `None`: the policy of
+            the queue's `QUEUE_MAX_LENGTHS` entry ("reject" without one).
+        status_topic: An MQTT topic the job's outcome is published to when it ends, a
+            template formatted with the job's data (`"devices/{device_id}/status"`; no `+`
+            or `#`); `""`: none (or the route's `status_topic=`).
 
     Durations (`timeout`, `retry_after`, `ttl`, `unique_for`, `result_ttl`, `failure_ttl`)
     may be numbers of seconds or strings such as "90s", "10 minutes", "1h"; every setting is
@@ -116,6 +131,10 @@ class Job:
     burst: int = 1
     concurrency_limit: int | None = None
     limit_key: str = ""
+    group: str = ""
+    max_queue_length: int = 0
+    overflow: Literal["reject", "drop_oldest"] | None = None
+    status_topic: str = ""
 
     # Names that configure the job rather than carry its data.
     _settings_names: ClassVar[frozenset[str]] = frozenset((*JOB_SETTINGS, "job_id", "attempts"))
@@ -163,6 +182,24 @@ class Job:
         from core.runtime import get_publisher
 
         await get_publisher()(topic, payload, qos=qos, retain=retain)
+
+    async def request(
+        self, topic: str, payload: Any, *, timeout: float = 10.0, qos: int = 1
+    ) -> Any:
+        """Send a command to a device over MQTT 5 and return its reply.
+
+        `payload` is encoded like `publish`'s. The message carries a Response Topic private
+        to this worker process and Correlation Data new for each call (so for each try); the
+        reply is returned parsed like a route's payload (JSON -> object, else bytes).
+
+        Raises:
+            RequestTimeoutError: no reply within `timeout` seconds: the try fails, and
+                `max_tries`/`retry_after` decide whether the command is sent again.
+            ConfigurationError: the broker speaks only MQTT 3.1.1 (no response topics).
+        """
+        from core.runtime import get_requester
+
+        return await get_requester()(topic, payload, timeout=timeout, qos=qos)
 
     def __repr__(self) -> str:
         return f"<{type(self).__qualname__} id={self.job_id or '-'} attempts={self.attempts}>"

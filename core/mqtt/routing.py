@@ -9,12 +9,18 @@ A pattern is MQTT topic levels separated by `/`; a level may be `{name}` (one le
 by name), `+` (one level, not captured) or, as the last level, `#` (any number of levels,
 including none). `{name}` and `+` subscribe as `+`. The first route whose pattern matches the
 whole topic handles the message; a topic no route matches is ignored.
+
+A route may also say what the jobs its handler dispatches get (docs/iot.md), as templates of
+its `{params}`: `group="{device_id}"` (one job per device at a time, in order),
+`coalesce="{device_id}"` (a waiting job is replaced by the newest) and
+`status_topic="devices/{device_id}/status"` (the job's outcome is published there).
 """
 
 from __future__ import annotations
 
 import abc
 import re
+import string
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
@@ -25,6 +31,7 @@ from core.mqtt.errors import RouteError
 
 __all__ = [
     "CallNext",
+    "JobOptions",
     "Middleware",
     "Route",
     "RouteGroup",
@@ -32,6 +39,7 @@ __all__ = [
     "Subscription",
     "TopicPattern",
     "filters_overlap",
+    "topic_matches",
 ]
 
 #: Calls the rest of the chain (further middleware, then the handler).
@@ -141,6 +149,78 @@ def filters_overlap(a: str, b: str) -> bool:
     return len(longer) == min(len(left), len(right)) + 1 and longer[-1] == "#"
 
 
+def topic_matches(filter: str, topic: str) -> bool:
+    """Whether `topic` (a topic name, no wildcards) matches the MQTT `filter`: `+` is one
+    level, a final `#` any number of levels (the parent too); a first-level wildcard does not
+    match topics starting with `$`."""
+    levels = filter.split("/")
+    parts = topic.split("/")
+    if topic.startswith("$") and levels[0] in ("+", "#"):
+        return False
+    for index, level in enumerate(levels):
+        if level == "#":
+            return True
+        if index >= len(parts) or (level != "+" and level != parts[index]):
+            return False
+    return len(parts) == len(levels)
+
+
+@dataclass(frozen=True, slots=True)
+class JobOptions:
+    """What a route asks of the jobs its handler dispatches: templates of its `{params}`.
+
+    `None` takes the value of the enclosing group or `include` (if any); `""` asks for none.
+    """
+
+    group: str | None = None
+    coalesce: str | None = None
+    status_topic: str | None = None
+
+    def over(self, defaults: JobOptions) -> JobOptions:
+        """These options, with `defaults` where these say nothing (`None`)."""
+        return JobOptions(
+            defaults.group if self.group is None else self.group,
+            defaults.coalesce if self.coalesce is None else self.coalesce,
+            defaults.status_topic if self.status_topic is None else self.status_topic,
+        )
+
+
+_NO_OPTIONS = JobOptions()
+
+
+def _checked_template(pattern: TopicPattern, option: str, template: Any) -> str:
+    """A route option's template, if it uses only the route's `{params}`; else `RouteError`."""
+    where = f"route {pattern.pattern!r}: {option}={template!r}"
+    if not isinstance(template, str):
+        raise RouteError(f"{where} must be a string template such as '{{device_id}}'")
+    known = ", ".join(f"{{{name}}}" for name in pattern.params) or "none"
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise RouteError(
+            f"{where} is not a template ({exc}); double a literal brace ('{{{{')"
+        ) from None
+    literal = ""
+    for text, field, spec, conversion in parsed:
+        literal += text
+        if field is None:
+            continue
+        if field not in pattern.params or spec or conversion:
+            raise RouteError(
+                f"{where}: a template may only use the route's parameters as they are "
+                f"(this route's: {known}), got {{{field}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}}"
+            )
+    if option == "status_topic" and template:
+        if any(char in literal for char in "+#\0") or template.startswith("$"):
+            raise RouteError(
+                f"{where} is not a topic to publish to: no '+', '#' or NUL, and no leading '$'"
+            )
+    elif re.search(r"[\x00-\x1f\x7f]", literal):
+        raise RouteError(f"{where} holds a control character")
+    return template
+
+
 @dataclass(frozen=True, slots=True)
 class Subscription:
     """One SUBSCRIBE the app sends (and re-sends after every reconnect).
@@ -168,6 +248,8 @@ class Route:
         middleware: The route's own middleware (groups' first), outermost first.
         name: A label for logs (the handler's name unless given).
         subscription_id: Set by the router when the filter overlaps another route's.
+        options: The `group`, `coalesce` and `status_topic` templates as given (`None`: not
+            given); `group`, `coalesce` and `status_topic` are those in effect ("" none).
     """
 
     def __init__(
@@ -179,6 +261,7 @@ class Route:
         shared: str | None = None,
         middleware: Sequence[Middleware] = (),
         name: str | None = None,
+        options: JobOptions = _NO_OPTIONS,
     ) -> None:
         if qos not in (0, 1, 2):
             raise RouteError(f"route {pattern!r}: qos must be 0, 1 or 2, got {qos!r}")
@@ -196,6 +279,14 @@ class Route:
         self.subscription_id: int | None = None
         self._endpoint: Endpoint = bind_handler(handler, pattern, self.pattern.params)
         self._chain: Endpoint = self._endpoint
+        self.options = options
+        self.group = _checked_template(self.pattern, "group", options.group or "")
+        self.coalesce = _checked_template(self.pattern, "coalesce", options.coalesce or "")
+        self.status_topic = _checked_template(
+            self.pattern, "status_topic", options.status_topic or ""
+        )
+        #: Whether the route asks anything of its jobs (else a message costs nothing more).
+        self.has_job_options = bool(self.group or self.coalesce or self.status_topic)
 
     @property
     def filter(self) -> str:
@@ -207,6 +298,14 @@ class Route:
     def matches(self, topic: str) -> dict[str, str] | None:
         """The path parameters if `topic` matches this route, else `None`."""
         return self.pattern.match(topic)
+
+    def job_options(self, params: dict[str, str]) -> tuple[str, str, str]:
+        """`group`, `coalesce` and `status_topic` rendered with a message's parameters."""
+        return (
+            self.group and self.group.format_map(params),
+            self.coalesce and self.coalesce.format_map(params),
+            self.status_topic and self.status_topic.format_map(params),
+        )
 
     def build(self, outer: Sequence[Middleware] = ()) -> None:
         """Compose `outer` (the router's middleware), the route's middleware and the handler
@@ -250,6 +349,7 @@ class _Registrar(abc.ABC):
         shared: str | None,
         middleware: Sequence[Middleware],
         name: str | None,
+        options: JobOptions = _NO_OPTIONS,
     ) -> Route:
         """Register one route (the router) or pass it up with the prefix added (a group)."""
 
@@ -263,6 +363,9 @@ class _Registrar(abc.ABC):
         shared: str | None = None,
         middleware: Sequence[Middleware] = (),
         name: str | None = None,
+        group: str | None = None,
+        coalesce: str | None = None,
+        status_topic: str | None = None,
     ) -> Callable[[H], H]: ...
 
     @overload
@@ -275,6 +378,9 @@ class _Registrar(abc.ABC):
         shared: str | None = None,
         middleware: Sequence[Middleware] = (),
         name: str | None = None,
+        group: str | None = None,
+        coalesce: str | None = None,
+        status_topic: str | None = None,
     ) -> H: ...
 
     def on(
@@ -286,6 +392,9 @@ class _Registrar(abc.ABC):
         shared: str | None = None,
         middleware: Sequence[Middleware] = (),
         name: str | None = None,
+        group: str | None = None,
+        coalesce: str | None = None,
+        status_topic: str | None = None,
     ) -> H | Callable[[H], H]:
         """Route messages matching `pattern` to `handler`; without a handler, a decorator.
 
@@ -297,18 +406,27 @@ class _Registrar(abc.ABC):
                 same group split the messages; matching still uses the plain topic.
             middleware: Middleware for this route only, outermost first.
             name: A label for logs (default: the handler's qualified name).
+            group: The jobs the handler dispatches run one at a time per group, in order: a
+                template of the route's parameters (`"{device_id}"`). A job's own `group`
+                wins. `None`: the enclosing group's; `""`: none.
+            coalesce: A dispatched job replaces a waiting job of its class with the same key
+                (a template: `"{device_id}"`), unless it has a `unique_key` or an id of its
+                own.
+            status_topic: The dispatched jobs' outcomes are published there when they end
+                (a template: `"devices/{device_id}/status"`); a job's own wins.
 
         Returns:
             The handler, unchanged (so the decorator form leaves the function usable).
         """
+        options = JobOptions(group, coalesce, status_topic)
         if handler is None:
 
             def decorator(function: H) -> H:
-                self._add(pattern, function, qos, shared, middleware, name)
+                self._add(pattern, function, qos, shared, middleware, name, options)
                 return function
 
             return decorator
-        self._add(pattern, handler, qos, shared, middleware, name)
+        self._add(pattern, handler, qos, shared, middleware, name, options)
         return handler
 
     def group(
@@ -318,14 +436,21 @@ class _Registrar(abc.ABC):
         middleware: Sequence[Middleware] = (),
         qos: int | None = None,
         shared: str | None = None,
+        group: str | None = None,
+        coalesce: str | None = None,
+        status_topic: str | None = None,
     ) -> RouteGroup:
         """Routes under a common prefix (`devices/{device_id}`), sharing middleware and options.
 
-        The prefix may hold parameters and `+`, but not `#`.
+        The prefix may hold parameters and `+`, but not `#`. `group`, `coalesce` and
+        `status_topic` are defaults for its routes (see `on`); each route's templates are
+        checked against its own parameters.
         """
         if "#" in prefix.split("/"):
             raise RouteError(f"group prefix {prefix!r}: '#' can only end a route pattern")
-        return RouteGroup(self, prefix, middleware, qos, shared)
+        return RouteGroup(
+            self, prefix, middleware, qos, shared, JobOptions(group, coalesce, status_topic)
+        )
 
 
 class RouteGroup(_Registrar):
@@ -338,12 +463,14 @@ class RouteGroup(_Registrar):
         middleware: Sequence[Middleware],
         qos: int | None,
         shared: str | None,
+        options: JobOptions = _NO_OPTIONS,
     ) -> None:
         self._parent = parent
         self.prefix = prefix
         self.middleware = tuple(middleware)
         self.qos = qos
         self.shared = shared
+        self.options = options
 
     def _add(
         self,
@@ -353,6 +480,7 @@ class RouteGroup(_Registrar):
         shared: str | None,
         middleware: Sequence[Middleware],
         name: str | None,
+        options: JobOptions = _NO_OPTIONS,
     ) -> Route:
         return self._parent._add(
             _join(self.prefix, pattern),
@@ -361,6 +489,7 @@ class RouteGroup(_Registrar):
             self.shared if shared is None else shared,
             (*self.middleware, *middleware),
             name,
+            options.over(self.options),
         )
 
 
@@ -386,9 +515,22 @@ class Router(_Registrar):
         self._check_open()
         self._middleware.append(middleware)
 
-    def include(self, other: Router, prefix: str = "") -> None:
-        """Add `other`'s routes (with its middleware) after this router's, under `prefix`."""
+    def include(
+        self,
+        other: Router,
+        prefix: str = "",
+        *,
+        group: str | None = None,
+        coalesce: str | None = None,
+        status_topic: str | None = None,
+    ) -> None:
+        """Add `other`'s routes (with its middleware) after this router's, under `prefix`.
+
+        `group`, `coalesce` and `status_topic` are defaults for the routes that set none
+        (see `on`); templates may use the prefix's parameters.
+        """
         self._check_open()
+        defaults = JobOptions(group, coalesce, status_topic)
         for route in other.routes:
             self._add(
                 _join(prefix, route.pattern.pattern),
@@ -397,6 +539,7 @@ class Router(_Registrar):
                 route.shared,
                 (*other._middleware, *route.middleware),
                 route.name,
+                route.options.over(defaults),
             )
 
     def _add(
@@ -407,6 +550,7 @@ class Router(_Registrar):
         shared: str | None,
         middleware: Sequence[Middleware],
         name: str | None,
+        options: JobOptions = _NO_OPTIONS,
     ) -> Route:
         self._check_open()
         route = Route(
@@ -416,6 +560,7 @@ class Router(_Registrar):
             shared=shared,
             middleware=middleware,
             name=name,
+            options=options,
         )
         self._routes.append(route)
         return route

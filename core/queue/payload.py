@@ -9,12 +9,14 @@ A payload is one JSON object:
 Durations are stored as numbers of seconds, whatever form the job gave them in ("10 minutes");
 `result_ttl` and `failure_ttl` are resolved from the settings at dispatch (payloads written
 before they existed lack them: the worker then uses its own settings); `ttl` is there only when
-the job has one. `attempts` is not in the payload: the driver counts tries at reservation, so a
-worker that dies mid-job still spends one.
+the job has one; `reply` (`{"topic", "correlation", "status_topic"}`, see `reply_info`) only
+when the job's outcome is to be published over MQTT. `attempts` is not in the payload: the
+driver counts tries at reservation, so a worker that dies mid-job still spends one.
 """
 
 from __future__ import annotations
 
+import base64
 import importlib
 import inspect
 import logging
@@ -41,7 +43,7 @@ from core.errors import (
 )
 from core.functions import JobFunction
 from core.job import JOB_SETTINGS, Job
-from core.queue.drivers.base import MAX_PRIORITY, Limit, OnDuplicate
+from core.queue.drivers.base import MAX_PRIORITY, Limit, OnDuplicate, Overflow
 
 __all__ = [
     "ASSIGNED_ID",
@@ -54,10 +56,14 @@ __all__ = [
     "class_path",
     "decode_envelope",
     "encode",
+    "job_group",
     "job_settings",
+    "job_status_topic",
     "limit_of",
     "new_job_id",
     "parse_rate",
+    "reply_info",
+    "topic_problem",
     "unloadable_reason",
     "validate_job_id",
     "validate_queue",
@@ -118,7 +124,19 @@ class _ClassInfo:
 #: Settings that were free data names before they became settings: a payload stored by an
 #: earlier release may carry one as data (`priority: "high"`, an alarm level). A worker loads
 #: it as data; settings are read at dispatch only, where such a value is refused by name.
-_ONCE_DATA = frozenset({"priority", "rate_limit", "burst", "concurrency_limit", "limit_key"})
+_ONCE_DATA = frozenset(
+    {
+        "priority",
+        "rate_limit",
+        "burst",
+        "concurrency_limit",
+        "limit_key",
+        "group",
+        "max_queue_length",
+        "overflow",
+        "status_topic",
+    }
+)
 
 
 _CLASS_INFO: dict[type[Job], _ClassInfo] = {}
@@ -282,6 +300,12 @@ class JobSettings:
     failure_ttl: float | None  # None: the QUEUE_FAILURE_TTL setting
     priority: int = 0
     limit: LimitSettings | None = None  # None: neither a rate nor a concurrency limit
+    group: str = ""  # the template ("" none); `group_fixed`: it names no data
+    group_fixed: bool = True
+    max_queue_length: int = 0  # 0: the QUEUE_MAX_LENGTHS entry of the queue
+    overflow: Overflow | None = None  # None: the QUEUE_MAX_LENGTHS entry's policy
+    status_topic: str = ""  # the template ("" none); `status_fixed`: it names no data
+    status_fixed: bool = True
 
 
 #: The settings an instance may override; an instance setting none of them uses its class's
@@ -380,6 +404,34 @@ def _settings_of(source: Any) -> JobSettings:
         raise ValueError(f"at_front must be True or False, got {at_front!r}")
     priority = check_priority(source.priority)
     limit = _limit_settings(source)
+    group = source.group
+    if not isinstance(group, str):
+        raise ValueError(f"group must be a string template such as '{{device_id}}', got {group!r}")
+    group_fixed = not _template_fields(group, "group")
+    if group_fixed:
+        _check_key(group, group, "group")
+    max_length = source.max_queue_length
+    if type(max_length) is not int or max_length < 0:
+        raise ValueError(
+            f"max_queue_length must be a whole number, 0 or more (0: the QUEUE_MAX_LENGTHS "
+            f"setting), got {max_length!r}"
+        )
+    overflow = source.overflow
+    if overflow is not None and (not isinstance(overflow, str) or overflow not in _OVERFLOW):
+        raise ValueError(f"overflow must be 'reject', 'drop_oldest' or None, got {overflow!r}")
+    status_topic = source.status_topic
+    if not isinstance(status_topic, str):
+        raise ValueError(
+            "status_topic must be a string template such as 'devices/{device_id}/status', "
+            f"got {status_topic!r}"
+        )
+    status_fields = _template_fields(status_topic, "status_topic")
+    if status_topic and not status_fields:
+        _check_topic(status_topic, status_topic)
+    elif status_topic:  # the template's own text here; what the data fills in at dispatch
+        literal = "".join(text for text, *_ in string.Formatter().parse(status_topic))
+        if any(c in literal for c in "+#\0") or status_topic.startswith("$"):
+            _check_topic(status_topic, status_topic)
     return JobSettings(
         max_tries=max_tries,
         timeout=timeout,
@@ -393,6 +445,12 @@ def _settings_of(source: Any) -> JobSettings:
         failure_ttl=failure_ttl,
         priority=priority,
         limit=limit,
+        group=group,
+        group_fixed=group_fixed,
+        max_queue_length=max_length,
+        overflow=overflow,  # type: ignore[arg-type]
+        status_topic=status_topic,
+        status_fixed=not status_fields,
     )
 
 
@@ -453,15 +511,21 @@ def _limit_settings(source: Any) -> LimitSettings | None:
     return LimitSettings(rate, period, burst, concurrency or 0, key, fixed)
 
 
-def _template_fields(template: str) -> list[str]:
-    """The names a `limit_key` template takes from the job's data; `ValueError` if it is not
-    a template."""
+_OVERFLOW = get_args(Overflow)
+#: An example field for each template setting's error messages.
+_EXAMPLE_FIELD = {"limit_key": "customer_id", "group": "device_id", "status_topic": "device_id"}
+
+
+def _template_fields(template: str, setting: str = "limit_key") -> list[str]:
+    """The names a template setting (`limit_key`, `group`, `status_topic`) takes from the
+    job's data; `ValueError` naming `setting` if it is not a template."""
+    example = _EXAMPLE_FIELD.get(setting, "name")
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise ValueError(
-            f"limit_key {template!r} is not a template ({exc}); write names of the job's data "
-            "in braces, e.g. 'api:{customer_id}', and double a literal brace ('{{')"
+            f"{setting} {template!r} is not a template ({exc}); write names of the job's data "
+            f"in braces, e.g. '{{{example}}}', and double a literal brace ('{{{{')"
         ) from None
     names = []
     for _, field, _, _ in parsed:
@@ -470,21 +534,111 @@ def _template_fields(template: str) -> list[str]:
         name = re.split(r"[.\[]", field, maxsplit=1)[0]
         if not name.isidentifier():
             raise ValueError(
-                f"limit_key {template!r}: each {{...}} must name a data attribute of the job, "
-                f"e.g. '{{customer_id}}', got {{{field}}}"
+                f"{setting} {template!r}: each {{...}} must name a data attribute of the job, "
+                f"e.g. '{{{example}}}', got {{{field}}}"
             )
         names.append(name)
     return names
 
 
-def _check_key(key: str, template: str) -> str:
+def _check_key(key: str, template: str, setting: str = "limit_key") -> str:
     if len(key) > 190 or _CONTROL.search(key):
         shown = "" if key == template else f" (from {template!r})"
         raise ValueError(
-            f"limit_key must be at most 190 characters without control characters, got "
+            f"{setting} must be at most 190 characters without control characters, got "
             f"{key[:200]!r}{shown}"
         )
     return key
+
+
+def topic_problem(topic: str) -> str:
+    """Why `topic` cannot be published to ("" when it can): empty, a wildcard, a NUL, a
+    leading `$` (the broker's own topics) or over 65535 bytes."""
+    if not topic:
+        return "it is empty"
+    if "+" in topic or "#" in topic:
+        return "a topic to publish to cannot hold the wildcards '+' or '#'"
+    if "\0" in topic:
+        return "it holds a NUL character"
+    if topic.startswith("$"):
+        return "topics starting with '$' are the broker's own"
+    if len(topic) > 16383 and len(topic.encode()) > 65535:
+        return "it is longer than 65535 bytes"
+    return ""
+
+
+def _check_topic(topic: str, template: str) -> str:
+    problem = topic_problem(topic)
+    if problem:
+        shown = f"{template[:200]!r}"
+        if topic != template:
+            shown = f"{topic[:200]!r} (from {template[:200]!r})"
+        raise ValueError(f"status_topic {shown} is not an MQTT topic: {problem}")
+    return topic
+
+
+def _render(job: Job, template: str, setting: str) -> str:
+    """`template` formatted with `job`'s data; `SerializationError` naming `Class.setting`."""
+    cls = type(job)
+    data = {k: v for k, v in job.__dict__.items() if k[0] != "_"}
+    try:
+        return template.format_map(data)
+    except KeyError as exc:
+        known = ", ".join(sorted(data)) or "none"
+        raise SerializationError(
+            f"{cls.__qualname__}.{setting} {template!r} names {exc.args[0]!r}, which this job "
+            f"has no data attribute of (its attributes: {known})"
+        ) from None
+    except (AttributeError, IndexError, TypeError, ValueError) as exc:
+        raise SerializationError(
+            f"{cls.__qualname__}.{setting} {template!r} cannot be filled from the job's data: {exc}"
+        ) from None
+
+
+def job_group(job: Job, settings: JobSettings) -> str:
+    """The group a dispatch of `job` runs in ("" for none), its template formatted with the
+    job's data; `SerializationError` naming `Class.group` if it cannot be."""
+    template = settings.group
+    if settings.group_fixed:
+        return template
+    group = _render(job, template, "group")
+    try:
+        return _check_key(group, template, "group")
+    except ValueError as exc:
+        raise SerializationError(f"{type(job).__qualname__}.{exc}") from None
+
+
+def job_status_topic(job: Job, settings: JobSettings) -> str:
+    """The topic `job`'s outcome is published to ("" for none), formatted with its data;
+    `SerializationError` naming `Class.status_topic` if it cannot be or is not a topic."""
+    template = settings.status_topic
+    if settings.status_fixed:
+        return template
+    topic = _render(job, template, "status_topic")
+    try:
+        return _check_topic(topic, template)
+    except ValueError as exc:
+        raise SerializationError(f"{type(job).__qualname__}.{exc}") from None
+
+
+def reply_info(
+    topic: str = "", correlation: bytes | None = None, status_topic: str = ""
+) -> dict[str, str] | None:
+    """The payload's `"reply"` value: where the job's outcome is published when it ends.
+
+    `{"topic": <response topic>, "correlation": <base64 of the correlation data>,
+    "status_topic": <status topic>}`, each key only when non-empty; `None` when all are.
+    """
+    if not (topic or status_topic):
+        return None
+    reply: dict[str, str] = {}
+    if topic:
+        reply["topic"] = topic
+        if correlation:
+            reply["correlation"] = base64.b64encode(correlation).decode("ascii")
+    if status_topic:
+        reply["status_topic"] = status_topic
+    return reply
 
 
 def limit_of(job: Job, settings: JobSettings) -> Limit | None:
@@ -496,19 +650,7 @@ def limit_of(job: Job, settings: JobSettings) -> Limit | None:
     if spec.fixed is not None:
         return spec.fixed
     cls = type(job)
-    data = {k: v for k, v in job.__dict__.items() if k[0] != "_"}
-    try:
-        key = spec.key.format_map(data)
-    except KeyError as exc:
-        known = ", ".join(sorted(data)) or "none"
-        raise SerializationError(
-            f"{cls.__qualname__}.limit_key {spec.key!r} names {exc.args[0]!r}, which this job "
-            f"has no data attribute of (its attributes: {known})"
-        ) from None
-    except (AttributeError, IndexError, TypeError, ValueError) as exc:
-        raise SerializationError(
-            f"{cls.__qualname__}.limit_key {spec.key!r} cannot be filled from the job's data: {exc}"
-        ) from None
+    key = _render(job, spec.key, "limit_key")
     try:
         _check_key(key, spec.key)
     except ValueError as exc:
@@ -536,11 +678,14 @@ def encode(
     settings: JobSettings | None = None,
     result_ttl: float = 500.0,
     failure_ttl: float = 604800.0,
+    reply: dict[str, str] | None = None,
 ) -> bytes:
     """The payload for `job`, or `SerializationError` naming the attribute it cannot carry.
 
     `settings` are the job's checked settings (`job_settings(job)` if not given); `result_ttl`
-    and `failure_ttl` are the connection's defaults, written when the job sets none.
+    and `failure_ttl` are the connection's defaults, written when the job sets none. `reply`
+    (`reply_info(...)`) is written as the payload's `"reply"` key: where the worker publishes
+    the job's outcome when it ends.
     """
     cls = type(job)
     info = _class_info(cls)
@@ -570,6 +715,8 @@ def encode(
     }
     if settings.ttl:
         envelope["ttl"] = settings.ttl
+    if reply:
+        envelope["reply"] = reply
     try:
         raw = orjson.dumps(envelope, default=_refuse, option=_DUMP_OPTIONS)
     except TypeError as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -28,12 +29,14 @@ from core.errors import (
     ConnectionLostError,
     DuplicateJobError,
     JobNotFoundError,
+    QueueFullError,
     SerializationError,
     UnloadableJobError,
 )
 from core.events import EventKind, JobEvent, events
 from core.hooks import hooks
 from core.job import Job, JobFunction
+from core.origin import Origin, current_origin, origin
 from core.queue.drivers import (
     Driver,
     FailedStore,
@@ -42,16 +45,19 @@ from core.queue.drivers import (
     QueueStats,
     create_driver,
 )
-from core.queue.drivers.base import Dependency, DependencyRule, OnDuplicate
+from core.queue.drivers.base import Dependency, DependencyRule, OnDuplicate, Overflow
 from core.queue.handle import JobHandle
 from core.queue.payload import (
     ASSIGNED_ID,
     check_priority,
     class_path,
     encode,
+    job_group,
     job_settings,
+    job_status_topic,
     limit_of,
     new_job_id,
+    reply_info,
     unloadable_reason,
     validate_job_id,
     validate_queue,
@@ -140,6 +146,8 @@ class QueueManager:
         #: Where pushes go while their backend cannot be reached (set by the MQTT app);
         #: `None`: such a push raises `ConnectionLostError`.
         self.spool: JobSpool | None = None
+        #: `QUEUE_MAX_LENGTHS` read per queue (the settings are frozen).
+        self._bounds: dict[str, tuple[int, Overflow]] = {}
 
     # -- connections -------------------------------------------------------------------
 
@@ -276,6 +284,7 @@ class QueueManager:
             at_front = settings.at_front
         elif type(at_front) is not bool:
             raise SerializationError(f"push(at_front=...) must be True or False, got {at_front!r}")
+        on_duplicate_given = on_duplicate
         if on_duplicate is None:
             on_duplicate = settings.on_duplicate
         elif on_duplicate not in _ON_DUPLICATE:
@@ -294,6 +303,32 @@ class QueueManager:
         failure_ttl = settings.failure_ttl
         if failure_ttl is None:
             failure_ttl = self.settings.queue_failure_ttl
+        group = settings.group if settings.group_fixed else job_group(job, settings)
+        unique_key = settings.unique_key
+        status_topic = settings.status_topic
+        if not settings.status_fixed:
+            status_topic = job_status_topic(job, settings)
+        reply = reply_info(status_topic=status_topic) if status_topic else None
+        source = current_origin.get()
+        if source is not None:  # dispatched from an MQTT route's handler
+            if not group and source.group:
+                group = _origin_value(source.group, "group", source)
+            if source.coalesce and not unique_key and not chosen:
+                unique_key = _origin_value(
+                    f"{class_path(type(job))}:{source.coalesce}", "coalesce", source
+                )
+                if on_duplicate_given is None:
+                    on_duplicate = "replace"
+            if source.response_topic or source.status_topic:  # the job's status topic wins
+                reply = reply_info(
+                    source.response_topic,
+                    source.correlation_data,
+                    status_topic or source.status_topic,
+                )
+        max_length, overflow = settings.max_queue_length, settings.overflow
+        if not max_length and self.settings.queue_max_lengths:
+            max_length, bound_overflow = self._bound(queue)
+            overflow = overflow or bound_overflow
         payload = encode(
             job,
             job_id=new_id,
@@ -302,6 +337,7 @@ class QueueManager:
             settings=settings,
             result_ttl=self.settings.queue_result_ttl,
             failure_ttl=failure_ttl,
+            reply=reply,
         )
         return OutgoingJob(
             new_id,
@@ -312,7 +348,7 @@ class QueueManager:
             max_tries=settings.max_tries,
             at_front=at_front,
             check_id=bool(chosen),
-            unique_key=settings.unique_key,
+            unique_key=unique_key,
             unique_for=settings.unique_for,
             on_duplicate=on_duplicate,  # type: ignore[arg-type]
             ttl=settings.ttl,
@@ -321,13 +357,30 @@ class QueueManager:
             depends_on=depends_on if len(depends_on) < 2 else unique_dependencies(depends_on),
             rule=rule,
             limit=None if settings.limit is None else limit_of(job, settings),
+            group=group,
+            max_length=max_length,
+            overflow=overflow or "reject",
         )
+
+    def _bound(self, queue: str) -> tuple[int, Overflow]:
+        """The `QUEUE_MAX_LENGTHS` entry of `queue`: (max length, overflow); 0 for none."""
+        known = self._bounds.get(queue)
+        if known is not None:
+            return known
+        length, policy = self.settings.queue_bound(queue)
+        bound: tuple[int, Overflow] = (
+            length,
+            "drop_oldest" if policy == "drop_oldest" else "reject",
+        )
+        if len(self._bounds) < 10_000:  # queue names may come from devices
+            self._bounds[queue] = bound
+        return bound
 
     async def _settle(
         self, job: Job, outgoing: OutgoingJob, pushed: Pushed | None, connection: str
-    ) -> JobHandle | DuplicateJobError | JobNotFoundError:
-        """The handle for what `push` did with one job (or the error of a rejected duplicate);
-        runs the dispatch hooks and event for a stored job."""
+    ) -> JobHandle | DuplicateJobError | JobNotFoundError | QueueFullError:
+        """The handle for what `push` did with one job (or the error of a rejected duplicate,
+        or of a full queue); runs the dispatch hooks and event for a stored job."""
         if pushed is None:  # a driver that predates `Pushed`
             job_id, outcome = outgoing.id, "created"
         else:
@@ -336,6 +389,8 @@ class QueueManager:
             return _duplicate(outgoing, job_id)
         if outcome == "missing":
             return _missing(outgoing, job_id)
+        if outcome == "full":
+            return _full(outgoing)
         job.job_id = job_id
         if job_id != outgoing.id or not outgoing.check_id:
             # Not an id the caller chose: dispatching this instance again is a new job.
@@ -464,7 +519,9 @@ class QueueManager:
         Every job is encoded before anything is sent, so one bad job queues none of them. A job
         rejected as a duplicate (`on_duplicate="reject"`) does not stop the others: they are
         stored (each job's `job_id` says where), then `DuplicateJobError` is raised naming the
-        rejected ones (`existing`: the first one's holder). `depends_on`,
+        rejected ones (`existing`: the first one's holder). Likewise, jobs refused by a full
+        queue (`max_queue_length`, overflow "reject") do not stop the others: they are stored,
+        then `QueueFullError` says how many were refused. `depends_on`,
         `allow_dependency_failure` and `priority` apply to each job, as for `push`; with an
         unknown dependency nothing is stored and `JobNotFoundError` is raised.
         """
@@ -486,6 +543,7 @@ class QueueManager:
             count += 1
         handles: list[JobHandle | None] = [None] * count
         rejected: list[DuplicateJobError] = []
+        full: list[QueueFullError] = []
         for conn, group in groups.items():
             pushed = await self._store(conn, [o for _, _, o in group])
             for (index, job, outgoing), done in zip(group, pushed, strict=True):
@@ -494,8 +552,19 @@ class QueueManager:
                     raise result  # the dependency is unknown: no job of the call was stored
                 if isinstance(result, DuplicateJobError):
                     rejected.append(result)
+                elif isinstance(result, QueueFullError):
+                    full.append(result)
                 else:
                     handles[index] = result
+        if full:
+            queues = ", ".join(dict.fromkeys(f"{e.queue} ({e.max_length} waiting)" for e in full))
+            also = f"; {len(rejected)} more were duplicates" if rejected else ""
+            raise QueueFullError(
+                f"{len(full)} of {count} jobs not queued: their queue is full ({queues}); the "
+                f"others were queued{also}",
+                queue=full[0].queue,
+                max_length=full[0].max_length,
+            )
         if rejected:
             listed = "; ".join(str(error) for error in rejected[:5])
             more = f"; and {len(rejected) - 5} more" if len(rejected) > 5 else ""
@@ -526,7 +595,18 @@ class QueueManager:
     def _plan(self, workflow: Workflow) -> Planner:
         if not self._hooks_loaded:
             self._load_hooks()
-        return Planner(self, workflow)
+        # Members take a route's group, but never coalesce (each member is a job of its own)
+        # and are never refused by a queue's bound (a workflow is stored whole or not at all).
+        source = current_origin.get()
+        if source is not None and source.coalesce:
+            with origin(dataclasses.replace(source, coalesce="")):
+                plan = Planner(self, workflow)
+        else:
+            plan = Planner(self, workflow)
+        for step in plan.steps:
+            if step.outgoing.max_length:
+                step.outgoing = dataclasses.replace(step.outgoing, max_length=0)
+        return plan
 
     async def _push_plan(self, plan: Planner) -> WorkflowHandle:
         conn = plan.connection
@@ -651,6 +731,9 @@ class QueueManager:
                     cancelled=recent.cancelled,
                     expired=recent.expired,
                     deferred=stats.deferred,
+                    coalesced=recent.coalesced,
+                    dropped=recent.dropped,
+                    rejected=recent.rejected,
                 )
             )
         return out
@@ -660,6 +743,21 @@ class QueueManager:
 RECENT_WINDOW = 3600
 _ON_DUPLICATE = get_args(OnDuplicate)
 _CONNECTION_NAMES: dict[str, str] = {c.value: c.value for c in QueueConnection}
+
+
+def _origin_value(value: str, what: str, source: Origin) -> str:
+    """A route's rendered `group` or coalescing key, if a driver can store it; else
+    `SerializationError` naming the route option and the message's topic."""
+    if len(value) > 190 or _CONTROL.search(value):
+        raise SerializationError(
+            f"the route's {what}= made {value[:200]!r} from the message on {source.topic!r}: "
+            "it must be at most 190 characters without control characters (the job class path "
+            "included, for coalesce); nothing was queued"
+        )
+    return value
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _checked_id(value: Any, where: str) -> str:
@@ -745,6 +843,14 @@ def _workflow_problem(
             error = str(_missing(out, done.id)).removesuffix("; nothing was queued")
             return JobNotFoundError(f"{kind} not dispatched: {error}{after}")
     return None
+
+
+def _full(outgoing: OutgoingJob) -> QueueFullError:
+    return QueueFullError(
+        f"queue {outgoing.queue} is full ({outgoing.max_length} waiting); nothing was queued",
+        queue=outgoing.queue,
+        max_length=outgoing.max_length,
+    )
 
 
 def _missing(outgoing: OutgoingJob, dependency: str) -> JobNotFoundError:
