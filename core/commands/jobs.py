@@ -8,7 +8,7 @@
 
 For a chain's or batch's id, `queue:job` shows its kind and progress ("3/10 done: 2 succeeded, 1
 failed, 0 cancelled, 7 pending"); for a deferred job, the ids it waits for. `--json` carries
-`kind`, `progress`, `waiting_for` and `priority` for scripts.
+`kind`, `progress`, `waiting_for`, `priority` and `group` for scripts.
 
 `queue:job` exits 0 when the job is found (with `--wait`: when it succeeded), 1 when no job has
 that id (or, with `--wait`, it ended any other way), 124 when `--wait` ran out first (as
@@ -198,6 +198,8 @@ def _render(conn: Connection, record: JobStatus) -> RenderableType:
     ]
     if record.priority:
         rows.append(("priority", str(record.priority)))
+    if record.group:
+        rows.append(("group", record.group))
     if record.waiting_for:
         rows.append(("waiting for", ", ".join(record.waiting_for)))
     rows += [

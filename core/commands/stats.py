@@ -51,6 +51,9 @@ _RECENT_COLUMNS = {
     "failed_recent": "failed 1h",
     "cancelled": "cancelled 1h",
     "expired": "expired 1h",
+    "coalesced": "coalesced 1h",  # pushes that replaced a waiting job's data
+    "dropped": "dropped 1h",  # waiting jobs dropped by a full queue (drop_oldest)
+    "rejected": "rejected 1h",  # pushes refused by a full queue
 }
 _WORKER_COLUMNS = (
     "host",
@@ -135,6 +138,9 @@ async def _snapshot(conn: Connection, queue: str | None) -> dict[str, Any]:
                 "failed_recent": s.failed_recent,
                 "cancelled": s.cancelled,
                 "expired": s.expired,
+                "coalesced": s.coalesced,
+                "dropped": s.dropped,
+                "rejected": s.rejected,
             }
             for s in stats
         ],
@@ -160,7 +166,8 @@ def _render(data: dict[str, Any]) -> RenderableType:
         f"Queues ({data['connection']})",
         (*_QUEUE_COLUMNS, *_RECENT_COLUMNS.values()),
         [[q[column] for column in (*_QUEUE_COLUMNS, *_RECENT_COLUMNS)] for q in data["queues"]],
-        caption="failed: in the failed-job store; '1h': jobs that ended so over the last hour"
+        caption="failed: in the failed-job store; '1h': over the last hour, jobs that ended so, "
+        "pushes that replaced a waiting job (coalesced) or met a full queue (dropped, rejected)"
         if data["queues"]
         else "no queue has been used yet",
     )
