@@ -37,6 +37,16 @@ class NoopUnkept(Noop):
     result_ttl = 0
 
 
+class NoopGrouped(Noop):
+    """W2g's job: a `Noop` of one device (`group`, rendered from its data): one job per device
+    runs at a time, the devices in turn."""
+
+    group = "{device}"
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+
 class Echo(Job):
     """W8's job: returns its argument, which the dispatcher awaits through the job's handle."""
 

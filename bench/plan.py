@@ -48,9 +48,11 @@ SMOKE: dict[str, dict[str, Any]] = {
 def tasks(only: list[str], smoke: bool, budget: float, before: str = "") -> list[Task]:
     """The runs to make, in order; `only` limits them to some workloads.
 
-    W2 includes W2n (results not kept), W2p (random priorities 0..9) and, with `before` (a
-    commit), W2b: W2 of that commit's code. Topiq's runs of these alternate with its W2's, run
-    by run, so that all of them see the same load; the report divides them.
+    W2 includes W2n (results not kept), W2p (random priorities 0..9), W2g (1,000 device
+    groups, round robin) and, with `before` (a commit), W2b: W2 of that commit's code. W5
+    includes W5mg and W5sg: W2g on MariaDB and on SQLite. Topiq's runs of the W2 family
+    alternate with its W2's, run by run, so that all of them see the same load; the report
+    divides them.
     """
     sizes = SMOKE if smoke else FULL
     out = []
@@ -64,11 +66,14 @@ def tasks(only: list[str], smoke: bool, budget: float, before: str = "") -> list
             if before:
                 out.append(Task("W2b", "W2", "redis", True, params, paired=True, checkout=before))
             out.append(Task("W2p", "W2p", "redis", True, params, paired=True))
+            out.append(Task("W2g", "W2g", "redis", True, params, paired=True))
         elif name == "W8":
             out.append(Task("W8", "W8", "redis", False, params, peers=("arq", "saq")))
         elif name == "W5":
             out.append(Task("W5m", "W5", "mysql", False, params))
+            out.append(Task("W5mg", "W2g", "mysql", True, params))
             out.append(Task("W5s", "W5", "sqlite", True, params))
+            out.append(Task("W5sg", "W2g", "sqlite", True, params))
         else:
             out.append(Task(name, name, "redis", name in ("W6", "W7"), params))
     return out

@@ -105,11 +105,13 @@ def footer(args: argparse.Namespace, facts: dict[str, Any]) -> str:
 - W2 keeps each job's status record and result (Topiq's default `result_ttl`, 500 s); W2n is
   the same run with `result_ttl = 0` (nothing kept); the ratio row divides the two. W2p is W2
   with each job given a random priority 0..9 (`job.priority`, the same seeded sequence every
-  run). W2b is W2 of the code before issue #13 (commit {before}, `--before`): a `git worktree`
-  of it under `bench/.venv/src/`, run with its own `bench` and `core` in Topiq's environment.
-  Topiq's W2n, W2, W2b and W2p runs alternate run by run (one of each, then again) so that all
-  four see the same load; their ratio rows show the median of the ratios of the runs made
-  side by side (other ratio rows divide two medians).
+  run). W2g is W2 with each job in the `group` of one of 1,000 devices, round robin (20 jobs
+  per device; one job per device runs at a time); W5mg and W5sg are W2g with W5's 2,000 jobs
+  on MariaDB and SQLite. W2b is W2 of the code before issue #13 (commit {before},
+  `--before`): a `git worktree` of it under `bench/.venv/src/`, run with its own `bench` and
+  `core` in Topiq's environment. Topiq's W2n, W2, W2b, W2p and W2g runs alternate run by run
+  (one of each, then again) so that all of them see the same load; their ratio rows show the
+  median of the ratios of the runs made side by side (other ratio rows divide two medians).
 - W8: an idle worker (after one warm-up), 500 round trips one after the other, each a
   dispatch of a job returning its argument and the wait for that result with the library's
   own call: Topiq `await (await push(job)).result()` (Redis), SAQ `Queue.apply`, arq

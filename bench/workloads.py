@@ -102,6 +102,12 @@ async def w2_priorities(peer: Peer, n: int, budget: float, **_: Any) -> Figures:
     return await _drain(peer, "noop_prio", n, budget)
 
 
+async def w2_grouped(peer: Peer, n: int, budget: float, **_: Any) -> Figures:
+    """W2g: W2 with each job in the group of one of 1,000 devices, round robin (one job per
+    device at a time; the worker's 32 slots are shared by the devices in turn)."""
+    return await _drain(peer, "noop_grouped", n, budget)
+
+
 async def w3_sleep(peer: Peer, n: int, budget: float, concurrency: int = 32, **_: Any) -> Figures:
     """W3: sleep jobs; efficiency = theoretical minimum (n * SLEEP / 32) / measured."""
     figures = await _drain(peer, "sleep", n, budget)
@@ -210,6 +216,7 @@ WORKLOADS: dict[str, Callable[..., Awaitable[Figures]]] = {
     "W2": w2_noop,
     "W2n": w2_unkept,
     "W2p": w2_priorities,
+    "W2g": w2_grouped,
     "W3": w3_sleep,
     "W4": w4_latency,
     "W5": w2_noop,  # W2 on a database backend

@@ -61,6 +61,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         "W6 MQTT publish",  # the probe wraps the worker: a changed signature must show here
         "W2 no-op jobs, results not kept",  # result_ttl=0
         "W2 results kept (default) / not kept",
+        "W2g no-op jobs, 1,000 device groups",  # `group` through a real worker
         "W8 dispatch → await result, p50",  # `await handle.result()` across processes
         "W8 dispatch → await result, p99",
     ):

@@ -14,7 +14,10 @@ QUEUE = "bench"
 
 #: noop_unkept: a no-op whose result is not kept (Topiq `result_ttl = 0`; W2n only).
 #: noop_prio: a no-op with a random priority 0..9 (Topiq `priority`; W2p only).
-JobKind = Literal["noop", "sleep", "latency", "noop_unkept", "noop_prio"]
+#: noop_grouped: a no-op of one of `DEVICES` devices, round robin (Topiq `group`; W2g only).
+JobKind = Literal["noop", "sleep", "latency", "noop_unkept", "noop_prio", "noop_grouped"]
+#: W2g's devices: each job's group is the next of them in turn.
+DEVICES = 1_000
 
 
 class Unsupported(Exception):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import ClassVar
 
-from bench.peers.base import QUEUE, REPO, JobKind, Peer, Unsupported
+from bench.peers.base import DEVICES, QUEUE, REPO, JobKind, Peer, Unsupported
 
 
 class TopiqPeer(Peer):
@@ -43,6 +44,8 @@ class TopiqPeer(Peer):
 
     #: W2p's priorities: the same sequence in every run.
     _priorities = random.Random(13)
+    #: W2g's devices, round robin.
+    _devices = itertools.count()
 
     @classmethod
     def _job(cls, kind: JobKind, sent: float = 0.0) -> object:
@@ -52,6 +55,8 @@ class TopiqPeer(Peer):
             return jobs.Latency(sent)
         if kind == "noop_unkept":
             return jobs.NoopUnkept()
+        if kind == "noop_grouped":
+            return jobs.NoopGrouped(f"d{next(cls._devices) % DEVICES}")
         if kind == "noop_prio":
             job = jobs.Noop()
             job.priority = cls._priorities.randint(0, 9)  # an instance's own setting
