@@ -25,6 +25,11 @@ class MqttStats:
         connects: Successful connections to the broker (the first one included).
         connected: Whether the app is connected right now.
         manager: The queue manager the handlers dispatch through, if any.
+        spooled: Jobs written to the offline spool (the queue could not be reached).
+        replayed: Spooled jobs pushed to their queue once it answered again.
+        spool_dropped: Spooled jobs the queue refused at replay (logged as errors).
+        spool_full: Pushes refused because the spool was full (messages left unacknowledged).
+        spool_depth: Jobs in the spool right now.
     """
 
     received: int = 0
@@ -38,6 +43,11 @@ class MqttStats:
     connects: int = 0
     connected: bool = False
     manager: QueueManager | None = None
+    spooled: int = 0
+    replayed: int = 0
+    spool_dropped: int = 0
+    spool_full: int = 0
+    spool_depth: int = 0
 
     @property
     def jobs_dispatched(self) -> int:
