@@ -18,6 +18,10 @@ O(1) and never searches a list):
   been handed out; a key whose first held job may start is listed in `open`, one whose rate
   lets it start at a known time in `timed`.
 * `waits`: deferred jobs and workflow records, with the dependencies they still wait for.
+* `groups`: per group, the job in turn (`_Group.holder`, stored in one of the places above, or
+  running) and the group's line: the jobs waiting for their turn, in push order (an ordered
+  dict: O(1) at both ends and by id). A line job's place is ("line", 0), so that it is counted
+  as waiting (`max_length`, `pending`) and matches no ordered structure.
 
 The order `reserve` hands jobs out in is the rank (class, -priority, order): class 0 for
 `at_front` jobs, 1 for the rest; order grows with each job made ready at the back of its level,
@@ -33,7 +37,7 @@ import heapq
 import itertools
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -71,6 +75,8 @@ _JobKey = tuple[str, str]
 _Rank = tuple[int, int, int]
 #: Endings that count as a failure for the "failed" rule and a workflow's progress.
 _FAILURES = frozenset({Status.FAILED, Status.EXPIRED})
+#: A line job's place (`_Queue.place`): in no ordered structure.
+_LINE = ("line", 0)
 
 
 @dataclass(slots=True)
@@ -93,6 +99,7 @@ class _Record:
     result: bytes | None = None
     kind: JobKind = "job"
     priority: int = 0
+    group: str = ""
     progress: Progress | None = None  # a workflow record's members, counted
     # What the lifecycle rules need, never shown:
     due: float = 0.0  # monotonic time it becomes (became) ready
@@ -154,6 +161,15 @@ class _Gate:
     timed: bool = False  # in `timed`: its rate lets its first held job start at a known time
 
 
+@dataclass(slots=True)
+class _Group:
+    """One group of a queue: the job in turn, and the jobs waiting for it in push order
+    (id -> whether it was pushed `at_front`, applied when it takes the turn)."""
+
+    holder: str
+    line: OrderedDict[str, bool] = field(default_factory=OrderedDict)
+
+
 @dataclass
 class _Queue:
     name: str
@@ -162,7 +178,8 @@ class _Queue:
     ranked: list[tuple[int, int, str]] = field(default_factory=list)  # heap (-priority, order, id)
     delayed: list[tuple[float, int, str]] = field(default_factory=list)  # heap (due, order, id)
     #: Where each waiting (not deferred) job is: ("first"|"ready"|"ranked"|"delayed"|"held",
-    #: order). An entry of the structures above that does not match is stale.
+    #: order), or `_LINE` in its group's line. An entry of the structures above that does not
+    #: match is stale. Its size is the queue's waiting count (`max_length`).
     place: dict[str, tuple[str, int]] = field(default_factory=dict)
     reserved: dict[str, float] = field(default_factory=dict)  # id -> lease expiry
     payloads: dict[str, bytes] = field(default_factory=dict)
@@ -178,7 +195,10 @@ class _Queue:
     keys: dict[str, _Key] = field(default_factory=dict)
     once: dict[str, tuple[str, float]] = field(default_factory=dict)  # key -> (holder, until)
     cancels: set[str] = field(default_factory=set)  # running jobs whose cancel was asked for
-    counts: dict[int, dict[Status, int]] = field(default_factory=dict)  # minute -> counts
+    #: minute -> counts by how jobs ended (a `Status`), and "coalesced", "dropped", "rejected"
+    counts: dict[int, dict[str, int]] = field(default_factory=dict)
+    groups: dict[str, _Group] = field(default_factory=dict)  # the non-empty groups
+    group_of: dict[str, str] = field(default_factory=dict)  # grouped job (any state) -> group
 
     def waiting(self, job_id: str) -> bool:
         """Stored and not running: ready, delayed, held back or deferred."""
@@ -362,10 +382,22 @@ class MemoryDriver(Driver):
                         return self._duplicate(queue, holder, job, replaceable=False)
                     # Held until its job starts, and that job has started: the successor
                     # goes in.
-            if job.id in queue.payloads:
-                # Stored already, without an id check (a failed job retried before a late
-                # ack): start afresh.
-                self._forget(queue, job.id)
+        victim: str | None = None
+        # The bound: waiting jobs (this id's own earlier copy, replaced below, not counted).
+        if (
+            job.max_length
+            and job.kind == "job"
+            and len(queue.place) - (job.id in queue.place) >= job.max_length
+        ):
+            if job.overflow == "drop_oldest":
+                victim = self._oldest(queue, job)
+            if victim is None:
+                self._count(queue, "rejected", wall)
+                return Pushed(job.id, "full")
+        if job.kind == "job" and job.id in queue.payloads:
+            # Stored already, without an id check (a failed job retried before a late ack):
+            # start afresh.
+            self._forget(queue, job.id)
         if job.once_key:
             queue.once[job.once_key] = (job.id, now + job.once_for)
         if job.unique_key and job.kind == "job":
@@ -374,7 +406,29 @@ class MemoryDriver(Driver):
         self._store(queue, job, now, wall, deferred=bool(deps))
         if deps or job.kind != "job":
             self._attach(queue, job, deps, now, wall)
+        if victim is not None and queue.waiting(victim):
+            # After the store: a dependent of the dropped job pushed just now is resolved too.
+            error = f"dropped: queue {queue.name} is full ({job.max_length} waiting)"
+            self._end_waiting(queue, victim, Status.CANCELLED, error, now, wall, counted="dropped")
         return Pushed(job.id)
+
+    @staticmethod
+    def _oldest(queue: _Queue, job: OutgoingJob) -> str | None:
+        """The waiting job a "drop_oldest" push drops: the first of the job's group line, else
+        the head of the plain ready list (priority 0, in the order jobs became ready)."""
+        if job.group:
+            group = queue.groups.get(job.group)
+            if group is not None:
+                for job_id in group.line:
+                    if job_id != job.id:
+                        return job_id
+                    break
+        ready, place = queue.ready, queue.place
+        while ready and place.get(ready[0][1]) != ("ready", ready[0][0]):
+            ready.popleft()  # stale
+        if ready and ready[0][1] != job.id:
+            return ready[0][1]
+        return None
 
     def _live_key(self, queue: _Queue, key: str, now: float) -> _Key | None:
         held = queue.keys.get(key)
@@ -402,6 +456,7 @@ class MemoryDriver(Driver):
             if record is not None:
                 record.job = job.job or record.job
                 record.max_tries = job.max_tries if job.max_tries is not None else record.max_tries
+            self._count(queue, "coalesced", time.time())
             return Pushed(holder, "replaced")
         return Pushed(holder, "kept")
 
@@ -423,6 +478,7 @@ class MemoryDriver(Driver):
             unique_key=job.unique_key,
             kind=job.kind,
             priority=job.priority,
+            group=job.group if job.kind == "job" else "",
         )
         if job.kind != "job":
             return  # a workflow record: no payload, never reserved (`_attach` does the rest)
@@ -433,8 +489,12 @@ class MemoryDriver(Driver):
             queue.priority[job.id] = job.priority
         if job.limit is not None:
             queue.limits[job.id] = job.limit
+        if job.group:
+            queue.group_of[job.id] = job.group
         if deferred:
-            return  # `_attach` makes it deferred
+            return  # `_attach` makes it deferred (it joins its group when released)
+        if job.group and self._join_line(queue, job.group, job.id, job.at_front):
+            return
         if delay > 0:
             self._make_delayed(queue, job.id, now + delay)
             if job.at_front:
@@ -488,9 +548,62 @@ class MemoryDriver(Driver):
             self._settling = settling
         self._drain(now, wall)
 
+    # -- groups --------------------------------------------------------------------------
+
+    @staticmethod
+    def _join_line(queue: _Queue, name: str, job_id: str, at_front: bool) -> bool:
+        """A grouped job arrives (pushed, or released from `deferred`): into the group's line
+        (True) if the group has a job in turn, else it takes the turn (False: the caller
+        stores it as usual, ready or scheduled). A line job is `queued`; its record keeps its
+        own due time."""
+        group = queue.groups.get(name)
+        if group is None:
+            queue.groups[name] = _Group(job_id)
+            return False
+        group.line[job_id] = at_front
+        queue.place[job_id] = _LINE
+        record = queue.records.get(job_id)
+        if record is not None:
+            record.status = Status.QUEUED
+        return True
+
+    def _leave_group(self, queue: _Queue, name: str, job_id: str) -> None:
+        """A grouped job is gone (ended, or stored afresh): out of its line, or, if it held
+        the turn, the turn passes to the line's first job in this same step."""
+        group = queue.groups.get(name)
+        if group is None:
+            return  # deferred, never joined
+        if group.holder != job_id:
+            group.line.pop(job_id, None)
+            return
+        if not group.line:
+            del queue.groups[name]
+            return
+        job_id, at_front = group.line.popitem(last=False)
+        group.holder = job_id
+        now = time.monotonic()
+        if queue.delayed and queue.delayed[0][0] <= now:
+            # Jobs due before now became ready before this one.
+            self._mature_delayed(queue, now)
+        record = queue.records.get(job_id)
+        if record is not None and record.due > now:
+            record.status = Status.SCHEDULED  # its own due time (push time + delay) is later
+            self._make_delayed(queue, job_id, record.due)
+            if at_front:
+                queue.front.add(job_id)
+            self._stirred = True  # `wait` callers recompute their timeout
+        else:
+            self._make_ready(queue, job_id, front=at_front)  # behind the jobs ready already
+
     def _forget(self, queue: _Queue, job_id: str) -> None:
-        """Take a job out of every place it waits or runs (its record stays). Entries left in
-        the ordered structures no longer match its place and are skipped."""
+        """Take a job out of every place it waits or runs (its record stays), passing its
+        group's turn on if it held it. Entries left in the ordered structures no longer match
+        its place and are skipped."""
+        if queue.group_of:
+            name = queue.group_of.pop(job_id, None)
+            if name is not None:
+                queue.place.pop(job_id, None)  # not counted as waiting while the turn passes
+                self._leave_group(queue, name, job_id)
         self._unreserve(queue, job_id)
         queue.place.pop(job_id, None)
         queue.payloads.pop(job_id, None)
@@ -582,6 +695,17 @@ class MemoryDriver(Driver):
         passed, else ready now (its ttl counting from now). It keeps its priority."""
         del queue.waits[job_id]
         record = queue.records[job_id]
+        name = queue.group_of.get(job_id) if queue.group_of else None
+        if name is not None and name in queue.groups:
+            # Its group has a job in turn: into the line, due at its own time.
+            if wait.delayed and wait.due > now:
+                record.due, record.due_at = wait.due, wait.due_wall
+            else:
+                record.due, record.due_at = now, wall
+            self._join_line(queue, name, job_id, wait.at_front)
+            return
+        if name is not None:
+            self._join_line(queue, name, job_id, wait.at_front)  # takes the turn
         if wait.delayed and wait.due > now:
             record.status = Status.SCHEDULED
             record.due, record.due_at = wait.due, wait.due_wall
@@ -826,6 +950,7 @@ class MemoryDriver(Driver):
             await self.ack(ack)
         now, wall = time.monotonic(), time.time()
         out: list[ReservedJob] = []
+        gone: list[ReservedJob] = []  # the jobs expired here, handed back as such
         for name in queues:
             queue = self._queue(name)
             self._mature(queue, now)
@@ -843,6 +968,15 @@ class MemoryDriver(Driver):
                     if cancelled:  # cancelled while running, then its lease ran out
                         self._end_waiting(queue, job_id, Status.CANCELLED, "cancelled", now, wall)
                     elif record is not None:
+                        gone.append(
+                            ReservedJob(
+                                job_id,
+                                name,
+                                queue.payloads[job_id],
+                                queue.attempts.get(job_id, 0),
+                                expired=True,
+                            )
+                        )
                         self._expire(queue, record, now, wall)
                     if from_key is not None:  # offer the key's next held job in its place
                         self._list(queue, from_key, queue.gates[from_key])
@@ -865,6 +999,8 @@ class MemoryDriver(Driver):
             if len(out) >= limit:
                 break
         self._wake_if_stirred()
+        if gone:
+            out.extend(gone)
         return out
 
     def _start(
@@ -908,18 +1044,35 @@ class MemoryDriver(Driver):
         )
 
     def _end_waiting(
-        self, queue: _Queue, job_id: str, status: Status, error: str, now: float, wall: float
+        self,
+        queue: _Queue,
+        job_id: str,
+        status: Status,
+        error: str,
+        now: float,
+        wall: float,
+        *,
+        counted: str = "",
     ) -> None:
-        """End a job that will never run (expired, cancelled): payload gone, record kept for its
-        `failure_ttl`, counted, key freed, waiters woken, dependents resolved."""
+        """End a job that will never run (expired, cancelled, dropped): payload gone, record
+        kept for its `failure_ttl`, counted (as `counted` if given), key freed, group turn
+        passed, waiters woken, dependents resolved."""
         self._forget(queue, job_id)
         record = queue.records.get(job_id)
         if record is None:
             record = queue.records[job_id] = _Record(job_id, queue.name, status)
-        self._end(queue, record, Outcome(status, record.failure_ttl, error=error), now, wall)
+        outcome = Outcome(status, record.failure_ttl, error=error)
+        self._end(queue, record, outcome, now, wall, counted=counted)
 
     def _end(
-        self, queue: _Queue, record: _Record, outcome: Outcome, now: float, wall: float
+        self,
+        queue: _Queue,
+        record: _Record,
+        outcome: Outcome,
+        now: float,
+        wall: float,
+        *,
+        counted: str = "",
     ) -> None:
         record.status = outcome.status
         record.ended_at = wall
@@ -932,7 +1085,7 @@ class MemoryDriver(Driver):
         else:
             queue.records.pop(record.id, None)
         if record.kind == "job":  # workflow records did not run: not in `recent`
-            self._count(queue, outcome.status, wall)
+            self._count(queue, counted or outcome.status, wall)
         key = (record.queue, record.id)
         event = self._ended.pop(key, None)
         if event is not None:
@@ -941,7 +1094,9 @@ class MemoryDriver(Driver):
             self._settle(key, outcome.status, now, wall)
 
     @staticmethod
-    def _count(queue: _Queue, status: Status, wall: float) -> None:
+    def _count(queue: _Queue, status: str, wall: float) -> None:
+        """Count one end (a `Status`) or one push outcome ("coalesced", "dropped",
+        "rejected") in the current minute."""
         minute = int(wall // 60)
         counts = queue.counts.get(minute)
         if counts is None:
@@ -1040,6 +1195,15 @@ class MemoryDriver(Driver):
     async def clear(self, queue: str) -> int:
         q = self._queue(queue)
         doomed = [*q.place, *(job_id for job_id, w in q.waits.items() if w.kind == "job")]
+        if q.group_of:
+            # Every waiting job goes, lines included: no turn passes. A group whose job in
+            # turn is running keeps it (empty line) until that job ends.
+            for job_id in doomed:
+                q.group_of.pop(job_id, None)
+            for name in [n for n, g in q.groups.items() if g.holder not in q.reserved]:
+                del q.groups[name]
+            for group in q.groups.values():
+                group.line.clear()
         for job_id in doomed:
             self._forget(q, job_id)
             record = q.records.pop(job_id, None)
@@ -1121,6 +1285,7 @@ class MemoryDriver(Driver):
             waiting_for=waiting_for,
             progress=record.progress,
             priority=record.priority,
+            group=record.group,
         )
 
     async def wait_ended(self, job_id: str, queue: str | None, timeout: float) -> JobStatus | None:
@@ -1178,7 +1343,7 @@ class MemoryDriver(Driver):
     async def recent(self, queue: str, window: float = 3600.0) -> RecentCounts:
         q = self._queue(queue)
         first = math.floor((time.time() - window) / 60)
-        totals: dict[Status, int] = {}
+        totals: dict[str, int] = {}
         for minute, counts in q.counts.items():
             if minute >= first:
                 for status, n in counts.items():
@@ -1189,6 +1354,9 @@ class MemoryDriver(Driver):
             failed=totals.get(Status.FAILED, 0),
             cancelled=totals.get(Status.CANCELLED, 0),
             expired=totals.get(Status.EXPIRED, 0),
+            coalesced=totals.get("coalesced", 0),
+            dropped=totals.get("dropped", 0),
+            rejected=totals.get("rejected", 0),
         )
 
     async def prune_records(self) -> int:
