@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from core.queue.drivers import Driver
+from core.queue.drivers.base import OnDuplicate, Overflow
 from core.status import Status
 from tests.conformance.iot_support import (
     bounded,
@@ -29,12 +30,15 @@ from tests.conformance.iot_support import (
     take_ids,
 )
 from tests.conformance.workflow_support import (
+    both,
     n_of,
     new_id,
     outgoing,
     reserve_one,
+    second_driver,
     status_of,
 )
+from tests.conftest import Backend
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -268,12 +272,12 @@ async def test_bounded_a_dropped_job_record_is_kept_for_its_failure_ttl(
 @pytest.mark.parametrize("overflow", ["reject", "drop_oldest"])
 @pytest.mark.parametrize("on_duplicate", ["replace", "keep", "reject"])
 async def test_bounded_pushes_that_add_nothing_are_never_refused_and_never_drop(
-    driver: Driver, queue: str, overflow: str, on_duplicate: str
+    driver: Driver, queue: str, overflow: Overflow, on_duplicate: OnDuplicate
 ) -> None:
     holder, other = ids(2)
     await driver.push([outgoing(holder, queue, 1, unique_key="k"), outgoing(other, queue, 2)])
-    by_key = bounded(new_id(), queue, 2, overflow, n=3, unique_key="k", on_duplicate=on_duplicate)  # type: ignore[arg-type]
-    by_id = bounded(holder, queue, 2, overflow, n=4, check_id=True, on_duplicate=on_duplicate)  # type: ignore[arg-type]
+    by_key = bounded(new_id(), queue, 2, overflow, n=3, unique_key="k", on_duplicate=on_duplicate)
+    by_id = bounded(holder, queue, 2, overflow, n=4, check_id=True, on_duplicate=on_duplicate)
     expected = {"replace": "replaced", "keep": "kept", "reject": "duplicate"}[on_duplicate]
     for job in (by_key, by_id):
         [pushed] = await driver.push([job])
@@ -398,3 +402,58 @@ async def test_expired_scheduled_job_past_its_ttl_is_handed_back(
     await asyncio.sleep(0.35)  # due, then past its ttl
     runnable, expired = split(await driver.reserve([queue], 5, lease=30))
     assert (runnable, [(h.id, h.expired) for h in expired]) == ([], [(job_id, True)])
+
+
+async def test_bounded_drop_oldest_of_a_grouped_push_with_an_empty_line_drops_the_oldest_ready(
+    driver: Driver, queue: str
+) -> None:
+    plain, a1, a2 = ids(3)
+    await driver.push([outgoing(plain, queue), grouped(a1, queue, "A")])
+    # A's line is empty: the oldest ready priority-0 job goes (the plain one).
+    [pushed] = await driver.push([bounded(a2, queue, 2, "drop_oldest", group="A")])
+    assert pushed.outcome == "created"
+    assert (await status_of(driver, plain, queue)).status is Status.CANCELLED
+    assert (await status_of(driver, a2, queue)).status is Status.QUEUED
+    assert await run_in_turn(driver, queue, 2) == [a1, a2]
+
+
+async def test_bounded_drop_oldest_of_its_own_groups_holder_lets_the_new_job_run(
+    driver: Driver, queue: str
+) -> None:
+    a1, a2 = ids(2)
+    await driver.push([grouped(a1, queue, "A", 1)])
+    # The only ready job is A's holder: it is dropped, and the new job of A (never its own
+    # victim) takes the turn.
+    [pushed] = await driver.push([bounded(a2, queue, 1, "drop_oldest", n=2, group="A")])
+    assert pushed.outcome == "created"
+    record = await status_of(driver, a1, queue)
+    assert (record.status, record.error) == (Status.CANCELLED, dropped_error(queue, 1))
+    [held] = await reserve_runnable(driver, queue)
+    assert (held.id, n_of(held.payload)) == (a2, 2)
+
+
+# -- under concurrency -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overflow", ["reject", "drop_oldest"])
+async def test_bounded_the_count_is_exact_under_concurrent_pushes(
+    backend: Backend, driver: Driver, queue: str, overflow: Overflow
+) -> None:
+    async with second_driver(backend, driver) as other:
+        mine, theirs = ids(12), ids(12)
+
+        async def push_all(d: Driver, jobs: list[str]) -> list[str]:
+            return [(await d.push([bounded(j, queue, 10, overflow)]))[0].outcome for j in jobs]
+
+        outcomes = await both(push_all(driver, mine), push_all(other, theirs))
+    flat = outcomes[0] + outcomes[1]
+    stats = await driver.stats(queue)
+    assert stats.pending == 10
+    recent = await driver.recent(queue)
+    if overflow == "reject":
+        assert (flat.count("created"), flat.count("full")) == (10, 14)
+        assert recent.rejected == 14
+    else:
+        assert flat.count("created") == 24
+        assert recent.dropped == 14
+    assert len(await take_ids(driver, queue)) == 10

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from core.queue.drivers import Driver, Outcome
+from core.queue.drivers.base import Limit
 from core.status import Status
 from tests.conformance.iot_support import (
     SLACK,
@@ -27,6 +28,7 @@ from tests.conformance.iot_support import (
     take_ids,
 )
 from tests.conformance.workflow_support import (
+    both,
     end,
     n_of,
     new_id,
@@ -34,8 +36,10 @@ from tests.conformance.workflow_support import (
     reserve_one,
     reserve_within,
     run,
+    second_driver,
     status_of,
 )
+from tests.conftest import Backend
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -474,3 +478,62 @@ async def test_group_concurrent_acks_of_two_groups_each_pass_their_own_turn(
     assert sorted(h.id for h in held) == sorted([a1, b1])
     await asyncio.gather(*(driver.ack([h]) for h in held))
     assert sorted(await take_ids(driver, queue)) == sorted([a2, b2])
+
+
+async def test_group_a_holder_held_by_a_limit_keeps_the_turn(driver: Driver, queue: str) -> None:
+    busy, a1, a2 = ids(3)
+    printer = Limit("printer", concurrency=1)
+    await driver.push([outgoing(busy, queue, limit=printer)])
+    running = await reserve_one(driver, queue, busy)  # the printer's one slot is taken
+    await driver.push([grouped(a1, queue, "A", limit=printer), grouped(a2, queue, "A")])
+    # a1 is held back by its limit; a2 waits in the line behind it, never overtaking.
+    assert await take_ids(driver, queue) == []
+    assert (await status_of(driver, a1, queue)).status is Status.QUEUED
+    await driver.ack([running])
+    assert await run_in_turn(driver, queue, 2) == [a1, a2]
+
+
+async def test_group_cancel_and_status_find_a_line_job_without_its_queue(
+    driver: Driver, queue: str
+) -> None:
+    a1, a2, a3 = ids(3)
+    await driver.push([grouped(a1, queue, "A"), grouped(a2, queue, "A"), grouped(a3, queue, "A")])
+    record = await status_of(driver, a2)
+    assert (record.status, record.group, record.queue) == (Status.QUEUED, "A", queue)
+    assert await driver.cancel(a2) is True
+    assert (await status_of(driver, a2)).status is Status.CANCELLED
+    assert await run_in_turn(driver, queue, 2) == [a1, a3]
+
+
+# -- under concurrency (two workers or dispatchers at once) ---------------------------------
+
+
+async def test_group_two_workers_reserving_at_once_get_one_job_per_group(
+    backend: Backend, driver: Driver, queue: str
+) -> None:
+    lines = {g: ids(3) for g in ("g0", "g1", "g2", "g3", "g4")}
+    await driver.push(
+        [grouped(j, queue, g, i) for g, jobs in lines.items() for i, j in enumerate(jobs)]
+    )
+    async with second_driver(backend, driver) as other:
+        first, second = await both(
+            driver.reserve([queue], 100, lease=30), other.reserve([queue], 100, lease=30)
+        )
+    got = sorted(h.id for h in first + second)
+    assert got == sorted(jobs[0] for jobs in lines.values())
+    assert await take_ids(driver, queue) == []
+
+
+async def test_group_two_dispatchers_pushing_into_an_empty_group_make_one_holder(
+    backend: Backend, driver: Driver, queue: str
+) -> None:
+    async with second_driver(backend, driver) as other:
+        for _ in range(5):
+            a, b = ids(2)
+            await both(driver.push([grouped(a, queue, "G")]), other.push([grouped(b, queue, "G")]))
+            held = await reserve_runnable(driver, queue)
+            assert len(held) == 1 and held[0].id in (a, b), [h.id for h in held]
+            await driver.ack(held)
+            rest = await reserve_runnable(driver, queue)
+            assert [h.id for h in rest] == [b if held[0].id == a else a]
+            await driver.ack(rest)  # the group is empty again for the next round
