@@ -35,6 +35,7 @@ from core.commands._common import (
     stamp,
     table,
 )
+from core.mqtt.spool import spooled_by_queue
 from core.queue.queue_manager import RECENT_WINDOW
 from core.settings import Settings
 
@@ -44,7 +45,7 @@ HELP = {
     "queue:clear": "delete the jobs waiting in a queue (not the ones running)",
 }
 
-_QUEUE_COLUMNS = ("queue", "pending", "delayed", "deferred", "reserved", "failed")
+_QUEUE_COLUMNS = ("queue", "pending", "delayed", "deferred", "reserved", "failed", "spooled")
 #: How jobs ended over the recent window: JSON key -> table column.
 _RECENT_COLUMNS = {
     "succeeded": "succeeded 1h",
@@ -123,6 +124,8 @@ async def _snapshot(conn: Connection, queue: str | None) -> dict[str, Any]:
     """Counts per queue and the workers alive, as plain data (the JSON output)."""
     stats = await conn.manager.stats(queue, conn.name)
     workers = await conn.driver.workers()
+    # Jobs the MQTT app holds in its offline spool file(s) for this connection.
+    spooled = await asyncio.to_thread(spooled_by_queue, conn.manager.settings, conn.name)
     return {
         "connection": conn.name,
         "recent_window": RECENT_WINDOW,
@@ -141,6 +144,7 @@ async def _snapshot(conn: Connection, queue: str | None) -> dict[str, Any]:
                 "coalesced": s.coalesced,
                 "dropped": s.dropped,
                 "rejected": s.rejected,
+                "spooled": spooled.get(s.queue, 0),
             }
             for s in stats
         ],
@@ -166,7 +170,8 @@ def _render(data: dict[str, Any]) -> RenderableType:
         f"Queues ({data['connection']})",
         (*_QUEUE_COLUMNS, *_RECENT_COLUMNS.values()),
         [[q[column] for column in (*_QUEUE_COLUMNS, *_RECENT_COLUMNS)] for q in data["queues"]],
-        caption="failed: in the failed-job store; '1h': over the last hour, jobs that ended so, "
+        caption="failed: in the failed-job store; spooled: in the MQTT app's offline spool; "
+        "'1h': over the last hour, jobs that ended so, "
         "pushes that replaced a waiting job (coalesced) or met a full queue (dropped, rejected)"
         if data["queues"]
         else "no queue has been used yet",
