@@ -25,6 +25,12 @@ job pushed here but acknowledged by a wave-1 worker keeps the record it had (`qu
 run plain jobs and `at_front` jobs pushed while nothing prioritized waits, but neither see
 prioritized, deferred or limit-held jobs nor resolve dependents when they acknowledge: deploy
 the new workers before pushing workflows.
+
+Issue #14 (groups, bounded queues, expired jobs handed back) adds the group keys of lib.lua
+(`<tag>:gturn`, `<tag>:gline:<group>`, `<tag>:glen`), all under the queue's tag. The turn
+passes in the same script as its holder ends; the plain path costs one more EXISTS key per
+reserve (lib.lua `probe`) and one per ack call. Older workers neither pass a group's turn nor
+see line jobs: deploy the new workers before pushing grouped jobs.
 """
 
 from __future__ import annotations
@@ -457,7 +463,7 @@ class RedisDriver(Driver):
                 run = runs[at]
             name, sets, rows, slots = run
             number = sets.setdefault(self._push_options(job), len(sets) + 1)
-            rows.extend((job.id, job.payload, number, len(job.depends_on)))
+            rows.extend((job.id, job.payload, number, job.group, len(job.depends_on)))
             for dep in job.depends_on:
                 queue = dep.queue or places.get(dep.id) or job.queue
                 rows.extend((self.keys(queue).tag, dep.id))
@@ -467,7 +473,7 @@ class RedisDriver(Driver):
         for name, sets, rows, _ in runs:
             k = self.keys(name)
             keys = [k.ready, k.delayed, k.payloads, k.wake, k.attempts, k.reserved, k.front]
-            args = [k.tag, result_ms, len(sets), *chain.from_iterable(sets), *rows]
+            args = [k.tag, result_ms, name, len(sets), *chain.from_iterable(sets), *rows]
             calls.append(("push", keys, args))
         async with _translated("push"):
             await self._remember(list(dict.fromkeys(job.queue for job in jobs)))
@@ -503,6 +509,8 @@ class RedisDriver(Driver):
             0 if limit is None else limit.concurrency,
             job.once_key,
             self._ms(job.once_for),
+            max(0, job.max_length),
+            job.overflow,
         )
 
     async def _dependency_queues(self, jobs: Sequence[OutgoingJob]) -> dict[str, str]:
@@ -571,8 +579,9 @@ class RedisDriver(Driver):
         lease_ms = max(1, int(lease * 1000))
         failure_ms = self._ms(self.settings.queue_failure_ttl)
         async with _translated("reserve"):
+            runnable = 0
             for name in queues:
-                want = limit - len(out)
+                want = limit - runnable
                 if want <= 0 and name not in acks:
                     break
                 k = self.keys(name)
@@ -610,7 +619,16 @@ class RedisDriver(Driver):
                     )
                 for i in range(1, len(reply), 3):
                     job_id: bytes = reply[i]
-                    out.append(ReservedJob(job_id.decode(), name, reply[i + 1], int(reply[i + 2])))
+                    attempts = int(reply[i + 2])
+                    if attempts < 0:  # expired by this call (reserve.lua): only reported
+                        out.append(
+                            ReservedJob(
+                                job_id.decode(), name, reply[i + 1], -1 - attempts, expired=True
+                            )
+                        )
+                    else:
+                        out.append(ReservedJob(job_id.decode(), name, reply[i + 1], attempts))
+                        runnable += 1
             if acks:
                 await self._ack_groups(acks)
         return out
@@ -764,7 +782,10 @@ class RedisDriver(Driver):
             if fields["enqueued_at"] is None:
                 fields["enqueued_at"] = _seconds(envelope.get("created_at"))
         kind = _text(rec.get("kind", b"job"))
-        extra: dict[str, Any] = {"priority": _int(rec.get("priority")) or 0}
+        extra: dict[str, Any] = {
+            "priority": _int(rec.get("priority")) or 0,
+            "group": _text(rec.get("group", b"")),
+        }
         if kind in ("chain", "batch"):
             extra["kind"] = kind
             extra["progress"] = _progress(rec)
@@ -904,10 +925,11 @@ class RedisDriver(Driver):
         k = self.keys(queue)
         minutes = max(1, math.ceil(window / 60))
         async with _translated("reading recent counts"):
-            succeeded, failed, cancelled, expired = await self._scripts["recent"](
-                keys=[k.counts], args=[minutes]
-            )
-        return RecentCounts(window, int(succeeded), int(failed), int(cancelled), int(expired))
+            counts = await self._scripts["recent"](keys=[k.counts], args=[minutes])
+        succeeded, failed, cancelled, expired, coalesced, dropped, rejected = map(int, counts)
+        return RecentCounts(
+            window, succeeded, failed, cancelled, expired, coalesced, dropped, rejected
+        )
 
     # -- small named values ------------------------------------------------------------
 

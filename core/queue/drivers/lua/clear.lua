@@ -13,6 +13,10 @@
 --
 -- Key schema and record fields: see push.lua and lib.lua.
 --
+-- Groups (lib.lua): the jobs in the lines are deleted too and the group state reset; a group
+-- whose turn holder is running keeps its turn until that job ends (one job of a group at a
+-- time).
+--
 -- KEYS: 1 ready, 2 delayed, 3 payloads, 4 attempts, 5 wake, 6 front
 -- ARGV: 1 tag
 -- Returns: the number of jobs deleted
@@ -72,6 +76,17 @@ drop_zset(KEYS[2], 0)
 drop_zset(q.prio, 30)  -- member: <band><13 digits><16 digits><id>
 drop_set(q.deferred, drop)
 drop_set(q.heldkeys, function(key) drop_list(tag .. ':held:' .. key) end)
+local cursor = '0'
+repeat
+  local scan = redis.call('HSCAN', q.gturn, cursor, 'COUNT', SLICE)
+  cursor = scan[1]
+  for k = 1, #scan[2], 2 do
+    local g, holder = scan[2][k], scan[2][k + 1]
+    drop_list(gline(q, g))
+    if not redis.call('ZSCORE', q.reserved, holder) then redis.call('HDEL', q.gturn, g) end
+  end
+until cursor == '0'
+redis.call('DEL', q.glen)
 redis.call('DEL', KEYS[5], KEYS[6], q.fronts, q.limited)
 flush(nil)
 return deleted

@@ -31,12 +31,16 @@
 --   <tag>:heldkeys       set     keys with a held list (stats, clear)
 --   <tag>:limited        zset    key -> when the first held job of <key> may start (rate)
 --   <tag>:once:<key>     string  the id of the job that took once key <key> (PX once_for)
+--   <tag>:gturn          hash    group -> the id of the job in turn (issue #14: `group`)
+--   <tag>:gline:<group>  list    the group's line: ids waiting for the turn, in push order
+--   <tag>:glen           string  how many jobs wait in all the queue's lines (stats, max_length)
 -- A ref names a job of any queue: <tag> .. "\0" .. <id>.
 -- Record fields added: priority (when not 0), pm (its member while in <tag>:prio), front (1: a
 -- delayed at_front job), kind (chain/batch), rule, cof (cancel_on_failure), release_at and ttl
 -- (of a deferred job: its due time once released, its ttl then), lkey/lint/lburst/lconc (its
 -- limit), held (1 once held back), lf (1: in <tag>:fronts), p_total/p_succeeded/p_failed/p_cancelled and rkeep (a
--- workflow record's counts and its keep when it succeeds), cofdone.
+-- workflow record's counts and its keep when it succeeds), cofdone, group (the job's group, kept
+-- after it ended).
 local T_ = redis.call('TIME')
 local now = T_[1] * 1000 + math.floor(T_[2] / 1000)
 local MAXP = 2147483647
@@ -58,7 +62,7 @@ local function Q(tag)
       cancel = tag .. ':cancel', prio = tag .. ':prio', seq = tag .. ':seq',
       deferred = tag .. ':deferred', flows = tag .. ':flows', runkey = tag .. ':runkey',
       heldkeys = tag .. ':heldkeys', limited = tag .. ':limited', fronts = tag .. ':fronts',
-      hasdeps = tag .. ':hasdeps',
+      hasdeps = tag .. ':hasdeps', gturn = tag .. ':gturn', glen = tag .. ':glen',
     }
     queues_[tag] = q
   end
@@ -69,9 +73,9 @@ end
 -- one EXISTS on the plain path (all absent), each then known absent; otherwise each is asked
 -- once when needed (the flags below, nil: not asked yet). Scripts that create one set its flag.
 local function probe(q)
-  if redis.call('EXISTS', q.prio, q.fronts, q.limited, q.runkey, q.hasdeps) == 0 then
-    q.has_prio, q.has_fronts, q.has_limited, q.has_runkey, q.has_deps =
-      false, false, false, false, false
+  if redis.call('EXISTS', q.prio, q.fronts, q.limited, q.runkey, q.hasdeps, q.gturn) == 0 then
+    q.has_prio, q.has_fronts, q.has_limited, q.has_runkey, q.has_deps, q.has_groups =
+      false, false, false, false, false, false
   end
 end
 
@@ -183,6 +187,60 @@ local function delay_job(q, id, due, prio, front)
     redis.call('SADD', q.front, id)
     if front then redis.call('HSET', q.tag .. ':job:' .. id, 'front', '1') end
   end
+end
+
+-- -- groups (issue #14) ------------------------------------------------------------------
+-- One job per (queue, group) is in turn (<tag>:gturn names it): ready, delayed, retrying,
+-- held by a limit or running, placed as any job. The others wait in the group's line
+-- (<tag>:gline:<group>, status `queued`, not in any ready structure); <tag>:glen counts them
+-- all. A line is never without a holder. Only an end of the holder passes the turn.
+
+local function gline(q, g) return q.tag .. ':gline:' .. g end
+
+-- A job of group `g` that may run now or later (pushed, released by its dependencies,
+-- retried): true if it takes the turn (the caller places it as usual), else it joined the
+-- line's tail (the caller writes its record: `queued`, with its due time).
+local function join_group(q, id, g)
+  q.has_groups = true
+  if redis.call('HSETNX', q.gturn, g, id) == 1 or redis.call('HGET', q.gturn, g) == id then
+    return true
+  end
+  redis.call('RPUSH', gline(q, g), id)
+  redis.call('INCR', q.glen)
+  return false
+end
+
+-- The holder of group `g`'s turn ended: the line's first job takes the turn, ready now
+-- (behind the jobs already ready at its priority: fair between groups) or delayed until its
+-- own due time (push time + delay). An empty line frees the group.
+local function pass_turn(q, g)
+  local line = gline(q, g)
+  local nxt
+  repeat
+    nxt = redis.call('LPOP', line)
+    if not nxt then
+      redis.call('HDEL', q.gturn, g)
+      return
+    end
+    redis.call('DECR', q.glen)
+  until redis.call('HEXISTS', q.payloads, nxt) == 1
+  redis.call('HSET', q.gturn, g, nxt)
+  local rec = q.tag .. ':job:' .. nxt
+  local f = redis.call('HMGET', rec, 'due_at', 'priority', 'front')
+  local due, prio, front = tonumber(f[1]) or now, tonumber(f[2]) or 0, f[3] == '1'
+  if due > now then
+    redis.call('HSET', rec, 'status', 'scheduled')
+    delay_job(q, nxt, due, prio, front)
+  else
+    if front then redis.call('HDEL', rec, 'front') end
+    place(q, nxt, false, front, prio)
+  end
+end
+
+-- Whether a live job of group `g` (not deferred) waits in the group's line (else it holds
+-- the turn).
+local function in_line(q, id, g)
+  return redis.call('HGET', q.gturn, g) ~= id
 end
 
 -- -- limits -------------------------------------------------------------------------------
@@ -302,12 +360,21 @@ local function unplace(q, id, rec_status, f_pm, f_lkey)
 end
 
 -- End a job that is not running: `expired` or `cancelled`, with `err`. `take`: it is still in
--- a ready/delayed/deferred structure (else the caller popped it already).
-local function end_waiting(q, id, status, err, default_keep, take)
+-- a ready/delayed/deferred structure or its group's line (else the caller popped it already).
+-- `tally`: what it counts as in the recent counts (default: `status`; a drop: `dropped`). A
+-- group's turn holder passes the turn.
+local function end_waiting(q, id, status, err, default_keep, take, tally)
   local rec = q.tag .. ':job:' .. id
   local f = redis.call('HMGET', rec, 'failure_ttl', 'unique_key', 'unique_for', 'status', 'pm',
-    'lkey')
-  if take then unplace(q, id, f[4], f[5], f[6]) end
+    'lkey', 'group')
+  local g = f[7]
+  if g == '' or f[4] == 'deferred' then g = nil end
+  local lined = g and in_line(q, id, g)
+  if lined then
+    if take and redis.call('LREM', gline(q, g), 1, id) > 0 then redis.call('DECR', q.glen) end
+  elseif take then
+    unplace(q, id, f[4], f[5], f[6])
+  end
   redis.call('HDEL', q.payloads, id)
   redis.call('HDEL', q.attempts, id)
   redis.call('SREM', q.cancel, id)
@@ -328,7 +395,8 @@ local function end_waiting(q, id, status, err, default_keep, take)
     redis.call('DEL', rec)
   end
   wake_waiters(q, id)
-  count(q, status)
+  count(q, tally or status)
+  if g and not lined then pass_turn(q, g) end
   ended(q, id, status)
 end
 
@@ -346,6 +414,8 @@ local function ack_one(q, id, token, status, keep, result, err, tb)
   redis.call('HDEL', q.payloads, id)
   redis.call('HDEL', q.attempts, id)
   local rec = q.tag .. ':job:' .. id
+  local g = has(q, 'has_groups', q.gturn) and redis.call('HGET', rec, 'group')
+  if g and g ~= '' and redis.call('HGET', q.gturn, g) == id then pass_turn(q, g) end
   if keep > 0 then
     redis.call('HSET', rec, 'status', status, 'ended_at', now, 'error', err, 'traceback', tb)
     if result ~= '' then redis.call('HSET', rec, 'result', result) end
@@ -365,12 +435,17 @@ end
 
 local function release_dependent(q, id)
   local rec = q.tag .. ':job:' .. id
-  local f = redis.call('HMGET', rec, 'release_at', 'ttl', 'priority', 'front')
+  local f = redis.call('HMGET', rec, 'release_at', 'ttl', 'priority', 'front', 'group')
   redis.call('SREM', q.deferred, id)
   redis.call('DEL', q.tag .. ':on:' .. id, q.tag .. ':wait:' .. id)
   local due = math.max(now, tonumber(f[1]) or now)
   local ttl = tonumber(f[2]) or 0
   if ttl > 0 then redis.call('HSET', rec, 'expires_at', due + ttl) end
+  if f[5] and f[5] ~= '' and not join_group(q, id, f[5]) then
+    -- In its group's line until the turn comes (its `front` kept for then).
+    redis.call('HSET', rec, 'status', 'queued', 'due_at', due)
+    return
+  end
   local prio = tonumber(f[3]) or 0
   local front = f[4] == '1'
   if due > now then

@@ -27,22 +27,33 @@
 --
 -- KEYS: 1 ready, 2 delayed, 3 payloads, 4 wake, 5 attempts, 6 reserved, 7 front
 -- ARGV: 1 tag, 2 the connection's result ttl ms (a workflow record that succeeds is kept so
---       long), 3 option set count m, then m option sets of 21: delay ms (0: ready now), job
+--       long), 3 the queue's name, 4 option set count m, then m option sets of 23: delay ms (0: ready now), job
 --       class path, max_tries ('' unknown), at_front (1/0), check_id (1/0), unique key (''
 --       none), unique_for ms, on_duplicate (reject/keep/replace), ttl ms (0 none), failure_ttl
 --       ms, priority, rule, kind (job/chain/batch), cancel_on_failure (1/0), limited (1/0),
 --       limit key, limit interval ms (0: no rate), burst, concurrency (0: none), once key (''
---       none), once_for ms; then per job: id, payload, the number of its option set (1..m),
---       its dependency count d, then d pairs (dependency's queue tag, dependency id). Jobs of
+--       none), once_for ms, max_length (0: no bound), overflow (reject/drop_oldest); then per
+--       job: id, payload, the number of its option set (1..m), its group ('' none), its
+--       dependency count d, then d pairs (dependency's queue tag, dependency id). Jobs of
 --       one bulk push usually share their options: they are sent once.
--- Returns: pairs of (outcome, id): outcome created/duplicate/kept/replaced/missing, id the job
---          that holds the work (the new one, or the holder of the id or key), or for
+-- Groups (lib.lua): a job of a group without a holder takes the turn and is stored as any
+-- job; else it joins the line's tail (status `queued`, due_at its own due time, `front` kept
+-- for when it takes the turn). A job with dependencies joins when they release it.
+-- Bounds: with max_length, a job about to be stored (not deferred) is counted against the
+-- queue's waiting jobs (as stats counts pending + delayed: ready list, prio set, delayed set,
+-- held lists, <tag>:glen); at the bound "reject" refuses it ("full", counted `rejected`),
+-- "drop_oldest" first ends the head of this job's group line, else the head of the ready
+-- list (status cancelled, counted `dropped`), else refuses it.
+-- A push that replaces a waiting job's payload counts `coalesced`.
+-- Returns: pairs of (outcome, id): outcome created/duplicate/kept/replaced/missing/full, id
+--          the job that holds the work (the new one, or the holder of the id or key), or for
 --          `missing` the unknown dependency (nothing of the job stored)
 local tag = ARGV[1]
 local q = Q(tag)
 local result_keep = ARGV[2]
+local qname = ARGV[3]
 local out = {}
-local NOPT = 21
+local NOPT = 23
 local ENDED = {succeeded = true, failed = true, cancelled = true, expired = true}
 
 -- A job is waiting if its payload is stored and no worker holds it.
@@ -56,24 +67,60 @@ local function add(name, value)
   fields[#fields + 1] = value
 end
 
-local sets = tonumber(ARGV[3])
-local j = 4 + sets * NOPT
+-- The queue's waiting jobs, as stats.lua counts pending + delayed.
+local function waiting_count()
+  local n = redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', q.prio)
+    + redis.call('ZCARD', KEYS[2]) + (tonumber(redis.call('GET', q.glen)) or 0)
+  if redis.call('EXISTS', tag .. ':heldkeys') == 1 then
+    for _, key in ipairs(redis.call('SMEMBERS', tag .. ':heldkeys')) do
+      n = n + redis.call('LLEN', tag .. ':held:' .. key)
+    end
+  end
+  return n
+end
+
+-- Drop the oldest waiting job for a job of group `g` ('' none): the head of g's line, else
+-- the head of the ready list. Returns whether one was dropped.
+local function drop_oldest(g, err)
+  if g ~= '' then
+    local victim = redis.call('LPOP', gline(q, g))
+    if victim then
+      redis.call('DECR', q.glen)
+      end_waiting(q, victim, 'cancelled', err, 0, false, 'dropped')
+      return true
+    end
+  end
+  while true do
+    local victim = redis.call('LPOP', KEYS[1])
+    if not victim then return false end
+    -- No payload: acknowledged after its lease had expired (reserve skips those too).
+    if redis.call('HEXISTS', KEYS[3], victim) == 1 then
+      if has(q, 'has_fronts', q.fronts) then redis.call('SREM', q.fronts, victim) end
+      end_waiting(q, victim, 'cancelled', err, 0, false, 'dropped')
+      return true
+    end
+  end
+end
+
+local sets = tonumber(ARGV[4])
+local j = 5 + sets * NOPT
 while j <= #ARGV do
   local id, payload = ARGV[j], ARGV[j + 1]
-  -- ARGV[i + 2] .. ARGV[i + 22] are this job's options, in the header's order.
-  local i = 4 + (tonumber(ARGV[j + 2]) - 1) * NOPT - 2
-  local ndeps = tonumber(ARGV[j + 3])
+  -- ARGV[i + 2] .. ARGV[i + 24] are this job's options, in the header's order.
+  local i = 5 + (tonumber(ARGV[j + 2]) - 1) * NOPT - 2
+  local group = ARGV[j + 3]
+  local ndeps = tonumber(ARGV[j + 4])
   -- A dependency named twice counts once (the first naming keeps its place).
   local deps, named = {}, {}
   for d = 1, ndeps do
-    local dtag, did = ARGV[j + 2 + 2 * d], ARGV[j + 3 + 2 * d]
+    local dtag, did = ARGV[j + 3 + 2 * d], ARGV[j + 4 + 2 * d]
     local r = ref(dtag, did)
     if not named[r] then
       named[r] = true
       deps[#deps + 1] = {dtag, did}
     end
   end
-  j = j + 4 + 2 * ndeps
+  j = j + 5 + 2 * ndeps
   ndeps = #deps
   local delay = tonumber(ARGV[i + 2])
   local ukey, dup = ARGV[i + 7], ARGV[i + 9]
@@ -109,6 +156,7 @@ while j <= #ARGV do
       redis.call('HSET', KEYS[3], id, payload)
       redis.call('HSET', tag .. ':job:' .. id, 'job', ARGV[i + 3], 'max_tries', ARGV[i + 4])
       outcome = 'replaced'
+      count(q, 'coalesced')
     else
       outcome = 'kept'
     end
@@ -124,6 +172,7 @@ while j <= #ARGV do
           redis.call('HSET', KEYS[3], current, payload)
           redis.call('HSET', tag .. ':job:' .. current, 'job', ARGV[i + 3], 'max_tries', ARGV[i + 4])
           outcome = 'replaced'
+          count(q, 'coalesced')
         else
           outcome = 'kept'
         end
@@ -136,9 +185,19 @@ while j <= #ARGV do
     end
   end
 
+  local flow = kind == 'chain' or kind == 'batch'
+  local bound = tonumber(ARGV[i + 23]) or 0
+  if outcome == 'created' and bound > 0 and ndeps == 0 and not flow
+      and waiting_count() >= bound then
+    if ARGV[i + 24] ~= 'drop_oldest' or not drop_oldest(group,
+        'dropped: queue ' .. qname .. ' is full (' .. bound .. ' waiting)') then
+      outcome = 'full'
+      count(q, 'rejected')
+    end
+  end
+
   if outcome == 'created' then
     local rec = tag .. ':job:' .. id
-    local flow = kind == 'chain' or kind == 'batch'
     if flow then
       redis.call('HDEL', KEYS[3], id)
     elseif redis.call('HSET', KEYS[3], id, payload) == 0 then
@@ -151,8 +210,16 @@ while j <= #ARGV do
       redis.call('LREM', KEYS[1], 0, id)
       redis.call('SREM', KEYS[7], id)
       redis.call('SREM', tag .. ':cancel', id)
-      local pm = redis.call('HGET', rec, 'pm')
-      if pm then redis.call('ZREM', q.prio, pm) end
+      local old = redis.call('HMGET', rec, 'pm', 'group', 'status')
+      if old[1] then redis.call('ZREM', q.prio, old[1]) end
+      if old[2] and old[2] ~= '' and old[3] ~= 'deferred' then
+        -- Out of its group's line, or its turn passed (it starts afresh below).
+        if not in_line(q, id, old[2]) then
+          pass_turn(q, old[2])
+        elseif redis.call('LREM', gline(q, old[2]), 1, id) > 0 then
+          redis.call('DECR', q.glen)
+        end
+      end
       redis.call('SREM', q.deferred, id)
       redis.call('DEL', tag .. ':on:' .. id, tag .. ':wait:' .. id)
     end
@@ -178,6 +245,15 @@ while j <= #ARGV do
       if ttl > 0 then add('expires_at', due + ttl) end
     end
     if prio ~= 0 then add('priority', prio) end
+    local lined = false
+    if group ~= '' then
+      add('group', group)
+      lined = not deferred and not join_group(q, id, group)
+      if lined then
+        fields[2] = 'queued'
+        if front then add('front', '1') end
+      end
+    end
     if flow then
       add('kind', kind)
       add('p_total', ndeps)
@@ -229,6 +305,8 @@ while j <= #ARGV do
         if ENDED[d[3]] then resolve(me, ref(d[1], d[2]), d[2], d[3]) end
       end
       if flow and ndeps == 0 then end_record(q, id) end
+    elseif lined then
+      -- In its group's line (lib.lua: pass_turn places it when its turn comes).
     elseif delay > 0 then
       delay_job(q, id, due, prio, front)
     else

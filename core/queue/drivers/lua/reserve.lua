@@ -25,8 +25,13 @@
 -- (at_front, then higher priorities) come before the ready list, those above 0 after it; a job
 -- whose limit does not allow a start now is held back (not handed out, no try counted) and the
 -- next one is looked at; every end resolves the ended job's dependents in this same script.
+-- Groups (lib.lua): every end here (an ack, a ttl expiry, a cancel of a reaped job) passes
+-- its group's turn; a lost lease keeps it (the job goes back ready, still in turn).
 -- Returns: {next_ms, id1, payload1, attempts1, id2, ...} where next_ms is, when nothing was
---          reserved, how long until a delayed job, a lease or a held-back limit key falls due (-1: none); else 0.
+--          reserved, how long until a delayed job, a lease or a held-back limit key falls due
+--          (-1: none); else 0. A job this call expired (past its ttl) comes with attempts
+--          -1 - its tries so far: it holds no lease, it is only reported (in addition to
+--          `limit`).
 local limit, lease, worker, tag = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local default_keep, acks, outcomes = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 local q = Q(tag)
@@ -155,6 +160,9 @@ local function start(id)
     local due = tonumber(redis.call('HGET', rec, 'due_at')) or expires
     end_waiting(q, id, 'expired', 'not started within its ttl of ' .. (expires - due) / 1000 .. 's',
       default_keep, false)
+    out[#out + 1] = id
+    out[#out + 1] = payload
+    out[#out + 1] = -1
     return
   end
   if f[4] and not admit(q, id, {f[4], f[5], f[6], f[7], f[8]}) then return end

@@ -15,7 +15,8 @@
 --       5 ready, 6 delayed, 7 payloads, 8 wake, 9 attempts, 10 reserved
 -- ARGV: 1 the queue's tag, then quadruples of (job id, record id, payload, class path); an
 --       empty record id matches a record stored before record ids existed
--- Returns: the ids of the jobs moved back (by their priority: lib.lua), ready now with their tries counted afresh
+-- Returns: the ids of the jobs moved back (by their priority: lib.lua), ready now with their
+--          tries counted afresh (a job of a group: in its group's line if the turn is taken)
 local tag = ARGV[1]
 local q = Q(tag)
 local moved = {}
@@ -36,7 +37,8 @@ for i = 2, #ARGV, 4 do
     end
     -- The job keeps its priority and its limit (lib.lua); its dependents stay as resolved.
     local rec = tag .. ':job:' .. id
-    local kept = redis.call('HMGET', rec, 'priority', 'lkey', 'lint', 'lburst', 'lconc', 'pm')
+    local kept = redis.call('HMGET', rec, 'priority', 'lkey', 'lint', 'lburst', 'lconc', 'pm',
+      'group')
     if kept[6] then redis.call('ZREM', q.prio, kept[6]) end
     redis.call('DEL', rec, tag .. ':done:' .. id)
     redis.call('HSET', rec, 'status', 'queued', 'job', ARGV[i + 3],
@@ -45,7 +47,12 @@ for i = 2, #ARGV, 4 do
     if kept[2] then
       redis.call('HSET', rec, 'lkey', kept[2], 'lint', kept[3], 'lburst', kept[4], 'lconc', kept[5])
     end
-    place(q, id, false, false, tonumber(kept[1]) or 0)
+    -- And its group (when its record still tells it): the turn now, or the line's tail.
+    local g = kept[7]
+    if g and g ~= '' then redis.call('HSET', rec, 'group', g) end
+    if not (g and g ~= '') or join_group(q, id, g) then
+      place(q, id, false, false, tonumber(kept[1]) or 0)
+    end
     moved[#moved + 1] = id
   end
 end
