@@ -313,6 +313,8 @@ async def test_an_expired_job_is_reaped_by_the_claim_with_its_record(
     await asyncio.sleep(0.1)
     status = await driver.job_status(pushed.id, queue)
     assert status is not None and status.status is Status.EXPIRED  # before any worker saw it
+    [handed] = await driver.reserve([queue], 5, lease=30)  # handed back only to report it
+    assert (handed.id, handed.expired, handed.attempts) == (pushed.id, True, 0)
     assert await driver.reserve([queue], 5, lease=30) == []
     status = await driver.job_status(pushed.id, queue)
     assert status is not None and status.status is Status.EXPIRED

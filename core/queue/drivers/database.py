@@ -52,6 +52,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.errors import ConfigurationError, DriverError
+from core.queue.drivers import sql_groups as groups
 from core.queue.drivers import sql_lifecycle as life
 from core.queue.drivers import sql_tables as t
 from core.queue.drivers import sql_workflow as wf
@@ -215,6 +216,11 @@ class DatabaseDriver(Driver):
                     plain = []
                     out.append(await self._push_special(conn, job, row, created, fronts, ends))
                     continue
+                if job.group or job.max_length > 0:
+                    await life.insert_plain(conn, plain)
+                    plain = []
+                    out.append(await self._push_placed(conn, job, row, created, fronts, ends))
+                    continue
                 if row["due_at"] is not None:  # at_front, ready now: before the current head
                     row = {**row, "available_at": await life.front(conn, job.queue, fronts)}
                 if not (job.check_id or job.unique_key):
@@ -225,6 +231,11 @@ class DatabaseDriver(Driver):
                 plain = []
                 out.append(await life.push_checked(conn, job, row, created, self.name, keep, ends))
             await life.insert_plain(conn, plain)
+            for job, pushed in zip(jobs, out, strict=True):
+                if pushed.outcome == "replaced":
+                    ends[(job.queue, "coalesced")] += 1
+                elif pushed.outcome == "full":
+                    ends[(job.queue, "rejected")] += 1
             await self._settle(conn, ends)
             await life.count(conn, ends, self._shard)
             return out
@@ -248,21 +259,23 @@ class DatabaseDriver(Driver):
             if taken is not None:
                 return taken
         deps: list[tuple[str, str, str | None]] = []
+        place: life.Place | None = None
         if job.depends_on or job.kind != "job":
+            # A deferred job is never refused by `max_length` (it does not wait yet) and
+            # joins its group when it is released.
             deps, missing = await wf.find_dependencies(conn, job, created)
             if missing is not None:
                 if job.once_key:
                     await wf.release_once(conn, job)
                 return Pushed(missing, "missing")
             row = wf.deferred_row(row, job, len(deps))
-        elif row["due_at"] is not None:
-            row = {**row, "available_at": await life.front(conn, job.queue, fronts)}
-        keep = self.settings.queue_failure_ttl
-        if job.check_id or job.unique_key:
-            pushed = await life.push_checked(conn, job, row, created, self.name, keep, ends)
         else:
-            await life.insert_plain(conn, [row])
-            pushed = Pushed(job.id)
+            place = self._placer(conn, job, row, created, fronts, ends)
+        if job.check_id or job.unique_key:
+            keep = self.settings.queue_failure_ttl
+            pushed = await life.push_checked(conn, job, row, created, self.name, keep, ends, place)
+        else:
+            pushed = await self._insert_one(conn, job, row, place)
         if pushed.outcome != "created" or pushed.id != job.id:
             if job.once_key:
                 await wf.release_once(conn, job)
@@ -271,9 +284,70 @@ class DatabaseDriver(Driver):
             await wf.register_dependencies(conn, job, deps, ends)
         return pushed
 
+    def _placer(
+        self,
+        conn: AsyncConnection,
+        job: OutgoingJob,
+        row: dict[str, Any],
+        created: datetime,
+        fronts: dict[str, datetime],
+        ends: life.Ends,
+    ) -> life.Place:
+        """What decides, once the id and key checks have passed, the row a job that will be
+        ready or scheduled is stored as: refused or making room by its queue's
+        `max_length`, the turn or the line of its group, before the head if `at_front`."""
+
+        async def place() -> dict[str, Any] | None:
+            if job.max_length > 0:
+                keep = self.settings.queue_failure_ttl
+                if not await groups.admit(conn, job, created, self.name, keep, ends):
+                    return None
+            if job.group:
+                seq = await groups.enter(conn, job.queue, job.group, job.id, created)
+                if seq is not None:
+                    return groups.line_row(row, seq)
+            if row["due_at"] is not None:  # at_front, ready now: before the current head
+                return {**row, "available_at": await life.front(conn, job.queue, fronts)}
+            return row
+
+        return place
+
+    async def _insert_one(
+        self,
+        conn: AsyncConnection,
+        job: OutgoingJob,
+        row: dict[str, Any],
+        place: life.Place | None,
+    ) -> Pushed:
+        """Store a job without id or key checks, placed by `place` when given."""
+        if place is not None:
+            placed = await place()
+            if placed is None:
+                return Pushed(job.id, "full")
+            row = dict(placed)
+        await life.insert_plain(conn, [row])
+        return Pushed(job.id)
+
+    async def _push_placed(
+        self,
+        conn: AsyncConnection,
+        job: OutgoingJob,
+        row: dict[str, Any],
+        created: datetime,
+        fronts: dict[str, datetime],
+        ends: life.Ends,
+    ) -> Pushed:
+        """Push a job with a group or a `max_length` (see `_placer`)."""
+        place = self._placer(conn, job, row, created, fronts, ends)
+        if job.check_id or job.unique_key:
+            keep = self.settings.queue_failure_ttl
+            return await life.push_checked(conn, job, row, created, self.name, keep, ends, place)
+        return await self._insert_one(conn, job, row, place)
+
     async def _settle(self, conn: AsyncConnection, ends: life.Ends) -> None:
-        """Apply what the ends of this transaction leave (`sql_workflow.settle`)."""
-        if not (ends.resolve or ends.stopped or ends.records):
+        """Apply what the ends of this transaction leave (`sql_workflow.settle`): dependents
+        resolved, limit slots freed, group turns passed."""
+        if not (ends.resolve or ends.stopped or ends.records or ends.turns):
             return
         self._ready_after_commit = True
         ctx = wf.Context(conn, self.name, self.settings.queue_failure_ttl, self._result_ttl, ends)
@@ -306,14 +380,16 @@ class DatabaseDriver(Driver):
                 await life.ack_rows(conn, ack, self.name, self._result_ttl, counted)
                 await self._settle(conn, counted)
             taken = await self._claim(conn, queues, limit, lease, worker, counted)
-            if counted.resolve and len(taken) < limit:
-                # Jobs ended in the claim (ttl) released dependents: they may go out now.
+            if (counted.resolve or counted.turns) and len(taken) < limit:
+                # Jobs ended in the claim (ttl) released dependents or passed their group's
+                # turn: those may go out now.
                 await self._settle(conn, counted)
                 more = await self._claim(conn, queues, limit - len(taken), lease, worker, counted)
                 taken += more
             await self._settle(conn, counted)
             await life.count(conn, counted, self._shard)
-            return taken
+            # The jobs it expired, handed back besides the runnable ones (`expired`).
+            return taken + counted.handed
 
         return await self._run("reserve jobs", op)
 
@@ -379,6 +455,13 @@ class DatabaseDriver(Driver):
                     (row.uuid, row.queue, status.value)
                     for row, status, _ in ending
                     if row.id in watched
+                ]
+                counted.handed += [
+                    ReservedJob(
+                        row.uuid, row.queue, row.payload.encode(), row.attempts, expired=True
+                    )
+                    for row, status, _ in ending
+                    if status is Status.EXPIRED
                 ]
             gone = {row.id for row, _, _ in ending}
             picked = [row for row in picked if row.id not in gone]
@@ -622,6 +705,7 @@ class DatabaseDriver(Driver):
         )
 
         async def op(conn: AsyncConnection) -> int:
+            await groups.reset(conn, queue, before=True)
             await conn.execute(
                 delete(t.queue_dependencies).where(deps.job_queue == queue, cleared_deferred)
             )
@@ -636,6 +720,7 @@ class DatabaseDriver(Driver):
                 cancelled = Status.CANCELLED.value
                 ends.resolve.extend((str(row.uuid), queue, cancelled) for row in rows)
                 await self._settle(conn, ends)
+            await groups.reset(conn, queue, before=False)
             await life.count(conn, ends, self._shard)
             return cleared
 
@@ -773,6 +858,7 @@ class DatabaseDriver(Driver):
         await self._run("prune unique keys", life.prune_keys)
         await self._run("prune once keys and markers", wf.prune_once)
         await self._run("prune idle limit keys", wf.prune_limits)
+        await self._run("prune idle groups", groups.prune)
         return deleted
 
     # -- small named values ------------------------------------------------------------

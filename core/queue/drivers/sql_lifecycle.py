@@ -21,7 +21,7 @@ import dataclasses
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -41,6 +41,7 @@ __all__ = [
     "LIVE",
     "PRUNE_BATCH",
     "Ends",
+    "Place",
     "ack_rows",
     "cancel",
     "count",
@@ -49,6 +50,7 @@ __all__ = [
     "forget_dependencies",
     "forget_record",
     "front",
+    "in_line",
     "insert_plain",
     "job_row",
     "live_state",
@@ -95,6 +97,7 @@ _ACKED = (
     _jobs.priority,
     _jobs.dependents,
     _jobs.limit_key,
+    _jobs.group_key,
 )
 #: What an acknowledgement reads of the rows it deletes (a reserved job is never deferred nor
 #: a workflow record: the other columns of `LIVE` are NULL there).
@@ -108,6 +111,7 @@ LIVE = (
     _jobs.limit_spec,
     _jobs.held,
     _jobs.workflow,
+    _jobs.group_seq,
 )
 
 
@@ -122,11 +126,26 @@ class Ends(Counter[tuple[str, str]]):
         self.resolve: list[tuple[str, str, str]] = []
         self.stopped: list[tuple[str, str, str]] = []
         self.records: list[tuple[str, str]] = []  # workflow records to cancel (uuid, queue)
+        #: Jobs of a group that ended and may have held its turn (queue, group, uuid).
+        self.turns: list[tuple[str, str, str]] = []
+        #: Jobs a claim ended as expired, handed back by `reserve` (`ReservedJob.expired`).
+        self.handed: list[ReservedJob] = []
 
 
 def _follow(counted: Counter[tuple[str, str]], row: Any, status: str) -> None:
-    if isinstance(counted, Ends) and getattr(row, "dependents", None):
+    if not isinstance(counted, Ends):
+        return
+    if getattr(row, "dependents", None):
         counted.resolve.append((row.uuid, row.queue, status))
+    group = getattr(row, "group_key", None)
+    # A job in a line or a deferred one never holds a turn.
+    if group is not None and not in_line(row) and getattr(row, "deps", None) is None:
+        counted.turns.append((row.queue, group, row.uuid))
+
+
+def in_line(row: Any) -> bool:
+    """Whether a stored job waits in its group's line (see `sql_groups`)."""
+    return getattr(row, "group_seq", None) is not None
 
 
 def epoch(moment: datetime | None) -> float | None:
@@ -140,6 +159,8 @@ def due_time(row: Any) -> datetime | None:
     `None` while it is deferred."""
     if getattr(row, "deps", None) is not None:
         return None
+    if in_line(row):
+        return row.due_at  # type: ignore[no-any-return]
     if row.reserved_at is None and row.reserved_until is not None:
         if t.is_priority_time(row.reserved_until):
             return row.available_at  # type: ignore[no-any-return]
@@ -182,6 +203,8 @@ def live_status(row: Any, now: datetime, connection: str) -> JobStatus:
         status, ended, error = Status.EXPIRED, row.expires_at, ttl_error(row)
     elif due is None:
         status = Status.DEFERRED
+    elif in_line(row):
+        status = Status.QUEUED  # waiting for its group's turn
     elif row.state == "retrying" or (row.state is None and row.attempts > 0):
         status = Status.RETRYING
     elif row.held:
@@ -207,6 +230,7 @@ def live_status(row: Any, now: datetime, connection: str) -> JobStatus:
         kind=row.kind or "job",
         priority=row.priority or 0,
         progress=progress_of(row.workflow, row.deps),
+        group=row.group_key or "",
     )
 
 
@@ -245,6 +269,7 @@ def record_status(row: Any) -> JobStatus:
         kind=row.kind or "job",
         priority=row.priority or 0,
         progress=progress_of(row.progress, 0),
+        group=row.group_key or "",
     )
 
 
@@ -271,6 +296,9 @@ def _record(row: Any, connection: str, outcome: Outcome, now: datetime) -> dict[
     kind, progress = getattr(row, "kind", None), getattr(row, "workflow", None)
     if kind is not None or progress is not None or row.priority is not None:
         record.update(kind=kind, progress=progress, priority=row.priority)
+    group = getattr(row, "group_key", None)
+    if group is not None:  # schema version 5's column, only when set
+        record["group_key"] = group
     return record
 
 
@@ -354,9 +382,11 @@ async def end_rows(
     connection: str,
     default_keep: float,
     counted: Counter[tuple[str, str]],
+    tally: str = "",
 ) -> None:
     """End stored jobs that will never run (expired, cancelled): rows deleted, records kept
-    for each job's `failure_ttl`, counted into `counted` (the caller writes the counts)."""
+    for each job's `failure_ttl`, counted into `counted` (the caller writes the counts) under
+    their status, or under `tally` when given (a drop by `max_length` counts "dropped")."""
     if not rows:
         return
     await conn.execute(delete(t.queue_jobs).where(_jobs.id.in_([row.id for row, _, _ in rows])))
@@ -366,7 +396,7 @@ async def end_rows(
         if keep > 0:
             records.append(_record(row, connection, Outcome(status, keep, error=error), now))
         if not getattr(row, "kind", None):  # workflow records are not jobs that ran
-            counted[(row.queue, status.value)] += 1
+            counted[(row.queue, tally or status.value)] += 1
         _follow(counted, row, status.value)
         if getattr(row, "deps", None) is not None:
             await forget_dependencies(conn, row.uuid, row.queue)
@@ -419,6 +449,9 @@ async def ack_rows(
 
 
 # -- push with an id check or a unique key --------------------------------------------------
+
+#: Decides, inside a push, the row to store (or `None`: refused as "full").
+Place = Callable[[], Awaitable[Mapping[str, Any] | None]]
 
 
 async def _stored(conn: AsyncConnection, job_id: str, queue: str) -> Any:
@@ -541,11 +574,17 @@ async def push_checked(
     connection: str,
     default_keep: float,
     counted: Counter[tuple[str, str]],
+    place: Place | None = None,
 ) -> Pushed:
     """Push one job with an id check and/or a unique key: checks and store in the caller's
     transaction, so that competing dispatchers decide one after the other. Jobs found ended
-    on the way (past their ttl) are counted into `counted`."""
+    on the way (past their ttl) are counted into `counted`.
+
+    `place`, when given, is asked once, after the checks found no duplicate and before the
+    store, for the row to store (a group's turn or line, a bounded queue's count); `None`
+    from it refuses the job: outcome "full"."""
     ender = _Ender(conn, now, connection, default_keep, counted)
+    placed: Mapping[str, Any] | None = None
     for _ in range(2):
         if job.check_id:
             found = await _check_id(conn, job, now, ender)
@@ -555,6 +594,11 @@ async def push_checked(
             found = await _take_key(conn, job, now, ender)
             if found is not None:
                 return found
+        if place is not None and placed is None:
+            placed = await place()
+            if placed is None:
+                return Pushed(job.id, "full")
+            row = placed
         try:
             await conn.execute(insert(t.queue_jobs).values(**row))
             return Pushed(job.id)
@@ -599,6 +643,8 @@ def job_row(job: OutgoingJob, created: datetime) -> dict[str, Any]:
         row["priority"] = job.priority
         if not job.at_front:
             row.update(t.placement(job.priority, due, created))
+    if job.group:
+        row["group_key"] = job.group
     if job.limit is not None:
         limit = job.limit
         row["limit_key"] = limit.key
@@ -731,6 +777,9 @@ async def recent(conn: AsyncConnection, queue: str, window: float) -> RecentCoun
         failed=totals.get(Status.FAILED.value, 0),
         cancelled=totals.get(Status.CANCELLED.value, 0),
         expired=totals.get(Status.EXPIRED.value, 0),
+        coalesced=totals.get("coalesced", 0),
+        dropped=totals.get("dropped", 0),
+        rejected=totals.get("rejected", 0),
     )
 
 

@@ -421,6 +421,31 @@ def _add_workflows(connection: Connection) -> None:
     )
 
 
+#: The columns schema version 5 adds: all nullable, so that the release before it (which names
+#: none of them) still pushes, reserves and acknowledges during a rolling deploy.
+_V5_COLUMNS = {
+    "queue_jobs": ("group_key", "group_seq"),
+    "queue_job_records": ("group_key",),
+}
+
+
+def _add_groups(connection: Connection) -> None:
+    dialect = connection.dialect
+    found = inspect(connection)
+    for name, added in _V5_COLUMNS.items():
+        table = t.metadata.tables[name]
+        columns = {c["name"] for c in found.get_columns(name)}
+        for column in added:
+            if column not in columns:
+                kind = table.c[column].type.compile(dialect=dialect)
+                connection.execute(text(f"ALTER TABLE {name} ADD COLUMN {column} {kind} NULL"))
+    # An added index (InnoDB builds it in place: pushes and claims go on meanwhile).
+    line = next(i for i in t.queue_jobs.indexes if i.name == "queue_jobs_group_line")
+    if line.name not in {i["name"] for i in found.get_indexes("queue_jobs")}:
+        line.create(connection)
+    t.metadata.create_all(connection, tables=[t.queue_groups], checkfirst=True)
+
+
 #: Every schema version, oldest first. Append; never edit a released step.
 STEPS: tuple[Step, ...] = (
     Step(1, "queue_jobs, queue_failed_jobs, queue_names, queue_workers, queue_meta", _create_v1),
@@ -436,6 +461,12 @@ STEPS: tuple[Step, ...] = (
         "workflows: queue_jobs' priority, dependency, limit and workflow columns, "
         "queue_dependencies, queue_limits, queue_once, queue_markers",
         _add_workflows,
+    ),
+    Step(
+        5,
+        "groups: queue_jobs' group_key and group_seq (+ index queue_jobs_group_line), "
+        "queue_job_records.group_key, queue_groups",
+        _add_groups,
     ),
 )
 LATEST_VERSION = STEPS[-1].version

@@ -58,6 +58,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     union_all,
     update,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "queue_counts",
     "queue_dependencies",
     "queue_failed_jobs",
+    "queue_groups",
     "queue_job_records",
     "queue_jobs",
     "queue_limits",
@@ -157,6 +159,13 @@ queue_jobs = Table(
     Column("limit_spec", String(120), nullable=True),  # "rate period burst concurrency"
     Column("held", Integer, nullable=True),  # 1: held back by its rate, 2: by concurrency
     Column("workflow", Text, nullable=True),  # a workflow record's counts (JSON)
+    # Schema version 5 (groups): nullable, so that the release before still pushes, reserves
+    # and acknowledges. `group_key`: the job's group (a turn holder, a job in the line or a
+    # deferred one); `group_seq`: its place in the group's line while it waits there (NULL
+    # once it holds the turn). A job in a line is stored like a deferred one (`DEFERRED`,
+    # never claimable by any release), with its own due time in `due_at`.
+    Column("group_key", String(190), nullable=True),
+    Column("group_seq", BigInteger, nullable=True),
     # One job per id and queue (per id before schema version 3); serves lookups by id alone.
     Index("queue_jobs_uuid_unique", "uuid", "queue", unique=True),
     # The claim index. Ready jobs: equality on (queue, reserved_until IS NULL), a range on
@@ -164,6 +173,15 @@ queue_jobs = Table(
     # Expired leases: a range on (queue, reserved_until) that skips the NULLs. Also covers
     # COUNTs per state and the MIN()s that `wait` asks for.
     Index("queue_jobs_claim", "queue", "reserved_until", "available_at", "id"),
+    # The head of a group's line (schema version 5). SQLite indexes only the jobs in a line;
+    # MySQL/MariaDB have no partial index: ungrouped rows all share the NULL prefix.
+    Index(
+        "queue_jobs_group_line",
+        "queue",
+        "group_key",
+        "group_seq",
+        sqlite_where=text("group_seq IS NOT NULL"),
+    ),
     **_MYSQL_OPTIONS,
 )
 
@@ -210,6 +228,7 @@ queue_job_records = Table(
     Column("kind", String(8), nullable=True),
     Column("progress", Text, nullable=True),  # a workflow record's counts (JSON)
     Column("priority", Integer, nullable=True),
+    Column("group_key", String(190), nullable=True),  # schema version 5
     Index("queue_job_records_keep_until", "keep_until"),  # prune
     **_MYSQL_OPTIONS,
 )
@@ -269,6 +288,19 @@ queue_limits = Table(
     Column("tat", Double, nullable=False),
     Column("running", Text, nullable=False),  # JSON list of job ids
     Column("parked_until", Time, nullable=True),
+    **_MYSQL_OPTIONS,
+)
+
+#: Groups (schema version 5): per queue and group, the job in turn (`holder`; NULL: none, the
+#: line is empty) and the last place handed out in its line (`seq`). Its row is the lock that
+#: orders every push into the group and every end of its holder (`sql_groups`).
+queue_groups = Table(
+    "queue_groups",
+    metadata,
+    Column("queue", String(190), primary_key=True),
+    Column("group_key", String(190), primary_key=True),
+    Column("holder", String(190), nullable=True),
+    Column("seq", BigInteger, nullable=False, default=0),
     **_MYSQL_OPTIONS,
 )
 
@@ -379,6 +411,7 @@ _CLAIMED = (
     _jobs.cancel_requested,
     _jobs.priority,
     _jobs.limit_key,  # the rest of the limit is read only for limited jobs
+    _jobs.group_key,  # a turn holder that ends here passes its group's turn
 )
 
 #: Ready `at_front` jobs sort before this time (see the module notes).

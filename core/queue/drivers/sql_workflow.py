@@ -30,6 +30,7 @@ import orjson
 from sqlalchemy import Row, and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from core.queue.drivers import sql_groups as groups
 from core.queue.drivers import sql_lifecycle as life
 from core.queue.drivers import sql_tables as t
 from core.queue.drivers.base import OutgoingJob, Pushed
@@ -199,10 +200,15 @@ async def settle(ctx: Context) -> None:
     """Apply every end collected in `ctx.ends` to the dependents and limits it concerns,
     and what those lead to, until nothing is left."""
     ends = ctx.ends
-    while ends.resolve or ends.stopped:
+    while ends.resolve or ends.stopped or ends.turns:
         if ends.stopped:
             stopped, ends.stopped = ends.stopped, []
             await release_slots(ctx.conn, stopped)
+            continue
+        if ends.turns:
+            turns, ends.turns = ends.turns, []
+            for queue, group, job_id in turns:
+                await groups.pass_turn(ctx.conn, queue, group, job_id)
             continue
         dep_id, queue, status = ends.resolve.pop(0)
         query = (
@@ -267,11 +273,14 @@ async def _release(ctx: Context, row: Row[Any]) -> None:
     released in one step are ready at one time: in push order."""
     now = ctx.now
     due = max(row.due_at or now, now)
-    values: dict[str, Any] = {
-        "deps": None,
-        "due_at": None,
-        **t.placement(row.priority or 0, due, now),
-    }
+    seq = None
+    if row.group_key is not None:  # it joins its group now: the turn, or the line's tail
+        seq = await groups.enter(ctx.conn, row.queue, row.group_key, row.uuid, now)
+    values: dict[str, Any]
+    if seq is None:
+        values = {"deps": None, "due_at": None, **t.placement(row.priority or 0, due, now)}
+    else:  # still never claimable (`available_at` stays `DEFERRED`): in the line
+        values = {"deps": None, "due_at": due, "group_seq": seq}
     if row.ttl:
         values["expires_at"] = t.to_db_time(due + timedelta(seconds=float(row.ttl)))
     await ctx.conn.execute(update(t.queue_jobs).where(_jobs.id == row.id).values(**values))

@@ -1,0 +1,259 @@
+"""Groups and bounded queues on the queue tables (schema version 5).
+
+Used by `database.DatabaseDriver` inside its transactions; nothing here opens one.
+
+Groups: one job per queue and group is in turn (its "holder": ready, scheduled, retrying,
+held by a limit or running); the others wait in the group's line.
+
+* `queue_groups` holds, per queue and group, the holder's id and the last line place handed
+  out (`seq`). Its row is locked (`FOR UPDATE`; SQLite has one writer) by every push into
+  the group and by every end of its holder, so that two workers ending and pushing at once
+  decide one after the other: never two jobs of a group claimable.
+* A job in a line is a `queue_jobs` row with `group_seq` (its place), stored like a deferred
+  job (`available_at` = `DEFERRED`, no lease): no claim of this release or the one before
+  ever takes it. `due_at` keeps its own due time (push time + delay).
+* When the holder ends (ack, cancel, expiry, a dependency cascade, a drop), the ends of the
+  transaction name it (`sql_lifecycle.Ends.turns`) and `pass_turn` hands the turn to the
+  line's first job: ready now (behind the jobs already ready: fair between groups) or
+  scheduled until its own due time. A retry, a refund, a lost lease or a limit holding the
+  holder back change nothing here: it keeps the turn.
+* A holder whose row is gone without passing the turn (acknowledged by the release before
+  version 5 during a rolling deploy) is found by the next push into its group, or by
+  `prune`, which hands the turn on.
+
+Bounded queues (`OutgoingJob.max_length`): a push with a bound locks its queue's
+`queue_names` row, so that bounded pushes of one queue count one after the other (pushes
+without a bound lock nothing), then counts the waiting jobs up to the bound (`admit`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from core.queue.drivers import sql_lifecycle as life
+from core.queue.drivers import sql_tables as t
+from core.queue.drivers.base import OutgoingJob
+from core.status import Status
+
+__all__ = [
+    "admit",
+    "enter",
+    "line_row",
+    "lock_queue",
+    "pass_turn",
+    "prune",
+    "reset",
+]
+
+_jobs = t.queue_jobs.c
+_groups = t.queue_groups.c
+_names = t.queue_names.c
+
+
+def _here(queue: str, group: str) -> Any:
+    return (_groups.queue == queue) & (_groups.group_key == group)
+
+
+async def _lock(conn: AsyncConnection, queue: str, group: str) -> Any:
+    """The group's row, locked; made (no holder, empty line) if there is none."""
+    query = select(_groups.holder, _groups.seq).where(_here(queue, group)).with_for_update()
+    for _ in range(2):
+        row = (await conn.execute(query)).first()
+        if row is not None:
+            return row
+        # A dispatcher making it at once makes this insert a no-op: then lock its row.
+        await conn.execute(
+            insert(t.queue_groups)
+            .prefix_with("IGNORE", dialect="mysql")
+            .prefix_with("OR IGNORE", dialect="sqlite")
+            .values(queue=queue, group_key=group, holder=None, seq=0)
+        )
+    raise AssertionError(f"group {group!r} vanished while locked")  # pragma: no cover
+
+
+async def _stored(conn: AsyncConnection, queue: str, job_id: str) -> bool:
+    query = select(_jobs.id).where(_jobs.uuid == job_id, _jobs.queue == queue)
+    return (await conn.scalar(query)) is not None
+
+
+async def _head(conn: AsyncConnection, queue: str, group: str) -> Any:
+    """The first job of the group's line, locked (the caller holds the group's row)."""
+    query = (
+        select(*life.LIVE)
+        .where(_jobs.queue == queue, _jobs.group_key == group, _jobs.group_seq.is_not(None))
+        .order_by(_jobs.group_seq)
+        .limit(1)
+        .with_for_update()
+    )
+    return (await conn.execute(query)).first()
+
+
+async def _promote(conn: AsyncConnection, queue: str, group: str, now: datetime) -> str | None:
+    """Hand the turn to the line's first job (ready now, or at its own due time); the new
+    holder's id, or `None` when the line is empty (the group is then empty)."""
+    head = await _head(conn, queue, group)
+    holder = None if head is None else str(head.uuid)
+    if head is not None:
+        due = max(head.due_at or now, now)
+        values = {"group_seq": None, "due_at": None, **t.placement(head.priority or 0, due, now)}
+        await conn.execute(update(t.queue_jobs).where(_jobs.id == head.id).values(**values))
+    await conn.execute(update(t.queue_groups).where(_here(queue, group)).values(holder=holder))
+    return holder
+
+
+async def enter(
+    conn: AsyncConnection, queue: str, group: str, job_id: str, now: datetime
+) -> int | None:
+    """A job enters its group: `None` when it takes the turn (the group was empty), else its
+    place in the line (the caller stores it with `line_row`)."""
+    state = await _lock(conn, queue, group)
+    holder = state.holder
+    if holder is not None and not await _stored(conn, queue, holder):
+        holder = await _promote(conn, queue, group, now)  # it ended without passing the turn
+    if holder is None:
+        await conn.execute(update(t.queue_groups).where(_here(queue, group)).values(holder=job_id))
+        return None
+    seq = int(state.seq) + 1
+    await conn.execute(update(t.queue_groups).where(_here(queue, group)).values(seq=seq))
+    return seq
+
+
+def line_row(row: Mapping[str, Any], seq: int) -> dict[str, Any]:
+    """The `queue_jobs` row of a job waiting at place `seq` of its group's line: never
+    claimable, its own due time kept in `due_at`."""
+    return {
+        **row,
+        "due_at": row["available_at"],  # the due time `job_row` computed
+        "available_at": t.DEFERRED,
+        "reserved_until": None,
+        "reserved_at": None,
+        "group_seq": seq,
+    }
+
+
+async def pass_turn(conn: AsyncConnection, queue: str, group: str, ended: str) -> bool:
+    """The job `ended` of the group has ended: if it held the turn, the line's first job
+    takes it. Whether a job became ready or scheduled."""
+    query = select(_groups.holder).where(_here(queue, group)).with_for_update()
+    state = (await conn.execute(query)).first()
+    if state is None or state.holder != ended:
+        return False
+    return await _promote(conn, queue, group, t.now()) is not None
+
+
+# -- bounded queues -------------------------------------------------------------------------
+
+
+async def lock_queue(conn: AsyncConnection, queue: str) -> None:
+    """Lock the queue's `queue_names` row (made if missing): bounded pushes of one queue
+    count one after the other."""
+    query = select(_names.name).where(_names.name == queue).with_for_update()
+    if (await conn.execute(query)).first() is None:
+        await conn.execute(
+            insert(t.queue_names)
+            .prefix_with("IGNORE", dialect="mysql")
+            .prefix_with("OR IGNORE", dialect="sqlite")
+            .values(name=queue, created_at=t.now())
+        )
+        await conn.execute(query)
+
+
+async def waiting(conn: AsyncConnection, queue: str, most: int) -> int:
+    """The queue's waiting jobs (ready, scheduled, retrying, held by a limit, in a group's
+    line; not running, not deferred, not workflow records), counted up to `most`."""
+    rows = (
+        select(_jobs.id)
+        .where(
+            _jobs.queue == queue,
+            _jobs.reserved_at.is_(None),
+            _jobs.deps.is_(None),
+            _jobs.kind.is_(None),
+        )
+        .limit(most)
+        .subquery()
+    )
+    return int(await conn.scalar(select(func.count()).select_from(rows)) or 0)
+
+
+async def admit(
+    conn: AsyncConnection,
+    job: OutgoingJob,
+    now: datetime,
+    connection: str,
+    default_keep: float,
+    ends: life.Ends,
+) -> bool:
+    """Whether `job` may be stored under its queue's `max_length`; with "drop_oldest" a full
+    queue drops one waiting job (the first of this job's group's line, else the head of the
+    ready priority-0 jobs) to make room. `False`: refused ("full")."""
+    await lock_queue(conn, job.queue)
+    if job.group:
+        await _lock(conn, job.queue, job.group)  # before its line's head (see `enter`)
+    if await waiting(conn, job.queue, job.max_length) < job.max_length:
+        return True
+    if job.overflow != "drop_oldest":
+        return False
+    victim = await _head(conn, job.queue, job.group) if job.group else None
+    if victim is None:
+        query = (
+            select(*life.LIVE)
+            .where(
+                _jobs.queue == job.queue,
+                _jobs.reserved_until.is_(None),
+                _jobs.available_at >= t.FRONT,  # not an `at_front` job
+                _jobs.available_at <= now,
+            )
+            .order_by(_jobs.available_at, _jobs.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        victim = (await conn.execute(query)).first()
+    if victim is None:
+        return False
+    error = f"dropped: queue {job.queue} is full ({job.max_length} waiting)"
+    await life.end_rows(
+        conn, [(victim, Status.CANCELLED, error)], now, connection, default_keep, ends, "dropped"
+    )
+    return True
+
+
+# -- clear and prune ------------------------------------------------------------------------
+
+
+async def reset(conn: AsyncConnection, queue: str, *, before: bool) -> None:
+    """Around `clear`: `before`, lock the queue's groups (so that no push adds to a line
+    being cleared); after, forget the groups whose holder was cleared (their lines were)."""
+    if before:
+        mine = select(_groups.group_key).where(_groups.queue == queue)
+        await conn.execute(mine.with_for_update())
+        return
+    held = select(_jobs.id).where(_jobs.uuid == _groups.holder, _jobs.queue == queue)
+    await conn.execute(delete(t.queue_groups).where(_groups.queue == queue, ~exists(held)))
+
+
+async def prune(conn: AsyncConnection) -> int:
+    """Delete up to `PRUNE_BATCH` rows of empty groups, and hand on the turn of groups whose
+    holder is gone without passing it (see the module notes). Returns the rows deleted."""
+    holder = (_jobs.uuid == _groups.holder) & (_jobs.queue == _groups.queue)
+    held = exists(select(_jobs.id).where(holder))
+    idle = select(_groups.queue, _groups.group_key).where(_groups.holder.is_(None))
+    rows = (await conn.execute(idle.limit(life.PRUNE_BATCH))).all()
+    deleted = 0
+    if rows:
+        named = or_(*(and_(_here(row.queue, row.group_key)) for row in rows))
+        result = await conn.execute(delete(t.queue_groups).where(named, _groups.holder.is_(None)))
+        deleted = int(result.rowcount)
+    stale = select(_groups.queue, _groups.group_key, _groups.holder).where(
+        _groups.holder.is_not(None), ~held
+    )
+    now = t.now()
+    for row in (await conn.execute(stale.limit(life.PRUNE_BATCH))).all():
+        state = await _lock(conn, row.queue, row.group_key)
+        if state.holder == row.holder and not await _stored(conn, row.queue, row.holder):
+            await _promote(conn, row.queue, row.group_key, now)
+    return deleted
