@@ -56,9 +56,10 @@ def n_of(payload: bytes) -> int:
 
 
 async def take(driver: Driver, queue: str | Sequence[str], limit: int = 100) -> list[str]:
-    """Ids of the jobs `reserve` hands out now, in order (held under a 30 s lease)."""
+    """Ids of the jobs `reserve` hands out now to run, in order (held under a 30 s lease);
+    jobs it expired and hands back (`ReservedJob.expired`) are left out."""
     queues = [queue] if isinstance(queue, str) else list(queue)
-    return [h.id for h in await driver.reserve(queues, limit, lease=30)]
+    return [h.id for h in await driver.reserve(queues, limit, lease=30) if not h.expired]
 
 
 async def reserve_one(driver: Driver, queue: str, job_id: str) -> ReservedJob:
