@@ -15,8 +15,10 @@ from core.mqtt.errors import InvalidPayloadError, MessageRejected
 from core.mqtt.message import IncomingMessage, MessageProperties
 from core.mqtt.options import ConnectionOptions
 from core.mqtt.publisher import Publisher, use_connection
-from core.mqtt.routing import Route, Router
+from core.mqtt.routing import Route, Router, topic_matches
 from core.mqtt.stats import MqttStats
+from core.origin import Origin, origin
+from core.queue.payload import topic_problem
 from core.settings import Settings
 
 __all__ = ["MqttApp"]
@@ -69,6 +71,8 @@ class MqttApp:
         self.concurrency = concurrency or settings.mqtt_handler_concurrency
         self.grace = settings.mqtt_grace if grace is None else grace
         self.retries = settings.mqtt_handler_retries if retries is None else retries
+        self._response_topics = settings.mqtt_response_topics  # where outcomes may be sent
+        self._refused_logged = False
         router.freeze()
         self.client = MqttClient(self.options, router.subscriptions(), stats=self.stats)
         self._stopping = asyncio.Event()
@@ -190,13 +194,37 @@ class MqttApp:
             logger.debug("no route for %s; message ignored", message.topic)
             return True
         route, params = found
+        # What the jobs the handler dispatches get (QueueManager reads it): the route's
+        # templates, and the message's Response Topic if the settings allow it.
+        group = coalesce = status_topic = response_topic = ""
+        correlation = None
+        if route.has_job_options:
+            group, coalesce, status_topic = route.job_options(params)
+        asked = message.properties.response_topic
+        if asked:
+            if not topic_problem(asked) and any(
+                topic_matches(allowed, asked) for allowed in self._response_topics
+            ):
+                response_topic, correlation = asked, message.properties.correlation_data
+            elif not self._refused_logged:
+                self._refused_logged = True
+                logger.debug(
+                    "message on %s asks for job outcomes on %r, which no MQTT_RESPONSE_TOPICS "
+                    "filter allows; its jobs publish none there (logged once)",
+                    message.topic,
+                    asked,
+                )
+        job_origin = Origin(
+            message.topic, group, coalesce, response_topic, correlation, status_topic
+        )
         attempt = 0
         outage = 0  # runs in a row that found the queue unreachable
         while True:
             context = MessageContext(message, params, route, publisher)
             started = time.perf_counter()
             try:
-                result = await route(context)
+                with origin(job_origin):
+                    result = await route(context)
             except InvalidPayloadError as exc:
                 stats.invalid += 1
                 logger.warning(
