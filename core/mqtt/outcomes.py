@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from core.mqtt.errors import PublishError
 from core.mqtt.message import MessageProperties
 from core.mqtt.options import Protocol
 from core.mqtt.publisher import protocol, publish
@@ -222,6 +223,10 @@ class OutcomePublisher:
     async def _run(self) -> None:
         while True:
             message = await self._queue.get()
+            if message.reply_topic and self._protocol is None:
+                # Learnt here, before the publishes start, so that they start in order.
+                with contextlib.suppress(Exception):
+                    self._protocol = await protocol()
             await self._slots.acquire()
             # Tasks start in the order they are made, so the broker gets them in order.
             task = asyncio.create_task(self._send(message))
@@ -237,12 +242,8 @@ class OutcomePublisher:
         targets: list[tuple[str, MessageProperties]] = []
         if message.reply_topic:
             if self._protocol is None:
-                try:
-                    self._protocol = await protocol()
-                except Exception as exc:
-                    self._failed(message.reply_topic, exc)
-                    return
-            if self._protocol is Protocol.V5:
+                self._failed(message.reply_topic, PublishError("the broker cannot be reached"))
+            elif self._protocol is Protocol.V5:
                 properties = MessageProperties(
                     correlation_data=message.correlation, content_type=_JSON
                 )
