@@ -16,9 +16,11 @@ from core.mqtt.message import IncomingMessage, MessageProperties
 from core.mqtt.options import ConnectionOptions
 from core.mqtt.publisher import Publisher, use_connection
 from core.mqtt.routing import Route, Router, topic_matches
+from core.mqtt.spool import Spool
 from core.mqtt.stats import MqttStats
 from core.origin import Origin, origin
 from core.queue.payload import topic_problem
+from core.queue.queue_manager import QueueManager, get_default_manager
 from core.settings import Settings
 
 __all__ = ["MqttApp"]
@@ -52,6 +54,8 @@ class MqttApp:
         concurrency: Handlers run at once (default `MQTT_HANDLER_CONCURRENCY`).
         grace: Seconds running handlers get to finish after `stop()` (default `MQTT_GRACE`).
         retries: Runs after a handler raised (default `MQTT_HANDLER_RETRIES`).
+        manager: The queue manager the handlers dispatch through, on which `run()` installs
+            the offline spool (default: `stats.manager`, else the default manager).
     """
 
     def __init__(
@@ -64,8 +68,12 @@ class MqttApp:
         concurrency: int | None = None,
         grace: float | None = None,
         retries: int | None = None,
+        manager: QueueManager | None = None,
     ) -> None:
         self.router = router
+        self.settings = settings
+        self.manager = manager
+        self._spool_manager: QueueManager | None = None  # where `run()` installed its spool
         self.options = options or ConnectionOptions.from_settings(settings)
         self.stats = stats if stats is not None else MqttStats()
         self.concurrency = concurrency or settings.mqtt_handler_concurrency
@@ -90,6 +98,7 @@ class MqttApp:
         """Receive and handle messages until `stop()`."""
         slots = asyncio.Semaphore(self.concurrency)
         publisher = Publisher(self.client)
+        spool, replay = await self._start_spool()
         self.client.start()
         stopper = asyncio.create_task(self._stop_reading_on_stop(), name="topiq-mqtt-stop")
         try:
@@ -106,6 +115,7 @@ class MqttApp:
         finally:
             stopper.cancel()
             await self._drain()
+            await self._stop_spool(spool, replay)
             await self.client.close()
             s = self.stats
             logger.info(
@@ -119,6 +129,47 @@ class MqttApp:
                 s.unmatched,
                 s.jobs_dispatched,
             )
+            if spool is not None and (s.spooled or s.spool_depth or s.spool_full):
+                logger.info(
+                    "offline spool: %d jobs spooled, %d replayed, %d dropped at replay, %d "
+                    "pushes refused as full, %d jobs left in %s for the next start",
+                    s.spooled,
+                    s.replayed,
+                    s.spool_dropped,
+                    s.spool_full,
+                    s.spool_depth,
+                    spool.path,
+                )
+
+    async def _start_spool(self) -> tuple[Spool | None, asyncio.Task[None] | None]:
+        """Install the offline spool on the handlers' manager and start replaying it (entries
+        an earlier run left first); none when `MQTT_SPOOL_MAX` is 0."""
+        if self.settings.mqtt_spool_max <= 0:
+            return None, None
+        manager = self.manager or self.stats.manager or get_default_manager()
+        if manager.spool is not None:  # another app in this process installed one
+            return None, None
+        spool = Spool(self.settings, self.stats)
+        await spool.open()
+        manager.spool = spool
+        replay = asyncio.create_task(spool.replay(manager), name="topiq-spool-replay")
+        self._spool_manager = manager
+        return spool, replay
+
+    async def _stop_spool(self, spool: Spool | None, replay: asyncio.Task[None] | None) -> None:
+        """Stop replaying and close the spool file: what it holds waits for the next start."""
+        if spool is None or replay is None:
+            return
+        replay.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await replay
+        if not replay.cancelled() and replay.exception() is not None:
+            logger.error(
+                "the offline spool's replay stopped on an error", exc_info=replay.exception()
+            )
+        if self._spool_manager is not None and self._spool_manager.spool is spool:
+            self._spool_manager.spool = None
+        await spool.close()
 
     async def _stop_reading_on_stop(self) -> None:
         await self._stopping.wait()
