@@ -327,10 +327,10 @@ async def test_drop_oldest_drops_the_groups_line_head_else_the_ready_head(
     record = await driver.job_status(p1.id, queue)
     assert record is not None and record.status == Status.CANCELLED
     c1 = job(queue, "C", **bound)
-    await driver.push([c1])  # (b) again: a1, A's holder: its turn passes to a3, ready now
+    await driver.push([c1])  # (b) again, after c1's store: A's holder a1, its turn to a3
     stats = await driver.stats(queue)
     assert stats.pending == 3
-    assert ids(await take(driver, queue)) == [b1.id, a3.id, c1.id]
+    assert ids(await take(driver, queue)) == [b1.id, c1.id, a3.id]
     counts = await driver.recent(queue)
     assert (counts.dropped, counts.cancelled, counts.rejected) == (3, 0, 0)
 
@@ -380,3 +380,23 @@ async def test_group_keys_stay_in_the_queues_slot(cluster_url: str) -> None:
         assert await driver.clear(queue) == 2
         await driver.stats(queue)
         await driver.recent(queue)
+
+
+async def test_drop_oldest_spares_at_front_jobs_and_resolves_a_dependent_pushed_with_it(
+    driver: RedisDriver, queue: str
+) -> None:
+    bound: dict[str, Any] = {"max_length": 2, "overflow": "drop_oldest"}
+    plain, front = job(queue), job(queue, at_front=True)
+    await driver.push([plain, front])
+    # A push with dependencies counts too; it depends on the job it makes room by dropping.
+    dependent = job(queue, depends_on=(Dependency(plain.id, queue),), **bound)
+    [pushed] = await driver.push([dependent])
+    assert pushed.outcome == "created"
+    dropped = await driver.job_status(plain.id, queue)
+    assert dropped is not None and dropped.status == Status.CANCELLED
+    record = await driver.job_status(dependent.id, queue)
+    assert record is not None and record.status == Status.CANCELLED
+    assert record.error == f"dependency {plain.id} cancelled"
+    assert ids(await take(driver, queue)) == [front.id]
+    counts = await driver.recent(queue)
+    assert (counts.dropped, counts.cancelled) == (1, 1)

@@ -39,11 +39,11 @@
 -- Groups (lib.lua): a job of a group without a holder takes the turn and is stored as any
 -- job; else it joins the line's tail (status `queued`, due_at its own due time, `front` kept
 -- for when it takes the turn). A job with dependencies joins when they release it.
--- Bounds: with max_length, a job about to be stored (not deferred) is counted against the
--- queue's waiting jobs (as stats counts pending + delayed: ready list, prio set, delayed set,
--- held lists, <tag>:glen); at the bound "reject" refuses it ("full", counted `rejected`),
--- "drop_oldest" first ends the head of this job's group line, else the head of the ready
--- list (status cancelled, counted `dropped`), else refuses it.
+-- Bounds: with max_length, a job about to be stored (not a workflow record) is counted against
+-- the queue's waiting jobs (as stats counts pending + delayed: ready list, prio set, delayed
+-- set, held lists, <tag>:glen); at the bound "reject" refuses it ("full", counted `rejected`),
+-- "drop_oldest" stores it, then ends the head of this job's group line, else the oldest
+-- plain ready job (status cancelled, counted `dropped`); with neither it refuses it.
 -- A push that replaces a waiting job's payload counts `coalesced`.
 -- Returns: pairs of (outcome, id): outcome created/duplicate/kept/replaced/missing/full, id
 --          the job that holds the work (the new one, or the holder of the id or key), or for
@@ -79,27 +79,40 @@ local function waiting_count()
   return n
 end
 
--- Drop the oldest waiting job for a job of group `g` ('' none): the head of g's line, else
--- the head of the ready list. Returns whether one was dropped.
-local function drop_oldest(g, err)
+-- The waiting job a "drop_oldest" push of group `g` ('' none) drops: the head of g's line,
+-- else the oldest plain ready job (the ready list's first that is not an at_front job at its
+-- head, skipping entries left by late acks). Returns its id and whether it is a line job, or
+-- nil. Chosen before the new job is stored, dropped after (`drop`).
+local function oldest(g)
   if g ~= '' then
-    local victim = redis.call('LPOP', gline(q, g))
-    if victim then
-      redis.call('DECR', q.glen)
-      end_waiting(q, victim, 'cancelled', err, 0, false, 'dropped')
-      return true
-    end
+    local victim = redis.call('LINDEX', gline(q, g), 0)
+    if victim then return victim, true end
   end
+  local fronts = has(q, 'has_fronts', q.fronts)
+  local from = 0
   while true do
-    local victim = redis.call('LPOP', KEYS[1])
-    if not victim then return false end
-    -- No payload: acknowledged after its lease had expired (reserve skips those too).
-    if redis.call('HEXISTS', KEYS[3], victim) == 1 then
-      if has(q, 'has_fronts', q.fronts) then redis.call('SREM', q.fronts, victim) end
-      end_waiting(q, victim, 'cancelled', err, 0, false, 'dropped')
-      return true
+    local slice = redis.call('LRANGE', KEYS[1], from, from + 99)
+    for _, victim in ipairs(slice) do
+      if redis.call('HEXISTS', KEYS[3], victim) == 1
+          and not (fronts and redis.call('SISMEMBER', q.fronts, victim) == 1) then
+        return victim, false
+      end
     end
+    if #slice < 100 then return nil end
+    from = from + 100
   end
+end
+
+-- End the chosen job (near the head of its list: LREM stops there), counted `dropped`; a
+-- turn holder passes its group's turn.
+local function drop(victim, lined, g, err)
+  if lined then
+    if redis.call('LREM', gline(q, g), 1, victim) == 0 then return end
+    redis.call('DECR', q.glen)
+  elseif redis.call('LREM', KEYS[1], 1, victim) == 0 then
+    return
+  end
+  end_waiting(q, victim, 'cancelled', err, 0, false, 'dropped')
 end
 
 local sets = tonumber(ARGV[4])
@@ -187,10 +200,10 @@ while j <= #ARGV do
 
   local flow = kind == 'chain' or kind == 'batch'
   local bound = tonumber(ARGV[i + 23]) or 0
-  if outcome == 'created' and bound > 0 and ndeps == 0 and not flow
-      and waiting_count() >= bound then
-    if ARGV[i + 24] ~= 'drop_oldest' or not drop_oldest(group,
-        'dropped: queue ' .. qname .. ' is full (' .. bound .. ' waiting)') then
+  local victim, victim_lined
+  if outcome == 'created' and bound > 0 and not flow and waiting_count() >= bound then
+    if ARGV[i + 24] == 'drop_oldest' then victim, victim_lined = oldest(group) end
+    if not victim then
       outcome = 'full'
       count(q, 'rejected')
     end
@@ -311,6 +324,11 @@ while j <= #ARGV do
       delay_job(q, id, due, prio, front)
     else
       place(q, id, false, front, prio)
+    end
+    if victim then
+      -- After the store: a dependent of the dropped job pushed just now is resolved too.
+      drop(victim, victim_lined, group, 'dropped: queue ' .. qname .. ' is full (' .. bound
+        .. ' waiting)')
     end
   end
   out[#out + 1] = outcome
