@@ -380,9 +380,10 @@ class DatabaseDriver(Driver):
                 await life.ack_rows(conn, ack, self.name, self._result_ttl, counted)
                 await self._settle(conn, counted)
             taken = await self._claim(conn, queues, limit, lease, worker, counted)
-            if (counted.resolve or counted.turns) and len(taken) < limit:
-                # Jobs ended in the claim (ttl) released dependents or passed their group's
-                # turn: those may go out now.
+            while len(taken) < limit and (counted.reaped or counted.resolve or counted.turns):
+                # Jobs ended in the claim (ttl, cancel) took room, released dependents or
+                # passed their group's turn: look again. Each round ends rows or is the last.
+                counted.reaped = 0
                 await self._settle(conn, counted)
                 more = await self._claim(conn, queues, limit - len(taken), lease, worker, counted)
                 taken += more
@@ -451,6 +452,7 @@ class DatabaseDriver(Driver):
             watched = set((await conn.scalars(followed)).all())
             await life.end_rows(conn, ending, now, self.name, keep, counted)
             if isinstance(counted, life.Ends):
+                counted.reaped += len(ending)
                 counted.resolve += [
                     (row.uuid, row.queue, status.value)
                     for row, status, _ in ending

@@ -206,7 +206,7 @@ async def admit(
                 _jobs.queue == job.queue,
                 _jobs.reserved_until.is_(None),
                 _jobs.available_at >= t.FRONT,  # not an `at_front` job
-                _jobs.available_at <= now,
+                _jobs.available_at <= t.now(),  # not `now`: this push may have waited
             )
             .order_by(_jobs.available_at, _jobs.id)
             .limit(1)

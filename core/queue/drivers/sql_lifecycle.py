@@ -130,6 +130,7 @@ class Ends(Counter[tuple[str, str]]):
         self.turns: list[tuple[str, str, str]] = []
         #: Jobs a claim ended as expired, handed back by `reserve` (`ReservedJob.expired`).
         self.handed: list[ReservedJob] = []
+        self.reaped = 0  # jobs a claim ended instead of handing them out
 
 
 def _follow(counted: Counter[tuple[str, str]], row: Any, status: str) -> None:
