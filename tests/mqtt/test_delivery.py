@@ -464,6 +464,9 @@ async def test_messages_are_held_while_the_queue_is_down_and_none_is_lost(tmp_pa
                 MQTT_HANDLER_CONCURRENCY="4",
                 MQTT_RECEIVE_MAXIMUM="20",
                 DELIVERY_HANDLER_DELAY="0.01",
+                # Without the offline spool: the held path is what this test is about (the
+                # spool's own: tests/test_iot_spool_processes.py).
+                MQTT_SPOOL_MAX="0",
             )
             app = await start_app(env)
             try:
