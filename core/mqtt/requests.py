@@ -82,7 +82,8 @@ class Requests:
             )
         token = os.urandom(12).hex()
         response_topic = f"{self.base}/{token}"
-        call = _Call(os.urandom(16), loop.create_future())
+        # ASCII (hex): a device built from shell tools can echo it (`mosquitto_pub -D`).
+        call = _Call(os.urandom(16).hex().encode(), loop.create_future())
         self._waiting[response_topic] = call
         try:
             properties = MessageProperties(
