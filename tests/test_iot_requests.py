@@ -163,7 +163,7 @@ async def test_under_mqtt_3_1_1_request_says_it_needs_mqtt_5() -> None:
             mqtt_embedded_port=embedded.port, queue_connection="memory", mqtt_host=None
         )
         async with default_manager(settings):
-            with pytest.raises(ConfigurationError, match=r"needs MQTT 5 .*speaks only MQTT 3\.1\.1"):
+            with pytest.raises(ConfigurationError, match=r"needs MQTT 5 .*only MQTT 3\.1\.1"):
                 await requests.request("topiq-test/v311/cmd", {"cmd": "on"}, timeout=5)
 
 
