@@ -299,3 +299,14 @@ async def test_many_groups_cost_little(driver: MemoryDriver) -> None:
         done += len(held)
     assert done == n
     assert not driver._queue(Q).groups
+
+
+async def test_the_sync_driver_never_runs_a_job_it_expired() -> None:
+    from core.queue.drivers.sync import SyncDriver
+
+    async with SyncDriver("sync", make_settings(queue_connection="sync")) as sync:
+        # Not a loadable payload: running it would raise; expiring it must not.
+        [pushed] = await sync.push([OutgoingJob("late", Q, b"not a payload", ttl=1e-9)])
+        assert pushed.outcome == "created"
+        record = await sync.job_status("late", Q)
+        assert record is not None and record.status is Status.EXPIRED

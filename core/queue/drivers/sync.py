@@ -89,6 +89,8 @@ class SyncDriver(MemoryDriver):
         `raise_failures` is off (a workflow: its record tells)."""
         while True:
             held = await self.reserve(list(self._seen), 1, _LEASE, worker=WORKER)
+            # Jobs it expired come back too (`ReservedJob.expired`): already ended, never run.
+            held = [job for job in held if not job.expired]
             if not held:
                 return  # nothing (more) is ready: the job expired, is deferred, or ran
             try:
