@@ -27,7 +27,7 @@ from core.status import Status
 from core.worker.options import WorkerOptions
 from core.worker.worker import Worker
 from tests import iot_outcome_jobs as jobs
-from tests.conftest import make_settings
+from tests.conftest import docs_example, make_settings
 from tests.mqtt.conftest import (
     AppProcess,
     Broker,
@@ -370,3 +370,15 @@ async def test_mosquitto_rr_gets_the_outcome_of_the_job_its_request_started_in_a
     assert refused_out == b"", refused_out
     assert app_code == 0, app.log
     assert work_code == 0, work.log
+
+
+async def test_the_guides_example_gets_the_outcome_back_on_its_response_topic(
+    broker: Broker, prefix: str
+) -> None:
+    device_id = prefix.rsplit("/", 1)[1]
+    lines = await docs_example("iot_outcomes").main(broker.host, broker.port, device_id)
+    assert lines == [
+        'status: "succeeded"',
+        "attempts: 1",
+        f'result: {{"device":"{device_id}","setpoint":21.5,"ok":true}}',
+    ]

@@ -22,7 +22,7 @@ from core.status import Status
 from core.worker.options import WorkerOptions
 from core.worker.worker import Worker
 from tests import iot_outcome_jobs as jobs
-from tests.conftest import make_settings
+from tests.conftest import docs_example, make_settings
 from tests.mqtt.conftest import (
     AppProcess,
     Broker,
@@ -193,3 +193,13 @@ async def test_a_worker_process_sends_the_command_and_returns_the_reply(
     assert json.loads(payload) == {"cmd": "blink"}
     assert response_topic.startswith(f"topiq-test/{run}/replies/")
     assert code == 0, work.log
+
+
+async def test_the_guides_example_returns_the_devices_confirmation(
+    broker: Broker, prefix: str
+) -> None:
+    device_id = prefix.rsplit("/", 1)[1]
+    lines = await docs_example("iot_requests").main(broker.host, broker.port, device_id)
+    assert lines == [
+        f"{device_id} confirmed: {{'device': '{device_id}', 'setpoint': 21.5, 'ok': True}}"
+    ]
