@@ -221,6 +221,9 @@ class Spool:
         self._unavailable = ""  # why the file cannot be used (another process has it)
         self._outage: set[str] = set()  # connections in an outage (warned once)
         self._closed = False
+        self._opening: asyncio.Lock | None = None
+        #: Transactions written (each one fsync): concurrent adds share one.
+        self.writes = 0
 
     # -- the JobSpool protocol ---------------------------------------------------------------
 
@@ -283,6 +286,13 @@ class Spool:
             return
         if not create and not self.path.exists():
             return
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:  # concurrent first adds open it once
+            if self._db is None:
+                await self._open_file()
+
+    async def _open_file(self) -> None:
         try:
             await self._run(self._open)
         except _Taken as exc:
@@ -291,6 +301,8 @@ class Spool:
             self._unavailable = str(exc)
             return
         self._unavailable = ""
+        # Jobs behind an earlier run's entries are spooled without a new outage warning.
+        self._outage.update(conn for conn, count in self._held.items() if count)
         if self.depth:
             logger.info(
                 "the offline spool %s holds %d jobs from an earlier run; replaying them",
@@ -441,6 +453,7 @@ class Spool:
                     )
                     add.done.exception()  # retrieved: a cancelled caller must not warn
             if error is None:
+                self.writes += 1
                 self._update_depth()
                 self._stored.set()
             elif isinstance(error, asyncio.CancelledError):

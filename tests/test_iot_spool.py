@@ -1,0 +1,365 @@
+"""The offline spool (core/mqtt/spool.py) against its real SQLite file and a `QueueManager` on
+a Redis that is not there (a free port: every push raises `ConnectionLostError`), then on the
+session's Redis for the replay. The whole flow with app and worker processes:
+tests/test_iot_spool_processes.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.errors import ConnectionLostError, SpoolFullError
+from core.mqtt import MqttApp, MqttStats
+from core.mqtt.spool import Spool, decode_job, encode_job, spool_path, spooled_by_queue
+from core.queue.drivers.base import Dependency, Limit, OutgoingJob
+from core.queue.queue_manager import QueueManager
+from core.settings import Settings
+from tests.conftest import ROOT, make_settings
+from tests.iot_spool_apps import RecordedRun
+from tests.servers import free_port
+from tests.test_worker_processes import PrivateRedis
+
+pytestmark = [pytest.mark.redis]
+
+
+def settings_for(tmp_path: Path, url: str | None = None, **overrides: Any) -> Settings:
+    """Redis at `url`, or on a port nothing listens on (the backend is down)."""
+    return make_settings(
+        queue_connection="redis",
+        redis_url=url or f"redis://127.0.0.1:{free_port()}/0",
+        mqtt_spool_path=tmp_path / "spool" / "spool.sqlite3",
+        **overrides,
+    )
+
+
+@contextlib.asynccontextmanager
+async def spooling(
+    settings: Settings, stats: MqttStats | None = None
+) -> AsyncIterator[tuple[QueueManager, Spool]]:
+    """A manager with the spool installed, as the MQTT app sets it up."""
+    manager = QueueManager(settings)
+    spool = Spool(settings, stats)
+    await spool.open()
+    manager.spool = spool
+    try:
+        yield manager, spool
+    finally:
+        await spool.close()
+        await manager.close()
+
+
+def rows(path: Path) -> list[tuple[str, str, str]]:
+    """(connection, queue, job id) of every job in the spool file, in order."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        found = db.execute(
+            "SELECT connection, queue, fields FROM spool_jobs ORDER BY seq"
+        ).fetchall()
+    return [(c, q, json.loads(f)["id"]) for c, q, f in found]
+
+
+def job(log: Path, n: int) -> RecordedRun:
+    return RecordedRun(str(log), n)
+
+
+async def reserved_order(manager: QueueManager, queue: str, count: int) -> list[int]:
+    """The `n` of the jobs Redis hands out from `queue`, in its order."""
+    driver = await manager.connection()
+    got = await driver.reserve([queue], count, 30)
+    return [json.loads(r.payload)["data"]["n"] for r in got]
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+async def test_a_push_to_a_stopped_redis_is_written_to_the_spool(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(tmp_path)
+    stats = MqttStats()
+    caplog.set_level(logging.INFO, "topiq.mqtt.spool")
+    async with spooling(settings, stats) as (manager, spool):
+        assert not spool.path.exists()  # made by the first push that needs it
+        handles = [await manager.push(job(tmp_path / "runs", n), "q1") for n in range(3)]
+        assert spool.holds("redis") and not spool.holds("database")
+        assert spool.depth == 3 and stats.spooled == 3 and stats.spool_depth == 3
+    # On disk (the file and its folder were created), in push order, after the close too.
+    assert rows(spool.path) == [("redis", "q1", str(h)) for h in handles]
+    warnings = [r for r in caplog.records if "could not reach the queue connection" in r.message]
+    assert len(warnings) == 1, "one warning per outage, not one per push"
+
+
+def test_every_field_of_a_job_survives_the_spool() -> None:
+    now = time.time()
+    sample = OutgoingJob(
+        id="job-1",
+        queue="telemetry",
+        payload=b'{"job":"x"}\xff',
+        delay=30.0,
+        job="tests.iot_spool_apps:RecordedRun",
+        max_tries=4,
+        at_front=True,
+        check_id=True,
+        unique_key="k",
+        unique_for=60.0,
+        on_duplicate="replace",
+        ttl=120.0,
+        failure_ttl=99.0,
+        priority=7,
+        depends_on=(Dependency("a", "q"), Dependency("b", None)),
+        rule="ended",
+        kind="chain",
+        cancel_on_failure=True,
+        limit=Limit("dev-1", rate=5, period=1.0, burst=2, concurrency=3),
+        once_key="tick",
+        once_for=10.0,
+        group="dev-1",
+        max_length=100,
+        overflow="drop_oldest",
+    )
+    defaults = OutgoingJob("", "", b"")
+    unset = [
+        f.name
+        for f in dataclasses.fields(OutgoingJob)
+        if getattr(sample, f.name) == getattr(defaults, f.name)
+    ]
+    assert unset == [], f"give the sample a value for the new field(s) {unset}"
+    fields, payload = encode_job(sample, now)
+    back = decode_job(fields, payload, now + 10)
+    assert back.delay == pytest.approx(20.0, abs=0.01)  # due 30 s after the push, 10 s passed
+    assert back.ttl == pytest.approx(120.0, abs=0.01)  # counts from its due time
+    assert dataclasses.replace(back, delay=30.0, ttl=120.0) == sample
+
+
+def test_a_delay_and_a_ttl_spent_in_the_spool_are_spent() -> None:
+    now = time.time()
+    sample = OutgoingJob("j", "q", b"{}", delay=5.0, ttl=10.0)
+    fields, payload = encode_job(sample, now)
+    late = decode_job(fields, payload, now + 60)
+    assert late.delay == 0.0  # due long ago: ready at once
+    assert 0 < late.ttl <= 0.001  # expired in the spool: the backend expires it at once
+    never = decode_job(*encode_job(OutgoingJob("j", "q", b"{}"), now), now + 60)
+    assert never.ttl == 0.0  # no ttl stays no ttl
+
+
+async def test_a_full_spool_refuses_the_whole_push_and_stores_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(tmp_path, mqtt_spool_max=3)
+    stats = MqttStats()
+    caplog.set_level(logging.INFO, "topiq.mqtt.spool")
+    async with spooling(settings, stats) as (manager, spool):
+        await manager.bulk([job(tmp_path / "runs", n) for n in range(2)], "q1")
+        for _ in range(2):
+            with pytest.raises(SpoolFullError, match="full") as caught:
+                await manager.bulk([job(tmp_path / "runs", n) for n in range(2, 4)], "q1")
+            assert isinstance(caught.value, ConnectionLostError)  # the app holds the message
+        assert spool.depth == 2 and stats.spool_full == 2
+        assert len(rows(spool.path)) == 2
+        full = [r for r in caplog.records if "is full" in r.message]
+        assert len(full) == 1 and full[0].levelno == logging.WARNING  # once per episode
+        await manager.push(job(tmp_path / "runs", 9), "q1")  # one more fits
+        assert spool.depth == 3
+        assert any("has room again" in r.message for r in caplog.records)
+
+
+async def test_concurrent_pushes_are_all_spooled(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    async with spooling(settings) as (manager, spool):
+        handles = await asyncio.gather(
+            *(manager.push(job(tmp_path / "r", n), "q1") for n in range(200))
+        )
+        assert spool.depth == 200
+    assert sorted(i for _, _, i in rows(spool.path)) == sorted(map(str, handles))
+
+
+async def test_adds_arriving_during_a_write_share_the_next_transaction(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    async with spooling(settings) as (_, spool):
+        jobs = [OutgoingJob(f"j{n}", "q1", b"{}") for n in range(201)]
+        await spool.add("redis", jobs[:1])  # opens the file
+        assert spool.writes == 1
+        await asyncio.gather(*(spool.add("redis", [j]) for j in jobs[1:]))
+        assert spool.depth == 201
+        assert spool.writes <= 3, f"{spool.writes} transactions for 200 concurrent adds"
+    assert [i for _, _, i in rows(spool.path)] == [j.id for j in jobs]  # in the order added
+
+
+async def test_a_spool_file_is_used_by_one_process_at_a_time(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    async with spooling(settings) as (manager, spool):
+        await manager.push(job(tmp_path / "r", 0), "q1")
+        second = Spool(settings)
+        try:
+            await second.open()
+            assert not second.holds("redis")
+            with pytest.raises(ConnectionLostError, match="used by another process"):
+                await second.add("redis", [OutgoingJob("x", "q1", b"{}")])
+        finally:
+            await second.close()
+    assert len(rows(spool.path)) == 1
+
+
+def test_each_process_of_a_pool_has_its_own_file(tmp_path: Path) -> None:
+    settings = make_settings(mqtt_spool_path=tmp_path / "spool.sqlite3")
+    assert spool_path(settings) == tmp_path / "spool.sqlite3"
+    pooled = make_settings(mqtt_spool_path=tmp_path / "spool.sqlite3", mqtt_client_id_suffix="-01")
+    assert spool_path(pooled) == tmp_path / "spool-01.sqlite3"
+
+
+# -- replaying -----------------------------------------------------------------------------------
+
+
+async def test_replay_pushes_in_order_and_new_pushes_queue_behind_the_spool(
+    tmp_path: Path, redis_url: str
+) -> None:
+    queue = f"spool-{uuid.uuid4().hex[:8]}"
+    down = settings_for(tmp_path)
+    async with spooling(down) as (manager, spool):
+        for n in range(5):
+            await manager.push(job(tmp_path / "r", n), queue)
+    up = settings_for(tmp_path, redis_url)
+    stats = MqttStats()
+    async with spooling(up, stats) as (manager, spool):
+        assert spool.holds("redis") and spool.depth == 5  # left by the "earlier run"
+        # Redis answers, but the spool holds jobs of it: this one queues behind them.
+        late = await manager.push(job(tmp_path / "r", 5), queue)
+        driver = await manager.connection()
+        assert spool.depth == 6 and await driver.job_status(late, queue) is None
+        while spool.depth:
+            await spool.replay_batch(manager, "redis")
+        assert not spool.holds("redis") and stats.replayed == 6 and stats.spool_depth == 0
+        assert await reserved_order(manager, queue, 10) == [0, 1, 2, 3, 4, 5]
+        direct = await manager.push(job(tmp_path / "r", 6), queue)  # the spool is empty
+        assert await driver.job_status(direct, queue) is not None and spool.depth == 0
+
+
+async def test_replay_skips_a_job_the_backend_already_has(
+    tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A push whose reply was lost (stored, but `ConnectionLostError`) is spooled too: the
+    replay finds its id and does not queue it twice, even once it has run and ended."""
+    queue = f"spool-{uuid.uuid4().hex[:8]}"
+    caplog.set_level(logging.INFO, "topiq.mqtt.spool")
+    stats = MqttStats()
+    async with spooling(settings_for(tmp_path, redis_url), stats) as (manager, spool):
+        handle = await manager.push(job(tmp_path / "r", 1), queue)
+        driver = await manager.connection()
+        [reserved] = await driver.reserve([queue], 1, 30)
+        await driver.ack([reserved])  # it ran and ended; its record is kept (result_ttl)
+        stored = OutgoingJob(str(handle), queue, reserved.payload, job="x")
+        await spool.add("redis", [stored])
+        await spool.replay_batch(manager, "redis")
+        assert spool.depth == 0 and stats.replayed == 0
+        assert await manager.size(queue) == 0  # not queued again
+        assert any("skipped 1 job" in r.message for r in caplog.records)
+
+
+async def test_a_job_the_backend_refuses_is_dropped_and_logged_and_the_rest_go_on(
+    tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = f"spool-{uuid.uuid4().hex[:8]}"
+    stats = MqttStats()
+    async with spooling(settings_for(tmp_path), stats) as (manager, spool):
+        await manager.push(job(tmp_path / "r", 0), queue, depends_on="never-pushed")
+        await manager.push(job(tmp_path / "r", 1), queue)
+    async with spooling(settings_for(tmp_path, redis_url), stats) as (manager, spool):
+        await spool.replay_batch(manager, "redis")
+        assert spool.depth == 0, "a refused job must not stay in the spool"
+        assert stats.spool_dropped == 1 and stats.replayed == 1
+        assert await reserved_order(manager, queue, 10) == [1]
+    [error] = [r for r in caplog.records if "dropped job" in r.message]
+    assert error.levelno == logging.ERROR and "never-pushed" in error.message
+
+
+async def test_the_replay_task_backs_off_while_redis_is_down_and_replays_once_it_is_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "redis").mkdir()
+    server = PrivateRedis(tmp_path / "redis")  # its port is chosen, nothing listens yet
+    queue = f"spool-{uuid.uuid4().hex[:8]}"
+    url = f"redis://127.0.0.1:{server.port}/0"
+    caplog.set_level(logging.INFO, "topiq.mqtt.spool")
+    try:
+        async with spooling(settings_for(tmp_path, url)) as (manager, spool):
+            for n in range(10):
+                await manager.push(job(tmp_path / "r", n), queue)
+            replay = asyncio.create_task(spool.replay(manager))
+            try:
+                while not any("waits for the queue" in r.message for r in caplog.records):
+                    assert not replay.done(), replay
+                    await asyncio.sleep(0.02)
+                assert spool.depth == 10
+                await asyncio.to_thread(server.start)
+                deadline = time.monotonic() + 20
+                while spool.depth:  # backoff: 0.4 s, 0.8 s, ... at most 5 s
+                    assert time.monotonic() < deadline, "not replayed within 20 s"
+                    await asyncio.sleep(0.05)
+            finally:
+                replay.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await replay
+            assert await reserved_order(manager, queue, 20) == list(range(10))
+    finally:
+        server.kill()
+
+
+# -- the app and queue:stats ---------------------------------------------------------------------
+
+
+async def test_the_app_installs_the_spool_unless_it_is_off(tmp_path: Path) -> None:
+    from core.mqtt import Router
+
+    router = Router()
+    for maximum, installed in ((0, False), (10, True)):
+        settings = settings_for(tmp_path, mqtt_spool_max=maximum, mqtt_host="127.0.0.1")
+        manager = QueueManager(settings)
+        app = MqttApp(router, settings, manager=manager)
+        spool, replay = await app._start_spool()
+        assert (manager.spool is not None) is installed
+        await app._stop_spool(spool, replay)
+        assert manager.spool is None
+
+
+def test_queue_stats_shows_the_spooled_jobs(tmp_path: Path, redis_url: str) -> None:
+    queue = f"spool-{uuid.uuid4().hex[:8]}"
+
+    async def fill() -> None:
+        async with spooling(settings_for(tmp_path)) as (manager, _):
+            await manager.bulk([job(tmp_path / "r", n) for n in range(3)], queue)
+        async with QueueManager(settings_for(tmp_path, redis_url)) as manager:
+            await manager.push(job(tmp_path / "r", 9), queue)  # Redis knows the queue
+
+    asyncio.run(fill())
+    assert spooled_by_queue(settings_for(tmp_path), "redis") == {queue: 3}
+    assert spooled_by_queue(settings_for(tmp_path), "database") == {}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "QUEUE_CONNECTION": "redis",
+        "REDIS_URL": redis_url,
+        "MQTT_SPOOL_PATH": str(tmp_path / "spool" / "spool.sqlite3"),
+    }
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "queue:stats", "--queue", queue, "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    [entry] = json.loads(out)["queues"]
+    assert entry["spooled"] == 3 and entry["pending"] == 1
