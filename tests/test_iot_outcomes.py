@@ -27,7 +27,7 @@ from core.status import Status
 from core.worker.options import WorkerOptions
 from core.worker.worker import Worker
 from tests import iot_outcome_jobs as jobs
-from tests.conftest import docs_example, make_settings
+from tests.conftest import ROOT, docs_example, make_settings
 from tests.mqtt.conftest import (
     AppProcess,
     Broker,
@@ -372,13 +372,23 @@ async def test_mosquitto_rr_gets_the_outcome_of_the_job_its_request_started_in_a
     assert work_code == 0, work.log
 
 
-async def test_the_guides_example_gets_the_outcome_back_on_its_response_topic(
-    broker: Broker, prefix: str
-) -> None:
-    device_id = prefix.rsplit("/", 1)[1]
+def guide_section() -> str:
+    """docs/iot.md between this section's markers."""
+    guide = (ROOT / "docs" / "iot.md").read_text()
+    start = guide.index("<!-- section: outcomes (owner: outcomes) -->")
+    return guide[start : guide.index("<!-- end: outcomes -->", start)]
+
+
+def test_the_guide_shows_its_example_verbatim() -> None:
+    body = (ROOT / "docs" / "examples" / "iot_outcomes.py").read_text().split('"""', 2)[2].strip()
+    text = guide_section()
+    assert "\n## Outcomes over MQTT\n" in text
+    assert f"# docs/examples/iot_outcomes.py\n{body}\n```" in text
+
+
+async def test_the_guides_example_prints_what_the_guide_shows(broker: Broker, prefix: str) -> None:
+    device_id = prefix.rsplit("/", 1)[1]  # a device no other test uses
     lines = await docs_example("iot_outcomes").main(broker.host, broker.port, device_id)
-    assert lines == [
-        'status: "succeeded"',
-        "attempts: 1",
-        f'result: {{"device":"{device_id}","setpoint":21.5,"ok":true}}',
-    ]
+    after = guide_section().split("# docs/examples/iot_outcomes.py", 1)[1]
+    shown = after.split("```text\n", 1)[1].split("\n```", 1)[0].splitlines()
+    assert lines == [line.replace("t-1", device_id) for line in shown]

@@ -22,7 +22,7 @@ from core.status import Status
 from core.worker.options import WorkerOptions
 from core.worker.worker import Worker
 from tests import iot_outcome_jobs as jobs
-from tests.conftest import docs_example, make_settings
+from tests.conftest import ROOT, docs_example, make_settings
 from tests.mqtt.conftest import (
     AppProcess,
     Broker,
@@ -195,11 +195,23 @@ async def test_a_worker_process_sends_the_command_and_returns_the_reply(
     assert code == 0, work.log
 
 
-async def test_the_guides_example_returns_the_devices_confirmation(
-    broker: Broker, prefix: str
-) -> None:
-    device_id = prefix.rsplit("/", 1)[1]
+def guide_section() -> str:
+    """docs/iot.md between this section's markers."""
+    guide = (ROOT / "docs" / "iot.md").read_text()
+    start = guide.index("<!-- section: requests (owner: outcomes) -->")
+    return guide[start : guide.index("<!-- end: requests -->", start)]
+
+
+def test_the_guide_shows_its_example_verbatim() -> None:
+    body = (ROOT / "docs" / "examples" / "iot_requests.py").read_text().split('"""', 2)[2].strip()
+    text = guide_section()
+    assert "\n## Device commands: `Job.request`\n" in text
+    assert f"# docs/examples/iot_requests.py\n{body}\n```" in text
+
+
+async def test_the_guides_example_prints_what_the_guide_shows(broker: Broker, prefix: str) -> None:
+    device_id = prefix.rsplit("/", 1)[1]  # a device no other test uses
     lines = await docs_example("iot_requests").main(broker.host, broker.port, device_id)
-    assert lines == [
-        f"{device_id} confirmed: {{'device': '{device_id}', 'setpoint': 21.5, 'ok': True}}"
-    ]
+    after = guide_section().split("# docs/examples/iot_requests.py", 1)[1]
+    shown = after.split("```text\n", 1)[1].split("\n```", 1)[0].splitlines()
+    assert lines == [line.replace("t-1", device_id) for line in shown]
