@@ -464,3 +464,178 @@ async def test_the_release_before_still_pushes_reserves_and_acks_on_version_3(
         assert await driver.size("mixed") == 0
         # The old ack wrote no record: the job is simply gone (documented).
         assert await driver.job_status(new_id, "mixed") is None
+
+
+# -- version 4 -> 5 (groups), with jobs in the tables ---------------------------------------------
+
+_V5_ONLY = {"group_key", "group_seq"}
+_V4 = MetaData()
+# The tables as the release before groups (schema version 4) made them: today's, without what
+# version 5 adds. Its statements name only these columns.
+for _table in t.metadata.sorted_tables:
+    if _table.name == "queue_groups":
+        continue
+    Table(
+        _table.name,
+        _V4,
+        *(c._copy() for c in _table.columns if c.name not in _V5_ONLY),
+        *(
+            Index(i.name, *(c.name for c in i.columns), unique=i.unique)
+            for i in _table.indexes
+            if i.name != "queue_jobs_group_line"
+        ),
+        **t._MYSQL_OPTIONS,
+    )
+V4_JOBS = _V4.tables["queue_jobs"]
+
+
+async def _make_v4(url: str) -> dict[str, str]:
+    """A version-4 database holding a plain, a prioritized and a delayed job; their ids."""
+    ids = {name: uuid.uuid4().hex for name in ("plain", "high", "delayed")}
+    now = t.now()
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_V4.create_all)
+            await conn.execute(
+                insert(t.queue_schema_version),
+                [{"version": v, "applied_at": now} for v in (1, 2, 3, 4)],
+            )
+            base = {"queue": "old4", "attempts": 0, "created_at": now, "state": "waiting"}
+            await conn.execute(
+                insert(V4_JOBS),
+                [
+                    {
+                        **base,
+                        "uuid": ids["plain"],
+                        "payload": _payload(ids["plain"]),
+                        "available_at": now,
+                        "reserved_until": None,
+                        "priority": None,
+                    },
+                    {
+                        **base,
+                        "uuid": ids["high"],
+                        "payload": _payload(ids["high"]),
+                        **t.placement(5, now, now),
+                        "priority": 5,
+                    },
+                    {
+                        **base,
+                        "uuid": ids["delayed"],
+                        "payload": _payload(ids["delayed"]),
+                        "available_at": t.now(3600),
+                        "reserved_until": None,
+                        "priority": None,
+                    },
+                ],
+            )
+    finally:
+        await engine.dispose()
+    return ids
+
+
+async def _v4_release_round(url: str, queue: str, job_id: str) -> list[str]:
+    """Push, reserve (the claim's ready part) and acknowledge as the release before version 5
+    does, on its view of the tables; returns the ids it reserved and acknowledged."""
+    engine = create_engine(url)
+    c = V4_JOBS.c
+    try:
+        async with writer(engine).begin() as conn:
+            now = t.now()
+            await conn.execute(
+                insert(V4_JOBS).values(
+                    uuid=job_id,
+                    queue=queue,
+                    payload=_payload(job_id),
+                    attempts=0,
+                    available_at=now,
+                    created_at=now,
+                    state="waiting",
+                    job="tests.jobs:Echo",
+                )
+            )
+        async with writer(engine).begin() as conn:
+            rows = (
+                await conn.execute(
+                    select(c.id, c.uuid, c.attempts)
+                    .where(c.queue == queue, c.reserved_until.is_(None), c.available_at <= t.now())
+                    .order_by(c.available_at, c.id)
+                    .limit(10)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            await conn.execute(
+                update(V4_JOBS)
+                .where(c.id.in_([r.id for r in rows]))
+                .values(attempts=c.attempts + 1, reserved_at=t.now(), reserved_until=t.now(30))
+            )
+        async with writer(engine).begin() as conn:
+            for row in rows:
+                await conn.execute(
+                    delete(V4_JOBS).where(
+                        c.uuid == row.uuid,
+                        c.attempts == row.attempts + 1,
+                        c.reserved_until.is_not(None),
+                    )
+                )
+        return [str(row.uuid) for row in rows]
+    finally:
+        await engine.dispose()
+
+
+async def test_version_4_with_jobs_migrates_to_5_and_reads_right(fresh_url: str) -> None:
+    ids = await _make_v4(fresh_url)
+    engine = create_engine(fresh_url)
+    try:
+        assert await schema_version(engine) == 4
+        assert await migrate(engine) == LATEST_VERSION == 5
+        assert await migrate(engine) == 5  # again: nothing to do
+        async with engine.connect() as conn:
+            names = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
+            columns = await conn.run_sync(
+                lambda sync: {c["name"] for c in inspect(sync).get_columns("queue_jobs")}
+            )
+            indexes = await conn.run_sync(
+                lambda sync: {i["name"] for i in inspect(sync).get_indexes("queue_jobs")}
+            )
+        assert "queue_groups" in names and columns >= _V5_ONLY
+        assert "queue_jobs_group_line" in indexes
+    finally:
+        await engine.dispose()
+    async with DatabaseDriver("database", settings_for(fresh_url)) as driver:
+        seen = {name: await driver.job_status(job_id) for name, job_id in ids.items()}
+        assert {name: str(s) for name, s in seen.items() if s is not None} == {
+            "plain": "queued",
+            "high": "queued",
+            "delayed": "scheduled",
+        }
+        assert all(s is not None and s.group == "" for s in seen.values())
+        taken = await driver.reserve(["old4"], 10, lease=30)
+        assert [h.id for h in taken] == [ids["high"], ids["plain"]]
+        await driver.ack(taken)
+
+
+async def test_the_release_before_still_pushes_reserves_and_acks_on_version_5(
+    fresh_url: str,
+) -> None:
+    """A rolling deploy: version-4 code beside version-5 code on the migrated tables. The
+    old release never claims a job waiting in a group's line; a holder it acknowledges
+    leaves the turn until the next push into the group or the next prune."""
+    await _make_v4(fresh_url)
+    async with DatabaseDriver("database", settings_for(fresh_url)) as driver:  # migrates
+        old_id = uuid.uuid4().hex
+        holder = OutgoingJob(uuid.uuid4().hex, "mixed", b"{}", job="tests.jobs:Echo", group="d")
+        line = OutgoingJob(uuid.uuid4().hex, "mixed", b"{}", job="tests.jobs:Echo", group="d")
+        plain = OutgoingJob(uuid.uuid4().hex, "mixed", b"{}", job="tests.jobs:Echo", ttl=60)
+        await driver.push([holder, line, plain])
+        ran = await _v4_release_round(fresh_url, "mixed", old_id)
+        assert ran == [holder.id, plain.id, old_id]  # never the job in the line
+        line_status = await driver.job_status(line.id, "mixed")
+        assert line_status is not None and str(line_status) == "queued"
+        assert await driver.reserve(["mixed"], 10, lease=30) == []
+        await driver.prune_records()  # the turn the old ack did not pass
+        [taken] = await driver.reserve(["mixed"], 10, lease=30)
+        assert taken.id == line.id
+        await driver.ack([taken])
+        assert await driver.size("mixed") == 0
