@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from core.queue.drivers.base import Dependency, Outcome, OutgoingJob, ReservedJob
+from core.queue.drivers.base import Dependency, Limit, Outcome, OutgoingJob, ReservedJob
 from core.queue.drivers.redis import RedisDriver
 from core.status import Status
 from tests.conftest import flush_redis, make_settings
@@ -400,3 +400,24 @@ async def test_drop_oldest_spares_at_front_jobs_and_resolves_a_dependent_pushed_
     assert ids(await take(driver, queue)) == [front.id]
     counts = await driver.recent(queue)
     assert (counts.dropped, counts.cancelled) == (1, 1)
+
+
+async def test_the_bound_counts_jobs_held_back_by_a_limit(driver: RedisDriver, queue: str) -> None:
+    limit = Limit("dev", concurrency=1)
+    first, second, third = (job(queue, limit=limit) for _ in range(3))
+    await driver.push([first, second, third])
+    assert ids(await take(driver, queue)) == [first.id]  # the others held back
+    nheld = f"{driver.keys(queue).tag}:nheld"
+    await driver.client.delete(nheld)  # as after an upgrade: made again from the lists
+    bound: dict[str, Any] = {"max_length": 2}
+    assert [p.outcome for p in await driver.push([job(queue, **bound)])] == ["full"]
+    assert int(await driver.client.get(nheld)) == 2
+    assert await driver.cancel(second.id, queue)
+    assert [p.outcome for p in await driver.push([job(queue, **bound)])] == ["created"]
+    assert [p.outcome for p in await driver.push([job(queue, **bound)])] == ["full"]
+    # The held one starts when the running one ends: the count follows.
+    await driver.ack([ReservedJob(first.id, queue, b"", 1)])
+    assert int(await driver.client.get(nheld)) == 0
+    assert (await driver.stats(queue)).pending == 2
+    assert await driver.clear(queue) == 2
+    assert await driver.client.get(nheld) is None

@@ -86,7 +86,7 @@ repeat
     if not redis.call('ZSCORE', q.reserved, holder) then redis.call('HDEL', q.gturn, g) end
   end
 until cursor == '0'
-redis.call('DEL', q.glen)
+redis.call('DEL', q.glen, q.nheld)
 redis.call('DEL', KEYS[5], KEYS[6], q.fronts, q.limited)
 flush(nil)
 return deleted

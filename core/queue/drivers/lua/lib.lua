@@ -34,6 +34,8 @@
 --   <tag>:gturn          hash    group -> the id of the job in turn (issue #14: `group`)
 --   <tag>:gline:<group>  list    the group's line: ids waiting for the turn, in push order
 --   <tag>:glen           string  how many jobs wait in all the queue's lines (stats, max_length)
+--   <tag>:nheld          string  how many jobs wait in all the held lists (max_length): made
+--                                from the lists when missing (held by older code, or cleared)
 -- A ref names a job of any queue: <tag> .. "\0" .. <id>.
 -- Record fields added: priority (when not 0), pm (its member while in <tag>:prio), front (1: a
 -- delayed at_front job), kind (chain/batch), rule, cof (cancel_on_failure), release_at and ttl
@@ -63,6 +65,7 @@ local function Q(tag)
       deferred = tag .. ':deferred', flows = tag .. ':flows', runkey = tag .. ':runkey',
       heldkeys = tag .. ':heldkeys', limited = tag .. ':limited', fronts = tag .. ':fronts',
       hasdeps = tag .. ':hasdeps', gturn = tag .. ':gturn', glen = tag .. ':glen',
+      nheld = tag .. ':nheld',
     }
     queues_[tag] = q
   end
@@ -245,6 +248,29 @@ end
 
 -- -- limits -------------------------------------------------------------------------------
 
+-- How many jobs wait in the queue's held lists (O(1) once <tag>:nheld exists; when it does
+-- not, it is counted from the lists once and kept).
+local function held_total(q)
+  local n = tonumber(redis.call('GET', q.nheld))
+  if n then return n end
+  n = 0
+  for _, key in ipairs(redis.call('SMEMBERS', q.heldkeys)) do
+    n = n + redis.call('LLEN', q.tag .. ':held:' .. key)
+  end
+  redis.call('SET', q.nheld, n)
+  return n
+end
+
+-- A held list just changed by `delta` jobs: the count follows (made afresh if missing: the
+-- lists already show the change).
+local function held_moved(q, delta)
+  if redis.call('EXISTS', q.nheld) == 1 then
+    redis.call('INCRBY', q.nheld, delta)
+  else
+    held_total(q)
+  end
+end
+
 -- When the key's next start is allowed (ms; now or earlier: at once), or false when its
 -- concurrency is full.
 local function allowed_at(q, key, l)
@@ -274,6 +300,7 @@ local function kick(q, key)
   end
   redis.call('ZREM', q.limited, key)
   local id = redis.call('LPOP', held)
+  held_moved(q, -1)
   if redis.call('EXISTS', held) == 0 then redis.call('SREM', q.heldkeys, key) end
   place(q, id, true, false, nil)
 end
@@ -309,6 +336,7 @@ local function admit(q, id, f)
       redis.call('HSET', rec, 'held', '1')
     end
     redis.call('SADD', q.heldkeys, key)
+    held_moved(q, 1)
     if behind then
       kick(q, key)
     elseif at then
@@ -352,9 +380,13 @@ local function unplace(q, id, rec_status, f_pm, f_lkey)
   redis.call('SREM', q.front, id)
   if f_lkey then
     local held = q.tag .. ':held:' .. f_lkey
-    if redis.call('LREM', held, 0, id) > 0 and redis.call('EXISTS', held) == 0 then
-      redis.call('SREM', q.heldkeys, f_lkey)
-      redis.call('ZREM', q.limited, f_lkey)
+    local gone = redis.call('LREM', held, 0, id)
+    if gone > 0 then
+      held_moved(q, -gone)
+      if redis.call('EXISTS', held) == 0 then
+        redis.call('SREM', q.heldkeys, f_lkey)
+        redis.call('ZREM', q.limited, f_lkey)
+      end
     end
   end
 end

@@ -41,7 +41,7 @@
 -- for when it takes the turn). A job with dependencies joins when they release it.
 -- Bounds: with max_length, a job about to be stored (not a workflow record) is counted against
 -- the queue's waiting jobs (as stats counts pending + delayed: ready list, prio set, delayed
--- set, held lists, <tag>:glen); at the bound "reject" refuses it ("full", counted `rejected`),
+-- set, <tag>:nheld, <tag>:glen); at the bound "reject" refuses it ("full", counted `rejected`),
 -- "drop_oldest" stores it, then ends the head of this job's group line, else the oldest
 -- plain ready job (status cancelled, counted `dropped`); with neither it refuses it.
 -- A push that replaces a waiting job's payload counts `coalesced`.
@@ -71,12 +71,7 @@ end
 local function waiting_count()
   local n = redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', q.prio)
     + redis.call('ZCARD', KEYS[2]) + (tonumber(redis.call('GET', q.glen)) or 0)
-  if redis.call('EXISTS', tag .. ':heldkeys') == 1 then
-    for _, key in ipairs(redis.call('SMEMBERS', tag .. ':heldkeys')) do
-      n = n + redis.call('LLEN', tag .. ':held:' .. key)
-    end
-  end
-  return n
+  return n + held_total(q)
 end
 
 -- The waiting job a "drop_oldest" push of group `g` ('' none) drops: the head of g's line,
