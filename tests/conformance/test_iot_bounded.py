@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from core.queue.drivers import Driver
-from core.queue.drivers.base import OnDuplicate, Overflow
+from core.queue.drivers.base import Limit, OnDuplicate, Overflow
 from core.status import Status
 from tests.conformance.iot_support import (
     bounded,
@@ -116,6 +116,16 @@ async def test_bounded_retrying_jobs_count_as_waiting(driver: Driver, queue: str
     held = await reserve_one(driver, queue, first)
     await driver.release(held, 60, error="E")  # retrying: waiting again
     [pushed] = await driver.push([bounded(second, queue, 1)])
+    assert pushed.outcome == "full"
+
+
+async def test_bounded_jobs_held_by_a_limit_count_as_waiting(driver: Driver, queue: str) -> None:
+    busy, held_back = ids(2)
+    one = Limit("gw", concurrency=1)
+    await driver.push([outgoing(busy, queue, limit=one), outgoing(held_back, queue, limit=one)])
+    await reserve_one(driver, queue, busy)
+    assert await take_ids(driver, queue) == []  # held_back waits for the limit
+    [pushed] = await driver.push([bounded(new_id(), queue, 1)])
     assert pushed.outcome == "full"
 
 

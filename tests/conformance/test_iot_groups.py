@@ -33,6 +33,7 @@ from tests.conformance.workflow_support import (
     n_of,
     new_id,
     outgoing,
+    record_job,
     reserve_one,
     reserve_within,
     run,
@@ -236,11 +237,18 @@ async def test_group_a_line_job_past_its_ttl_reads_expired_and_never_runs(
     assert (await driver.recent(queue)).expired == 1
 
 
+@pytest.mark.parametrize("holder_delay", [0.0, 60.0])
 async def test_group_clear_removes_the_line_and_resets_the_group(
-    driver: Driver, queue: str
+    driver: Driver, queue: str, holder_delay: float
 ) -> None:
     a1, a2, a3, a4 = ids(4)
-    await driver.push([grouped(a1, queue, "A"), grouped(a2, queue, "A"), grouped(a3, queue, "A")])
+    await driver.push(
+        [
+            grouped(a1, queue, "A", delay=holder_delay),
+            grouped(a2, queue, "A"),
+            grouped(a3, queue, "A"),
+        ]
+    )
     assert await driver.clear(queue) == 3
     assert await driver.job_status(a2, queue) is None
     stats = await driver.stats(queue)
@@ -537,3 +545,69 @@ async def test_group_two_dispatchers_pushing_into_an_empty_group_make_one_holder
             rest = await reserve_runnable(driver, queue)
             assert [h.id for h in rest] == [b if held[0].id == a else a]
             await driver.ack(rest)  # the group is empty again for the next round
+
+
+async def test_group_an_ack_in_the_reserve_round_trip_hands_out_the_successor(
+    driver: Driver, queue: str
+) -> None:
+    a1, a2, a3 = ids(3)
+    await driver.push([grouped(a1, queue, "A"), grouped(a2, queue, "A"), grouped(a3, queue, "A")])
+    held = await reserve_one(driver, queue, a1)
+    # The worker's loop: acknowledge the finished job and take the next in one call.
+    nxt = await driver.reserve([queue], 10, lease=30, ack=[held])
+    assert [(h.id, h.expired) for h in nxt] == [(a2, False)]
+    assert (await status_of(driver, a1, queue)).status is Status.SUCCEEDED
+    last = await driver.reserve([queue], 10, lease=30, ack=nxt)
+    assert [h.id for h in last] == [a3]
+
+
+async def test_group_a_line_jobs_priority_places_it_when_it_takes_the_turn(
+    driver: Driver, queue: str
+) -> None:
+    a1, a2, p1, p2 = ids(4)
+    await driver.push(
+        [
+            grouped(a1, queue, "A"),
+            grouped(a2, queue, "A", priority=5),
+            outgoing(p1, queue),
+            outgoing(p2, queue),
+        ]
+    )
+    [first] = await reserve_runnable(driver, queue, 1)
+    assert first.id == a1
+    await driver.ack([first])
+    # a2 took the turn: ready now at its own priority, ahead of the priority-0 jobs.
+    assert await take_ids(driver, queue) == [a2, p1, p2]
+
+
+async def test_group_replace_of_a_ready_holder_keeps_the_turn(driver: Driver, queue: str) -> None:
+    a1, a2 = ids(2)
+    await driver.push([grouped(a1, queue, "A", 1, unique_key="k"), grouped(a2, queue, "A", 2)])
+    [pushed] = await driver.push(
+        [grouped(new_id(), queue, "A", 9, unique_key="k", on_duplicate="replace")]
+    )
+    assert (pushed.id, pushed.outcome) == (a1, "replaced")
+    [held] = await reserve_runnable(driver, queue)
+    assert (held.id, n_of(held.payload)) == (a1, 9)
+    await driver.ack([held])
+    assert await take_ids(driver, queue) == [a2]
+
+
+async def test_group_a_workflow_cancelling_its_grouped_members_passes_the_turn(
+    driver: Driver, queue: str
+) -> None:
+    m1, g1, g2, record, g3 = ids(5)
+    await driver.push(
+        [
+            outgoing(m1, queue),
+            grouped(g1, queue, "A"),  # A's holder
+            grouped(g2, queue, "A"),  # in A's line
+            record_job(record, queue, "batch", [m1, g1, g2], cancel_on_failure=True),
+        ]
+    )
+    await driver.push([grouped(g3, queue, "A")])  # not a member: behind g2 in A's line
+    held = await reserve_one(driver, queue, m1)
+    await end(driver, held, Status.FAILED)  # the batch cancels its waiting members
+    for member in (g1, g2):
+        assert (await status_of(driver, member, queue)).status is Status.CANCELLED
+    assert await take_ids(driver, queue) == [g3]
