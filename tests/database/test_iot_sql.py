@@ -135,9 +135,7 @@ async def test_a_grouped_push_locks_only_its_group(driver: DatabaseDriver, queue
     assert groups and not any("queue_names" in s and "FOR UPDATE" in s for s in seen)
 
 
-async def test_the_head_of_a_line_is_found_on_its_index(
-    driver: DatabaseDriver, queue: str
-) -> None:
+async def test_the_head_of_a_line_is_found_on_its_index(driver: DatabaseDriver, queue: str) -> None:
     await driver.push([job(queue, group=f"d{i % 50}") for i in range(1000)])
     query = (
         select(_jobs.id)
@@ -233,3 +231,36 @@ async def test_concurrent_bounded_pushes_on_two_connections_keep_the_bound(
         assert (await one.stats(queue)).pending == 8
         assert (await one.recent(queue)).rejected == 22
         await one.clear(queue)
+
+
+async def test_a_failed_job_sent_back_by_retry_rejoins_its_group(
+    driver: DatabaseDriver, queue: str
+) -> None:
+    from core.queue.drivers.base import FailedJob
+
+    first, second, third = (job(queue, group="dev") for _ in range(3))
+    await driver.push([first, second])
+    [held] = await driver.reserve([queue], 10, lease=30)
+    held.outcome = Outcome(Status.FAILED, 3600, error="boom")
+    await driver.ack([held])  # failed for good: the turn passes to `second`
+    store = driver.failed_store()
+    await store.add(
+        FailedJob(first.id, "database", queue, '{"id": "x"}', "boom", failed_at=_utcnow())
+    )
+    [record] = [r for r in await store.list(queue) if r.id == first.id]
+    assert await driver.retry_failed([record]) == [first.id]  # `second` holds the turn
+    status = await driver.job_status(first.id, queue)
+    assert status is not None and status.group == "dev" and str(status) == "queued"
+    await driver.push([third])
+    order = []
+    for _ in range(3):
+        [taken] = await driver.reserve([queue], 10, lease=30)
+        order.append(taken.id)
+        await driver.ack([taken])
+    assert order == [second.id, first.id, third.id]  # the line's tail at its retry
+
+
+def _utcnow() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)

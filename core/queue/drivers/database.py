@@ -764,26 +764,38 @@ class DatabaseDriver(Driver):
             )
             await self._register(conn, {record.queue for record in held}, created)
             # A job still stored (a late ack that never landed) starts afresh, record reset.
+            # A job of a group (its record or row says which) rejoins it: the turn if the
+            # group is empty, else the line's tail.
+            fresh: list[dict[str, Any]] = []
             for record in held:
                 here = (_jobs.uuid == record.id) & (_jobs.queue == record.queue)
+                was = (_records.uuid == record.id) & (_records.queue == record.queue)
+                group = await conn.scalar(select(_jobs.group_key).where(here))
+                if group is None:
+                    group = await conn.scalar(select(_records.group_key).where(was))
                 await conn.execute(delete(t.queue_jobs).where(here))
                 await life.forget_record(conn, record.id, record.queue)
-            await conn.execute(
-                insert(t.queue_jobs),
-                [
-                    {
-                        "uuid": record.id,
-                        "queue": record.queue,
-                        "payload": record.payload,
-                        "attempts": 0,
-                        "available_at": created,
-                        "created_at": created,
-                        "job": None if record.job_class == "?" else record.job_class,
-                        "state": "waiting",
-                    }
-                    for record in held
-                ],
-            )
+                row: dict[str, Any] = {
+                    "uuid": record.id,
+                    "queue": record.queue,
+                    "payload": record.payload,
+                    "attempts": 0,
+                    "available_at": created,
+                    "created_at": created,
+                    "job": None if record.job_class == "?" else record.job_class,
+                    "state": "waiting",
+                    "reserved_until": None,
+                    "reserved_at": None,
+                    "due_at": None,
+                    "group_key": group,
+                    "group_seq": None,
+                }
+                if group is not None:
+                    seq = await groups.enter(conn, record.queue, group, record.id, created)
+                    if seq is not None:
+                        row = groups.line_row(row, seq)
+                fresh.append(row)
+            await conn.execute(insert(t.queue_jobs), fresh)
             return moved
 
         moved = await self._run("retry failed jobs", op)
