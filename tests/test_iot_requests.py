@@ -26,6 +26,7 @@ from tests.conftest import ROOT, docs_example, make_settings
 from tests.mqtt.conftest import (
     AppProcess,
     Broker,
+    MosquittoProcess,
     MosquittoSub,
     broker,
     free_port,
@@ -165,6 +166,28 @@ async def test_under_mqtt_3_1_1_request_says_it_needs_mqtt_5() -> None:
         async with default_manager(settings):
             with pytest.raises(ConfigurationError, match=r"needs MQTT 5 .*only MQTT 3\.1\.1"):
                 await requests.request("topiq-test/v311/cmd", {"cmd": "on"}, timeout=5)
+
+
+async def test_after_the_broker_restarts_the_reply_subscription_is_back(tmp_path: Path) -> None:
+    own = MosquittoProcess(free_port(), tmp_path / "mosquitto")
+    await own.start()
+    try:
+        settings = own.broker.settings(mqtt_reply_prefix="topiq-test/restart/replies")
+        topic = "topiq-test/restart/devices/d-5/commands"
+        async with default_manager(settings):
+            replies = []
+            for round_ in (1, 2):
+                async with Device(own.broker, topic) as device:
+                    call = asyncio.create_task(requests.request(topic, round_, timeout=20))
+                    response_topic, correlation, _ = await device.command()
+                    await device.answer(response_topic, correlation, f'{{"round": {round_}}}')
+                    replies.append(await call)
+                if round_ == 1:
+                    await own.stop()  # every connection drops; the next request reconnects
+                    await own.start()
+    finally:
+        await own.stop()
+    assert replies == [{"round": 1}, {"round": 2}]
 
 
 @pytest.mark.process
