@@ -47,8 +47,9 @@ logger = logging.getLogger("topiq.mqtt.outcomes")
 #: Outcomes waiting to be published at most; past that new ones are dropped (and logged).
 PENDING_MAX = 10_000
 
-#: How many publishes may wait for their acknowledgement at once (sent in order).
-IN_FLIGHT = 32
+#: How many publishes may wait for their acknowledgement at once (sent in order); aiomqtt
+#: warns past 10 pending publishes on one connection.
+IN_FLIGHT = 8
 
 #: The `error` of a job that expired before it started.
 EXPIRED_ERROR = "expired before it started (ttl)"
