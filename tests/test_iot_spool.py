@@ -268,6 +268,42 @@ async def test_replay_skips_a_job_the_backend_already_has(
         assert any("skipped 1 job" in r.message for r in caplog.records)
 
 
+def maybe_sent(path: Path) -> list[int]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return [r[0] for r in db.execute("SELECT maybe_sent FROM spool_jobs ORDER BY seq")]
+
+
+async def test_only_jobs_the_backend_may_know_are_asked_about(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The push that failed may have reached Redis (its reply lost); the ones queued behind the
+    spool never left it. A replay that dies after its push (here: the delete fails) leaves
+    every job of its batch marked, so the next replay finds them and pushes none again, even
+    after they have run."""
+    queue = f"spool-{uuid.uuid4().hex[:8]}"
+    async with spooling(settings_for(tmp_path)) as (manager, spool):
+        for n in range(3):
+            await manager.push(job(tmp_path / "r", n), queue)
+        assert maybe_sent(spool.path) == [1, 0, 0]
+    stats = MqttStats()
+    async with spooling(settings_for(tmp_path, redis_url), stats) as (manager, spool):
+
+        def crash(connection: str, upto: int) -> int:
+            raise OSError("the process died here")
+
+        monkeypatch.setattr(spool, "_delete", crash)
+        with pytest.raises(OSError, match="died here"):
+            await spool.replay_batch(manager, "redis")
+        monkeypatch.undo()
+        assert maybe_sent(spool.path) == [1, 1, 1] and spool.depth == 3
+        driver = await manager.connection()
+        ran = await driver.reserve([queue], 10, 30)
+        assert len(ran) == 3
+        await driver.ack(ran)  # they ran and ended
+        await spool.replay_batch(manager, "redis")
+        assert spool.depth == 0 and await manager.size(queue) == 0, "a job was pushed twice"
+
+
 async def test_a_job_the_backend_refuses_is_dropped_and_logged_and_the_rest_go_on(
     tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

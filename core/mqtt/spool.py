@@ -61,9 +61,9 @@ logger = logging.getLogger("topiq.mqtt.spool")
 T = TypeVar("T")
 
 #: Jobs the replay task reads (and deletes, in one transaction) at a time.
-REPLAY_BATCH = 256
+REPLAY_BATCH = 512
 #: Status reads the replay task has in flight at once.
-STATUS_READS = 16
+STATUS_READS = 64
 #: Backoff of the replay task while the backend cannot be reached: first wait, then the cap.
 REPLAY_BACKOFF = 0.2
 REPLAY_BACKOFF_MAX = 5.0
@@ -76,7 +76,10 @@ CREATE TABLE IF NOT EXISTS spool_jobs (
     queue TEXT NOT NULL,
     fields BLOB NOT NULL,
     payload BLOB NOT NULL,
-    spooled_at REAL NOT NULL
+    spooled_at REAL NOT NULL,
+    -- 1: the backend may know the job (its push failed without an answer, or a replay pushed
+    -- it): the replay reads its status first. 0: it was never sent anywhere.
+    maybe_sent INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS spool_jobs_connection ON spool_jobs (connection, seq);
 """
@@ -179,6 +182,9 @@ class SpoolEntry:
     seq: int
     entry: int
     job: OutgoingJob
+    #: The backend may know it already (its push failed without an answer, or a replay
+    #: pushed it before): its status is read before it is pushed.
+    maybe_sent: bool = True
 
 
 @dataclass(slots=True)
@@ -186,6 +192,7 @@ class _Add:
     connection: str
     rows: list[tuple[bytes, bytes]]
     queues: list[str]
+    maybe_sent: bool
     done: asyncio.Future[None]
 
 
@@ -222,6 +229,7 @@ class Spool:
         self._outage: set[str] = set()  # connections in an outage (warned once)
         self._closed = False
         self._opening: asyncio.Lock | None = None
+        self._asked: tuple[object, str, bool] | None = None  # the last `holds` call
         #: Transactions written (each one fsync): concurrent adds share one.
         self.writes = 0
 
@@ -229,12 +237,19 @@ class Spool:
 
     def holds(self, connection: str) -> bool:
         """Whether jobs of `connection` are in the spool or on their way into it (O(1))."""
-        return self._held[connection] > 0 or self._pending[connection] > 0
+        held = self._held[connection] > 0 or self._pending[connection] > 0
+        # `QueueManager._store` adds at once (no await between) when this is true: such
+        # jobs were never sent to the backend, and their replay need not ask it about them.
+        self._asked = (_current_task(), connection, held)
+        return held
 
     async def add(self, connection: str, jobs: Sequence[OutgoingJob]) -> None:
         """Write one push call's `jobs`, on disk before returning. `SpoolFullError` when they
         would take the spool past `MQTT_SPOOL_MAX` jobs (nothing is stored);
         `ConnectionLostError` when the file cannot be used or written."""
+        # Before any await: did this task's `holds` just send these jobs here unsent?
+        unsent = self._asked == (_current_task(), connection, True)
+        self._asked = None
         if not jobs:
             return
         if self._closed:
@@ -257,7 +272,9 @@ class Spool:
                 self.path,
             )
         self._pending[connection] += count
-        add = _Add(connection, rows, [job.queue for job in jobs], self._loop().create_future())
+        add = _Add(
+            connection, rows, [job.queue for job in jobs], not unsent, self._loop().create_future()
+        )
         self._adds.append(add)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_adds(), name="topiq-spool-writer")
@@ -369,21 +386,21 @@ class Spool:
         assert db is not None
         with db:  # one transaction, one fsync (synchronous=FULL)
             db.executemany(
-                "INSERT INTO spool_jobs (entry, connection, queue, fields, payload, spooled_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO spool_jobs (entry, connection, queue, fields, payload, spooled_at, "
+                "maybe_sent) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (entry, add.connection, queue, fields, payload, now)
+                    (entry, add.connection, queue, fields, payload, now, int(add.maybe_sent))
                     for add, entry in zip(adds, entries, strict=True)
                     for queue, (fields, payload) in zip(add.queues, add.rows, strict=True)
                 ],
             )
 
-    def _read(self, connection: str, limit: int) -> list[tuple[int, int, bytes, bytes]]:
+    def _read(self, connection: str, limit: int) -> list[tuple[int, int, bytes, bytes, int]]:
         db = self._db
         assert db is not None
         query = (
-            "SELECT seq, entry, fields, payload FROM spool_jobs WHERE connection = ? "
-            "ORDER BY seq LIMIT ?"
+            "SELECT seq, entry, fields, payload, maybe_sent FROM spool_jobs "
+            "WHERE connection = ? ORDER BY seq LIMIT ?"
         )
         rows = db.execute(query, (connection, limit)).fetchall()
         if len(rows) == limit:  # whole entries only: the last one may go on
@@ -392,11 +409,21 @@ class Spool:
             if rest:
                 return rest
             query = (
-                "SELECT seq, entry, fields, payload FROM spool_jobs WHERE entry = ? "
-                "AND connection = ? ORDER BY seq"
+                "SELECT seq, entry, fields, payload, maybe_sent FROM spool_jobs "
+                "WHERE entry = ? AND connection = ? ORDER BY seq"
             )
             return db.execute(query, (last, connection)).fetchall()
         return rows
+
+    def _mark_sent(self, connection: str, upto: int) -> None:
+        db = self._db
+        assert db is not None
+        with db:  # on disk before the push: a crash after it makes the next run ask
+            db.execute(
+                "UPDATE spool_jobs SET maybe_sent = 1 WHERE connection = ? AND seq <= ? "
+                "AND maybe_sent = 0",
+                (connection, upto),
+            )
 
     def _delete(self, connection: str, upto: int) -> int:
         db = self._db
@@ -528,16 +555,20 @@ class Spool:
             return 0
         now = time.time()
         entries: list[SpoolEntry] = []
-        for seq, entry, fields, payload in rows:
+        for seq, entry, fields, payload, maybe_sent in rows:
             try:
                 job = decode_job(fields, payload, now)
             except Exception as exc:  # a damaged row: dropped, never retried forever
                 self._dropped(f"spooled job #{seq}", connection, f"unreadable: {exc}")
                 continue
-            entries.append(SpoolEntry(seq, entry, dataclasses.replace(job, check_id=True)))
+            job = dataclasses.replace(job, check_id=True)
+            entries.append(SpoolEntry(seq, entry, job, bool(maybe_sent)))
         driver = await manager.connection(connection)
-        known = await self._known(driver, [e.job for e in entries])
-        todo = [e.job for e, seen in zip(entries, known, strict=True) if not seen]
+        asked = [e.job for e in entries if e.maybe_sent]
+        known = dict(zip((id(j) for j in asked), await self._known(driver, asked), strict=True))
+        todo = [e.job for e in entries if not known.get(id(e.job), False)]
+        if any(not e.maybe_sent for e in entries):
+            await self._run(self._mark_sent, connection, rows[-1][0])
         pushed = await self._push(driver, connection, todo) if todo else 0
         deleted = await self._run(self._delete, connection, rows[-1][0])
         self._held[connection] = max(0, self._held[connection] - deleted)
@@ -612,6 +643,13 @@ class Spool:
             connection,
             why,
         )
+
+
+def _current_task() -> object:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return None
 
 
 class _Taken(Exception):
