@@ -517,7 +517,10 @@ async def test_a_handler_dispatches_under_its_routes_group_coalesce_and_status_t
                     await asyncio.wait_for(seen.get(), 20)
                 await mosquitto_pub(broker, f"{prefix}/devices/d-2/telemetry", "9")
                 where = await asyncio.wait_for(seen.get(), 20)
-            [one, two] = sorted(await take(qm, "telemetry"), key=lambda j: j.payload)
+            [one, two] = sorted(
+                await take(qm, "telemetry"),
+                key=lambda j: orjson.loads(j.payload)["data"]["device_id"],
+            )
         finally:
             set_default_manager(None)
     assert where is not None
