@@ -399,3 +399,28 @@ def test_queue_stats_shows_the_spooled_jobs(tmp_path: Path, redis_url: str) -> N
     ).stdout
     [entry] = json.loads(out)["queues"]
     assert entry["spooled"] == 3 and entry["pending"] == 1
+
+
+# -- the guide -----------------------------------------------------------------------------------
+
+
+def test_the_guide_states_the_spool_rules() -> None:
+    guide = (ROOT / "docs" / "iot.md").read_text()
+    start = guide.index("<!-- section: spool (owner: spool) -->")
+    text = guide[start : guide.index("<!-- end: spool -->", start)]
+    for rule in (
+        "## Offline spool",
+        "`MQTT_SPOOL_MAX` (`100000`)",
+        "`MQTT_SPOOL_PATH`",
+        "`SpoolFullError`",
+        "`QUEUE_RESULT_TTL`",
+        "`MQTT_CLIENT_ID_SUFFIX`",
+        "`spooled`",
+        "goes to the spool, behind the jobs already there",
+        "On SIGTERM",
+    ):
+        assert rule in text, rule
+    # The log lines the guide quotes are the ones the spool writes.
+    source = (ROOT / "core" / "mqtt" / "spool.py").read_text()
+    for quoted in ("is full (", "messages are left", "has room again", "from an earlier run"):
+        assert quoted in text and quoted in source, quoted
