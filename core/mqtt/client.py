@@ -123,6 +123,18 @@ def _quiet_disconnects(client: aiomqtt.Client) -> None:
         future.add_done_callback(_read_exception)
 
 
+def _abandon(client: aiomqtt.Client) -> None:
+    """A connect cancelled half-way: hang up quietly.
+
+    aiomqtt 2.x cancels its `_connected` future then, and its disconnect callback, which runs
+    when the socket closes later, fails on that future ("Exception in callback" logged by
+    asyncio); a fresh future lets the callback return early.
+    """
+    client._connected = asyncio.get_running_loop().create_future()
+    with contextlib.suppress(Exception):
+        client._client.disconnect()
+
+
 def _reason(exc: BaseException) -> int | None:
     """The MQTT reason code behind an aiomqtt error (CONNACK or DISCONNECT), if any."""
     while exc is not None:
@@ -818,6 +830,9 @@ class PublishConnection:
                 try:
                     await client.__aenter__()
                     _quiet_disconnects(client)  # `__aenter__` made a new future
+                except asyncio.CancelledError:
+                    _abandon(client)
+                    raise
                 except aiomqtt.MqttError as exc:
                     refused = _reason(exc) == _UNSUPPORTED_PROTOCOL
                     if refused and self.options.protocol is None and self._protocol is Protocol.V5:
