@@ -3,8 +3,10 @@
 For tests, and for running the app and a worker in one process during development. It is the
 reference for the job lifecycle and the workflow rules every driver implements (records,
 uniqueness, `at_front`, `ttl`, cancel, recent counts, priorities, dependencies, workflow
-records, limits, once keys, markers): where the servers need a script or a transaction, this
-driver relies on the event loop instead, since nothing else runs between two `await`s.
+records, limits, once keys, markers, groups, bounded queues, expired jobs handed back): where
+the servers need a script or a transaction, this driver relies on the event loop instead, since
+nothing else runs between two `await`s. A queue's waiting count (`max_length`) is the size of
+its `place` map: O(1).
 
 How a queue keeps its waiting jobs (every job has one `place`, and every structure below may
 hold stale entries, skipped when they no longer match the job's place: a cancel or an ack costs
