@@ -282,3 +282,42 @@ async def test_sigterm_leaves_the_spool_on_disk_for_the_next_start(tmp_path: Pat
             await again.stop()
             worker.stop()
         assert sorted(runs(tmp_path / "runs.txt")) == list(range(count))
+
+
+# -- a full spool: messages held unacknowledged, nothing lost ------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_a_full_spool_leaves_messages_to_the_broker_and_loses_none(tmp_path: Path) -> None:
+    run = uuid.uuid4().hex[:12]
+    broker = the_broker()
+    count, bound = 60, 20
+    async with redis_of_our_own(tmp_path / "redis") as redis_server:
+        url = f"redis://127.0.0.1:{redis_server.port}/0"  # down
+        env = {**env_for(broker, tmp_path, run, url), "MQTT_SPOOL_MAX": str(bound)}
+        spool = tmp_path / "spool" / "spool.sqlite3"
+        app = await start_app(env)
+        worker: WorkerProcess | None = None
+        try:
+            await mosquitto_pub(
+                broker, f"topiq-test/{run}/in", lines=[json.dumps({"n": n}) for n in range(count)]
+            )
+            await app.wait_for_line("is full (20 jobs, MQTT_SPOOL_MAX=20)")
+            await app.wait_for_line("held unacknowledged")  # the app's own outage path
+            assert spool_depth(spool) == bound
+            redis_server.start()
+            worker = start_worker(env, tmp_path / "worker.log")
+            await settled(url, f"spool-{run}", tmp_path / "runs.txt", spool, count, 90)
+            await app.wait_for_line("has room again")
+        finally:
+            code = await app.stop()
+            if worker is not None:
+                worker.stop()
+        counts = Counter(runs(tmp_path / "runs.txt"))
+        assert sorted(counts) == list(range(count)), "a message's job was lost"
+        assert all(c == 1 for c in counts.values()), counts
+        assert code == 0, app.log
+        # The spool's own warning, once per episode (each held message's first retry logs
+        # its error too, as for any outage).
+        assert app.log.count("MQTT_SPOOL_MAX=20)") == 1, app.log
+        assert "acknowledged and dropped" not in app.log, app.log

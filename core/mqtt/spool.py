@@ -259,8 +259,10 @@ class Spool:
             if self._db is None:
                 raise ConnectionLostError(self._unavailable)
         count = len(jobs)
-        if self.depth + sum(self._pending.values()) + count > self.max_jobs:
-            self._refuse(connection, count)
+        taken = self.depth + sum(self._pending.values())
+        if taken + count > self.max_jobs:
+            self._refuse(connection, count, taken)
+        self._room_again(taken)
         now = time.time()
         rows = [encode_job(job, now) for job in jobs]
         if connection not in self._outage:
@@ -280,9 +282,6 @@ class Spool:
             self._writer = asyncio.create_task(self._write_adds(), name="topiq-spool-writer")
         # Shielded: a cancelled handler does not unwrite its jobs; they are replayed.
         await asyncio.shield(add.done)
-        if self._full:
-            self._full = False
-            logger.info("the offline spool %s has room again (%d jobs)", self.path, self.depth)
 
     # -- the file ------------------------------------------------------------------------------
 
@@ -436,7 +435,13 @@ class Spool:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def _refuse(self, connection: str, count: int) -> None:
+    def _room_again(self, taken: int) -> None:
+        """End a "full" episode: a push fitted, or the replay made room."""
+        if self._full and taken < self.max_jobs:
+            self._full = False
+            logger.info("the offline spool %s has room again (%d jobs)", self.path, taken)
+
+    def _refuse(self, connection: str, count: int, taken: int) -> None:
         if self.stats is not None:
             self.stats.spool_full += 1
         if not self._full:
@@ -445,11 +450,11 @@ class Spool:
                 "the offline spool %s is full (%d jobs, MQTT_SPOOL_MAX=%d): messages are left "
                 "unacknowledged, so the broker keeps them, until the replay makes room",
                 self.path,
-                self.depth,
+                taken,
                 self.max_jobs,
             )
         raise SpoolFullError(
-            f"the offline spool is full ({self.depth} of {self.max_jobs} jobs); "
+            f"the offline spool is full ({taken} of {self.max_jobs} jobs); "
             f"{count} job(s) of connection {connection} were not stored"
         )
 
@@ -573,6 +578,7 @@ class Spool:
         deleted = await self._run(self._delete, connection, rows[-1][0])
         self._held[connection] = max(0, self._held[connection] - deleted)
         self._update_depth()
+        self._room_again(self.depth + sum(self._pending.values()))
         if self.stats is not None:
             self.stats.replayed += pushed
         skipped = len(entries) - len(todo)
