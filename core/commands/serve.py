@@ -3,7 +3,10 @@
 With no broker configured (`MQTT_HOST` and `MQTT_URL` unset) it starts the embedded broker on
 127.0.0.1:`MQTT_EMBEDDED_PORT`, or on a free port (named in the log) when that one is taken.
 `--worker` runs a worker in the same process, `--simulate N` adds simulated devices, `--demo`
-is both plus a live status table.
+is both plus a live status table, and a watch on the devices' status topics
+(`devices/+/status`): each job outcome published there is logged, the table counts them and
+checks that each device's outcomes come in the order the device numbered its reports; it also
+shows how many reports the queue coalesced.
 """
 
 from __future__ import annotations
@@ -17,15 +20,20 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable
+from typing import Any
+
+import orjson
 
 from core.commands._common import positive_int, positive_seconds
 from core.errors import ConfigurationError
 from core.mqtt import publisher
 from core.mqtt.app import MqttApp
 from core.mqtt.broker import EmbeddedBroker
+from core.mqtt.client import PublishConnection
 from core.mqtt.dashboard import Dashboard, JobCounts
 from core.mqtt.endpoint import sync_handlers_running
-from core.mqtt.errors import BrokerStartError
+from core.mqtt.errors import BrokerStartError, PublishError
+from core.mqtt.message import IncomingMessage
 from core.mqtt.options import ConnectionOptions
 from core.mqtt.routing import Router
 from core.mqtt.simulator import DeviceSimulator
@@ -40,6 +48,68 @@ HELP = {"serve": "run the MQTT app (the default command; --demo shows the whole 
 logger = logging.getLogger("topiq.serve")
 
 DEMO_DEVICES = 3
+#: Where the demo app (app/routes.py) publishes the outcomes of the devices' state jobs.
+DEMO_STATUS_TOPICS = "devices/+/status"
+
+
+class StatusWatch:
+    """What the demo shows of the IoT features: the job outcomes published on the devices'
+    status topics (logged, counted, and checked to come in each device's order: a `result`
+    with a `seq` never goes back for its device), and the queue's coalesced count."""
+
+    def __init__(self, options: ConnectionOptions) -> None:
+        self.connection = PublishConnection(
+            options.replace(client_id=f"{options.client_id}-status-watch")
+        )
+        self.outcomes = 0
+        self.out_of_order = 0
+        self.coalesced = 0
+        self._last: dict[str, int] = {}
+
+    async def start(self) -> None:
+        try:
+            await self.connection.listen(DEMO_STATUS_TOPICS, self.on_message)
+        except PublishError as exc:
+            logger.warning("the demo cannot watch %s: %s", DEMO_STATUS_TOPICS, exc)
+
+    def on_message(self, message: IncomingMessage) -> None:
+        try:
+            outcome: Any = orjson.loads(message.payload)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(outcome, dict):
+            return
+        self.outcomes += 1
+        result = outcome.get("result")
+        seq = result.get("seq") if isinstance(result, dict) else None
+        note = ""
+        if isinstance(seq, int):
+            device = message.topic
+            last = self._last.get(device)
+            if last is not None and seq <= last:
+                self.out_of_order += 1
+                note = f" OUT OF ORDER (after #{last})"
+            elif last is not None and seq > last + 1:
+                note = f" (#{last + 1}..#{seq - 1} coalesced into it)"
+            self._last[device] = seq
+        logger.info(
+            "%s: job %s %s%s%s",
+            message.topic,
+            str(outcome.get("job", "?")).rpartition(":")[2],  # the class name
+            outcome.get("status", "?"),
+            f", state #{seq}" if seq is not None else "",
+            note,
+        )
+
+    def rows(self) -> list[tuple[str, str, int]]:
+        return [
+            ("reports coalesced (queue)", "coalesced", self.coalesced),
+            (f"outcomes on {DEMO_STATUS_TOPICS}", "status_outcomes", self.outcomes),
+            ("outcomes out of device order", "out_of_order", self.out_of_order),
+        ]
+
+    async def close(self) -> None:
+        await self.connection.close()
 
 
 def configure(name: str, parser: argparse.ArgumentParser) -> None:
@@ -183,13 +253,23 @@ async def _serve(
 
     dashboard: Dashboard | None = None
     dashboard_task: asyncio.Task[None] | None = None
+    watch: StatusWatch | None = None
     if args.demo and worker is not None:
         counts = worker.counts
+        watch = StatusWatch(options)
+        demo_watch = watch
 
         async def tally() -> JobCounts:
+            [queue] = await manager.stats(settings.queue_default)
+            demo_watch.coalesced = queue.coalesced
             return JobCounts(done=counts.done, retried=counts.retried, failed=counts.failed)
 
-        dashboard = Dashboard(stats, tally, sent=(lambda: simulator.sent) if simulator else None)
+        dashboard = Dashboard(
+            stats,
+            tally,
+            sent=(lambda: simulator.sent) if simulator else None,
+            extra=watch.rows,
+        )
         dashboard_task = asyncio.create_task(dashboard.run(), name="topiq-dashboard")
 
     def on_signal() -> None:
@@ -210,6 +290,8 @@ async def _serve(
         if simulator is not None:
             # Devices start once the app listens, so the first readings are not missed.
             await _first(app.wait_ready(), stop.wait())
+            if watch is not None and not stop.is_set():
+                await _first(watch.start(), stop.wait())
             if not stop.is_set():
                 simulator_task = asyncio.create_task(simulator.run(), name="topiq-simulator")
         await _first(stop.wait(), app_task, *([worker_task] if worker_task else []))
@@ -228,6 +310,8 @@ async def _serve(
         if dashboard is not None and dashboard_task is not None:
             dashboard.stop()
             await asyncio.gather(dashboard_task, return_exceptions=True)
+        if watch is not None:
+            await watch.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     for what, task in (("the MQTT app", app_task), ("the worker", worker_task)):

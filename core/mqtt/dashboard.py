@@ -45,6 +45,8 @@ class Dashboard:
         stats: The app's counters.
         jobs: Returns the worker's job counts (may query the queue, hence async).
         sent: Returns how many messages the simulated devices have published.
+        extra: Returns more rows, each `(label, summary key, count)`: shown in the table and
+            as `key=count` in the summary line.
         console: Where to draw (default: standard output).
         interval: Seconds between redraws.
     """
@@ -55,12 +57,14 @@ class Dashboard:
         jobs: Callable[[], Awaitable[JobCounts]],
         sent: Callable[[], int] | None = None,
         *,
+        extra: Callable[[], list[tuple[str, str, int]]] | None = None,
         console: Console | None = None,
         interval: float = 0.5,
     ) -> None:
         self.stats = stats
         self.jobs = jobs
         self.sent = sent
+        self.extra = extra
         self.console = console or Console()
         self.interval = interval
         self.counts = JobCounts()
@@ -88,8 +92,10 @@ class Dashboard:
             ("jobs done", self.counts.done),
             ("job tries retried", self.counts.retried),
             ("jobs failed (failed store)", self.counts.failed),
-            ("broker", "connected" if s.connected else "disconnected"),
         ]
+        if self.extra is not None:
+            rows += [(label, value) for label, _, value in self.extra()]
+        rows.append(("broker", "connected" if s.connected else "disconnected"))
         for name, value in rows:
             table.add_row(name, str(value))
         return table
@@ -102,6 +108,7 @@ class Dashboard:
             f"handler_errors={s.failed} dispatched={s.jobs_dispatched} "
             f"jobs_done={self.counts.done} jobs_retried={self.counts.retried} "
             f"jobs_failed={self.counts.failed}"
+            + "".join(f" {key}={value}" for _, key, value in (self.extra() if self.extra else []))
         )
 
     def failed_hint(self) -> str | None:

@@ -5,7 +5,11 @@ Each device has its own connection and client id and publishes a telemetry readi
 then spikes past the alert threshold of the example app. Device 1 also places an order on
 `orders/<id>/new` every few readings, and every so often a device sends a malformed reading,
 so the demo shows validation at work too. Its first order has an item without a price: the
-example app's `ProcessOrderJob` fails on it, is retried, and ends in the failed store.
+example app's `ProcessOrderJob` fails on it, is retried, and ends in the failed store. Every few
+readings a device also reports its state (`devices/sim-<n>/state`, `{"seq": n, ...}` numbered
+per device) several times in quick succession, of which only the latest matters: the example
+app coalesces them, runs them in order per device and publishes each outcome on
+`devices/sim-<n>/status`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ __all__ = ["DeviceSimulator"]
 
 logger = logging.getLogger("topiq.mqtt.simulator")
 
+#: Seconds between the state reports of one burst: quicker than the app's job takes, slower
+#: than a handler, so the reports reach the queue in the order they were sent.
+STATE_GAP = 0.02
+
 
 class DeviceSimulator:
     """`count` devices publishing until `stop()`.
@@ -39,6 +47,9 @@ class DeviceSimulator:
             second reading (0: never).
         broken_first_order: The first order has an item without a price (its job fails).
         malformed_every: One reading in this many is malformed (0: never).
+        state_every: Each device reports its state every this many readings, the first time
+            on its second reading (0: never).
+        state_burst: State reports sent in a row each time (`STATE_GAP` seconds apart).
         seed: Seeds the random readings, for repeatable runs.
     """
 
@@ -51,6 +62,8 @@ class DeviceSimulator:
         order_every: int = 5,
         malformed_every: int = 40,
         broken_first_order: bool = True,
+        state_every: int = 3,
+        state_burst: int = 5,
         seed: int | None = None,
     ) -> None:
         self.options = options
@@ -59,6 +72,8 @@ class DeviceSimulator:
         self.order_every = order_every
         self.malformed_every = malformed_every
         self.broken_first_order = broken_first_order
+        self.state_every = state_every
+        self.state_burst = state_burst
         self.sent = 0
         self._random = random.Random(seed)
         self._orders = itertools.count(1001)
@@ -80,6 +95,7 @@ class DeviceSimulator:
             self.options.replace(client_id=f"{self.options.client_id}-{device_id}")
         )
         temperature = self._random.uniform(18.0, 24.0)
+        state = 0  # the last state report's number
         try:
             for reading in itertools.count(1):
                 # Spread the devices out so they do not all publish on the same tick.
@@ -102,8 +118,21 @@ class DeviceSimulator:
                 # Early (the second reading), so a short demo shows the first order's fate.
                 if number == 1 and self.order_every and (reading - 2) % self.order_every == 0:
                     await self._place_order(connection)
+                if self.state_every and (reading - 2) % self.state_every == 0:
+                    state = await self._report_state(connection, device_id, state)
         finally:
             await connection.close()
+
+    async def _report_state(self, connection: PublishConnection, device_id: str, seq: int) -> int:
+        """Send `state_burst` state reports in a row; returns the last one's number."""
+        for _ in range(self.state_burst):
+            seq += 1
+            setpoint = round(self._random.uniform(19.0, 23.0), 1)
+            await self._send(
+                connection, f"devices/{device_id}/state", {"seq": seq, "setpoint": setpoint}
+            )
+            await asyncio.sleep(STATE_GAP)
+        return seq
 
     async def _place_order(self, connection: PublishConnection) -> None:
         order_id = next(self._orders)

@@ -41,6 +41,13 @@ async def test_the_demo_runs_the_whole_flow_on_the_embedded_broker(tmp_path: Pat
     # follows it to the failed store); nothing else fails.
     assert counts["jobs_failed"] <= 1 and counts["handler_errors"] == 0, summary.group(0)
     assert "embedded MQTT broker (amqtt) listening on 127.0.0.1" in demo.log
+    # The IoT side (app/routes.py's state route, docs/iot.md "The demo"): state reports
+    # coalesced, and the outcomes published on the status topics come in each device's order.
+    assert counts["coalesced"] > 0 and counts["status_outcomes"] > 0, summary.group(0)
+    assert counts["out_of_order"] == 0, summary.group(0)
+    assert re.search(
+        r"devices/sim-\d/status: job UpdateDeviceStateJob succeeded, state #\d", demo.log
+    )
     stored = list((tmp_path / "storage" / "telemetry").glob("*.jsonl"))
     assert stored and stored[0].read_text().count("\n") > 0
     assert "Traceback" not in demo.log
