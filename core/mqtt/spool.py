@@ -105,11 +105,11 @@ def spool_files(settings: Settings) -> list[Path]:
     base = Path(settings.mqtt_spool_path).expanduser()
     if not base.parent.is_dir():
         return []
-    found = {p for p in base.parent.glob(f"{glob_escape(base.stem)}*{glob_escape(base.suffix)}")}
+    found = {p for p in base.parent.glob(f"{_glob_escape(base.stem)}*{_glob_escape(base.suffix)}")}
     return sorted(p for p in found if p.is_file() and not p.name.endswith(("-wal", "-shm")))
 
 
-def glob_escape(text: str) -> str:
+def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
