@@ -578,3 +578,50 @@ async def test_a_response_topic_is_kept_only_when_mqtt_response_topics_allows_it
 
 def test_class_path_is_what_coalescing_keys_start_with() -> None:
     assert class_path(Plain) == f"{PATH}:Plain"
+
+
+@pytest.mark.mqtt
+async def test_a_groups_messages_are_handled_one_at_a_time_in_arrival_order_others_in_parallel(
+    broker: Broker, prefix: str
+) -> None:
+    """Handlers run concurrently, yet a device's jobs are dispatched in the order its messages
+    arrived: a slow handler of d-1's first message holds d-1's second, not d-2's."""
+    order: list[str] = []
+    second_of_d2 = asyncio.Event()
+    all_handled = asyncio.Event()
+    router = Router()
+
+    @router.on(f"{prefix}/devices/{{device_id}}/r", group="{device_id}")
+    async def reading(device_id: str, payload: Any) -> None:
+        if (device_id, payload) == ("d-1", 0):
+            # Without a turn per group, d-1's later messages would be dispatched meanwhile.
+            await asyncio.wait_for(second_of_d2.wait(), 20)
+        await dispatch(Plain(device_id, payload))
+        order.append(f"{device_id}:{payload}")
+        if (device_id, payload) == ("d-2", 1):
+            second_of_d2.set()
+        if len(order) == 7:
+            all_handled.set()
+
+    app_settings = broker.settings(mqtt_spool_max=0)
+    async with QueueManager(app_settings) as qm:
+        set_default_manager(qm)
+        try:
+            app = MqttApp(router, app_settings)
+            async with running(app):
+                for n in range(5):
+                    await mosquitto_pub(broker, f"{prefix}/devices/d-1/r", str(n))
+                for n in range(2):
+                    await mosquitto_pub(broker, f"{prefix}/devices/d-2/r", str(n))
+                await asyncio.wait_for(all_handled.wait(), 20)
+            queued = [
+                (job.queue, orjson.loads(job.payload)["data"])
+                for job in await take(qm, "telemetry")
+            ]
+        finally:
+            set_default_manager(None)
+    assert order[:2] == ["d-2:0", "d-2:1"]  # d-2 was not held up by d-1's slow handler
+    assert [o for o in order if o.startswith("d-1")] == [f"d-1:{n}" for n in range(5)]
+    d1 = [data["value"] for _, data in queued if data["device_id"] == "d-1"]
+    assert d1[:1] == [0]  # the group's first job holds the turn; the rest are in its line
+    assert app._turns == {}  # nothing left behind

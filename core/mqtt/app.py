@@ -81,6 +81,8 @@ class MqttApp:
         self.retries = settings.mqtt_handler_retries if retries is None else retries
         self._response_topics = settings.mqtt_response_topics  # where outcomes may be sent
         self._refused_logged = False
+        #: Per group (or coalescing key): the future the next message of that group waits for.
+        self._turns: dict[str, asyncio.Future[bool]] = {}
         router.freeze()
         self.client = MqttClient(self.options, router.subscriptions(), stats=self.stats)
         self._stopping = asyncio.Event()
@@ -268,68 +270,91 @@ class MqttApp:
         job_origin = Origin(
             message.topic, group, coalesce, response_topic, correlation, status_topic
         )
-        attempt = 0
-        outage = 0  # runs in a row that found the queue unreachable
-        while True:
-            context = MessageContext(message, params, route, publisher)
-            started = time.perf_counter()
-            try:
-                with origin(job_origin):
-                    result = await route(context)
-            except InvalidPayloadError as exc:
-                stats.invalid += 1
-                logger.warning(
-                    "invalid message on %s (route %s): %s", message.topic, route.name, exc
-                )
-                return True
-            except MessageRejected as exc:
-                stats.rejected += 1
-                logger.info("message on %s rejected (route %s): %s", message.topic, route.name, exc)
-                return True
-            except Exception as exc:
-                if _queue_unreachable(exc):
-                    # Not the message's fault: hold it unacknowledged (the window fills and
-                    # the broker keeps the rest) and run it again once the queue answers.
-                    if self._stopping.is_set():
-                        return False  # the broker sends it again to the next app
-                    outage += 1
-                    stats.retried += 1
-                    delay = min(QUEUE_DOWN_BACKOFF_MAX, RETRY_BACKOFF * 2 ** min(outage, 8))
-                    log = logger.warning if outage == 1 else logger.debug
-                    log(
-                        "handler %s on %s could not reach the queue (%s); the message is held "
-                        "unacknowledged and runs again in %.1fs",
-                        route.name,
-                        message.topic,
-                        exc,
-                        delay,
-                    )
-                    await self._wait_or_stop(delay)
-                    continue
-                if attempt < self.retries:
-                    delay = RETRY_BACKOFF * 2**attempt
-                    stats.retried += 1
+        # One message at a time per group (or coalescing key), in arrival order, so that the
+        # jobs are dispatched in the order the device sent them: a message waits until the
+        # previous one of its group is finished. Once the app is stopping, the ones waiting
+        # are left to the broker (unacknowledged: sent again, in order, to the next app).
+        turn_key = group or (f"\0{coalesce}" if coalesce else "")
+        previous: asyncio.Future[bool] | None = None
+        mine: asyncio.Future[bool] | None = None
+        if turn_key:
+            previous = self._turns.get(turn_key)
+            mine = self._turns[turn_key] = asyncio.get_running_loop().create_future()
+        try:
+            if previous is not None and not await asyncio.shield(previous):
+                return False
+            attempt = 0
+            outage = 0  # runs in a row that found the queue unreachable
+            while True:
+                context = MessageContext(message, params, route, publisher)
+                started = time.perf_counter()
+                try:
+                    with origin(job_origin):
+                        result = await route(context)
+                except InvalidPayloadError as exc:
+                    stats.invalid += 1
                     logger.warning(
-                        "handler %s failed on %s (run %d of %d): %s; running it again in %.1fs",
-                        route.name,
-                        message.topic,
-                        attempt + 1,
-                        self.retries + 1,
-                        exc,
-                        delay,
+                        "invalid message on %s (route %s): %s", message.topic, route.name, exc
                     )
-                    await asyncio.sleep(delay)
-                    attempt += 1
-                    continue
-                stats.failed += 1
-                self._log_failure(route, message, attempt + 1, started)
+                    return True
+                except MessageRejected as exc:
+                    stats.rejected += 1
+                    logger.info(
+                        "message on %s rejected (route %s): %s", message.topic, route.name, exc
+                    )
+                    return True
+                except Exception as exc:
+                    if _queue_unreachable(exc):
+                        # Not the message's fault: hold it unacknowledged (the window fills and
+                        # the broker keeps the rest) and run it again once the queue answers.
+                        if self._stopping.is_set():
+                            return False  # the broker sends it again to the next app
+                        outage += 1
+                        stats.retried += 1
+                        delay = min(QUEUE_DOWN_BACKOFF_MAX, RETRY_BACKOFF * 2 ** min(outage, 8))
+                        log = logger.warning if outage == 1 else logger.debug
+                        log(
+                            "handler %s on %s could not reach the queue (%s); the message is held "
+                            "unacknowledged and runs again in %.1fs",
+                            route.name,
+                            message.topic,
+                            exc,
+                            delay,
+                        )
+                        await self._wait_or_stop(delay)
+                        continue
+                    if attempt < self.retries:
+                        delay = RETRY_BACKOFF * 2**attempt
+                        stats.retried += 1
+                        logger.warning(
+                            "handler %s failed on %s (run %d of %d): %s; running it again in %.1fs",
+                            route.name,
+                            message.topic,
+                            attempt + 1,
+                            self.retries + 1,
+                            exc,
+                            delay,
+                        )
+                        await asyncio.sleep(delay)
+                        attempt += 1
+                        continue
+                    stats.failed += 1
+                    self._log_failure(route, message, attempt + 1, started)
+                    return True
+                stats.handled += 1
+                if outage:
+                    logger.info(
+                        "handler %s on %s reached the queue again", route.name, message.topic
+                    )
+                if result is not None:
+                    await self._reply(context, result)
                 return True
-            stats.handled += 1
-            if outage:
-                logger.info("handler %s on %s reached the queue again", route.name, message.topic)
-            if result is not None:
-                await self._reply(context, result)
-            return True
+        finally:
+            if mine is not None:
+                if not mine.done():
+                    mine.set_result(not self._stopping.is_set())
+                if self._turns.get(turn_key) is mine:
+                    del self._turns[turn_key]
 
     async def _wait_or_stop(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
