@@ -208,29 +208,48 @@ class DatabaseDriver(Driver):
                 )
             out: list[Pushed] = []
             plain: list[dict[str, Any]] = []
+            entering: list[tuple[OutgoingJob, int]] = []  # grouped rows of `plain` to place
             fronts: dict[str, datetime] = {}
             ends = life.Ends()
+
+            async def flush() -> None:
+                nonlocal plain, entering
+                if entering:
+                    placed = await groups.enter_many(
+                        conn, [(job, plain[n]) for job, n in entering], created
+                    )
+                    for (job, n), row in zip(entering, placed, strict=True):
+                        if row["due_at"] is not None and not row.get("group_seq"):
+                            # at_front, ready now and in turn: before the current head
+                            row = {**row, "available_at": await life.front(conn, job.queue, fronts)}
+                        plain[n] = row
+                await life.insert_plain(conn, plain)
+                plain, entering = [], []
+
             for job, row in zip(jobs, rows, strict=True):
                 if job.depends_on or job.kind != "job" or job.once_key:
-                    await life.insert_plain(conn, plain)
-                    plain = []
+                    await flush()
                     out.append(await self._push_special(conn, job, row, created, fronts, ends))
                     continue
+                checked = job.check_id or job.unique_key
+                if job.group and not checked and job.max_length <= 0:
+                    entering.append((job, len(plain)))  # placed in `flush`, all at once
+                    plain.append(row)
+                    out.append(Pushed(job.id))
+                    continue
                 if job.group or job.max_length > 0:
-                    await life.insert_plain(conn, plain)
-                    plain = []
+                    await flush()
                     out.append(await self._push_placed(conn, job, row, created, fronts, ends))
                     continue
                 if row["due_at"] is not None:  # at_front, ready now: before the current head
                     row = {**row, "available_at": await life.front(conn, job.queue, fronts)}
-                if not (job.check_id or job.unique_key):
+                if not checked:
                     plain.append(row)
                     out.append(Pushed(job.id))
                     continue
-                await life.insert_plain(conn, plain)
-                plain = []
+                await flush()
                 out.append(await life.push_checked(conn, job, row, created, self.name, keep, ends))
-            await life.insert_plain(conn, plain)
+            await flush()
             for job, pushed in zip(jobs, out, strict=True):
                 if pushed.outcome == "replaced":
                     ends[(job.queue, "coalesced")] += 1
@@ -614,7 +633,7 @@ class DatabaseDriver(Driver):
                         and_(
                             _jobs.reserved_until.is_(None),
                             _jobs.available_at > now,
-                            _jobs.available_at < t.DEFERRED,
+                            _jobs.available_at < t.LINE,  # not in a line, not deferred
                             loose,
                         ),
                         1,

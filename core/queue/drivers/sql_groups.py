@@ -10,29 +10,46 @@ held by a limit or running); the others wait in the group's line.
   the group and by every end of its holder, so that two workers ending and pushing at once
   decide one after the other: never two jobs of a group claimable.
 * A job in a line is a `queue_jobs` row with `group_seq` (its place), stored like a deferred
-  job (`available_at` = `DEFERRED`, no lease): no claim of this release or the one before
-  ever takes it. `due_at` keeps its own due time (push time + delay).
+  job (`available_at` = `LINE`, in the year 9998, no lease): no claim of this release or the
+  one before ever takes it. `due_at` keeps its own due time (push time + delay).
 * When the holder ends (ack, cancel, expiry, a dependency cascade, a drop), the ends of the
-  transaction name it (`sql_lifecycle.Ends.turns`) and `pass_turn` hands the turn to the
+  transaction name it (`sql_lifecycle.Ends.turns`) and `pass_turns` hands the turn to the
   line's first job: ready now (behind the jobs already ready: fair between groups) or
-  scheduled until its own due time. A retry, a refund, a lost lease or a limit holding the
-  holder back change nothing here: it keeps the turn.
+  scheduled until its own due time; the ends of one transaction are passed together, in a
+  few statements per queue (a worker acknowledges a batch). A retry, a refund, a lost lease
+  or a limit holding the holder back change nothing here: it keeps the turn.
 * A holder whose row is gone without passing the turn (acknowledged by the release before
   version 5 during a rolling deploy) is found by the next push into its group, or by
   `prune`, which hands the turn on.
 
 Bounded queues (`OutgoingJob.max_length`): a push with a bound locks its queue's
 `queue_names` row, so that bounded pushes of one queue count one after the other (pushes
-without a bound lock nothing), then counts the waiting jobs up to the bound (`admit`).
+without a bound lock nothing), then counts the waiting jobs (`admit`, `waiting`): ranges of
+the claim index, read from the index alone but for the rows under a real-time lease (running
+jobs, delayed `at_front` or prioritized ones), so that no stored counter costs every push and
+claim a write.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    Row,
+    and_,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    null,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.queue.drivers import sql_lifecycle as life
@@ -43,11 +60,14 @@ from core.status import Status
 __all__ = [
     "admit",
     "enter",
+    "enter_many",
     "line_row",
     "lock_queue",
     "pass_turn",
+    "pass_turns",
     "prune",
     "reset",
+    "waiting",
 ]
 
 _jobs = t.queue_jobs.c
@@ -129,11 +149,153 @@ def line_row(row: Mapping[str, Any], seq: int) -> dict[str, Any]:
     return {
         **row,
         "due_at": row["available_at"],  # the due time `job_row` computed
-        "available_at": t.DEFERRED,
+        "available_at": t.LINE,
         "reserved_until": None,
         "reserved_at": None,
         "group_seq": seq,
     }
+
+
+async def enter_many(
+    conn: AsyncConnection, jobs: Sequence[tuple[OutgoingJob, dict[str, Any]]], now: datetime
+) -> list[dict[str, Any]]:
+    """`enter` for the jobs of one push call (no checks, no bound), in a few statements per
+    queue: the rows to store, in order (the group's turn as given, or a line place)."""
+    out = [row for _, row in jobs]
+    by_queue: dict[str, list[int]] = {}
+    for n, (job, _) in enumerate(jobs):
+        by_queue.setdefault(job.queue, []).append(n)
+    for queue, members in sorted(by_queue.items()):
+        names = sorted({jobs[n][0].group for n in members})
+        state = await _lock_many(conn, queue, names)
+        holders = {g: h for g, (h, _) in state.items() if h is not None}
+        if holders:
+            query = select(_jobs.uuid).where(
+                _jobs.queue == queue, _jobs.uuid.in_(sorted(set(holders.values())))
+            )
+            alive = {str(u) for u in (await conn.scalars(query)).all()}
+            for group, holder in holders.items():
+                if holder not in alive:  # it ended without passing the turn
+                    state[group] = (await _promote(conn, queue, group, now), state[group][1])
+        before = dict(state)
+        for n in members:
+            job = jobs[n][0]
+            turn, seq = state[job.group]
+            if turn is None:
+                state[job.group] = (job.id, seq)
+            else:
+                state[job.group] = (turn, seq + 1)
+                out[n] = line_row(out[n], seq + 1)
+        changed = sorted(g for g in names if state[g] != before[g])
+        if changed:
+            key = _groups.group_key
+            await conn.execute(
+                update(t.queue_groups)
+                .where(_groups.queue == queue, key.in_(changed))
+                .values(
+                    holder=case({g: state[g][0] for g in changed}, value=key),
+                    seq=case({g: state[g][1] for g in changed}, value=key),
+                )
+            )
+    return out
+
+
+async def _lock_many(
+    conn: AsyncConnection, queue: str, names: Sequence[str]
+) -> dict[str, tuple[str | None, int]]:
+    """The rows of these groups of `queue`, locked in key order (made where missing):
+    group -> (holder, seq)."""
+    query = (
+        select(_groups.group_key, _groups.holder, _groups.seq)
+        .where(_groups.queue == queue, _groups.group_key.in_(names))
+        .order_by(_groups.group_key)
+        .with_for_update()
+    )
+    found = {str(r.group_key): (r.holder, int(r.seq)) for r in (await conn.execute(query)).all()}
+    missing = [g for g in names if g not in found]
+    if missing:
+        await conn.execute(
+            insert(t.queue_groups)
+            .prefix_with("IGNORE", dialect="mysql")
+            .prefix_with("OR IGNORE", dialect="sqlite"),
+            [{"queue": queue, "group_key": g, "holder": None, "seq": 0} for g in missing],
+        )
+        found = {
+            str(r.group_key): (r.holder, int(r.seq)) for r in (await conn.execute(query)).all()
+        }
+    return found
+
+
+async def pass_turns(conn: AsyncConnection, turns: Sequence[tuple[str, str, str]]) -> None:
+    """`pass_turn` for every (queue, group, ended job) of a transaction, in a few statements
+    per queue: the group rows locked in key order, the heads of their lines read in one
+    statement, the heads and the holders updated in one statement each."""
+    now = t.now()
+    ended: dict[str, dict[str, set[str]]] = {}
+    for queue, group, job_id in turns:
+        ended.setdefault(queue, {}).setdefault(group, set()).add(job_id)
+    for queue, by_group in sorted(ended.items()):
+        if len(by_group) == 1:
+            [(group, ids)] = by_group.items()
+            for job_id in sorted(ids):
+                await pass_turn(conn, queue, group, job_id)
+            continue
+        state = await _lock_many_existing(conn, queue, sorted(by_group))
+        passing = sorted(g for g, holder in state.items() if holder in by_group[g])
+        if not passing:
+            continue
+        heads = {str(row.group_key): row for row in await _heads(conn, queue, passing)}
+        ready = [row.id for row in heads.values() if not row.priority and _due(row, now) <= now]
+        if ready:
+            values = {"group_seq": None, "due_at": None, **t.placement(0, now, now)}
+            await conn.execute(update(t.queue_jobs).where(_jobs.id.in_(ready)).values(**values))
+        for row in heads.values():
+            if row.id not in ready:
+                values = {"group_seq": None, "due_at": None}
+                values.update(t.placement(row.priority or 0, _due(row, now), now))
+                await conn.execute(update(t.queue_jobs).where(_jobs.id == row.id).values(values))
+        key = _groups.group_key
+        holders = {g: str(heads[g].uuid) for g in passing if g in heads}
+        await conn.execute(
+            update(t.queue_groups)
+            .where(_groups.queue == queue, key.in_(passing))
+            .values(holder=case(holders, value=key, else_=null()) if holders else null())
+        )
+
+
+def _due(row: Any, now: datetime) -> datetime:
+    due: datetime = max(row.due_at or now, now)
+    return due
+
+
+async def _lock_many_existing(
+    conn: AsyncConnection, queue: str, names: Sequence[str]
+) -> dict[str, str | None]:
+    query = (
+        select(_groups.group_key, _groups.holder)
+        .where(_groups.queue == queue, _groups.group_key.in_(names))
+        .order_by(_groups.group_key)
+        .with_for_update()
+    )
+    return {str(r.group_key): r.holder for r in (await conn.execute(query)).all()}
+
+
+async def _heads(conn: AsyncConnection, queue: str, names: Sequence[str]) -> list[Row[Any]]:
+    """The first job of each group's line, locked: one statement of limited parts, each
+    walking `queue_jobs_group_line` (as the claim does with its index)."""
+    parts = [
+        select(*life.LIVE)
+        .where(_jobs.queue == queue, _jobs.group_key == name, _jobs.group_seq.is_not(None))
+        .order_by(_jobs.group_seq)
+        .limit(1)
+        .with_for_update()
+        for name in names
+    ]
+    if conn.dialect.name == "sqlite":
+        query: Any = union_all(*(select(part.subquery()) for part in parts))
+    else:
+        query = union_all(*parts)
+    return list((await conn.execute(query)).all())
 
 
 async def pass_turn(conn: AsyncConnection, queue: str, group: str, ended: str) -> bool:
@@ -165,19 +327,34 @@ async def lock_queue(conn: AsyncConnection, queue: str) -> None:
 
 async def waiting(conn: AsyncConnection, queue: str, most: int) -> int:
     """The queue's waiting jobs (ready, scheduled, retrying, held by a limit, in a group's
-    line; not running, not deferred, not workflow records), counted up to `most`."""
-    rows = (
+    line; not running, not deferred, not workflow records), counted up to `most`.
+
+    Ranges of the claim index (see `sql_tables`): no lease and before `DEFERRED` (priority 0
+    ready or scheduled, retrying, parked by a limit, in a line); the priority times (ready
+    prioritized jobs); and real-time leases nobody holds (due later: `at_front`,
+    prioritized or held by a rate), the only part that reads rows (running jobs' too)."""
+    here = _jobs.queue == queue
+    until = _jobs.reserved_until
+    plain = (
         select(_jobs.id)
-        .where(
-            _jobs.queue == queue,
-            _jobs.reserved_at.is_(None),
-            _jobs.deps.is_(None),
-            _jobs.kind.is_(None),
-        )
+        .where(here, until.is_(None), _jobs.available_at < t.DEFERRED)
         .limit(most)
         .subquery()
     )
-    return int(await conn.scalar(select(func.count()).select_from(rows)) or 0)
+    count = select(func.count()).select_from(plain).scalar_subquery()
+    high = select(func.count()).where(here, until < t.FRONT).scalar_subquery()
+    low = (
+        select(func.count())
+        .where(here, until >= t.PRIO_LOW, until < t.PRIO_LOW_END)
+        .scalar_subquery()
+    )
+    later = (
+        select(func.count())
+        .where(here, until >= t.FRONT, until < t.PRIO_LOW, _jobs.reserved_at.is_(None))
+        .scalar_subquery()
+    )
+    row = (await conn.execute(select(count, high, low, later))).one()
+    return sum(int(n or 0) for n in row)
 
 
 async def admit(

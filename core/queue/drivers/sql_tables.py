@@ -73,6 +73,7 @@ from core.queue.drivers.base import ReservedJob
 __all__ = [
     "DEFERRED",
     "FRONT",
+    "LINE",
     "PRIO_HIGH",
     "PRIO_LOW",
     "PRIO_LOW_END",
@@ -162,7 +163,7 @@ queue_jobs = Table(
     # Schema version 5 (groups): nullable, so that the release before still pushes, reserves
     # and acknowledges. `group_key`: the job's group (a turn holder, a job in the line or a
     # deferred one); `group_seq`: its place in the group's line while it waits there (NULL
-    # once it holds the turn). A job in a line is stored like a deferred one (`DEFERRED`,
+    # once it holds the turn). A job in a line is stored like a deferred one (at `LINE`,
     # never claimable by any release), with its own due time in `due_at`.
     Column("group_key", String(190), nullable=True),
     Column("group_seq", BigInteger, nullable=True),
@@ -433,6 +434,9 @@ PRIO_LOW = datetime(9000, 1, 1)
 PRIO_LOW_END = datetime(9001, 1, 1)
 #: The `available_at` of a deferred job or a workflow record: never due, for any release.
 DEFERRED = datetime(9999, 1, 1)
+#: The `available_at` of a job waiting in its group's line (schema version 5): never due
+#: either, and apart from `DEFERRED` so that counts on the claim index tell them apart.
+LINE = datetime(9998, 1, 1)
 
 
 def priority_time(priority: int) -> datetime:

@@ -207,8 +207,7 @@ async def settle(ctx: Context) -> None:
             continue
         if ends.turns:
             turns, ends.turns = ends.turns, []
-            for queue, group, job_id in turns:
-                await groups.pass_turn(ctx.conn, queue, group, job_id)
+            await groups.pass_turns(ctx.conn, turns)
             continue
         dep_id, queue, status = ends.resolve.pop(0)
         query = (
@@ -279,8 +278,8 @@ async def _release(ctx: Context, row: Row[Any]) -> None:
     values: dict[str, Any]
     if seq is None:
         values = {"deps": None, "due_at": None, **t.placement(row.priority or 0, due, now)}
-    else:  # still never claimable (`available_at` stays `DEFERRED`): in the line
-        values = {"deps": None, "due_at": due, "group_seq": seq}
+    else:  # still never claimable: in the line
+        values = {"deps": None, "due_at": due, "group_seq": seq, "available_at": t.LINE}
     if row.ttl:
         values["expires_at"] = t.to_db_time(due + timedelta(seconds=float(row.ttl)))
     await ctx.conn.execute(update(t.queue_jobs).where(_jobs.id == row.id).values(**values))
