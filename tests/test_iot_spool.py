@@ -213,6 +213,21 @@ async def test_a_spool_file_is_used_by_one_process_at_a_time(tmp_path: Path) -> 
     assert len(rows(spool.path)) == 1
 
 
+async def test_a_file_that_is_not_a_spool_is_left_alone_and_pushes_are_held(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(tmp_path)
+    path = spool_path(settings)
+    path.parent.mkdir()
+    path.write_bytes(b"not a database, just some bytes" * 100)
+    async with spooling(settings) as (manager, spool):
+        with pytest.raises(ConnectionLostError, match="cannot be used"):
+            await manager.push(job(tmp_path / "r", 0), "q1")
+        assert not spool.holds("redis")
+    assert path.read_bytes() == b"not a database, just some bytes" * 100
+    assert any("move it away" in r.message for r in caplog.records)
+
+
 def test_each_process_of_a_pool_has_its_own_file(tmp_path: Path) -> None:
     settings = make_settings(mqtt_spool_path=tmp_path / "spool.sqlite3")
     assert spool_path(settings) == tmp_path / "spool.sqlite3"

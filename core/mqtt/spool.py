@@ -311,7 +311,7 @@ class Spool:
     async def _open_file(self) -> None:
         try:
             await self._run(self._open)
-        except _Taken as exc:
+        except _Unusable as exc:
             if not self._unavailable:
                 logger.warning("%s; this app runs without an offline spool meanwhile", exc)
             self._unavailable = str(exc)
@@ -355,7 +355,7 @@ class Spool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise _Taken(f"the offline spool {self.path} is used by another process") from None
+            raise _Unusable(f"the offline spool {self.path} is used by another process") from None
         try:
             db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -364,6 +364,12 @@ class Spool:
             rows = db.execute(
                 "SELECT connection, COUNT(*), MAX(entry) FROM spool_jobs GROUP BY connection"
             ).fetchall()
+        except sqlite3.Error as exc:
+            os.close(fd)
+            raise _Unusable(
+                f"the offline spool {self.path} cannot be used ({exc}); move it away to start "
+                "a new one"
+            ) from None
         except BaseException:
             os.close(fd)
             raise
@@ -658,5 +664,5 @@ def _current_task() -> object:
         return None
 
 
-class _Taken(Exception):
-    """The spool file is locked by another process."""
+class _Unusable(Exception):
+    """The spool file is locked by another process, or is not a spool."""
