@@ -252,6 +252,34 @@ async def test_bounded_drop_oldest_of_a_group_holder_passes_the_turn(
     assert sorted(await take_ids(driver, queue)) == sorted([b2, new])
 
 
+async def test_bounded_drop_oldest_of_a_grouped_push_with_an_empty_line_drops_the_oldest_ready(
+    driver: Driver, queue: str
+) -> None:
+    plain, a1, a2 = ids(3)
+    await driver.push([outgoing(plain, queue), grouped(a1, queue, "A")])
+    # A's line is empty: the oldest ready priority-0 job goes (the plain one).
+    [pushed] = await driver.push([bounded(a2, queue, 2, "drop_oldest", group="A")])
+    assert pushed.outcome == "created"
+    assert (await status_of(driver, plain, queue)).status is Status.CANCELLED
+    assert (await status_of(driver, a2, queue)).status is Status.QUEUED
+    assert await run_in_turn(driver, queue, 2) == [a1, a2]
+
+
+async def test_bounded_drop_oldest_of_its_own_groups_holder_lets_the_new_job_run(
+    driver: Driver, queue: str
+) -> None:
+    a1, a2 = ids(2)
+    await driver.push([grouped(a1, queue, "A", 1)])
+    # The only ready job is A's holder: it is dropped, and the new job of A (never its own
+    # victim) takes the turn.
+    [pushed] = await driver.push([bounded(a2, queue, 1, "drop_oldest", n=2, group="A")])
+    assert pushed.outcome == "created"
+    record = await status_of(driver, a1, queue)
+    assert (record.status, record.error) == (Status.CANCELLED, dropped_error(queue, 1))
+    [held] = await reserve_runnable(driver, queue)
+    assert (held.id, n_of(held.payload)) == (a2, 2)
+
+
 async def test_bounded_dependents_of_a_dropped_job_are_cancelled(
     driver: Driver, queue: str
 ) -> None:
@@ -412,34 +440,6 @@ async def test_expired_scheduled_job_past_its_ttl_is_handed_back(
     await asyncio.sleep(0.35)  # due, then past its ttl
     runnable, expired = split(await driver.reserve([queue], 5, lease=30))
     assert (runnable, [(h.id, h.expired) for h in expired]) == ([], [(job_id, True)])
-
-
-async def test_bounded_drop_oldest_of_a_grouped_push_with_an_empty_line_drops_the_oldest_ready(
-    driver: Driver, queue: str
-) -> None:
-    plain, a1, a2 = ids(3)
-    await driver.push([outgoing(plain, queue), grouped(a1, queue, "A")])
-    # A's line is empty: the oldest ready priority-0 job goes (the plain one).
-    [pushed] = await driver.push([bounded(a2, queue, 2, "drop_oldest", group="A")])
-    assert pushed.outcome == "created"
-    assert (await status_of(driver, plain, queue)).status is Status.CANCELLED
-    assert (await status_of(driver, a2, queue)).status is Status.QUEUED
-    assert await run_in_turn(driver, queue, 2) == [a1, a2]
-
-
-async def test_bounded_drop_oldest_of_its_own_groups_holder_lets_the_new_job_run(
-    driver: Driver, queue: str
-) -> None:
-    a1, a2 = ids(2)
-    await driver.push([grouped(a1, queue, "A", 1)])
-    # The only ready job is A's holder: it is dropped, and the new job of A (never its own
-    # victim) takes the turn.
-    [pushed] = await driver.push([bounded(a2, queue, 1, "drop_oldest", n=2, group="A")])
-    assert pushed.outcome == "created"
-    record = await status_of(driver, a1, queue)
-    assert (record.status, record.error) == (Status.CANCELLED, dropped_error(queue, 1))
-    [held] = await reserve_runnable(driver, queue)
-    assert (held.id, n_of(held.payload)) == (a2, 2)
 
 
 # -- under concurrency -----------------------------------------------------------------------
