@@ -50,9 +50,9 @@ def tasks(only: list[str], smoke: bool, budget: float, before: str = "") -> list
 
     W2 includes W2n (results not kept), W2p (random priorities 0..9), W2g (1,000 device
     groups, round robin) and, with `before` (a commit), W2b: W2 of that commit's code. W5
-    includes W5mg and W5sg: W2g on MariaDB and on SQLite. Topiq's runs of the W2 family
-    alternate with its W2's, run by run, so that all of them see the same load; the report
-    divides them.
+    includes W5mg and W5sg: W2g on MariaDB and on SQLite; W6 includes W6b, W6 of `before`.
+    Topiq's runs of the W2 family alternate with its W2's, run by run, so that all of them see
+    the same load; the report divides them.
     """
     sizes = SMOKE if smoke else FULL
     out = []
@@ -67,6 +67,10 @@ def tasks(only: list[str], smoke: bool, budget: float, before: str = "") -> list
                 out.append(Task("W2b", "W2", "redis", True, params, paired=True, checkout=before))
             out.append(Task("W2p", "W2p", "redis", True, params, paired=True))
             out.append(Task("W2g", "W2g", "redis", True, params, paired=True))
+        elif name == "W6":
+            out.append(Task("W6", "W6", "redis", True, params))
+            if before:  # the same messages through the earlier commit's app and worker
+                out.append(Task("W6b", "W6", "redis", True, params, checkout=before))
         elif name == "W8":
             out.append(Task("W8", "W8", "redis", False, params, peers=("arq", "saq")))
         elif name == "W5":
