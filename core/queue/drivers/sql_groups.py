@@ -39,6 +39,7 @@ from typing import Any
 from sqlalchemy import (
     Row,
     and_,
+    bindparam,
     case,
     delete,
     exists,
@@ -254,13 +255,33 @@ async def pass_turns(conn: AsyncConnection, turns: Sequence[tuple[str, str, str]
                 values = {"group_seq": None, "due_at": None}
                 values.update(t.placement(row.priority or 0, _due(row, now), now))
                 await conn.execute(update(t.queue_jobs).where(_jobs.id == row.id).values(values))
+        params: dict[str, Any] = {"turns_queue": queue}
+        for n, group in enumerate(passing):
+            params[f"turns_g{n}"] = group
+            params[f"turns_h{n}"] = str(heads[group].uuid) if group in heads else None
+        await conn.execute(_holders_statement(len(passing)), params)
+
+
+_HOLDERS: dict[int, Any] = {}
+
+
+def _holders_statement(count: int) -> Any:
+    """The UPDATE that gives `count` groups of one queue their new holders (NULL: none),
+    built once per count (see `_heads_statement`)."""
+    cached = _HOLDERS.get(count)
+    if cached is None:
         key = _groups.group_key
-        holders = {g: str(heads[g].uuid) for g in passing if g in heads}
-        await conn.execute(
-            update(t.queue_groups)
-            .where(_groups.queue == queue, key.in_(passing))
-            .values(holder=case(holders, value=key, else_=null()) if holders else null())
+        names: list[Any] = [bindparam(f"turns_g{n}") for n in range(count)]
+        holder = case(
+            *((key == names[n], bindparam(f"turns_h{n}")) for n in range(count)),
+            else_=null(),
         )
+        cached = _HOLDERS[count] = (
+            update(t.queue_groups)
+            .where(_groups.queue == bindparam("turns_queue"), key.in_(names))
+            .values(holder=holder)
+        )
+    return cached
 
 
 def _due(row: Any, now: datetime) -> datetime:
@@ -280,22 +301,44 @@ async def _lock_many_existing(
     return {str(r.group_key): r.holder for r in (await conn.execute(query)).all()}
 
 
-async def _heads(conn: AsyncConnection, queue: str, names: Sequence[str]) -> list[Row[Any]]:
-    """The first job of each group's line, locked: one statement of limited parts, each
-    walking `queue_jobs_group_line` (as the claim does with its index)."""
+_HEADS: dict[tuple[str, int], Any] = {}
+
+
+def _heads_statement(dialect: str, count: int) -> Any:
+    """The statement of `_heads` for `count` groups, built once per dialect and count (its
+    queue and groups are parameters), so that each use only binds them."""
+    cached = _HEADS.get((dialect, count))
+    if cached is not None:
+        return cached
+    queue: Any = bindparam("heads_queue")
     parts = [
-        select(*life.LIVE)
-        .where(_jobs.queue == queue, _jobs.group_key == name, _jobs.group_seq.is_not(None))
+        select(_jobs.id, _jobs.uuid, _jobs.group_key, _jobs.priority, _jobs.due_at)
+        .where(
+            _jobs.group_key == bindparam(f"heads_{n}"),
+            _jobs.queue == queue,
+            _jobs.group_seq.is_not(None),
+        )
         .order_by(_jobs.group_seq)
         .limit(1)
         .with_for_update()
-        for name in names
+        for n in range(count)
     ]
-    if conn.dialect.name == "sqlite":
-        query: Any = union_all(*(select(part.subquery()) for part in parts))
+    if count == 1:
+        statement: Any = parts[0]
+    elif dialect == "sqlite":
+        statement = union_all(*(select(part.subquery()) for part in parts))
     else:
-        query = union_all(*parts)
-    return list((await conn.execute(query)).all())
+        statement = union_all(*parts)
+    _HEADS[(dialect, count)] = statement
+    return statement
+
+
+async def _heads(conn: AsyncConnection, queue: str, names: Sequence[str]) -> list[Row[Any]]:
+    """The first job of each group's line, locked: one statement of limited parts, each
+    walking `queue_jobs_group_line` (as the claim does with its index)."""
+    query = _heads_statement(conn.dialect.name, len(names))
+    params = {"heads_queue": queue, **{f"heads_{n}": name for n, name in enumerate(names)}}
+    return list((await conn.execute(query, params)).all())
 
 
 async def pass_turn(conn: AsyncConnection, queue: str, group: str, ended: str) -> bool:

@@ -175,11 +175,12 @@ queue_jobs = Table(
     # COUNTs per state and the MIN()s that `wait` asks for.
     Index("queue_jobs_claim", "queue", "reserved_until", "available_at", "id"),
     # The head of a group's line (schema version 5). SQLite indexes only the jobs in a line;
-    # MySQL/MariaDB have no partial index: ungrouped rows all share the NULL prefix.
+    # MySQL/MariaDB have no partial index: ungrouped rows all share the NULL prefix. The
+    # group first, so that no statement on a whole queue ever prefers it to the claim index.
     Index(
         "queue_jobs_group_line",
-        "queue",
         "group_key",
+        "queue",
         "group_seq",
         sqlite_where=text("group_seq IS NOT NULL"),
     ),
