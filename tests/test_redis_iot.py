@@ -421,3 +421,105 @@ async def test_the_bound_counts_jobs_held_back_by_a_limit(driver: RedisDriver, q
     assert (await driver.stats(queue)).pending == 2
     assert await driver.clear(queue) == 2
     assert await driver.client.get(nheld) is None
+
+
+# -- invariants under a random mix of operations ------------------------------------------------
+
+
+async def group_state(driver: RedisDriver, queue: str) -> tuple[dict[str, str], int, int]:
+    """The turn holders, the line counter and the jobs actually in lines."""
+    tag = driver.keys(queue).tag
+    turns = {
+        k.decode(): v.decode()
+        for k, v in (await driver.client.hgetall(f"{tag}:gturn")).items()  # type: ignore[misc]
+    }
+    lined = 0
+    for name in turns:
+        lined += await driver.client.llen(f"{tag}:gline:{name}")  # type: ignore[misc]
+    return turns, await glen(driver, queue), lined
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_random_operations_keep_one_job_per_group_in_push_order(
+    driver: RedisDriver, queue: str, seed: int
+) -> None:
+    import random
+
+    rng = random.Random(seed)
+    groups = ["g1", "g2", "g3", "g4"]
+    pushed: dict[str, list[str]] = {g: [] for g in groups}
+    group_of: dict[str, str] = {}
+    started: dict[str, list[str]] = {g: [] for g in groups}
+    running: dict[str, ReservedJob] = {}
+    ended: set[str] = set()
+    for _ in range(300):
+        op = rng.random()
+        if op < 0.35:
+            batch = [
+                job(
+                    queue,
+                    rng.choice(groups),
+                    delay=rng.choice([0.0, 0.0, 0.02]),
+                    ttl=rng.choice([0.0, 0.0, 0.0, 0.03]),
+                )
+                for _ in range(rng.randint(1, 3))
+            ]
+            await driver.push(batch)
+            for j in batch:
+                pushed[j.group].append(j.id)
+                group_of[j.id] = j.group
+        elif op < 0.6 or not running:
+            for r in await take(driver, queue, limit=rng.randint(1, 4)):
+                if r.expired:
+                    assert r.id not in ended and r.attempts == 0
+                    ended.add(r.id)
+                    continue
+                g = group_of[r.id]
+                assert all(group_of[other] != g for other in running), "two of a group at once"
+                if r.id not in started[g]:  # a refunded try comes back as try 1 again
+                    started[g].append(r.id)
+                running[r.id] = r
+        else:
+            r = running.pop(rng.choice(sorted(running)))
+            what = rng.random()
+            if what < 0.6:
+                status = rng.choice([Status.SUCCEEDED, Status.FAILED, Status.CANCELLED])
+                r.outcome = Outcome(status, 60)
+                await driver.ack([r])
+                ended.add(r.id)
+            elif what < 0.8:
+                await driver.release(r, 0.0, refund=rng.random() < 0.5, error="again")
+            else:
+                waiting = [i for i in group_of if i not in ended and i not in running]
+                await driver.release(r, 0.0, error="again")
+                if waiting:
+                    victim = rng.choice(waiting)
+                    if await driver.cancel(victim, queue):
+                        ended.add(victim)
+        turns, counter, lined = await group_state(driver, queue)
+        assert counter == lined
+        live = [i for i in group_of if i not in ended]
+        assert counter == len(live) - len(turns)  # every live job: a holder or in a line
+        stats = await driver.stats(queue)
+        assert stats.pending + stats.delayed + stats.reserved == len(live)
+    # Drain: everything runs or expires, each group in push order (cancelled ones left out).
+    deadline = time.monotonic() + 20
+    ended.update(running)  # acknowledged by the first reserve below
+    while len(ended) < len(group_of) or running:
+        assert time.monotonic() < deadline, "the queue did not drain"
+        got = await take(driver, queue, limit=10, ack=list(running.values()))
+        running = {}
+        if not got:
+            await asyncio.sleep(0.01)  # a delayed job's time (no event to await)
+        for r in got:
+            ended.add(r.id)
+            if r.expired:
+                continue
+            if r.id not in started[group_of[r.id]]:
+                started[group_of[r.id]].append(r.id)
+            running[r.id] = r
+    for g in groups:
+        assert started[g] == [i for i in pushed[g] if i in started[g]]
+    assert await group_state(driver, queue) == ({}, 0, 0)
+    counts = await driver.recent(queue)
+    assert counts.expired > 0 and counts.cancelled > 0  # the mix did reach those paths
