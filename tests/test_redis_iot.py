@@ -455,19 +455,38 @@ async def test_random_operations_keep_one_job_per_group_in_push_order(
     for _ in range(300):
         op = rng.random()
         if op < 0.35:
+            bounded = rng.random() < 0.3
+            bound: dict[str, Any] = {}
+            if bounded:
+                bound = {"max_length": 12, "overflow": rng.choice(["reject", "drop_oldest"])}
             batch = [
                 job(
                     queue,
                     rng.choice(groups),
                     delay=rng.choice([0.0, 0.0, 0.02]),
                     ttl=rng.choice([0.0, 0.0, 0.0, 0.03]),
+                    **bound,
                 )
                 for _ in range(rng.randint(1, 3))
             ]
-            await driver.push(batch)
-            for j in batch:
-                pushed[j.group].append(j.id)
-                group_of[j.id] = j.group
+            before = await driver.stats(queue)
+            outcomes = await driver.push(batch)
+            for j, p in zip(batch, outcomes, strict=True):
+                if p.outcome == "created":
+                    pushed[j.group].append(j.id)
+                    group_of[j.id] = j.group
+                else:
+                    assert p.outcome == "full" and bounded
+            if bounded:
+                after = await driver.stats(queue)
+                waiting = after.pending + after.delayed
+                assert waiting <= max(12, before.pending + before.delayed)
+                for i in [i for i in group_of if i not in ended and i not in running]:
+                    record = await driver.job_status(i, queue)
+                    assert record is not None
+                    if record.status == Status.CANCELLED:
+                        assert record.error == f"dropped: queue {queue} is full (12 waiting)"
+                        ended.add(i)
         elif op < 0.6 or not running:
             for r in await take(driver, queue, limit=rng.randint(1, 4)):
                 if r.expired:
@@ -522,4 +541,6 @@ async def test_random_operations_keep_one_job_per_group_in_push_order(
         assert started[g] == [i for i in pushed[g] if i in started[g]]
     assert await group_state(driver, queue) == ({}, 0, 0)
     counts = await driver.recent(queue)
-    assert counts.expired > 0 and counts.cancelled > 0  # the mix did reach those paths
+    # The mix did reach those paths.
+    assert counts.expired > 0 and counts.cancelled > 0
+    assert counts.dropped > 0 and counts.rejected > 0
