@@ -264,3 +264,41 @@ def _utcnow() -> Any:
     from datetime import UTC, datetime
 
     return datetime.now(UTC)
+
+
+async def test_the_bound_counts_on_the_claim_index(driver: DatabaseDriver, queue: str) -> None:
+    """The waiting count of a bounded push: each part a range of `queue_jobs_claim`, read
+    from the index alone except the real-time leases nobody holds (few rows)."""
+    from core.queue.drivers import sql_groups
+
+    await driver.push(
+        [job(queue, priority=(i % 3) - 1, delay=60 if i % 4 == 0 else 0) for i in range(300)]
+    )
+    await driver.reserve([queue], 20, lease=30)
+    seen: list[str] = []
+
+    class Spy:
+        def __init__(self, conn: Any) -> None:
+            self.conn, self.dialect = conn, conn.dialect
+
+        async def execute(self, query: Any, *args: Any) -> Any:
+            seen.append(
+                str(query.compile(dialect=self.dialect, compile_kwargs={"literal_binds": True}))
+            )
+            return await self.conn.execute(query, *args)
+
+    async with driver._writer.begin() as conn:  # type: ignore[union-attr]
+        counted = await sql_groups.waiting(Spy(conn), queue, 1000)  # type: ignore[arg-type]
+        stats = await driver.stats(queue)
+        assert counted == stats.pending + stats.delayed == 280
+        [sql] = seen
+        if conn.dialect.name == "sqlite":
+            plan = [str(r[-1]) for r in (await conn.execute(text("EXPLAIN QUERY PLAN " + sql)))]
+            searches = [line for line in plan if line.startswith("SEARCH queue_jobs")]
+            assert len(searches) == 4 and all("queue_jobs_claim" in s for s in searches), plan
+            assert sum("COVERING INDEX" in s for s in searches) == 3, plan
+        else:
+            rows = (await conn.execute(text("EXPLAIN " + sql))).mappings().all()
+            keys = [row["key"] for row in rows if row["table"] == "queue_jobs"]
+            assert keys == ["queue_jobs_claim"] * 4, rows
+        await conn.execute(delete(t.queue_jobs).where(_jobs.queue == queue))
