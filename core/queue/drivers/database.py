@@ -19,6 +19,11 @@ Same semantics as the memory driver, on the tables of `sql_tables`:
   its `ttl`, or whose cancel was asked for while it ran and whose lease then ran out, ends in
   the claim that finds it (it is never handed out); `prune_records`, which workers call about
   once a minute, deletes records past their keep time and counters older than two hours.
+* Groups and bounded queues (see `sql_groups`): a job of a group that is not in turn waits in
+  its group's line, never claimable; the transaction that ends the job in turn hands the turn
+  on. A push with `max_length` counts its queue's waiting jobs under a lock of its queue.
+  `reserve` returns the jobs its claim expired besides the runnable ones
+  (`ReservedJob.expired`).
 """
 
 from __future__ import annotations
