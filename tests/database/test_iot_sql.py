@@ -302,3 +302,39 @@ async def test_the_bound_counts_on_the_claim_index(driver: DatabaseDriver, queue
             keys = [row["key"] for row in rows if row["table"] == "queue_jobs"]
             assert keys == ["queue_jobs_claim"] * 4, rows
         await conn.execute(delete(t.queue_jobs).where(_jobs.queue == queue))
+
+
+async def test_an_at_front_line_job_goes_to_the_head_when_it_takes_the_turn(
+    driver: DatabaseDriver, queue: str
+) -> None:
+    """As in the memory driver: `at_front` is kept while the job waits in its line and
+    applied when it takes the turn (before the jobs ready then)."""
+    holder, urgent = job(queue, group="dev"), job(queue, group="dev", at_front=True)
+    await driver.push([holder, urgent])
+    [held] = await driver.reserve([queue], 1, lease=30)
+    others = [job(queue) for _ in range(3)]
+    await driver.push(others)
+    await driver.ack([held])
+    taken = await driver.reserve([queue], 10, lease=30)
+    assert [h.id for h in taken] == [urgent.id, *(o.id for o in others)]
+    await driver.ack(taken)
+
+
+async def test_a_push_with_dependencies_is_checked_against_the_bound(
+    driver: DatabaseDriver, queue: str
+) -> None:
+    """As in the memory driver: the push of a deferred job is checked (it is not counted as
+    waiting while deferred), its release never is."""
+    from core.queue.drivers.base import Dependency
+
+    first = job(queue)
+    await driver.push([first, job(queue)])
+    deferred = job(queue, depends_on=(Dependency(first.id),), max_length=2)
+    [refused] = await driver.push([deferred])
+    assert refused.outcome == "full"
+    assert await driver.job_status(deferred.id, queue) is None
+    deferred = job(queue, depends_on=(Dependency(first.id),), max_length=3)
+    [stored] = await driver.push([deferred])
+    assert stored.outcome == "created"
+    assert (await driver.stats(queue)).deferred == 1
+    await driver.clear(queue)

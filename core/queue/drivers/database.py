@@ -285,14 +285,16 @@ class DatabaseDriver(Driver):
         deps: list[tuple[str, str, str | None]] = []
         place: life.Place | None = None
         if job.depends_on or job.kind != "job":
-            # A deferred job is never refused by `max_length` (it does not wait yet) and
-            # joins its group when it is released.
+            # A deferred job joins its group when it is released; its push is checked
+            # against `max_length` as any (its release never is).
             deps, missing = await wf.find_dependencies(conn, job, created)
             if missing is not None:
                 if job.once_key:
                     await wf.release_once(conn, job)
                 return Pushed(missing, "missing")
             row = wf.deferred_row(row, job, len(deps))
+            if job.kind == "job" and job.max_length > 0:
+                place = self._admitter(conn, job, row, created, ends)
         else:
             place = self._placer(conn, job, row, created, fronts, ends)
         if job.check_id or job.unique_key:
@@ -329,9 +331,27 @@ class DatabaseDriver(Driver):
             if job.group:
                 seq = await groups.enter(conn, job.queue, job.group, job.id, created)
                 if seq is not None:
-                    return groups.line_row(row, seq)
+                    return groups.line_row(row, seq, job.at_front)
             if row["due_at"] is not None:  # at_front, ready now: before the current head
                 return {**row, "available_at": await life.front(conn, job.queue, fronts)}
+            return row
+
+        return place
+
+    def _admitter(
+        self,
+        conn: AsyncConnection,
+        job: OutgoingJob,
+        row: dict[str, Any],
+        created: datetime,
+        ends: life.Ends,
+    ) -> life.Place:
+        """The `max_length` check alone, for a deferred job (stored as `row` if admitted)."""
+
+        async def place() -> dict[str, Any] | None:
+            keep = self.settings.queue_failure_ttl
+            if not await groups.admit(conn, job, created, self.name, keep, ends):
+                return None
             return row
 
         return place

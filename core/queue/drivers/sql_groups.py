@@ -120,8 +120,7 @@ async def _promote(conn: AsyncConnection, queue: str, group: str, now: datetime)
     head = await _head(conn, queue, group)
     holder = None if head is None else str(head.uuid)
     if head is not None:
-        due = max(head.due_at or now, now)
-        values = {"group_seq": None, "due_at": None, **t.placement(head.priority or 0, due, now)}
+        values = await _taking(conn, queue, head, now)
         await conn.execute(update(t.queue_jobs).where(_jobs.id == head.id).values(**values))
     await conn.execute(update(t.queue_groups).where(_here(queue, group)).values(holder=holder))
     return holder
@@ -144,13 +143,29 @@ async def enter(
     return seq
 
 
-def line_row(row: Mapping[str, Any], seq: int) -> dict[str, Any]:
+async def _taking(conn: AsyncConnection, queue: str, head: Any, now: datetime) -> dict[str, Any]:
+    """The columns of the line's first job as it takes the turn: ready now (behind the jobs
+    ready already, or before them if it was pushed `at_front`), or scheduled until its own
+    due time."""
+    due = max(head.due_at or now, now)
+    values: dict[str, Any] = {"group_seq": None, "due_at": None, "reserved_at": None}
+    if head.available_at != t.LINE_FRONT:
+        values.update(t.placement(head.priority or 0, due, now))
+    elif due > now:  # a delayed `at_front` job: a lease nobody holds (see `sql_tables`)
+        values.update(available_at=due, reserved_until=due)
+    else:
+        front = await life.front(conn, queue, {})
+        values.update(available_at=front, reserved_until=None, due_at=now)
+    return values
+
+
+def line_row(row: Mapping[str, Any], seq: int, at_front: bool = False) -> dict[str, Any]:
     """The `queue_jobs` row of a job waiting at place `seq` of its group's line: never
     claimable, its own due time kept in `due_at`."""
     return {
         **row,
         "due_at": row["available_at"],  # the due time `job_row` computed
-        "available_at": t.LINE,
+        "available_at": t.LINE_FRONT if at_front else t.LINE,
         "reserved_until": None,
         "reserved_at": None,
         "group_seq": seq,
@@ -186,7 +201,7 @@ async def enter_many(
                 state[job.group] = (job.id, seq)
             else:
                 state[job.group] = (turn, seq + 1)
-                out[n] = line_row(out[n], seq + 1)
+                out[n] = line_row(out[n], seq + 1, job.at_front)
         changed = sorted(g for g in names if state[g] != before[g])
         if changed:
             key = _groups.group_key
@@ -246,14 +261,17 @@ async def pass_turns(conn: AsyncConnection, turns: Sequence[tuple[str, str, str]
         if not passing:
             continue
         heads = {str(row.group_key): row for row in await _heads(conn, queue, passing)}
-        ready = [row.id for row in heads.values() if not row.priority and _due(row, now) <= now]
-        if ready:
+        ready = [
+            row.id
+            for row in heads.values()
+            if not row.priority and row.available_at == t.LINE and _due(row, now) <= now
+        ]
+        if ready:  # the usual case, in one statement
             values = {"group_seq": None, "due_at": None, **t.placement(0, now, now)}
             await conn.execute(update(t.queue_jobs).where(_jobs.id.in_(ready)).values(**values))
         for row in heads.values():
             if row.id not in ready:
-                values = {"group_seq": None, "due_at": None}
-                values.update(t.placement(row.priority or 0, _due(row, now), now))
+                values = await _taking(conn, queue, row, now)
                 await conn.execute(update(t.queue_jobs).where(_jobs.id == row.id).values(values))
         params: dict[str, Any] = {"turns_queue": queue}
         for n, group in enumerate(passing):
@@ -312,7 +330,14 @@ def _heads_statement(dialect: str, count: int) -> Any:
         return cached
     queue: Any = bindparam("heads_queue")
     parts = [
-        select(_jobs.id, _jobs.uuid, _jobs.group_key, _jobs.priority, _jobs.due_at)
+        select(
+            _jobs.id,
+            _jobs.uuid,
+            _jobs.group_key,
+            _jobs.priority,
+            _jobs.due_at,
+            _jobs.available_at,
+        )
         .where(
             _jobs.group_key == bindparam(f"heads_{n}"),
             _jobs.queue == queue,

@@ -74,6 +74,7 @@ __all__ = [
     "DEFERRED",
     "FRONT",
     "LINE",
+    "LINE_FRONT",
     "PRIO_HIGH",
     "PRIO_LOW",
     "PRIO_LOW_END",
@@ -438,6 +439,8 @@ DEFERRED = datetime(9999, 1, 1)
 #: The `available_at` of a job waiting in its group's line (schema version 5): never due
 #: either, and apart from `DEFERRED` so that counts on the claim index tell them apart.
 LINE = datetime(9998, 1, 1)
+#: The same for a job pushed `at_front`: it goes to the head of the queue when it takes the turn.
+LINE_FRONT = datetime(9998, 1, 2)
 
 
 def priority_time(priority: int) -> datetime:
