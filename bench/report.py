@@ -71,6 +71,7 @@ ROWS = [
     Row("W6", "p99", "W6 MQTT publish → job start, p99", "ms", False),
     Row("W6b", "p50", "W6 of the code before (`--before`), p50", "ms", False),
     Row("W6b", "p99", "W6 of the code before (`--before`), p99", "ms", False),
+    Row("W6b", "lost", "W6 of the code before (`--before`), messages lost", "msgs", False),
     Row("W6", "p50", "W6 p50 now / before", "%", False, "≤ 100 %", lambda t, b: t <= 100,
         scale=100, per="W6b"),
     Row("W6", "lost", "W6 MQTT messages lost", "msgs", False, "0", lambda t, b: t == 0),
