@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -57,6 +58,24 @@ class Held(Reading):
         record("start", device=self.device, seq=self.seq)
         await asyncio.sleep(1.5 if self.seq == 0 else 0.05)
         record("end", device=self.device, seq=self.seq, start=start, end=time.time())
+
+
+class Flaky(Reading):
+    """A job of its device's group whose every third seq fails its first try (retried after
+    0.2 s): the retry keeps the group's turn, nothing behind it may overtake it."""
+
+    group = "{device}"
+    max_tries = 3
+    retry_after = 0.2
+
+    async def handle(self) -> None:
+        start = time.time()
+        record("start", device=self.device, seq=self.seq, attempt=self.attempts)
+        await asyncio.sleep(random.uniform(0, 0.03))
+        if self.seq % 3 == 0 and self.attempts == 1:
+            record("end", device=self.device, seq=self.seq, start=start, end=time.time(), ok=0)
+            raise RuntimeError("first try fails")
+        record("end", device=self.device, seq=self.seq, start=start, end=time.time(), ok=1)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -372,3 +391,106 @@ async def test_a_replay_killed_before_its_delete_does_not_run_a_coalesced_value_
         await spool.replay_batch(manager, "redis")  # the restarted app's replay
         assert spool.depth == 0
         assert await manager.size(queue) == 0, "the coalesced value was queued to run again"
+
+
+# == 7. retries with delays in groups under two worker processes =================================
+
+
+async def test_retries_with_delays_keep_each_groups_order_under_two_worker_processes(
+    server_backend: Backend, tmp_path: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    env = {**server_backend.env(), "IOT_TEST_LOG": str(log)}
+    run = f"r{uuid.uuid4().hex[:6]}"
+    devices, each = 4, 12
+    async with QueueManager(server_backend.settings()) as manager:
+        for seq in range(each):
+            for d in range(devices):
+                await manager.push(Flaky(f"{run}-{d}", seq))
+    procs = [WorkerProcess(["--concurrency", "4"], env, tmp_path / f"w{i}.log") for i in (1, 2)]
+    try:
+
+        def done() -> bool:
+            ok = [e for e in events(log, "end") if e["ok"] and e["device"].startswith(run)]
+            return len(ok) >= devices * each
+
+        await asyncio.to_thread(wait_until, done, 120, "every job to succeed")
+    finally:
+        for proc in procs:
+            proc.stop()
+    expected = [s for seq in range(each) for s in ([seq, seq] if seq % 3 == 0 else [seq])]
+    for d in range(devices):
+        name = f"{run}-{d}"
+        runs = sorted(
+            (e["start"], e["end"], e["seq"]) for e in events(log, "end") if e["device"] == name
+        )
+        assert [r[2] for r in runs] == expected, f"{name}: order broken"
+        overlaps = [(a[2], b[2]) for a, b in itertools.pairwise(runs) if b[0] < a[1]]
+        assert not overlaps, f"{name}: two jobs of one group at once: {overlaps}"
+    pids = {e["pid"] for e in events(log, "end") if e["device"].startswith(run)}
+    assert len(pids) == 2, "one worker did everything: the test proved nothing"
+
+
+# == 8. a group template that renders empty ======================================================
+
+
+EMPTY_GROUP_SILENT = pytest.mark.xfail(
+    strict=True,
+    reason="JobSettings: a `group` template rendering to '' (a job without its device id) "
+    "silently means 'no group' (the job runs beside its device's others), while a "
+    "status_topic rendering empty is refused at dispatch",
+)
+
+
+@EMPTY_GROUP_SILENT
+async def test_a_group_template_rendering_empty_is_refused_at_dispatch() -> None:
+    from core.errors import SerializationError
+    from tests.conftest import make_settings
+
+    async with QueueManager(make_settings(queue_connection="memory")) as manager:
+        job_ = Reading("", 1)
+        job_.group = "{device}"
+        with pytest.raises(SerializationError, match="group"):
+            await manager.push(job_, queue="readings")
+
+
+# == 9. a device choosing where the app publishes ================================================
+
+
+HANDLER_REPLY_ANYWHERE = pytest.mark.xfail(
+    strict=True,
+    reason="MqttApp._reply publishes a handler's return value to whatever Response Topic the "
+    "message names, unchecked by MQTT_RESPONSE_TOPICS (which guards only job outcomes): a "
+    "device makes the app publish on another device's command topic",
+)
+
+
+@HANDLER_REPLY_ANYWHERE
+@pytest.mark.mqtt
+async def test_a_device_cannot_make_the_app_reply_on_a_topic_no_filter_allows(
+    broker: Broker,
+) -> None:
+    from tests.mqtt.conftest import MosquittoSub
+
+    prefix = f"topiq-test/{uuid.uuid4().hex[:12]}"
+    router = Router()
+
+    @router.on(f"{prefix}/devices/{{device_id}}/ask", qos=1, group="{device_id}")
+    async def ask(device_id: str, payload: Any) -> dict[str, bool]:
+        return {"ok": True}
+
+    settings = broker.settings(mqtt_spool_max=0, mqtt_response_topics=(f"{prefix}/replies/#",))
+    async with (
+        MosquittoSub(broker, f"{prefix}/victim/commands", f"{prefix}/replies/#") as sub,
+        running(MqttApp(router, settings)),
+    ):
+        # Same device (one group): handled in this order.
+        for target in (f"{prefix}/victim/commands", f"{prefix}/replies/d-1"):
+            await mosquitto_pub(
+                broker,
+                f"{prefix}/devices/d-1/ask",
+                "{}",
+                extra=["-V", "mqttv5", "-D", "publish", "response-topic", target],
+            )
+        [(topic, _payload)] = await sub.receive(1)
+    assert topic == f"{prefix}/replies/d-1", "the app published where the device chose"
