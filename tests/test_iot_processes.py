@@ -107,26 +107,15 @@ def run() -> str:
 # -- (a) per-device order under 4 worker processes -------------------------------------------
 
 
-#: The app runs handlers concurrently (MQTT_HANDLER_CONCURRENCY, 100 by default), so two
-#: readings of one device may be dispatched in another order than they arrived: the queue
-#: keeps the order of the dispatches, not of the messages. Known gap, see the xfail reason.
-APP_REORDERS = pytest.mark.xfail(
-    reason="MqttApp runs the handlers of one group's messages concurrently: a device's "
-    "readings can be dispatched out of arrival order (the app should run one group's "
-    "handlers one after another)",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize(
-    "handlers", ["1", pytest.param("100", marks=APP_REORDERS)], ids=lambda n: f"handlers{n}"
-)
 async def test_each_device_s_readings_run_one_at_a_time_in_order_under_4_workers(
-    server_backend: Backend, broker: Broker, tmp_path: Path, run: str, handlers: str
+    server_backend: Backend, broker: Broker, tmp_path: Path, run: str
 ) -> None:
+    """The app's default settings: its handlers run concurrently (MQTT_HANDLER_CONCURRENCY),
+    but one group's messages one at a time, so a device's readings are dispatched in the
+    order they came; the queue runs them in that order, one at a time."""
     devices, readings = 8, 25
     log = tmp_path / "events.jsonl"
-    env = {**environment(server_backend, broker, log), "MQTT_HANDLER_CONCURRENCY": handlers}
+    env = environment(server_backend, broker, log)
     names = [f"{run}-d{i}" for i in range(devices)]
     with workers(4, ["--concurrency", "4"], env, tmp_path) as procs:
         await started(procs)
@@ -240,9 +229,6 @@ async def test_1000_readings_arriving_while_the_device_s_job_runs_end_in_one_mor
     gate = Path(f"{log}.gate")
     env = environment(server_backend, broker, log)
     queue = server_backend.overrides["queue_default"]
-    # One handler at a time: the last reading the app dispatches is the last one sent (see
-    # APP_REORDERS).
-    env["MQTT_HANDLER_CONCURRENCY"] = "1"
     device, flood = f"{run}-d", 1_000
     topic = f"devices/{device}/latest"
     async with QueueManager(server_backend.settings()) as manager:

@@ -31,8 +31,8 @@ __all__ = ["DeviceSimulator"]
 
 logger = logging.getLogger("topiq.mqtt.simulator")
 
-#: Seconds between the state reports of one burst: quicker than the app's job takes, slower
-#: than a handler, so the reports reach the queue in the order they were sent.
+#: Seconds between the state reports of one burst: far quicker than the example app's job
+#: for them, so the later reports of a burst find an earlier one still waiting.
 STATE_GAP = 0.02
 
 
