@@ -55,10 +55,12 @@ def environment(backend: Backend, broker: Broker, log: Path) -> dict[str, str]:
     sometimes held for longer than 2 s (a lease run out is a job run again: at least once).
     """
     return broker.env(
-        **backend.env(),
-        QUEUE_LEASE_MARGIN="10",
-        MQTT_SPOOL_PATH=str(log.parent / "spool.sqlite3"),
-        IOT_TEST_LOG=str(log),
+        **{
+            **backend.env(),
+            "QUEUE_LEASE_MARGIN": "10",
+            "MQTT_SPOOL_PATH": str(log.parent / "spool.sqlite3"),
+            "IOT_TEST_LOG": str(log),
+        }
     )
 
 
