@@ -100,19 +100,11 @@ async def runnable(driver: Driver, queue: str) -> list[ReservedJob]:
 
 
 # The failed record keeps the job's envelope; docs/iot.md ("How each connection keeps it") says
-# Redis and SQL put it back into its group; the guide's opening says everything works the same
-# on every connection. The memory driver pushes it back without its group: it runs at once, next
-# to the group's job in turn.
-MEMORY_RETRY_DROPS_GROUP = pytest.mark.xfail(
-    strict=True,
-    reason="MemoryDriver.retry_failed re-pushes OutgoingJob(id, queue, payload, job) without "
-    "the job's group: a retried grouped job runs beside the group's job in turn",
-)
-
-
+# every connection puts it back into its group (the memory driver too: it once pushed it back
+# without its group, and it ran at once next to the group's job in turn).
 @pytest.mark.parametrize(
     "backend",
-    [pytest.param("memory", marks=MEMORY_RETRY_DROPS_GROUP), "redis", "sqlite", "mysql"],
+    ["memory", "redis", "sqlite", "mysql"],
     indirect=True,
 )
 async def test_a_retried_failed_job_of_a_group_never_runs_beside_the_groups_job_in_turn(

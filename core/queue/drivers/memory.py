@@ -1416,7 +1416,22 @@ class MemoryDriver(Driver):
         moving = [r for r in records if r.connection == self.name and self._failed.holds(r)]
         for record in moving:
             await self._failed.remove(record)
-        back = [OutgoingJob(r.id, r.queue, r.payload.encode(), job=_class_of(r)) for r in moving]
+        # Like Redis and SQL: the job keeps its priority and rejoins its group (the turn if the
+        # group is empty, else the line's tail), as its status record tells them.
+        back = []
+        for r in moving:
+            queue = self._queues.get(r.queue)
+            kept = queue.records.get(r.id) if queue is not None else None
+            back.append(
+                OutgoingJob(
+                    r.id,
+                    r.queue,
+                    r.payload.encode(),
+                    job=_class_of(r),
+                    priority=kept.priority if kept is not None else 0,
+                    group=kept.group if kept is not None else "",
+                )
+            )
         await self.push(back)
         return [record.id for record in moving]
 
