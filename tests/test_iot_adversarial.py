@@ -426,15 +426,9 @@ async def test_retries_with_delays_keep_each_groups_order_under_two_worker_proce
 # == 8. a group template that renders empty ======================================================
 
 
-EMPTY_GROUP_SILENT = pytest.mark.xfail(
-    strict=True,
-    reason="JobSettings: a `group` template rendering to '' (a job without its device id) "
-    "silently means 'no group' (the job runs beside its device's others), while a "
-    "status_topic rendering empty is refused at dispatch",
-)
-
-
-@EMPTY_GROUP_SILENT
+# A `group` template rendering to '' (a job without its device id) once silently meant "no
+# group" (the job ran beside its device's others), while a status_topic rendering empty was
+# refused at dispatch.
 async def test_a_group_template_rendering_empty_is_refused_at_dispatch() -> None:
     from core.errors import SerializationError
     from tests.conftest import make_settings

@@ -602,6 +602,11 @@ def job_group(job: Job, settings: JobSettings) -> str:
     if settings.group_fixed:
         return template
     group = _render(job, template, "group")
+    if not group:  # "no group" only by leaving the attribute empty, never from the data
+        raise SerializationError(
+            f"{type(job).__qualname__}.group {template!r} rendered an empty group from the "
+            "job's data: give the job the value it names"
+        )
     try:
         return _check_key(group, template, "group")
     except ValueError as exc:
