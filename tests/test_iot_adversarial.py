@@ -135,15 +135,9 @@ async def test_a_retried_failed_job_of_a_group_never_runs_beside_the_groups_job_
 # == 2. coalesce without group ==================================================================
 
 
-COALESCE_RUNS_BESIDE = pytest.mark.xfail(
-    strict=True,
-    reason="coalesce= alone gives the job only a unique_key: once the first job started, its "
-    "successor is ready at once and a free worker runs it beside the first (and an older value "
-    "can end last); the guide promises 'while a job runs, at most one more waits'",
-)
-
-
-@COALESCE_RUNS_BESIDE
+# coalesce= alone once gave the job only a unique_key: once the first job started, its successor
+# was ready at once and a free worker ran it beside the first (an older value could end last).
+# Now a coalescing route without a group groups its jobs by the coalescing key.
 @pytest.mark.parametrize("backend", ["memory", "redis"], indirect=True)
 async def test_a_coalesced_successor_waits_while_the_devices_job_runs(
     manager: QueueManager, backend: Backend
@@ -160,6 +154,10 @@ async def test_a_coalesced_successor_waits_while_the_devices_job_runs(
     # A second, idle worker: value 4 must still wait for value 1 to end.
     assert [h.id for h in await runnable(driver, queue)] == []
     await driver.ack([first])
+    # Then the successor runs, holding the latest value.
+    ran = await runnable(driver, queue)
+    assert [json.loads(r.payload)["data"]["seq"] for r in ran] == [4]
+    await driver.ack(ran)
 
 
 # == 3. SIGKILL a worker holding a group's turn, on each server backend ==========================
@@ -347,15 +345,6 @@ async def test_a_coalesced_dispatch_spooled_during_an_outage_has_a_status_after_
         assert all(s is not None for s in statuses), [str(h) for h in handles]
 
 
-SPOOLED_COALESCE_TWICE = pytest.mark.xfail(
-    strict=True,
-    reason="Spool._known asks the backend about the spooled job's own id; a coalesced job "
-    "pushed by a replay killed before its delete lived on under the device's job id, so the "
-    "next replay pushes it again and its value runs a second time",
-)
-
-
-@SPOOLED_COALESCE_TWICE
 @pytest.mark.redis
 async def test_a_replay_killed_before_its_delete_does_not_run_a_coalesced_value_twice(
     tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch

@@ -319,6 +319,8 @@ class QueueManager:
                 )
                 if on_duplicate_given is None:
                     on_duplicate = "replace"
+                if not group:  # the successor waits while the device's job runs (docs/iot.md)
+                    group = unique_key
             if source.response_topic or source.status_topic:  # the job's status topic wins
                 reply = reply_info(
                     source.response_topic,

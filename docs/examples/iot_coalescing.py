@@ -20,10 +20,11 @@ async def display(device_id: str, payload: int) -> None:
 
 
 def latest(device_id: str, value: int) -> UpdateDisplayJob:
-    # Outside a route, the same with a key of the job's own.
+    # Outside a route, the same with a key of the job's own (and a group: one run at a time).
     job = UpdateDisplayJob(device_id, value)
     job.unique_key = f"display:{device_id}"
     job.on_duplicate = "replace"
+    job.group = f"display:{device_id}"
     return job
 
 
