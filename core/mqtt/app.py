@@ -81,6 +81,7 @@ class MqttApp:
         self.retries = settings.mqtt_handler_retries if retries is None else retries
         self._response_topics = settings.mqtt_response_topics  # where outcomes may be sent
         self._refused_logged = False
+        self._reply_refused_logged = False
         #: Per group (or coalescing key): the future the next message of that group waits for.
         self._turns: dict[str, asyncio.Future[bool]] = {}
         router.freeze()
@@ -374,9 +375,26 @@ class MqttApp:
         )
 
     async def _reply(self, context: MessageContext, result: Any) -> None:
-        """MQTT 5 request/response: a handler's return value goes to the response topic."""
+        """MQTT 5 request/response: a handler's return value goes to the response topic, if it
+        is a topic to publish to (no wildcards, not `$...`) and, when `MQTT_RESPONSE_TOPICS` is
+        set, one of its filters matches it (as for job outcomes: a device must not choose where
+        the app publishes)."""
         response_topic = context.properties.response_topic
         if not response_topic:
+            return
+        problem = topic_problem(response_topic)
+        if problem or (
+            self._response_topics
+            and not any(topic_matches(allowed, response_topic) for allowed in self._response_topics)
+        ):
+            if not self._reply_refused_logged:
+                self._reply_refused_logged = True
+                logger.debug(
+                    "the reply of %s is not sent to the Response Topic %r: %s (logged once)",
+                    context.route.name,
+                    response_topic,
+                    problem or "no MQTT_RESPONSE_TOPICS filter allows it",
+                )
             return
         try:
             await context.client.publish(
