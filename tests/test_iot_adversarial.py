@@ -273,16 +273,9 @@ async def test_the_bound_is_exact_under_pushes_from_four_processes(
 # == 5. the MQTT app: one device's flood and the others =========================================
 
 
-APP_FLOOD_STARVES = pytest.mark.xfail(
-    strict=True,
-    reason="MqttApp._handle takes a handler slot before waiting for its group's turn "
-    "(_dispatch_to_route awaits the previous message of the group while holding the slot): a "
-    "flood of one device fills every slot with messages waiting for each other, and another "
-    "device's message waits for nearly the whole flood",
-)
-
-
-@APP_FLOOD_STARVES
+# MqttApp once took a handler slot before waiting for its group's turn: a flood of one device
+# filled every slot with messages waiting for each other, and another device's message waited for
+# nearly the whole flood. A message now takes its slot once its group lets it run.
 @pytest.mark.mqtt
 async def test_a_flooding_device_does_not_hold_up_another_devices_message(
     broker: Broker,
@@ -384,12 +377,16 @@ async def test_retries_with_delays_keep_each_groups_order_under_two_worker_proce
     env = {**server_backend.env(), "IOT_TEST_LOG": str(log)}
     run = f"r{uuid.uuid4().hex[:6]}"
     devices, each = 4, 12
-    async with QueueManager(server_backend.settings()) as manager:
-        for seq in range(each):
-            for d in range(devices):
-                await manager.push(Flaky(f"{run}-{d}", seq))
     procs = [WorkerProcess(["--concurrency", "4"], env, tmp_path / f"w{i}.log") for i in (1, 2)]
     try:
+        for proc in procs:  # both polling before the first push: both get work
+            await asyncio.to_thread(
+                wait_until, partial(lambda p: "starting:" in p.output, proc), 60, "a worker"
+            )
+        async with QueueManager(server_backend.settings()) as manager:
+            for seq in range(each):
+                for d in range(devices):
+                    await manager.push(Flaky(f"{run}-{d}", seq))
 
         def done() -> bool:
             ok = [e for e in events(log, "end") if e["ok"] and e["device"].startswith(run)]

@@ -319,6 +319,38 @@ async def test_only_jobs_the_backend_may_know_are_asked_about(
         assert spool.depth == 0 and await manager.size(queue) == 0, "a job was pushed twice"
 
 
+async def test_a_spool_file_of_an_earlier_version_is_read_and_replayed(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A file written before the `answered` column (a coalesced job's holder) existed gets the
+    column when it is opened; its jobs are replayed as any."""
+    queue = f"spool-{uuid.uuid4().hex[:8]}"
+    settings = settings_for(tmp_path, redis_url)
+    path = spool_path(settings)
+    path.parent.mkdir(parents=True)
+    stored = OutgoingJob(uuid.uuid4().hex, queue, b'{"old": 1}', job="x")
+    fields, payload = encode_job(stored, time.time())
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(
+            "CREATE TABLE spool_jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, entry INTEGER NOT "
+            "NULL, connection TEXT NOT NULL, queue TEXT NOT NULL, fields BLOB NOT NULL, payload "
+            "BLOB NOT NULL, spooled_at REAL NOT NULL, maybe_sent INTEGER NOT NULL DEFAULT 1)"
+        )
+        db.execute(
+            "INSERT INTO spool_jobs (entry, connection, queue, fields, payload, spooled_at) "
+            "VALUES (1, 'redis', ?, ?, ?, ?)",
+            (queue, fields, payload, time.time()),
+        )
+    async with spooling(settings) as (manager, spool):
+        assert spool.depth == 1
+        assert await spool.replay_batch(manager, "redis") == 1 and spool.depth == 0
+        driver = await manager.connection()
+        assert await driver.job_status(stored.id, queue) is not None
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(spool_jobs)")]
+    assert columns[-1] == "answered"
+
+
 async def test_a_job_the_backend_refuses_is_dropped_and_logged_and_the_rest_go_on(
     tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -21,7 +21,9 @@ the suffix before the extension: `storage/spool-00.sqlite3`.
 The replay task pushes the oldest entries of each connection first; a job the backend already
 knows (`job_status` is not `None`: pushed before a crash, or stored by a push whose reply was
 lost) is skipped, the others are pushed with `check_id=True`, and the entries are deleted after
-their push. An unreachable backend is retried with a capped backoff; a job the backend refuses
+their push. A job the backend took into another job (its value coalesced into the waiting job
+of its `unique_key`: "replaced" or "kept") never has a record of its own: the id that took it
+is written into its row before the delete, and a row with such an id is skipped. An unreachable backend is retried with a capped backoff; a job the backend refuses
 (an unknown dependency, a full queue, any other error) is logged and dropped, never retried
 forever.
 """
@@ -79,7 +81,10 @@ CREATE TABLE IF NOT EXISTS spool_jobs (
     spooled_at REAL NOT NULL,
     -- 1: the backend may know the job (its push failed without an answer, or a replay pushed
     -- it): the replay reads its status first. 0: it was never sent anywhere.
-    maybe_sent INTEGER NOT NULL DEFAULT 1
+    maybe_sent INTEGER NOT NULL DEFAULT 1,
+    -- The job a replay's push answered when it was not this one (its value coalesced into
+    -- the waiting job of its unique key): the job was pushed, the next replay skips it.
+    answered TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS spool_jobs_connection ON spool_jobs (connection, seq);
 """
@@ -185,6 +190,8 @@ class SpoolEntry:
     #: The backend may know it already (its push failed without an answer, or a replay
     #: pushed it before): its status is read before it is pushed.
     maybe_sent: bool = True
+    #: The job a replay's push of it answered, when another one (coalesced): pushed already.
+    answered: str = ""
 
 
 @dataclass(slots=True)
@@ -361,6 +368,9 @@ class Spool:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(spool_jobs)")}
+            if "answered" not in columns:  # a file of an earlier version
+                db.execute("ALTER TABLE spool_jobs ADD COLUMN answered TEXT NOT NULL DEFAULT ''")
             rows = db.execute(
                 "SELECT connection, COUNT(*), MAX(entry) FROM spool_jobs GROUP BY connection"
             ).fetchall()
@@ -400,11 +410,11 @@ class Spool:
                 ],
             )
 
-    def _read(self, connection: str, limit: int) -> list[tuple[int, int, bytes, bytes, int]]:
+    def _read(self, connection: str, limit: int) -> list[tuple[int, int, bytes, bytes, int, str]]:
         db = self._db
         assert db is not None
         query = (
-            "SELECT seq, entry, fields, payload, maybe_sent FROM spool_jobs "
+            "SELECT seq, entry, fields, payload, maybe_sent, answered FROM spool_jobs "
             "WHERE connection = ? ORDER BY seq LIMIT ?"
         )
         rows = db.execute(query, (connection, limit)).fetchall()
@@ -414,7 +424,7 @@ class Spool:
             if rest:
                 return rest
             query = (
-                "SELECT seq, entry, fields, payload, maybe_sent FROM spool_jobs "
+                "SELECT seq, entry, fields, payload, maybe_sent, answered FROM spool_jobs "
                 "WHERE entry = ? AND connection = ? ORDER BY seq"
             )
             return db.execute(query, (last, connection)).fetchall()
@@ -429,6 +439,12 @@ class Spool:
                 "AND maybe_sent = 0",
                 (connection, upto),
             )
+
+    def _answer(self, answers: list[tuple[str, int]]) -> None:
+        db = self._db
+        assert db is not None
+        with db:  # on disk before the delete: a crash between them makes the next run skip
+            db.executemany("UPDATE spool_jobs SET answered = ? WHERE seq = ?", answers)
 
     def _delete(self, connection: str, upto: int) -> int:
         db = self._db
@@ -566,21 +582,25 @@ class Spool:
             return 0
         now = time.time()
         entries: list[SpoolEntry] = []
-        for seq, entry, fields, payload, maybe_sent in rows:
+        for seq, entry, fields, payload, maybe_sent, answered in rows:
             try:
                 job = decode_job(fields, payload, now)
             except Exception as exc:  # a damaged row: dropped, never retried forever
                 self._dropped(f"spooled job #{seq}", connection, f"unreadable: {exc}")
                 continue
             job = dataclasses.replace(job, check_id=True)
-            entries.append(SpoolEntry(seq, entry, job, bool(maybe_sent)))
+            entries.append(SpoolEntry(seq, entry, job, bool(maybe_sent), str(answered)))
         driver = await manager.connection(connection)
-        asked = [e.job for e in entries if e.maybe_sent]
+        asked = [e.job for e in entries if e.maybe_sent and not e.answered]
         known = dict(zip((id(j) for j in asked), await self._known(driver, asked), strict=True))
-        todo = [e.job for e in entries if not known.get(id(e.job), False)]
+        todo = [e for e in entries if not e.answered and not known.get(id(e.job), False)]
         if any(not e.maybe_sent for e in entries):
             await self._run(self._mark_sent, connection, rows[-1][0])
-        pushed = await self._push(driver, connection, todo) if todo else 0
+        pushed, answers = await self._push(driver, connection, todo) if todo else (0, [])
+        if answers:
+            # Coalesced into another job: its own id never gets a record, so a replay killed
+            # before the delete would find nothing under it and push its value again.
+            await self._run(self._answer, answers)
         deleted = await self._run(self._delete, connection, rows[-1][0])
         self._held[connection] = max(0, self._held[connection] - deleted)
         self._update_depth()
@@ -613,9 +633,13 @@ class Spool:
                 known.append(status is not None and not isinstance(status, Exception))
         return known
 
-    async def _push(self, driver: Driver, connection: str, jobs: list[OutgoingJob]) -> int:
-        """Push `jobs` in one call (one at a time if that call fails for another reason than
-        the connection); returns how many the backend took."""
+    async def _push(
+        self, driver: Driver, connection: str, todo: list[SpoolEntry]
+    ) -> tuple[int, list[tuple[str, int]]]:
+        """Push the entries' jobs in one call (one at a time if that call fails for another
+        reason than the connection); returns how many the backend took, and (answered id,
+        seq) of those it took into another job than their own (replaced or kept)."""
+        jobs = [e.job for e in todo]
         try:
             results: Sequence[Pushed | None] = await driver.push(jobs) or [None] * len(jobs)
         except ConnectionLostError:
@@ -632,7 +656,9 @@ class Spool:
                     self._dropped(job.id, connection, f"{type(exc).__name__}: {exc}")
                     results.append(Pushed(job.id, "spooled"))  # a marker: not taken
         taken = 0
-        for job, done in zip(jobs, results, strict=True):
+        answers: list[tuple[str, int]] = []
+        for entry, done in zip(todo, results, strict=True):
+            job = entry.job
             outcome = "created" if done is None else done.outcome
             if outcome == "missing":
                 assert done is not None
@@ -643,8 +669,10 @@ class Spool:
                 self._dropped(job.id, connection, f"a duplicate of job {done.id}")
             elif outcome in ("created", "replaced", "kept"):
                 taken += 1
+                if done is not None and done.id != job.id:
+                    answers.append((done.id, entry.seq))
             # "duplicate" of its own id: the backend had it already; "spooled": not taken.
-        return taken
+        return taken, answers
 
     def _dropped(self, job: str, connection: str, why: str) -> None:
         if self.stats is not None:
