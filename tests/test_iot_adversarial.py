@@ -322,9 +322,10 @@ async def test_a_coalesced_dispatch_spooled_during_an_outage_runs_under_the_devi
     from tests.test_iot_spool import settings_for, spooling
 
     queue = f"spool-{uuid.uuid4().hex[:8]}"
-    async with spooling(settings_for(tmp_path)) as (manager, _spool):  # Redis down
+    async with spooling(settings_for(tmp_path)) as (manager, spooled):  # Redis down
         with origin(Origin("devices/d-1/state", coalesce="d-1")):
             first, second = [await manager.push(Reading("d-1", n), queue) for n in (1, 2)]
+        assert spooled.depth == 2  # the spool does not coalesce: one job per message
     async with spooling(settings_for(tmp_path, redis_url)) as (manager, spool):
         while spool.depth:
             await spool.replay_batch(manager, "redis")

@@ -465,6 +465,9 @@ def test_the_guide_states_the_spool_rules() -> None:
         "`spooled`",
         "goes to the spool, behind the jobs already there",
         "On SIGTERM",
+        "spool does not coalesce",
+        "Coalescing happens at the replay",
+        "`JobNotFoundError`",
     ):
         assert rule in text, rule
     # The log lines the guide quotes are the ones the spool writes.
