@@ -99,6 +99,11 @@ class MqttApp:
 
     async def run(self) -> None:
         """Receive and handle messages until `stop()`."""
+        # Messages in hand (waiting for their group's turn or a slot, or running): bounded so
+        # that QoS 0 floods, which no window limits, wait in the client. Handler slots are
+        # taken only once a message's group lets it run (`_dispatch_to_route`): a device's
+        # messages waiting for each other never hold the slots other devices need.
+        intake = asyncio.Semaphore(self.concurrency + self.options.receive_maximum)
         slots = asyncio.Semaphore(self.concurrency)
         publisher = Publisher(self.client)
         spool, replay = await self._start_spool()
@@ -108,10 +113,10 @@ class MqttApp:
             with use_connection(self.client):
                 async for delivery in self.client.deliveries():
                     self.stats.received += 1
-                    # The window (MQTT_RECEIVE_MAXIMUM) bounds what waits here for a slot.
-                    if not await self._slot(slots):
+                    # The window (MQTT_RECEIVE_MAXIMUM) bounds what waits here for a place.
+                    if not await self._slot(intake):
                         break  # stopping: this one stays unacknowledged, the broker resends it
-                    task = asyncio.create_task(self._handle(delivery, publisher, slots))
+                    task = asyncio.create_task(self._handle(delivery, publisher, intake, slots))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                 await self._drain()  # their acknowledgements go out before the disconnect
@@ -179,7 +184,7 @@ class MqttApp:
         self.client.stop_reading()
 
     async def _slot(self, slots: asyncio.Semaphore) -> bool:
-        """Take a handler slot; `False` if the app was stopped while waiting for one."""
+        """Take a place (`slots`); `False` if the app was stopped while waiting for one."""
         if not slots.locked():
             await slots.acquire()
             return True
@@ -214,10 +219,14 @@ class MqttApp:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _handle(
-        self, delivery: Delivery, publisher: Publisher, slots: asyncio.Semaphore
+        self,
+        delivery: Delivery,
+        publisher: Publisher,
+        intake: asyncio.Semaphore,
+        slots: asyncio.Semaphore,
     ) -> None:
         try:
-            finished = await self._dispatch_to_route(delivery.message, publisher)
+            finished = await self._dispatch_to_route(delivery.message, publisher, slots)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -234,13 +243,16 @@ class MqttApp:
             logger.exception("handling the message on %s failed", delivery.message.topic)
             finished = True
         finally:
-            slots.release()
+            intake.release()
         if finished:
             delivery.ack()
 
-    async def _dispatch_to_route(self, message: IncomingMessage, publisher: Publisher) -> bool:
-        """Run the message's route; whether it is finished (to acknowledge) or left to the
-        broker (the app stopped while the queue could not be reached)."""
+    async def _dispatch_to_route(
+        self, message: IncomingMessage, publisher: Publisher, slots: asyncio.Semaphore
+    ) -> bool:
+        """Run the message's route in a handler slot, taken once its group's previous message
+        is finished; whether it is finished (to acknowledge) or left to the broker (the app
+        stopped while it waited, or while the queue could not be reached)."""
         stats = self.stats
         found = self.router.resolve(message.topic, message.properties.subscription_ids)
         if found is None:
@@ -284,78 +296,92 @@ class MqttApp:
         try:
             if previous is not None and not await asyncio.shield(previous):
                 return False
-            attempt = 0
-            outage = 0  # runs in a row that found the queue unreachable
-            while True:
-                context = MessageContext(message, params, route, publisher)
-                started = time.perf_counter()
-                try:
-                    with origin(job_origin):
-                        result = await route(context)
-                except InvalidPayloadError as exc:
-                    stats.invalid += 1
-                    logger.warning(
-                        "invalid message on %s (route %s): %s", message.topic, route.name, exc
-                    )
-                    return True
-                except MessageRejected as exc:
-                    stats.rejected += 1
-                    logger.info(
-                        "message on %s rejected (route %s): %s", message.topic, route.name, exc
-                    )
-                    return True
-                except Exception as exc:
-                    if _queue_unreachable(exc):
-                        # Not the message's fault: hold it unacknowledged (the window fills and
-                        # the broker keeps the rest) and run it again once the queue answers.
-                        if self._stopping.is_set():
-                            return False  # the broker sends it again to the next app
-                        outage += 1
-                        stats.retried += 1
-                        delay = min(QUEUE_DOWN_BACKOFF_MAX, RETRY_BACKOFF * 2 ** min(outage, 8))
-                        log = logger.warning if outage == 1 else logger.debug
-                        log(
-                            "handler %s on %s could not reach the queue (%s); the message is held "
-                            "unacknowledged and runs again in %.1fs",
-                            route.name,
-                            message.topic,
-                            exc,
-                            delay,
-                        )
-                        await self._wait_or_stop(delay)
-                        continue
-                    if attempt < self.retries:
-                        delay = RETRY_BACKOFF * 2**attempt
-                        stats.retried += 1
-                        logger.warning(
-                            "handler %s failed on %s (run %d of %d): %s; running it again in %.1fs",
-                            route.name,
-                            message.topic,
-                            attempt + 1,
-                            self.retries + 1,
-                            exc,
-                            delay,
-                        )
-                        await asyncio.sleep(delay)
-                        attempt += 1
-                        continue
-                    stats.failed += 1
-                    self._log_failure(route, message, attempt + 1, started)
-                    return True
-                stats.handled += 1
-                if outage:
-                    logger.info(
-                        "handler %s on %s reached the queue again", route.name, message.topic
-                    )
-                if result is not None:
-                    await self._reply(context, result)
-                return True
+            if not await self._slot(slots):
+                return False  # stopping: the broker sends it again, in order, to the next app
+            try:
+                return await self._run_route(message, route, params, job_origin, publisher)
+            finally:
+                slots.release()
         finally:
             if mine is not None:
                 if not mine.done():
                     mine.set_result(not self._stopping.is_set())
                 if self._turns.get(turn_key) is mine:
                     del self._turns[turn_key]
+
+    async def _run_route(
+        self,
+        message: IncomingMessage,
+        route: Route,
+        params: dict[str, str],
+        job_origin: Origin,
+        publisher: Publisher,
+    ) -> bool:
+        """Run the handler (again on a failure, up to `retries`; until the queue answers if it
+        cannot be reached); whether the message is finished."""
+        stats = self.stats
+        attempt = 0
+        outage = 0  # runs in a row that found the queue unreachable
+        while True:
+            context = MessageContext(message, params, route, publisher)
+            started = time.perf_counter()
+            try:
+                with origin(job_origin):
+                    result = await route(context)
+            except InvalidPayloadError as exc:
+                stats.invalid += 1
+                logger.warning(
+                    "invalid message on %s (route %s): %s", message.topic, route.name, exc
+                )
+                return True
+            except MessageRejected as exc:
+                stats.rejected += 1
+                logger.info("message on %s rejected (route %s): %s", message.topic, route.name, exc)
+                return True
+            except Exception as exc:
+                if _queue_unreachable(exc):
+                    # Not the message's fault: hold it unacknowledged (the window fills and
+                    # the broker keeps the rest) and run it again once the queue answers.
+                    if self._stopping.is_set():
+                        return False  # the broker sends it again to the next app
+                    outage += 1
+                    stats.retried += 1
+                    delay = min(QUEUE_DOWN_BACKOFF_MAX, RETRY_BACKOFF * 2 ** min(outage, 8))
+                    log = logger.warning if outage == 1 else logger.debug
+                    log(
+                        "handler %s on %s could not reach the queue (%s); the message is held "
+                        "unacknowledged and runs again in %.1fs",
+                        route.name,
+                        message.topic,
+                        exc,
+                        delay,
+                    )
+                    await self._wait_or_stop(delay)
+                    continue
+                if attempt < self.retries:
+                    delay = RETRY_BACKOFF * 2**attempt
+                    stats.retried += 1
+                    logger.warning(
+                        "handler %s failed on %s (run %d of %d): %s; running it again in %.1fs",
+                        route.name,
+                        message.topic,
+                        attempt + 1,
+                        self.retries + 1,
+                        exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    attempt += 1
+                    continue
+                stats.failed += 1
+                self._log_failure(route, message, attempt + 1, started)
+                return True
+            stats.handled += 1
+            if outage:
+                logger.info("handler %s on %s reached the queue again", route.name, message.topic)
+            if result is not None:
+                await self._reply(context, result)
+            return True
 
     async def _wait_or_stop(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
