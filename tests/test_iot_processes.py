@@ -231,14 +231,16 @@ async def test_a_device_with_10000_waiting_jobs_does_not_hold_up_another_s_one_j
     b_start = next(e for e in starts if e["device"] == b)["t"]
     third_a = next(e for e in starts if e["device"] == a and e["seq"] == 2)["t"]
     # The worker became free when the first job running at B's push ended (A's first, unless
-    # the push itself took a whole job's time): B's started within two job durations of it.
+    # the push itself took a whole job's time): B's started within two job durations of it,
+    # counted in jobs (before A's third started), not in wall-clock time, which a loaded
+    # machine stretches (MariaDB at load average 12 took 478 ms for one 200 ms turn).
     free = min(e["end"] for e in ends(log, a) if e["end"] >= pushed)
-    assert b_start - free < 2 * FAIR_SECONDS, order[:6]
     assert b_start < third_a, order[:6]
     assert order[0] == (a, 0) and [seq for dev, seq in order if dev == a][:3] == [0, 1, 2]
     assert waiting.pending + waiting.delayed >= 10_000 - 4  # A's line is still there
     print(
-        f"fairness: starts {order[:4]}; B started {(b_start - free) * 1000:.1f} ms after "
+        f"fairness: starts {order[:4]}; B started {(b_start - free) * 1000:.1f} ms "
+        f"({(b_start - free) / FAIR_SECONDS:.2f} job durations) after "
         f"a worker became free, ahead of "
         f"{waiting.pending + waiting.delayed} waiting jobs of A (queued in {queued:.1f}s)"
     )
