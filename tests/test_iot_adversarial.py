@@ -73,9 +73,20 @@ class Flaky(Reading):
         record("start", device=self.device, seq=self.seq, attempt=self.attempts)
         await asyncio.sleep(random.uniform(0, 0.03))
         if self.seq % 3 == 0 and self.attempts == 1:
-            record("end", device=self.device, seq=self.seq, start=start, end=time.time(), ok=0)
+            self._end(start, ok=0)
             raise RuntimeError("first try fails")
-        record("end", device=self.device, seq=self.seq, start=start, end=time.time(), ok=1)
+        self._end(start, ok=1)
+
+    def _end(self, start: float, ok: int) -> None:
+        record(
+            "end",
+            device=self.device,
+            seq=self.seq,
+            start=start,
+            end=time.time(),
+            ok=ok,
+            attempt=self.attempts,
+        )
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -399,13 +410,16 @@ async def test_retries_with_delays_keep_each_groups_order_under_two_worker_proce
     finally:
         for proc in procs:
             proc.stop()
-    expected = [s for seq in range(each) for s in ([seq, seq] if seq % 3 == 0 else [seq])]
     for d in range(devices):
         name = f"{run}-{d}"
-        runs = sorted(
-            (e["start"], e["end"], e["seq"]) for e in events(log, "end") if e["device"] == name
-        )
-        assert [r[2] for r in runs] == expected, f"{name}: order broken"
+        ended = [e for e in events(log, "end") if e["device"] == name]
+        runs = sorted((e["start"], e["end"], e["seq"]) for e in ended)
+        # A try may also be lost without running (a prefetch lease lapsing on a loaded
+        # machine: the next try runs, still in turn), so the runs of one seq are 1 or more.
+        seqs = [r[2] for r in runs]
+        assert seqs == sorted(seqs), f"{name}: order broken: {seqs}"
+        assert sorted(e["seq"] for e in ended if e["ok"]) == list(range(each)), name
+        assert all(e["attempt"] > 1 for e in ended if e["ok"] and e["seq"] % 3 == 0)
         overlaps = [(a[2], b[2]) for a, b in itertools.pairwise(runs) if b[0] < a[1]]
         assert not overlaps, f"{name}: two jobs of one group at once: {overlaps}"
     pids = {e["pid"] for e in events(log, "end") if e["device"].startswith(run)}
