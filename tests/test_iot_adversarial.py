@@ -230,11 +230,13 @@ from core.queue.queue_manager import QueueManager
 from core.settings import Settings
 from tests.iot_app import Reading
 
-async def main(count, bound, overflow):
+async def main(count, bound, overflow, groups):
     full = 0
     async with QueueManager(Settings.load(env_file=None)) as manager:
         for n in range(count):
-            job = Reading("flood", n)
+            job = Reading(f"flood-{n % groups}" if groups else "flood", n)
+            if groups:
+                job.group = "{device}"
             job.max_queue_length = bound
             job.overflow = overflow
             try:
@@ -243,13 +245,14 @@ async def main(count, bound, overflow):
                 full += 1
     print(full)
 
-asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))
+asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])))
 """
 
 
+@pytest.mark.parametrize("groups", [0, 3], ids=["plain", "grouped"])
 @pytest.mark.parametrize("overflow", ["reject", "drop_oldest"])
 async def test_the_bound_is_exact_under_pushes_from_four_processes(
-    server_backend: Backend, overflow: str
+    server_backend: Backend, overflow: str, groups: int
 ) -> None:
     procs, each, bound = 4, 60, 100
     env = {**os.environ, **server_backend.env(), "LOG_LEVEL": "WARNING"}
@@ -261,6 +264,7 @@ async def test_the_bound_is_exact_under_pushes_from_four_processes(
             str(each),
             str(bound),
             overflow,
+            str(groups),
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -272,9 +276,13 @@ async def test_the_bound_is_exact_under_pushes_from_four_processes(
     for child, (_out, err) in zip(children, outputs, strict=True):
         assert child.returncode == 0, err.decode()[-3000:]
     refused = sum(int(out.decode().split()[-1]) for out, _ in outputs)
+    queue = server_backend.overrides["queue_default"]
     async with QueueManager(server_backend.settings()) as manager:
-        [stats] = await manager.stats(server_backend.overrides["queue_default"])
+        [stats] = await manager.stats(queue)
+        in_turn = await runnable(await manager.connection(), queue)
     assert stats.pending + stats.delayed == bound
+    # Only the jobs in turn are ever ready: one per group (or every job without groups).
+    assert len(in_turn) == (groups or bound)
     if overflow == "reject":
         assert (refused, stats.rejected, stats.dropped) == (procs * each - bound,) * 2 + (0,)
     else:
