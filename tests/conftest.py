@@ -198,6 +198,15 @@ def server_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[B
     yield from _backend(request.param, request, tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _own_spool(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Each test's apps (in-process or child processes) spool into a file of its own, never
+    the project's `storage/spool.sqlite3`: an outage in one test must not leave jobs that an
+    app of a later test replays into its backend. A test naming MQTT_SPOOL_PATH wins."""
+    directory = tmp_path_factory.mktemp("spool", numbered=True)
+    monkeypatch.setenv("MQTT_SPOOL_PATH", str(directory / "spool.sqlite3"))
+
+
 @pytest.fixture
 async def manager(backend: Backend) -> AsyncIterator[QueueManager]:
     """An open manager on the backend under test, installed as the default."""
