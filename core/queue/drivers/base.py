@@ -36,7 +36,8 @@ driver notes in `OutgoingJob`):
   ended and count them (`JobStatus.progress`).
 * `limit`: `reserve` skips a job whose limit key is at its rate or concurrency limit without
   counting a try; it becomes ready again when the rate allows or a job of its key stops.
-* `once_key`: at most one push per key while the key lives (`once_for`): schedule ticks.
+* `once_key`: at most one push per key while the key lives (`once_for`), whatever the push
+  did (stored, or answered by a holder): schedule ticks, the offline spool's replay.
 * `get_marker`/`set_marker`: small named values (a schedule's last tick).
 
 IoT-native rules ride on them too (docs/iot.md):
@@ -197,9 +198,12 @@ class OutgoingJob:
     #: The limit this job's starts count against (`None`: none).
     limit: Limit | None = None
     #: At most one push per `once_key` and queue while the key lives: a push whose key is
-    #: taken stores nothing (`Pushed.outcome` "duplicate", `id` the job that took it). The key
-    #: is taken in the same atomic step as the job is stored and lives `once_for` seconds
-    #: whatever happens to the job ("" for none).
+    #: taken stores nothing and changes nothing (`Pushed.outcome` "duplicate", `id` the job
+    #: the first push answered). The key is taken in the push's atomic step by every outcome
+    #: but "missing" and "full": when the job is stored ("created"), and when a holder of its
+    #: id or unique key answers ("duplicate", "kept", "replaced": its id is the one kept), so
+    #: a push repeated after a lost answer is refused even when its value went into another
+    #: job. It lives `once_for` seconds whatever happens to the job ("" for none).
     once_key: str = ""
     once_for: float = 0.0
     #: One job per group and queue at a time, in push order ("" for none). The group's first

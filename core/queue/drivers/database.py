@@ -303,8 +303,12 @@ class DatabaseDriver(Driver):
         else:
             pushed = await self._insert_one(conn, job, row, place)
         if pushed.outcome != "created" or pushed.id != job.id:
-            if job.once_key:
-                await wf.release_once(conn, job)
+            if job.once_key and pushed.outcome in ("full", "missing"):
+                await wf.release_once(conn, job)  # nothing stored: the key is not taken
+            elif job.once_key:
+                # Answered by a holder (duplicate, kept, replaced): the key stays taken, for
+                # the holder, so a second push with it stores nothing whatever this one did.
+                await wf.hold_once(conn, job, pushed.id)
             return pushed
         if deps:
             await wf.register_dependencies(conn, job, deps, ends)

@@ -358,8 +358,9 @@ class MemoryDriver(Driver):
         if queue.delayed and queue.delayed[0][0] <= now:
             self._mature_delayed(queue, now)
         # The checks, in order: a taken once key ("duplicate"), an unknown dependency
-        # ("missing"), then the id and unique-key rules. Whatever they refuse stores nothing
-        # and takes no key.
+        # ("missing"), then the id and unique-key rules. A push they answer with a holder
+        # ("duplicate", "kept", "replaced") takes the once key for that holder; one refused
+        # for its once key, a missing dependency or a full queue stores nothing and takes none.
         if job.once_key:
             taken = queue.once.get(job.once_key)
             if taken is not None and taken[1] > now:
@@ -372,18 +373,11 @@ class MemoryDriver(Driver):
                 return Pushed(dep.id, "missing")
             deps[(found[0].name, dep.id)] = found[1].status
         if job.kind == "job":
-            if job.check_id and job.id in queue.payloads:
-                return self._duplicate(queue, job.id, job, replaceable=queue.waiting(job.id))
-            if job.unique_key:
-                key = self._live_key(queue, job.unique_key, now)
-                if key is not None:
-                    holder = key.holder
-                    if queue.waiting(holder):
-                        return self._duplicate(queue, holder, job, replaceable=True)
-                    if key.until is not None:  # held by `unique_for`: holder running or ended
-                        return self._duplicate(queue, holder, job, replaceable=False)
-                    # Held until its job starts, and that job has started: the successor
-                    # goes in.
+            held = self._held_by(queue, job, now)
+            if held is not None:
+                if job.once_key:  # answered by a holder: the key is taken for its answer
+                    queue.once[job.once_key] = (held.id, now + job.once_for)
+                return held
         victim: str | None = None
         # The bound: waiting jobs (this id's own earlier copy, replaced below, not counted).
         if (
@@ -444,6 +438,22 @@ class MemoryDriver(Driver):
             del queue.keys[key]
             return None
         return held
+
+    def _held_by(self, queue: _Queue, job: OutgoingJob, now: float) -> Pushed | None:
+        """The answer of the id and unique-key rules when a holder takes the push ("duplicate",
+        "kept", "replaced"), `None` when the job is to be stored."""
+        if job.check_id and job.id in queue.payloads:
+            return self._duplicate(queue, job.id, job, replaceable=queue.waiting(job.id))
+        if job.unique_key:
+            key = self._live_key(queue, job.unique_key, now)
+            if key is not None:
+                holder = key.holder
+                if queue.waiting(holder):
+                    return self._duplicate(queue, holder, job, replaceable=True)
+                if key.until is not None:  # held by `unique_for`: holder running or ended
+                    return self._duplicate(queue, holder, job, replaceable=False)
+                # Held until its job starts, and that job has started: the successor goes in.
+        return None
 
     def _duplicate(
         self, queue: _Queue, holder: str, job: OutgoingJob, *, replaceable: bool

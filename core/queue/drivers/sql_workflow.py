@@ -42,6 +42,7 @@ __all__ = [
     "check_limit",
     "find_dependencies",
     "get_marker",
+    "hold_once",
     "prune_limits",
     "register_dependencies",
     "release_once",
@@ -571,6 +572,15 @@ async def release_once(conn: AsyncConnection, job: OutgoingJob) -> None:
     """Give back a once key taken for a job that was not stored after all."""
     here = (_once.queue == job.queue) & (_once.once_key == job.once_key) & (_once.uuid == job.id)
     await conn.execute(delete(t.queue_once).where(here))
+
+
+async def hold_once(conn: AsyncConnection, job: OutgoingJob, holder: str) -> None:
+    """Give a once key taken for `job` to the job that answered its push instead (a holder
+    that kept it or took its payload), so a later push with the key is answered with it."""
+    if holder == job.id:
+        return
+    here = (_once.queue == job.queue) & (_once.once_key == job.once_key) & (_once.uuid == job.id)
+    await conn.execute(update(t.queue_once).where(here).values(uuid=holder))
 
 
 async def prune_once(conn: AsyncConnection) -> None:

@@ -30,7 +30,8 @@
 --   <tag>:held:<key>     list    ready jobs of <key> held back by their limit, in order
 --   <tag>:heldkeys       set     keys with a held list (stats, clear)
 --   <tag>:limited        zset    key -> when the first held job of <key> may start (rate)
---   <tag>:once:<key>     string  the id of the job that took once key <key> (PX once_for)
+--   <tag>:once:<key>     string  the id a push with once key <key> answered: the job it
+--                                stored, or the holder that took it (PX once_for)
 --   <tag>:gturn          hash    group -> the id of the job in turn (issue #14: `group`)
 --   <tag>:gline:<group>  list    the group's line: ids waiting for the turn, in push order
 --   <tag>:glen           string  how many jobs wait in all the queue's lines (stats, max_length)

@@ -283,9 +283,6 @@ while j <= #ARGV do
         redis.call('SET', tag .. ':unique:' .. ukey, id)
       end
     end
-    if once ~= '' then
-      redis.call('SET', tag .. ':once:' .. once, id, 'PX', math.max(1, tonumber(ARGV[i + 22])))
-    end
     redis.call('HSET', rec, unpack(fields))
     if deferred then
       if flow then
@@ -325,6 +322,11 @@ while j <= #ARGV do
       drop(victim, victim_lined, group, 'dropped: queue ' .. qname .. ' is full (' .. bound
         .. ' waiting)')
     end
+  end
+  if once ~= '' and not once_key and outcome ~= 'missing' and outcome ~= 'full' then
+    -- Stored, or answered by a holder (duplicate, kept, replaced): the key is taken for the job
+    -- that answered, so a second push with it stores nothing, whatever the first one did.
+    redis.call('SET', tag .. ':once:' .. once, holder, 'PX', math.max(1, tonumber(ARGV[i + 22])))
   end
   out[#out + 1] = outcome
   out[#out + 1] = holder
