@@ -24,11 +24,20 @@ import pytest
 
 from core.errors import ConnectionLostError, SpoolFullError
 from core.mqtt import MqttApp, MqttStats
-from core.mqtt.spool import Spool, decode_job, encode_job, spool_path, spooled_by_queue
+from core.mqtt.spool import (
+    Spool,
+    decode_job,
+    encode_job,
+    replayed,
+    spool_path,
+    spooled_by_queue,
+)
+from core.origin import Origin, origin
 from core.queue.drivers.base import Dependency, Limit, OutgoingJob
 from core.queue.queue_manager import QueueManager
 from core.settings import Settings
 from tests.conftest import ROOT, make_settings
+from tests.iot_app import Reading
 from tests.iot_spool_apps import RecordedRun
 from tests.servers import free_port
 from tests.test_worker_processes import PrivateRedis
@@ -319,6 +328,53 @@ async def test_only_jobs_the_backend_may_know_are_asked_about(
         assert spool.depth == 0 and await manager.size(queue) == 0, "a job was pushed twice"
 
 
+async def test_a_replay_killed_before_it_writes_a_coalesced_answer_does_not_run_it_twice(
+    tmp_path: Path,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The replay pushes each job with its own once key (`spool:<id>`), which the backend takes
+    even when the push coalesces the value into another job. Killed after the push's answer
+    and before the spool writes that answer, the restarted replay pushes the value again: the
+    key refuses it ("duplicate"), so it does not run a second time although the device's job
+    has run meanwhile (its unique key is free: without the once key it would be queued)."""
+    queue = f"spool-{uuid.uuid4().hex[:8]}"
+    caplog.set_level(logging.INFO, "topiq.mqtt.spool")
+    async with spooling(settings_for(tmp_path)) as (manager, _spool):  # Redis down
+        with origin(Origin("devices/d-1/state", coalesce="d-1")):
+            for n in (1, 2):
+                await manager.push(Reading("d-1", n), queue)
+    stats = MqttStats()
+    async with spooling(settings_for(tmp_path, redis_url), stats) as (manager, spool):
+
+        def killed(answers: list[tuple[str, int]]) -> None:
+            raise OSError("the app was SIGKILLed here")  # after the push, before its answer
+
+        monkeypatch.setattr(spool, "_answer", killed)
+        with pytest.raises(OSError, match="SIGKILLed"):
+            await spool.replay_batch(manager, "redis")
+        monkeypatch.undo()
+        driver = await manager.connection()
+        ran = await driver.reserve([queue], 100, 30)
+        assert [json.loads(r.payload)["data"]["seq"] for r in ran] == [2]  # the latest value
+        await driver.ack(ran)  # it ran and ended
+        assert await spool.replay_batch(manager, "redis") == 0  # the restarted app's replay
+        assert spool.depth == 0 and stats.replayed == 0
+        assert await manager.size(queue) == 0, "the coalesced value was queued to run again"
+        assert await driver.reserve([queue], 100, 30) == []
+        assert any("skipped 2 job" in r.message for r in caplog.records)
+
+
+def test_a_replayed_job_is_pushed_with_a_once_key_of_its_own() -> None:
+    stored = OutgoingJob("j-1", "q", b"{}", job="x", failure_ttl=10)
+    again = replayed(stored)
+    assert (again.check_id, again.once_key, again.once_for) == (True, "spool:j-1", 86400.0)
+    assert replayed(dataclasses.replace(stored, failure_ttl=9e6)).once_for == 9e6
+    own = dataclasses.replace(stored, once_key="tick:1", once_for=5)
+    assert (replayed(own).once_key, replayed(own).once_for) == ("tick:1", 5)
+
+
 async def test_a_spool_file_of_an_earlier_version_is_read_and_replayed(
     tmp_path: Path, redis_url: str
 ) -> None:
@@ -467,6 +523,8 @@ def test_the_guide_states_the_spool_rules() -> None:
         "On SIGTERM",
         "spool does not coalesce",
         "Coalescing happens at the replay",
+        "`spool:<job id>`",
+        "(logged as skipped)",
         "`JobNotFoundError`",
     ):
         assert rule in text, rule

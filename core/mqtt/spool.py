@@ -20,12 +20,16 @@ the suffix before the extension: `storage/spool-00.sqlite3`.
 
 The replay task pushes the oldest entries of each connection first; a job the backend already
 knows (`job_status` is not `None`: pushed before a crash, or stored by a push whose reply was
-lost) is skipped, the others are pushed with `check_id=True`, and the entries are deleted after
-their push. A job the backend took into another job (its value coalesced into the waiting job
-of its `unique_key`: "replaced" or "kept") never has a record of its own: the id that took it
-is written into its row before the delete, and a row with such an id is skipped. An unreachable backend is retried with a capped backoff; a job the backend refuses
-(an unknown dependency, a full queue, any other error) is logged and dropped, never retried
-forever.
+lost) is skipped, the others are pushed with `check_id=True` and a once key of their own
+(`spool:<id>`, see `replayed`), and the entries are deleted after their push. The backend takes
+the once key in the push's atomic step whatever it did with the job, including when it took
+the job into another one (its value coalesced into the waiting job of its `unique_key`:
+"replaced" or "kept"), so a replay repeated after a crash before the delete is refused
+("duplicate") and changes nothing. Such a job never has a record of its own: the id that took
+it is also written into its row before the delete, and a row with such an id is skipped (it
+outlives the key). An unreachable backend is retried with a capped backoff; a job the backend
+refuses (an unknown dependency, a full queue, any other error) is logged and dropped, never
+retried forever.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ if TYPE_CHECKING:
     from core.mqtt.stats import MqttStats
     from core.queue.queue_manager import QueueManager
 
-__all__ = ["Spool", "SpoolEntry", "spool_files", "spool_path", "spooled_by_queue"]
+__all__ = ["Spool", "SpoolEntry", "replayed", "spool_files", "spool_path", "spooled_by_queue"]
 
 logger = logging.getLogger("topiq.mqtt.spool")
 
@@ -66,6 +70,10 @@ T = TypeVar("T")
 REPLAY_BATCH = 512
 #: Status reads the replay task has in flight at once.
 STATUS_READS = 64
+#: Least life of the once key a replayed job is pushed with (`spool:<id>`, or the job's
+#: `failure_ttl` when longer): a replay repeated within it (killed between its push and the
+#: delete of its entries) is refused by the backend, even for a job coalesced into another.
+REPLAY_ONCE_FOR = 86400.0
 #: Backoff of the replay task while the backend cannot be reached: first wait, then the cap.
 REPLAY_BACKOFF = 0.2
 REPLAY_BACKOFF_MAX = 5.0
@@ -588,7 +596,7 @@ class Spool:
             except Exception as exc:  # a damaged row: dropped, never retried forever
                 self._dropped(f"spooled job #{seq}", connection, f"unreadable: {exc}")
                 continue
-            job = dataclasses.replace(job, check_id=True)
+            job = replayed(job)
             entries.append(SpoolEntry(seq, entry, job, bool(maybe_sent), str(answered)))
         driver = await manager.connection(connection)
         asked = [e.job for e in entries if e.maybe_sent and not e.answered]
@@ -596,7 +604,9 @@ class Spool:
         todo = [e for e in entries if not e.answered and not known.get(id(e.job), False)]
         if any(not e.maybe_sent for e in entries):
             await self._run(self._mark_sent, connection, rows[-1][0])
-        pushed, answers = await self._push(driver, connection, todo) if todo else (0, [])
+        pushed, already, answers = (
+            await self._push(driver, connection, todo) if todo else (0, 0, [])
+        )
         if answers:
             # Coalesced into another job: its own id never gets a record, so a replay killed
             # before the delete would find nothing under it and push its value again.
@@ -607,7 +617,7 @@ class Spool:
         self._room_again(self.depth + sum(self._pending.values()))
         if self.stats is not None:
             self.stats.replayed += pushed
-        skipped = len(entries) - len(todo)
+        skipped = len(entries) - len(todo) + already
         if skipped:
             logger.info(
                 "the offline spool skipped %d job(s) of connection %s the queue already knew",
@@ -635,10 +645,11 @@ class Spool:
 
     async def _push(
         self, driver: Driver, connection: str, todo: list[SpoolEntry]
-    ) -> tuple[int, list[tuple[str, int]]]:
+    ) -> tuple[int, int, list[tuple[str, int]]]:
         """Push the entries' jobs in one call (one at a time if that call fails for another
-        reason than the connection); returns how many the backend took, and (answered id,
-        seq) of those it took into another job than their own (replaced or kept)."""
+        reason than the connection); returns how many the backend took, how many it had
+        already (an earlier replay pushed them: their once key or id is taken), and (answered
+        id, seq) of those it took into another job than their own (replaced or kept)."""
         jobs = [e.job for e in todo]
         try:
             results: Sequence[Pushed | None] = await driver.push(jobs) or [None] * len(jobs)
@@ -655,7 +666,7 @@ class Spool:
                 except Exception as exc:
                     self._dropped(job.id, connection, f"{type(exc).__name__}: {exc}")
                     results.append(Pushed(job.id, "spooled"))  # a marker: not taken
-        taken = 0
+        taken = already = 0
         answers: list[tuple[str, int]] = []
         for entry, done in zip(todo, results, strict=True):
             job = entry.job
@@ -665,14 +676,18 @@ class Spool:
                 self._dropped(job.id, connection, f"its dependency {done.id} is unknown")
             elif outcome == "full":
                 self._dropped(job.id, connection, f"queue {job.queue} is full")
-            elif outcome == "duplicate" and done is not None and done.id != job.id:
+            elif outcome == "duplicate" and done is not None and _refused_by_key(job, done):
                 self._dropped(job.id, connection, f"a duplicate of job {done.id}")
+            elif outcome == "duplicate":
+                # Its own id, or its once key: an earlier replay pushed it (it may have gone
+                # into another job); nothing was stored or changed now.
+                already += 1
             elif outcome in ("created", "replaced", "kept"):
                 taken += 1
                 if done is not None and done.id != job.id:
                     answers.append((done.id, entry.seq))
-            # "duplicate" of its own id: the backend had it already; "spooled": not taken.
-        return taken, answers
+            # "spooled": not taken.
+        return taken, already, answers
 
     def _dropped(self, job: str, connection: str, why: str) -> None:
         if self.stats is not None:
@@ -683,6 +698,30 @@ class Spool:
             connection,
             why,
         )
+
+
+def replayed(job: OutgoingJob) -> OutgoingJob:
+    """A spooled job as the replay pushes it: with `check_id`, and with a once key of its
+    own (`spool:<id>`, living `REPLAY_ONCE_FOR` or the job's `failure_ttl`, the longer) unless
+    it has one. The backend takes the key in the push's atomic step whatever the push did
+    (stored, or answered by the holder of its id or unique key), so a second push of it is
+    refused ("duplicate") and changes nothing."""
+    if job.once_key:  # its own key is taken by every push it lets through as well
+        return dataclasses.replace(job, check_id=True)
+    return dataclasses.replace(
+        job,
+        check_id=True,
+        once_key=f"spool:{job.id}",
+        once_for=max(job.failure_ttl, REPLAY_ONCE_FOR),
+    )
+
+
+def _refused_by_key(job: OutgoingJob, done: Pushed) -> bool:
+    """Whether a "duplicate" answer refused the job for its unique key (it is not pushed),
+    rather than for its once key or id (an earlier replay pushed it). Only a unique key with
+    `on_duplicate="reject"` refuses so; a once key taken by an earlier replay of such a job
+    answers alike and the job is logged as dropped again (nothing stored either time)."""
+    return done.id != job.id and bool(job.unique_key) and job.on_duplicate == "reject"
 
 
 def _current_task() -> object:
