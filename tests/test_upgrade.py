@@ -1,8 +1,8 @@
 """A rolling upgrade from today's release to this checkout, with real processes on both sides.
 
-An earlier release (each of `OLD_COMMITS`: main before issue #12, schema version 2, and main
-before issue #13, schema version 3) is checked out with
-`git worktree add` into a temporary directory (removed afterwards) and run with this
+An earlier release (each of `OLD_COMMITS`: main before issue #12, schema version 2, main
+before issue #13, schema version 3, and main before issue #14, schema version 4) is checked out
+with `git worktree add` into a temporary directory (removed afterwards) and run with this
 environment's Python but `PYTHONPATH` (and the working directory) pointing at that worktree,
 so its processes import the old `core`. The jobs (tests/upgrade_jobs.py, copied into the
 worktree) append one line per run to a file that both sides share, so every run is counted.
@@ -40,6 +40,7 @@ pytestmark = [pytest.mark.process, pytest.mark.slow, pytest.mark.timeout(240)]
 OLD_COMMITS = {
     "before-12": "2c381ca",  # main as released before issue #12 (job lifecycle)
     "before-13": "5320e4d",  # main as released before issue #13 (workflows; schema v4)
+    "before-14": "b66898e",  # main as released before issue #14 (IoT-native; schema v5)
 }
 
 #: A dispatcher process: runs with either side's `core` (the working directory and PYTHONPATH
