@@ -218,6 +218,13 @@ async def manager(backend: Backend) -> AsyncIterator[QueueManager]:
             set_default_manager(None)
 
 
+def guide_section(guide: str, name: str) -> str:
+    """The text of docs/<guide> between `<!-- section: <name> -->` and `<!-- end: <name> -->`."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / guide).read_text()
+    start = text.index(f"<!-- section: {name} -->")
+    return text[start : text.index(f"<!-- end: {name} -->", start)]
+
+
 def docs_example(name: str) -> ModuleType:
     """docs/examples/<name>.py, loaded from its file as a user's module would run it from the
     project directory: it imports only `core` and `app`, nothing is added to sys.path."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from core.mqtt import Router
-from tests.conftest import ROOT, docs_example
+from tests.conftest import ROOT, docs_example, guide_section
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -23,9 +23,7 @@ SECTIONS = {
 
 def section(name: str) -> str:
     """The guide's text between the section's markers."""
-    guide = GUIDE.read_text()
-    start = guide.index(f"<!-- section: {name} (owner: api) -->")
-    return guide[start : guide.index(f"<!-- end: {name} -->", start)]
+    return guide_section("iot.md", name)
 
 
 def shown_output(name: str) -> list[str]:

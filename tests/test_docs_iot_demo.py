@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import re
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, guide_section
 
 GUIDE = ROOT / "docs" / "iot.md"
 
 
 def section() -> str:
-    guide = GUIDE.read_text()
-    start = guide.index("<!-- section: demo (owner: e2e) -->")
-    return guide[start : guide.index("<!-- end: demo -->", start)]
+    return guide_section("iot.md", "demo")
 
 
 def test_the_demo_section_shows_the_example_app_s_routes_verbatim() -> None:

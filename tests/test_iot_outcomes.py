@@ -28,6 +28,7 @@ from core.worker.options import WorkerOptions
 from core.worker.worker import Worker
 from tests import iot_outcome_jobs as jobs
 from tests.conftest import ROOT, docs_example, make_settings
+from tests.conftest import guide_section as guide_text
 from tests.mqtt.conftest import (
     AppProcess,
     Broker,
@@ -373,10 +374,7 @@ async def test_mosquitto_rr_gets_the_outcome_of_the_job_its_request_started_in_a
 
 
 def guide_section() -> str:
-    """docs/iot.md between this section's markers."""
-    guide = (ROOT / "docs" / "iot.md").read_text()
-    start = guide.index("<!-- section: outcomes (owner: outcomes) -->")
-    return guide[start : guide.index("<!-- end: outcomes -->", start)]
+    return guide_text("iot.md", "outcomes")
 
 
 def test_the_guide_shows_its_example_verbatim() -> None:

@@ -23,6 +23,7 @@ from core.worker.options import WorkerOptions
 from core.worker.worker import Worker
 from tests import iot_outcome_jobs as jobs
 from tests.conftest import ROOT, docs_example, make_settings
+from tests.conftest import guide_section as guide_text
 from tests.mqtt.conftest import (
     AppProcess,
     Broker,
@@ -219,10 +220,7 @@ async def test_a_worker_process_sends_the_command_and_returns_the_reply(
 
 
 def guide_section() -> str:
-    """docs/iot.md between this section's markers."""
-    guide = (ROOT / "docs" / "iot.md").read_text()
-    start = guide.index("<!-- section: requests (owner: outcomes) -->")
-    return guide[start : guide.index("<!-- end: requests -->", start)]
+    return guide_text("iot.md", "requests")
 
 
 def test_the_guide_shows_its_example_verbatim() -> None:

@@ -36,7 +36,7 @@ from core.origin import Origin, origin
 from core.queue.drivers.base import Dependency, Limit, OutgoingJob
 from core.queue.queue_manager import QueueManager
 from core.settings import Settings
-from tests.conftest import ROOT, make_settings
+from tests.conftest import ROOT, guide_section, make_settings
 from tests.iot_app import Reading
 from tests.iot_spool_apps import RecordedRun
 from tests.servers import free_port
@@ -508,9 +508,7 @@ def test_queue_stats_shows_the_spooled_jobs(tmp_path: Path, redis_url: str) -> N
 
 
 def test_the_guide_states_the_spool_rules() -> None:
-    guide = (ROOT / "docs" / "iot.md").read_text()
-    start = guide.index("<!-- section: spool (owner: spool) -->")
-    text = guide[start : guide.index("<!-- end: spool -->", start)]
+    text = guide_section("iot.md", "spool")
     for rule in (
         "## Offline spool",
         "`MQTT_SPOOL_MAX` (`100000`)",
