@@ -57,6 +57,9 @@ class JobEvent:
     duration: float | None = None  # seconds the try ran, for the ends of a try
     error: str = ""  # the one-line reason, for `retrying`, `failed`, `cancelled`
     worker: str = ""
+    #: For `started` of a first try: seconds from dispatch (or from when a delayed job became
+    #: due) to this start; `None` otherwise or when unknown.
+    waited: float | None = None
 
 
 Listener = Callable[[JobEvent], Any]

@@ -173,6 +173,11 @@ class Settings(BaseSettings):
     mqtt_spool_path: Path = Path("storage/spool.sqlite3")
     mqtt_spool_max: int = Field(default=100_000, ge=0)  # jobs; 0: no spool
 
+    # -- dashboard ---------------------------------------------------------------------
+    # The token `python main.py dashboard` asks for (required when bound off loopback; on
+    # loopback, asked for only when set). Never shown by any page or log line.
+    dashboard_token: SecretStr = SecretStr("")
+
     _csv_fields = field_validator(
         "queue_allowed_modules", "queue_max_lengths", "mqtt_response_topics", mode="before"
     )(_csv)

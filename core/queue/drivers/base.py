@@ -38,7 +38,11 @@ driver notes in `OutgoingJob`):
   counting a try; it becomes ready again when the rate allows or a job of its key stops.
 * `once_key`: at most one push per key while the key lives (`once_for`), whatever the push
   did (stored, or answered by a holder): schedule ticks, the offline spool's replay.
-* `get_marker`/`set_marker`: small named values (a schedule's last tick).
+* `get_marker`/`set_marker`: small named values (a schedule's last tick, a queue's pause).
+
+Observing (the dashboard, metrics; docs/observing.md): `history` reads a queue's per-minute
+counts (the ends the driver counts, plus what workers add with `add_history`), `browse` lists
+the jobs in one state, `groups` a queue's groups; `pause`/`resume`/`paused` are markers.
 
 IoT-native rules ride on them too (docs/iot.md):
 
@@ -55,9 +59,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -67,14 +72,18 @@ from core.settings import Settings
 from core.status import ENDED, JobStatus, Status
 
 __all__ = [
+    "HISTORY_FIELDS",
     "MAX_PRIORITY",
+    "BrowseState",
     "Dependency",
     "DependencyRule",
     "Driver",
     "FailedJob",
     "FailedStore",
+    "GroupInfo",
     "JobKind",
     "Limit",
+    "MinuteCounts",
     "OnDuplicate",
     "Outcome",
     "OutgoingJob",
@@ -297,6 +306,61 @@ class RecentCounts:
     rejected: int = 0  # pushes refused by `max_length` ("full")
 
 
+#: What workers add to a queue's per-minute history (`Driver.add_history`), besides the ends
+#: the driver counts itself: `started` tries; `waited` first tries whose wait was measured and
+#: `wait_ms` the sum of those waits (dispatch, or the time a delayed job was due, to the start of
+#: its first try), in milliseconds; `ran` tries that ended and `run_ms` the sum of their run
+#: times, in milliseconds.
+HISTORY_FIELDS: tuple[str, ...] = ("started", "waited", "wait_ms", "ran", "run_ms")
+
+#: The states `Driver.browse` lists.
+BrowseState = Literal["pending", "delayed", "reserved", "deferred"]
+
+
+@dataclass(frozen=True, slots=True)
+class MinuteCounts:
+    """One minute of a queue's history (`Driver.history`): how jobs ended in that minute (the
+    counts `recent` sums), and what workers reported (`HISTORY_FIELDS`)."""
+
+    minute: int  # epoch minutes: epoch seconds // 60
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    expired: int = 0
+    coalesced: int = 0
+    dropped: int = 0
+    rejected: int = 0
+    started: int = 0
+    waited: int = 0
+    wait_ms: int = 0
+    ran: int = 0
+    run_ms: int = 0
+
+    @property
+    def ended(self) -> int:
+        """Jobs that ended in this minute, whichever way."""
+        return self.succeeded + self.failed + self.cancelled + self.expired
+
+    @property
+    def mean_wait(self) -> float | None:
+        """Mean dispatch-to-start wait of the first tries started in this minute, in seconds."""
+        return self.wait_ms / self.waited / 1000 if self.waited else None
+
+    @property
+    def mean_run(self) -> float | None:
+        """Mean run time of the tries that ended in this minute, in seconds."""
+        return self.run_ms / self.ran / 1000 if self.ran else None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """One group of a queue (`Driver.groups`): the job holding its turn and how many wait."""
+
+    group: str
+    holder: str  # the id of the job in turn ("" when none holds it)
+    waiting: int  # jobs in the group's line behind the holder
+
+
 def new_record_id() -> str:
     """A fresh failed-record id (32 hex characters)."""
     return os.urandom(16).hex()
@@ -402,6 +466,17 @@ class WorkerInfo:
         data["queues"] = tuple(data["queues"])
         data["running"] = tuple(data["running"])
         return cls(**data)
+
+
+#: How long a pause lasts unless resumed (ten years: for good).
+PAUSE_TTL = 10 * 365 * 86400.0
+
+
+def _pause_marker(queue: str) -> str:
+    """The marker name of `queue`'s pause (names fit a marker's 190 characters)."""
+    if len(queue) <= 180:
+        return f"paused:{queue}"
+    return "paused:#" + hashlib.sha256(queue.encode()).hexdigest()
 
 
 class FailedStore(abc.ABC):
@@ -625,6 +700,47 @@ class Driver(abc.ABC):
         """Delete ended records past their keep time; returns how many. Backends whose
         records expire by themselves (Redis) return 0."""
         return 0
+
+    # -- observing (the dashboard, metrics) -----------------------------------------------
+
+    async def history(self, queue: str, minutes: int = 60) -> list[MinuteCounts]:
+        """`queue`'s last `minutes` minutes (the current one included), oldest first, one entry
+        per minute (all zeros where nothing happened). Kept by the backend for at least two
+        hours, then dropped by itself (Redis) or by `prune_records` / the writes (SQL)."""
+        now = int(time.time() // 60)
+        return [MinuteCounts(m) for m in range(now - minutes + 1, now + 1)]
+
+    async def add_history(self, rows: Sequence[tuple[str, int, Mapping[str, int]]]) -> None:
+        """Add workers' counts to the history: each row is `(queue, minute, {field: n})` with
+        fields from `HISTORY_FIELDS` (others are ignored); additions, never overwrites, so any
+        number of workers may report into the same minute. One round trip."""
+
+    async def browse(
+        self, queue: str, state: BrowseState, offset: int = 0, limit: int = 50
+    ) -> list[JobStatus]:
+        """Up to `limit` jobs of `queue` in `state`, from `offset`, as their records: `pending`
+        in the order they will be handed out, `delayed` by due time, `reserved` by lease
+        expiry, `deferred` in push order. Costs O(offset + limit) reads where the backend
+        keeps an order (never a scan of the whole queue)."""
+        return []
+
+    async def groups(self, queue: str, offset: int = 0, limit: int = 100) -> list[GroupInfo]:
+        """Up to `limit` groups of `queue` that hold or wait for a turn, ordered by name."""
+        return []
+
+    async def pause(self, queue: str) -> None:
+        """Pause `queue`: workers stop taking its jobs (within a second or so) until `resume`;
+        dispatches go on, nothing is lost. Kept by the backend, so every worker sees it."""
+        await self.set_marker(_pause_marker(queue), "1", PAUSE_TTL)
+
+    async def resume(self, queue: str) -> None:
+        """Undo `pause` (nothing happens for a queue not paused)."""
+        await self.set_marker(_pause_marker(queue), "", 0.001)
+
+    async def paused(self, queues: Sequence[str]) -> set[str]:
+        """Which of `queues` are paused."""
+        values = await asyncio.gather(*(self.get_marker(_pause_marker(q)) for q in queues))
+        return {q for q, value in zip(queues, values, strict=True) if value == "1"}
 
     # -- small named values ------------------------------------------------------------
 
