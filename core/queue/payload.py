@@ -10,7 +10,9 @@ Durations are stored as numbers of seconds, whatever form the job gave them in (
 `result_ttl` and `failure_ttl` are resolved from the settings at dispatch (payloads written
 before they existed lack them: the worker then uses its own settings); `ttl` is there only when
 the job has one; `reply` (`{"topic", "correlation", "status_topic"}`, see `reply_info`) only
-when the job's outcome is to be published over MQTT. `attempts` is not in the payload: the
+when the job's outcome is to be published over MQTT; `due_at` (epoch milliseconds) only for a
+delayed job, `null` for one with dependencies (the worker measures the wait to a first start
+from it, else from `created_at`). `attempts` is not in the payload: the
 driver counts tries at reservation, so a worker that dies mid-job still spends one.
 """
 
@@ -684,13 +686,16 @@ def encode(
     result_ttl: float = 500.0,
     failure_ttl: float = 604800.0,
     reply: dict[str, str] | None = None,
+    delay: float = 0.0,
+    deferred: bool = False,
 ) -> bytes:
     """The payload for `job`, or `SerializationError` naming the attribute it cannot carry.
 
     `settings` are the job's checked settings (`job_settings(job)` if not given); `result_ttl`
     and `failure_ttl` are the connection's defaults, written when the job sets none. `reply`
     (`reply_info(...)`) is written as the payload's `"reply"` key: where the worker publishes
-    the job's outcome when it ends.
+    the job's outcome when it ends. `delay` (seconds) and `deferred` (it has dependencies)
+    write `due_at`: when the job falls due, or `null` when that is not known at dispatch.
     """
     cls = type(job)
     info = _class_info(cls)
@@ -720,6 +725,10 @@ def encode(
     }
     if settings.ttl:
         envelope["ttl"] = settings.ttl
+    if deferred:
+        envelope["due_at"] = None
+    elif delay > 0:
+        envelope["due_at"] = envelope["created_at"] + int(delay * 1000)
     if reply:
         envelope["reply"] = reply
     try:

@@ -340,6 +340,8 @@ class QueueManager:
             result_ttl=self.settings.queue_result_ttl,
             failure_ttl=failure_ttl,
             reply=reply,
+            delay=delay,
+            deferred=bool(depends_on),
         )
         return OutgoingJob(
             new_id,
