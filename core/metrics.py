@@ -1,0 +1,376 @@
+"""Prometheus metrics: job counters from the event stream, and queue gauges read at scrape time.
+
+Three sources, each with its own exposition:
+
+- the job counters and histograms (`topiq_jobs_*_total`, `topiq_job_run_seconds`,
+  `topiq_job_wait_seconds`), counted in this process from `core.events` once `install()` has
+  run: labels `queue` and `job` (the class path) only, so their number stays bounded;
+- the backend gauges (`topiq_queue_jobs`, `topiq_failed_jobs`, `topiq_queue_paused`,
+  `topiq_workers`, `topiq_backend_up`), read from the backend when scraped (`backend_metrics`),
+  with a timeout: a backend that does not answer gives `topiq_backend_up 0` and the rest of the
+  scrape, never a hung request;
+- the MQTT app's counters (`topiq_mqtt_*`), read from its `MqttStats` (`mqtt_metrics`).
+
+`scrape(...)` joins what a process has into one text for its `/metrics` (`core.observe_http`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from core.events import EventKind, JobEvent, events
+
+if TYPE_CHECKING:
+    from core.mqtt.outcomes import OutcomePublisher
+    from core.mqtt.stats import MqttStats
+    from core.queue.drivers.base import Driver
+
+__all__ = [
+    "BACKEND_TIMEOUT",
+    "CONTENT_TYPE",
+    "JOB_LABELS",
+    "REGISTRY",
+    "backend_metrics",
+    "install",
+    "job_metrics",
+    "mqtt_metrics",
+    "scrape",
+    "uninstall",
+]
+
+logger = logging.getLogger("topiq.metrics")
+
+#: The Content-Type of the exposition text (Prometheus text format 0.0.4).
+CONTENT_TYPE: Final[str] = CONTENT_TYPE_LATEST
+
+#: Seconds a scrape waits for the backend before it exports what it knows.
+BACKEND_TIMEOUT: Final[float] = 2.0
+
+#: The labels of the job counters and histograms (bounded: queues and job classes).
+JOB_LABELS: Final[tuple[str, str]] = ("queue", "job")
+
+#: Buckets of the run-time and wait histograms, seconds (5 ms to 10 minutes).
+BUCKETS: Final[tuple[float, ...]] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    math.inf,
+)
+
+#: The registry of this process's job counters (`install` fills it; nothing else is in it).
+REGISTRY: Final = CollectorRegistry(auto_describe=True)
+
+#: The states of `topiq_queue_jobs`.
+STATES: Final[tuple[str, ...]] = ("pending", "delayed", "reserved", "deferred")
+
+
+class _JobCounters:
+    """The counters and histograms fed by the event stream."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, JOB_LABELS, registry=registry)
+
+        self.dispatched = counter("topiq_jobs_dispatched", "Jobs dispatched by this process.")
+        self.started = counter("topiq_jobs_started", "Tries started by this process.")
+        self.processed = counter(
+            "topiq_jobs_processed", "Tries that ended in this process, whichever way."
+        )
+        self.succeeded = counter("topiq_jobs_succeeded", "Jobs that succeeded.")
+        self.failed = counter("topiq_jobs_failed", "Jobs that failed for good.")
+        self.retried = counter("topiq_jobs_retried", "Tries that failed and will be retried.")
+        self.cancelled = counter("topiq_jobs_cancelled", "Jobs cancelled on request.")
+        self.expired = counter("topiq_jobs_expired", "Jobs found past their ttl, never run.")
+        self.run_seconds = Histogram(
+            "topiq_job_run_seconds",
+            "Seconds each try ran.",
+            JOB_LABELS,
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.wait_seconds = Histogram(
+            "topiq_job_wait_seconds",
+            "Seconds from dispatch (or from becoming due) to the first try's start.",
+            JOB_LABELS,
+            buckets=BUCKETS,
+            registry=registry,
+        )
+
+    def on_event(self, event: JobEvent) -> None:
+        labels = (event.queue, event.job or "unknown")
+        kind = event.kind
+        if kind is EventKind.DISPATCHED:
+            self.dispatched.labels(*labels).inc()
+            return
+        if kind is EventKind.STARTED:
+            self.started.labels(*labels).inc()
+            if event.waited is not None and event.waited >= 0:
+                self.wait_seconds.labels(*labels).observe(event.waited)
+            return
+        if kind is EventKind.EXPIRED:
+            self.expired.labels(*labels).inc()
+            return
+        ran = event.duration is not None
+        if kind is EventKind.SUCCEEDED:
+            self.succeeded.labels(*labels).inc()
+        elif kind is EventKind.RETRYING:
+            self.retried.labels(*labels).inc()
+        elif kind is EventKind.FAILED:
+            self.failed.labels(*labels).inc()
+        elif kind is EventKind.CANCELLED:
+            self.cancelled.labels(*labels).inc()
+        if kind in _TRY_ENDS or ran:  # a cancelled or returned job counts when it had run
+            self.processed.labels(*labels).inc()
+        if event.duration is not None and event.duration >= 0:
+            self.run_seconds.labels(*labels).observe(event.duration)
+
+
+_TRY_ENDS: Final = frozenset({EventKind.SUCCEEDED, EventKind.RETRYING, EventKind.FAILED})
+
+_counters: _JobCounters | None = None
+_unsubscribe: Callable[[], None] | None = None
+
+
+def install() -> None:
+    """Count this process's job events from now on (idempotent)."""
+    global _counters, _unsubscribe
+    if _counters is None:
+        # No `*_created` series: they double the output for nothing.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        _counters = _JobCounters(REGISTRY)
+    if _unsubscribe is None:
+        _unsubscribe = events.subscribe(_counters.on_event)
+
+
+def uninstall() -> None:
+    """Stop counting (the counts so far stay in `REGISTRY`)."""
+    global _unsubscribe
+    if _unsubscribe is not None:
+        _unsubscribe()
+        _unsubscribe = None
+
+
+def job_metrics() -> bytes:
+    """The exposition text of this process's job counters (empty before `install`)."""
+    return generate_latest(REGISTRY)
+
+
+# -- backend gauges -------------------------------------------------------------------------
+
+
+class _BackendGauges:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.up = Gauge(
+            "topiq_backend_up",
+            "1 when the connection's backend answered this scrape in time, else 0.",
+            ("connection",),
+            registry=registry,
+        )
+        self.jobs = Gauge(
+            "topiq_queue_jobs",
+            "Jobs in a queue, by state.",
+            ("connection", "queue", "state"),
+            registry=registry,
+        )
+        self.failed = Gauge(
+            "topiq_failed_jobs",
+            "Jobs of a queue in the failed-job store.",
+            ("connection", "queue"),
+            registry=registry,
+        )
+        self.paused = Gauge(
+            "topiq_queue_paused",
+            "1 when the queue is paused.",
+            ("connection", "queue"),
+            registry=registry,
+        )
+        self.workers = Gauge(
+            "topiq_workers",
+            "Live workers on the connection (heartbeat not expired).",
+            ("connection",),
+            registry=registry,
+        )
+
+
+async def _read_connection(
+    driver: Driver, queues: Sequence[str] | None, gauges: _BackendGauges
+) -> None:
+    """Fill `gauges` for one connection, value by value (what is read before a timeout
+    stays)."""
+    connection = driver.name
+    names = list(queues) if queues is not None else sorted(await driver.queues())
+    store = driver.failed_store()
+    for name in names:
+        stats = await driver.stats(name)
+        for state in STATES:
+            gauges.jobs.labels(connection, name, state).set(getattr(stats, state))
+        gauges.failed.labels(connection, name).set(await store.count(name))
+    paused = await driver.paused(names) if names else set()
+    for name in names:
+        gauges.paused.labels(connection, name).set(1 if name in paused else 0)
+    gauges.workers.labels(connection).set(len(await driver.workers()))
+
+
+async def _fill_backend(
+    registry: CollectorRegistry,
+    drivers: Sequence[Driver],
+    queues: Sequence[str] | None,
+    timeout: float,
+) -> None:
+    gauges = _BackendGauges(registry)
+
+    async def one(driver: Driver) -> None:
+        try:
+            await asyncio.wait_for(_read_connection(driver, queues, gauges), timeout)
+        except Exception as exc:  # a timeout or a backend error: export what is known
+            logger.warning(
+                "metrics: the %s backend did not answer in time: %s",
+                driver.name,
+                f"{type(exc).__name__}: {exc}".rstrip(": "),
+            )
+            gauges.up.labels(driver.name).set(0)
+        else:
+            gauges.up.labels(driver.name).set(1)
+
+    await asyncio.gather(*(one(driver) for driver in drivers))
+
+
+async def backend_metrics(
+    drivers: Sequence[Driver],
+    *,
+    queues: Sequence[str] | None = None,
+    timeout: float = BACKEND_TIMEOUT,
+) -> bytes:
+    """The exposition text of the backend gauges of `drivers` (each already open), read now.
+
+    Per connection: `topiq_queue_jobs{state}`, `topiq_failed_jobs` and `topiq_queue_paused`
+    for `queues` (default: every queue the backend has seen), `topiq_workers` and
+    `topiq_backend_up`. A backend that does not answer within `timeout` seconds gets
+    `topiq_backend_up 0` and keeps the values read before. A fresh registry per call.
+    """
+    registry = CollectorRegistry(auto_describe=True)
+    await _fill_backend(registry, drivers, queues, timeout)
+    return generate_latest(registry)
+
+
+# -- the MQTT app ---------------------------------------------------------------------------
+
+
+class _Reader:
+    """A collector that reads plain numbers when scraped."""
+
+    def __init__(self, families: Callable[[], Iterable[object]]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[object]:
+        return self._families()
+
+
+def mqtt_metrics(
+    stats: MqttStats,
+    outcomes: Callable[[], OutcomePublisher | None] | None = None,
+    unacked: Callable[[], int] | None = None,
+) -> bytes:
+    """The exposition text of the MQTT app's counters, read from `stats` (and the outcome
+    publisher, when there is one, and the count of messages not yet acknowledged)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    publisher = outcomes() if outcomes is not None else None
+
+    def families() -> Iterable[object]:
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, value=value)
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, value=value)
+
+        yield counter(
+            "topiq_mqtt_messages_received", "MQTT messages that reached the app.", stats.received
+        )
+        yield counter(
+            "topiq_mqtt_messages_handled",
+            "MQTT messages whose handler returned normally.",
+            stats.handled,
+        )
+        yield counter(
+            "topiq_mqtt_messages_failed",
+            "MQTT messages whose handler (or a middleware) raised.",
+            stats.failed,
+        )
+        published = publisher.published if publisher is not None else 0
+        publish_failed = publisher.failed + publisher.dropped if publisher is not None else 0
+        yield counter(
+            "topiq_mqtt_messages_published",
+            "Job outcomes published over MQTT by this process.",
+            published,
+        )
+        yield counter(
+            "topiq_mqtt_publish_failed",
+            "Job outcomes this process could not publish over MQTT.",
+            publish_failed,
+        )
+        yield gauge(
+            "topiq_mqtt_unacked_messages",
+            "MQTT messages received and not yet acknowledged.",
+            unacked() if unacked is not None else 0,
+        )
+        yield gauge(
+            "topiq_mqtt_connected", "1 while connected to the broker.", 1 if stats.connected else 0
+        )
+        yield gauge(
+            "topiq_mqtt_spool_depth", "Jobs in the offline spool right now.", stats.spool_depth
+        )
+        yield counter("topiq_mqtt_spooled", "Jobs written to the offline spool.", stats.spooled)
+        yield counter(
+            "topiq_mqtt_replayed",
+            "Spooled jobs pushed to their queue once it answered again.",
+            stats.replayed,
+        )
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Reader(families))  # type: ignore[arg-type]
+    return generate_latest(registry)
+
+
+# -- one scrape of a process ----------------------------------------------------------------
+
+
+async def scrape(
+    drivers: Sequence[Driver] = (),
+    *,
+    queues: Sequence[str] | None = None,
+    extra: Sequence[Callable[[], bytes]] = (),
+    timeout: float = BACKEND_TIMEOUT,
+) -> bytes:
+    """A process's whole `/metrics` text: its job counters, the backend gauges of `drivers`
+    (for `queues`), and each `extra` part."""
+    parts = [job_metrics(), await backend_metrics(drivers, queues=queues, timeout=timeout)]
+    parts.extend(part() for part in extra)
+    return b"".join(parts)
