@@ -51,6 +51,7 @@ __all__ = [
     "emit",
     "failed_outcome",
     "failed_record",
+    "first_wait",
     "job_path",
     "on_cancelled",
     "on_failed",
@@ -419,6 +420,23 @@ def job_path(job: Job | None) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+def first_wait(reserved: ReservedJob, now: float | None = None) -> float | None:
+    """Seconds from a job's dispatch (or the time it fell due, for a delayed job) to `now`
+    (default: the current time), for the first try only; `None` for a later try, a job with
+    dependencies (when it became ready is not recorded), or a payload that does not say."""
+    if reserved.attempts != 1:
+        return None
+    try:
+        envelope = orjson.loads(reserved.payload)
+        since = envelope["due_at"] if "due_at" in envelope else envelope.get("created_at")
+        if isinstance(since, bool) or not isinstance(since, int | float):
+            return None
+        waited = (time.time() if now is None else now) - since / 1000
+    except Exception:
+        return None
+    return max(0.0, waited) if waited == waited else None  # NaN: none
+
+
 def emit(
     kind: EventKind,
     reserved: ReservedJob,
@@ -428,8 +446,11 @@ def emit(
     worker: str = "",
     started: float | None = None,
     error: str = "",
+    waited: float | None = None,
 ) -> None:
-    """Announce a change of one job's state (callers check `events.active` first: cheap)."""
+    """Announce a change of one job's state (callers check `events.active` first: cheap).
+
+    `waited` is for `started` of a first try (`first_wait`)."""
     duration = None if started is None else time.perf_counter() - started
     events.emit(
         JobEvent(
@@ -442,5 +463,6 @@ def emit(
             duration=duration,
             error=error,
             worker=worker,
+            waited=waited,
         )
     )

@@ -1,31 +1,73 @@
-"""Logging set up once at the edge, from the settings."""
+"""Logging set up once at the edge, from the settings.
+
+In JSON (`LOG_FORMAT=json`) every line logged while a job runs carries the job's fields
+(`JOB_FIELDS`: `job_id`, `queue`, `job`, `attempt`, `worker`), the job's own log lines
+included: the runner sets them around each try with `job_fields`, in a context variable that
+the try's task, its threads and the tasks it starts inherit. A line may also pass any of
+`LOG_FIELDS` as `extra` (the worker's end-of-try lines give `duration`, in seconds). The text
+format is unchanged.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
 from core.settings import LogFormat, Settings
 
-__all__ = ["configure_logging"]
+__all__ = ["JOB_FIELDS", "LOG_FIELDS", "configure_logging", "job_fields"]
+
+#: The fields set for every line logged during a try.
+JOB_FIELDS: tuple[str, ...] = ("job_id", "queue", "job", "attempt", "worker")
+#: The fields a JSON line may carry besides its own (`extra` wins over the try's context).
+LOG_FIELDS: tuple[str, ...] = (*JOB_FIELDS, "duration")
+
+_JOB: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "topiq_job_log_fields", default=None
+)
+
+
+@contextlib.contextmanager
+def job_fields(
+    *, job_id: str, queue: str, job: str, attempt: int, worker: str = ""
+) -> Iterator[None]:
+    """Tag every line logged inside the block (in this task, and the threads and tasks it
+    starts) with the job's fields, in JSON logs."""
+    token = _JOB.set(
+        {"job_id": job_id, "queue": queue, "job": job, "attempt": attempt, "worker": worker}
+    )
+    try:
+        yield
+    finally:
+        _JOB.reset(token)
 
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        data = {
+        data: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname,
             "logger": record.name,
             "pid": record.process,
             "msg": record.getMessage(),
         }
+        context = _JOB.get()
+        if context is not None:
+            data.update(context)
+        fields = record.__dict__
+        for name in LOG_FIELDS:
+            if name in fields:
+                data[name] = fields[name]
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(data).decode()
+        return orjson.dumps(data, default=str).decode()
 
 
 class _Stderr(logging.StreamHandler[Any]):
