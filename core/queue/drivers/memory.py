@@ -40,17 +40,21 @@ import itertools
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from core.queue.drivers.base import (
+    HISTORY_FIELDS,
+    BrowseState,
     DependencyRule,
     Driver,
     FailedJob,
     FailedStore,
+    GroupInfo,
     JobKind,
     Limit,
+    MinuteCounts,
     Outcome,
     OutgoingJob,
     Pushed,
@@ -79,6 +83,15 @@ _Rank = tuple[int, int, int]
 _FAILURES = frozenset({Status.FAILED, Status.EXPIRED})
 #: A line job's place (`_Queue.place`): in no ordered structure.
 _LINE = ("line", 0)
+#: The states `browse` lists, and the status a job without a record is shown with in each.
+_BROWSED: dict[str, Status] = {
+    "pending": Status.QUEUED,
+    "delayed": Status.SCHEDULED,
+    "reserved": Status.RUNNING,
+    "deferred": Status.DEFERRED,
+}
+#: The counters of a `MinuteCounts` (every field but `minute`).
+_MINUTE_FIELDS = tuple(name for name in MinuteCounts.__slots__ if name != "minute")
 
 
 @dataclass(slots=True)
@@ -268,6 +281,26 @@ class MemoryFailedStore(FailedStore):
 def _class_of(record: FailedJob) -> str:
     path = record.job_class
     return "" if path == "?" else path
+
+
+def _minute_counts(queue: _Queue, minute: int, current: int) -> dict[str, int]:
+    """The counters of `queue` for `minute`, created if need be; creating one drops the
+    minutes older than `COUNTS_KEPT` before `current` (the minute it is now)."""
+    counts = queue.counts.get(minute)
+    if counts is None:
+        counts = queue.counts[minute] = {}
+        oldest = current - int(COUNTS_KEPT // 60)
+        for gone in [m for m in queue.counts if m < oldest]:
+            del queue.counts[gone]
+    return counts
+
+
+def _check_page(offset: int, limit: int) -> None:
+    """Refuse a page that cannot be read (`browse`, `groups`)."""
+    if not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a whole number of at least 0, got {offset!r}")
+    if not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit must be a whole number of at least 0, got {limit!r}")
 
 
 class MemoryDriver(Driver):
@@ -1110,12 +1143,7 @@ class MemoryDriver(Driver):
         """Count one end (a `Status`) or one push outcome ("coalesced", "dropped",
         "rejected") in the current minute."""
         minute = int(wall // 60)
-        counts = queue.counts.get(minute)
-        if counts is None:
-            counts = queue.counts[minute] = {}
-            oldest = minute - int(COUNTS_KEPT // 60)
-            for gone in [m for m in queue.counts if m < oldest]:
-                del queue.counts[gone]
+        counts = _minute_counts(queue, minute, minute)
         counts[status] = counts.get(status, 0) + 1
 
     async def wait(self, queues: Sequence[str], timeout: float) -> None:
@@ -1270,6 +1298,11 @@ class MemoryDriver(Driver):
             self._wake_if_stirred()
             if job_id not in q.records:
                 return None
+        return self._view(q, record, now)
+
+    def _view(self, q: _Queue, record: _Record, now: float) -> JobStatus:
+        """What callers see of a stored record."""
+        job_id = record.id
         status = record.status
         if status is Status.SCHEDULED and record.due <= now:
             status = Status.QUEUED  # due: ready, whether or not a reserve has moved it yet
@@ -1278,7 +1311,7 @@ class MemoryDriver(Driver):
         if wait is not None and wait.kind == "job":
             waiting_for = tuple(dep_id for _, dep_id in wait.pending)
         return JobStatus(
-            id=record.id,
+            id=job_id,
             status=status,
             connection=self.name,
             queue=record.queue,
@@ -1370,6 +1403,109 @@ class MemoryDriver(Driver):
             dropped=totals.get("dropped", 0),
             rejected=totals.get("rejected", 0),
         )
+
+    # -- observing (the dashboard, metrics) -----------------------------------------------
+
+    async def history(self, queue: str, minutes: int = 60) -> list[MinuteCounts]:
+        if not isinstance(minutes, int) or minutes < 1:
+            raise ValueError(f"minutes must be a whole number of at least 1, got {minutes!r}")
+        q = self._queues.get(queue)
+        now = int(time.time() // 60)
+        out = []
+        for minute in range(now - minutes + 1, now + 1):
+            counts = q.counts.get(minute) if q is not None else None
+            if counts:
+                out.append(MinuteCounts(minute, **{f: counts.get(f, 0) for f in _MINUTE_FIELDS}))
+            else:
+                out.append(MinuteCounts(minute))
+        return out
+
+    async def add_history(self, rows: Sequence[tuple[str, int, Mapping[str, int]]]) -> None:
+        # Into the same counters as the ends (`_count`): no await, so nothing is lost.
+        current = int(time.time() // 60)
+        oldest = current - int(COUNTS_KEPT // 60)
+        for queue, minute, fields in rows:
+            if minute < oldest:
+                continue  # dropped already: the history keeps two hours
+            added = {name: int(fields[name]) for name in HISTORY_FIELDS if fields.get(name)}
+            if not added:
+                continue
+            counts = _minute_counts(self._queue(queue), minute, current)
+            for name, n in added.items():
+                counts[name] = counts.get(name, 0) + n
+
+    async def browse(
+        self, queue: str, state: BrowseState, offset: int = 0, limit: int = 50
+    ) -> list[JobStatus]:
+        if state not in _BROWSED:
+            raise ValueError(f"state must be one of {', '.join(_BROWSED)}, got {state!r}")
+        _check_page(offset, limit)
+        q = self._queues.get(queue)
+        if q is None or limit == 0:
+            return []
+        now = time.monotonic()
+        end = offset + limit
+        if state == "pending":
+            if q.delayed and q.delayed[0][0] <= now:
+                self._mature_delayed(q, now)  # due: ready, in the order reserve would take them
+                self._wake_if_stirred()
+            page = self._pending(q, end)[offset:end]
+        elif state == "delayed":
+            place = q.place
+            due = (e for e in q.delayed if place.get(e[2]) == ("delayed", e[1]))
+            page = [job_id for _, _, job_id in heapq.nsmallest(end, due)][offset:end]
+        elif state == "reserved":
+            leases = heapq.nsmallest(end, q.reserved.items(), key=lambda item: item[1])
+            page = [job_id for job_id, _ in leases[offset:end]]
+        else:
+            deferred = (job_id for job_id, wait in q.waits.items() if wait.kind == "job")
+            page = list(itertools.islice(deferred, offset, end))
+        out = []
+        for job_id in page:
+            record = q.records.get(job_id)
+            if record is None:  # cannot happen while every path writes records; still shown
+                out.append(JobStatus(job_id, _BROWSED[state], self.name, q.name))
+            else:
+                out.append(self._view(q, record, now))
+        return out
+
+    @staticmethod
+    def _pending(q: _Queue, count: int) -> list[str]:
+        """The first `count` pending jobs: the ready ones (limit-held ones included) by the
+        rank `reserve` hands them out in, then the group lines' jobs, group by group in name
+        order, each line in push order."""
+        place = q.place
+        ranks: list[tuple[_Rank, str]] = [
+            ((0, 0, order), job_id)
+            for order, job_id in q.first
+            if place.get(job_id) == ("first", order)
+        ]
+        ranks += [
+            ((1, 0, order), job_id)
+            for order, job_id in q.ready
+            if place.get(job_id) == ("ready", order)
+        ]
+        ranks += [
+            ((1, neg, order), job_id)
+            for neg, order, job_id in q.ranked
+            if place.get(job_id) == ("ranked", order)
+        ]
+        for gate in q.gates.values():
+            ranks += [e for e in gate.held if place.get(e[1]) == ("held", e[0][2])]
+        out = [job_id for _, job_id in heapq.nsmallest(count, ranks)]
+        for name in sorted(q.groups):
+            if len(out) >= count:
+                break
+            out += itertools.islice(q.groups[name].line, count - len(out))
+        return out
+
+    async def groups(self, queue: str, offset: int = 0, limit: int = 100) -> list[GroupInfo]:
+        _check_page(offset, limit)
+        q = self._queues.get(queue)
+        if q is None or not q.groups or limit == 0:
+            return []
+        names = sorted(q.groups)[offset : offset + limit]
+        return [GroupInfo(n, q.groups[n].holder, len(q.groups[n].line)) for n in names]
 
     async def prune_records(self) -> int:
         return self._sweep(time.monotonic())
