@@ -711,7 +711,7 @@ def encode(
         )
     if settings is None:
         settings = job_settings(job)
-    envelope = {
+    envelope: dict[str, Any] = {
         "id": job_id,
         "job": class_path(cls),
         "queue": queue,
