@@ -11,7 +11,7 @@ Three sources, each with its own exposition:
   scrape, never a hung request;
 - the MQTT app's counters (`topiq_mqtt_*`), read from its `MqttStats` (`mqtt_metrics`).
 
-`scrape(...)` joins what a process has into one text for its `/metrics` (`core.observe_http`).
+`core.observe_http` joins what a process has into the text of its `/metrics`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from prometheus_client import (
@@ -37,19 +37,21 @@ from core.events import EventKind, JobEvent, events
 if TYPE_CHECKING:
     from core.mqtt.outcomes import OutcomePublisher
     from core.mqtt.stats import MqttStats
-    from core.queue.drivers.base import Driver
+    from core.queue.drivers.base import Driver, FailedStore
 
 __all__ = [
     "BACKEND_TIMEOUT",
     "CONTENT_TYPE",
     "JOB_LABELS",
     "REGISTRY",
+    "backend_down",
     "backend_metrics",
     "install",
     "job_metrics",
     "mqtt_metrics",
-    "scrape",
+    "outcome_metrics",
     "uninstall",
+    "worker_metrics",
 ]
 
 logger = logging.getLogger("topiq.metrics")
@@ -220,13 +222,16 @@ class _BackendGauges:
 
 
 async def _read_connection(
-    driver: Driver, queues: Sequence[str] | None, gauges: _BackendGauges
+    driver: Driver,
+    queues: Sequence[str] | None,
+    gauges: _BackendGauges,
+    stores: Callable[[Driver], Awaitable[FailedStore]] | None,
 ) -> None:
     """Fill `gauges` for one connection, value by value (what is read before a timeout
     stays)."""
     connection = driver.name
     names = list(queues) if queues is not None else sorted(await driver.queues())
-    store = driver.failed_store()
+    store = await stores(driver) if stores is not None else driver.failed_store()
     for name in names:
         stats = await driver.stats(name)
         for state in STATES:
@@ -243,12 +248,13 @@ async def _fill_backend(
     drivers: Sequence[Driver],
     queues: Sequence[str] | None,
     timeout: float,
+    stores: Callable[[Driver], Awaitable[FailedStore]] | None,
 ) -> None:
     gauges = _BackendGauges(registry)
 
     async def one(driver: Driver) -> None:
         try:
-            await asyncio.wait_for(_read_connection(driver, queues, gauges), timeout)
+            await asyncio.wait_for(_read_connection(driver, queues, gauges, stores), timeout)
         except Exception as exc:  # a timeout or a backend error: export what is known
             logger.warning(
                 "metrics: the %s backend did not answer in time: %s",
@@ -267,16 +273,39 @@ async def backend_metrics(
     *,
     queues: Sequence[str] | None = None,
     timeout: float = BACKEND_TIMEOUT,
+    stores: Callable[[Driver], Awaitable[FailedStore]] | None = None,
 ) -> bytes:
     """The exposition text of the backend gauges of `drivers` (each already open), read now.
 
     Per connection: `topiq_queue_jobs{state}`, `topiq_failed_jobs` and `topiq_queue_paused`
     for `queues` (default: every queue the backend has seen), `topiq_workers` and
     `topiq_backend_up`. A backend that does not answer within `timeout` seconds gets
-    `topiq_backend_up 0` and keeps the values read before. A fresh registry per call.
+    `topiq_backend_up 0` and keeps the values read before. `stores` gives a connection's
+    failed-job store when it is not the driver's own (`QueueManager.failed_store`). A fresh
+    registry per call.
     """
     registry = CollectorRegistry(auto_describe=True)
-    await _fill_backend(registry, drivers, queues, timeout)
+    await _fill_backend(registry, drivers, queues, timeout, stores)
+    return generate_latest(registry)
+
+
+def backend_down(connection: str) -> bytes:
+    """`topiq_backend_up{connection} 0` alone: for a connection that could not even be
+    opened in time."""
+    registry = CollectorRegistry(auto_describe=True)
+    _BackendGauges(registry).up.labels(connection).set(0)
+    return generate_latest(registry)
+
+
+def worker_metrics(connection: str, running: int) -> bytes:
+    """`topiq_worker_running_jobs{connection}`: the jobs this worker process runs now."""
+    registry = CollectorRegistry(auto_describe=True)
+    Gauge(
+        "topiq_worker_running_jobs",
+        "Jobs this worker process is running now.",
+        ("connection",),
+        registry=registry,
+    ).labels(connection).set(running)
     return generate_latest(registry)
 
 
@@ -296,10 +325,9 @@ class _Reader:
 def mqtt_metrics(
     stats: MqttStats,
     outcomes: Callable[[], OutcomePublisher | None] | None = None,
-    unacked: Callable[[], int] | None = None,
 ) -> bytes:
-    """The exposition text of the MQTT app's counters, read from `stats` (and the outcome
-    publisher, when there is one, and the count of messages not yet acknowledged)."""
+    """The exposition text of the MQTT app's counters, read from `stats` (and from the job
+    outcome publisher of a worker in the same process, when it has one)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     publisher = outcomes() if outcomes is not None else None
@@ -324,22 +352,11 @@ def mqtt_metrics(
             "MQTT messages whose handler (or a middleware) raised.",
             stats.failed,
         )
-        published = publisher.published if publisher is not None else 0
-        publish_failed = publisher.failed + publisher.dropped if publisher is not None else 0
-        yield counter(
-            "topiq_mqtt_messages_published",
-            "Job outcomes published over MQTT by this process.",
-            published,
-        )
-        yield counter(
-            "topiq_mqtt_publish_failed",
-            "Job outcomes this process could not publish over MQTT.",
-            publish_failed,
-        )
+        yield from _outcome_families(publisher)
         yield gauge(
             "topiq_mqtt_unacked_messages",
             "MQTT messages received and not yet acknowledged.",
-            unacked() if unacked is not None else 0,
+            stats.unacked,
         )
         yield gauge(
             "topiq_mqtt_connected", "1 while connected to the broker.", 1 if stats.connected else 0
@@ -359,18 +376,25 @@ def mqtt_metrics(
     return generate_latest(registry)
 
 
-# -- one scrape of a process ----------------------------------------------------------------
+def _outcome_families(publisher: OutcomePublisher | None) -> Iterable[object]:
+    from prometheus_client.core import CounterMetricFamily
+
+    published = publisher.published if publisher is not None else 0
+    not_published = publisher.failed + publisher.dropped if publisher is not None else 0
+    yield CounterMetricFamily(
+        "topiq_mqtt_messages_published",
+        "Job outcomes published over MQTT by this process.",
+        value=published,
+    )
+    yield CounterMetricFamily(
+        "topiq_mqtt_publish_failed",
+        "Job outcomes this process could not publish over MQTT (failed or dropped).",
+        value=not_published,
+    )
 
 
-async def scrape(
-    drivers: Sequence[Driver] = (),
-    *,
-    queues: Sequence[str] | None = None,
-    extra: Sequence[Callable[[], bytes]] = (),
-    timeout: float = BACKEND_TIMEOUT,
-) -> bytes:
-    """A process's whole `/metrics` text: its job counters, the backend gauges of `drivers`
-    (for `queues`), and each `extra` part."""
-    parts = [job_metrics(), await backend_metrics(drivers, queues=queues, timeout=timeout)]
-    parts.extend(part() for part in extra)
-    return b"".join(parts)
+def outcome_metrics(publisher: OutcomePublisher | None) -> bytes:
+    """The outcome publisher's counters alone (a worker process without the MQTT app)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Reader(lambda: _outcome_families(publisher)))  # type: ignore[arg-type]
+    return generate_latest(registry)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence, Sized
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, Protocol
 
 import uvicorn
 from starlette.applications import Starlette
@@ -26,10 +28,26 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from core import metrics as topiq_metrics
 from core.errors import ConfigurationError
 from core.metrics import CONTENT_TYPE
 
-__all__ = ["EndpointError", "HealthLike", "build_app", "serve_endpoint"]
+if TYPE_CHECKING:
+    from core.health import Health
+    from core.mqtt.outcomes import OutcomePublisher
+    from core.mqtt.stats import MqttStats
+    from core.queue.drivers.base import Driver, FailedStore
+    from core.queue.queue_manager import QueueManager
+    from core.worker.worker import Worker
+
+__all__ = [
+    "EndpointError",
+    "HealthLike",
+    "app_endpoint",
+    "build_app",
+    "serve_endpoint",
+    "worker_endpoint",
+]
 
 logger = logging.getLogger("topiq.metrics")
 
@@ -48,14 +66,14 @@ class EndpointError(ConfigurationError):
 
 
 def build_app(
-    metrics: Callable[[], Awaitable[bytes]],
+    render: Callable[[], Awaitable[bytes]],
     health: Callable[[], Awaitable[HealthLike]] | None = None,
 ) -> Starlette:
     """The Starlette app serving `/metrics` and `/health` (always ok when `health` is None)."""
 
     async def metrics_page(request: Request) -> Response:
         try:
-            body = await metrics()
+            body = await render()
         except Exception as exc:  # a scrape never takes the process down
             logger.exception("metrics: the scrape failed")
             return PlainTextResponse(f"scrape failed: {type(exc).__name__}\n", status_code=500)
@@ -154,3 +172,116 @@ async def serve_endpoint(
             loop_task.cancel()
             await asyncio.gather(loop_task, return_exceptions=True)
             sock.close()
+
+
+# -- the endpoints of a worker and of the MQTT app --------------------------------------------
+
+
+async def _open_driver(manager: QueueManager, connection: str) -> Driver | None:
+    """The connection's open driver, or None when it cannot be had in time."""
+    try:
+        return await asyncio.wait_for(manager.connection(connection), topiq_metrics.BACKEND_TIMEOUT)
+    except Exception:
+        return None
+
+
+async def _backend_part(
+    manager: QueueManager, connection: str, queues: Sequence[str] | None
+) -> bytes:
+    driver = await _open_driver(manager, connection)
+    if driver is None:
+        logger.warning("metrics: the %s backend cannot be reached", connection)
+        return topiq_metrics.backend_down(connection)
+
+    async def store(driver: Driver) -> FailedStore:
+        return await manager.failed_store(driver.name)
+
+    return await topiq_metrics.backend_metrics([driver], queues=queues, stores=store)
+
+
+async def _health(manager: QueueManager, connection: str, need_workers: bool) -> Health:
+    from core.health import Health, check_health
+
+    driver = await _open_driver(manager, connection)
+    if driver is None:
+        return Health(
+            False,
+            connection,
+            False,
+            0,
+            f"backend {connection!r} did not answer within {topiq_metrics.BACKEND_TIMEOUT:g} s",
+        )
+    return await check_health(
+        driver, need_workers=need_workers, timeout=topiq_metrics.BACKEND_TIMEOUT
+    )
+
+
+def _running(worker: Worker) -> int:
+    running: Sized = getattr(worker, "_running", ())
+    return len(running)
+
+
+def _outcomes(worker: Worker | None) -> OutcomePublisher | None:
+    publisher: OutcomePublisher | None = getattr(worker, "_outcomes", None)
+    return publisher
+
+
+def worker_endpoint(worker: Worker, host: str, port: int) -> AbstractAsyncContextManager[int]:
+    """`queue:work --metrics-port`: the worker's job counters, the depths of its queues on its
+    connection, its running jobs, and `/health` (backend answers, a live worker exists)."""
+    topiq_metrics.install()
+    manager = worker.manager
+    connection = worker.connection
+
+    async def render() -> bytes:
+        backend = await _backend_part(manager, connection, worker.options.queues)
+        return b"".join(
+            (
+                topiq_metrics.job_metrics(),
+                backend,
+                topiq_metrics.worker_metrics(connection, _running(worker)),
+                topiq_metrics.outcome_metrics(_outcomes(worker)),
+            )
+        )
+
+    async def health() -> Health:
+        return await _health(manager, connection, need_workers=True)
+
+    return serve_endpoint(host, port, metrics=render, health=health)
+
+
+def app_endpoint(
+    stats: MqttStats,
+    manager: QueueManager,
+    queues: Sequence[str] | None,
+    host: str,
+    port: int,
+    worker: Callable[[], Worker | None] = lambda: None,
+) -> AbstractAsyncContextManager[int]:
+    """`serve --metrics-port`: the MQTT app's counters, the jobs it dispatched, the depths of
+    `queues` on the default connection (None: every queue it knows), and the running jobs of
+    the worker `worker()` returns (`--worker`);
+    `/health` is ok while the backend answers and the app is connected to the broker (and,
+    with `--worker`, a live worker exists)."""
+    topiq_metrics.install()
+    connection = manager.connection_name()
+
+    async def render() -> bytes:
+        backend = await _backend_part(manager, connection, queues)
+        running = worker()
+        parts = [
+            topiq_metrics.job_metrics(),
+            backend,
+            topiq_metrics.mqtt_metrics(stats, lambda: _outcomes(running)),
+        ]
+        if running is not None:
+            parts.append(topiq_metrics.worker_metrics(connection, _running(running)))
+        return b"".join(parts)
+
+    async def health() -> Health:
+        state = await _health(manager, connection, need_workers=worker() is not None)
+        if state.ok and not stats.connected:
+            return dataclasses.replace(state, ok=False, error="not connected to the MQTT broker")
+        return state
+
+    return serve_endpoint(host, port, metrics=render, health=health)

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from core.commands._common import positive_int, positive_seconds
+from core.commands._endpoint import add_endpoint_flags
 from core.errors import ConfigurationError
 from core.mqtt import publisher
 from core.mqtt.app import MqttApp
@@ -133,6 +134,7 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"--worker --simulate {DEMO_DEVICES} and a live status table",
     )
+    add_endpoint_flags(parser)
     parser.add_argument(
         "--duration",
         type=positive_seconds,
@@ -198,7 +200,23 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
         stack.callback(set_default_manager, None)
         # Closed before the broker stops, so it disconnects cleanly.
         stack.push_async_callback(publisher.close)
-        code = await _serve(router, settings, options, stats, manager, with_worker, devices, args)
+        workers: list[Worker] = []  # the one `_serve` starts with --worker, for the metrics
+        if args.metrics_port is not None:
+            from core.observe_http import app_endpoint
+
+            await stack.enter_async_context(
+                app_endpoint(
+                    stats,
+                    manager,
+                    None,
+                    args.metrics_host,
+                    args.metrics_port,
+                    worker=lambda: workers[0] if workers else None,
+                )
+            )
+        code = await _serve(
+            router, settings, options, stats, manager, with_worker, devices, args, workers
+        )
     stuck = sync_handlers_running()
     if stuck:
         # A plain `def` handler outlived the grace period; a thread cannot be cancelled and the
@@ -225,6 +243,7 @@ async def _serve(
     with_worker: bool,
     devices: int,
     args: argparse.Namespace,
+    workers: list[Worker],
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -244,6 +263,7 @@ async def _serve(
                 handle_signals=False,  # ours (below) stop the app and the worker together
             ),
         )
+        workers.append(worker)
         worker_task = asyncio.create_task(worker.run(), name="topiq-worker")
 
     simulator: DeviceSimulator | None = None

@@ -15,6 +15,7 @@ from core.commands._common import (
     queue_list,
     seconds,
 )
+from core.commands._endpoint import add_endpoint_flags
 from core.errors import ConfigurationError
 from core.queue.drivers.base import Driver
 from core.queue.payload import validate_queue
@@ -71,6 +72,7 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stop-when-empty", action="store_true", help="exit once the queues are empty"
     )
+    add_endpoint_flags(parser)
     parser.add_argument(
         "--with-scheduler",
         action="store_true",
@@ -139,7 +141,14 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
         )
         check = asyncio.create_task(_check_backend(manager, connection), name="topiq-redis-check")
         try:
-            reason = await worker.run()
+            async with contextlib.AsyncExitStack() as stack:
+                if args.metrics_port is not None:
+                    from core.observe_http import worker_endpoint
+
+                    await stack.enter_async_context(
+                        worker_endpoint(worker, args.metrics_host, args.metrics_port)
+                    )
+                reason = await worker.run()
         finally:
             check.cancel()
             await asyncio.gather(check, return_exceptions=True)

@@ -285,6 +285,7 @@ class _Connection:
                 )
             return
         self.unacked += 1
+        self._stats.unacked += 1
         delivery = Delivery(_incoming(message), self, message.mid)
         if self._held is not None:
             self._held.append(delivery)
@@ -303,6 +304,7 @@ class _Connection:
 
     def settle(self, message: IncomingMessage, mid: int) -> None:
         self.unacked -= 1
+        self._stats.unacked -= 1
         if not message.qos:
             return
         if not self.open:
@@ -321,6 +323,7 @@ class _Connection:
         """The connection is gone: its acknowledgements can no longer be sent, and what it
         held back is left to the broker, which sends it again."""
         self.open = False
+        self._stats.unacked -= len(self._held or ())  # never handed over, never settled
         self._held = None
 
 

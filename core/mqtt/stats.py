@@ -30,6 +30,7 @@ class MqttStats:
         spool_dropped: Spooled jobs the queue refused at replay (logged as errors).
         spool_full: Pushes refused because the spool was full (messages left unacknowledged).
         spool_depth: Jobs in the spool right now.
+        unacked: Messages received and not yet acknowledged (in hand: waiting or running).
     """
 
     received: int = 0
@@ -48,6 +49,7 @@ class MqttStats:
     spool_dropped: int = 0
     spool_full: int = 0
     spool_depth: int = 0
+    unacked: int = 0
 
     @property
     def jobs_dispatched(self) -> int:
