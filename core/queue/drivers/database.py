@@ -33,7 +33,7 @@ import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
@@ -59,12 +59,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from core.errors import ConfigurationError, DriverError
 from core.queue.drivers import sql_groups as groups
 from core.queue.drivers import sql_lifecycle as life
+from core.queue.drivers import sql_observe as observe
 from core.queue.drivers import sql_tables as t
 from core.queue.drivers import sql_workflow as wf
 from core.queue.drivers.base import (
+    BrowseState,
     Driver,
     FailedJob,
     FailedStore,
+    GroupInfo,
+    MinuteCounts,
     OutgoingJob,
     Pushed,
     QueueStats,
@@ -902,6 +906,53 @@ class DatabaseDriver(Driver):
             return await life.recent(conn, queue, window)
 
         return await self._run("count ended jobs", op, write=False)
+
+    # -- observing (the dashboard, metrics; see `sql_observe`) ------------------------------
+
+    async def history(self, queue: str, minutes: int = 60) -> list[MinuteCounts]:
+        """`queue`'s last `minutes` minutes from `queue_counts`, every shard summed, one
+        entry per minute (zeros where nothing was counted), oldest first."""
+        if isinstance(minutes, bool) or not isinstance(minutes, int) or minutes < 1:
+            raise ValueError(f"minutes must be a whole number >= 1, got {minutes!r}")
+        last = life.minute_now()
+
+        async def op(conn: AsyncConnection) -> list[MinuteCounts]:
+            return await observe.history(conn, queue, last - minutes + 1, last)
+
+        return await self._run("read a queue's history", op, write=False)
+
+    async def add_history(self, rows: Sequence[tuple[str, int, Mapping[str, int]]]) -> None:
+        """Add workers' counts to `queue_counts`, in this driver's shard: one multi-row
+        upsert that adds to the stored counts, in one transaction. `prune_records` drops the
+        minutes older than two hours."""
+        values = observe.history_rows(rows, self._shard)
+        if not values:
+            return
+
+        async def op(conn: AsyncConnection) -> None:
+            await observe.add_history(conn, values)
+
+        await self._run("add to a queue's history", op)
+
+    async def browse(
+        self, queue: str, state: BrowseState, offset: int = 0, limit: int = 50
+    ) -> list[JobStatus]:
+        """A page of `queue`'s jobs in `state`, read along the claim index (`sql_observe`)."""
+
+        async def op(conn: AsyncConnection) -> list[JobStatus]:
+            return await observe.browse(conn, queue, state, offset, limit, self.name)
+
+        observe.check_page(offset, limit)
+        return await self._run("list a queue's jobs", op, write=False)
+
+    async def groups(self, queue: str, offset: int = 0, limit: int = 100) -> list[GroupInfo]:
+        """A page of `queue`'s groups from `queue_groups`, by name (`sql_observe`)."""
+
+        async def op(conn: AsyncConnection) -> list[GroupInfo]:
+            return await observe.groups(conn, queue, offset, limit)
+
+        observe.check_page(offset, limit)
+        return await self._run("list a queue's groups", op, write=False)
 
     async def prune_records(self) -> int:
         """Delete records past their keep time, counters older than two hours, unique-key

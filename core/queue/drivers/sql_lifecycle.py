@@ -65,6 +65,7 @@ __all__ = [
     "recent",
     "record_status",
     "ttl_error",
+    "upsert_counts",
 ]
 
 COUNTS_KEPT = 2 * 3600  # seconds of per-minute counters `prune_counts` keeps
@@ -348,7 +349,12 @@ async def count(conn: AsyncConnection, ended: Counter[tuple[str, str]], shard: i
         {"queue": queue, "minute": minute, "status": status, "shard": shard, "count": n}
         for (queue, status), n in sorted(ended.items())
     ]
-    await conn.execute(_upsert(conn.dialect.name, t.queue_counts, "count"), rows)
+    await conn.execute(upsert_counts(conn.dialect.name), rows)
+
+
+def upsert_counts(dialect: str) -> Any:
+    """The statement that adds rows to `queue_counts` (their `count` to a stored row's)."""
+    return _upsert(dialect, t.queue_counts, "count")
 
 
 def minute_now() -> int:
