@@ -352,8 +352,10 @@ async def test_browse_pages_with_offset_and_limit(driver: Driver, queue: str) ->
     # Running jobs leave the pending list: the first page starts at the next to hand out.
     assert await take(driver, queue, 2) == jobs[:2]
     assert await listed_page(driver, queue, 0, 3) == jobs[2:5]
-    assert await listed_page(driver, queue, 0, 3, "reserved") == jobs[:2]
-    assert await listed_page(driver, queue, 1, 3, "reserved") == jobs[1:2]
+    # Reserved in one call: one lease expiry, so either order (latitude).
+    running = await listed_page(driver, queue, 0, 1, "reserved")
+    running += await listed_page(driver, queue, 1, 3, "reserved")
+    assert sorted(running) == sorted(jobs[:2])
 
 
 async def listed_page(
@@ -456,7 +458,7 @@ async def test_browse_lists_each_waiting_job_in_exactly_one_state_as_stats_count
             grouped(line1, queue, "dev-1", 6),
             grouped(line2, queue, "dev-1", 7),
             outgoing(later, queue, 8, delay=600),
-            outgoing(dep, queue, 9, delay=600),
+            outgoing(dep, queue, 9, delay=700),
             outgoing(deferred, queue, 10, depends_on=[dep]),
             outgoing(front, queue, 11, at_front=True),
         ]
