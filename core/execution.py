@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from core import tracing
 from core.errors import JobTimeoutError
 from core.events import EventKind, JobEvent, events
 from core.hooks import hooks
@@ -272,14 +273,25 @@ def run_try(
     await it for `handle()`'s result as the middleware passes it on.
 
     The timeout covers `handle()` itself; what a middleware does around `call_next()` is not
-    timed. With no hook and no middleware this is `call_handle` itself (the hot path).
+    timed. With no hook and no middleware this is `call_handle` itself (the hot path). When
+    the process traces (core/tracing.py), all of it runs in the try's `run <Class>` span.
     """
     chain: Sequence[JobMiddleware] = job.middleware()
     if not chain and not hooks.any_run_hooks:
-        return call_handle(
-            job, timeout, threads, stop_within=stop_within, on_stuck=on_stuck, on_thread=on_thread
+        return tracing.running(
+            job,
+            call_handle(
+                job,
+                timeout,
+                threads,
+                stop_within=stop_within,
+                on_stuck=on_stuck,
+                on_thread=on_thread,
+            ),
         )
-    return _wrapped_try(job, chain, timeout, threads, stop_within, on_stuck, on_thread)
+    return tracing.running(
+        job, _wrapped_try(job, chain, timeout, threads, stop_within, on_stuck, on_thread)
+    )
 
 
 async def _wrapped_try(

@@ -8,6 +8,7 @@ import logging
 import time
 from typing import Any
 
+from core import tracing
 from core.errors import ConnectionLostError
 from core.mqtt.client import Delivery, MqttClient
 from core.mqtt.context import MessageContext
@@ -299,7 +300,14 @@ class MqttApp:
             if not await self._slot(slots):
                 return False  # stopping: the broker sends it again, in order, to the next app
             try:
-                return await self._run_route(message, route, params, job_origin, publisher)
+                return await tracing.receiving(
+                    self._run_route(message, route, params, job_origin, publisher),
+                    route.filter,
+                    message.topic,
+                    len(message.payload),
+                    message.qos,
+                    message.properties.user_properties,
+                )
             finally:
                 slots.release()
         finally:
@@ -374,6 +382,7 @@ class MqttApp:
                     attempt += 1
                     continue
                 stats.failed += 1
+                tracing.handler_failed(exc)
                 self._log_failure(route, message, attempt + 1, started)
                 return True
             stats.handled += 1

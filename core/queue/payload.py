@@ -12,7 +12,8 @@ before they existed lack them: the worker then uses its own settings); `ttl` is 
 the job has one; `reply` (`{"topic", "correlation", "status_topic"}`, see `reply_info`) only
 when the job's outcome is to be published over MQTT; `due_at` (epoch milliseconds) only for a
 delayed job, `null` for one with dependencies (the worker measures the wait to a first start
-from it, else from `created_at`). `attempts` is not in the payload: the
+from it, else from `created_at`); `trace` (`{"traceparent", "tracestate"}`, W3C) only when
+the dispatch was traced (core/tracing.py). `attempts` is not in the payload: the
 driver counts tries at reservation, so a worker that dies mid-job still spends one.
 """
 
@@ -688,6 +689,7 @@ def encode(
     reply: dict[str, str] | None = None,
     delay: float = 0.0,
     deferred: bool = False,
+    trace: dict[str, str] | None = None,
 ) -> bytes:
     """The payload for `job`, or `SerializationError` naming the attribute it cannot carry.
 
@@ -696,6 +698,7 @@ def encode(
     (`reply_info(...)`) is written as the payload's `"reply"` key: where the worker publishes
     the job's outcome when it ends. `delay` (seconds) and `deferred` (it has dependencies)
     write `due_at`: when the job falls due, or `null` when that is not known at dispatch.
+    `trace` (`tracing.carrier(...)`) is written as `"trace"`.
     """
     cls = type(job)
     info = _class_info(cls)
@@ -731,6 +734,8 @@ def encode(
         envelope["due_at"] = envelope["created_at"] + int(delay * 1000)
     if reply:
         envelope["reply"] = reply
+    if trace:  # the dispatch span's W3C context (core/tracing.py)
+        envelope["trace"] = trace
     try:
         raw = orjson.dumps(envelope, default=_refuse, option=_DUMP_OPTIONS)
     except TypeError as exc:
@@ -1043,6 +1048,9 @@ class JobLoader:
         state["job_id"] = job_id
         state[ASSIGNED_ID] = job_id  # given, not chosen: dispatching this job again is a new job
         state["attempts"] = attempts
+        trace = envelope.get("trace")
+        if trace is not None:  # checked by core/tracing.py when the try starts, if it traces
+            state["_topiq_trace"] = trace
         return Decoded(
             job=job,
             max_tries=max_tries,

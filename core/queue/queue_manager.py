@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Protocol, Self, get_args
 
+from core import tracing
 from core.delays import Delay, parse_delay
 from core.errors import (
     ConfigurationError,
@@ -342,6 +343,7 @@ class QueueManager:
             reply=reply,
             delay=delay,
             deferred=bool(depends_on),
+            trace=tracing.carrier(job, queue, new_id),
         )
         return OutgoingJob(
             new_id,
@@ -438,6 +440,7 @@ class QueueManager:
         self._hooks_loaded = True
         hooks.load()
 
+    @tracing.traced_dispatch
     async def push(
         self,
         job: Job,
@@ -507,6 +510,7 @@ class QueueManager:
         and the job runs once both have passed."""
         return await self.push(job, queue, connection, delay=delay, **options)
 
+    @tracing.traced_dispatch
     async def bulk(
         self,
         jobs: Iterable[Job],
@@ -581,6 +585,7 @@ class QueueManager:
 
     # -- workflows ---------------------------------------------------------------------
 
+    @tracing.traced_dispatch
     async def push_workflow(self, workflow: Workflow) -> WorkflowHandle:
         """Store a chain or batch (`chain(...)`, `batch(...)`) in one round trip; returns its
         handle. Every job is encoded before anything is sent, so one bad job stores nothing.
