@@ -36,15 +36,21 @@ _JOB: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def job_fields(
-    *, job_id: str, queue: str, job: str, attempt: int, worker: str = ""
-) -> Iterator[None]:
+    *, job_id: str, queue: str, job: str = "", attempt: int = 0, worker: str = ""
+) -> Iterator[dict[str, Any]]:
     """Tag every line logged inside the block (in this task, and the threads and tasks it
-    starts) with the job's fields, in JSON logs."""
-    token = _JOB.set(
-        {"job_id": job_id, "queue": queue, "job": job, "attempt": attempt, "worker": worker}
-    )
+    starts) with the job's fields, in JSON logs. Yields the fields: a value learnt inside the
+    block (the class, once the payload is read) may be set in it."""
+    fields: dict[str, Any] = {
+        "job_id": job_id,
+        "queue": queue,
+        "job": job,
+        "attempt": attempt,
+        "worker": worker,
+    }
+    token = _JOB.set(fields)
     try:
-        yield
+        yield fields
     finally:
         _JOB.reset(token)
 

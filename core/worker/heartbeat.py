@@ -1,6 +1,7 @@
 """The heartbeat: renews the lease of every job the worker holds (prefetched, running,
-finished but not yet acknowledged, failed but not yet recorded), reports the worker, and looks
-for a restart request; when renewal fails, it cancels the jobs whose lease would lapse."""
+finished but not yet acknowledged, failed but not yet recorded), reports the worker, sends the
+queues' history counts (`core.worker.history`) and looks for a restart request; when renewal
+fails, it cancels the jobs whose lease would lapse."""
 
 from __future__ import annotations
 
@@ -60,12 +61,29 @@ class Heartbeat:
         renewed = await self._renew_leases(driver)
         try:
             await driver.report_worker(self._info(), ttl=interval * 3)
+            await self.send_history()
             requested = await driver.restart_requested_at()
             if requested is not None and requested > self._worker._started_at:
                 self._worker.stop(StopReason.RESTART)
         except Exception as exc:
             logger.warning("worker heartbeat failed: %s", describe(exc))
         return renewed
+
+    async def send_history(self, timeout: float | None = None) -> None:
+        """Add the history counted since the last beat to the backend's; kept for the next
+        beat if that fails (bounded: `HistoryCounts`). `timeout` bounds the last send, at
+        stop."""
+        driver = self._worker._driver
+        history = self._worker.history
+        if driver is None or not len(history):
+            return
+        rows = history.take()
+        try:
+            async with asyncio.timeout(timeout):
+                await driver.add_history(rows)
+        except Exception as exc:
+            history.put_back(rows)
+            logger.warning("could not add to the queues' history: %s", describe(exc))
 
     async def _renew_leases(self, driver: Driver) -> bool:
         """Renew the lease of every job held here; whether that worked."""

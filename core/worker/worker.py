@@ -53,6 +53,8 @@ from core.execution import (
     JobThreads,
     describe,
     emit,
+    first_wait,
+    job_path,
     on_retrying,
     on_succeeded,
     run_try,
@@ -60,6 +62,7 @@ from core.execution import (
 )
 from core.hooks import hooks
 from core.job import Job
+from core.log import job_fields
 from core.queue.drivers.base import Driver, ReservedJob
 from core.queue.payload import JobLoader
 from core.queue.queue_manager import QueueManager
@@ -67,8 +70,10 @@ from core.worker.background import Duties
 from core.worker.cancels import CancelRequests
 from core.worker.failures import FailureRecorder
 from core.worker.heartbeat import Heartbeat
+from core.worker.history import HistoryCounts
 from core.worker.loading import load
 from core.worker.options import ExitCode, StopReason, WorkerOptions
+from core.worker.pauses import Pauses
 from core.worker.state import (
     DEFAULT_TIMEOUT,
     Buffered,
@@ -115,6 +120,9 @@ class Worker:
         self._cancels = CancelRequests(self)
         self._duties = Duties(self._margin)
         self._heartbeat = Heartbeat(self)
+        # Tries started and ended, per queue and minute, sent with each heartbeat.
+        self.history = HistoryCounts()
+        self._pauses = Pauses(self)
         # Jobs reserved ahead of a free slot hold only this short lease (renewed by the
         # heartbeat), so a worker that dies with them buffered gives them back quickly.
         self._prestart_lease = self._margin
@@ -218,6 +226,7 @@ class Worker:
                 )
                 duties = [
                     asyncio.create_task(self._cancels.watch(), name="topiq-worker-cancels"),
+                    asyncio.create_task(self._pauses.watch(), name="topiq-worker-pauses"),
                     asyncio.create_task(
                         self._duties.prune_records(self._driver), name="topiq-worker-prune"
                     ),
@@ -238,6 +247,7 @@ class Worker:
                         duty.cancel()
                     heartbeat.cancel()
                     await asyncio.gather(heartbeat, *duties, return_exceptions=True)
+                    await self._heartbeat.send_history(self._margin)
                     await self._duties.end_calls()
             self._closing = True
             if self._flusher is not None:
@@ -304,8 +314,10 @@ class Worker:
         queues = opts.queues
         deadline = None if opts.max_time is None else time.monotonic() + opts.max_time
         waiter: asyncio.Task[None] | None = None
+        waiting_on: list[str] = []  # the queues `waiter` waits on
         failures = 0
         topped_up = False
+        await self._pauses.refresh()
         try:
             while self._stop_reason is None:
                 self._changed.clear()
@@ -347,6 +359,15 @@ class Worker:
                     # report in, so the next round trip acknowledges and reserves in bulk.
                     await asyncio.sleep(0)
                     continue
+                active = self._pauses.active(queues)
+                if not active:
+                    # Every queue is paused: wait for a resume (or a stop).
+                    self._flush_soon()
+                    if opts.stop_when_empty and not self._running and not buffer:
+                        self.stop(StopReason.EMPTY)
+                        break
+                    await self._wait_changed(None, deadline)
+                    continue
                 # Jobs that start at once take the lease their timeout needs; jobs that will
                 # wait in the buffer a short one, renewed while they wait.
                 free = opts.concurrency - len(self._running)
@@ -357,7 +378,7 @@ class Worker:
                 try:
                     # Shielded: a reservation that reached the server must reach us too.
                     jobs = await asyncio.shield(
-                        driver.reserve(queues, room, lease, acks, worker=self.id)
+                        driver.reserve(active, room, lease, acks, worker=self.id)
                     )
                     failures = 0
                 except Exception as exc:
@@ -376,6 +397,9 @@ class Worker:
                 if jobs and any(job.expired for job in jobs):
                     self._expired([job for job in jobs if job.expired])
                     jobs = [job for job in jobs if not job.expired]
+                if jobs and self._pauses.paused:
+                    # Reserved as its queue was being paused: handed back unstarted.
+                    jobs = self._hand_back_paused(jobs, lease, asked)
                 if jobs:
                     held = [Buffered(job, lease, asked + lease) for job in jobs]
                     if self._stop_reason is not None:
@@ -386,12 +410,18 @@ class Worker:
                 if opts.stop_when_empty and not self._running and not buffer:
                     self.stop(StopReason.EMPTY)
                     break
+                if waiter is not None and not waiter.done() and waiting_on != active:
+                    # A queue was paused or resumed: wait on the queues taken from now.
+                    waiter.cancel()
+                    await asyncio.gather(waiter, return_exceptions=True)
+                    waiter = None
                 if waiter is None or waiter.done():
                     if waiter is not None and not waiter.cancelled() and waiter.exception():
                         await self._pause(min(0.1 * 2**failures, 5.0))
                         failures += 1
+                    waiting_on = active
                     waiter = asyncio.create_task(
-                        driver.wait(queues, opts.sleep), name="topiq-worker-wait"
+                        driver.wait(active, opts.sleep), name="topiq-worker-wait"
                     )
                 await self._wait_changed(waiter, deadline)
         finally:
@@ -423,6 +453,49 @@ class Worker:
                         worker=self.id,
                     )
                 )
+
+    def _paused_changed(self) -> None:
+        """Queues were paused or resumed: hand back the prefetched jobs of the paused ones
+        (unspent, to the front of their queues) and let the loop reserve from the others."""
+        paused = self._pauses.paused
+        held = [waiting for waiting in self._buffer if waiting.reserved.queue in paused]
+        for waiting in held:
+            self._buffer.remove(waiting)
+        if held:
+            self._return_later(held)
+        self._changed.set()
+
+    def _hand_back_paused(
+        self, jobs: list[ReservedJob], lease: float, asked: float
+    ) -> list[ReservedJob]:
+        """The jobs of `jobs` whose queue is not paused; the others are handed back."""
+        paused = self._pauses.paused
+        back = [Buffered(job, lease, asked + lease) for job in jobs if job.queue in paused]
+        if back:
+            self._return_later(back)
+        return [job for job in jobs if job.queue not in paused]
+
+    def _return_later(self, held: list[Buffered]) -> None:
+        """Hand back jobs of paused queues that were reserved but not started, in the
+        background (awaited by `_drain`)."""
+        logger.info(
+            "worker %s hands back %d prefetched job(s) of paused queue(s) unstarted",
+            self.id,
+            len(held),
+        )
+
+        async def hand_back() -> None:
+            try:
+                await self._return_unstarted(held)
+            except Exception as exc:
+                logger.error(
+                    "could not hand back %d job(s) of paused queue(s) (%s); their leases "
+                    "return them",
+                    len(held),
+                    describe(exc),
+                )
+
+        self._track(asyncio.create_task(hand_back()))
 
     async def _return_unstarted(self, jobs: list[Buffered]) -> None:
         """Give back jobs reserved but never started, without spending their try."""
@@ -472,11 +545,21 @@ class Worker:
 
     async def _process(self, run: Running) -> None:
         reserved = run.reserved
+        # Every line logged for this try (the job's own too) carries its fields in JSON logs.
+        with job_fields(
+            job_id=reserved.id, queue=reserved.queue, attempt=reserved.attempts, worker=self.id
+        ) as fields:
+            await self._process_job(run, fields)
+
+    async def _process_job(self, run: Running, fields: dict[str, Any]) -> None:
+        reserved = run.reserved
         try:
             job, max_tries, timeout, error = load(
                 run, self._loader, self.options, self._result_ttl, self._failure_ttl
             )
             run.max_tries = max_tries
+            if job is not None:
+                fields["job"] = job_path(job)
             if reserved.attempts > max_tries:
                 label = type(job).__qualname__ if job is not None else "job"
                 lost = WorkerLostError(
@@ -521,6 +604,7 @@ class Worker:
         lease = timeout + self._margin
         run.label = label
         started = run.started = time.perf_counter()
+        tried = False  # whether run_try was entered (its end counts in the history)
         try:
             if lease != run.lease:
                 # Reserved under a short or the default lease: give it the one its own timeout
@@ -533,9 +617,22 @@ class Worker:
                     self._lose(run)
                     return
             run.deadline = time.monotonic() + timeout
+            waited = first_wait(reserved)
+            self.history.started(reserved.queue, waited)
             announce = events.active
             if announce:
-                emit(EventKind.STARTED, reserved, self.connection, job, worker=self.id)
+                emit(
+                    EventKind.STARTED,
+                    reserved,
+                    self.connection,
+                    job,
+                    worker=self.id,
+                    waited=waited,
+                )
+            logger.debug(
+                "job %s %s try %d/%d started", job.job_id, label, reserved.attempts, max_tries
+            )
+            tried = True
             result = await run_try(
                 job,
                 timeout,
@@ -568,9 +665,12 @@ class Worker:
             raise
         except JobAbandonedError as exc:
             run.settled = True
+            self.history.ran(reserved.queue, time.perf_counter() - started)
             self._give_up(run, exc)
         except Exception as exc:
             run.settled = True
+            if tried:
+                self.history.ran(reserved.queue, time.perf_counter() - started)
             if run.given_up or run.lost:
                 return
             if run.cancelling:
@@ -584,6 +684,8 @@ class Worker:
             await self._retry_or_fail(run, job, exc, delay)
         else:
             run.settled = True
+            ran_for = time.perf_counter() - started
+            self.history.ran(reserved.queue, ran_for)
             if run.given_up or run.lost:
                 return
             if hooks.any_run_hooks or type(job).succeeded is not Job.succeeded:
@@ -602,13 +704,15 @@ class Worker:
                     worker=self.id,
                     started=started,
                 )
+            duration = time.perf_counter() - started
             logger.info(
                 "job %s %s try %d/%d done in %.1fms",
                 job.job_id,
                 label,
                 reserved.attempts,
                 max_tries,
-                (time.perf_counter() - started) * 1000,
+                duration * 1000,
+                extra={"duration": round(duration, 6)},
             )
 
     def _backoff(self, job: Job, reserved: ReservedJob) -> float:
@@ -654,6 +758,7 @@ class Worker:
         driver = self._driver
         assert driver is not None
         reserved, label, max_tries = run.reserved, run.label, run.max_tries
+        ran = {"duration": round(time.perf_counter() - run.started, 6)} if run.started else None
         if reserved.attempts < max_tries:
             asked = isinstance(exc, Retry)
             reason = describe(exc)
@@ -665,6 +770,7 @@ class Worker:
                 max_tries,
                 "asked for a retry" if asked else f"failed ({reason})",
                 delay,
+                extra=ran,
             )
             # The hooks hear of this try before the next one can start anywhere.
             await on_retrying(job, exc)
@@ -690,6 +796,7 @@ class Worker:
             reserved.attempts,
             max_tries,
             describe(exc),
+            extra=ran,
         )
         timeout = self.options.timeout or job_timeout(job)
         await self._failed_jobs.fail(run, job, exc, timeout)

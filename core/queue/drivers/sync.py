@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from core.errors import Retry
 from core.events import EventKind, events
@@ -31,6 +31,8 @@ from core.execution import (
     emit,
     failed_outcome,
     failed_record,
+    first_wait,
+    job_path,
     on_failed,
     on_retrying,
     on_succeeded,
@@ -38,6 +40,7 @@ from core.execution import (
     succeeded_outcome,
     wants_success_calls,
 )
+from core.log import job_fields
 from core.queue.drivers.base import OutgoingJob, Pushed, ReservedJob
 from core.queue.drivers.memory import MemoryDriver
 from core.queue.payload import JobLoader
@@ -93,13 +96,20 @@ class SyncDriver(MemoryDriver):
             held = [job for job in held if not job.expired]
             if not held:
                 return  # nothing (more) is ready: the job expired, is deferred, or ran
+            reserved = held[0]
             try:
-                await self._try(held[0])
+                with job_fields(
+                    job_id=reserved.id,
+                    queue=reserved.queue,
+                    attempt=reserved.attempts,
+                    worker=WORKER,
+                ) as fields:
+                    await self._try(reserved, fields)
             except Exception:
                 if raise_failures:
                     raise
 
-    async def _try(self, reserved: ReservedJob) -> bool:
+    async def _try(self, reserved: ReservedJob, fields: dict[str, Any]) -> bool:
         """One try; whether the job has ended (False: it goes round again at once)."""
         settings = self.settings
         try:
@@ -110,10 +120,19 @@ class SyncDriver(MemoryDriver):
             await self._record_failure(reserved, exc, settings.queue_failure_ttl)
             raise
         job = decoded.job
+        fields["job"] = job_path(job)
         result_ttl = decoded.result_ttl
         failure_ttl = decoded.failure_ttl
         started = time.perf_counter()
-        self._announce(EventKind.STARTED, reserved, job)
+        if events.active:
+            emit(
+                EventKind.STARTED,
+                reserved,
+                self.name,
+                job,
+                worker=WORKER,
+                waited=first_wait(reserved),
+            )
         try:
             result = await run_try(job, decoded.timeout)
         except Exception as exc:
