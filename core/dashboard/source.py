@@ -1,0 +1,227 @@
+"""Where the dashboard's numbers come from: the drivers of the configured connections.
+
+Every read is bounded (`paged`, counts from `stats`), so a page costs the same on a queue of ten
+jobs and on one of 100,000 waiting and 10,000 failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from core.errors import TopiqError
+from core.queue.drivers.base import (
+    Driver,
+    FailedJob,
+    FailedStore,
+    MinuteCounts,
+    OutgoingJob,
+    claimed_at,
+)
+from core.queue.queue_manager import RECENT_WINDOW, QueueManager
+from core.settings import QueueConnection, Settings
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "QueueRow",
+    "Source",
+    "configured_connections",
+    "retry_records",
+]
+
+#: Seconds a page waits for a backend to open before it says it cannot reach it.
+CONNECT_TIMEOUT: Final = 5.0
+#: Failed records read per round trip when a search or "retry all" walks the store.
+PAGE: Final = 500
+#: A text search in the failed store reads at most this many records (newest first).
+SEARCH_LIMIT: Final = 10_000
+#: Seconds a retry's claim on a failed record keeps other retries away (as `queue:retry`).
+CLAIM_LIFETIME: Final = 60.0
+
+
+def configured_connections(settings: Settings) -> list[str]:
+    """The connections the dashboard offers: QUEUE_CONNECTION first, then Redis and the
+    database when the settings enable them, and where failed jobs are kept."""
+    names = [settings.queue_connection.value]
+    if settings.enable_redis or settings.redis_url:
+        names.append(QueueConnection.REDIS.value)
+    if settings.enable_mysql or (
+        settings.db_url is not None and settings.db_url.get_secret_value()
+    ):
+        names.append(QueueConnection.DATABASE.value)
+    names.append(settings.failed_connection_for[settings.queue_connection].value)
+    return list(dict.fromkeys(names))
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRow:
+    """One queue on the overview."""
+
+    name: str
+    pending: int
+    delayed: int
+    reserved: int
+    deferred: int
+    failed: int
+    succeeded: int  # ended so over the last hour
+    ended: int  # ended any way over the last hour
+    wait: float | None  # mean dispatch-to-start over the hour, seconds
+    paused: bool
+    history: list[MinuteCounts]
+
+    @property
+    def throughput(self) -> float:
+        """Jobs ended per minute over the last hour."""
+        return self.ended / (RECENT_WINDOW / 60)
+
+
+class Source:
+    """The dashboard's view of the backends, through one `QueueManager` opened on demand."""
+
+    def __init__(self, manager: QueueManager) -> None:
+        self.manager = manager
+        self.settings = manager.settings
+        self.connections = configured_connections(self.settings)
+
+    def connection_name(self, given: str | None) -> str | None:
+        """The connection `?connection=` names (default QUEUE_CONNECTION); `None` if it is
+        not one the dashboard offers."""
+        if not given:
+            return self.connections[0]
+        return given if given in self.connections else None
+
+    async def driver(self, name: str) -> Driver:
+        """The open driver of a connection, or `ConnectionError` naming it."""
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                return await self.manager.connection(name)
+        except TimeoutError:
+            raise ConnectionError(
+                f"cannot reach the {name} connection: no answer within {CONNECT_TIMEOUT:g}s"
+            ) from None
+
+    async def store(self, name: str) -> FailedStore:
+        """The failed-job store of a connection (it may live on another backend)."""
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                return await self.manager.failed_store(name)
+        except TimeoutError:
+            raise ConnectionError(
+                f"cannot reach the failed-job store of {name}: no answer within "
+                f"{CONNECT_TIMEOUT:g}s"
+            ) from None
+
+    async def queue_row(self, driver: Driver, store: FailedStore, queue: str) -> QueueRow:
+        """Counts, the last hour and the paused flag of one queue."""
+        stats, failed, recent, history, paused = await asyncio.gather(
+            driver.stats(queue),
+            store.count(queue),
+            driver.recent(queue, RECENT_WINDOW),
+            driver.history(queue, 60),
+            driver.paused([queue]),
+        )
+        waited = sum(m.waited for m in history)
+        wait_ms = sum(m.wait_ms for m in history)
+        return QueueRow(
+            name=queue,
+            pending=stats.pending,
+            delayed=stats.delayed,
+            reserved=stats.reserved,
+            deferred=stats.deferred,
+            failed=failed,
+            succeeded=recent.succeeded,
+            ended=recent.succeeded + recent.failed + recent.cancelled + recent.expired,
+            wait=wait_ms / waited / 1000 if waited else None,
+            paused=queue in paused,
+            history=history,
+        )
+
+    async def overview(self, name: str) -> list[QueueRow]:
+        """Every queue the connection has seen, by name."""
+        driver = await self.driver(name)
+        store = await self.store(name)
+        queues = sorted(await driver.queues())
+        return list(await asyncio.gather(*(self.queue_row(driver, store, q) for q in queues)))
+
+    async def search_failed(
+        self, store: FailedStore, queue: str | None, text: str, offset: int, limit: int
+    ) -> tuple[list[FailedJob], int, bool]:
+        """Failed records of `queue` whose class or exception contains `text` (any case).
+
+        Returns the page, how many matched, and whether the whole store was read (a search
+        reads at most `SEARCH_LIMIT` records, newest first).
+        """
+        needle = text.lower()
+        matches: list[FailedJob] = []
+        read = 0
+        while read < SEARCH_LIMIT:
+            page = await store.list(queue, limit=PAGE, offset=read)
+            read += len(page)
+            matches.extend(
+                r for r in page if needle in r.job_class.lower() or needle in r.exception.lower()
+            )
+            if len(page) < PAGE:
+                return matches[offset : offset + limit], len(matches), True
+        return matches[offset : offset + limit], len(matches), False
+
+    async def every_failed(
+        self, store: FailedStore, queue: str | None, text: str
+    ) -> list[FailedJob]:
+        """Every record the filter shows (read before anything changes, so a job that fails
+        again at once is not retried twice by one press)."""
+        if text:
+            return (await self.search_failed(store, queue, text, 0, SEARCH_LIMIT))[0]
+        records: dict[str, FailedJob] = {}
+        offset = 0
+        while True:
+            page = await store.list(queue, limit=PAGE, offset=offset)
+            for record in page:
+                records.setdefault(record.id, record)
+            if len(page) < PAGE:
+                return list(records.values())
+            offset += len(page)
+
+
+async def retry_records(
+    source: Source, store: FailedStore, records: Sequence[FailedJob]
+) -> tuple[list[str], list[str]]:
+    """Put failed records back on their queues as `queue:retry` does; returns (retried,
+    skipped: claimed by another retry or changed since they were read)."""
+    retried: list[str] = []
+    skipped: list[str] = []
+    now = time.time()
+    for start in range(0, len(records), PAGE):
+        by_connection: dict[str, list[FailedJob]] = {}
+        for record in records[start : start + PAGE]:
+            claimed = claimed_at(record.record_id)
+            if claimed is not None and abs(now - claimed) < CLAIM_LIFETIME:
+                skipped.append(record.id)
+            else:
+                by_connection.setdefault(record.connection, []).append(record)
+        for name, group in by_connection.items():
+            driver = await source.driver(name)
+            if driver.failed_store() is store:
+                moved = set(await driver.retry_failed(group))
+            else:
+                moved = set(await _retry_across(store, driver, group))
+            for record in group:
+                (retried if record.id in moved else skipped).append(record.id)
+    return retried, skipped
+
+
+async def _retry_across(store: FailedStore, driver: Driver, records: list[FailedJob]) -> list[str]:
+    """Records kept on another backend than their queue: claim, push, then remove (the
+    order `queue:retry` uses: the job is never in neither place)."""
+    claimed = [mine for record in records if (mine := await store.claim(record)) is not None]
+    if claimed:
+        await driver.push([OutgoingJob(r.id, r.queue, r.payload.encode()) for r in claimed])
+        for record in claimed:
+            await store.remove(record)
+    return [record.id for record in claimed]
+
+
+#: What a page shows when a backend fails (its message, without any secret).
+BACKEND_ERRORS: Final = (TopiqError, OSError, ConnectionError, TimeoutError)
