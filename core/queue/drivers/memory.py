@@ -28,7 +28,9 @@ O(1) and never searches a list):
 The order `reserve` hands jobs out in is the rank (class, -priority, order): class 0 for
 `at_front` jobs, 1 for the rest; order grows with each job made ready at the back of its level,
 and is negative (and falling) for a job put at the head of its level (a refund, a lost lease,
-an `at_front` job), so the latest such job comes first.
+an `at_front` job), so the latest such job comes first. `browse` lists pending jobs by that
+rank (limit-held ones included), then the group lines' jobs (groups by name, each line in push
+order). `history` reads the same per-minute counters as `recent`, which `add_history` adds to.
 """
 
 from __future__ import annotations
