@@ -23,8 +23,8 @@ Used by `database.DatabaseDriver` inside its transactions; nothing here opens on
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, get_args
 
@@ -115,143 +115,166 @@ async def add_history(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None
 
 # -- browse -------------------------------------------------------------------------------
 
-#: What a part of a state reads of each row before the page is cut: the claim index's
-#: columns and what `sql_tables.rank` needs besides.
+#: What the merge reads of each row (`_merged`): the claim index's columns and what
+#: `sql_tables.rank` needs besides.
 _KEYS = (_jobs.id, _jobs.reserved_until, _jobs.available_at, _jobs.reserved_at, _jobs.priority)
 
 
-def _part(queue: str, *where: Any, order: Sequence[Any], limit: int) -> Select[Any]:
-    return select(*_KEYS).where(_jobs.queue == queue, *where).order_by(*order).limit(limit)
+@dataclass(frozen=True, slots=True)
+class _Range:
+    """A range of the claim index that holds jobs of one state: its conditions (besides the
+    queue), the index's order in it, and the sort key of its rows in the state's order (rows
+    in the range's order sort the same way by it). `mixed`: its rows sort among the other
+    ranges' rows; the others follow each other, each after the one before."""
+
+    where: tuple[Any, ...]
+    order: tuple[Any, ...]
+    key: Callable[[Any], Any]
+    mixed: bool = False
+
+    def select(self, queue: str, *columns: Any) -> Select[Any]:
+        return select(*columns).where(_jobs.queue == queue, *self.where).order_by(*self.order)
 
 
-def _parts(queue: str, state: str, now: datetime, n: int) -> list[tuple[Select[Any], Any]]:
-    """The index ranges of `state`, each with its sort key (rows in the order of each range's
-    index walk sort the same way by it)."""
-    lease = (_jobs.reserved_until, _jobs.available_at, _jobs.id)
-    ready = (_jobs.available_at, _jobs.id)
-    unleased = _jobs.reserved_until.is_(None)
+_LEASE = (_jobs.reserved_until, _jobs.available_at, _jobs.id)
+_READY = (_jobs.available_at, _jobs.id)
+_UNLEASED = _jobs.reserved_until.is_(None)
+
+
+def _ranges(state: str, now: datetime, limited: bool) -> list[_Range]:
+    """The ranges of the claim index that hold `state`'s jobs, in the state's order.
+    `limited`: the queue has limit keys, so jobs a limit holds back may be stored."""
     if state == "pending":
-        return [
-            # Higher priorities, then lost leases and due delayed `at_front` or prioritized
-            # jobs: the claim's first part (`sql_tables.claim`), cut in two at `FRONT`.
-            (_part(queue, _jobs.reserved_until < t.FRONT, order=lease, limit=n), t.rank),
-            (
-                _part(
-                    queue,
-                    _jobs.reserved_until >= t.FRONT,
-                    _jobs.reserved_until <= now,
-                    order=lease,
-                    limit=n,
-                ),
+        ranges = [
+            # Ready `at_front` jobs (their time mirrored before `FRONT`), the latest first.
+            _Range((_UNLEASED, _jobs.available_at < t.FRONT), _READY, t.rank),
+            # Ready jobs of a higher priority, highest first (`sql_tables.priority_time`).
+            _Range((_jobs.reserved_until < t.FRONT,), _LEASE, t.rank),
+            # Lost leases and due delayed `at_front` or prioritized jobs: each at its place
+            # in the claim's order (`sql_tables.rank`); a claim re-places them.
+            _Range(
+                (_jobs.reserved_until >= t.FRONT, _jobs.reserved_until <= now),
+                _LEASE,
+                t.rank,
+                mixed=True,
+            ),
+            # Ready jobs of priority 0, in the order they became ready.
+            _Range(
+                (_UNLEASED, _jobs.available_at >= t.FRONT, _jobs.available_at <= now),
+                _READY,
                 t.rank,
             ),
-            (_part(queue, unleased, _jobs.available_at <= now, order=ready, limit=n), t.rank),
-            (
-                _part(
-                    queue,
-                    _jobs.reserved_until >= t.PRIO_LOW,
-                    _jobs.reserved_until < t.PRIO_LOW_END,
-                    order=lease,
-                    limit=n,
-                ),
+            # Ready jobs of a lower priority.
+            _Range(
+                (_jobs.reserved_until >= t.PRIO_LOW, _jobs.reserved_until < t.PRIO_LOW_END),
+                _LEASE,
                 t.rank,
-            ),
-            # Held back by a limit until a later time: among the delayed ranges.
-            (
-                _part(
-                    queue,
-                    unleased,
-                    _jobs.available_at > now,
-                    _jobs.available_at < t.LINE,
-                    _jobs.held.is_not(None),
-                    order=ready,
-                    limit=n,
-                ),
-                lambda row: (2, row.available_at, row.id),
-            ),
-            (
-                _part(
-                    queue,
-                    _jobs.reserved_at.is_(None),
-                    _jobs.reserved_until > now,
-                    _jobs.reserved_until < t.PRIO_LOW,
-                    _jobs.held.is_not(None),
-                    order=lease,
-                    limit=n,
-                ),
-                lambda row: (2, row.reserved_until, row.id),
-            ),
-            # In a group's line (`sql_groups`): never claimable until its turn.
-            (
-                _part(
-                    queue,
-                    unleased,
-                    _jobs.available_at >= t.LINE,
-                    _jobs.available_at <= t.LINE_FRONT,
-                    order=ready,
-                    limit=n,
-                ),
-                lambda row: (3, row.id),
             ),
         ]
+        if limited:
+            # Held back by a limit until a later time, by that time (among the delayed
+            # ranges: looked for only in a queue with limit keys).
+            ranges += [
+                _Range(
+                    (
+                        _UNLEASED,
+                        _jobs.available_at > now,
+                        _jobs.available_at < t.LINE,
+                        _jobs.held.is_not(None),
+                    ),
+                    _READY,
+                    lambda row: (2, row.available_at, row.id),
+                    mixed=True,
+                ),
+                _Range(
+                    (
+                        _jobs.reserved_until > now,
+                        _jobs.reserved_until < t.PRIO_LOW,
+                        _jobs.reserved_at.is_(None),
+                        _jobs.held.is_not(None),
+                    ),
+                    _LEASE,
+                    lambda row: (2, row.reserved_until, row.id),
+                    mixed=True,
+                ),
+            ]
+        # In a group's line (`sql_groups`): not claimable before its turn.
+        ranges.append(
+            _Range(
+                (_UNLEASED, _jobs.available_at >= t.LINE, _jobs.available_at <= t.LINE_FRONT),
+                _READY,
+                lambda row: (3, row.available_at, row.id),
+            )
+        )
+        return ranges
     if state == "delayed":
         return [
-            (
-                _part(
-                    queue,
-                    unleased,
+            _Range(
+                (
+                    _UNLEASED,
                     _jobs.available_at > now,
                     _jobs.available_at < t.LINE,
                     _jobs.held.is_(None),
-                    order=ready,
-                    limit=n,
                 ),
+                _READY,
                 lambda row: (row.available_at, row.id),
             ),
             # Delayed `at_front` or prioritized jobs: a lease nobody holds (`sql_tables`).
-            (
-                _part(
-                    queue,
+            _Range(
+                (
                     _jobs.reserved_until > now,
                     _jobs.reserved_until < t.PRIO_LOW,
                     _jobs.reserved_at.is_(None),
                     _jobs.held.is_(None),
-                    order=lease,
-                    limit=n,
                 ),
+                _LEASE,
                 lambda row: (row.reserved_until, row.id),
+                mixed=True,
             ),
         ]
     if state == "reserved":
-        return [
-            (
-                _part(
-                    queue,
-                    _jobs.reserved_until > now,
-                    _jobs.reserved_until < t.PRIO_LOW,
-                    _jobs.reserved_at.is_not(None),
-                    order=lease,
-                    limit=n,
-                ),
-                lambda row: (row.reserved_until, row.id),
-            )
-        ]
+        where = (_jobs.reserved_until > now, _jobs.reserved_until < t.PRIO_LOW)
+        running = (*where, _jobs.reserved_at.is_not(None))
+        return [_Range(running, _LEASE, lambda row: (row.reserved_until, row.id))]
     if state == "deferred":
         # Deferred jobs and workflow records share `DEFERRED`; id order is push order.
-        return [
-            (
-                _part(
-                    queue,
-                    unleased,
-                    _jobs.available_at == t.DEFERRED,
-                    _jobs.kind.is_(None),
-                    order=(_jobs.id,),
-                    limit=n,
-                ),
-                lambda row: (row.id,),
-            )
-        ]
+        waiting = (_UNLEASED, _jobs.available_at == t.DEFERRED, _jobs.kind.is_(None))
+        return [_Range(waiting, (_jobs.id,), lambda row: (row.id,))]
     raise ValueError(f"state must be one of {', '.join(_STATES)}, got {state!r}")
+
+
+async def _merged(
+    conn: AsyncConnection, queue: str, ranges: Sequence[_Range], offset: int, limit: int
+) -> list[int]:
+    """The page's row ids when some rows sort among other ranges' rows: the first
+    `offset + limit` rows of every range, sorted by their keys, cut."""
+    ranked: list[tuple[Any, int]] = []
+    for part in ranges:
+        query = part.select(queue, *_KEYS).limit(offset + limit)
+        ranked += [(part.key(row), row.id) for row in (await conn.execute(query)).all()]
+    ranked.sort(key=lambda pair: pair[0])
+    return [row_id for _, row_id in ranked[offset : offset + limit]]
+
+
+async def _chained(
+    conn: AsyncConnection, queue: str, ranges: Sequence[_Range], offset: int, limit: int
+) -> list[int]:
+    """The page's row ids when the ranges follow each other: a range the offset passes is
+    counted (at most `offset` index entries), the page read with OFFSET and LIMIT."""
+    page: list[int] = []
+    for part in ranges:
+        if offset:
+            skipped = part.select(queue, _jobs.id).limit(offset).subquery()
+            n = int(await conn.scalar(select(func.count()).select_from(skipped)) or 0)
+            if n < offset:
+                offset -= n
+                continue
+        query = part.select(queue, _jobs.id).offset(offset).limit(limit - len(page))
+        page += [int(row_id) for row_id in (await conn.scalars(query)).all()]
+        offset = 0
+        if len(page) >= limit:
+            break
+    return page
 
 
 async def browse(
@@ -262,17 +285,29 @@ async def browse(
     limit: int,
     connection: str,
 ) -> list[JobStatus]:
-    """Up to `limit` jobs of `queue` in `state` from `offset`, as their statuses."""
+    """Up to `limit` jobs of `queue` in `state` from `offset`, as their statuses.
+
+    When no row of a `mixed` range is stored (the usual case), the ranges follow each other
+    and the page is read with OFFSET (`_chained`); otherwise rows are merged (`_merged`)."""
     check_page(offset, limit)
     now = t.now()
-    parts = _parts(queue, state, now, offset + limit)
+    limits = t.queue_limits.c
+    limited = False
+    if state == "pending":
+        keys = select(limits.limit_key).where(limits.queue == queue).limit(1)
+        limited = (await conn.scalar(keys)) is not None
+    ranges = _ranges(state, now, limited)
     if not limit:
         return []
-    ranked: list[tuple[Any, int]] = []
-    for query, key in parts:
-        ranked += [(key(row), row.id) for row in (await conn.execute(query)).all()]
-    ranked.sort(key=lambda pair: pair[0])
-    page = [row_id for _, row_id in ranked[offset : offset + limit]]
+    mixed = False
+    for part in ranges:
+        if part.mixed:
+            found = await conn.scalar(part.select(queue, _jobs.id).limit(1))
+            mixed = mixed or found is not None
+    if mixed:
+        page = await _merged(conn, queue, ranges, offset, limit)
+    else:
+        page = await _chained(conn, queue, [p for p in ranges if not p.mixed], offset, limit)
     if not page:
         return []
     query = select(*life.LIVE).where(_jobs.id.in_(page))
