@@ -98,15 +98,13 @@ def _propagator() -> Any:
 
 def _checked(raw: Any) -> dict[str, str] | None:
     """`raw` as a W3C carrier, or `None` if it is not one (any type, any size)."""
-    if not isinstance(raw, dict) or not 1 <= len(raw) <= 2:
+    if not isinstance(raw, dict) or len(raw) > 8:  # other keys (a later release's) are skipped
         return None
     parent = raw.get("traceparent")
     state = raw.get("tracestate", "")
     if not isinstance(parent, str) or not isinstance(state, str):
         return None
     if not 0 < len(parent) <= MAX_TRACEPARENT or len(state) > MAX_TRACESTATE:
-        return None
-    if len(raw) == 2 and "tracestate" not in raw:
         return None
     return {"traceparent": parent, "tracestate": state} if state else {"traceparent": parent}
 
@@ -142,23 +140,27 @@ def _user_properties(pairs: Iterable[tuple[str, str]]) -> dict[str, str] | None:
 class _Dispatch:
     """What one dispatch span has seen of the jobs encoded under it."""
 
-    __slots__ = ("count", "span")
+    __slots__ = ("count", "job_class", "span")
 
-    def __init__(self, span: Span) -> None:
+    def __init__(self, span: Span, named: bool) -> None:
         self.span = span
         self.count = 0
+        #: The class of the jobs seen so far, while the span's name is still to follow them
+        #: (`bulk`: one class, `dispatch <Class>`; several, `dispatch jobs`); `None` once fixed.
+        self.job_class: type | None = None if named else type(None)
 
 
 _dispatching: ContextVar[_Dispatch | None] = ContextVar("topiq_dispatching", default=None)
 
 
-def _label(first: Any) -> str:
+def _label(first: Any) -> str | None:
+    """`Class` for a job, the kind of a workflow; `None` for jobs not known yet (`bulk`)."""
     from core.job import Job
 
     if isinstance(first, Job):
         return type(first).__qualname__
     kind = getattr(first, "kind", None)  # a chain(...) or batch(...)
-    return kind if isinstance(kind, str) else "jobs"
+    return kind if isinstance(kind, str) else None
 
 
 def traced_dispatch(
@@ -172,9 +174,9 @@ def traced_dispatch(
             return await method(self, *args, **kwargs)
         from opentelemetry import trace
 
-        first = args[0] if args else next(iter(kwargs.values()), None)
+        label = _label(args[0] if args else next(iter(kwargs.values()), None))
         span = found.start_span(
-            f"dispatch {_label(first)}",
+            f"dispatch {label or 'jobs'}",
             kind=trace.SpanKind.PRODUCER,
             attributes={
                 "messaging.system": "topiq",
@@ -182,7 +184,7 @@ def traced_dispatch(
                 "messaging.operation.name": "dispatch",
             },
         )
-        state = _Dispatch(span)
+        state = _Dispatch(span, label is not None)
         with trace.use_span(span, end_on_exit=True):  # a refused dispatch marks it failed
             token = _dispatching.set(state)
             try:
@@ -209,6 +211,10 @@ def carrier(job: Job, queue: str, job_id: str) -> dict[str, str] | None:
     state = _dispatching.get()
     if state is not None and state.span is span:
         state.count += 1
+        if state.job_class is not None and state.job_class is not type(job):
+            first = state.job_class is type(None)
+            state.job_class = type(job) if first else None
+            span.update_name(f"dispatch {type(job).__qualname__}" if first else "dispatch jobs")
         if state.count == 1:
             span.set_attributes(
                 {
