@@ -24,6 +24,9 @@ Same semantics as the memory driver, on the tables of `sql_tables`:
   on. A push with `max_length` counts its queue's waiting jobs under a lock of its queue.
   `reserve` returns the jobs its claim expired besides the runnable ones
   (`ReservedJob.expired`).
+* Observing (see `sql_observe`): `history` sums the shards of `queue_counts`, where
+  `add_history` adds the workers' counts; `browse` pages ranges of the claim index in hand-out
+  order; `groups` pages `queue_groups`.
 """
 
 from __future__ import annotations
