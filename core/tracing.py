@@ -140,11 +140,13 @@ def _user_properties(pairs: Iterable[tuple[str, str]]) -> dict[str, str] | None:
 class _Dispatch:
     """What one dispatch span has seen of the jobs encoded under it."""
 
-    __slots__ = ("count", "job_class", "span")
+    __slots__ = ("count", "first", "job_class", "queues", "span")
 
     def __init__(self, span: Span, named: bool) -> None:
         self.span = span
         self.count = 0
+        self.first: dict[str, str] = {}  # the first job's attributes
+        self.queues: set[str] = set()
         #: The class of the jobs seen so far, while the span's name is still to follow them
         #: (`bulk`: one class, `dispatch <Class>`; several, `dispatch jobs`); `None` once fixed.
         self.job_class: type | None = None if named else type(None)
@@ -191,8 +193,7 @@ def traced_dispatch(
                 return await method(self, *args, **kwargs)
             finally:
                 _dispatching.reset(token)
-                if state.count > 1:
-                    span.set_attribute("messaging.batch.message_count", state.count)
+                _name_jobs(state)
 
     functools.update_wrapper(traced, method)
     return traced
@@ -216,18 +217,29 @@ def carrier(job: Job, queue: str, job_id: str) -> dict[str, str] | None:
             state.job_class = type(job) if first else None
             span.update_name(f"dispatch {type(job).__qualname__}" if first else "dispatch jobs")
         if state.count == 1:
-            span.set_attributes(
-                {
-                    "messaging.destination.name": queue,
-                    "messaging.message.id": job_id,
-                    "topiq.queue": queue,
-                    "topiq.job.id": job_id,
-                    "topiq.job.class": _class_path(job),
-                }
-            )
+            state.first = {"id": job_id, "class": _class_path(job)}
+        if len(state.queues) < 2:
+            state.queues.add(queue)
     out: dict[str, str] = {}
     _propagator().inject(out)
     return out or None
+
+
+def _name_jobs(state: _Dispatch) -> None:
+    """What the dispatch span says of its jobs: the job (one), or their count (a batch); the
+    queue when they all went to one."""
+    attributes: dict[str, str | int] = {}
+    if len(state.queues) == 1:
+        [queue] = state.queues
+        attributes["messaging.destination.name"] = attributes["topiq.queue"] = queue
+    if state.count == 1:
+        job_id = state.first["id"]
+        attributes["messaging.message.id"] = attributes["topiq.job.id"] = job_id
+        attributes["topiq.job.class"] = state.first["class"]
+    elif state.count > 1:
+        attributes["messaging.batch.message_count"] = state.count
+    if attributes:
+        state.span.set_attributes(attributes)
 
 
 def _class_path(job: Job) -> str:

@@ -40,7 +40,7 @@ from core import tracing
 from core.mqtt import MqttApp, Router
 from core.queue.drivers.base import OutgoingJob
 from core.queue.payload import encode
-from core.queue.queue_manager import QueueManager
+from core.queue.queue_manager import QueueManager, chain
 from core.worker.options import WorkerOptions
 from core.worker.worker import Worker
 from tests.conftest import ROOT, Backend, _backend, docs_example, guide_section
@@ -393,8 +393,28 @@ async def test_bulk_dispatch_is_one_span_and_every_job_runs_under_it(
         runs = await until_spans(spans, "run Traced", 3)
     [dispatch] = named(spans, "dispatch ")
     assert dispatch.name == "dispatch Traced"
-    assert dict(dispatch.attributes or {})["messaging.batch.message_count"] == 3
+    assert dict(dispatch.attributes or {}) == {
+        "messaging.system": "topiq",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "dispatch",
+        "messaging.destination.name": queue,
+        "topiq.queue": queue,
+        "messaging.batch.message_count": 3,
+    }
     assert {s.parent.span_id for s in runs if s.parent} == {dispatch.context.span_id}
+
+
+async def test_a_bulk_of_several_classes_and_a_workflow_name_their_dispatch_spans(
+    spans: InMemorySpanExporter,
+) -> None:
+    async with QueueManager(_backend_settings("memory")) as qm:
+        await qm.bulk([Traced(1), FailsFirst(0)], queue="mixed-a")
+        await qm.push_workflow(chain(Traced(2), Traced(3)))
+        jobs = await (await qm.connection()).reserve(["mixed-a", "default"], 10, 30)
+    mixed, workflow = sorted(named(spans, "dispatch "), key=lambda s: s.start_time or 0)
+    assert (mixed.name, workflow.name) == ("dispatch jobs", "dispatch chain")
+    parents = {orjson.loads(j.payload)["trace"]["traceparent"].split("-")[2] for j in jobs}
+    assert parents == {hexid(s.context.span_id, 16) for s in (mixed, workflow)}
 
 
 # -- a payload whose "trace" lies -------------------------------------------------------------
