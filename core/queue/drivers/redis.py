@@ -38,12 +38,13 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import itertools
 import math
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources
@@ -61,9 +62,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.errors import ConnectionLostError, DriverError
 from core.queue.drivers.base import (
+    HISTORY_FIELDS,
+    BrowseState,
     Driver,
     FailedJob,
     FailedStore,
+    GroupInfo,
+    MinuteCounts,
     OutgoingJob,
     Pushed,
     QueueStats,
@@ -93,6 +98,9 @@ _SCRIPTS = (
     "cancel",
     "status",
     "recent",
+    "history",
+    "browse",
+    "groups",
 )
 
 #: How long a waiter's mark outlives the slice it blocks for (ms). A `done` token stays 60 s
@@ -107,13 +115,27 @@ _UNANSWERED_KEPT = 16
 
 #: The scripts that end, place or release jobs: lua/lib.lua (shared functions) is prepended.
 _WITH_LIB = frozenset(("push", "reserve", "ack", "release", "cancel", "clear", "retry_failed"))
+#: The scripts that read job records: lua/record.lua (`job_reply`) is prepended.
+_WITH_RECORD = frozenset(("status", "browse"))
+
+#: `history`'s fields, in history.lua's reply order (MinuteCounts' fields after `minute`).
+_MINUTE_FIELDS = tuple(f.name for f in dataclasses.fields(MinuteCounts))[1:]
+#: The most minutes `history` reads from the server (older minutes are zeros: the counts
+#: hashes expire three hours after their last write).
+_HISTORY_READ = 1440
+#: How long a counts hash outlives its last write, in seconds (as lib.lua's flush sets it).
+_COUNTS_KEEP = 10800
 
 
 def _load_script(name: str) -> str:
     def read(file: str) -> str:
         return resources.files("core.queue.drivers").joinpath(f"lua/{file}.lua").read_text("utf-8")
 
-    return read("lib") + "\n" + read(name) if name in _WITH_LIB else read(name)
+    if name in _WITH_LIB:
+        return read("lib") + "\n" + read(name)
+    if name in _WITH_RECORD:
+        return read("record") + "\n" + read(name)
+    return read(name)
 
 
 @contextlib.asynccontextmanager
@@ -150,6 +172,7 @@ class _Keys:
         "counts",
         "delayed",
         "front",
+        "gturn",
         "payloads",
         "ready",
         "reserved",
@@ -169,6 +192,7 @@ class _Keys:
         self.front = f"{tag}:front"
         self.cancel = f"{tag}:cancel"
         self.counts = f"{tag}:counts"
+        self.gturn = f"{tag}:gturn"
 
     def record(self, job_id: str) -> str:
         return f"{self.tag}:job:{job_id}"
@@ -931,6 +955,84 @@ class RedisDriver(Driver):
             window, succeeded, failed, cancelled, expired, coalesced, dropped, rejected
         )
 
+    # -- observing (the dashboard, metrics) -----------------------------------------------
+    # Every call keeps to the queue's slot: one script (or pipelined commands) per queue, each
+    # touching only keys under the queue's tag (history.lua, browse.lua, groups.lua headers).
+
+    async def history(self, queue: str, minutes: int = 60) -> list[MinuteCounts]:
+        """Read from the `<tag>:counts:<minute>` hashes the scripts ending jobs write (and
+        `add_history` adds to), minutes of the server's clock."""
+        _check_count("minutes", minutes, least=1)
+        k = self.keys(queue)
+        read = min(minutes, _HISTORY_READ)
+        async with _translated("reading the history"):
+            reply = await self._scripts["history"](keys=[k.counts], args=[read, *_MINUTE_FIELDS])
+        current, values = int(reply[0]), [int(v) for v in reply[1:]]
+        width = len(_MINUTE_FIELDS)
+        first = current - minutes + 1
+        out = [MinuteCounts(m) for m in range(first, current - read + 1)]
+        for i in range(read):
+            row = values[i * width : (i + 1) * width]
+            out.append(MinuteCounts(current - read + 1 + i, *row))
+        return out
+
+    async def add_history(self, rows: Sequence[tuple[str, int, Mapping[str, int]]]) -> None:
+        """HINCRBY into the same per-minute hashes as the ends (EXPIRE kept: three hours past
+        the last write), pipelined: one round trip, every command on one key of its queue's
+        slot."""
+        sums = _history_sums(rows)
+        if not sums:
+            return
+        async with (
+            _translated("adding to the history"),
+            self.client.pipeline(transaction=False) as pipe,
+        ):
+            for (queue, minute), fields in sums.items():
+                key = f"{self.keys(queue).counts}:{minute}"
+                for name, n in fields.items():
+                    pipe.hincrby(key, name, n)
+                pipe.expire(key, _COUNTS_KEEP)
+            await pipe.execute()
+
+    async def browse(
+        self, queue: str, state: BrowseState, offset: int = 0, limit: int = 50
+    ) -> list[JobStatus]:
+        """One script reads the page's ids in the state's order (browse.lua: O(offset + limit)
+        but for `deferred`, a set it sorts) and their records: one round trip."""
+        if state not in _BROWSE_STATES:
+            raise ValueError(
+                f"unknown state {state!r}: expected one of {', '.join(_BROWSE_STATES)}"
+            )
+        _check_count("offset", offset, least=0)
+        _check_count("limit", limit, least=0)
+        if limit == 0:
+            return []
+        k = self.keys(queue)
+        async with _translated("browsing jobs"):
+            replies = await self._scripts["browse"](
+                keys=[k.ready], args=[k.tag, state, offset, limit]
+            )
+        found = (
+            self._decode_status(_text(replies[i]), queue, replies[i + 1])
+            for i in range(0, len(replies), 2)
+        )
+        return [record for record in found if record is not None]
+
+    async def groups(self, queue: str, offset: int = 0, limit: int = 100) -> list[GroupInfo]:
+        """From the turn hash (group -> holder) and the lines' lengths: groups.lua, O(groups)
+        for the names it sorts."""
+        _check_count("offset", offset, least=0)
+        _check_count("limit", limit, least=0)
+        if limit == 0:
+            return []
+        k = self.keys(queue)
+        async with _translated("listing groups"):
+            reply = await self._scripts["groups"](keys=[k.gturn], args=[k.tag, offset, limit])
+        return [
+            GroupInfo(_text(reply[i]), _text(reply[i + 1]), int(reply[i + 2]))
+            for i in range(0, len(reply), 3)
+        ]
+
     # -- small named values ------------------------------------------------------------
 
     async def get_marker(self, name: str) -> str | None:
@@ -1003,6 +1105,43 @@ if redis.call('PTTL', KEYS[1]) < ttl then
 end
 return 1
 """
+
+
+_BROWSE_STATES: tuple[str, ...] = ("pending", "delayed", "reserved", "deferred")
+
+
+def _check_count(name: str, value: int, *, least: int) -> None:
+    """A count argument (`minutes`, `offset`, `limit`): an int of at least `least`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+
+
+def _history_sums(
+    rows: Sequence[tuple[str, int, Mapping[str, int]]],
+) -> dict[tuple[str, int], dict[str, int]]:
+    """`add_history`'s rows summed per (queue, minute), `HISTORY_FIELDS` only, zeros left out;
+    a row that is not (queue name, minute, counts) raises naming it."""
+    sums: dict[tuple[str, int], dict[str, int]] = {}
+    for row in rows:
+        try:
+            queue, minute, counts = row
+        except (TypeError, ValueError):
+            raise ValueError(f"a history row is (queue, minute, counts), got {row!r}") from None
+        if not isinstance(queue, str) or not queue:
+            raise ValueError(f"a history row's queue must be a non-empty name, got {queue!r}")
+        if isinstance(minute, bool) or not isinstance(minute, int):
+            raise ValueError(f"a history row's minute must be an integer, got {minute!r}")
+        for name in HISTORY_FIELDS:
+            n = counts.get(name, 0)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(
+                    f"history field {name!r} of queue {queue!r} must be a count (an integer of "
+                    f"at least 0), got {n!r}"
+                )
+            if n:
+                fields = sums.setdefault((queue, minute), {})
+                fields[name] = fields.get(name, 0) + n
+    return sums
 
 
 def _progress(rec: dict[str, Any]) -> Progress:

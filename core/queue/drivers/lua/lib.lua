@@ -43,7 +43,7 @@
 -- (of a deferred job: its due time once released, its ttl then), lkey/lint/lburst/lconc (its
 -- limit), held (1 once held back), lf (1: in <tag>:fronts), p_total/p_succeeded/p_failed/p_cancelled and rkeep (a
 -- workflow record's counts and its keep when it succeeds), cofdone, group (the job's group, kept
--- after it ended).
+-- after it ended), dseq (a deferred job's place in push order, from <tag>:seq: browse.lua).
 local T_ = redis.call('TIME')
 local now = T_[1] * 1000 + math.floor(T_[2] / 1000)
 local MAXP = 2147483647

@@ -262,6 +262,10 @@ while j <= #ARGV do
         if front then add('front', '1') end
       end
     end
+    if deferred and not flow then
+      -- Its place in push order among the deferred jobs (browse.lua): a bulk push shares a ms.
+      add('dseq', redis.call('INCR', q.seq))
+    end
     if flow then
       add('kind', kind)
       add('p_total', ndeps)
