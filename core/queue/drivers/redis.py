@@ -31,6 +31,13 @@ Issue #14 (groups, bounded queues, expired jobs handed back) adds the group keys
 passes in the same script as its holder ends; the plain path costs one more EXISTS key per
 reserve (lib.lua `probe`) and one per ack call. Older workers neither pass a group's turn nor
 see line jobs: deploy the new workers before pushing grouped jobs.
+
+Issue #15 (observing) reads without a new key: `history` is the `<tag>:counts:<minute>` hashes
+(lua/history.lua), to which `add_history` adds the workers' fields (pipelined HINCRBY, one key
+per command, the same EXPIRE); `browse` (lua/browse.lua) and `groups` (lua/groups.lua) are one
+script each on the queue's keys. Each call stays in the queue's Cluster slot. Deferred jobs get
+a `dseq` record field (their place in push order): older code leaves it out, browse then orders
+by push time and id.
 """
 
 from __future__ import annotations
