@@ -56,7 +56,7 @@ __all__ = [
 
 logger = logging.getLogger("topiq.metrics")
 
-#: The Content-Type of the exposition text (Prometheus text format 0.0.4).
+#: The Content-Type of the exposition text (Prometheus text format, as prometheus_client writes it).
 CONTENT_TYPE: Final[str] = CONTENT_TYPE_LATEST
 
 #: Seconds a scrape waits for the backend before it exports what it knows.

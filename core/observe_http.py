@@ -143,6 +143,7 @@ async def serve_endpoint(
     config = uvicorn.Config(
         build_app(metrics, health),
         lifespan="off",
+        log_config=None,  # uvicorn's lines go through the process's own logging (JSON or not)
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=1,
