@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,7 @@ from tests.metrics_jobs import GateJob
 from tests.mqtt.conftest import AppProcess, Broker, broker, mosquitto_pub
 from tests.processes import WorkerProcess, wait_until
 from tests.servers import free_port
+from tests.test_worker_processes import PrivateRedis
 
 __all__ = ["broker"]  # the fixture, from tests/mqtt/conftest.py
 
@@ -287,6 +289,80 @@ async def test_mqtt_app_counts_messages_and_unacknowledged(
         assert released.value("topiq_mqtt_messages_received_total") == 11
     finally:
         code = await app.stop()
+    assert code == 0, app.log[-3000:]
+
+
+@pytest.mark.mqtt
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_mqtt_app_scrape_through_a_backend_outage(broker: Broker, tmp_path: Path) -> None:
+    """Redis stops: the scrape still answers at once with `topiq_backend_up 0`, the jobs of
+    the messages go to the spool (counted, depth); Redis back: replayed, depth 0."""
+    redis = PrivateRedis(tmp_path)
+    await asyncio.to_thread(redis.start)
+    queue = f"q-{uuid.uuid4().hex[:10]}"
+    env = broker.env(
+        QUEUE_CONNECTION="redis",
+        REDIS_URL=f"redis://127.0.0.1:{redis.port}/0",
+        QUEUE_DEFAULT=queue,
+        METRICS_TEST_LOG=str(tmp_path / "jobs.log"),
+        MQTT_SPOOL_PATH=str(tmp_path / "spool.sqlite3"),
+    )
+    run = uuid.uuid4().hex[:10]
+    port = free_port()
+    app = await AppProcess(
+        ["serve", "--app", "tests.metrics_jobs:app", "--metrics-port", str(port)], env
+    ).start()
+    try:
+        await app.wait_for_line("connected to the MQTT broker")
+        await mosquitto_pub(broker, f"topiq-test/{run}/in", lines=['{"n": 1}', '{"n": 2}'])
+        await asyncio.to_thread(
+            scrape_until,
+            port,
+            lambda s: s.value("topiq_queue_jobs", queue=queue, state="pending") == 2,
+            "2 jobs in Redis",
+        )
+        await asyncio.to_thread(redis.kill)
+        await mosquitto_pub(
+            broker, f"topiq-test/{run}/in", lines=[f'{{"n": {n}}}' for n in range(3, 7)]
+        )
+        down = await asyncio.to_thread(
+            scrape_until,
+            port,
+            lambda s: s.value("topiq_mqtt_spooled_total") == 4,
+            "4 jobs spooled",
+        )
+        begun = time.monotonic()
+        down = await asyncio.to_thread(scrape, port)
+        took = time.monotonic() - begun
+        print(f"scrape with Redis stopped: {took:.2f}s")
+        assert took < 5
+        assert down.value("topiq_backend_up", connection="redis") == 0
+        assert down.value("topiq_mqtt_spool_depth") == 4
+        assert down.value("topiq_mqtt_messages_handled_total") == 6
+        assert down.value("topiq_mqtt_replayed_total") == 0
+        assert (await asyncio.to_thread(health, port)).status_code == 503
+
+        await asyncio.to_thread(redis.start)
+        back = await asyncio.to_thread(
+            scrape_until,
+            port,
+            lambda s: (
+                s.value("topiq_mqtt_replayed_total") == 4 and s.value("topiq_mqtt_spool_depth") == 0
+            ),
+            "the spool replayed",
+        )
+        back = await asyncio.to_thread(
+            scrape_until,
+            port,
+            lambda s: s.value("topiq_queue_jobs", queue=queue, state="pending") == 6,
+            "6 jobs in Redis",
+        )
+        assert back.value("topiq_backend_up", connection="redis") == 1
+        assert (await asyncio.to_thread(health, port)).status_code == 200
+    finally:
+        code = await app.stop()
+        await asyncio.to_thread(redis.kill)
     assert code == 0, app.log[-3000:]
 
 
