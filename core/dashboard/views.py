@@ -70,6 +70,21 @@ def page(view: _View) -> Callable[[Dashboard, Request], Awaitable[Response]]:
                 f"The {name} connection did not answer: {type(exc).__name__}: {exc}",
                 name,
             )
+        except Exception as exc:  # a driver's own error type: a page saying so, not a bare 500
+            logger.warning(
+                "dashboard: %s failed on the %s connection: %s",
+                request.url.path,
+                name,
+                dash.redact(f"{type(exc).__name__}: {exc}"),
+            )
+            return _error(
+                dash,
+                request,
+                500,
+                "Backend error",
+                f"The {name} connection failed: {type(exc).__name__}: {exc}",
+                name,
+            )
 
     return wrapper
 
