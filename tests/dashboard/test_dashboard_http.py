@@ -6,6 +6,7 @@ The browser tests (tests/dashboard/test_dashboard_browser.py) drive the same pag
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -151,6 +152,24 @@ async def test_pages_show_queues_jobs_workers_and_failures(
 
     schedules = await page(client, "/schedules")
     assert has(schedules, "schedules")
+
+
+async def test_the_queue_page_lists_its_groups(
+    manager: QueueManager, client: httpx.AsyncClient
+) -> None:
+    queue = manager.settings.queue_default
+    first = QuickJob(1)
+    first.group = "device-<7>"
+    holder = str(await manager.push(first, queue=queue))
+    for n in range(2):
+        later = QuickJob(n)
+        later.group = "device-<7>"
+        await manager.push(later, queue=queue)
+    detail = await page(client, f"/queues/{queue}")
+    group = row(detail, "data-group", "device-<7>")
+    assert "device-&lt;7&gt;" in group and holder in group
+    assert re.search(r"<td>\s*2\s*</td>", group), group
+    assert not has(await page(client, "/queues/other-queue"), "groups")
 
 
 async def test_a_hostile_payload_and_error_are_shown_as_text(
