@@ -37,12 +37,12 @@ pytestmark = [pytest.mark.process, pytest.mark.slow, pytest.mark.timeout(120)]
 Start = Callable[..., DashboardProcess]
 
 
-def dispatch(backend: Backend, *jobs: object) -> list[str]:
-    """Push the jobs on the backend; their ids."""
+def dispatch(backend: Backend, *jobs: object, queue: str | None = None) -> list[str]:
+    """Push the jobs on the backend (its default queue unless `queue`); their ids."""
 
     async def push() -> list[str]:
         async with QueueManager(backend.settings()) as manager:
-            return [str(await manager.push(job)) for job in jobs]  # type: ignore[arg-type]
+            return [str(await manager.push(job, queue)) for job in jobs]  # type: ignore[arg-type]
 
     return run_async(push)
 
@@ -204,30 +204,34 @@ def test_pause_and_resume_a_queue_from_its_page(
 ) -> None:
     backend = dash_backend
     name = queue_of(backend)
+    other = f"{name}-other"
     folder = flags(tmp_path, "ok", "go")
     dashboard = start_dashboard(backend)
-    with workers(1, [], backend.env(), tmp_path):
-        (before,) = dispatch(backend, GatedJob(str(folder), "before"))
-        assert wait_ended(backend, before) == {before: "succeeded"}
+    (waiting,) = dispatch(backend, GatedJob(str(folder), "waiting"))
 
+    page.page.goto(f"{dashboard.url}/queues/{name}")
+    expect(page.page.locator("form#resume-form")).to_have_count(0)
+    submit(page, "form#pause-form")
+    if f"/queues/{name}" not in page.page.url:
         page.page.goto(f"{dashboard.url}/queues/{name}")
-        expect(page.page.locator("form#pause-form")).to_have_count(1)
-        expect(page.page.locator("form#resume-form")).to_have_count(0)
-        submit(page, "form#pause-form")
-        if f"/queues/{name}" not in page.page.url:
-            page.page.goto(f"{dashboard.url}/queues/{name}")
-        expect(page.page.locator("form#resume-form")).to_have_count(1)
-        expect(page.page.locator("form#pause-form")).to_have_count(0)
-        assert paused(backend, name)
-        shots(page.page, "queue-paused")
+    expect(page.page.locator("form#resume-form")).to_have_count(1)
+    expect(page.page.locator("form#pause-form")).to_have_count(0)
+    assert paused(backend, name)
+    shots(page.page, "queue-paused")
 
-        (during,) = dispatch(backend, GatedJob(str(folder), "during"))
+    # The worker takes its queues in the order given: were the queue not paused, its job
+    # would run before the other queue's, which it reaches only after.
+    with workers(1, ["--queue", f"{name},{other}"], backend.env(), tmp_path):
+        (later,) = dispatch(backend, GatedJob(str(folder), "other"), queue=other)
+        assert wait_ended(backend, later) == {later: "succeeded"}
+        assert status(backend, waiting) == "queued"
+
         submit(page, "form#resume-form")
         if f"/queues/{name}" not in page.page.url:
             page.page.goto(f"{dashboard.url}/queues/{name}")
         expect(page.page.locator("form#pause-form")).to_have_count(1)
         assert not paused(backend, name)
-        assert wait_ended(backend, during) == {during: "succeeded"}
+        assert wait_ended(backend, waiting) == {waiting: "succeeded"}
         shots(page.page, "queue-resumed")
 
 
