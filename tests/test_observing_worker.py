@@ -7,23 +7,28 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from core.events import EventKind, JobEvent, events
 from core.execution import first_wait
+from core.log import configure_logging
 from core.queue.drivers.base import Driver, MinuteCounts, ReservedJob
 from core.queue.queue_manager import QueueManager
+from core.settings import LogFormat
 from core.worker import history as history_module
 from core.worker.history import MAX_ROWS, HistoryCounts
 from core.worker.options import WorkerOptions
 from core.worker.worker import Worker
-from tests.conftest import Backend
+from tests.conftest import ROOT, Backend, docs_example, guide_section, make_settings
 from tests.jobs import FlakyJob, RecordJob, SleepJob
 from tests.jobs import events as logged
 
@@ -217,3 +222,77 @@ async def test_a_pause_hands_prefetched_jobs_back_unspent_and_resume_runs_them(
     runs = logged(log, "run")
     assert sorted(e["n"] for e in runs) == [1, 2, 3]
     assert {e["attempts"] for e in runs} == {1}  # handed back unspent
+
+
+# -- the guide's sections (docs/observing.md: pause, health, logs) and their examples -------
+
+
+@pytest.mark.parametrize(
+    ("section", "example"),
+    [("pause", "observing_pause"), ("health", "observing_health"), ("logs", "observing_logs")],
+)
+def test_the_guide_shows_each_example_as_it_is(section: str, example: str) -> None:
+    text = guide_section("observing.md", section)
+    path = f"docs/examples/{example}.py"
+    body = (ROOT / path).read_text()
+    assert f"```python\n# {path}\n{body}```" in text
+
+
+async def test_the_pause_example_pauses_inside_its_block_only(backend: Backend) -> None:
+    example = docs_example("observing_pause")
+    async with QueueManager(backend.settings()) as manager:
+        driver = await manager.connection()
+        assert await example.migrate_mail_server(manager) == {"emails"}
+        assert await driver.paused(["emails", "default"]) == set()
+
+
+async def test_the_health_example_answers_503_without_a_worker_and_200_with_one(
+    backend: Backend, log: str
+) -> None:
+    ready = docs_example("observing_health").ready
+    async with QueueManager(backend.settings()) as manager:
+        status, body = await ready(manager)
+        assert (status, body["workers"], body["ok"]) == (503, 0, False)
+        assert (await ready(manager, need_workers=False))[0] == 200
+        async with running(manager):
+
+            async def one_live() -> bool:
+                return (await ready(manager))[0] == 200
+
+            await until(one_live, 10, "the worker's heartbeat")
+        status, body = await ready(manager)
+        assert (status, body["workers"]) == (503, 0)  # a stopped worker removes itself
+
+
+async def test_the_logs_example_job_logs_its_fields_as_json(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    example = docs_example("observing_logs")
+    # Importable by name, as app.jobs.resize would be in a project.
+    monkeypatch.setitem(sys.modules, example.__name__, example)
+    settings = make_settings(
+        queue_connection="sync",
+        log_format=LogFormat.JSON,
+        log_level="INFO",
+        queue_allowed_modules=(example.__name__,),
+    )
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    configure_logging(settings)
+    try:
+        async with QueueManager(settings) as manager:
+            handle = await manager.push(example.ResizeImage("/srv/in/42.png"))
+            assert await handle.result(5) == "/srv/in/42.small.png"
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    lines = [orjson.loads(line) for line in capsys.readouterr().err.splitlines()]
+    [line] = [line for line in lines if line["logger"] == "app.jobs.resize"]
+    assert line["msg"] == "resizing /srv/in/42.png"
+    assert {k: line[k] for k in ("job_id", "queue", "job", "attempt", "worker")} == {
+        "job_id": handle.id,
+        "queue": settings.queue_default,
+        "job": f"{example.__name__}:ResizeImage",
+        "attempt": 1,
+        "worker": "sync",
+    }

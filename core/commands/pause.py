@@ -51,6 +51,10 @@ async def _run(name: str, args: argparse.Namespace, settings: Settings) -> int:
 
 async def _switch(args: argparse.Namespace, conn: Connection, *, pause: bool) -> int:
     driver, queue = conn.driver, args.queue
+    if conn.name == "sync":
+        raise CommandFailed(
+            "the sync connection runs jobs inside dispatch(): it has no worker to pause"
+        )
     try:
         was = queue in await driver.paused([queue])
         if pause:
