@@ -36,12 +36,13 @@ sleep.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Sequence
 
 import pytest
 
-from core.queue.drivers import Driver, Outcome
+from core.queue.drivers import Driver, Outcome, OutgoingJob
 from core.queue.drivers.base import (
     HISTORY_FIELDS,
     GroupInfo,
@@ -334,6 +335,40 @@ async def test_browse_pending_lists_jobs_in_the_order_reserve_hands_them_out(
     expected = [front2, front1, high, refunded, plain1, plain2, low]
     assert await listed(driver, queue, "pending") == expected
     assert await take(driver, queue) == expected
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_browse_pending_matches_reserve_over_random_mixes_page_by_page(
+    driver: Driver, queue: str, seed: int
+) -> None:
+    rng = random.Random(seed)
+    jobs = ids(60)
+    batch: list[OutgoingJob] = []
+    for i, job_id in enumerate(jobs):
+        batch.append(
+            outgoing(
+                job_id,
+                queue,
+                i,
+                priority=rng.choice([0, 0, 0, 1, 2, -1, 7]),
+                at_front=rng.random() < 0.15,
+            )
+        )
+        if rng.random() < 0.3:  # several pushes: the order of pushes counts too
+            await driver.push(batch)
+            batch = []
+    await driver.push(batch)
+    # Some jobs go back: refunded (head of their level) or retried (behind their level).
+    for held in await driver.reserve([queue], 6, lease=30):
+        if rng.random() < 0.5:
+            await driver.release(held, refund=True)
+        else:
+            await driver.release(held, 0.0, error="again")
+    pages: list[str] = []
+    for offset in range(0, 60, 7):
+        pages += await listed_page(driver, queue, offset, 7)
+    assert sorted(pages) == sorted(jobs)
+    assert await take(driver, queue, 100) == pages
 
 
 async def test_browse_pending_records_are_the_jobs_status_records(
