@@ -85,7 +85,13 @@ def csrf_token(conn: HTTPConnection) -> str:
 
 def safe_next(value: str | None) -> str:
     """A path to go to after login: local only (`//evil.example` and `https://...` are not)."""
-    if not value or not value.startswith("/") or value.startswith(("//", "/\\")):
+    if (
+        not value
+        or not value.startswith("/")
+        or "\\" in value
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)  # browsers drop tabs, newlines
+        or value.startswith("//")
+    ):
         return "/"
     return value
 

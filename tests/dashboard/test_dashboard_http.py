@@ -364,6 +364,31 @@ async def test_a_dashboard_without_token_answers_only_loopback_host_names(
     assert (await client.get("/", headers={"host": "localhost:1234"})).status_code == 200
 
 
+async def test_login_sends_only_to_local_paths() -> None:
+    token = "tok-" + uuid.uuid4().hex
+    settings = make_settings(queue_connection="memory", dashboard_token=token)
+    async with (
+        QueueManager(settings) as qm,
+        served(create_app(settings, qm)) as base,
+        httpx.AsyncClient(base_url=base, timeout=20) as http,
+    ):
+        for target, landing in (
+            ("//evil.example/x", "/"),
+            ("https://evil.example/", "/"),
+            ("/\\evil.example", "/"),
+            ("/\t/evil.example", "/"),
+            ("/failed?queue=a", "/failed?queue=a"),
+        ):
+            http.cookies.clear()
+            form = {
+                "token": token,
+                "next": target,
+                "csrf": csrf_of((await http.get("/login")).text),
+            }
+            answer = await http.post("/login", data=form)
+            assert answer.status_code == 303 and answer.headers["location"] == landing, target
+
+
 @pytest.mark.redis
 async def test_no_secret_is_shown_anywhere(redis_url: str, mysql_url: str) -> None:
     """Passwords in REDIS_URL and DB_URL (both wrong, so the pages show their errors) and the
