@@ -5,7 +5,8 @@ parser (issue #15 §3).
   (running gauge, reserved depth) and after every job ended, the counters match the jobs its
   log says it ran;
 * the MQTT app (`serve`) on the session's Mosquitto: messages in are counted, a message held by
-  its handler is counted as not acknowledged, the jobs it dispatched are counted;
+  its handler is counted as not acknowledged, the jobs it dispatched are counted; with Redis
+  stopped the scrape still answers at once (`topiq_backend_up 0`) and counts the spool;
 * `docs/examples/prometheus_alerts.yml` and the guide's `metrics` section name only series a
   real scrape has;
 * a port already in use stops either command at start with a clear error.
