@@ -93,13 +93,12 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
         listening = asyncio.create_task(server.listening.wait())
         await asyncio.wait((serving, listening), return_when=asyncio.FIRST_COMPLETED)
         listening.cancel()
-        if not serving.done():
+        if server.started:
             where = f"[{args.host}]" if ":" in args.host else args.host
             login = "token required" if token else "no token: loopback only"
             print(f"dashboard on http://{where}:{args.port}/ ({login})", flush=True)
-        try:
-            await serving
-        except SystemExit:  # uvicorn's answer to a port it cannot bind (it logged why)
+        await serving
+        if not server.started:
             print(f"topiq: the dashboard cannot listen on {args.host}:{args.port}", file=sys.stderr)
             return ExitCode.ERROR
     finally:
@@ -118,9 +117,13 @@ class _Server(uvicorn.Server):
         self.listening = asyncio.Event()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            self.listening.set()
+        try:
+            await super().startup(sockets)
+        except SystemExit:
+            # uvicorn's answer to a port it cannot bind (it logged why, and ran the app's
+            # shutdown): out of a task, SystemExit would escape the event loop as a traceback.
+            self.should_exit = True
+        self.listening.set()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

@@ -7,6 +7,7 @@ The browser tests (tests/dashboard/test_dashboard_browser.py) drive the same pag
 from __future__ import annotations
 
 import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -524,3 +525,16 @@ def test_the_command_on_loopback_serves_without_a_token_and_stops_on_sigterm(
         started = time.monotonic()
         assert proc.stop() == 0, proc.output
     assert time.monotonic() - started < 5
+
+
+def test_the_command_says_when_its_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = DashboardProcess(
+            ["--port", str(port), "--connection", "memory"], {}, tmp_path / "d.log"
+        )
+        assert proc.proc.wait(30) == 1
+    assert f"topiq: the dashboard cannot listen on 127.0.0.1:{port}" in proc.output
+    assert "Traceback" not in proc.output
