@@ -432,21 +432,14 @@ def job_path(job: Job | None) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def first_wait(reserved: ReservedJob, now: float | None = None) -> float | None:
-    """Seconds from a job's dispatch (or the time it fell due, for a delayed job) to `now`
-    (default: the current time), for the first try only; `None` for a later try, a job with
-    dependencies (when it became ready is not recorded), or a payload that does not say."""
-    if reserved.attempts != 1:
+def first_wait(attempts: int, since: float | None, now: float | None = None) -> float | None:
+    """Seconds from when a job began to wait (`Decoded.since`: its dispatch, or the time it
+    fell due) to `now` (default: the current time), for a first try only; `None` for a later
+    try or when the start of the wait is not known. Never negative (clocks of two hosts)."""
+    if attempts != 1 or since is None:
         return None
-    try:
-        envelope = orjson.loads(reserved.payload)
-        since = envelope["due_at"] if "due_at" in envelope else envelope.get("created_at")
-        if isinstance(since, bool) or not isinstance(since, int | float):
-            return None
-        waited = (time.time() if now is None else now) - since / 1000
-    except Exception:
-        return None
-    return max(0.0, waited) if waited == waited else None  # NaN: none
+    waited = (time.time() if now is None else now) - since
+    return waited if waited > 0 else 0.0
 
 
 def emit(

@@ -21,7 +21,8 @@ import pytest
 from core.events import EventKind, JobEvent, events
 from core.execution import first_wait
 from core.log import configure_logging
-from core.queue.drivers.base import Driver, MinuteCounts, ReservedJob
+from core.queue.drivers.base import Driver, MinuteCounts
+from core.queue.payload import wait_since
 from core.queue.queue_manager import QueueManager
 from core.settings import LogFormat
 from core.worker import history as history_module
@@ -149,20 +150,17 @@ async def test_a_first_start_carries_its_wait_from_dispatch_or_due_time(
     assert starts[(after.id, 1)].waited is None  # when it became ready is not known
 
 
-def reserved(payload: bytes, attempts: int = 1) -> ReservedJob:
-    return ReservedJob("id", "q", payload, attempts)
-
-
-def test_first_wait_reads_due_at_then_created_at_and_refuses_garbage() -> None:
+def test_the_wait_counts_from_due_at_then_created_at_and_ignores_garbage() -> None:
     now = 1_700_000_100.0
-    assert first_wait(reserved(b'{"created_at": 1700000000000}'), now) == 100.0
-    assert first_wait(reserved(b'{"created_at": 1700000000000, "due_at": 1700000090000}'), now)
-    assert first_wait(reserved(b'{"created_at": 1, "due_at": 1700000090000}'), now) == 10.0
-    assert first_wait(reserved(b'{"created_at": 1, "due_at": null}'), now) is None
-    assert first_wait(reserved(b'{"created_at": 1700000200000}'), now) == 0.0  # clock skew
-    assert first_wait(reserved(b'{"created_at": 1700000000000}', attempts=2), now) is None
-    for garbage in (b"", b"[]", b'{"created_at": "x"}', b'{"created_at": true}', b"{}"):
-        assert first_wait(reserved(garbage), now) is None
+    assert wait_since({"created_at": 1700000000000}) == 1_700_000_000.0
+    assert wait_since({"created_at": 1, "due_at": 1700000090000}) == 1_700_000_090.0
+    assert wait_since({"created_at": 1, "due_at": None}) is None  # with dependencies
+    for garbage in ({}, {"created_at": "x"}, {"created_at": True}, {"created_at": float("nan")}):
+        assert wait_since(garbage) is None
+    assert first_wait(1, 1_700_000_000.0, now) == 100.0
+    assert first_wait(1, 1_700_000_200.0, now) == 0.0  # another host's clock ahead
+    assert first_wait(2, 1_700_000_000.0, now) is None  # a later try
+    assert first_wait(1, None, now) is None
 
 
 def test_history_counts_stay_bounded_while_the_backend_is_down(

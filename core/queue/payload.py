@@ -827,7 +827,7 @@ class Decoded:
     """A job rebuilt from its payload, with the limits it was dispatched with.
 
     `result_ttl` and `failure_ttl` are `None` when the payload predates them (the worker then
-    uses its own settings).
+    uses its own settings). `since` is when the job's wait began (`wait_since`).
     """
 
     job: Job
@@ -835,6 +835,17 @@ class Decoded:
     timeout: float
     result_ttl: float | None = None
     failure_ttl: float | None = None
+    since: float | None = None
+
+
+def wait_since(envelope: dict[str, Any]) -> float | None:
+    """When a job began to wait for its first try (epoch seconds): its `due_at` for a delayed
+    job, else its `created_at`; `None` when not known (a job with dependencies, a payload that
+    does not say)."""
+    since = envelope["due_at"] if "due_at" in envelope else envelope.get("created_at")
+    if isinstance(since, bool) or not isinstance(since, int | float) or since != since:
+        return None
+    return since / 1000
 
 
 def _job_class(target: Any) -> type[Job] | None:
@@ -1057,6 +1068,7 @@ class JobLoader:
             timeout=float(timeout),
             result_ttl=None if result_ttl is None else float(result_ttl),
             failure_ttl=None if failure_ttl is None else float(failure_ttl),
+            since=wait_since(envelope),
         )
 
 

@@ -33,21 +33,20 @@ class HistoryCounts:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def _row(self, queue: str, at: float | None) -> dict[str, int] | None:
-        key = (queue, int((time.time() if at is None else at) // 60))
-        row = self._rows.get(key)
-        if row is None:
+    def _new_row(self, key: tuple[str, int]) -> dict[str, int] | None:
+        if len(self._rows) >= MAX_ROWS:
+            self._trim()
             if len(self._rows) >= MAX_ROWS:
-                self._trim()
-                if len(self._rows) >= MAX_ROWS:
-                    self.dropped += 1
-                    return None
-            row = self._rows[key] = {}
+                self.dropped += 1
+                return None
+        row: dict[str, int] = {}
+        self._rows[key] = row
         return row
 
     def started(self, queue: str, waited: float | None, at: float | None = None) -> None:
         """A try started; `waited` is the first try's wait (`first_wait`), if measured."""
-        row = self._row(queue, at)
+        key = (queue, int((time.time() if at is None else at) // 60))
+        row = self._rows.get(key) or self._new_row(key)  # once per try: kept lean
         if row is None:
             return
         row["started"] = row.get("started", 0) + 1
@@ -57,7 +56,8 @@ class HistoryCounts:
 
     def ran(self, queue: str, seconds: float, at: float | None = None) -> None:
         """A try ended after running `seconds`."""
-        row = self._row(queue, at)
+        key = (queue, int((time.time() if at is None else at) // 60))
+        row = self._rows.get(key) or self._new_row(key)
         if row is None:
             return
         row["ran"] = row.get("ran", 0) + 1

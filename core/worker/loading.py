@@ -49,6 +49,7 @@ def load(
             run.result_ttl = decoded.result_ttl
         if decoded.failure_ttl is not None:
             run.failure_ttl = decoded.failure_ttl
+        run.since = decoded.since
         return decoded.job, opts.max_tries or max_tries, opts.timeout or float(timeout), None
     except Exception as exc:
         error = exc

@@ -56,6 +56,7 @@ class Running:
     settled: bool = False  # its try has ended (handle returned or raised): too late to cancel
     thread: asyncio.Future[Any] | None = None  # a sync handle's thread, once started
     started: float = 0.0  # perf_counter at the start of its try
+    since: float | None = None  # when its wait for a first try began (`Decoded.since`)
 
 
 def set_thread(run: Running, future: asyncio.Future[Any]) -> None:

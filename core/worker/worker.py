@@ -617,7 +617,7 @@ class Worker:
                     self._lose(run)
                     return
             run.deadline = time.monotonic() + timeout
-            waited = first_wait(reserved)
+            waited = first_wait(reserved.attempts, run.since)
             self.history.started(reserved.queue, waited)
             announce = events.active
             if announce:

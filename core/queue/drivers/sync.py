@@ -131,7 +131,7 @@ class SyncDriver(MemoryDriver):
                 self.name,
                 job,
                 worker=WORKER,
-                waited=first_wait(reserved),
+                waited=first_wait(reserved.attempts, decoded.since),
             )
         try:
             result = await run_try(job, decoded.timeout)
