@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 #: Seconds a page waits for a backend to open before it says it cannot reach it.
-CONNECT_TIMEOUT: Final = 5.0
+CONNECT_TIMEOUT: Final = 10.0
 #: Failed records read per round trip when a search or "retry all" walks the store.
 PAGE: Final = 500
 #: A text search in the failed store reads at most this many records (newest first).

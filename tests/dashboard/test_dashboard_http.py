@@ -519,8 +519,9 @@ def test_the_command_on_loopback_serves_without_a_token_and_stops_on_sigterm(
     try:
         proc.wait_listening()
         assert f"dashboard on http://127.0.0.1:{port}/" in proc.output
-        answer = httpx.get(f"http://127.0.0.1:{port}/", headers={"accept": "text/html"}, timeout=20)
-        assert answer.status_code == 200 and 'id="queues"' in answer.text
+        answer = httpx.get(f"http://127.0.0.1:{port}/", headers={"accept": "text/html"}, timeout=30)
+        assert answer.status_code == 200, (answer.text[-800:], proc.output)
+        assert 'id="queues"' in answer.text
     finally:
         started = time.monotonic()
         assert proc.stop() == 0, proc.output
