@@ -22,7 +22,7 @@ import orjson
 
 from core.settings import LogFormat, Settings
 
-__all__ = ["JOB_FIELDS", "LOG_FIELDS", "configure_logging", "job_fields"]
+__all__ = ["JOB_FIELDS", "LOG_FIELDS", "configure_logging", "job_fields", "outside_job"]
 
 #: The fields set for every line logged during a try.
 JOB_FIELDS: tuple[str, ...] = ("job_id", "queue", "job", "attempt", "worker")
@@ -53,6 +53,15 @@ def job_fields(
         yield fields
     finally:
         _JOB.reset(token)
+
+
+def outside_job() -> contextvars.Context:
+    """A copy of the current context without a job's fields: for a task started during a try
+    that serves more than that try (a batch of acknowledgements, a publisher), whose lines
+    must not name the job that happened to start it."""
+    context = contextvars.copy_context()
+    context.run(_JOB.set, None)
+    return context
 
 
 class _JsonFormatter(logging.Formatter):

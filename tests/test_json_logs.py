@@ -16,9 +16,10 @@ import orjson
 import pytest
 
 from core.job import Job
-from core.log import LOG_FIELDS
+from core.log import LOG_FIELDS, configure_logging, job_fields, outside_job
 from core.queue.queue_manager import QueueManager
-from tests.conftest import Backend, _backend
+from core.settings import LogFormat
+from tests.conftest import Backend, _backend, make_settings
 from tests.jobs import events, record
 from tests.processes import wait_until, workers
 
@@ -137,3 +138,31 @@ def test_the_text_format_is_unchanged(redis_backend: Backend, tmp_path: Path) ->
     done = [line for line in lines if f"job {chatty} ChattyJob try 2/2 done in " in line]
     assert len(done) == 1 and done[0].endswith("ms")
     assert not any(line.lstrip().startswith("{") for line in lines)
+
+
+async def test_a_task_a_try_starts_for_everyone_carries_no_job_fields(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A task serving every job (an acknowledgement batch, the outcome publisher), though
+    started during one try, does not name that job: `outside_job`."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    configure_logging(make_settings(log_format=LogFormat.JSON, log_level="INFO"))
+    try:
+        with job_fields(job_id="j1", queue="q", job="m:C", attempt=1, worker="w"):
+            await asyncio.create_task(asyncio.to_thread(app_log.info, "inherited"))
+            await asyncio.create_task(
+                asyncio.to_thread(app_log.info, "shared"), context=outside_job()
+            )
+        app_log.info("after")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    lines = {
+        line["msg"]: line
+        for line in map(orjson.loads, capsys.readouterr().err.splitlines())
+        if line["logger"] == app_log.name
+    }
+    assert lines["inherited"]["job_id"] == "j1" and lines["inherited"]["attempt"] == 1
+    assert not set(LOG_FIELDS) & set(lines["shared"])
+    assert not set(LOG_FIELDS) & set(lines["after"])

@@ -14,6 +14,7 @@ from typing import Any
 from core.events import EventKind, events
 from core.execution import describe, emit, failed_outcome, failed_record, on_failed
 from core.job import Job
+from core.log import outside_job
 from core.queue.drivers.base import Driver, FailedJob, FailedStore, ReservedJob
 from core.queue.queue_manager import QueueManager
 from core.worker.state import Running, WorkerCounts
@@ -131,7 +132,8 @@ class FailureRecorder:
                 )
             self._store_down = True
             if self._recorder is None or self._recorder.done():
-                self._recorder = asyncio.create_task(self.record_held())
+                # Records every held failure: not tagged with this job's log fields.
+                self._recorder = asyncio.create_task(self.record_held(), context=outside_job())
             return False
         finally:
             failure.busy = False

@@ -62,7 +62,7 @@ from core.execution import (
 )
 from core.hooks import hooks
 from core.job import Job
-from core.log import job_fields
+from core.log import job_fields, outside_job
 from core.queue.drivers.base import Driver, ReservedJob
 from core.queue.payload import JobLoader
 from core.queue.queue_manager import QueueManager
@@ -734,7 +734,9 @@ class Worker:
         run.lease = lease
         self._lease_requests.append((run, lease))
         if self._lease_batch is None or self._lease_batch.done():
-            self._lease_batch = self._track(asyncio.create_task(self._send_leases()))
+            self._lease_batch = self._track(
+                asyncio.create_task(self._send_leases(), context=outside_job())
+            )
         await asyncio.shield(self._lease_batch)
 
     async def _send_leases(self) -> None:
@@ -876,7 +878,8 @@ class Worker:
         `result` is the return value of a job that succeeded.
         """
         if _REPLY_KEY in reserved.payload:
-            self._outcome_publisher().ended(reserved, result)
+            # Its publishing task serves every job: started outside this job's log fields.
+            outside_job().run(self._outcome_publisher().ended, reserved, result)
         self._done.append(reserved)
         self._unacked[reserved.id] = reserved
         self._changed.set()
@@ -899,7 +902,7 @@ class Worker:
     def _flush_soon(self) -> None:
         """Send the acknowledgements waiting, on their own, unless a flush is under way."""
         if self._done and (self._flusher is None or self._flusher.done()):
-            self._flusher = asyncio.create_task(self._flush_loop())
+            self._flusher = asyncio.create_task(self._flush_loop(), context=outside_job())
 
     async def _flush_loop(self) -> None:
         driver = self._driver
