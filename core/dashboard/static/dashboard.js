@@ -2,10 +2,11 @@
 // `data-live` (matched by id). No reload, so scroll position and focus stay; a region holding
 // the focused form field is left alone until the field loses focus. An element whose fresh
 // copy is no longer `data-live` (a job that ended) is swapped one last time, then left still.
+// A page that takes long to render (a slow backend) is asked for less often: the next fetch
+// waits at least twice as long as the last one took, so open tabs never keep a server busy.
 (function () {
   "use strict";
   var INTERVAL = 1000;
-  var busy = false;
 
   function mark(ok) {
     var badge = document.getElementById("live-state");
@@ -21,12 +22,20 @@
       /^(INPUT|SELECT|TEXTAREA)$/.test(active.tagName);
   }
 
+  function later(delay) {
+    window.setTimeout(refresh, Math.max(INTERVAL, delay));
+  }
+
   function refresh() {
     var regions = document.querySelectorAll("[data-live][id]");
-    if (busy || document.hidden || regions.length === 0) {
+    if (regions.length === 0) {
+      return; // nothing on this page changes any more
+    }
+    if (document.hidden) {
+      later(INTERVAL);
       return;
     }
-    busy = true;
+    var started = Date.now();
     fetch(window.location.href, {
       credentials: "same-origin",
       cache: "no-store",
@@ -62,7 +71,7 @@
     }).catch(function () {
       mark(false);
     }).then(function () {
-      busy = false;
+      later(2 * (Date.now() - started));
     });
   }
 
@@ -71,6 +80,6 @@
     if (select && select.form) {
       select.addEventListener("change", function () { select.form.submit(); });
     }
-    window.setInterval(refresh, INTERVAL);
+    later(INTERVAL);
   });
 })();
