@@ -39,6 +39,7 @@ class Dashboard:
             when=present.when,
             ago=present.ago,
             duration=present.duration,
+            per_minute=present.per_minute,
             redact=self.redact,
         )
         env.globals.update(

@@ -11,7 +11,7 @@ import orjson
 
 from core.settings import Settings
 
-__all__ = ["Redactor", "ago", "duration", "pretty_json", "when"]
+__all__ = ["Redactor", "ago", "duration", "per_minute", "pretty_json", "when"]
 
 _URL_PASSWORD = re.compile(r"(\w[\w+.-]*://[^/\s:@]*):[^@\s/]*@")
 
@@ -44,6 +44,13 @@ def duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def per_minute(rate: float) -> str:
+    """A rate per minute with the precision it needs: `0.03`, `4.5`, `120`."""
+    if rate == 0:
+        return "0"
+    return f"{rate:.2f}" if rate < 1 else f"{rate:.1f}" if rate < 100 else f"{rate:.0f}"
 
 
 def pretty_json(raw: bytes | str | None) -> str:

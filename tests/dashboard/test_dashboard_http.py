@@ -253,6 +253,12 @@ async def test_retry_from_the_job_page_runs_the_job_again(
     assert "second run succeeds" in element_text(
         await page(client, f"/jobs/{job_id}"), "job-result"
     )
+    # The last hour's counts and chart show the failed first run and the successful retry.
+    overview = row(await page(client, "/"), "data-queue", queue)
+    assert cell(overview, "succeeded") == "1"
+    assert cell(overview, "throughput") == "0.03"  # 2 ended over 60 minutes
+    chart = overview.split('<svg class="chart throughput"')[1].split("</svg>")[0]
+    assert '<rect class="ok"' in chart and '<rect class="bad"' in chart
 
 
 async def test_cancel_and_forget(manager: QueueManager, client: httpx.AsyncClient) -> None:
