@@ -39,20 +39,28 @@ class Heartbeat:
         """
         interval = self._worker._heartbeat_every
         beat: asyncio.Task[bool] | None = None
+        # The history goes in a task of its own, beside the beat: a slow write of it (SQLite
+        # under load) must never make the leases look unrenewed.
+        history: asyncio.Task[None] | None = None
         try:
             while True:
                 if beat is None or beat.done():
                     beat = asyncio.create_task(self._beat(interval), name="topiq-worker-beat")
+                if history is None or history.done():
+                    history = asyncio.create_task(self.send_history(), name="topiq-history")
                 await asyncio.wait({beat}, timeout=max(interval, self._worker._margin / 2))
                 if not (beat.done() and not beat.cancelled() and beat.result()):
                     self._check_lapsing(interval)
                 await asyncio.sleep(interval)
         finally:
-            if beat is not None and not beat.done():
-                # Stopping: let a beat in flight finish its calls (bounded), then give up on it.
-                await asyncio.wait({beat}, timeout=self._worker._margin)
-                beat.cancel()
-                await asyncio.gather(beat, return_exceptions=True)
+            # Stopping: let a beat (and a history write) in flight finish its calls (bounded),
+            # then give up on it.
+            busy = {task for task in (beat, history) if task is not None and not task.done()}
+            if busy:
+                await asyncio.wait(busy, timeout=self._worker._margin)
+                for task in busy:
+                    task.cancel()
+                await asyncio.gather(*busy, return_exceptions=True)
 
     async def _beat(self, interval: float) -> bool:
         """One heartbeat; whether every lease held here was renewed."""
@@ -61,7 +69,6 @@ class Heartbeat:
         renewed = await self._renew_leases(driver)
         try:
             await driver.report_worker(self._info(), ttl=interval * 3)
-            await self.send_history()
             requested = await driver.restart_requested_at()
             if requested is not None and requested > self._worker._started_at:
                 self._worker.stop(StopReason.RESTART)
