@@ -667,6 +667,14 @@ class Driver(abc.ABC):
         record was not kept). `queue` narrows the search when known."""
         raise NotImplementedError(f"{type(self).__name__} keeps no status records")
 
+    async def job_payload(self, job_id: str, queue: str | None = None) -> bytes | None:
+        """The job's payload (the envelope as pushed) while the backend keeps it: waiting,
+        deferred, delayed or running. `None` once the job has ended (unless the backend keeps
+        it then: none does today), for an unknown id, or when `queue` is given and the job is
+        not on it. Without `queue`, the job `job_status` would show is the one read. One read
+        of the backend; `JobStatus` carries no payload, so listing jobs never fetches them."""
+        return None
+
     async def wait_ended(self, job_id: str, queue: str | None, timeout: float) -> JobStatus | None:
         """The job's record once it has ended, or as it is when `timeout` seconds have passed.
 

@@ -878,6 +878,20 @@ class DatabaseDriver(Driver):
 
         return await self._run("read a job's status", op, write=False)
 
+    async def job_payload(self, job_id: str, queue: str | None = None) -> bytes | None:
+        """The `payload` column of the job's `queue_jobs` row (the latest, as `job_status`
+        chooses): one SELECT on the uuid index. An ended job has no row: `None`."""
+        query = select(_jobs.payload).where(_jobs.uuid == job_id)
+        if queue is not None:
+            query = query.where(_jobs.queue == queue)
+        query = query.order_by(_jobs.id.desc()).limit(1)
+
+        async def op(conn: AsyncConnection) -> bytes | None:
+            payload: str | None = (await conn.execute(query)).scalar()
+            return None if payload is None else payload.encode("utf-8")
+
+        return await self._run("read a job's payload", op, write=False)
+
     async def cancel(self, job_id: str, queue: str | None = None) -> bool:
         """A waiting job ends `cancelled` at once; a running one is flagged for its worker."""
         keep = self.settings.queue_failure_ttl

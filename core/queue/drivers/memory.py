@@ -1302,6 +1302,12 @@ class MemoryDriver(Driver):
                 return None
         return self._view(q, record, now)
 
+    async def job_payload(self, job_id: str, queue: str | None = None) -> bytes | None:
+        # Through job_status: the same job chosen, and one past its ttl reaped (then None).
+        record = await self.job_status(job_id, queue)
+        q = self._queues.get(record.queue) if record is not None else None
+        return q.payloads.get(job_id) if q is not None else None
+
     def _view(self, q: _Queue, record: _Record, now: float) -> JobStatus:
         """What callers see of a stored record."""
         job_id = record.id

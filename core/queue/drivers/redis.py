@@ -888,6 +888,30 @@ class RedisDriver(Driver):
                 return await self._find(job_id)
             return await self._status_reply(queue, job_id)
 
+    async def job_payload(self, job_id: str, queue: str | None = None) -> bytes | None:
+        """`HGET <tag>:payloads <id>` (the job's queue given); else the same for every known
+        queue with the record's `enqueued_at` beside it, in one pipeline, each command on one
+        queue's keys (its Cluster slot), the latest push kept, as `_find` would choose."""
+        async with _translated("reading a job's payload"):
+            if queue is not None:
+                raw = await self.client.hget(self.keys(queue).payloads, job_id)
+                return raw.encode() if isinstance(raw, str) else raw
+            names = await self.queues()
+            if not names:
+                return None
+            async with self.client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    k = self.keys(name)
+                    pipe.hget(k.payloads, job_id)
+                    pipe.hget(k.record(job_id), "enqueued_at")
+                replies = await pipe.execute()
+        found = [
+            (float(replies[i + 1] or 0), replies[i])
+            for i in range(0, len(replies), 2)
+            if replies[i] is not None
+        ]
+        return bytes(max(found, key=lambda pair: pair[0])[1]) if found else None
+
     async def wait_ended(self, job_id: str, queue: str | None, timeout: float) -> JobStatus | None:
         """Block on the server: the scripts that end a job push a token to its `done` list
         when a waiter has marked itself (status.lua does, with each read of the record).
