@@ -11,7 +11,21 @@ import orjson
 
 from core.settings import Settings
 
-__all__ = ["Redactor", "ago", "duration", "per_minute", "pretty_json", "when"]
+__all__ = [
+    "PAYLOAD_SHOWN",
+    "Redactor",
+    "ago",
+    "duration",
+    "payload_text",
+    "per_minute",
+    "pretty_json",
+    "when",
+]
+
+#: How much of a payload the job page shows (characters of the text, after pretty-printing).
+PAYLOAD_SHOWN = 64 * 1024
+#: Payloads larger than this are shown as they are, not parsed to be pretty-printed.
+_PARSED_AT_MOST = 1024 * 1024
 
 _URL_PASSWORD = re.compile(r"(\w[\w+.-]*://[^/\s:@]*):[^@\s/]*@")
 
@@ -61,6 +75,24 @@ def pretty_json(raw: bytes | str | None) -> str:
         return orjson.dumps(orjson.loads(raw), option=orjson.OPT_INDENT_2).decode()
     except orjson.JSONDecodeError:
         return raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+
+
+def payload_text(raw: bytes | str | None, shown: int = PAYLOAD_SHOWN) -> tuple[str, str]:
+    """A payload as the job page shows it, and a note when it is cut: JSON pretty-printed
+    (text that is not JSON as it is), at most `shown` characters. The page escapes it."""
+    if raw is None:
+        return "", ""
+    size = len(raw.encode() if isinstance(raw, str) else raw)
+    if size <= _PARSED_AT_MOST:
+        text = pretty_json(raw)
+    else:
+        # Only the head is decoded: `shown` characters take at most 4 bytes each.
+        text = raw[: shown * 4].decode(errors="replace") if isinstance(raw, bytes) else raw
+    if len(text) <= shown:
+        return text, ""
+    return text[:shown], (
+        f"Truncated: the first {shown // 1024} KB shown of a {size:,}-byte payload."
+    )
 
 
 class Redactor:

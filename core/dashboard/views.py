@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 
 from core.dashboard.context import Dashboard
-from core.dashboard.present import pretty_json
+from core.dashboard.present import payload_text, pretty_json
 from core.dashboard.security import CsrfError, csrf_token, safe_next, token_matches, verify_post
 from core.dashboard.source import BACKEND_ERRORS, retry_records
 from core.queue.drivers.base import BrowseState, Driver, FailedJob
@@ -195,7 +195,7 @@ async def job_page(dash: Dashboard, request: Request, conn: str) -> Response:
         validate_job_id(job_id)
     except ValueError:
         return _error(dash, request, 404, "No such job", f"{job_id!r} is not a job id.", conn)
-    _, status, record = await _job_records(dash, conn, job_id)
+    driver, status, record = await _job_records(dash, conn, job_id)
     if status is None and record is None:
         return _error(
             dash,
@@ -207,6 +207,12 @@ async def job_page(dash: Dashboard, request: Request, conn: str) -> Response:
             conn,
         )
     live = status is not None and status.status not in ENDED
+    # The backend keeps a payload while the job waits or runs; after that, the failed store
+    # keeps it for jobs that failed for good.
+    raw = await driver.job_payload(job_id, status.queue) if live and status is not None else None
+    if raw is None and record is not None:
+        raw = record.payload.encode()
+    payload, payload_note = payload_text(raw)
     return dash.render(
         request,
         "job.html",
@@ -218,7 +224,8 @@ async def job_page(dash: Dashboard, request: Request, conn: str) -> Response:
             "record": record,
             "state": status.status.value if status is not None else "failed",
             "live": live,
-            "payload": pretty_json(record.payload) if record is not None else "",
+            "payload": payload,
+            "payload_note": payload_note,
             "result": pretty_json(status.result) if status is not None else "",
             "error": (status.error if status is not None and status.error else "")
             or (record.exception.strip().splitlines()[-1] if record and record.exception else ""),

@@ -185,6 +185,19 @@ async def test_a_hostile_payload_and_error_are_shown_as_text(
     job = await page(client, f"/jobs/{failed}")
     assert "&lt;script&gt;alert(" in job
     assert HOSTILE in element_text(job, "job-error")
+    # A waiting job's payload comes from the backend (no failed record): escaped, pretty JSON.
+    waiting = str(await manager.push(HostileJob(), queue=queue))
+    job = await page(client, f"/jobs/{waiting}")
+    assert element_text(job, "job-status") == "queued"
+    assert "<script>" not in job.replace('<script src="/static/dashboard.js" defer>', "")
+    assert "&lt;script&gt;alert(" in job
+    shown = element_text(job, "job-payload")
+    assert HOSTILE in shown and "\n  " in shown and not has(job, "job-payload-note")
+    # Past 64 KB it is cut, and the page says so.
+    big = str(await manager.push(HostileJob("x" * 100_000), queue=queue))
+    job = await page(client, f"/jobs/{big}")
+    assert len(element_text(job, "job-payload")) <= 64 * 1024
+    assert "Truncated" in element_text(job, "job-payload-note")
 
 
 async def test_unknown_things_are_404_pages(
