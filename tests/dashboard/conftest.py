@@ -72,7 +72,7 @@ def _missing(message: str) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def playwright_session() -> Iterator[Playwright]:
     if not CHROMIUM.exists():
         _missing(f"{CHROMIUM} is not installed; `scripts/services up` installs Debian's chromium")
@@ -91,9 +91,11 @@ def playwright_session() -> Iterator[Playwright]:
         manager.__exit__(None, None, None)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright_session: Playwright) -> Iterator[Browser]:
-    """One headless Chromium for the session (each test gets a fresh context: no cookies)."""
+    """One headless Chromium per module (each test gets a fresh context: no cookies). Not per
+    session: Playwright's sync API holds an event loop on this thread while it runs, which
+    every asyncio test after it would trip over."""
     chromium = playwright_session.chromium.launch(
         executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
     )
