@@ -1015,3 +1015,40 @@ def test_no_secret_in_the_logs_of_a_dashboard_and_a_worker(tmp_path: Path) -> No
     for out in (dash.output, worker.output):
         for secret in (token, redis_pw, db_pw, mqtt_pw):
             assert secret not in out, (secret, out[-2000:])
+
+
+# -- (2)/(4) a Redis connection with a few dozen queues: the overview and /metrics ------------
+
+
+@pytest.mark.redis
+@pytest.mark.xfail(
+    strict=True,
+    reason="Source.overview gathers 5 reads per queue at once and Driver.paused gathers one "
+    "marker read per queue: past ~20 queues this exceeds redis-py's connection pool (100, "
+    "non-blocking) -> 'Too many connections': the overview is a 503 page with 40 queues and "
+    "the dashboard's /metrics says topiq_backend_up 0 with 200 (a false outage alarm)",
+)
+async def test_the_overview_and_metrics_of_a_redis_connection_with_many_queues(
+    redis_url: str,
+) -> None:
+    from tests.conftest import flush_redis
+
+    flush_redis(redis_url)
+    settings = make_settings(queue_connection="redis", redis_url=redis_url)
+    try:
+        async with (
+            QueueManager(settings) as qm,
+            served(create_app(settings, qm)) as base,
+            httpx.AsyncClient(base_url=base, timeout=60) as http,
+        ):
+            driver = await qm.connection()
+            body = encode(QuickJob(0), job_id="x", queue="q", max_bytes=1 << 20)
+            await driver.push(
+                [OutgoingJob(id=f"m-{n}", queue=f"many.{n}", payload=body) for n in range(200)]
+            )
+            overview = await http.get("/")
+            metrics_text = (await http.get("/metrics")).text
+    finally:
+        flush_redis(redis_url)
+    assert overview.status_code == 200, overview.text[-400:]
+    assert 'topiq_backend_up{connection="redis"} 1.0' in metrics_text
