@@ -15,14 +15,14 @@ Retrying never loses a job nor a newer failure, and two retries at once queue a 
   sees the claim, and skips it), then its job is pushed, then exactly that record is deleted
   by its record id. A job that fails again in between has a new record, which stays; a
   command that dies in between leaves the job listed (and perhaps queued too), never in
-  neither place, and its claim lapses after `CLAIM_LIFETIME` so that a later retry takes it.
+  neither place, and its claim lapses after `CLAIM_LIFETIME` (core/queue/failed_retry.py) so
+  that a later retry takes it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -51,7 +51,8 @@ from core.commands._common import (
     when,
 )
 from core.delays import parse_delay
-from core.queue.drivers.base import Driver, FailedJob, FailedStore, OutgoingJob, claimed_at
+from core.queue.drivers.base import FailedJob, FailedStore
+from core.queue.failed_retry import retry_records
 from core.settings import Settings
 
 HELP = {
@@ -65,8 +66,6 @@ HELP = {
 
 _COLUMNS = ("id", "connection", "queue", "class", "failed at", "error")
 _PAGE = 500  # records read per round trip when a command works on a whole store
-#: Seconds a retry's claim on a failed record keeps other retries away (it lasts a push).
-CLAIM_LIFETIME = 60.0
 
 _Handler = Callable[[argparse.Namespace, Connection, FailedStore], Awaitable[int]]
 
@@ -209,23 +208,9 @@ async def _retry(args: argparse.Namespace, conn: Connection, store: FailedStore)
         bar = progress.add_task("retrying failed jobs", total=len(records))
         for start in range(0, len(records), _PAGE):
             batch = records[start : start + _PAGE]
-            by_connection: dict[str, list[FailedJob]] = {}
-            now = time.time()
-            for record in batch:
-                claimed = claimed_at(record.record_id)
-                # abs(): a claim made on a host whose clock runs ahead is recent too.
-                if claimed is not None and abs(now - claimed) < CLAIM_LIFETIME:
-                    skipped.append(record.id)  # another retry is moving it right now
-                else:
-                    by_connection.setdefault(record.connection, []).append(record)
-            for name, group in by_connection.items():
-                driver = await conn.driver_for(name)
-                if driver.failed_store() is store:
-                    moved = set(await driver.retry_failed(group))
-                else:
-                    moved = set(await _retry_across(store, driver, group))
-                for record in group:
-                    (retried if record.id in moved else skipped).append(record.id)
+            moved, passed = await retry_records(store, batch, conn.driver_for)
+            retried += moved
+            skipped += passed
             progress.advance(bar, len(batch))
     message = (
         f"Retried {_jobs(len(retried))}: back on "
@@ -244,21 +229,6 @@ async def _retry(args: argparse.Namespace, conn: Connection, store: FailedStore)
             result["skipped"] = skipped
         say(args, message, result)
     return _not_found(missing, conn)
-
-
-async def _retry_across(store: FailedStore, driver: Driver, records: list[FailedJob]) -> list[str]:
-    """Retry records kept on another backend than their queue: claim, push, then remove.
-
-    Claiming first gives each record a new record id that only this run knows, so a second
-    retry at once skips it; deleting by that id last can never delete a newer failure of the
-    job (its record has another id), and at no moment is the job in neither place.
-    """
-    claimed = [mine for record in records if (mine := await store.claim(record)) is not None]
-    if claimed:
-        await driver.push([OutgoingJob(r.id, r.queue, r.payload.encode()) for r in claimed])
-        for record in claimed:
-            await store.remove(record)
-    return [record.id for record in claimed]
 
 
 async def _forget(args: argparse.Namespace, conn: Connection, store: FailedStore) -> int:

@@ -7,19 +7,17 @@ jobs and on one of 100,000 waiting and 10,000 failed.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from core.errors import TopiqError
+from core.queue import failed_retry
 from core.queue.drivers.base import (
     Driver,
     FailedJob,
     FailedStore,
     MinuteCounts,
-    OutgoingJob,
-    claimed_at,
 )
 from core.queue.queue_manager import RECENT_WINDOW, QueueManager
 from core.settings import QueueConnection, Settings
@@ -38,8 +36,6 @@ CONNECT_TIMEOUT: Final = 10.0
 PAGE: Final = 500
 #: A text search in the failed store reads at most this many records (newest first).
 SEARCH_LIMIT: Final = 10_000
-#: Seconds a retry's claim on a failed record keeps other retries away (as `queue:retry`).
-CLAIM_LIFETIME: Final = 60.0
 
 
 def configured_connections(settings: Settings) -> list[str]:
@@ -192,35 +188,13 @@ async def retry_records(
     skipped: claimed by another retry or changed since they were read)."""
     retried: list[str] = []
     skipped: list[str] = []
-    now = time.time()
     for start in range(0, len(records), PAGE):
-        by_connection: dict[str, list[FailedJob]] = {}
-        for record in records[start : start + PAGE]:
-            claimed = claimed_at(record.record_id)
-            if claimed is not None and abs(now - claimed) < CLAIM_LIFETIME:
-                skipped.append(record.id)
-            else:
-                by_connection.setdefault(record.connection, []).append(record)
-        for name, group in by_connection.items():
-            driver = await source.driver(name)
-            if driver.failed_store() is store:
-                moved = set(await driver.retry_failed(group))
-            else:
-                moved = set(await _retry_across(store, driver, group))
-            for record in group:
-                (retried if record.id in moved else skipped).append(record.id)
+        moved, passed = await failed_retry.retry_records(
+            store, records[start : start + PAGE], source.driver
+        )
+        retried += moved
+        skipped += passed
     return retried, skipped
-
-
-async def _retry_across(store: FailedStore, driver: Driver, records: list[FailedJob]) -> list[str]:
-    """Records kept on another backend than their queue: claim, push, then remove (the
-    order `queue:retry` uses: the job is never in neither place)."""
-    claimed = [mine for record in records if (mine := await store.claim(record)) is not None]
-    if claimed:
-        await driver.push([OutgoingJob(r.id, r.queue, r.payload.encode()) for r in claimed])
-        for record in claimed:
-            await store.remove(record)
-    return [record.id for record in claimed]
 
 
 #: What a page shows when a backend fails (its message, without any secret).
