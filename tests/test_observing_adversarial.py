@@ -461,13 +461,6 @@ def _foreign_record(job_id: str, connection: str, marker: Path) -> FailedJob:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="retrying a failed record of the memory connection (kept in a shared store with "
-    "QUEUE_FAILED_CONNECTION) pushes it into the dashboard process's own memory queue and "
-    "deletes the record: no worker can ever see it, it is gone when the dashboard stops, and "
-    "the page says 'back on queue' - source.retry_records / Source.driver",
-)
 async def test_retrying_a_memory_connection_record_does_not_lose_it(tmp_path: Path) -> None:
     settings = make_settings(
         queue_connection="database",
@@ -484,12 +477,6 @@ async def test_retrying_a_memory_connection_record_does_not_lose_it(tmp_path: Pa
         assert await store.get("j-memory") is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="retrying a failed record of the sync connection runs the job's handle() inside "
-    "the dashboard process (the sync driver runs on push): job code in the web server, its "
-    "exception shown as a 500 'Backend error' page - source.retry_records",
-)
 async def test_retrying_a_sync_connection_record_runs_no_job_code_in_the_dashboard(
     tmp_path: Path,
 ) -> None:

@@ -220,8 +220,9 @@ async def _retry(args: argparse.Namespace, conn: Connection, store: FailedStore)
     )
     if skipped:
         message += (
-            f" Skipped {_jobs(len(skipped))} that another retry is moving, or that changed "
-            "since they were read (retried meanwhile, or failed again)."
+            f" Skipped {_jobs(len(skipped))} that another retry is moving, that changed "
+            "since they were read (retried meanwhile, or failed again), or whose connection "
+            "lives inside one process (memory, sync: dispatch those again from that process)."
         )
     if args.json or retried or skipped or not missing:  # a missing id is said once, below
         result: dict[str, list[str]] = {"retried": retried, "missing": missing}

@@ -17,7 +17,7 @@ from core.dashboard.context import Dashboard
 from core.dashboard.present import payload_text, pretty_json
 from core.dashboard.security import CsrfError, csrf_token, safe_next, token_matches, verify_post
 from core.dashboard.source import BACKEND_ERRORS, retry_records
-from core.queue.drivers.base import BrowseState, Driver, FailedJob
+from core.queue.drivers.base import BrowseState, Driver, FailedJob, FailedStore
 from core.queue.payload import validate_job_id, validate_queue
 from core.status import ENDED, JobStatus
 
@@ -123,9 +123,19 @@ def _redirect(path: str, **query: Any) -> RedirectResponse:
 
 @page
 async def overview(dash: Dashboard, request: Request, conn: str) -> Response:
-    rows = await dash.source.overview(conn)
+    offset = _int(request, "offset", 0, 0, 10**9)
+    found = await dash.source.overview(conn, offset)
     return dash.render(
-        request, "overview.html", {"title": "Queues", "connection": conn, "rows": rows}
+        request,
+        "overview.html",
+        {
+            "title": "Queues",
+            "connection": conn,
+            "rows": found.rows,
+            "offset": found.offset,
+            "limit": found.limit,
+            "total": found.total,
+        },
     )
 
 
@@ -387,7 +397,8 @@ async def job_action(dash: Dashboard, request: Request, conn: str) -> Response:
                 request,
                 f"Job {job_id} is back on queue {record.queue} with its tries reset."
                 if retried
-                else f"Job {job_id} was not retried: another retry is moving it, or it changed.",
+                else f"Job {job_id} was not retried: another retry is moving it, it changed, or "
+                "its connection lives inside one process (memory, sync).",
             )
     elif action == "cancel":
         driver = await dash.source.driver(conn)
@@ -433,7 +444,10 @@ async def failed_action(dash: Dashboard, request: Request, conn: str) -> Respons
     retried, skipped = await retry_records(dash.source, store, records)
     message = f"Retried {len(retried)} failed job(s)."
     if skipped:
-        message += f" Skipped {len(skipped)} that another retry is moving or that changed."
+        message += (
+            f" Skipped {len(skipped)} that another retry is moving, that changed, or whose "
+            "connection lives inside one process (memory, sync)."
+        )
     _flash(request, message)
     logger.info("dashboard: retried %d failed jobs on %s", len(retried), conn)
     return _redirect("/failed", connection=conn, queue=queue, q=text)
@@ -496,7 +510,14 @@ async def metrics(dash: Dashboard, request: Request) -> Response:
 
     opened = await _open_drivers(dash, dash.source.connections)
     drivers = [d for d in opened if isinstance(d, Driver)]
-    body = await backend_metrics(drivers)
+
+    async def store(driver: Driver) -> FailedStore:
+        # Where the connection's jobs fail to (QUEUE_FAILED_CONNECTION may name another).
+        return await dash.source.store(driver.name)
+
+    # A connection that could not be opened says so (`topiq_backend_up 0`), not nothing.
+    down = [name for name in opened if isinstance(name, str)]
+    body = await backend_metrics(drivers, stores=store, down=down)
     return Response(body, headers={"content-type": CONTENT_TYPE})
 
 

@@ -3,17 +3,31 @@
 A record is skipped while another retry's claim on it is recent (`CLAIM_LIFETIME`). Records
 kept in their own connection's store go back in the driver's atomic `retry_failed`; records
 kept on another backend (`QUEUE_FAILED_CONNECTION`) are claimed, pushed, then removed, so the
-job is never in neither place and a second retry at the same moment skips them.
+job is never in neither place and a second retry at the same moment skips them (and a push
+whose id is still waiting or running, left by a retry killed between its push and its removal,
+is not stored twice).
+
+Records of the `memory` and `sync` connections (possible only in a shared store,
+`QUEUE_FAILED_CONNECTION`) are skipped and stay where they are: those connections live inside
+one process, so pushing them from a command or the dashboard would run the job there (`sync`)
+or into a queue no worker can see (`memory`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from core.queue.drivers.base import Driver, FailedJob, FailedStore, OutgoingJob, claimed_at
 
-__all__ = ["CLAIM_LIFETIME", "retry_records"]
+__all__ = ["CLAIM_LIFETIME", "PER_PROCESS", "retry_records"]
+
+logger = logging.getLogger("topiq.failed")
+
+#: Connections that live inside one process: their failed records are never retried from
+#: another one.
+PER_PROCESS = frozenset({"memory", "sync"})
 
 #: Seconds a retry's claim on a failed record keeps other retries away (it lasts a push).
 CLAIM_LIFETIME = 60.0
@@ -25,13 +39,22 @@ async def retry_records(
     driver_for: Callable[[str], Awaitable[Driver]],
 ) -> tuple[list[str], list[str]]:
     """Retry one batch of `records` read from `store`; returns the ids (retried, skipped:
-    claimed by another retry, or changed since they were read). `driver_for(name)` gives the
-    driver of a record's connection."""
+    claimed by another retry, changed since they were read, or of a per-process connection).
+    `driver_for(name)` gives the driver of a record's connection."""
     retried: list[str] = []
     skipped: list[str] = []
     by_connection: dict[str, list[FailedJob]] = {}
     now = time.time()
     for record in records:
+        if record.connection in PER_PROCESS:
+            logger.warning(
+                "failed job %s not retried: its connection %r lives inside one process; "
+                "dispatch it again from that process",
+                record.id,
+                record.connection,
+            )
+            skipped.append(record.id)
+            continue
         claimed = claimed_at(record.record_id)
         # abs(): a claim made on a host whose clock runs ahead is recent too.
         if claimed is not None and abs(now - claimed) < CLAIM_LIFETIME:
@@ -58,7 +81,14 @@ async def _retry_across(store: FailedStore, driver: Driver, records: list[Failed
     """
     claimed = [mine for record in records if (mine := await store.claim(record)) is not None]
     if claimed:
-        await driver.push([OutgoingJob(r.id, r.queue, r.payload.encode()) for r in claimed])
+        # check_id + "keep": a copy pushed by an earlier retry that died before its removal,
+        # still waiting or running, is not stored a second time.
+        await driver.push(
+            [
+                OutgoingJob(r.id, r.queue, r.payload.encode(), check_id=True, on_duplicate="keep")
+                for r in claimed
+            ]
+        )
         for record in claimed:
             await store.remove(record)
     return [record.id for record in claimed]
