@@ -3,7 +3,9 @@
 In JSON (`LOG_FORMAT=json`) every line logged while a job runs carries the job's fields
 (`JOB_FIELDS`: `job_id`, `queue`, `job`, `attempt`, `worker`), the job's own log lines
 included: the runner sets them around each try with `job_fields`, in a context variable that
-the try's task, its threads and the tasks it starts inherit. A line may also pass any of
+the try's task, the tasks it starts, and the thread a sync `handle` runs in inherit (a
+thread the job starts itself with `threading.Thread` or `run_in_executor` does not: context
+variables do not cross into it; `asyncio.to_thread` copies them). A line may also pass any of
 `LOG_FIELDS` as `extra` (the worker's end-of-try lines give `duration`, in seconds). The text
 format is unchanged.
 """
@@ -38,9 +40,9 @@ _JOB: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
 def job_fields(
     *, job_id: str, queue: str, job: str = "", attempt: int = 0, worker: str = ""
 ) -> Iterator[dict[str, Any]]:
-    """Tag every line logged inside the block (in this task, and the threads and tasks it
-    starts) with the job's fields, in JSON logs. Yields the fields: a value learnt inside the
-    block (the class, once the payload is read) may be set in it."""
+    """Tag every line logged inside the block (in this task, the tasks it starts, and
+    `asyncio.to_thread` calls) with the job's fields, in JSON logs. Yields the fields: a value
+    learnt inside the block (the class, once the payload is read) may be set in it."""
     fields: dict[str, Any] = {
         "job_id": job_id,
         "queue": queue,
