@@ -43,6 +43,7 @@ __all__ = [
     "BACKEND_TIMEOUT",
     "CONTENT_TYPE",
     "JOB_LABELS",
+    "MAX_QUEUES",
     "REGISTRY",
     "backend_down",
     "backend_metrics",
@@ -61,6 +62,9 @@ CONTENT_TYPE: Final[str] = CONTENT_TYPE_LATEST
 
 #: Seconds a scrape waits for the backend before it exports what it knows.
 BACKEND_TIMEOUT: Final[float] = 2.0
+#: Queues exported per connection by `backend_metrics` (6 series each): queue names can come
+#: from devices, and a sender making up names must not grow the scrape without bound.
+MAX_QUEUES: Final[int] = 250
 
 #: The labels of the job counters and histograms (bounded: queues and job classes).
 JOB_LABELS: Final[tuple[str, str]] = ("queue", "job")
@@ -213,6 +217,12 @@ class _BackendGauges:
             ("connection", "queue"),
             registry=registry,
         )
+        self.omitted = Gauge(
+            "topiq_queues_omitted",
+            "Queues of the connection left out of this scrape (over the cap of queues exported).",
+            ("connection",),
+            registry=registry,
+        )
         self.workers = Gauge(
             "topiq_workers",
             "Live workers on the connection (heartbeat not expired).",
@@ -226,11 +236,14 @@ async def _read_connection(
     queues: Sequence[str] | None,
     gauges: _BackendGauges,
     stores: Callable[[Driver], Awaitable[FailedStore]] | None,
+    max_queues: int = MAX_QUEUES,
 ) -> None:
     """Fill `gauges` for one connection, value by value (what is read before a timeout
-    stays)."""
+    stays). At most `max_queues` queues (by name); `topiq_queues_omitted` counts the rest."""
     connection = driver.name
     names = list(queues) if queues is not None else sorted(await driver.queues())
+    gauges.omitted.labels(connection).set(max(0, len(names) - max_queues))
+    names = names[:max_queues]
     store = await stores(driver) if stores is not None else driver.failed_store()
     for name in names:
         stats = await driver.stats(name)
@@ -249,12 +262,15 @@ async def _fill_backend(
     queues: Sequence[str] | None,
     timeout: float,
     stores: Callable[[Driver], Awaitable[FailedStore]] | None,
-) -> None:
+    max_queues: int = MAX_QUEUES,
+) -> _BackendGauges:
     gauges = _BackendGauges(registry)
 
     async def one(driver: Driver) -> None:
         try:
-            await asyncio.wait_for(_read_connection(driver, queues, gauges, stores), timeout)
+            await asyncio.wait_for(
+                _read_connection(driver, queues, gauges, stores, max_queues), timeout
+            )
         except Exception as exc:  # a timeout or a backend error: export what is known
             logger.warning(
                 "metrics: the %s backend did not answer in time: %s",
@@ -266,6 +282,7 @@ async def _fill_backend(
             gauges.up.labels(driver.name).set(1)
 
     await asyncio.gather(*(one(driver) for driver in drivers))
+    return gauges
 
 
 async def backend_metrics(
@@ -274,6 +291,8 @@ async def backend_metrics(
     queues: Sequence[str] | None = None,
     timeout: float = BACKEND_TIMEOUT,
     stores: Callable[[Driver], Awaitable[FailedStore]] | None = None,
+    max_queues: int = MAX_QUEUES,
+    down: Sequence[str] = (),
 ) -> bytes:
     """The exposition text of the backend gauges of `drivers` (each already open), read now.
 
@@ -281,11 +300,16 @@ async def backend_metrics(
     for `queues` (default: every queue the backend has seen), `topiq_workers` and
     `topiq_backend_up`. A backend that does not answer within `timeout` seconds gets
     `topiq_backend_up 0` and keeps the values read before. `stores` gives a connection's
-    failed-job store when it is not the driver's own (`QueueManager.failed_store`). A fresh
-    registry per call.
+    failed-job store when it is not the driver's own (`QueueManager.failed_store`). Queue names
+    can come from devices, so at most `max_queues` queues per connection are exported (6
+    series each), by name; `topiq_queues_omitted{connection}` says how many were left out. A
+    fresh registry per call. `down` names connections that could not even be opened: each gets
+    `topiq_backend_up 0` in the same text.
     """
     registry = CollectorRegistry(auto_describe=True)
-    await _fill_backend(registry, drivers, queues, timeout, stores)
+    gauges = await _fill_backend(registry, drivers, queues, timeout, stores, max_queues)
+    for connection in down:
+        gauges.up.labels(connection).set(0)
     return generate_latest(registry)
 
 

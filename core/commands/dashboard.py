@@ -51,6 +51,7 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
 async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
     """Serve the dashboard until SIGTERM or SIGINT; returns the exit code."""
     from core.dashboard import create_app, is_loopback
+    from core.dashboard.security import MIN_TOKEN_LENGTH
 
     token = settings.dashboard_token.get_secret_value()
     if not token and not is_loopback(args.host):
@@ -58,6 +59,14 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
             f"topiq: refusing to serve the dashboard on {args.host} without a token: anyone "
             "who can reach it could retry, cancel and delete jobs and read their payloads. "
             "Set DASHBOARD_TOKEN, or bind to 127.0.0.1 (the default).",
+            file=sys.stderr,
+        )
+        return ExitCode.ERROR
+    if token and len(token) < MIN_TOKEN_LENGTH and not is_loopback(args.host):
+        print(
+            f"topiq: refusing to serve the dashboard on {args.host} with a DASHBOARD_TOKEN of "
+            f"{len(token)} characters: off loopback it must have at least {MIN_TOKEN_LENGTH} "
+            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(24))'`).",
             file=sys.stderr,
         )
         return ExitCode.ERROR

@@ -12,7 +12,7 @@ from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
 from core.dashboard import charts, present
-from core.dashboard.security import csrf_token
+from core.dashboard.security import LoginThrottle, csrf_token
 from core.dashboard.source import Source
 from core.queue.queue_manager import QueueManager
 from core.settings import Settings
@@ -29,6 +29,7 @@ class Dashboard:
         self.settings = settings
         self.source = Source(manager)
         self.token = settings.dashboard_token.get_secret_value()
+        self.throttle = LoginThrottle()
         self.redact = present.Redactor(settings)
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),

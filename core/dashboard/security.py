@@ -17,6 +17,8 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import time
+from collections import OrderedDict, deque
 from typing import Final
 from urllib.parse import quote, urlsplit
 
@@ -26,9 +28,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, RedirectRespons
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 __all__ = [
+    "LOGIN_FAILURES",
+    "LOGIN_WINDOW",
+    "MIN_TOKEN_LENGTH",
     "PUBLIC_PATHS",
     "AuthMiddleware",
     "CsrfError",
+    "LoginThrottle",
     "bearer_ok",
     "csrf_token",
     "is_loopback",
@@ -52,6 +58,57 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+#: The shortest DASHBOARD_TOKEN a dashboard bound off loopback accepts.
+MIN_TOKEN_LENGTH: Final = 16
+#: Wrong tokens one client address may send to `/login` per `LOGIN_WINDOW` seconds; more get
+#: 429 (the token is not even compared) until the oldest failure leaves the window.
+LOGIN_FAILURES: Final = 10
+LOGIN_WINDOW: Final = 60.0
+#: Client addresses the throttle remembers (the least recently failing are forgotten first).
+_THROTTLE_ADDRESSES: Final = 10_000
+
+
+class LoginThrottle:
+    """Failed logins per client address over the last `window` seconds, bounded in memory."""
+
+    def __init__(self, failures: int = LOGIN_FAILURES, window: float = LOGIN_WINDOW) -> None:
+        self.failures = failures
+        self.window = window
+        self._seen: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, address: str, now: float) -> deque[float]:
+        times = self._seen.get(address)
+        if times is None:
+            return deque()
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._seen[address]
+        return times
+
+    def retry_after(self, address: str) -> float:
+        """Seconds until `address` may try again; 0 when it may now."""
+        now = time.monotonic()
+        times = self._recent(address, now)
+        if len(times) < self.failures:
+            return 0.0
+        return max(0.0, times[0] + self.window - now)
+
+    def failed(self, address: str) -> None:
+        """Count one wrong token from `address`."""
+        now = time.monotonic()
+        times = self._recent(address, now)
+        self._seen[address] = times
+        self._seen.move_to_end(address)
+        times.append(now)
+        while len(self._seen) > _THROTTLE_ADDRESSES:
+            self._seen.popitem(last=False)
+
+    def succeeded(self, address: str) -> None:
+        """Forget `address`'s failures."""
+        self._seen.pop(address, None)
 
 
 def session_secret(token: str) -> str:

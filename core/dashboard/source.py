@@ -24,6 +24,9 @@ from core.settings import QueueConnection, Settings
 
 __all__ = [
     "CONNECT_TIMEOUT",
+    "OVERVIEW_CONCURRENCY",
+    "OVERVIEW_PAGE",
+    "Overview",
     "QueueRow",
     "Source",
     "configured_connections",
@@ -36,6 +39,11 @@ CONNECT_TIMEOUT: Final = 10.0
 PAGE: Final = 500
 #: A text search in the failed store reads at most this many records (newest first).
 SEARCH_LIMIT: Final = 10_000
+#: Queues per overview page (`?offset=` pages on): a sender can make up thousands of names.
+OVERVIEW_PAGE: Final = 50
+#: Queue rows read at once by one overview (each is a few reads; a Redis pool of 100
+#: connections fails fast, not slow, when more are in flight).
+OVERVIEW_CONCURRENCY: Final = 8
 
 
 def configured_connections(settings: Settings) -> list[str]:
@@ -74,6 +82,16 @@ class QueueRow:
         return self.ended / (RECENT_WINDOW / 60)
 
 
+@dataclass(frozen=True, slots=True)
+class Overview:
+    """One page of the overview: its rows, where it starts and how many queues there are."""
+
+    rows: list[QueueRow]
+    offset: int
+    total: int
+    limit: int
+
+
 class Source:
     """The dashboard's view of the backends, through one `QueueManager` opened on demand."""
 
@@ -110,14 +128,17 @@ class Source:
                 f"{CONNECT_TIMEOUT:g}s"
             ) from None
 
-    async def queue_row(self, driver: Driver, store: FailedStore, queue: str) -> QueueRow:
-        """Counts, the last hour and the paused flag of one queue."""
-        stats, failed, recent, history, paused = await asyncio.gather(
+    async def queue_row(
+        self, driver: Driver, store: FailedStore, queue: str, paused: set[str] | None = None
+    ) -> QueueRow:
+        """Counts, the last hour and the paused flag of one queue (`paused`: the queues known
+        to be paused, read once for a whole page; `None` reads this queue's flag)."""
+        stats, failed, recent, history, flags = await asyncio.gather(
             driver.stats(queue),
             store.count(queue),
             driver.recent(queue, RECENT_WINDOW),
             driver.history(queue, 60),
-            driver.paused([queue]),
+            driver.paused([queue]) if paused is None else _known(paused),
         )
         waited = sum(m.waited for m in history)
         wait_ms = sum(m.wait_ms for m in history)
@@ -131,16 +152,26 @@ class Source:
             succeeded=recent.succeeded,
             ended=recent.succeeded + recent.failed + recent.cancelled + recent.expired,
             wait=wait_ms / waited / 1000 if waited else None,
-            paused=queue in paused,
+            paused=queue in flags,
             history=history,
         )
 
-    async def overview(self, name: str) -> list[QueueRow]:
-        """Every queue the connection has seen, by name."""
+    async def overview(self, name: str, offset: int = 0, limit: int = OVERVIEW_PAGE) -> Overview:
+        """One page of the queues the connection has seen, by name: at most
+        `OVERVIEW_CONCURRENCY` rows read at once, the paused flags in one call."""
         driver = await self.driver(name)
         store = await self.store(name)
         queues = sorted(await driver.queues())
-        return list(await asyncio.gather(*(self.queue_row(driver, store, q) for q in queues)))
+        page = queues[offset : offset + limit]
+        paused = await driver.paused(page) if page else set()
+        gate = asyncio.Semaphore(OVERVIEW_CONCURRENCY)
+
+        async def row(queue: str) -> QueueRow:
+            async with gate:
+                return await self.queue_row(driver, store, queue, paused)
+
+        rows = list(await asyncio.gather(*(row(q) for q in page)))
+        return Overview(rows=rows, offset=offset, total=len(queues), limit=limit)
 
     async def search_failed(
         self, store: FailedStore, queue: str | None, text: str, offset: int, limit: int
@@ -179,6 +210,10 @@ class Source:
             if len(page) < PAGE:
                 return list(records.values())
             offset += len(page)
+
+
+async def _known(paused: set[str]) -> set[str]:
+    return paused
 
 
 async def retry_records(

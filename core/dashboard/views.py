@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, get_args
@@ -469,16 +470,30 @@ async def login(dash: Dashboard, request: Request) -> Response:
     error = ""
     status = 200
     if request.method == "POST":
+        address = request.client.host if request.client else ""
+        wait = dash.throttle.retry_after(address)
+        if wait:
+            response = _error(
+                dash,
+                request,
+                429,
+                "Too many attempts",
+                f"Too many wrong tokens from this address: try again in {math.ceil(wait)} s.",
+            )
+            response.headers["retry-after"] = str(math.ceil(wait))
+            return response
         try:
             form = await verify_post(request, "")
         except CsrfError as exc:
             return _error(dash, request, 403, "Refused", str(exc))
         target = safe_next(str(form.get("next") or "/"))
         if token_matches(str(form.get("token") or ""), dash.token):
+            dash.throttle.succeeded(address)
             request.session.clear()
             request.session["auth"] = True
             csrf_token(request)  # a new one for the new session
             return RedirectResponse(target, status_code=303)
+        dash.throttle.failed(address)
         error = "That is not the dashboard's token."
         status = 401
     return dash.render(

@@ -96,6 +96,7 @@ __all__ = [
     "claim_record_id",
     "claimed_at",
     "new_record_id",
+    "pause_marker",
 ]
 
 
@@ -472,7 +473,7 @@ class WorkerInfo:
 PAUSE_TTL = 10 * 365 * 86400.0
 
 
-def _pause_marker(queue: str) -> str:
+def pause_marker(queue: str) -> str:
     """The marker name of `queue`'s pause (names fit a marker's 190 characters)."""
     if len(queue) <= 180:
         return f"paused:{queue}"
@@ -739,15 +740,16 @@ class Driver(abc.ABC):
     async def pause(self, queue: str) -> None:
         """Pause `queue`: workers stop taking its jobs (within a second or so) until `resume`;
         dispatches go on, nothing is lost. Kept by the backend, so every worker sees it."""
-        await self.set_marker(_pause_marker(queue), "1", PAUSE_TTL)
+        await self.set_marker(pause_marker(queue), "1", PAUSE_TTL)
 
     async def resume(self, queue: str) -> None:
         """Undo `pause` (nothing happens for a queue not paused)."""
-        await self.set_marker(_pause_marker(queue), "", 0.001)
+        await self.set_marker(pause_marker(queue), "", 0.001)
 
     async def paused(self, queues: Sequence[str]) -> set[str]:
-        """Which of `queues` are paused."""
-        values = await asyncio.gather(*(self.get_marker(_pause_marker(q)) for q in queues))
+        """Which of `queues` are paused (drivers that can read many markers in one round
+        trip do so: a connection may hold thousands of queues)."""
+        values = await asyncio.gather(*(self.get_marker(pause_marker(q)) for q in queues))
         return {q for q, value in zip(queues, values, strict=True) if value == "1"}
 
     # -- small named values ------------------------------------------------------------

@@ -80,6 +80,7 @@ from core.queue.drivers.base import (
     WorkerInfo,
     claim_record_id,
     new_record_id,
+    pause_marker,
 )
 from core.queue.drivers.sql_migrations import (
     LATEST_VERSION,
@@ -992,6 +993,18 @@ class DatabaseDriver(Driver):
         return deleted
 
     # -- small named values ------------------------------------------------------------
+
+    async def paused(self, queues: Sequence[str]) -> set[str]:
+        """One query (`name IN (...)` on `queue_markers`, in batches), not one per queue."""
+        if not queues:
+            return set()
+        by_marker = {pause_marker(q): q for q in queues}
+
+        async def op(conn: AsyncConnection) -> dict[str, str]:
+            return await wf.get_markers(conn, list(by_marker))
+
+        values = await self._run("read pause markers", op, write=False)
+        return {by_marker[name] for name, value in values.items() if value == "1"}
 
     async def get_marker(self, name: str) -> str | None:
         """The value in `queue_markers`, unless it expired."""

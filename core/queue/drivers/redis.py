@@ -84,6 +84,7 @@ from core.queue.drivers.base import (
     WorkerInfo,
     claim_record_id,
     new_record_id,
+    pause_marker,
 )
 from core.queue.drivers.tls import check_redis_url, redis_tls_failure
 from core.settings import Settings
@@ -1065,6 +1066,24 @@ class RedisDriver(Driver):
         ]
 
     # -- small named values ------------------------------------------------------------
+
+    async def paused(self, queues: Sequence[str]) -> set[str]:
+        """One round trip: a pipeline of GETs (one key per command, so it works on a cluster),
+        not one request per queue."""
+        if not queues:
+            return set()
+        async with (
+            _translated("reading pause markers"),
+            self.client.pipeline(transaction=False) as pipe,
+        ):
+            for queue in queues:
+                pipe.get(f"{self.prefix}:marker:{pause_marker(queue)}")
+            values = await pipe.execute()
+        return {
+            q
+            for q, raw in zip(queues, values, strict=True)
+            if raw is not None and _text(raw) == "1"
+        }
 
     async def get_marker(self, name: str) -> str | None:
         async with _translated("reading a marker"):

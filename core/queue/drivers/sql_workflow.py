@@ -42,6 +42,7 @@ __all__ = [
     "check_limit",
     "find_dependencies",
     "get_marker",
+    "get_markers",
     "hold_once",
     "prune_limits",
     "register_dependencies",
@@ -594,6 +595,23 @@ async def get_marker(conn: AsyncConnection, name: str) -> str | None:
     query = select(_markers.value).where(_markers.name == name, _markers.expires_at > t.now())
     value = await conn.scalar(query)
     return None if value is None else str(value)
+
+
+#: Names per `IN (...)` of `get_markers` (well under any server's bound-parameter limit).
+MARKER_BATCH = 500
+
+
+async def get_markers(conn: AsyncConnection, names: Sequence[str]) -> dict[str, str]:
+    """The values of those of `names` that are set and not expired."""
+    found: dict[str, str] = {}
+    for start in range(0, len(names), MARKER_BATCH):
+        batch = names[start : start + MARKER_BATCH]
+        query = select(_markers.name, _markers.value).where(
+            _markers.name.in_(batch), _markers.expires_at > t.now()
+        )
+        for name, value in (await conn.execute(query)).all():
+            found[str(name)] = str(value)
+    return found
 
 
 async def set_marker(conn: AsyncConnection, name: str, value: str, ttl: float) -> None:
