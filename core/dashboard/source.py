@@ -41,8 +41,9 @@ PAGE: Final = 500
 SEARCH_LIMIT: Final = 10_000
 #: Queues per overview page (`?offset=` pages on): a sender can make up thousands of names.
 OVERVIEW_PAGE: Final = 50
-#: Queue rows read at once by one overview (each is a few reads; a Redis pool of 100
-#: connections fails fast, not slow, when more are in flight).
+#: Queue rows read at once per connection, over every overview being served (each row is 4
+#: reads; a Redis pool of 100 connections fails fast, not slow, when more are in flight, and
+#: several open pages refresh every second).
 OVERVIEW_CONCURRENCY: Final = 8
 
 
@@ -99,6 +100,7 @@ class Source:
         self.manager = manager
         self.settings = manager.settings
         self.connections = configured_connections(self.settings)
+        self._gates: dict[str, asyncio.Semaphore] = {}
 
     def connection_name(self, given: str | None) -> str | None:
         """The connection `?connection=` names (default QUEUE_CONNECTION); `None` if it is
@@ -158,13 +160,14 @@ class Source:
 
     async def overview(self, name: str, offset: int = 0, limit: int = OVERVIEW_PAGE) -> Overview:
         """One page of the queues the connection has seen, by name: at most
-        `OVERVIEW_CONCURRENCY` rows read at once, the paused flags in one call."""
+        `OVERVIEW_CONCURRENCY` rows of a connection read at once (over all the requests being
+        served), the paused flags in one call."""
         driver = await self.driver(name)
         store = await self.store(name)
         queues = sorted(await driver.queues())
         page = queues[offset : offset + limit]
         paused = await driver.paused(page) if page else set()
-        gate = asyncio.Semaphore(OVERVIEW_CONCURRENCY)
+        gate = self._gates.setdefault(name, asyncio.Semaphore(OVERVIEW_CONCURRENCY))
 
         async def row(queue: str) -> QueueRow:
             async with gate:

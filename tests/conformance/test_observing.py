@@ -671,6 +671,32 @@ async def test_pause_is_seen_by_a_second_driver_and_resume_undoes_it(
     assert await driver.paused([]) == set()
 
 
+async def test_paused_of_many_queues_is_one_read_with_the_markers_semantics(
+    backend: Backend, driver: Driver, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1,200 queues (more than one SQL batch of names): paused, resumed (an expired marker),
+    # never paused, and a long name (a hashed marker). What `paused` says matches the markers.
+    names = [f"{queue}-{n}" for n in range(1200)]
+    long = long_name(queue, "z")
+    for name in (names[0], names[599], names[1199], long, names[7]):
+        await driver.pause(name)
+    await driver.resume(names[7])
+    await driver.set_marker("paused:" + names[8], "0", 60)  # a value other than "1"
+    if backend.kind != "memory":
+        # Redis and SQL read every marker in one round trip, not one `get_marker` per queue
+        # (hundreds at once would exhaust Redis' connection pool).
+        async def one_by_one(name: str) -> str | None:
+            raise AssertionError(f"paused read {name} on its own")
+
+        monkeypatch.setattr(driver, "get_marker", one_by_one)
+    started = time.monotonic()
+    found = await driver.paused([*names, long])
+    took = time.monotonic() - started
+    assert found == {names[0], names[599], names[1199], long}
+    assert took < 5, took
+    assert await driver.paused([]) == set()
+
+
 async def test_resume_of_a_queue_never_paused_changes_nothing(driver: Driver, queue: str) -> None:
     await driver.resume(queue)
     await driver.resume(queue)

@@ -6,6 +6,7 @@ The browser tests (tests/dashboard/test_dashboard_browser.py) drive the same pag
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import time
@@ -239,6 +240,89 @@ async def test_metrics_and_health(manager: QueueManager, client: httpx.AsyncClie
     assert healthy.status_code == 200 and healthy.json()["ok"] is True
 
 
+@pytest.mark.redis
+async def test_the_overview_pages_many_redis_queues_and_metrics_stay_up(redis_url: str) -> None:
+    from core.queue.drivers.base import OutgoingJob
+    from core.queue.payload import encode
+    from tests.conftest import flush_redis
+
+    flush_redis(redis_url)
+    settings = make_settings(queue_connection="redis", redis_url=redis_url)
+    names = sorted(f"many.{n:03}" for n in range(320))
+    try:
+        async with (
+            QueueManager(settings) as qm,
+            served(create_app(settings, qm)) as base,
+            httpx.AsyncClient(base_url=base, timeout=60) as http,
+        ):
+            driver = await qm.connection()
+            body = encode(QuickJob(), job_id="x", queue="q", max_bytes=1 << 20)
+            await driver.push(
+                [OutgoingJob(id=f"m-{n}", queue=name, payload=body) for n, name in enumerate(names)]
+            )
+            for name in (names[0], names[60], names[319]):
+                await driver.pause(name)
+            # Four pages at once (people with the page open): 50 queues each, at most 8 rows
+            # of a connection read at a time over all of them, so Redis' pool of 100
+            # connections is never exhausted.
+            pages = await asyncio.gather(
+                *(
+                    http.get("/", params={"offset": o}, headers={"accept": "text/html"})
+                    for o in (0, 50, 100, 300)
+                )
+            )
+            scrape = await http.get("/metrics")
+    finally:
+        flush_redis(redis_url)
+    assert [p.status_code for p in pages] == [200] * 4, pages[0].text[-400:]
+    rows = [re.findall(r'<tr data-queue="([^"]+)"', p.text) for p in pages]
+    assert rows[0] == names[:50] and rows[1] == names[50:100] and rows[3] == names[300:]
+    assert re.search(rf'<tr data-queue="{names[0]}" class="paused"', pages[0].text)
+    assert re.search(rf'<tr data-queue="{names[60]}" class="paused"', pages[1].text)
+    assert not re.search(rf'<tr data-queue="{names[61]}" class="paused"', pages[1].text)
+    assert "1\u201350 of 320 queues" in pages[0].text and 'id="next-page"' in pages[0].text
+    assert 'id="prev-page"' not in pages[0].text
+    assert "301\u2013320 of 320 queues" in pages[3].text and 'id="next-page"' not in pages[3].text
+    families = {f.name: f for f in text_string_to_metric_families(scrape.text)}
+    assert [s.value for s in families["topiq_backend_up"].samples] == [1.0]
+    exported = {s.labels["queue"] for s in families["topiq_queue_paused"].samples}
+    assert exported == set(names[:250])  # the cap, by name
+    assert [s.value for s in families["topiq_queues_omitted"].samples] == [70.0]
+    paused = {s.labels["queue"] for s in families["topiq_queue_paused"].samples if s.value}
+    assert paused == {names[0], names[60]}
+
+
+async def test_metrics_say_a_connection_that_cannot_be_opened_is_down() -> None:
+    closed = free_port()
+    settings = make_settings(queue_connection="memory", redis_url=f"redis://127.0.0.1:{closed}/0")
+    async with (
+        QueueManager(settings) as qm,
+        served(create_app(settings, qm)) as base,
+        httpx.AsyncClient(base_url=base, timeout=60) as http,
+    ):
+        scrape = await http.get("/metrics")
+    assert scrape.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(scrape.text)}
+    up = {s.labels["connection"]: s.value for s in families["topiq_backend_up"].samples}
+    assert up == {"memory": 1.0, "redis": 0.0}
+
+
+async def test_no_form_posts_to_the_requested_path(client: httpx.AsyncClient) -> None:
+    # The connection switcher submits to the page it is on (action=""), never to a path taken
+    # from the request: `GET //evil.example/x` must not render a form pointing there.
+    host, port = client.base_url.host, client.base_url.port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        f"GET //evil.example/x HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        "Accept: text/html\r\nConnection: close\r\n\r\n".encode()
+    )
+    answer = (await reader.read()).decode()
+    writer.close()
+    assert answer.startswith("HTTP/1.1 404")
+    assert 'id="connection-form" method="get" action=""' in answer
+    assert "evil.example" not in answer.split("<body>", 1)[1].split("<main>", 1)[0]
+
+
 # -- actions ---------------------------------------------------------------------------------
 
 
@@ -409,6 +493,32 @@ async def test_login_sends_only_to_local_paths() -> None:
             assert answer.status_code == 303 and answer.headers["location"] == landing, target
 
 
+async def test_wrong_tokens_are_answered_429_after_ten_a_minute() -> None:
+    token = "tok-" + uuid.uuid4().hex
+    settings = make_settings(queue_connection="memory", dashboard_token=token)
+    async with (
+        QueueManager(settings) as qm,
+        served(create_app(settings, qm)) as base,
+        httpx.AsyncClient(base_url=base, timeout=20) as http,
+    ):
+        csrf = csrf_of((await http.get("/login")).text)
+        codes = [
+            (await http.post("/login", data={"token": f"guess{n}", "csrf": csrf})).status_code
+            for n in range(10)
+        ]
+        assert codes == [401] * 10
+        refused = await http.post("/login", data={"token": "guess", "csrf": csrf})
+        assert refused.status_code == 429
+        assert 0 < int(refused.headers["retry-after"]) <= 60
+        assert "Too many wrong tokens" in refused.text
+        # While refused the token is not even compared: the right one waits too.
+        right = await http.post("/login", data={"token": token, "csrf": csrf})
+        assert right.status_code == 429
+        # Bearer requests are not logins: they still work.
+        bearer = {"authorization": f"Bearer {token}"}
+        assert (await http.get("/metrics", headers=bearer)).status_code == 200
+
+
 @pytest.mark.redis
 async def test_no_secret_is_shown_anywhere(redis_url: str, mysql_url: str) -> None:
     """Passwords in REDIS_URL and DB_URL (both wrong, so the pages show their errors) and the
@@ -458,6 +568,21 @@ def test_the_command_refuses_to_bind_off_loopback_without_a_token(tmp_path: Path
     assert proc.proc.wait(30) == 1
     assert "refusing to serve the dashboard on 0.0.0.0 without a token" in proc.output
     assert "DASHBOARD_TOKEN" in proc.output
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_the_command_refuses_a_short_token_off_loopback(tmp_path: Path) -> None:
+    port = free_port()
+    proc = DashboardProcess(
+        ["--host", "0.0.0.0", "--port", str(port)],
+        {"DASHBOARD_TOKEN": "short-token", "QUEUE_CONNECTION": "memory"},
+        tmp_path / "dashboard.log",
+    )
+    assert proc.proc.wait(30) == 1
+    assert "DASHBOARD_TOKEN of 11 characters" in proc.output
+    assert "at least 16" in proc.output
+    assert "short-token" not in proc.output
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
 
