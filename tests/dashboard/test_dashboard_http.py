@@ -519,6 +519,30 @@ async def test_wrong_tokens_are_answered_429_after_ten_a_minute() -> None:
         assert (await http.get("/metrics", headers=bearer)).status_code == 200
 
 
+async def test_the_login_throttle_forgets_old_failures_and_stays_bounded() -> None:
+    from core.dashboard import security
+    from core.dashboard.security import LoginThrottle
+
+    throttle = LoginThrottle(failures=2, window=0.3)
+    throttle.failed("10.0.0.1")
+    assert throttle.retry_after("10.0.0.1") == 0
+    throttle.failed("10.0.0.1")
+    assert 0 < throttle.retry_after("10.0.0.1") <= 0.3
+    assert throttle.retry_after("10.0.0.2") == 0  # per address
+    await asyncio.sleep(0.35)  # the window itself is what is tested
+    assert throttle.retry_after("10.0.0.1") == 0
+    throttle.failed("10.0.0.1")
+    throttle.failed("10.0.0.1")
+    throttle.succeeded("10.0.0.1")
+    assert throttle.retry_after("10.0.0.1") == 0
+    # A flood of addresses does not grow it without bound.
+    many = LoginThrottle()
+    for n in range(security._THROTTLE_ADDRESSES + 500):
+        many.failed(f"a{n}")
+    assert len(many._seen) == security._THROTTLE_ADDRESSES
+    assert many.retry_after("a0") == 0 and "a0" not in many._seen
+
+
 @pytest.mark.redis
 async def test_no_secret_is_shown_anywhere(redis_url: str, mysql_url: str) -> None:
     """Passwords in REDIS_URL and DB_URL (both wrong, so the pages show their errors) and the
