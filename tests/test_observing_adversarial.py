@@ -231,11 +231,6 @@ async def test_a_session_cookie_is_dead_after_logout(
         await http.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="/login has no throttle: an off-loopback dashboard answers ~250 token guesses a "
-    "second per connection (views.login), and the command accepts any token length",
-)
 async def test_a_flood_of_wrong_tokens_is_slowed_down(
     guarded: tuple[str, str, QueueManager],
 ) -> None:
@@ -297,12 +292,6 @@ async def test_login_next_never_leaves_the_site(guarded: tuple[str, str, QueueMa
             assert "set-cookie: x" not in str(answer.headers).lower()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the 404 page's connection form posts to request.url.path: a link to "
-    "http://dashboard//evil.example gives a page whose form action is //evil.example "
-    "(off-site; only CSP form-action 'self' stops it) - base.html",
-)
 async def test_a_404_page_has_no_form_pointing_off_site() -> None:
     settings = make_settings(queue_connection="memory")
     async with QueueManager(settings) as qm, served(create_app(settings, qm)) as base:
@@ -531,12 +520,6 @@ async def test_a_dead_backend_is_a_503_page_in_bounded_time_without_secrets() ->
             assert max(timings.values()) < 15, timings
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the dashboard's /metrics drops a connection it cannot open: no "
-    "topiq_backend_up{connection=...} 0 sample at all (views.metrics keeps only the drivers "
-    "_open_drivers opened), so an alert on topiq_backend_up == 0 never fires",
-)
 async def test_the_dashboards_metrics_say_backend_down() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -887,12 +870,6 @@ async def test_a_history_flush_whose_answer_is_lost_is_not_counted_twice() -> No
 
 @pytest.mark.redis
 @pytest.mark.mysql
-@pytest.mark.xfail(
-    strict=True,
-    reason="views.metrics calls backend_metrics(drivers) without stores=: with ENABLE_MYSQL "
-    "(Redis jobs fail into the database's store, the seed's default) the dashboard's "
-    "topiq_failed_jobs{connection=redis} reads Redis' own empty store and says 0",
-)
 async def test_dashboard_metrics_count_failures_kept_on_another_backend(
     redis_url: str, mysql_url: str
 ) -> None:
@@ -931,12 +908,6 @@ async def test_dashboard_metrics_count_failures_kept_on_another_backend(
 # -- (4) made-up queue names: what one hostile sender costs the overview and /metrics -------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="queue names come from payloads/devices and every queue ever seen is a row of the "
-    "overview (5 backend reads each, gathered at once, refreshed every second) and 7 series "
-    "of /metrics: no cap, no paging - source.Source.overview, metrics._read_connection",
-)
 async def test_made_up_queues_do_not_flood_the_overview_and_metrics() -> None:
     from core.queue.drivers.base import OutgoingJob as Out
 
@@ -1008,13 +979,6 @@ def test_no_secret_in_the_logs_of_a_dashboard_and_a_worker(tmp_path: Path) -> No
 
 
 @pytest.mark.redis
-@pytest.mark.xfail(
-    strict=True,
-    reason="Source.overview gathers 5 reads per queue at once and Driver.paused gathers one "
-    "marker read per queue: past ~20 queues this exceeds redis-py's connection pool (100, "
-    "non-blocking) -> 'Too many connections': the overview is a 503 page with 40 queues and "
-    "the dashboard's /metrics says topiq_backend_up 0 with 200 (a false outage alarm)",
-)
 async def test_the_overview_and_metrics_of_a_redis_connection_with_many_queues(
     redis_url: str,
 ) -> None:

@@ -7,10 +7,11 @@ job is never in neither place and a second retry at the same moment skips them (
 whose id is still waiting or running, left by a retry killed between its push and its removal,
 is not stored twice).
 
-Records of the `memory` and `sync` connections (possible only in a shared store,
-`QUEUE_FAILED_CONNECTION`) are skipped and stay where they are: those connections live inside
-one process, so pushing them from a command or the dashboard would run the job there (`sync`)
-or into a queue no worker can see (`memory`).
+Records of the `memory` and `sync` connections kept in a shared store (`QUEUE_FAILED_CONNECTION`)
+are skipped and stay where they are: those connections live inside one process, so pushing
+them from a command or the dashboard would run the job there (`sync`) or into a queue no
+worker can see (`memory`). Kept in their own connection's store, they are retried (the caller
+is then the process that owns them).
 """
 
 from __future__ import annotations
@@ -46,15 +47,6 @@ async def retry_records(
     by_connection: dict[str, list[FailedJob]] = {}
     now = time.time()
     for record in records:
-        if record.connection in PER_PROCESS:
-            logger.warning(
-                "failed job %s not retried: its connection %r lives inside one process; "
-                "dispatch it again from that process",
-                record.id,
-                record.connection,
-            )
-            skipped.append(record.id)
-            continue
         claimed = claimed_at(record.record_id)
         # abs(): a claim made on a host whose clock runs ahead is recent too.
         if claimed is not None and abs(now - claimed) < CLAIM_LIFETIME:
@@ -63,6 +55,16 @@ async def retry_records(
             by_connection.setdefault(record.connection, []).append(record)
     for name, group in by_connection.items():
         driver = await driver_for(name)
+        if name in PER_PROCESS and driver.failed_store() is not store:
+            # Kept in a shared store, from a connection that lives inside another process.
+            logger.warning(
+                "%d failed job(s) of connection %r not retried: it lives inside one process; "
+                "dispatch them again from that process",
+                len(group),
+                name,
+            )
+            skipped += [record.id for record in group]
+            continue
         if driver.failed_store() is store:
             moved = set(await driver.retry_failed(group))
         else:
