@@ -238,7 +238,13 @@ async def test_metrics_and_health(manager: QueueManager, client: httpx.AsyncClie
         (s.labels["queue"], s.labels["state"]): s.value
         for s in families["topiq_queue_jobs"].samples
     }
-    assert depths[(queue, "pending")] == 1
+    omitted = sum(s.value for s in families["topiq_queues_omitted"].samples)
+    if omitted == 0:
+        assert depths[(queue, "pending")] == 1
+    else:
+        # A full run's database holds every earlier test's queues: past the cap of queues
+        # exported per connection (the first by name), this one may be left out, and counted.
+        assert depths.get((queue, "pending"), 1) == 1
     unhealthy = await client.get("/health")  # no live worker yet
     assert unhealthy.status_code == 503
     assert unhealthy.json()["connections"][0] == {
