@@ -52,7 +52,7 @@ from core.commands._common import (
 )
 from core.delays import parse_delay
 from core.queue.drivers.base import FailedJob, FailedStore
-from core.queue.failed_retry import retry_records
+from core.queue.failed_retry import every_record, retry_records
 from core.settings import Settings
 
 HELP = {
@@ -194,7 +194,7 @@ async def _retry(args: argparse.Namespace, conn: Connection, store: FailedStore)
         if args.ids not in ([], ["all"]):
             raise CommandFailed("give job ids, `all`, or --queue NAME; not ids with --queue")
         # Oldest first, so the jobs go back in the order they first failed.
-        records = list(reversed(await _everything(store, args.queue)))
+        records = list(reversed(await every_record(store, args.queue, _PAGE)))
         missing: list[str] = []
     elif args.ids:
         records, missing = await _some(store, args.ids)
@@ -298,23 +298,6 @@ async def _some(store: FailedStore, ids: list[str]) -> tuple[list[FailedJob], li
         else:
             found.append(record)
     return found, missing
-
-
-async def _everything(store: FailedStore, queue: str | None) -> list[FailedJob]:
-    """Every record (of one queue), newest first, read before anything changes.
-
-    Reading it all first means a retried job that fails again at once is not retried again by
-    the same command, which would loop for as long as it keeps failing.
-    """
-    records: dict[str, FailedJob] = {}
-    offset = 0
-    while True:
-        page = await store.list(queue, limit=_PAGE, offset=offset)
-        for record in page:
-            records.setdefault(record.id, record)
-        if len(page) < _PAGE:
-            return list(records.values())
-        offset += len(page)
 
 
 def _not_found(missing: list[str], conn: Connection) -> int:

@@ -204,15 +204,7 @@ class Source:
         again at once is not retried twice by one press)."""
         if text:
             return (await self.search_failed(store, queue, text, 0, SEARCH_LIMIT))[0]
-        records: dict[str, FailedJob] = {}
-        offset = 0
-        while True:
-            page = await store.list(queue, limit=PAGE, offset=offset)
-            for record in page:
-                records.setdefault(record.id, record)
-            if len(page) < PAGE:
-                return list(records.values())
-            offset += len(page)
+        return await failed_retry.every_record(store, queue, PAGE)
 
 
 async def _known(paused: set[str]) -> set[str]:

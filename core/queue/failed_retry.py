@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from core.queue.drivers.base import Driver, FailedJob, FailedStore, OutgoingJob, claimed_at
 
-__all__ = ["CLAIM_LIFETIME", "PER_PROCESS", "retry_records"]
+__all__ = ["CLAIM_LIFETIME", "PER_PROCESS", "every_record", "retry_records"]
 
 logger = logging.getLogger("topiq.failed")
 
@@ -94,3 +94,18 @@ async def _retry_across(store: FailedStore, driver: Driver, records: list[Failed
         for record in claimed:
             await store.remove(record)
     return [record.id for record in claimed]
+
+
+async def every_record(store: FailedStore, queue: str | None, page: int = 500) -> list[FailedJob]:
+    """Every record of `store` (of one queue), newest first, read before anything changes: a
+    retried job that fails again at once is then not retried again by the same retry (which
+    would loop for as long as it keeps failing)."""
+    records: dict[str, FailedJob] = {}
+    offset = 0
+    while True:
+        found = await store.list(queue, limit=page, offset=offset)
+        for record in found:
+            records.setdefault(record.id, record)
+        if len(found) < page:
+            return list(records.values())
+        offset += len(found)
