@@ -103,6 +103,21 @@ class Job:
         status_topic: An MQTT topic the job's outcome is published to when it ends, a
             template formatted with the job's data (`"devices/{device_id}/status"`; no `+`
             or `#`); `""`: none (or the route's `status_topic=`).
+        steps: A multi-step job: the steps run in order instead of `handle()`, each a method
+            name of the class or a function (or dotted path, in an allowed module) called
+            with the job. They share `self.workspace` (a dict, JSON), saved after each step:
+            a retry, or a worker's crash, resumes at the step that did not finish. The
+            job's result is the workspace.
+        creation_hook: `hook(job)` in the dispatching process, once the job is stored.
+        pre_task_hook: `hook(job)` before each step (or `handle()`); if it raises, the step
+            does not run and the try fails with that exception.
+        post_task_hook: `hook(job)` after each step (or `handle()`), however it ended:
+            after `failed()` and `failure_hook` when the job failed; what it raises is
+            logged and changes nothing.
+        failure_hook: `hook(job, exception)` once the job has failed for good, after
+            `failed()`.
+        (Each hook may be a function, a method of the class, or a dotted path
+        `"module.function"` in an allowed module; plain or coroutine functions.)
 
     Durations (`timeout`, `retry_after`, `ttl`, `unique_for`, `result_ttl`, `failure_ttl`)
     may be numbers of seconds or strings such as "90s", "10 minutes", "1h"; every setting is
@@ -135,6 +150,14 @@ class Job:
     max_queue_length: int = 0
     overflow: Literal["reject", "drop_oldest"] | None = None
     status_topic: str = ""
+
+    # Multi-step jobs and per-class hooks (django-db-queue's semantics; docs/queue.md "Steps and
+    # hooks"). Class-level only: a payload can never set them.
+    steps: ClassVar[Sequence[str | Callable[..., Any]]] = ()
+    creation_hook: ClassVar[str | Callable[..., Any] | None] = None
+    pre_task_hook: ClassVar[str | Callable[..., Any] | None] = None
+    post_task_hook: ClassVar[str | Callable[..., Any] | None] = None
+    failure_hook: ClassVar[str | Callable[..., Any] | None] = None
 
     # Names that configure the job rather than carry its data.
     _settings_names: ClassVar[frozenset[str]] = frozenset((*JOB_SETTINGS, "job_id", "attempts"))

@@ -103,6 +103,13 @@ class JobStatus:
     priority: int = 0
     #: The group the job runs in turn with (one at a time, in push order); "" for none.
     group: str = ""
+    #: What the job was dispatched with as `description` (RQ's `enqueue(description=)`), kept
+    #: with the ended record ("" for none). While the job waits or runs the record may not
+    #: carry it: `queue:job` then reads it from the payload.
+    description: str = ""
+    #: The job's `meta` dict (RQ's `enqueue(meta=)`, as the job last saved it), kept with the
+    #: ended record; `None` for none (same caveat as `description`).
+    meta: dict[str, Any] | None = None
 
     def __str__(self) -> str:
         return self.status.value

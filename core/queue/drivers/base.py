@@ -273,6 +273,9 @@ class Outcome:
     result: bytes | None = None
     error: str = ""
     traceback: str = ""
+    #: JSON object kept with the record (issue #16): `{"description": str, "meta": {...}}`,
+    #: either key optional; `None` for none. Read back as `JobStatus.description` / `.meta`.
+    info: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -705,10 +708,25 @@ class Driver(abc.ABC):
         """How many jobs of `queue` ended each way over the last `window` seconds."""
         return RecentCounts(window)
 
-    async def prune_records(self) -> int:
+    async def prune_records(self, ended_before: float | None = None) -> int:
         """Delete ended records past their keep time; returns how many. Backends whose
-        records expire by themselves (Redis) return 0."""
+        records expire by themselves (Redis) return 0 when `ended_before` is `None`.
+
+        With `ended_before` (epoch seconds), also delete every ended record (succeeded,
+        failed, cancelled, expired; jobs and workflow records) whose `ended_at` is earlier,
+        whatever its keep time (`queue:prune --older-than`, django-db-queue's
+        `delete_old_jobs`). Waiting, deferred and running jobs are never touched."""
         return 0
+
+    async def save_payload(self, job: ReservedJob, payload: bytes) -> bool:
+        """Replace the stored payload of `job`, which the caller holds under a lease (a
+        multi-step job's checkpoint: its workspace and next step; RQ's `save_meta`).
+
+        Written only while the caller still holds this reservation (same job, same try, lease
+        not taken over): `False`, and nothing written, otherwise. A later retry, a refund, a
+        lost lease's redelivery and a failed-store record all read the new payload. One round
+        trip, atomic."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save payloads")
 
     # -- observing (the dashboard, metrics) -----------------------------------------------
 
