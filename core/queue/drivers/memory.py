@@ -45,6 +45,9 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
+
+import orjson
 
 from core.queue.drivers.base import (
     HISTORY_FIELDS,
@@ -70,7 +73,7 @@ from core.queue.drivers.base import (
 from core.settings import Settings
 from core.status import ENDED, WAITING, JobStatus, Progress, Status
 
-__all__ = ["MemoryDriver", "MemoryFailedStore"]
+__all__ = ["MemoryDriver", "MemoryFailedStore", "read_info"]
 
 #: How long the per-minute counters behind `recent` are kept (seconds).
 COUNTS_KEPT = 7200.0
@@ -118,6 +121,7 @@ class _Record:
     priority: int = 0
     group: str = ""
     progress: Progress | None = None  # a workflow record's members, counted
+    info: bytes | None = None  # `Outcome.info` of its end: description and meta (JSON)
     # What the lifecycle rules need, never shown:
     due: float = 0.0  # monotonic time it becomes (became) ready
     ttl: float = 0.0
@@ -295,6 +299,25 @@ def _minute_counts(queue: _Queue, minute: int, current: int) -> dict[str, int]:
         for gone in [m for m in queue.counts if m < oldest]:
             del queue.counts[gone]
     return counts
+
+
+def read_info(raw: bytes | str | None) -> tuple[str, dict[str, Any] | None]:
+    """`JobStatus.description` and `.meta` from a record's `Outcome.info` (JSON): what is not
+    a JSON object, or a field of the wrong type, is ignored (`""` / `None`)."""
+    if not raw:
+        return "", None
+    try:
+        info = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return "", None
+    if not isinstance(info, dict):
+        return "", None
+    description = info.get("description")
+    meta = info.get("meta")
+    return (
+        description if isinstance(description, str) else "",
+        meta if isinstance(meta, dict) else None,
+    )
 
 
 def _check_page(offset: int, limit: int) -> None:
@@ -1126,6 +1149,7 @@ class MemoryDriver(Driver):
         record.result = outcome.result
         record.error = outcome.error
         record.traceback = outcome.traceback
+        record.info = outcome.info
         self._free_key(queue, record)
         if outcome.keep > 0:
             record.keep_until = now + outcome.keep
@@ -1209,6 +1233,15 @@ class MemoryDriver(Driver):
                 record.status = Status.RETRYING
                 record.error = error
         self._wake()
+
+    async def save_payload(self, job: ReservedJob, payload: bytes) -> bool:
+        # The checks of `extend`: this try, still reserved (not acknowledged, released, nor
+        # taken over after its lease ran out). No await: atomic on the event loop.
+        queue = self._queues.get(job.queue)
+        if queue is None or not self._owns(queue, job) or job.id not in queue.reserved:
+            return False
+        queue.payloads[job.id] = payload
+        return True
 
     async def extend(self, leases: Sequence[tuple[ReservedJob, float]]) -> None:
         now = time.monotonic()
@@ -1318,6 +1351,7 @@ class MemoryDriver(Driver):
         waiting_for: tuple[str, ...] = ()
         if wait is not None and wait.kind == "job":
             waiting_for = tuple(dep_id for _, dep_id in wait.pending)
+        description, meta = read_info(record.info)
         return JobStatus(
             id=job_id,
             status=status,
@@ -1339,6 +1373,8 @@ class MemoryDriver(Driver):
             progress=record.progress,
             priority=record.priority,
             group=record.group,
+            description=description,
+            meta=meta,
         )
 
     async def wait_ended(self, job_id: str, queue: str | None, timeout: float) -> JobStatus | None:
@@ -1515,8 +1551,27 @@ class MemoryDriver(Driver):
         names = sorted(q.groups)[offset : offset + limit]
         return [GroupInfo(n, q.groups[n].holder, len(q.groups[n].line)) for n in names]
 
-    async def prune_records(self) -> int:
-        return self._sweep(time.monotonic())
+    async def prune_records(self, ended_before: float | None = None) -> int:
+        dropped = self._sweep(time.monotonic())
+        if ended_before is None:
+            return dropped
+        for q in self._queues.values():
+            # Ended records only: a job's record is live (waiting, deferred, running) until
+            # its end sets `keep_until`, whatever its `ended_at` said before a retry.
+            doomed = [
+                job_id
+                for job_id, record in q.records.items()
+                if record.keep_until is not None
+                and record.status in ENDED
+                and record.ended_at is not None
+                and record.ended_at < ended_before
+                and job_id not in q.payloads
+                and job_id not in q.waits
+            ]
+            for job_id in doomed:
+                del q.records[job_id]
+            dropped += len(doomed)
+        return dropped
 
     def _sweep(self, now: float) -> int:
         """Drop ended records past their keep time (returns how many), and expired once keys,
