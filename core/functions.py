@@ -26,20 +26,31 @@ here), so either can be imported first.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 import orjson
 
-from core.errors import SerializationError
+from core.errors import SerializationError, UnknownJobError, UnloadableJobError
 
 if TYPE_CHECKING:
     from core.delays import Delay
     from core.job import Job
     from core.queue.handle import JobHandle
 
-__all__ = ["JobCall", "JobFunction", "job"]
+__all__ = [
+    "JobCall",
+    "JobFunction",
+    "function_class",
+    "function_job",
+    "function_problem",
+    "job",
+    "resolve_function",
+    "split_path",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -106,7 +117,45 @@ def _bases() -> tuple[type[Job], type[Job]]:
 
     for base in (AsyncFunctionJob, SyncFunctionJob):
         base.__module__ = __name__
+        for name, prop in _PROPERTIES.items():
+            setattr(base, name, prop)
     return AsyncFunctionJob, SyncFunctionJob
+
+
+def _id(self: Job) -> str:
+    """The job's id (RQ's `job.id`): `job_id`."""
+    return self.job_id
+
+
+def _func_name(self: Job) -> str:
+    """The function's dotted path (RQ's `job.func_name`): `"module.function"`."""
+    cls = type(self)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _description(self: Job) -> str | None:
+    """The `description` given at dispatch (RQ's `enqueue(..., description=)`), or `None`."""
+    value = self.__dict__.get("_topiq_description")
+    return value if isinstance(value, str) else None
+
+
+def _meta(self: Job) -> dict[str, Any]:
+    """The `meta` dict given at dispatch (RQ's `enqueue(..., meta=)`); `{}` if none. Mutable:
+    what a job or callback adds is kept with the job (in its outcome's record)."""
+    state = self.__dict__
+    value = state.get("_topiq_meta")
+    if not isinstance(value, dict):
+        value = state["_topiq_meta"] = {}
+    return value
+
+
+#: Read-only properties of every function job (plain or `@job`), for RQ's callbacks.
+_PROPERTIES: dict[str, property] = {
+    "id": property(_id),
+    "func_name": property(_func_name),
+    "description": property(_description),
+    "meta": property(_meta),
+}
 
 
 class JobFunction(Generic[P, R]):
@@ -169,6 +218,12 @@ class JobFunction(Generic[P, R]):
 
     async def dispatch(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle:
         """Queue a call of the function with these arguments; returns its handle."""
+        from core.queue.queue_manager import queue
+
+        return await queue.push(self.make(*args, **kwargs))
+
+    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle:
+        """RQ's name for `dispatch`: queue a call of the function; returns its handle."""
         from core.queue.queue_manager import queue
 
         return await queue.push(self.make(*args, **kwargs))
@@ -254,11 +309,14 @@ def job(function: Callable[P, R], /) -> JobFunction[P, R]: ...
 
 
 @overload
-def job(**options: Any) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
+def job(
+    queue: str | None = None, /, **options: Any
+) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
 
 
-def job(function: Callable[P, R] | None = None, /, **options: Any) -> Any:
-    """Make a function dispatchable as a job: `@job` or `@job(queue=..., timeout=..., ...)`.
+def job(function: Callable[P, R] | str | None = None, /, **options: Any) -> Any:
+    """Make a function dispatchable as a job: `@job`, `@job(queue=..., timeout=..., ...)`, or
+    RQ's `@job("low", timeout=5)` (a string first argument is the queue).
 
     Options are `Job` settings: queue, max_tries, timeout, retry_after, connection, unique_key,
     unique_for, on_duplicate, at_front, ttl, result_ttl, failure_ttl, aliases, priority,
@@ -270,6 +328,13 @@ def job(function: Callable[P, R] | None = None, /, **options: Any) -> Any:
         raise TypeError(
             f"@job got unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(OPTIONS))}"
         )
+    if isinstance(function, str):
+        if "queue" in options:
+            raise TypeError(
+                f"@job got the queue twice: {function!r} and queue={options['queue']!r}"
+            )
+        options["queue"] = function
+        function = None
     if function is not None:
         return JobFunction(function, options)
 
@@ -277,3 +342,274 @@ def job(function: Callable[P, R] | None = None, /, **options: Any) -> Any:
         return JobFunction(fn, options)
 
     return decorate
+
+
+# -- plain functions as jobs (no `@job`) ---------------------------------------------------
+
+#: The `@job`-like wrapper of each plain function dispatched or loaded as a job (one per
+#: function, so that dispatch and worker agree on its class); stand-ins by path.
+_PLAIN: dict[Callable[..., Any], JobFunction[..., Any]] = {}
+_STAND_INS: dict[str, type[Job]] = {}
+#: What a plain function's generated class sets: RQ and Masonite run a function once unless
+#: told otherwise.
+_PLAIN_OPTIONS: dict[str, Any] = {"max_tries": 1}
+
+
+def _allowed(module: str, prefixes: Sequence[str]) -> bool:
+    return any(module == prefix.rstrip(".") or module.startswith(prefix) for prefix in prefixes)
+
+
+def function_problem(target: Any) -> str | None:
+    """Why `target` cannot run as a job by its name (`None` if it can): only functions
+    (`def`/`async def`) defined at module level, under the name their module gives them."""
+    if isinstance(target, JobFunction):
+        return None
+    if not inspect.isfunction(target):
+        if inspect.ismethod(target):
+            kind = "a bound method"
+        elif inspect.isbuiltin(target) or inspect.ismethoddescriptor(target):
+            kind = "a builtin"
+        elif isinstance(target, type):
+            kind = "a class"
+        elif isinstance(target, functools.partial):
+            kind = "a functools.partial"
+        else:
+            kind = f"a {type(target).__name__}"
+        return (
+            f"{target!r} is {kind}; only functions (def or async def) defined at module level "
+            "can run as jobs"
+        )
+    name = f"{target.__module__}:{target.__qualname__}"
+    if target.__name__ == "<lambda>":
+        return f"{name} is a lambda; only named module-level functions can run as jobs"
+    if "<locals>" in target.__qualname__:
+        return (
+            f"{name} is defined inside a function, where no worker can find it: define it at "
+            "module level"
+        )
+    if "." in target.__qualname__:
+        return f"{name} is a method of a class; only module-level functions can run as jobs"
+    module = sys.modules.get(target.__module__)
+    found = getattr(module, target.__name__, None)
+    if isinstance(found, JobFunction):
+        found = found.function
+    if module is not None and found is not target:
+        return (
+            f"{name} is not what its module holds under that name (was it created or replaced "
+            "at run time?): define the function once, at module level"
+        )
+    return None
+
+
+def function_class(function: Callable[..., Any]) -> type[Job]:
+    """The `Job` class a plain module-level function runs as (generated once per function,
+    as `@job` does, with `max_tries = 1`); a `@job` function's own class. `SerializationError`
+    naming the function if it cannot be a job (lambda, nested, builtin, method)."""
+    return _plain(function).job_class
+
+
+def _plain(function: Any) -> JobFunction[..., Any]:
+    if isinstance(function, JobFunction):
+        return function
+    found = _PLAIN.get(function)
+    if found is None:
+        problem = function_problem(function)
+        if problem is not None:
+            raise SerializationError(problem)
+        module = sys.modules.get(function.__module__)
+        held = getattr(module, function.__name__, None)
+        if isinstance(held, JobFunction):  # the function of a `@job`: its settings apply
+            return held
+        found = _PLAIN.setdefault(function, JobFunction(function, dict(_PLAIN_OPTIONS)))
+    return found
+
+
+def split_path(path: str, what: str = "function path") -> tuple[str, str]:
+    """`(module, name)` of `"pkg.mod:func"` (split at the colon) or `"pkg.mod.func"` (at the
+    last dot); `ValueError` naming `what` if it is not such a path."""
+    if not isinstance(path, str):
+        raise ValueError(f"{what} must be a string such as 'app.jobs.tasks.send', got {path!r}")
+    if ":" in path:
+        module, _, name = path.partition(":")
+    else:
+        module, _, name = path.rpartition(".")
+    if (
+        len(path) > 400
+        or not module
+        or not all(part.isidentifier() for part in module.split("."))
+        or not name.isidentifier()
+    ):
+        raise ValueError(
+            f"{what} {path[:200]!r} is not of the form 'package.module.function' or "
+            "'package.module:function'"
+        )
+    return module, name
+
+
+def resolve_function(path: str, allowed_modules: Sequence[str]) -> Callable[..., Any]:
+    """The module-level function `path` names (`"pkg.mod.func"` or `"pkg.mod:func"`), in a
+    module under `allowed_modules`; a `@job` function's own function.
+
+    Only a function defined in that module under that name is accepted: a path naming
+    something the module imported (`app.jobs.os.system`, `app.jobs:run` after `from
+    subprocess import run`), a builtin, a class or a nested function is refused.
+
+    Raises:
+        UnknownJobError: naming the path and why it cannot be used.
+    """
+    try:
+        module_name, name = split_path(path)
+    except ValueError as exc:
+        raise UnknownJobError(str(exc)) from None
+    if not _allowed(module_name, allowed_modules):
+        raise UnknownJobError(
+            f"{path!r} is outside the allowed modules ({', '.join(allowed_modules) or 'none'}; "
+            "QUEUE_ALLOWED_MODULES)"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise UnknownJobError(
+            f"{path!r}: module {module_name!r} cannot be imported: {exc!r}"
+        ) from exc
+    target = getattr(module, name, None)
+    if target is None:
+        raise UnknownJobError(f"{path!r}: module {module_name!r} has no function {name!r}")
+    if isinstance(target, JobFunction):
+        target = target.function
+    problem = _strict_problem(target, module_name, name)
+    if problem is not None:
+        raise UnknownJobError(f"{path!r}: {problem}")
+    return target
+
+
+def _strict_problem(target: Any, module: str, qualname: str) -> str | None:
+    """Why `target`, found as `module:qualname`, is not a plain function defined there."""
+    if not (inspect.isfunction(target) or inspect.iscoroutinefunction(target)):
+        return (
+            f"it names {_describe(target)}, not a function (def or async def) defined in {module}"
+        )
+    if target.__module__ != module or target.__qualname__ != qualname:
+        return (
+            f"it names {target.__module__}:{target.__qualname__}, which is not defined in "
+            f"{module} under that name; only functions defined at module level in an allowed "
+            "module run"
+        )
+    if target.__name__ == "<lambda>":
+        return "it names a lambda; only named functions run"
+    return None
+
+
+def _describe(target: Any) -> str:
+    if inspect.isbuiltin(target) or inspect.ismethoddescriptor(target):
+        return f"the builtin {getattr(target, '__qualname__', target)!r}"
+    if inspect.ismodule(target):
+        return f"the module {target.__name__}"
+    if isinstance(target, type):
+        return f"the class {target.__qualname__}"
+    return f"a {type(target).__name__}"
+
+
+def plain_job_class(module_name: str, qualname: str, target: Any) -> type[Job] | None:
+    """The job class of `target` found as `module_name:qualname` when it is a plain function
+    defined there under that name (the loader's strict rule), else `None`."""
+    if _strict_problem(target, module_name, qualname) is not None or "." in qualname:
+        return None
+    return _plain(target).job_class
+
+
+def function_job(
+    fn_or_path: Any,
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    allowed_modules: Sequence[str] | None = None,
+) -> Job:
+    """One job calling `fn_or_path(*args, **kwargs)`.
+
+    `fn_or_path`: a `@job` function (its settings apply), a plain module-level function
+    (sync or async; runs once: `max_tries = 1`), or a path `"pkg.mod.func"` /
+    `"pkg.mod:func"`. A path that imports here is that function; one whose module cannot be
+    imported in this process (code another code base runs) becomes a stand-in with that name,
+    for workers that can import it. `allowed_modules`, when given, is checked before a path
+    is imported. Arguments must be JSON (checked, naming the argument).
+
+    Raises:
+        SerializationError: what cannot be a job (lambda, nested function, builtin, method,
+            a path naming something else), or arguments that are not JSON.
+        UnloadableJobError: a path outside `allowed_modules`.
+        TypeError: arguments that do not fit the function's signature.
+    """
+    kwargs = {} if kwargs is None else kwargs
+    if isinstance(fn_or_path, str):
+        return _from_path(fn_or_path, args, kwargs, allowed_modules)
+    return _plain(fn_or_path).make(*args, **kwargs)
+
+
+def _from_path(
+    path: str, args: Sequence[Any], kwargs: dict[str, Any], allowed: Sequence[str] | None
+) -> Job:
+    from core.job import Job
+
+    try:
+        module_name, name = split_path(path)
+    except ValueError as exc:
+        raise SerializationError(str(exc)) from None
+    if allowed is not None and not _allowed(module_name, allowed):
+        raise UnloadableJobError(
+            f"{path!r} is outside the allowed modules ({', '.join(allowed) or 'none'}), so no "
+            f"worker would run it: move the function under one, or add {module_name + '.'!r} "
+            "to QUEUE_ALLOWED_MODULES"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+            raise  # the module exists but an import inside it failed: that is a bug to show
+        return _stand_in(module_name, name, args, kwargs)
+    target = getattr(module, name, None)
+    if isinstance(target, type) and issubclass(target, Job):
+        if args or kwargs:
+            raise TypeError(
+                f"{path!r} is a job class: its instances carry their data; pass an instance "
+                "instead of arguments"
+            )
+        return target()
+    if target is None:
+        raise SerializationError(f"{path!r}: module {module_name!r} has no function {name!r}")
+    if not isinstance(target, JobFunction):
+        problem = _strict_problem(target, module_name, name)
+        if problem is not None:
+            raise SerializationError(f"{path!r}: {problem}")
+    return _plain(target).make(*args, **kwargs)
+
+
+def _stand_in(module: str, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> Job:
+    """A job naming `module:name`, a function this process cannot import (workers can)."""
+    path = f"{module}:{name}"
+    cls = _STAND_INS.get(path)
+    if cls is None:
+
+        def absent(*_: Any, **__: Any) -> Any:
+            raise UnknownJobError(
+                f"{path} cannot be imported in this process; a worker that can import it runs it"
+            )
+
+        _, sync_base = _bases()
+        namespace: dict[str, Any] = {
+            "__module__": module,
+            "__qualname__": name,
+            "_job_function": staticmethod(absent),
+            **_PLAIN_OPTIONS,
+        }
+        cls = _STAND_INS.setdefault(path, type(name, (sync_base,), namespace))
+    try:
+        orjson.dumps((args, kwargs), default=_refuse, option=_DUMP_OPTIONS)
+    except TypeError as exc:
+        named = {f"args[{i}]": value for i, value in enumerate(args)} | kwargs
+        raise _explain(name, named, exc) from None
+    job = cls()
+    state = job.__dict__
+    state["args"] = list(args)
+    state["kwargs"] = dict(kwargs)
+    return job

@@ -44,7 +44,7 @@ from core.errors import (
     SerializationError,
     UnknownJobError,
 )
-from core.functions import JobFunction
+from core.functions import JobFunction, plain_job_class, split_path
 from core.job import JOB_SETTINGS, Job
 from core.queue.drivers.base import MAX_PRIORITY, Limit, OnDuplicate, Overflow
 
@@ -736,6 +736,10 @@ def encode(
         envelope["reply"] = reply
     if trace:  # the dispatch span's W3C context (core/tracing.py)
         envelope["trace"] = trace
+    state = job.__dict__
+    for key, field in _EXTRAS:  # set on the instance by the dispatch layers (or a step)
+        if key in state:
+            envelope[field] = state[key]
     try:
         raw = orjson.dumps(envelope, default=_refuse, option=_DUMP_OPTIONS)
     except TypeError as exc:
@@ -854,6 +858,8 @@ def _job_class(target: Any) -> type[Job] | None:
         return target
     if isinstance(target, JobFunction):
         return target.job_class
+    if inspect.isfunction(target):  # a plain function: by the loader's strict rule
+        return plain_job_class(target.__module__, target.__qualname__, target)
     return None
 
 
@@ -926,10 +932,16 @@ class JobLoader:
                 ) from exc
             cls = found
         else:
-            found = _job_class(target)
+            if inspect.isfunction(target) or inspect.isroutine(target):
+                found = plain_job_class(module_name, qualname, target)
+                if found is None:
+                    raise UnknownJobError(f"{path!r}: {_function_refusal(target, path)}")
+            else:
+                found = _job_class(target)
             if found is None:
                 raise UnknownJobError(
-                    f"{path!r} is not a subclass of core.job.Job nor a @job function"
+                    f"{path!r} is not a subclass of core.job.Job, a @job function, nor a plain "
+                    "function defined at module level in that module"
                 )
             cls = found
         self._classes[path] = cls
@@ -1062,6 +1074,9 @@ class JobLoader:
         trace = envelope.get("trace")
         if trace is not None:  # checked by core/tracing.py when the try starts, if it traces
             state["_topiq_trace"] = trace
+        for key, field in _EXTRAS:
+            if field in envelope:
+                state[key] = _checked_extra(field, envelope[field], cls, self._allowed)
         return Decoded(
             job=job,
             max_tries=max_tries,
@@ -1070,6 +1085,118 @@ class JobLoader:
             failure_ttl=None if failure_ttl is None else float(failure_ttl),
             since=wait_since(envelope),
         )
+
+
+#: The envelope's optional fields set by the seed systems' calling conventions: (instance state
+#: key, envelope key). Copied by `encode` when the instance holds the key; checked and written
+#: back by the loader.
+_EXTRAS = (
+    ("_topiq_args", "handle_args"),
+    ("_topiq_step", "step"),
+    ("_topiq_description", "description"),
+    ("_topiq_meta", "meta"),
+    ("_topiq_callbacks", "callbacks"),
+)
+#: The longest `description` a payload may carry.
+MAX_DESCRIPTION = 1000
+CALLBACK_KINDS = ("success", "failure", "stopped")
+
+
+def _checked_extra(field: str, value: Any, cls: type[Job], allowed: Sequence[str]) -> Any:
+    """An optional envelope field's value if it has the shape it must, else `PayloadError`
+    naming the field and what is wrong."""
+    path = class_path(cls)
+    if field == "handle_args":
+        if not isinstance(value, list):
+            raise PayloadError(
+                f"{path}: payload field 'handle_args' must be a list, got {type(value).__name__}"
+            )
+        if getattr(cls, "_job_function", None) is not None:
+            raise PayloadError(
+                f"{path}: payload field 'handle_args' is for job classes; a function job's "
+                "arguments are in its data"
+            )
+        return value
+    if field == "step":
+        if type(value) is not int or value < 0:
+            raise PayloadError(
+                f"{path}: payload field 'step' must be a whole number, 0 or more, got {value!r}"
+            )
+        return value
+    if field == "description":
+        if not isinstance(value, str) or len(value) > MAX_DESCRIPTION:
+            raise PayloadError(
+                f"{path}: payload field 'description' must be a string of at most "
+                f"{MAX_DESCRIPTION} characters, got {_short(value)}"
+            )
+        return value
+    if field == "meta":
+        if not isinstance(value, dict):
+            raise PayloadError(
+                f"{path}: payload field 'meta' must be an object, got {type(value).__name__}"
+            )
+        return value
+    problem = callbacks_problem(value, allowed)
+    if problem is not None:
+        raise PayloadError(f"{path}: payload field {problem}")
+    return value
+
+
+def callbacks_problem(value: Any, allowed: Sequence[str]) -> str | None:
+    """Why `value` is not a payload's `callbacks` field (`None` if it is): an object of
+    `{"success"|"failure"|"stopped": {"path": "pkg.mod.func", "timeout": seconds}}` with paths
+    in `allowed` modules and timeouts over 0 and at most `MAX_SECONDS`."""
+    if not isinstance(value, dict):
+        return f"'callbacks' must be an object, got {type(value).__name__}"
+    for kind, spec in value.items():
+        if kind not in CALLBACK_KINDS:
+            return f"'callbacks' has an unknown kind {_short(kind)}: known are " + ", ".join(
+                CALLBACK_KINDS
+            )
+        where = f"callbacks.{kind}"
+        if not isinstance(spec, dict) or set(spec) - {"path", "timeout"}:
+            return f"'{where}' must be an object of 'path' and 'timeout', got {_short(spec)}"
+        target = spec.get("path")
+        if not isinstance(target, str):
+            return f"'{where}.path' must be a string, got {_short(target)}"
+        try:
+            module, _ = split_path(target, f"'{where}.path'")
+        except ValueError as exc:
+            return str(exc)
+        if not _allowed(module, allowed):
+            return (
+                f"'{where}.path' {target!r} is outside the allowed modules "
+                f"({', '.join(allowed) or 'none'}; QUEUE_ALLOWED_MODULES)"
+            )
+        timeout = spec.get("timeout", 60)
+        if not (_is_number(timeout) and 0 < timeout <= MAX_SECONDS):
+            return (
+                f"'{where}.timeout' must be a number of seconds over 0 and at most {MAX_SECONDS}, "
+                f"got {_short(timeout)}"
+            )
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _function_refusal(target: Any, path: str) -> str:
+    """Why a payload naming `target` (a routine) at `path` is refused."""
+    module, _, qualname = path.partition(":")
+    if not inspect.isfunction(target):
+        return (
+            f"it names the builtin {getattr(target, '__qualname__', target)!r}, not a function "
+            f"defined in {module}"
+        )
+    if target.__module__ != module or target.__qualname__ != qualname:
+        return (
+            f"it names {target.__module__}:{target.__qualname__}, which is not defined in "
+            f"{module} under that name; only functions defined at module level in an allowed "
+            "module run as jobs"
+        )
+    return "only plain functions defined at module level run as jobs (not lambdas or methods)"
 
 
 def _kept_for(envelope: dict[str, Any], name: str, limit: float = MAX_KEEP_SECONDS) -> Any:
