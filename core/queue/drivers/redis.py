@@ -8,7 +8,7 @@ waiting for a job to end blocks in BLPOP on the job's `done` list.
 
 Status records are written by the same scripts that move the job (push, reserve, release, ack),
 so keeping them costs no round trip. An ended record expires by itself (PEXPIRE of its keep
-time): `prune_records` has nothing to do.
+time): `prune_records` has nothing to do unless asked for the records ended before a time.
 
 Issue #13 (priorities, dependencies, workflow records, limits, once keys) adds keys described
 in lua/lib.lua, whose functions every script that ends, places or releases jobs shares (it is
@@ -38,6 +38,12 @@ per command, the same EXPIRE); `browse` (lua/browse.lua) and `groups` (lua/group
 script each on the queue's keys. Each call stays in the queue's Cluster slot. Deferred jobs get
 a `dseq` record field (their place in push order): older code leaves it out, browse then orders
 by push time and id.
+
+Issue #16 adds no key either: `save_payload` (lua/save_payload.lua) rewrites `<tag>:payloads`
+for a job while its try holds it; an ack's outcome info is the record's `info` field (ack.lua
+gets it only in calls that carry some: the plain path's arguments are unchanged);
+`prune_records(ended_before=)` SCANs each queue's `<tag>:job:*` (one slot) and deletes the ended
+records older than the cutoff in lua/prune.lua, per SCAN page.
 """
 
 from __future__ import annotations
@@ -109,6 +115,8 @@ _SCRIPTS = (
     "history",
     "browse",
     "groups",
+    "save_payload",
+    "prune",
 )
 
 #: How long a waiter's mark outlives the slice it blocks for (ms). A `done` token stays 60 s
@@ -133,6 +141,8 @@ _MINUTE_FIELDS = tuple(f.name for f in dataclasses.fields(MinuteCounts))[1:]
 _HISTORY_READ = 1440
 #: How long a counts hash outlives its last write, in seconds (as lib.lua's flush sets it).
 _COUNTS_KEEP = 10800
+#: SCAN's COUNT hint for `prune_records`: each page of matches is one prune.lua call.
+_PRUNE_PAGE = 500
 
 
 def _load_script(name: str) -> str:
@@ -583,19 +593,30 @@ class RedisDriver(Driver):
 
     def _ack_args(self, jobs: Sequence[ReservedJob]) -> list[Any]:
         """The outcome count, the outcomes, then (id, token, outcome number) per job (ack.lua):
-        jobs that ended alike without a result share one outcome, sent once."""
+        jobs that ended alike without a result share one outcome, sent once.
+
+        An outcome with `info` (issue #16) makes every outcome of the call carry a sixth
+        field (its info, b"" for none), told by a negative count; without any, the arguments
+        are those of before."""
         outcomes: dict[tuple[Any, ...], int] = {}
         rows: list[Any] = []
         default = (Status.SUCCEEDED.value, self._ms(self.settings.queue_result_ttl), b"", "", "")
+        wide = False
         for job in jobs:
             o = job.outcome
-            key = (
+            key: tuple[Any, ...] = (
                 default
                 if o is None
                 else (o.status.value, self._ms(o.keep), o.result or b"", o.error, o.traceback)
             )
+            if o is not None and o.info is not None:
+                key = (*key, o.info)
+                wide = True
             rows += (job.id, job.attempts, outcomes.setdefault(key, len(outcomes) + 1))
-        return [len(outcomes), *chain.from_iterable(outcomes), *rows]
+        if not wide:
+            return [len(outcomes), *chain.from_iterable(outcomes), *rows]
+        sixes = (key if len(key) == 6 else (*key, b"") for key in outcomes)
+        return [-len(outcomes), *chain.from_iterable(sixes), *rows]
 
     async def reserve(
         self,
@@ -717,6 +738,16 @@ class RedisDriver(Driver):
         async with _translated("extend"):
             await self._scripts_run(calls)
 
+    async def save_payload(self, job: ReservedJob, payload: bytes) -> bool:
+        """save_payload.lua: HSET of the payload while the caller's try holds the job (its
+        attempts token, and the id in the reserved set): one round trip."""
+        k = self.keys(job.queue)
+        async with _translated("saving a payload"):
+            done = await self._scripts["save_payload"](
+                keys=[k.reserved, k.payloads, k.attempts], args=[job.id, job.attempts, payload]
+            )
+        return bool(int(done))
+
     async def stats(self, queue: str) -> QueueStats:
         k = self.keys(queue)
         async with _translated("stats"):
@@ -745,6 +776,28 @@ class RedisDriver(Driver):
                 keys=[k.ready, k.delayed, k.payloads, k.attempts, k.wake, k.front], args=[k.tag]
             )
         return int(deleted)
+
+    async def prune_records(self, ended_before: float | None = None) -> int:
+        """Records expire by themselves (PEXPIRE): without `ended_before`, nothing to do.
+
+        With it, per known queue: SCAN its `<tag>:job:*` keys (the queue's hash tag, so every
+        page is one slot) and, per page, prune.lua deletes those ended before the cutoff,
+        reading each record again (a job pushed again under the id since is kept)."""
+        if ended_before is None:
+            return 0
+        if isinstance(ended_before, bool) or not isinstance(ended_before, int | float):
+            raise TypeError(f"ended_before must be epoch seconds, got {ended_before!r}")
+        if math.isnan(ended_before):
+            raise ValueError("ended_before must be epoch seconds, got nan")
+        cutoff = repr(float(ended_before) * 1000)
+        deleted = 0
+        async with _translated("pruning job records"):
+            for name in await self.queues():
+                k = self.keys(name)
+                pattern = _glob_escape(k.record("")) + "*"
+                async for page in _scan_pages(self.client, pattern, _PRUNE_PAGE):
+                    deleted += int(await self._scripts["prune"](keys=page, args=[k.tag, cutoff]))
+        return deleted
 
     def failed_store(self) -> FailedStore:
         return self._failed
@@ -817,6 +870,7 @@ class RedisDriver(Driver):
         extra: dict[str, Any] = {
             "priority": _int(rec.get("priority")) or 0,
             "group": _text(rec.get("group", b"")),
+            **_info(rec.get("info")),
         }
         if kind in ("chain", "batch"):
             extra["kind"] = kind
@@ -1192,6 +1246,42 @@ def _history_sums(
                 fields = sums.setdefault((queue, minute), {})
                 fields[name] = fields.get(name, 0) + n
     return sums
+
+
+async def _scan_pages(client: aioredis.Redis, pattern: str, count: int) -> AsyncIterator[list[Any]]:
+    """The keys matching `pattern`, a SCAN page at a time (pages without a match skipped)."""
+    cursor: int = 0
+    while True:
+        cursor, keys = await client.scan(cursor, match=pattern, count=count)
+        if keys:
+            yield list(keys)
+        if not cursor:
+            return
+
+
+def _glob_escape(text: str) -> str:
+    """`text` as a literal in a SCAN MATCH pattern (a queue name may hold `*`, `?` or `[`)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _info(raw: Any) -> dict[str, Any]:
+    """A record's `info` field (ack's outcome info: a JSON object of `description` and
+    `meta`) as `JobStatus` fields; anything else in it, or not JSON, reads as none."""
+    if not raw:
+        return {}
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, Any] = {}
+    description, meta = data.get("description"), data.get("meta")
+    if isinstance(description, str):
+        out["description"] = description
+    if isinstance(meta, dict):
+        out["meta"] = meta
+    return out
 
 
 def _progress(rec: dict[str, Any]) -> Progress:

@@ -44,6 +44,7 @@
 -- limit), held (1 once held back), lf (1: in <tag>:fronts), p_total/p_succeeded/p_failed/p_cancelled and rkeep (a
 -- workflow record's counts and its keep when it succeeds), cofdone, group (the job's group, kept
 -- after it ended), dseq (a deferred job's place in push order, from <tag>:seq: browse.lua).
+-- Issue #16: info (an ended job's JSON object of description/meta, from its ack's outcome).
 local T_ = redis.call('TIME')
 local now = T_[1] * 1000 + math.floor(T_[2] / 1000)
 local MAXP = 2147483647
@@ -439,9 +440,18 @@ local function ended_running(q, id, status)
   ended(q, id, status)
 end
 
+-- An ack's outcome count as sent (ack.lua's header): the count, and the outcomes' width (5;
+-- 6 when sent negative: each outcome carries its info).
+local function outcome_count(raw)
+  local n = tonumber(raw)
+  if n < 0 then return -n, 6 end
+  return n, 5
+end
+
 -- Acknowledge one running job if the caller still holds it (`token`: its tries), writing
--- how it ended (keep ms 0: the record is deleted). Returns whether it was removed.
-local function ack_one(q, id, token, status, keep, result, err, tb)
+-- how it ended (keep ms 0: the record is deleted) and its info ('' none: issue #16, the
+-- record's `info` field). Returns whether it was removed.
+local function ack_one(q, id, token, status, keep, result, err, tb, info)
   if redis.call('HGET', q.attempts, id) ~= token then return false end
   redis.call('ZREM', q.reserved, id)
   redis.call('HDEL', q.payloads, id)
@@ -452,6 +462,7 @@ local function ack_one(q, id, token, status, keep, result, err, tb)
   if keep > 0 then
     redis.call('HSET', rec, 'status', status, 'ended_at', now, 'error', err, 'traceback', tb)
     if result ~= '' then redis.call('HSET', rec, 'result', result) end
+    if info ~= '' then redis.call('HSET', rec, 'info', info) end
     redis.call('PEXPIRE', rec, keep)
   else
     redis.call('DEL', rec)

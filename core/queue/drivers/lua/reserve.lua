@@ -10,7 +10,7 @@
 -- KEYS: 1 ready, 2 delayed, 3 reserved, 4 payloads, 5 attempts, 6 wake, 7 front, 8 cancel
 -- ARGV: 1 limit, 2 lease ms, 3 worker id, 4 tag, 5 failure_ttl ms for records without one
 --       (jobs pushed by wave-1 code), 6 ack count n, 7 outcome count m, then m outcomes of 5
---       and n acks of 3 as in ack.lua, then the reserver id (one per driver instance), this
+--       (-m: of 6, with info) and n acks of 3 as in ack.lua, then the reserver id (one per driver instance), this
 --       call's grant token, and the tokens of this reserver's calls whose reply never came
 -- Grants: <tag>:grant:<reserver> = "token id attempts id attempts ..." holds the jobs handed
 --       out by the reserver's last call that reserved any. A reply lost on the way (the script
@@ -33,16 +33,17 @@
 --          -1 - its tries so far: it holds no lease, it is only reported (in addition to
 --          `limit`).
 local limit, lease, worker, tag = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local default_keep, acks, outcomes = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+local default_keep, acks = ARGV[5], tonumber(ARGV[6])
+local outcomes, width = outcome_count(ARGV[7])
 local q = Q(tag)
 probe(q)
 
-local first = 8 + outcomes * 5
+local first = 8 + outcomes * width
 for j = first, first + acks * 3 - 1, 3 do
-  -- ARGV[i + 2] .. ARGV[i + 6] are this job's outcome, in ack.lua's order.
-  local i = 8 + (tonumber(ARGV[j + 2]) - 1) * 5 - 2
+  -- ARGV[i + 2] .. ARGV[i + 6] (+ 7: info) are this job's outcome, in ack.lua's order.
+  local i = 8 + (tonumber(ARGV[j + 2]) - 1) * width - 2
   ack_one(q, ARGV[j], ARGV[j + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4], ARGV[i + 5],
-    ARGV[i + 6])
+    ARGV[i + 6], width == 6 and ARGV[i + 7] or '')
 end
 
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1000)
