@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -82,6 +82,7 @@ from core.queue.drivers.base import (
     new_record_id,
     pause_marker,
 )
+from core.queue.drivers.memory import check_cutoff
 from core.queue.drivers.sql_migrations import (
     LATEST_VERSION,
     check_server_version,
@@ -639,6 +640,19 @@ class DatabaseDriver(Driver):
 
         await self._run("release a job", op)
 
+    async def save_payload(self, job: ReservedJob, payload: bytes) -> bool:
+        """One UPDATE of the job's `payload`, matched as `extend` and `release` match it
+        (`sql_tables.held`: same id, queue and try, still reserved): a row acknowledged,
+        released, or taken over by a later try after its lease ran out is not written."""
+        statement = (
+            update(t.queue_jobs).where(t.held([job])).values(payload=payload.decode("utf-8"))
+        )
+
+        async def op(conn: AsyncConnection) -> bool:
+            return int((await conn.execute(statement)).rowcount) == 1
+
+        return await self._run("save a job's payload", op)
+
     async def extend(self, leases: Sequence[tuple[ReservedJob, float]]) -> None:
         """Renew the leases still held, each to its own time, in one UPDATE."""
         if not leases:
@@ -972,10 +986,11 @@ class DatabaseDriver(Driver):
         observe.check_page(offset, limit)
         return await self._run("list a queue's groups", op, write=False)
 
-    async def prune_records(self) -> int:
+    async def prune_records(self, ended_before: float | None = None) -> int:
         """Delete records past their keep time, counters older than two hours, unique-key
         rows whose job is gone and whose `unique_for` has passed, and the limit rows of idle
-        keys (`sql_workflow.prune_limits`); returns the records deleted.
+        keys (`sql_workflow.prune_limits`); with `ended_before` (epoch seconds), also every
+        record that ended earlier (`sql_lifecycle.prune_ended`). Returns the records deleted.
 
         In batches of `sql_lifecycle.PRUNE_BATCH` rows, each its own short transaction.
         """
@@ -985,6 +1000,21 @@ class DatabaseDriver(Driver):
             deleted += batch
             if batch < life.PRUNE_BATCH:
                 break
+        if ended_before is not None:
+            cutoff = check_cutoff(ended_before)
+            before = t.to_db_time(datetime.fromtimestamp(cutoff, UTC))
+            after: tuple[str, str] | None = None
+            while True:
+
+                async def old(
+                    conn: AsyncConnection, after: tuple[str, str] | None = after
+                ) -> tuple[int, tuple[str, str] | None]:
+                    return await life.prune_ended(conn, before, after)
+
+                batch, after = await self._run("prune old job records", old)
+                deleted += batch
+                if after is None:
+                    break
         await self._run("prune job counters", life.prune_counts)
         await self._run("prune unique keys", life.prune_keys)
         await self._run("prune once keys and markers", wf.prune_once)

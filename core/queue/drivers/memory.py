@@ -73,7 +73,7 @@ from core.queue.drivers.base import (
 from core.settings import Settings
 from core.status import ENDED, WAITING, JobStatus, Progress, Status
 
-__all__ = ["MemoryDriver", "MemoryFailedStore", "read_info"]
+__all__ = ["MemoryDriver", "MemoryFailedStore", "check_cutoff", "read_info"]
 
 #: How long the per-minute counters behind `recent` are kept (seconds).
 COUNTS_KEPT = 7200.0
@@ -318,6 +318,22 @@ def read_info(raw: bytes | str | None) -> tuple[str, dict[str, Any] | None]:
         description if isinstance(description, str) else "",
         meta if isinstance(meta, dict) else None,
     )
+
+
+#: The latest cutoff `check_cutoff` lets through: the end of year 9999 (epoch seconds).
+_LATEST = 253402300799.0
+
+
+def check_cutoff(ended_before: float) -> float:
+    """`prune_records`' `ended_before` as epoch seconds (at most the end of year 9999), or a
+    `ValueError` naming it."""
+    if (
+        isinstance(ended_before, bool)
+        or not isinstance(ended_before, int | float)
+        or math.isnan(ended_before)
+    ):
+        raise ValueError(f"ended_before must be a time in epoch seconds, got {ended_before!r}")
+    return min(float(ended_before), _LATEST)
 
 
 def _check_page(offset: int, limit: int) -> None:
@@ -1555,6 +1571,7 @@ class MemoryDriver(Driver):
         dropped = self._sweep(time.monotonic())
         if ended_before is None:
             return dropped
+        ended_before = check_cutoff(ended_before)
         for q in self._queues.values():
             # Ended records only: a job's record is live (waiting, deferred, running) until
             # its end sets `keep_until`, whatever its `ended_at` said before a retry.

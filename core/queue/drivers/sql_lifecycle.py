@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.queue.drivers import sql_tables as t
 from core.queue.drivers.base import Outcome, OutgoingJob, Pushed, RecentCounts, ReservedJob
+from core.queue.drivers.memory import read_info
 from core.status import JobStatus, Progress, Status
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "minute_now",
     "progress_of",
     "prune_counts",
+    "prune_ended",
     "prune_keys",
     "prune_records",
     "push_checked",
@@ -252,6 +254,7 @@ def progress_of(workflow: str | None, pending: int | None) -> Progress | None:
 
 def record_status(row: Any) -> JobStatus:
     """The status of an ended job from its `queue_job_records` row."""
+    description, meta = read_info(row.info)
     return JobStatus(
         id=row.uuid,
         status=Status(row.status),
@@ -272,6 +275,8 @@ def record_status(row: Any) -> JobStatus:
         priority=row.priority or 0,
         progress=progress_of(row.progress, 0),
         group=row.group_key or "",
+        description=description,
+        meta=meta,
     )
 
 
@@ -301,6 +306,8 @@ def _record(row: Any, connection: str, outcome: Outcome, now: datetime) -> dict[
     group = getattr(row, "group_key", None)
     if group is not None:  # schema version 5's column, only when set
         record["group_key"] = group
+    if outcome.info is not None:  # schema version 6's column, only when set
+        record["info"] = outcome.info.decode("utf-8", "replace")
     return record
 
 
@@ -810,6 +817,43 @@ async def prune_records(conn: AsyncConnection) -> int:
         delete(t.queue_job_records).where(named, _records.keep_until <= now)
     )
     return int(result.rowcount)
+
+
+async def prune_ended(
+    conn: AsyncConnection, before: datetime, after: tuple[str, str] | None
+) -> tuple[int, tuple[str, str] | None]:
+    """Delete the records among the next `PRUNE_BATCH` in primary-key order (from just past
+    `after`; `None`: from the start) that ended before `before`, whatever their keep time
+    (`queue:prune --older-than`).
+
+    Returns how many were deleted and the key to go on from (`None`: the end of the table was
+    reached). Walking the primary key costs one pass over the table for the whole prune and
+    no index on `ended_at` (which every acknowledgement would have to write). Each row is
+    deleted only if it still ended before the cutoff, so a record rewritten meanwhile (its job
+    pushed again under the same id and ended since) stays. Only ended jobs and workflows have
+    records: a waiting, deferred or running job is a `queue_jobs` row, never touched here.
+    """
+    query = select(_records.uuid, _records.queue, _records.ended_at)
+    if after is not None:
+        uuid, queue = after
+        query = query.where(
+            or_(_records.uuid > uuid, and_(_records.uuid == uuid, _records.queue > queue))
+        )
+    rows = (
+        await conn.execute(query.order_by(_records.uuid, _records.queue).limit(PRUNE_BATCH))
+    ).all()
+    if not rows:
+        return 0, None
+    last = (str(rows[-1].uuid), str(rows[-1].queue))
+    old = [r for r in rows if r.ended_at < before]
+    deleted = 0
+    if old:
+        named = or_(*(and_(_records.uuid == r.uuid, _records.queue == r.queue) for r in old))
+        result = await conn.execute(
+            delete(t.queue_job_records).where(named, _records.ended_at < before)
+        )
+        deleted = int(result.rowcount)
+    return deleted, (last if len(rows) == PRUNE_BATCH else None)
 
 
 async def prune_counts(conn: AsyncConnection) -> None:

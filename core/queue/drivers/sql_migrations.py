@@ -446,6 +446,23 @@ def _add_groups(connection: Connection) -> None:
     t.metadata.create_all(connection, tables=[t.queue_groups], checkfirst=True)
 
 
+#: The columns schema version 6 adds: nullable, so that the release before it (which names
+#: none of them) still acknowledges and reads records during a rolling deploy.
+_V6_COLUMNS = {"queue_job_records": ("info",)}
+
+
+def _add_info(connection: Connection) -> None:
+    dialect = connection.dialect
+    found = inspect(connection)
+    for name, added in _V6_COLUMNS.items():
+        table = t.metadata.tables[name]
+        columns = {c["name"] for c in found.get_columns(name)}
+        for column in added:
+            if column not in columns:  # a new database has it from version 3's CREATE
+                kind = table.c[column].type.compile(dialect=dialect)
+                connection.execute(text(f"ALTER TABLE {name} ADD COLUMN {column} {kind} NULL"))
+
+
 #: Every schema version, oldest first. Append; never edit a released step.
 STEPS: tuple[Step, ...] = (
     Step(1, "queue_jobs, queue_failed_jobs, queue_names, queue_workers, queue_meta", _create_v1),
@@ -468,6 +485,7 @@ STEPS: tuple[Step, ...] = (
         "queue_job_records.group_key, queue_groups",
         _add_groups,
     ),
+    Step(6, "queue_job_records.info: a job's description and meta (issue #16)", _add_info),
 )
 LATEST_VERSION = STEPS[-1].version
 

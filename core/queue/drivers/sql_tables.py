@@ -232,6 +232,9 @@ queue_job_records = Table(
     Column("progress", Text, nullable=True),  # a workflow record's counts (JSON)
     Column("priority", Integer, nullable=True),
     Column("group_key", String(190), nullable=True),  # schema version 5
+    # Schema version 6: `Outcome.info` (JSON: the job's description and meta); NULL for none,
+    # and in records the release before wrote.
+    Column("info", LongText, nullable=True),
     Index("queue_job_records_keep_until", "keep_until"),  # prune
     **_MYSQL_OPTIONS,
 )
