@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import orjson
 from rich.console import Console, RenderableType
+from rich.markup import escape
 from rich.table import Table
 
 from core.errors import ConfigurationError, ConnectionLostError, TopiqError
@@ -290,13 +291,15 @@ def _first_words(values: Sequence[str]) -> int:
 
 
 def _cell(value: Any) -> str:
+    """A cell's text, rich markup escaped: a job's description or error may hold `[/x]`,
+    which rich would otherwise read as a tag (and refuse to draw the table)."""
     if value is None:
         return "-"
     if isinstance(value, datetime):
         return stamp(value)
     if isinstance(value, tuple | list):
-        return ",".join(str(v) for v in value) or "-"
-    return str(value)
+        return escape(",".join(str(v) for v in value)) or "-"
+    return escape(str(value))
 
 
 def _is_number(text: str) -> bool:

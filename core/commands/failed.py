@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -193,17 +193,44 @@ async def _retry(args: argparse.Namespace, conn: Connection, store: FailedStore)
     if args.queue is not None or args.ids == ["all"]:
         if args.ids not in ([], ["all"]):
             raise CommandFailed("give job ids, `all`, or --queue NAME; not ids with --queue")
-        # Oldest first, so the jobs go back in the order they first failed.
-        records = list(reversed(await every_record(store, args.queue, _PAGE)))
+        records = await all_failed(store, [args.queue])
         missing: list[str] = []
     elif args.ids:
         records, missing = await _some(store, args.ids)
     else:
         raise CommandFailed("nothing to retry: give job ids, `all`, or --queue NAME")
+    retried, skipped = await retry_batches(conn, store, records, quiet=args.json)
+    message = retry_message(records, retried, skipped)
+    if args.json or retried or skipped or not missing:  # a missing id is said once, below
+        result: dict[str, list[str]] = {"retried": retried, "missing": missing}
+        if skipped:  # only then: the shape scripts already read stays as it was
+            result["skipped"] = skipped
+        say(args, message, result)
+    return _not_found(missing, conn)
+
+
+async def all_failed(store: FailedStore, queues: Sequence[str | None] = (None,)) -> list[FailedJob]:
+    """Every failed record of `queues` (`None`: of every queue), oldest failure first, read
+    before anything is retried (what `queue:retry all` and `--queue` move back)."""
+    records: dict[str, FailedJob] = {}
+    for queue in dict.fromkeys(queues):
+        for record in reversed(await every_record(store, queue, _PAGE)):
+            records.setdefault(record.id, record)
+    # Oldest first, so the jobs go back in the order they first failed (a stable sort: one
+    # queue's records keep the store's order).
+    return sorted(records.values(), key=lambda record: record.failed_at)
+
+
+async def retry_batches(
+    conn: Connection, store: FailedStore, records: Sequence[FailedJob], *, quiet: bool = False
+) -> tuple[list[str], list[str]]:
+    """Move `records` back to their queues a page at a time; the ids (retried, skipped).
+
+    Shared by `queue:retry` and `queue:work --failed`. A bar on the terminal for long
+    retries; none when `quiet` (`--json`) or when stderr is a pipe."""
     retried: list[str] = []
     skipped: list[str] = []
-    # A bar on the terminal for long retries; nothing in --json output or in a pipe.
-    quiet = args.json or not sys.stderr.isatty() or len(records) <= _PAGE
+    quiet = quiet or not sys.stderr.isatty() or len(records) <= _PAGE
     with Progress(console=Console(stderr=True), transient=True, disable=quiet) as progress:
         bar = progress.add_task("retrying failed jobs", total=len(records))
         for start in range(0, len(records), _PAGE):
@@ -212,9 +239,15 @@ async def _retry(args: argparse.Namespace, conn: Connection, store: FailedStore)
             retried += moved
             skipped += passed
             progress.advance(bar, len(batch))
+    return retried, skipped
+
+
+def retry_message(records: Sequence[FailedJob], retried: list[str], skipped: list[str]) -> str:
+    """What a retry did, in a sentence or two."""
+    moved = set(retried)
     message = (
         f"Retried {_jobs(len(retried))}: back on "
-        f"{_queues([r for r in records if r.id in set(retried)])} with their tries reset."
+        f"{_queues([r for r in records if r.id in moved])} with their tries reset."
         if retried
         else "No failed jobs to retry."
     )
@@ -224,12 +257,7 @@ async def _retry(args: argparse.Namespace, conn: Connection, store: FailedStore)
             "since they were read (retried meanwhile, or failed again), or whose connection "
             "lives inside one process (memory, sync: dispatch those again from that process)."
         )
-    if args.json or retried or skipped or not missing:  # a missing id is said once, below
-        result: dict[str, list[str]] = {"retried": retried, "missing": missing}
-        if skipped:  # only then: the shape scripts already read stays as it was
-            result["skipped"] = skipped
-        say(args, message, result)
-    return _not_found(missing, conn)
+    return message
 
 
 async def _forget(args: argparse.Namespace, conn: Connection, store: FailedStore) -> int:

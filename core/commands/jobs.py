@@ -18,8 +18,10 @@ that id (or, with `--wait`, it ended any other way), 124 when `--wait` ran out f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -72,6 +74,15 @@ def _wait_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _older_than(text: str) -> float:
+    try:
+        return parse_duration(text, "--older-than")
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 14d, 36h, 90m or 3600 (seconds), got {text!r}"
+        ) from None
+
+
 def configure(name: str, parser: argparse.ArgumentParser) -> None:
     """Add the flags of command `name`."""
     add_connection_flag(parser)
@@ -87,6 +98,17 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
         )
     elif name == "queue:cancel":
         parser.add_argument("id", type=job_id, help="the job id")
+    elif name == "queue:prune":
+        parser.add_argument(
+            "--older-than",
+            type=_older_than,
+            default=None,
+            metavar="DURATION",
+            help="also delete every ended job record (succeeded, failed, cancelled, expired) "
+            "that ended longer ago than this, whatever its keep time, and the failed jobs "
+            "that failed longer ago: 14d, 36h, 90m or seconds (django-db-queue's "
+            "delete_old_jobs)",
+        )
 
 
 async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
@@ -119,7 +141,7 @@ async def show_job(args: argparse.Namespace, conn: Connection) -> int:
     if record is None:
         raise _unknown(args.id, conn)
     if args.wait is None:
-        _print_record(args, conn, record)
+        _print_record(args, conn, await with_payload_info(conn, record))
         return 0
     deadline = time.monotonic() + args.wait
     while record.status not in ENDED:
@@ -134,7 +156,7 @@ async def show_job(args: argparse.Namespace, conn: Connection) -> int:
                 "(result_ttl/failure_ttl 0), so how it ended is unknown"
             )
         record = latest
-    _print_record(args, conn, record)
+    _print_record(args, conn, await with_payload_info(conn, record))
     if record.status is Status.SUCCEEDED:
         return 0
     if record.status in ENDED:
@@ -146,6 +168,32 @@ async def show_job(args: argparse.Namespace, conn: Connection) -> int:
         file=sys.stderr,
     )
     return EXIT_WAIT_TIMED_OUT
+
+
+async def with_payload_info(conn: Connection, record: JobStatus) -> JobStatus:
+    """`record` with the `description` and `meta` its payload carries, for a job that has not
+    ended: its record gets them only when it ends (RQ's `enqueue(description=, meta=)`).
+
+    A payload that is gone (the job ended meanwhile), not JSON, or whose fields are not a
+    string and an object leaves the record as it is: showing a job never fails on them."""
+    if record.kind != "job" or record.status in ENDED or (record.description and record.meta):
+        return record
+    payload = await conn.driver.job_payload(record.id, record.queue or None)
+    if payload is None:
+        return record
+    try:
+        envelope = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return record
+    if not isinstance(envelope, dict):
+        return record
+    description, meta = envelope.get("description"), envelope.get("meta")
+    changes: dict[str, Any] = {}
+    if not record.description and isinstance(description, str) and description:
+        changes["description"] = description
+    if record.meta is None and isinstance(meta, dict):
+        changes["meta"] = meta
+    return dataclasses.replace(record, **changes) if changes else record
 
 
 def timings(record: JobStatus) -> dict[str, float | None]:
@@ -202,6 +250,8 @@ def _render(conn: Connection, record: JobStatus) -> RenderableType:
         rows.append(("group", record.group))
     if record.waiting_for:
         rows.append(("waiting for", ", ".join(record.waiting_for)))
+    if record.description:
+        rows.append(("description", record.description))
     rows += [
         ("enqueued", _when(record.enqueued_at)),
         ("due", _when(record.due_at)),
@@ -216,6 +266,9 @@ def _render(conn: Connection, record: JobStatus) -> RenderableType:
     parts: list[RenderableType] = [
         table(f"Job {record.id}", ("field", "value"), rows, wrap=("value",))
     ]
+    if record.meta is not None:
+        meta = JSON(orjson.dumps(record.meta).decode())
+        parts.append(Panel(meta, title="meta", title_align="left", expand=False))
     if record.status is Status.SUCCEEDED:
         body: RenderableType = (
             Text("nothing kept (None, or not JSON)")
@@ -299,7 +352,10 @@ async def cancel_job(args: argparse.Namespace, conn: Connection) -> int:
 
 
 async def prune_records(args: argparse.Namespace, conn: Connection) -> int:
-    """`queue:prune`: delete ended records past their keep time (SQL; Redis expires keys)."""
+    """`queue:prune`: delete ended records past their keep time (SQL; Redis expires keys);
+    with `--older-than`, also every ended record and failed job older than that."""
+    if getattr(args, "older_than", None) is not None:
+        return await _prune_older(args, conn, args.older_than)
     deleted = await conn.driver.prune_records()
     if conn.driver.kind == "redis":
         message = (
@@ -309,4 +365,30 @@ async def prune_records(args: argparse.Namespace, conn: Connection) -> int:
     else:
         message = f"Deleted {deleted} job records past their keep time on {conn.name}."
     say(args, message, {"connection": conn.name, "deleted": deleted})
+    return 0
+
+
+async def _prune_older(args: argparse.Namespace, conn: Connection, older_than: float) -> int:
+    """`queue:prune --older-than D`: the records that ended, and the failed jobs that failed,
+    more than `D` seconds ago (with those past their keep time)."""
+    cutoff = time.time() - older_than
+    store = await conn.failed_store()  # reached before anything is deleted
+    deleted = await conn.driver.prune_records(ended_before=cutoff)
+    failed = await store.prune(datetime.fromtimestamp(cutoff, UTC))
+    before = when(cutoff)
+    records = f"job record{'' if deleted == 1 else 's'}"
+    jobs = f"failed job{'' if failed == 1 else 's'}"
+    say(
+        args,
+        f"Deleted {deleted} {records} that ended before {before} (or were past their keep "
+        f"time) on {conn.name}, and {failed} {jobs} that failed before {before} from its "
+        "failed store.",
+        {
+            "connection": conn.name,
+            "deleted": deleted,
+            "failed_deleted": failed,
+            "older_than": older_than,
+            "ended_before": cutoff,
+        },
+    )
     return 0

@@ -9,7 +9,9 @@ import logging
 from typing import Any
 
 from core.commands._common import (
+    guarded,
     non_negative_int,
+    open_connection,
     positive_int,
     positive_seconds,
     queue_list,
@@ -21,7 +23,7 @@ from core.queue.drivers.base import Driver
 from core.queue.payload import validate_queue
 from core.queue.queue_manager import QueueManager, set_default_manager
 from core.settings import QueueConnection, Settings, queue_location
-from core.worker.options import WorkerOptions
+from core.worker.options import ExitCode, WorkerOptions
 from core.worker.worker import Worker, exit_code
 
 HELP = {"queue:work": "run a worker that processes queued jobs (also: --queue-work)"}
@@ -74,6 +76,13 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
     )
     add_endpoint_flags(parser)
     parser.add_argument(
+        "--failed",
+        action="store_true",
+        help="instead of working: move every failed job (of --connection; of the --queue "
+        "queues when given) back to its queue with its tries reset, as `queue:retry all` "
+        "does, say what moved, and exit (0; 1 if some could not be moved)",
+    )
+    parser.add_argument(
         "--with-scheduler",
         action="store_true",
         help="also run the scheduler: enqueue the ticks of the schedules in SCHEDULE_MODULE "
@@ -107,7 +116,24 @@ def options_from(args: argparse.Namespace, settings: Settings) -> WorkerOptions:
     )
 
 
+#: Flags of a working worker, meaningless with `--failed` (which does not start one).
+_WORKING_FLAGS = (
+    "max_jobs",
+    "max_time",
+    "sleep",
+    "max_tries",
+    "timeout",
+    "concurrency",
+    "prefetch",
+    "grace",
+    "metrics_port",
+)
+_SWITCHES = ("stop_when_empty", "with_scheduler")
+
+
 async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
+    if args.failed:
+        return await guarded(_retry_failed(args, settings))
     options = options_from(args, settings)
     async with QueueManager(settings) as manager:
         if manager.connection_name(options.connection) == "sync":
@@ -154,6 +180,43 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
             await asyncio.gather(check, return_exceptions=True)
             set_default_manager(None)
     return exit_code(worker, reason)  # ends the process itself if a given-up job still runs
+
+
+# -- --failed (Masonite's `queue:work --failed`) ----------------------------------------------
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+async def _retry_failed(args: argparse.Namespace, settings: Settings) -> int:
+    """`queue:work --failed`: what `queue:retry all` (or `--queue`) does, then exit.
+
+    Exit 0 when every failed job read was moved back (or there was none), 1 when some were
+    skipped (another retry is moving them, they changed since they were read, or their
+    connection lives inside one process)."""
+    given = [_flag(d) for d in _WORKING_FLAGS if getattr(args, d, None) is not None]
+    given += [_flag(d) for d in _SWITCHES if getattr(args, d, False)]
+    if given:
+        raise ConfigurationError(
+            f"queue:work --failed moves failed jobs back and exits without working: "
+            f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no meaning with it"
+        )
+    # Imported here: a worker that works never loads the failed commands' modules.
+    from core.commands.failed import all_failed, retry_batches, retry_message
+
+    names = [] if args.queue is None else [q.strip() for q in args.queue.split(",") if q.strip()]
+    queues: list[str | None] = [*names] if names else [None]
+    async with open_connection(settings, args.connection) as conn:
+        store = await conn.failed_store()
+        records = await all_failed(store, queues)
+        retried, skipped = await retry_batches(conn, store, records)
+    if records:
+        print(retry_message(records, retried, skipped), flush=True)
+    else:
+        where = f" of queue {', '.join(names)}" if names else ""
+        print(f"No failed jobs{where} to retry on the {conn.name} connection.", flush=True)
+    return ExitCode.ERROR if skipped else ExitCode.OK
 
 
 # -- is the Redis server fit to keep a queue? --------------------------------------------------
