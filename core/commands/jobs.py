@@ -5,10 +5,12 @@
     python main.py queue:job 3f2c9a... --json          # the record as JSON, for scripts
     python main.py queue:cancel 3f2c9a...              # remove it, or stop it in its worker
     python main.py queue:prune                         # delete job records past their keep time
+    python main.py queue:prune --older-than 14d        # and every record/failed job older than that
 
 For a chain's or batch's id, `queue:job` shows its kind and progress ("3/10 done: 2 succeeded, 1
 failed, 0 cancelled, 7 pending"); for a deferred job, the ids it waits for. `--json` carries
-`kind`, `progress`, `waiting_for`, `priority` and `group` for scripts.
+`kind`, `progress`, `waiting_for`, `priority` and `group` for scripts, and `description` and
+`meta` (RQ's), read from the payload while the job has not ended.
 
 `queue:job` exits 0 when the job is found (with `--wait`: when it succeeded), 1 when no job has
 that id (or, with `--wait`, it ended any other way), 124 when `--wait` ran out first (as

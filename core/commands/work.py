@@ -1,4 +1,8 @@
-"""`queue:work` (the seed's `--queue-work`): run a worker until a stop reason."""
+"""`queue:work` (the seed's `--queue-work`): run a worker until a stop reason.
+
+`queue:work --failed` (Masonite's) runs no worker: it moves the failed jobs back as
+`queue:retry all` does (`--queue a,b`: of those queues) and exits.
+"""
 
 from __future__ import annotations
 
