@@ -31,6 +31,7 @@ from core.queue.drivers.base import Driver, FailedJob, Outcome, OutgoingJob, Res
 from core.queue.queue_manager import QueueManager
 from core.status import Status
 from tests.conftest import Backend, make_settings
+from tests.jobs import RecordJob
 from tests.ops.conftest import Ops
 from tests.ops.jobs import MarkerJob
 
@@ -454,3 +455,24 @@ def test_job_shows_description_and_meta_on_a_server_backend(ops: Ops) -> None:
         job_id = f"{q}-{name}"
         assert_shown(job_id, status, show(job_id, "--json"), show(job_id))
     assert_plain(show(f"{q}-plain", "--json"), show(f"{q}-plain"))
+
+
+def test_job_shows_what_a_dispatch_and_a_worker_wrote(ops: Ops, log: str) -> None:
+    """End to end: the dispatch encodes the job's description and meta in its payload
+    (`queue:job` reads them there while it waits), the worker keeps them in the ended record."""
+
+    async def dispatch(manager: QueueManager) -> str:
+        job = RecordJob(log)
+        job.__dict__["_topiq_description"] = DESCRIPTION  # what RQ's enqueue(description=) sets
+        job.__dict__["_topiq_meta"] = META
+        return await manager.push(job, ops.queue)
+
+    job_id: str = ops.call(dispatch)
+
+    def show(*argv: str) -> Shown:
+        result = ops.cli("queue:job", *argv)
+        return result.code, result.out, result.err
+
+    assert_shown(job_id, "queued", show(job_id, "--json"), show(job_id))
+    ops.work()
+    assert_shown(job_id, "succeeded", show(job_id, "--json"), show(job_id))
