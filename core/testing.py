@@ -146,11 +146,19 @@ class _FakeManager(QueueManager):
         self._drivers[name] = recorder
         return recorder
 
-    async def push(self, job: Job, *args: Any, **kwargs: Any) -> Any:
+    async def push(self, job: Any, /, *args: Any, **kwargs: Any) -> Any:
         """Dispatch as the real manager does, then record what was stored."""
-        connection = kwargs.get("connection", args[1] if len(args) > 1 else None)
+        if args or not isinstance(job, Job) or kwargs.get("args") is not None or "wait" in kwargs:
+            # Masonite's ways of calling (a class, a function, several jobs, args=, wait=):
+            # the jobs they make are what is recorded.
+            jobs = self._styled(job, args, kwargs)
+            return await self._recorded(
+                jobs,
+                kwargs.get("connection"),
+                lambda: super(_FakeManager, self).push(*jobs, **kwargs),
+            )
         return await self._recorded(
-            [job], connection, lambda: super(_FakeManager, self).push(job, *args, **kwargs)
+            [job], kwargs.get("connection"), lambda: super(_FakeManager, self).push(job, **kwargs)
         )
 
     async def bulk(self, jobs: Iterable[Job], *args: Any, **kwargs: Any) -> Any:

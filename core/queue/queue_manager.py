@@ -15,13 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
+import logging
 import re
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Protocol, Self, get_args
+from typing import Any, Protocol, Self, get_args, overload
+
+import orjson
 
 from core import tracing
 from core.delays import Delay, parse_delay
@@ -35,6 +39,7 @@ from core.errors import (
     UnloadableJobError,
 )
 from core.events import EventKind, JobEvent, events
+from core.functions import function_job, resolve_function
 from core.hooks import hooks
 from core.job import Job, JobFunction
 from core.origin import Origin, current_origin, origin
@@ -90,6 +95,13 @@ __all__ = [
     "queue",
     "set_default_manager",
 ]
+
+
+logger = logging.getLogger("topiq.queue")
+
+#: What `push` takes as a job: an instance, a `Job` subclass (built with no arguments), a
+#: `@job` function or a plain module-level function (called with `args=`).
+Pushable = Job | type[Job] | JobFunction[..., Any] | Callable[..., Any]
 
 
 #: The latest a delayed job may fall due: SQL stores times as DATETIME, which ends with the year
@@ -149,6 +161,8 @@ class QueueManager:
         self.spool: JobSpool | None = None
         #: `QUEUE_MAX_LENGTHS` read per queue (the settings are frozen).
         self._bounds: dict[str, tuple[int, Overflow]] = {}
+        #: Each job class's `creation_hook`, resolved once.
+        self._creation_hooks: dict[type[Job], Callable[..., Any]] = {}
 
     # -- connections -------------------------------------------------------------------
 
@@ -236,15 +250,7 @@ class QueueManager:
 
     def _target(self, job: Job, queue: str | None, connection: str | None) -> tuple[str, str]:
         if not isinstance(job, Job):
-            if isinstance(job, JobFunction):
-                name = job.function.__qualname__
-                raise SerializationError(
-                    f"{name} is a @job function: dispatch a call of it with "
-                    f"`await {name}.dispatch(...)`"
-                )
-            raise SerializationError(
-                f"only core.job.Job instances can be dispatched, got {type(job).__name__}"
-            )
+            raise _not_a_job(job)
         if queue is None:
             queue = job.queue if job.queue != Job.queue else self.settings.queue_default
         conn = self.connection_name(connection or job.connection)
@@ -406,6 +412,8 @@ class QueueManager:
                 self.dispatched += 1
             if hooks._dispatch:  # dispatch is a hot path: no coroutine when no hook listens
                 await hooks.dispatched(job, job_id)
+            if outcome != "replaced" and type(job).creation_hook is not None:
+                await self._creation_hook(job)
             if events.active:
                 events.emit(
                     JobEvent(
@@ -418,6 +426,31 @@ class QueueManager:
                 )
         # Handles of the default manager go through the facade, which closes its connections.
         return JobHandle(job_id, outgoing.queue, connection, None if self is _default else self)
+
+    async def _creation_hook(self, job: Job) -> None:
+        """Run the job class's `creation_hook(job)` (the job is stored: what it raises is
+        logged, and changes nothing)."""
+        cls = type(job)
+        hook = self._creation_hooks.get(cls)
+        try:
+            if hook is None:
+                hook = self._creation_hooks[cls] = self._hook_of(cls)
+            outcome = hook(job)
+            if inspect.isawaitable(outcome):
+                await outcome
+        except Exception:
+            logger.exception("creation_hook of %s failed for job %s", cls.__qualname__, job.job_id)
+
+    def _hook_of(self, cls: type[Job]) -> Callable[..., Any]:
+        value = cls.creation_hook
+        if isinstance(value, str):
+            return resolve_function(value, self.settings.queue_allowed_modules)
+        if not callable(value):
+            raise TypeError(
+                f"{cls.__qualname__}.creation_hook must be a function or a dotted path, got "
+                f"{value!r}"
+            )
+        return value
 
     async def _store(self, conn: str, jobs: Sequence[OutgoingJob]) -> Sequence[Pushed | None]:
         """Push `jobs` (one driver call), or spool them: when the spool already holds jobs of
@@ -440,13 +473,16 @@ class QueueManager:
         self._hooks_loaded = True
         hooks.load()
 
-    @tracing.traced_dispatch
+    @overload
     async def push(
         self,
-        job: Job,
+        job: Pushable,
         queue: str | None = None,
         connection: str | None = None,
+        /,
         *,
+        args: Sequence[Any] | None = None,
+        wait: Delay | None = None,
         delay: Delay | None = None,
         job_id: str | None = None,
         at_front: bool | None = None,
@@ -456,8 +492,77 @@ class QueueManager:
         priority: int | None = None,
         once_key: str = "",
         once_for: float = 0.0,
-    ) -> JobHandle:
+    ) -> JobHandle: ...
+
+    @overload
+    async def push(
+        self,
+        job: Pushable,
+        /,
+        *,
+        queue: str | None = None,
+        connection: str | None = None,
+        args: Sequence[Any] | None = None,
+        wait: Delay | None = None,
+        delay: Delay | None = None,
+        job_id: str | None = None,
+        at_front: bool | None = None,
+        on_duplicate: OnDuplicate | None = None,
+        depends_on: DependsOn = None,
+        allow_dependency_failure: bool = False,
+        priority: int | None = None,
+        once_key: str = "",
+        once_for: float = 0.0,
+    ) -> JobHandle: ...
+
+    @overload
+    async def push(
+        self,
+        job: Pushable,
+        second: Pushable,
+        /,
+        *more: Pushable,
+        queue: str | None = None,
+        connection: str | None = None,
+        args: Sequence[Any] | None = None,
+        wait: Delay | None = None,
+        delay: Delay | None = None,
+        at_front: bool | None = None,
+        on_duplicate: OnDuplicate | None = None,
+        depends_on: DependsOn = None,
+        allow_dependency_failure: bool = False,
+        priority: int | None = None,
+    ) -> list[JobHandle]: ...
+
+    @tracing.traced_dispatch
+    async def push(
+        self,
+        job: Any,
+        /,
+        *more: Any,
+        queue: str | None = None,
+        connection: str | None = None,
+        args: Sequence[Any] | None = None,
+        wait: Delay | None = None,
+        delay: Delay | None = None,
+        job_id: str | None = None,
+        at_front: bool | None = None,
+        on_duplicate: OnDuplicate | None = None,
+        depends_on: DependsOn = None,
+        allow_dependency_failure: bool = False,
+        priority: int | None = None,
+        once_key: str = "",
+        once_for: float = 0.0,
+    ) -> Any:
         """Queue `job` and return its handle. Nothing is queued if the job cannot be stored.
+
+        Masonite's ways of calling: `job` may be a `Job` subclass (built with no arguments),
+        a `@job` function or a plain module-level function (called with `args=`); `args=`
+        given with a job class or instance is what its `handle(*args)` receives. Positional
+        arguments after the job are the queue and connection (`push(job, "mail")`), or, when
+        the first of them is a job, a job class or a function, more jobs: `push(job_a,
+        job_b)` stores them in one round trip (as `bulk`) and returns their handles in order.
+        `wait` is another name for `delay` ("10 minutes").
 
         `job_id` (or the job's own `job_id`, set before dispatch) names the job: if a job with
         that id is waiting or running on the queue, `on_duplicate` decides, as for a
@@ -474,6 +579,158 @@ class QueueManager:
         `once_key` (for schedulers) stores the job only if no push took that key in the last
         `once_for` seconds; otherwise nothing is stored and `DuplicateJobError` is raised.
         """
+        if more or args is not None or wait is not None or not isinstance(job, Job):
+            options: dict[str, Any] = {
+                "queue": queue,
+                "connection": connection,
+                "args": args,
+                "wait": wait,
+                "delay": delay,
+                "job_id": job_id,
+                "at_front": at_front,
+                "on_duplicate": on_duplicate,
+                "depends_on": depends_on,
+                "allow_dependency_failure": allow_dependency_failure,
+                "priority": priority,
+                "once_key": once_key,
+                "once_for": once_for,
+            }
+            jobs = self._styled(job, more, options)
+            if len(jobs) > 1:
+                for key in ("job_id", "at_front", "on_duplicate", "once_key", "once_for"):
+                    options.pop(key)
+                return await self._bulk(jobs, **options)
+            return await self._push(jobs[0], **options)
+        return await self._push(
+            job,
+            queue,
+            connection,
+            delay=delay,
+            job_id=job_id,
+            at_front=at_front,
+            on_duplicate=on_duplicate,
+            depends_on=depends_on,
+            allow_dependency_failure=allow_dependency_failure,
+            priority=priority,
+            once_key=once_key,
+            once_for=once_for,
+        )
+
+    def _styled(self, job: Any, more: tuple[Any, ...], options: dict[str, Any]) -> list[Job]:
+        """The jobs a Masonite-style `push` call names; `options` is left with `queue`,
+        `connection` and `delay` resolved (`args` and `wait` consumed). Several jobs: their
+        `at_front` and `on_duplicate` (if given) are set on each one."""
+        wait = options.pop("wait", None)
+        if wait is not None:
+            if options.get("delay") is not None:
+                raise TypeError("push() got both wait= and delay=: wait is another name for delay")
+            options["delay"] = wait
+        args = options.pop("args", None)
+        if args is not None and (
+            isinstance(args, str | bytes | dict) or not isinstance(args, Sequence)
+        ):
+            raise TypeError(
+                f"push(args=...) must be a list or tuple of arguments, got "
+                f"{type(args).__name__} {args!r:.80}; for one argument write args=[value]"
+            )
+        items = [job]
+        if more and (more[0] is None or isinstance(more[0], str)):
+            if len(more) > 2 or not all(m is None or isinstance(m, str) for m in more):
+                raise TypeError(
+                    "push(job, queue, connection) takes at most a queue and a connection "
+                    f"after the job, got {len(more)} more arguments: {more!r:.200}"
+                )
+            for name, value in zip(("queue", "connection"), more, strict=False):
+                if value is not None:
+                    if options.get(name) is not None:
+                        raise TypeError(f"push() got the {name} twice: {value!r} and {name}=")
+                    options[name] = value
+        elif more:
+            for index, item in enumerate(more, 2):
+                if isinstance(item, str) or item is None:
+                    raise TypeError(
+                        f"push(): argument {index} is {item!r} after another job: several jobs "
+                        "go to one call as push(job_a, job_b, ...), and their queue as "
+                        f"queue={item!r}"
+                    )
+            if options.get("job_id") is not None:
+                raise TypeError(
+                    "push(job_id=...) names one job; with several jobs, set each job's own "
+                    "job_id before pushing them"
+                )
+            if options.get("once_key"):
+                raise TypeError("push(once_key=...) is for one job, not several")
+            items.extend(more)
+        jobs = [self._as_job(item, args) for item in items]
+        if len(jobs) > 1:
+            for key in ("at_front", "on_duplicate"):
+                value = options.get(key)
+                if value is not None:
+                    for one in jobs:
+                        setattr(one, key, value)  # instance settings, checked as they are
+        return jobs
+
+    def _as_job(self, item: Any, args: Sequence[Any] | None) -> Job:
+        """One job from what `push` was given: an instance (with `handle(*args)`), a `Job`
+        subclass built with no arguments, or a function called with `args`."""
+        if isinstance(item, Job):
+            job = item
+        elif isinstance(item, type) and issubclass(item, Job):
+            try:
+                inspect.signature(item).bind()
+            except TypeError:
+                raise TypeError(
+                    f"{item.__qualname__} cannot be built with no arguments "
+                    f"{inspect.signature(item)}: pass an instance, push({item.__qualname__}(...))"
+                ) from None
+            except ValueError:
+                pass  # no signature to read: try it
+            job = item()
+        elif isinstance(item, JobFunction) or inspect.isroutine(item):
+            try:
+                return function_job(item, () if args is None else list(args), {})
+            except TypeError as exc:
+                if args is not None or isinstance(exc, SerializationError):
+                    raise
+                name = getattr(item, "__qualname__", repr(item))
+                raise TypeError(f"{exc}; give its arguments as push({name}, args=[...])") from None
+        elif isinstance(item, str):
+            raise TypeError(
+                f"push() takes a job, not the path {item!r}; for a function by its path use "
+                "Queue().enqueue(path, ...)"
+            )
+        else:
+            raise SerializationError(
+                f"only core.job.Job instances, Job classes and functions can be pushed, got "
+                f"{type(item).__name__}"
+            )
+        if args is not None:
+            try:
+                _check_json(list(args))
+            except TypeError as exc:
+                raise SerializationError(
+                    f"push(args=...) for {type(job).__qualname__} cannot be stored as JSON "
+                    f"({exc}); use str, int, float, bool, None, and lists or dicts of them"
+                ) from None
+            job.__dict__["_topiq_args"] = list(args)
+        return job
+
+    async def _push(
+        self,
+        job: Job,
+        queue: str | None = None,
+        connection: str | None = None,
+        *,
+        delay: Delay | None = None,
+        job_id: str | None = None,
+        at_front: bool | None = None,
+        on_duplicate: OnDuplicate | None = None,
+        depends_on: DependsOn = None,
+        allow_dependency_failure: bool = False,
+        priority: int | None = None,
+        once_key: str = "",
+        once_for: float = 0.0,
+    ) -> JobHandle:
         if not self._hooks_loaded:
             self._load_hooks()
         conn, name = self._target(job, queue, connection)
@@ -508,7 +765,12 @@ class QueueManager:
         `options` as for `push` (`job_id`, `at_front`, `on_duplicate`, `depends_on`,
         `allow_dependency_failure`, `priority`). With dependencies, the delay counts from now
         and the job runs once both have passed."""
-        return await self.push(job, queue, connection, delay=delay, **options)
+        if queue is not None:
+            options["queue"] = queue
+        if connection is not None:
+            options["connection"] = connection
+        handle: JobHandle = await self.push(job, delay=delay, **options)
+        return handle
 
     @tracing.traced_dispatch
     async def bulk(
@@ -533,6 +795,27 @@ class QueueManager:
         `allow_dependency_failure` and `priority` apply to each job, as for `push`; with an
         unknown dependency nothing is stored and `JobNotFoundError` is raised.
         """
+        return await self._bulk(
+            jobs,
+            queue,
+            connection,
+            delay=delay,
+            depends_on=depends_on,
+            allow_dependency_failure=allow_dependency_failure,
+            priority=priority,
+        )
+
+    async def _bulk(
+        self,
+        jobs: Iterable[Job],
+        queue: str | None = None,
+        connection: str | None = None,
+        *,
+        delay: Delay | None = None,
+        depends_on: DependsOn = None,
+        allow_dependency_failure: bool = False,
+        priority: int | None = None,
+    ) -> list[JobHandle]:
         if not self._hooks_loaded:
             self._load_hooks()
         seconds = _delay_seconds(delay)
@@ -769,6 +1052,27 @@ def _origin_value(value: str, what: str, source: Origin) -> str:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def _not_a_job(job: Any) -> SerializationError:
+    if isinstance(job, JobFunction):
+        name = job.function.__qualname__
+        return SerializationError(
+            f"{name} is a @job function: dispatch a call of it with `await {name}.dispatch(...)`"
+            f" (or `await queue.push({name}, args=[...])`)"
+        )
+    return SerializationError(
+        f"only core.job.Job instances can be dispatched, got {type(job).__name__}"
+    )
+
+
+def _check_json(value: Any) -> None:
+    """`TypeError` saying what in `value` JSON cannot carry."""
+    orjson.dumps(value, default=_not_json, option=orjson.OPT_PASSTHROUGH_DATETIME)
+
+
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
 def _checked_id(value: Any, where: str) -> str:
     try:
         return validate_job_id(value, where)
@@ -927,7 +1231,23 @@ class _Facade:
             self._closers[id(loop)] = closer
         return manager
 
-    async def push(self, job: Job, *args: Any, **kwargs: Any) -> JobHandle:
+    @overload
+    async def push(
+        self,
+        job: Pushable,
+        queue: str | None = None,
+        connection: str | None = None,
+        /,
+        **kwargs: Any,
+    ) -> JobHandle: ...
+
+    @overload
+    async def push(
+        self, job: Pushable, second: Pushable, /, *more: Pushable, **kwargs: Any
+    ) -> list[JobHandle]: ...
+
+    async def push(self, job: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """`QueueManager.push` on the default manager (one job: its handle; several: a list)."""
         return await (await self._manager()).push(job, *args, **kwargs)
 
     async def later(self, delay: Delay, job: Job, *args: Any, **kwargs: Any) -> JobHandle:
@@ -987,6 +1307,8 @@ async def dispatch(
 ) -> JobHandle:
     """Queue `job` on its own queue and connection; returns its handle (a `str` subclass equal
     to the job id). Options as for `QueueManager.push`."""
+    if not isinstance(job, Job):
+        raise _not_a_job(job)
     return await queue.push(
         job,
         delay=delay,
