@@ -301,6 +301,6 @@ async def test_unreachable_server_is_connection_lost_without_the_password() -> N
 async def test_driver_refuses_an_old_schema_without_auto_migrate(tmp_path: Path) -> None:
     settings = settings_for(f"sqlite+aiosqlite:///{tmp_path}/q.sqlite3", db_auto_migrate=False)
     with pytest.raises(
-        ConfigurationError, match=r"version 0, .* needs 5: run `python main.py queue:migrate`"
+        ConfigurationError, match=r"version 0, .* needs 6: run `python main.py queue:migrate`"
     ):
         await DatabaseDriver("database", settings).open()
