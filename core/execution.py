@@ -4,23 +4,40 @@ One try, in this order:
 
 1. `hooks.starting(job)` (the application's `before_run` hooks; one that raises fails the try);
 2. the job's middleware, outermost first, around
-3. `handle()`, under its timeout (a plain `def handle` in a thread);
-4. then, on success: `job.succeeded(result)` (what it raises is logged: the job still
+3. the job's body:
+   - a plain job: `pre_task_hook(job)` (raising fails the try, `handle()` does not run), then
+     `handle()` (`handle(*args)` with the Masonite args), under its timeout (a plain
+     `def handle` in a thread), then `post_task_hook(job)` when it returned;
+   - a multi-step job (`steps`): from step `_topiq_step`, for each step:
+     `pre_task_hook(job)`, the step, the checkpoint (`_topiq_step += 1`, the payload with the
+     workspace saved with `Driver.save_payload`), `post_task_hook(job)`; the whole try under
+     the job's timeout; the result is the workspace;
+4. RQ's success callback `on_success(job, connection, result)`, under its own timeout: if it
+   raises or times out, the try fails (retried, or failed for good);
+5. then, on success: `job.succeeded(result)` (what it raises is logged: the job still
    succeeded), then `hooks.finished(job, succeeded, result)`;
-   on a try that will be retried: `hooks.finished(job, retrying, exc)`;
-   on the last failure: `job.failed(exc)`, `hooks.failing(job, exc)`,
-   `hooks.finished(job, failed, exc)`;
-   on a cancel: `hooks.finished(job, cancelled, exc)` (`failed()` is not called).
+   on a try that will be retried: `hooks.finished(job, retrying, exc)`, the retry is
+   scheduled, then `post_task_hook(job)` if the body raised;
+   on the last failure: `job.failed(exc)` (or Masonite's `failed(payload, exc)`),
+   `failure_hook(job, exc)`, RQ's `on_failure(job, connection, type, value, traceback)`,
+   `hooks.failing(job, exc)`, `hooks.finished(job, failed, exc)`, then `post_task_hook(job)`
+   if the body raised;
+   on a cancel: RQ's `on_stopped(job, connection)`, `hooks.finished(job, cancelled, exc)`,
+   then `post_task_hook(job)` (`failed()` is not called).
+   What steps 5's hooks and callbacks raise is logged only.
 
 The runner decides *when* a job is retried or recorded (leases, the failed-job store); this
 module says *what* runs around `handle()` and how the outcome is written (`Outcome`), so the
-two runners cannot drift apart. It knows nothing of the worker or of MQTT.
+two runners cannot drift apart. It knows nothing of the worker or of MQTT. The per-class
+reading of steps and hooks is `core.steps`: a class that uses none of it, and a job without
+Masonite args or RQ options, take the hot path (`call_handle` alone).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import logging
 import threading
@@ -28,22 +45,40 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from core import tracing
-from core.errors import JobTimeoutError
+from core.errors import ConfigurationError, JobTimeoutError, TopiqError
 from core.events import EventKind, JobEvent, events
 from core.hooks import hooks
 from core.job import Job, JobMiddleware
 from core.queue.drivers.base import FailedJob, Outcome, ReservedJob
 from core.status import Status
+from core.steps import (
+    ARGS,
+    CALLBACKS,
+    DESCRIPTION,
+    EXTRAS,
+    META,
+    POST_DUE,
+    STEP,
+    Call,
+    ClassPlan,
+    checkpoint_payload,
+    failed_payload,
+    plan_of,
+    resolve_path,
+)
 
 __all__ = [
     "JobAbandonedError",
     "JobThreads",
+    "LeaseLostError",
+    "Site",
     "call_failed",
     "call_handle",
     "call_succeeded",
@@ -56,8 +91,10 @@ __all__ = [
     "job_path",
     "on_cancelled",
     "on_failed",
+    "on_retried",
     "on_retrying",
     "on_succeeded",
+    "outcome_info",
     "run_try",
     "succeeded_outcome",
     "wants_success_calls",
@@ -119,7 +156,7 @@ class JobThreads:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def call_handle(
+def call_handle(
     job: Job,
     timeout: float,
     threads: JobThreads | None = None,
@@ -127,8 +164,9 @@ async def call_handle(
     stop_within: float = 0.0,
     on_stuck: Callable[[JobAbandonedError], None] | None = None,
     on_thread: Callable[[asyncio.Future[Any]], None] | None = None,
-) -> Any:
-    """Run `job.handle()`, cancelled after `timeout` seconds (then `JobTimeoutError`).
+    args: Sequence[Any] = (),
+) -> Awaitable[Any]:
+    """Run `job.handle(*args)`, cancelled after `timeout` seconds (then `JobTimeoutError`).
 
     A plain `def handle` runs in one of `threads` so it cannot stall the event loop. A thread
     cannot be stopped: if it is still running `stop_within` seconds past the timeout, this
@@ -139,16 +177,46 @@ async def call_handle(
     (the sync connection), sync handles use the loop's default executor. `on_thread` is
     given the future of a sync handle's thread as it starts (to learn when it really ends).
     """
-    cls = type(job)
-    function = cls.handle
+    function = type(job).handle
     is_async = _ASYNC_HANDLE.get(function)
     if is_async is None:
         is_async = _ASYNC_HANDLE[function] = inspect.iscoroutinefunction(function)
     handle = job.handle  # the method itself: the loader refuses data that would shadow it
+    if args:
+        handle = functools.partial(handle, *args)
+    return _timed_call(
+        job, handle, is_async, timeout, threads, stop_within, on_stuck, on_thread, timeout
+    )
+
+
+def _timed_call(
+    job: Job,
+    call: Callable[[], Any],
+    is_async: bool,
+    timeout: float,
+    threads: JobThreads | None,
+    stop_within: float,
+    on_stuck: Callable[[JobAbandonedError], None] | None,
+    on_thread: Callable[[asyncio.Future[Any]], None] | None,
+    reported: float,
+) -> Awaitable[Any]:
+    """`call()` (a job's `handle` or one of its steps) under `timeout`; `reported` is the
+    timeout the errors name (the job's, when `timeout` is what is left of it)."""
     if not is_async:
-        return await _call_in_thread(job, handle, timeout, threads, stop_within, on_thread)
+        return _call_in_thread(job, call, timeout, threads, stop_within, on_thread, reported)
     if timeout <= 0:
-        return await handle()
+        return call()  # type: ignore[no-any-return]
+    return _call_async(job, call, timeout, stop_within, on_stuck, reported)
+
+
+async def _call_async(
+    job: Job,
+    call: Callable[[], Any],
+    timeout: float,
+    stop_within: float,
+    on_stuck: Callable[[JobAbandonedError], None] | None,
+    reported: float,
+) -> Any:
     # A bare timer and a flag: what asyncio.timeout() does, at a third of its cost per job.
     task = asyncio.current_task()
     assert task is not None
@@ -159,8 +227,8 @@ async def call_handle(
         if not finished and on_stuck is not None:
             on_stuck(
                 JobAbandonedError(
-                    f"{cls.__qualname__} timed out after {timeout:g}s and did not stop within "
-                    f"{stop_within:g}s of being cancelled (try {job.attempts})"
+                    f"{type(job).__qualname__} timed out after {reported:g}s and did not stop "
+                    f"within {stop_within:g}s of being cancelled (try {job.attempts})"
                 )
             )
 
@@ -173,17 +241,17 @@ async def call_handle(
 
     timer = loop.call_later(timeout, expire)
     try:
-        result = await handle()
+        result = await call()
     except asyncio.CancelledError:
         if expired and task.uncancel() == 0:
-            raise _timed_out(job, timeout) from None
+            raise _timed_out(job, reported) from None
         raise
     finally:
         finished = True
         timer.cancel()
     if expired:  # the job swallowed our cancellation and returned: the try still timed out
         task.uncancel()
-        raise _timed_out(job, timeout)
+        raise _timed_out(job, reported)
     return result
 
 
@@ -200,6 +268,7 @@ async def _call_in_thread(
     threads: JobThreads | None,
     stop_within: float,
     on_thread: Callable[[asyncio.Future[Any]], None] | None,
+    reported: float,
 ) -> Any:
     if threads is None:
         future = asyncio.get_running_loop().run_in_executor(
@@ -215,9 +284,9 @@ async def _call_in_thread(
         return future.result()
     await asyncio.wait({future}, timeout=stop_within)
     if future.done():
-        raise _timed_out(job, timeout)
+        raise _timed_out(job, reported)
     raise JobAbandonedError(
-        f"{type(job).__qualname__} timed out after {timeout:g}s and its thread, which cannot "
+        f"{type(job).__qualname__} timed out after {reported:g}s and its thread, which cannot "
         f"be stopped, was still running {stop_within:g}s later (try {job.attempts})"
     )
 
@@ -234,9 +303,21 @@ async def _call_quietly(job: Job, call: Callable[[], Any], timeout: float, what:
         logger.exception("job %s %s: %s", job.job_id, type(job).__qualname__, what)
 
 
-async def call_failed(job: Job, exception: BaseException, timeout: float) -> None:
-    """Call `job.failed(exception)`; what it raises is logged, never propagated."""
-    await _call_quietly(job, lambda: job.failed(exception), timeout, "failed() raised")
+async def call_failed(
+    job: Job, exception: BaseException, timeout: float, reserved: ReservedJob | None = None
+) -> None:
+    """Call `job.failed(exception)`, or Masonite's `job.failed(payload, exception)` when the
+    class's `failed` takes two arguments; what it raises is logged, never propagated."""
+    call: Callable[[], Any]
+    if plan_of(type(job)).failed_takes_payload:
+        raw = None if reserved is None else reserved.payload
+        queue = None if reserved is None else reserved.queue
+        payload = failed_payload(job, raw, queue)
+        failed: Callable[..., Any] = job.failed
+        call = functools.partial(failed, payload, exception)
+    else:
+        call = functools.partial(job.failed, exception)
+    await _call_quietly(job, call, timeout, "failed() raised")
 
 
 def describe(exc: BaseException) -> str:
@@ -260,6 +341,24 @@ def failed_record(connection: str, reserved: ReservedJob, exc: BaseException) ->
 # -- one try: hooks, middleware, handle -------------------------------------------------
 
 
+class LeaseLostError(TopiqError):
+    """A step job's checkpoint found its reservation gone (its lease lapsed and another
+    worker may hold the job): the try stops, as a try whose lease was lost does."""
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """Who runs a try, for what goes beyond `handle()`: the connection's name (RQ callbacks'
+    `connection` argument), the modules a callback's path may name, the payload size limit,
+    and `save(reserved, payload) -> bool`, a step job's checkpoint (`Driver.save_payload`;
+    False: the reservation is gone)."""
+
+    connection: str
+    allowed: tuple[str, ...]
+    max_bytes: int
+    save: Callable[[ReservedJob, bytes], Awaitable[bool]]
+
+
 def run_try(
     job: Job,
     timeout: float,
@@ -268,16 +367,23 @@ def run_try(
     stop_within: float = 0.0,
     on_stuck: Callable[[JobAbandonedError], None] | None = None,
     on_thread: Callable[[asyncio.Future[Any]], None] | None = None,
+    site: Site | None = None,
+    reserved: ReservedJob | None = None,
 ) -> Awaitable[Any]:
-    """`hooks.starting(job)`, then the job's middleware (outermost first) around `call_handle`;
-    await it for `handle()`'s result as the middleware passes it on.
+    """`hooks.starting(job)`, then the job's middleware (outermost first) around its body
+    (`handle()` with its pre/post-task hooks, or its steps), then RQ's success callback; await
+    it for the result as the middleware passes it on.
 
-    The timeout covers `handle()` itself; what a middleware does around `call_next()` is not
-    timed. With no hook and no middleware this is `call_handle` itself (the hot path). When
-    the process traces (core/tracing.py), all of it runs in the try's `run <Class>` span.
+    The timeout covers `handle()` itself (a step job: all its steps); what a middleware does
+    around `call_next()` is not timed. With no hook, no middleware, no step and none of the
+    seed systems' options on the job this is `call_handle` itself (the hot path: the class is
+    read once, the job's state with one set test). A step job's checkpoints need `site` and
+    `reserved` (without them, steps are not saved). When the process traces
+    (core/tracing.py), all of it runs in the try's `run <Class>` span.
     """
     chain: Sequence[JobMiddleware] = job.middleware()
-    if not chain and not hooks.any_run_hooks:
+    plan = plan_of(type(job), site.allowed if site is not None else ("",))
+    if plan.plain and not chain and not hooks.any_run_hooks and EXTRAS.isdisjoint(job.__dict__):
         return tracing.running(
             job,
             call_handle(
@@ -289,38 +395,230 @@ def run_try(
                 on_thread=on_thread,
             ),
         )
-    return tracing.running(
-        job, _wrapped_try(job, chain, timeout, threads, stop_within, on_stuck, on_thread)
+    body = _Body(job, plan, timeout, threads, stop_within, on_stuck, on_thread, site, reserved)
+    return tracing.running(job, _wrapped_try(body, chain))
+
+
+@dataclass(slots=True)
+class _Body:
+    """What runs inside the middleware: `handle()` or the steps, with the per-class hooks."""
+
+    job: Job
+    plan: ClassPlan
+    timeout: float
+    threads: JobThreads | None
+    stop_within: float
+    on_stuck: Callable[[JobAbandonedError], None] | None
+    on_thread: Callable[[asyncio.Future[Any]], None] | None
+    site: Site | None
+    reserved: ReservedJob | None
+
+    async def __call__(self) -> Any:
+        job, plan = self.job, self.plan
+        if plan.steps:
+            return await self._steps()
+        state = job.__dict__
+        try:
+            if plan.pre is not None:
+                await _pre_hook(job, plan.pre, self.timeout, self.timeout)
+            result = await call_handle(
+                job,
+                self.timeout,
+                self.threads,
+                stop_within=self.stop_within,
+                on_stuck=self.on_stuck,
+                on_thread=self.on_thread,
+                args=state.get(ARGS) or (),
+            )
+        except BaseException:
+            if plan.post is not None:
+                state[POST_DUE] = True
+            raise
+        if plan.post is not None:
+            await _post_hook(job, plan.post, self.timeout)
+        return result
+
+    async def _steps(self) -> Any:
+        job, plan, timeout = self.job, self.plan, self.timeout
+        state = job.__dict__
+        if not isinstance(state.get("workspace"), dict):
+            workspace = getattr(job, "workspace", None)
+            if workspace is None:
+                state["workspace"] = {}
+            elif isinstance(workspace, dict):
+                state["workspace"] = dict(workspace)  # the class's default: never shared
+            else:
+                raise TypeError(
+                    f"{type(job).__qualname__}.workspace must be a dict, got "
+                    f"{type(workspace).__name__}"
+                )
+        steps = plan.steps
+        index = state.get(STEP, 0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout > 0 else None
+        while index < len(steps):
+            step = steps[index]
+            try:
+                left = _left(job, deadline, loop, timeout)
+                if plan.pre is not None:
+                    await _pre_hook(job, plan.pre, left, timeout)
+                    left = _left(job, deadline, loop, timeout)
+                await _timed_call(
+                    job,
+                    functools.partial(step.fn, job),
+                    step.is_async,
+                    left,
+                    self.threads,
+                    self.stop_within,
+                    self.on_stuck,
+                    self.on_thread,
+                    timeout,
+                )
+            except BaseException:
+                if plan.post is not None:
+                    state[POST_DUE] = True
+                raise
+            index += 1
+            state[STEP] = index
+            await self._checkpoint()
+            if plan.post is not None:
+                await _post_hook(job, plan.post, timeout)
+        return state["workspace"]
+
+    async def _checkpoint(self) -> None:
+        site, reserved = self.site, self.reserved
+        if site is None or reserved is None:
+            return
+        payload = checkpoint_payload(self.job, reserved.payload, site.max_bytes)
+        if not await site.save(reserved, payload):
+            raise LeaseLostError(
+                f"job {reserved.id}: its reservation was gone when its progress to step "
+                f"{self.job.__dict__.get(STEP, 0)} was to be saved"
+            )
+        reserved.payload = payload
+
+
+def _left(
+    job: Job, deadline: float | None, loop: asyncio.AbstractEventLoop, timeout: float
+) -> float:
+    """Seconds left of the try's timeout (0: no timeout); `JobTimeoutError` once spent."""
+    if deadline is None:
+        return 0.0
+    left = deadline - loop.time()
+    if left <= 0:
+        raise _timed_out(job, timeout)
+    return left
+
+
+async def _pre_hook(job: Job, hook: Call, left: float, timeout: float) -> None:
+    """The pre-task hook, inside the try: what it raises fails the try."""
+    outcome = hook.fn(job)
+    if not inspect.isawaitable(outcome):
+        return
+    if left <= 0:
+        await outcome
+        return
+    try:
+        async with asyncio.timeout(left) as window:
+            await outcome
+    except TimeoutError:
+        if window.expired():
+            raise _timed_out(job, timeout) from None
+        raise
+
+
+async def _post_hook(job: Job, hook: Call, timeout: float) -> None:
+    """The post-task hook: what it raises is logged and changes nothing."""
+    await _call_quietly(
+        job, functools.partial(hook.fn, job), timeout, f"{hook.name} raised (logged only)"
     )
 
 
-async def _wrapped_try(
-    job: Job,
-    chain: Sequence[JobMiddleware],
-    timeout: float,
-    threads: JobThreads | None,
-    stop_within: float,
-    on_stuck: Callable[[JobAbandonedError], None] | None,
-    on_thread: Callable[[asyncio.Future[Any]], None] | None,
-) -> Any:
+async def _owed_post_hook(job: Job, timeout: float) -> None:
+    """The post-task hook owed for a body that raised, once the failure is handled."""
+    if job.__dict__.pop(POST_DUE, False):
+        plan = plan_of(type(job))
+        if plan.post is not None:
+            await _post_hook(job, plan.post, timeout)
+
+
+async def _wrapped_try(body: _Body, chain: Sequence[JobMiddleware]) -> Any:
+    job = body.job
     if hooks.any_run_hooks:
         await hooks.starting(job)
+    if body.plan.problem is not None:
+        raise ConfigurationError(body.plan.problem)
 
     def link(index: int) -> Callable[[], Awaitable[Any]]:
         if index == len(chain):
-            return lambda: call_handle(
-                job,
-                timeout,
-                threads,
-                stop_within=stop_within,
-                on_stuck=on_stuck,
-                on_thread=on_thread,
-            )
+            return body
         middleware = chain[index]
         rest = link(index + 1)
         return lambda: middleware(job, rest)
 
-    return await link(0)()
+    result = await link(0)()
+    callbacks = job.__dict__.get(CALLBACKS)
+    if callbacks and "success" in callbacks:
+        await _callback(job, "success", callbacks["success"], body.site, (result,))
+    return result
+
+
+# -- RQ's callbacks -------------------------------------------------------------------------
+
+#: Seconds a callback may run when it says nothing (RQ's default).
+CALLBACK_TIMEOUT = 60.0
+_RESOLVED: dict[tuple[str, tuple[str, ...]], Callable[..., Any]] = {}
+
+
+async def _callback(
+    job: Job, kind: str, spec: Any, site: Site | None, args: tuple[Any, ...]
+) -> None:
+    """Call RQ's `kind` callback `fn(job, connection, *args)` under its own timeout (a sync
+    one in a thread); raises what it raises, or `JobTimeoutError`."""
+    path = spec.get("path") if isinstance(spec, dict) else spec
+    if not isinstance(path, str):
+        raise ConfigurationError(f"the {kind} callback has no path: {spec!r}")
+    raw_timeout = spec.get("timeout") if isinstance(spec, dict) else None
+    limit = CALLBACK_TIMEOUT if raw_timeout is None else float(raw_timeout)
+    allowed = site.allowed if site is not None else ("",)
+    key = (path, allowed)
+    fn = _RESOLVED.get(key)
+    if fn is None:
+        try:
+            fn = resolve_path(path, allowed)
+        except Exception as exc:
+            raise ConfigurationError(f"the {kind} callback {path!r}: {exc}") from exc
+        if len(_RESOLVED) < 1024:
+            _RESOLVED[key] = fn
+    connection = site.connection if site is not None else ""
+    call = functools.partial(fn, job, connection, *args)
+    outcome: Awaitable[Any] = call() if inspect.iscoroutinefunction(fn) else asyncio.to_thread(call)
+    try:
+        async with asyncio.timeout(limit if limit > 0 else None) as window:
+            await outcome
+    except TimeoutError:
+        if window.expired():
+            raise JobTimeoutError(
+                f"the {kind} callback {path} of {type(job).__qualname__} timed out after "
+                f"{limit:g}s (try {job.attempts})"
+            ) from None
+        raise
+
+
+async def _quiet_callback(job: Job, kind: str, site: Site | None, args: tuple[Any, ...]) -> None:
+    """RQ's failure or stopped callback, if the job has one: what it raises is logged only."""
+    callbacks = job.__dict__.get(CALLBACKS)
+    if not callbacks or kind not in callbacks:
+        return
+    try:
+        await _callback(job, kind, callbacks[kind], site, args)
+    except Exception:
+        logger.exception(
+            "job %s %s: the %s callback raised (logged only)",
+            job.job_id,
+            type(job).__qualname__,
+            kind,
+        )
 
 
 def wants_success_calls(job: Job) -> bool:
@@ -347,23 +645,52 @@ async def on_succeeded(job: Job, result: Any, timeout: float) -> None:
 
 
 async def on_retrying(job: Job, exc: BaseException) -> None:
-    """After a try that failed (or asked for a retry) and will run again."""
+    """After a try that failed (or asked for a retry) and will run again, before the retry
+    is scheduled."""
     if hooks.any_run_hooks:
         await hooks.finished(job, Status.RETRYING, exc)
 
 
-async def on_failed(job: Job, exc: BaseException, timeout: float) -> None:
-    """After the last try failed: `job.failed(exc)`, `on_failure` hooks, `after_run` hooks."""
-    await call_failed(job, exc, timeout)
+async def on_retried(job: Job, timeout: float) -> None:
+    """Once the retry is scheduled: the post-task hook owed for a body that raised."""
+    if POST_DUE in job.__dict__:
+        await _owed_post_hook(job, timeout)
+
+
+async def on_failed(
+    job: Job,
+    exc: BaseException,
+    timeout: float,
+    site: Site | None = None,
+    reserved: ReservedJob | None = None,
+) -> None:
+    """After the last try failed: `job.failed(exc)`, `failure_hook`, RQ's failure callback,
+    the `on_failure` hooks, the `after_run` hooks, then the post-task hook owed."""
+    await call_failed(job, exc, timeout, reserved)
+    failure = plan_of(type(job), site.allowed if site is not None else ("",)).failure
+    if failure is not None:
+        await _call_quietly(
+            job,
+            functools.partial(failure.fn, job, exc),
+            timeout,
+            f"{failure.name} raised (logged only)",
+        )
+    await _quiet_callback(job, "failure", site, (type(exc), exc, exc.__traceback__))
     if hooks.any_run_hooks:
         await hooks.failing(job, exc)
         await hooks.finished(job, Status.FAILED, exc)
+    await _owed_post_hook(job, timeout)
 
 
-async def on_cancelled(job: Job, exc: BaseException) -> None:
-    """After a running try was cancelled on request (`failed()` is not called)."""
+async def on_cancelled(
+    job: Job, exc: BaseException, site: Site | None = None, timeout: float = CALLBACK_TIMEOUT
+) -> None:
+    """After a running try was cancelled on request (`failed()` is not called): RQ's stopped
+    callback, the `after_run` hooks, then the post-task hook owed."""
+    await _quiet_callback(job, "stopped", site, ())
     if hooks.any_run_hooks:
         await hooks.finished(job, Status.CANCELLED, exc)
+    await _owed_post_hook(job, timeout)
 
 
 # -- outcomes: what the acknowledgement writes ------------------------------------------
@@ -378,13 +705,40 @@ def _refuse(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
+def outcome_info(job: Job | None) -> bytes | None:
+    """The `Outcome.info` of a job with RQ's `description` or `meta` (`None` without)."""
+    if job is None:
+        return None
+    state = job.__dict__
+    if DESCRIPTION not in state and META not in state:
+        return None
+    info: dict[str, Any] = {}
+    if DESCRIPTION in state:
+        info["description"] = state[DESCRIPTION]
+    if META in state:
+        info["meta"] = state[META]
+    try:
+        return orjson.dumps(info, default=_refuse, option=_RESULT_OPTIONS)
+    except TypeError as exc:
+        logger.warning("job %s: its meta is not JSON (%s); not kept", job.job_id, exc)
+        return None
+
+
 def succeeded_outcome(job: Job, result: Any, keep: float, max_bytes: int) -> Outcome:
-    """The record of a try that succeeded, with `result` as JSON when it can be kept.
+    """The record of a try that succeeded, with `result` as JSON when it can be kept (and
+    RQ's description and meta, when the job has them).
 
     A result that is not JSON, or larger than `max_bytes`, is not kept: the job still
     succeeded (its work is done), the record says why there is no result, and a warning is
     logged.
     """
+    state = job.__dict__
+    if DESCRIPTION in state or META in state:
+        return replace(_succeeded_outcome(job, result, keep, max_bytes), info=outcome_info(job))
+    return _succeeded_outcome(job, result, keep, max_bytes)
+
+
+def _succeeded_outcome(job: Job, result: Any, keep: float, max_bytes: int) -> Outcome:
     if result is None:
         outcome = _NO_RESULT.get(keep)
         if outcome is None:
@@ -409,16 +763,26 @@ def succeeded_outcome(job: Job, result: Any, keep: float, max_bytes: int) -> Out
     return Outcome(Status.SUCCEEDED, keep, None, note)
 
 
-def failed_outcome(exc: BaseException, keep: float) -> Outcome:
+def failed_outcome(exc: BaseException, keep: float, job: Job | None = None) -> Outcome:
     """The record of a job that failed for good."""
     return Outcome(
-        Status.FAILED, keep, None, describe(exc), "".join(traceback.format_exception(exc))
+        Status.FAILED,
+        keep,
+        None,
+        describe(exc),
+        "".join(traceback.format_exception(exc)),
+        outcome_info(job),
     )
 
 
-def cancelled_outcome(keep: float, reason: str = "cancelled while running") -> Outcome:
-    """The record of a running job cancelled on request."""
-    return Outcome(Status.CANCELLED, keep, None, reason)
+def cancelled_outcome(
+    keep: float,
+    reason: str = "cancelled while running",
+    job: Job | None = None,
+    info: bytes | None = None,
+) -> Outcome:
+    """The record of a running job cancelled on request (`info`: for a job not loaded)."""
+    return Outcome(Status.CANCELLED, keep, None, reason, "", info or outcome_info(job))
 
 
 # -- events -------------------------------------------------------------------------------

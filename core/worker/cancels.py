@@ -15,7 +15,8 @@ from core.execution import JobAbandonedError, cancelled_outcome, describe, emit,
 from core.job import Job
 from core.queue.drivers.base import ReservedJob
 from core.queue.payload import decode_envelope
-from core.worker.state import Running, keep_time
+from core.steps import envelope_info
+from core.worker.state import Running, job_timeout, keep_time
 
 if TYPE_CHECKING:
     from core.worker.worker import Worker
@@ -118,8 +119,13 @@ class CancelRequests:
         reserved = run.reserved
         logger.warning("job %s %s cancelled on request", reserved.id, run.label)
         if job is not None:
-            await on_cancelled(job, JobCancelledError("cancelled on request", job_id=reserved.id))
-        reserved.outcome = cancelled_outcome(run.failure_ttl)
+            await on_cancelled(
+                job,
+                JobCancelledError("cancelled on request", job_id=reserved.id),
+                self._worker._site,
+                self._worker.options.timeout or job_timeout(job),
+            )
+        reserved.outcome = cancelled_outcome(run.failure_ttl, job=job)
         self._worker.counts.cancelled += 1
         self._worker._finish(reserved)
         if events.active:
@@ -136,12 +142,13 @@ class CancelRequests:
     def cancel_unstarted(self, reserved: ReservedJob) -> None:
         """A job cancelled while it waited here for a slot: never started, acknowledged."""
         failure_ttl = self._worker._failure_ttl
+        info = None
         with contextlib.suppress(Exception):
-            failure_ttl = keep_time(
-                decode_envelope(reserved.payload).get("failure_ttl"), failure_ttl
-            )
+            envelope = decode_envelope(reserved.payload)
+            failure_ttl = keep_time(envelope.get("failure_ttl"), failure_ttl)
+            info = envelope_info(envelope)
         logger.warning("job %s cancelled on request before it started", reserved.id)
-        reserved.outcome = cancelled_outcome(failure_ttl, "cancelled before it started")
+        reserved.outcome = cancelled_outcome(failure_ttl, "cancelled before it started", info=info)
         self._worker.counts.cancelled += 1
         self._worker._finish(reserved)
         if events.active:

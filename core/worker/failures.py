@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.events import EventKind, events
-from core.execution import describe, emit, failed_outcome, failed_record, on_failed
+from core.execution import Site, describe, emit, failed_outcome, failed_record, on_failed
 from core.job import Job
 from core.log import outside_job
 from core.queue.drivers.base import Driver, FailedJob, FailedStore, ReservedJob
@@ -65,6 +65,8 @@ class FailureRecorder:
         self._store_down = False
         self.held: dict[str, Failure] = {}
         self._recorder: asyncio.Task[None] | None = None
+        #: The worker's `Site` (RQ's failure callback needs its connection name).
+        self.site: Site | None = None
 
     async def fail(
         self, run: Running, job: Job | None, exc: BaseException, failed_timeout: float
@@ -118,7 +120,13 @@ class FailureRecorder:
                     # The store answers: `failed()` (and the hooks) can be followed by its
                     # record.
                     await (await self.store()).get(failure.reserved.id)
-                    await on_failed(failure.job, failure.exc, failure.failed_timeout)
+                    await on_failed(
+                        failure.job,
+                        failure.exc,
+                        failure.failed_timeout,
+                        self.site,
+                        failure.reserved,
+                    )
                 failure.hooked = True
             await (await self.store()).add(failure.record)
         except Exception as exc:
@@ -143,7 +151,7 @@ class FailureRecorder:
         del self.held[failure.reserved.id]
         self.counts.failed += 1
         reserved = failure.reserved
-        reserved.outcome = failed_outcome(failure.exc, failure.failure_ttl)
+        reserved.outcome = failed_outcome(failure.exc, failure.failure_ttl, failure.job)
         self._finish(reserved)
         if events.active:
             emit(

@@ -51,10 +51,12 @@ from core.events import EventKind, JobEvent, events
 from core.execution import (
     JobAbandonedError,
     JobThreads,
+    Site,
     describe,
     emit,
     first_wait,
     job_path,
+    on_retried,
     on_retrying,
     on_succeeded,
     run_try,
@@ -153,6 +155,14 @@ class Worker:
         self._failed_jobs = FailureRecorder(
             manager, self.connection, self.id, self._margin, self.counts, self._finish, self._track
         )
+        # What a try needs beyond handle(): step checkpoints, RQ callbacks (core.execution).
+        self._site = Site(
+            self.connection,
+            tuple(settings.queue_allowed_modules),
+            settings.queue_max_payload_bytes,
+            self._save_payload,
+        )
+        self._failed_jobs.site = self._site
         # Failed for good, held (lease renewed) until recorded: the recorder's own dict.
         self._failures = self._failed_jobs.held
         self._given_up: list[tuple[Running, JobAbandonedError]] = []
@@ -640,6 +650,8 @@ class Worker:
                 stop_within=self._stop_within,
                 on_stuck=functools.partial(self._give_up, run),
                 on_thread=functools.partial(set_thread, run),
+                site=self._site,
+                reserved=reserved,
             )
         except asyncio.CancelledError:
             run.settled = True
@@ -780,6 +792,7 @@ class Worker:
                 "release a job", lambda: driver.release(reserved, delay, error=reason)
             )
             self.counts.retried += 1
+            await on_retried(job, self.options.timeout or job_timeout(job))
             if events.active:
                 emit(
                     EventKind.RETRYING,
@@ -802,6 +815,29 @@ class Worker:
         )
         timeout = self.options.timeout or job_timeout(job)
         await self._failed_jobs.fail(run, job, exc, timeout)
+
+    async def _save_payload(self, reserved: ReservedJob, payload: bytes) -> bool:
+        """A step job's checkpoint (`Site.save`): False, and its try stops as a lost one,
+        when its reservation is no longer this worker's."""
+        driver = self._driver
+        assert driver is not None
+        saved = await self._with_retries(
+            "save a step job's progress", lambda: driver.save_payload(reserved, payload)
+        )
+        if saved:
+            return True
+        run = self._running.get(reserved.id)
+        if run is not None and run.reserved is reserved and not (run.given_up or run.lost):
+            run.lost = True
+            del self._running[reserved.id]
+            self.counts.lost += 1
+            logger.error(
+                "job %s %s: its reservation was gone when its progress was to be saved (its "
+                "lease lapsed; another worker may have it); this try stops",
+                reserved.id,
+                run.label,
+            )
+        return False
 
     def _give_up(self, run: Running, exc: JobAbandonedError) -> None:
         """A job that will not stop: its try fails, and this worker stops for a restart.

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from core.errors import Retry
 from core.events import EventKind, events
 from core.execution import (
+    Site,
     describe,
     emit,
     failed_outcome,
@@ -34,6 +35,7 @@ from core.execution import (
     first_wait,
     job_path,
     on_failed,
+    on_retried,
     on_retrying,
     on_succeeded,
     run_try,
@@ -69,6 +71,8 @@ class SyncDriver(MemoryDriver):
         self._loader = JobLoader([""])
         #: The queues jobs were stored on, in order: where released jobs are looked for.
         self._seen: dict[str, None] = {}
+        #: What a try needs beyond handle(): step checkpoints, RQ callbacks (core.execution).
+        self._site = Site(name, ("",), settings.queue_max_payload_bytes, self.save_payload)
 
     async def push(self, jobs: Sequence[OutgoingJob]) -> list[Pushed]:
         """Store each job (ready now: delays and limits are skipped) and run what became ready
@@ -134,17 +138,18 @@ class SyncDriver(MemoryDriver):
                 waited=first_wait(reserved.attempts, decoded.since),
             )
         try:
-            result = await run_try(job, decoded.timeout)
+            result = await run_try(job, decoded.timeout, site=self._site, reserved=reserved)
         except Exception as exc:
             reason = describe(exc)
             if reserved.attempts < decoded.max_tries:
                 await on_retrying(job, exc)
                 await self.release(reserved, error=reason)
+                await on_retried(job, decoded.timeout)
                 self._announce(EventKind.RETRYING, reserved, job, started, reason)
                 return False
-            await on_failed(job, exc, decoded.timeout)
+            await on_failed(job, exc, decoded.timeout, self._site, reserved)
             keep = settings.queue_failure_ttl if failure_ttl is None else failure_ttl
-            await self._record_failure(reserved, exc, keep)
+            await self._record_failure(reserved, exc, keep, job)
             self._announce(EventKind.FAILED, reserved, job, started, reason)
             if isinstance(exc, Retry):
                 raise RuntimeError(
@@ -171,7 +176,9 @@ class SyncDriver(MemoryDriver):
         if events.active:
             emit(kind, reserved, self.name, job, worker=WORKER, started=started, error=error)
 
-    async def _record_failure(self, reserved: ReservedJob, exc: BaseException, keep: float) -> None:
+    async def _record_failure(
+        self, reserved: ReservedJob, exc: BaseException, keep: float, job: Job | None = None
+    ) -> None:
         await self.failed_store().add(failed_record(self.name, reserved, exc))
-        reserved.outcome = failed_outcome(exc, keep)
+        reserved.outcome = failed_outcome(exc, keep, job)
         await self.ack([reserved])
