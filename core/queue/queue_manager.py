@@ -21,7 +21,7 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Protocol, Self, get_args, overload
 
@@ -84,14 +84,18 @@ from core.workflows import (
 
 __all__ = [
     "Batch",
+    "Callback",
     "Chain",
     "JobHandle",
+    "Queue",
     "QueueManager",
+    "RetryPolicy",
     "WorkflowHandle",
     "batch",
     "chain",
     "dispatch",
     "get_default_manager",
+    "prepare_data",
     "queue",
     "set_default_manager",
 ]
@@ -955,6 +959,26 @@ class QueueManager:
         assert isinstance(root, WorkflowHandle)
         return root
 
+    # -- RQ's way of calling (core/queue/enqueue.py) --------------------------------------
+
+    async def enqueue(self, f: Any, *args: Any, **kwargs: Any) -> JobHandle:
+        """RQ's `enqueue` on the default queue (or a `@job` function's own); see `Queue`."""
+        return await Queue(manager=self).enqueue(f, *args, **kwargs)
+
+    async def enqueue_in(
+        self, time_delta: timedelta | float, f: Any, *args: Any, **kwargs: Any
+    ) -> JobHandle:
+        """RQ's `enqueue_in` on the default queue; see `Queue.enqueue_in`."""
+        return await Queue(manager=self).enqueue_in(time_delta, f, *args, **kwargs)
+
+    async def enqueue_at(self, when: datetime, f: Any, *args: Any, **kwargs: Any) -> JobHandle:
+        """RQ's `enqueue_at` on the default queue (naive datetimes are UTC)."""
+        return await Queue(manager=self).enqueue_at(when, f, *args, **kwargs)
+
+    async def enqueue_many(self, job_datas: Iterable[PreparedJob]) -> list[JobHandle]:
+        """RQ's `enqueue_many` on the default queue: one round trip per connection."""
+        return await Queue(manager=self).enqueue_many(job_datas)
+
     # -- single jobs -------------------------------------------------------------------
 
     def job(
@@ -1259,6 +1283,21 @@ class _Facade:
     async def push_workflow(self, workflow: Workflow) -> WorkflowHandle:
         return await (await self._manager()).push_workflow(workflow)
 
+    async def enqueue(self, f: Any, *args: Any, **kwargs: Any) -> JobHandle:
+        """RQ's `enqueue` on the default manager's default queue; see `Queue.enqueue`."""
+        return await Queue().enqueue(f, *args, **kwargs)
+
+    async def enqueue_in(
+        self, time_delta: timedelta | float, f: Any, *args: Any, **kwargs: Any
+    ) -> JobHandle:
+        return await Queue().enqueue_in(time_delta, f, *args, **kwargs)
+
+    async def enqueue_at(self, when: datetime, f: Any, *args: Any, **kwargs: Any) -> JobHandle:
+        return await Queue().enqueue_at(when, f, *args, **kwargs)
+
+    async def enqueue_many(self, job_datas: Iterable[PreparedJob]) -> list[JobHandle]:
+        return await Queue().enqueue_many(job_datas)
+
     def job(
         self, job_id: str, connection: str | None = None, *, queue: str | None = None
     ) -> JobHandle:
@@ -1319,3 +1358,13 @@ async def dispatch(
         allow_dependency_failure=allow_dependency_failure,
         priority=priority,
     )
+
+
+# RQ's way of calling; imported last: core.queue.enqueue reaches this module only at call time.
+from core.queue.enqueue import (  # noqa: E402
+    Callback,
+    PreparedJob,
+    Queue,
+    RetryPolicy,
+    prepare_data,
+)
