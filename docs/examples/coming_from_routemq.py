@@ -19,7 +19,7 @@ class GenerateReportJob(Job):
     async def handle(self) -> str:
         return f"{self.report_type} report for user {self.user_id}"
 
-    async def failed(self, exception: Exception) -> None:
+    async def failed(self, exception: BaseException) -> None:
         print(f"report for user {self.user_id} failed: {exception}")
 
 
