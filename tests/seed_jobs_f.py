@@ -328,3 +328,29 @@ class BrokenCreationHook(Job):
     async def handle(self) -> str:
         note("handle", id=self.job_id, tag=self.tag)
         return "ran"
+
+
+# -- each convention from inside a job a worker runs ----------------------------------------
+
+
+class DispatchFromAWorker(Job):
+    """Dispatches with each seed's convention from inside a worker process."""
+
+    max_tries = 1
+
+    async def handle(self) -> dict[str, Any]:
+        from core.queue.queue_manager import Queue, queue
+
+        masonite = await queue.push(SendWelcomeEmail, args=["from-a-worker"])
+        several = await queue.push(SendWelcomeEmail, TutorialEmail("w1", "w2"))
+        function = await queue.push(run_async, args=("w3", "w4"))
+        rq = await Queue("low").enqueue(add, 20, 22, description="from a worker")
+        ddq = await queue.push(ImportRows("from-a-worker"))
+        return {
+            "pid": os.getpid(),
+            "masonite": masonite,
+            "several": several,
+            "function": function,
+            "rq": rq,
+            "ddq": ddq,
+        }

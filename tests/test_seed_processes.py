@@ -595,7 +595,11 @@ async def test_rq_scheduling_bulk_inspection_eager_and_ttl(seeds: Seeds) -> None
             assert await result(out[key]) == key, seeds.tail()
             record = await qm.job(out[key]).status()
             assert record.due_at is not None and record.started_at is not None
-            assert 0.8 <= record.due_at - out["pushed_at"] <= 3, (key, record)
+            assert record.enqueued_at is not None
+            # Due a second after the call (the enqueue_at's datetime was taken after
+            # pushed_at, before the call), and not started before it was due.
+            assert record.due_at >= out["pushed_at"] + 1 - 0.01, (key, record)
+            assert record.due_at <= record.enqueued_at + 1 + 0.25, (key, record)
             assert record.started_at >= record.due_at - 0.01
 
         # enqueue_many with prepare_data: the ids asked for, in order.
@@ -701,8 +705,10 @@ async def test_ddq_hooks_run_in_their_processes_in_order(seeds: Seeds) -> None:
     assert "the pre-task hook refused" in outcome["refused"].error
     # A failing post-task hook is logged; the job still succeeded.
     assert outcome["post"].status is Status.SUCCEEDED and outcome["post"].value() == "ran"
+    assert "the post-task hook broke" in seeds.worker.output
     # A failing creation hook is logged in the script; the job was stored, and ran.
     assert outcome["creation"].status is Status.SUCCEEDED
+    assert "the creation hook broke" in out["_stderr"], out["_stderr"]
 
 
 DDQ_STEPS = """
@@ -769,6 +775,48 @@ async def test_ddq_steps_resume_after_a_retry_and_after_kill_9(seeds: Seeds) -> 
         first.stop()
         if second is not None:
             second.stop()
+
+
+FROM_A_WORKER = """
+    import asyncio, json
+    from core.queue.queue_manager import queue
+    from tests.seed_jobs_f import DispatchFromAWorker
+
+    async def main():
+        print(json.dumps({{"outer": await queue.push(DispatchFromAWorker)}}))
+
+    asyncio.run(main())
+"""
+
+
+async def test_each_convention_dispatched_from_inside_a_worker(seeds: Seeds) -> None:
+    """The same calls made by a job the worker runs (not a plain script): Masonite's push
+    styles, RQ's enqueue, a ddq job whose creation hook then runs in the worker."""
+    out = await run_script(seeds, FROM_A_WORKER)
+    async with manager(seeds) as qm:
+
+        async def result(job_id: str) -> Any:
+            return await qm.job(job_id).result(timeout=JOB_WAIT)
+
+        inner = await result(out["outer"])
+        assert inner["pid"] == seeds.worker.proc.pid, seeds.tail()
+        assert await result(inner["masonite"]) == {
+            "template": "welcome",
+            "args": ["from-a-worker"],
+        }
+        welcome, tutorial = inner["several"]
+        assert await result(welcome) == {"template": "welcome", "args": []}
+        assert await result(tutorial) == ["w1", "w2"]
+        assert await result(inner["function"]) == "w3 and w4"
+        assert await result(inner["rq"]) == 42
+        record = await qm.job(inner["rq"]).status()
+        assert (record.queue, record.description) == ("low", "from a worker")
+        assert await result(inner["ddq"]) == {"rows": [3, 4, 5], "stored": 12}
+        await events_for(seeds, inner["ddq"], 7)
+        assert seeds.events(inner["ddq"]) == [
+            *("created", "pre", "fetch", "post", "pre", "store", "post")
+        ]
+        assert {e["pid"] for e in seeds.where(id=inner["ddq"])} == {seeds.worker.proc.pid}
 
 
 DDQ_PRUNE = """
