@@ -275,7 +275,14 @@ def fail_jobs(ops: Ops, log: str, marker: Path, queues: list[str]) -> list[str]:
         return [await manager.push(MarkerJob(log, str(marker)), queue) for queue in queues]
 
     ids: list[str] = ops.call(dispatch)
-    ops.work(queues=tuple(dict.fromkeys(queues)))
+    # Worked until every one has failed: a --stop-when-empty worker on MariaDB was seen to
+    # stop with one of three jobs still queued (1 run in 20; its reserve found none), which is
+    # not what these tests are about. Counted, so a run shows when it happened.
+    for runs in range(1, 6):
+        ops.work(queues=tuple(dict.fromkeys(queues)))
+        if failed_count(ops) >= len(ids):
+            break
+        print(f"after worker run {runs}: {failed_count(ops)} of {len(ids)} failed; again")
     return ids
 
 
