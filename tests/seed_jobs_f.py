@@ -254,7 +254,7 @@ class SlowImport(Job):
     """Its second step hangs on the first try (the worker is killed -9 there)."""
 
     max_tries = 3
-    timeout = 2
+    timeout = 3  # the kill comes within milliseconds of the second step's start
     steps = ["tests.seed_jobs_f.fetch_rows", "tests.seed_jobs_f.hang_once"]
 
     def __init__(self, tag: str) -> None:

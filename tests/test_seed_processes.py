@@ -429,12 +429,8 @@ async def test_rq_enqueue_and_its_options(seeds: Seeds) -> None:
         assert (record.description, record.meta) == ("adds one and two", {"owner": "ops", "n": 1})
         shown = await cli(seeds, "queue:job", out["described"])
         assert shown.returncode == 0, shown.stderr
-        assert "adds one and two" in shown.stdout and "owner" in shown.stdout, shown.stdout
-        shown = await cli(seeds, "queue:job", out["described"], "--json")
-        assert shown.returncode == 0, shown.stderr
-        data = json.loads(shown.stdout)
-        assert (data["description"], data["meta"]) == ("adds one and two", {"owner": "ops", "n": 1})
-        # ... and for a job still waiting (read from its payload).
+        assert "adds one and two" in shown.stdout and '"owner": "ops"' in shown.stdout, shown.stdout
+        # ... and for a job still waiting (read from its payload), in --json.
         assert (await qm.job(out["waiting"]).status()).status is Status.SCHEDULED
         shown = await cli(seeds, "queue:job", out["waiting"], "--json")
         assert shown.returncode == 0, shown.stderr
@@ -729,7 +725,7 @@ DDQ_STEPS = """
 async def test_ddq_steps_resume_after_a_retry_and_after_kill_9(seeds: Seeds) -> None:
     out = await run_script(seeds, DDQ_STEPS)
     own = ["--queue", seeds.queues["own"], "--grace", "1"]
-    # A lease of timeout (2 s) + 1 s: the killed try's job is free again within 3 s.
+    # A lease of timeout (3 s) + 1 s: the killed try's job is free again within 4 s.
     env = {**seeds.worker_env(), "QUEUE_LEASE_MARGIN": "1"}
     first = WorkerProcess(own, env, seeds.tmp / f"own-{out['killed']}-1.log")
     second: WorkerProcess | None = None
