@@ -792,7 +792,6 @@ class Worker:
                 "release a job", lambda: driver.release(reserved, delay, error=reason)
             )
             self.counts.retried += 1
-            await on_retried(job, self.options.timeout or job_timeout(job))
             if events.active:
                 emit(
                     EventKind.RETRYING,
@@ -803,6 +802,8 @@ class Worker:
                     started=run.started or None,
                     error=reason,
                 )
+            # The post-task hook owed for a body that raised: once the retry is scheduled.
+            await on_retried(job, self.options.timeout or job_timeout(job))
             return
         logger.error(
             "job %s %s try %d/%d failed for good: %s",
