@@ -5,6 +5,7 @@ others run inline on the `sync` connection, where they say so."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 from core.queue.queue_manager import QueueManager, set_default_manager
-from tests.conftest import ROOT, make_settings
+from tests.conftest import ROOT, Backend, make_settings
 from tests.processes import WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.timeout(90)]
@@ -102,16 +103,35 @@ def worker_env(tmp_path: Path) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def with_worker(tmp_path: Path, queues: str) -> AsyncIterator[QueueManager]:
-    """SQLite as the default, and a real `queue:work` process on the same file."""
-    async with sqlite_default(tmp_path) as manager:
-        env = worker_env(tmp_path)
+async def with_worker(
+    tmp_path: Path, queues: str, backend: Backend | None = None
+) -> AsyncIterator[QueueManager]:
+    """SQLite as the default (or `backend`), and a real `queue:work` process on it."""
+    async with contextlib.AsyncExitStack() as stack:
+        if backend is None:
+            manager = await stack.enter_async_context(sqlite_default(tmp_path))
+            env = worker_env(tmp_path)
+        else:
+            settings = backend.settings(queue_allowed_modules=tuple(ALLOWED.split(",")))
+            manager = await stack.enter_async_context(QueueManager(settings))
+            set_default_manager(manager)
+            stack.callback(set_default_manager, None)
+            env = {**backend.env(), **worker_env(tmp_path)}
+            env["QUEUE_CONNECTION"] = backend.connection
+            env.pop("DB_URL")
+            env.update({k.upper(): str(v) for k, v in backend.overrides.items()})
+            await manager.connection()  # SQL tables exist before the worker starts
         worker = WorkerProcess(["--queue", queues], env, tmp_path / "worker.log")
         try:
             yield manager
         finally:
             worker.stop()
             assert worker.proc.returncode == 0, worker.output
+
+
+#: Examples whose behaviour is stored by the backend (a step's checkpoint, a callback's
+#: outcome, description and meta) run on every server backend.
+BACKENDS = pytest.mark.parametrize("server_backend", ["sqlite", "redis", "mysql"], indirect=True)
 
 
 # -- RouteMQ --------------------------------------------------------------------------------
@@ -214,9 +234,12 @@ def test_masonite_failed_example_runs_as_a_script() -> None:
 # -- RQ -------------------------------------------------------------------------------------
 
 
-async def test_rq_enqueue(tmp_path: Path, load: Callable[[str], ModuleType]) -> None:
+@BACKENDS
+async def test_rq_enqueue(
+    tmp_path: Path, load: Callable[[str], ModuleType], server_backend: Backend
+) -> None:
     example = load("coming_from_rq_enqueue")
-    async with with_worker(tmp_path, "low"):
+    async with with_worker(tmp_path, "low", server_backend):
         lines = await example.main()
     assert lines == [
         3,
@@ -234,9 +257,13 @@ async def test_rq_enqueue(tmp_path: Path, load: Callable[[str], ModuleType]) -> 
     ]
 
 
-async def test_rq_callbacks(tmp_path: Path, load: Callable[[str], ModuleType]) -> None:
+@BACKENDS
+async def test_rq_callbacks(
+    tmp_path: Path, load: Callable[[str], ModuleType], server_backend: Backend
+) -> None:
     example = load("coming_from_rq_callbacks")
-    async with with_worker(tmp_path, "default"):
+    default = server_backend.overrides["queue_default"]  # Queue(): the QUEUE_DEFAULT queue
+    async with with_worker(tmp_path, default, server_backend):
         lines = await example.main()
     assert lines == [
         "Hello, Ada!",
@@ -244,7 +271,8 @@ async def test_rq_callbacks(tmp_path: Path, load: Callable[[str], ModuleType]) -
         "failed after 1 tries: RuntimeError: the success callback refused it",
     ]
     log = (tmp_path / "worker.log").read_text()
-    assert "coming_from_rq_callbacks.say_hello succeeded on database: Hello, Ada!" in log, log
+    on = server_backend.connection
+    assert f"coming_from_rq_callbacks.say_hello succeeded on {on}: Hello, Ada!" in log, log
     assert "failed for good: nobody to greet" in log, log
 
 
@@ -263,9 +291,12 @@ async def test_rq_is_async_false(tmp_path: Path, load: Callable[[str], ModuleTyp
 # -- django-db-queue ------------------------------------------------------------------------
 
 
-async def test_ddq_steps_and_hooks(tmp_path: Path, load: Callable[[str], ModuleType]) -> None:
+@BACKENDS
+async def test_ddq_steps_and_hooks(
+    tmp_path: Path, load: Callable[[str], ModuleType], server_backend: Backend
+) -> None:
     example = load("coming_from_ddq_steps")
-    async with with_worker(tmp_path, "cats"):
+    async with with_worker(tmp_path, "cats", server_backend):
         lines = await example.main()
     assert lines == [
         2,
