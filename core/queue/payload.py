@@ -737,9 +737,10 @@ def encode(
     if trace:  # the dispatch span's W3C context (core/tracing.py)
         envelope["trace"] = trace
     state = job.__dict__
-    for key, field in _EXTRAS:  # set on the instance by the dispatch layers (or a step)
-        if key in state:
-            envelope[field] = state[key]
+    if not _EXTRA_KEYS.isdisjoint(state):  # set by the dispatch layers (or a step)
+        for key, field in _EXTRAS:
+            if key in state:
+                envelope[field] = state[key]
     try:
         raw = orjson.dumps(envelope, default=_refuse, option=_DUMP_OPTIONS)
     except TypeError as exc:
@@ -1074,9 +1075,10 @@ class JobLoader:
         trace = envelope.get("trace")
         if trace is not None:  # checked by core/tracing.py when the try starts, if it traces
             state["_topiq_trace"] = trace
-        for key, field in _EXTRAS:
-            if field in envelope:
-                state[key] = _checked_extra(field, envelope[field], cls, self._allowed)
+        if not _EXTRA_FIELDS.isdisjoint(envelope):
+            for key, field in _EXTRAS:
+                if field in envelope:
+                    state[key] = _checked_extra(field, envelope[field], cls, self._allowed)
         return Decoded(
             job=job,
             max_tries=max_tries,
@@ -1097,6 +1099,8 @@ _EXTRAS = (
     ("_topiq_meta", "meta"),
     ("_topiq_callbacks", "callbacks"),
 )
+_EXTRA_KEYS = frozenset(key for key, _ in _EXTRAS)
+_EXTRA_FIELDS = frozenset(field for _, field in _EXTRAS)
 #: The longest `description` a payload may carry.
 MAX_DESCRIPTION = 1000
 CALLBACK_KINDS = ("success", "failure", "stopped")

@@ -604,21 +604,29 @@ class QueueManager:
                 for key in ("job_id", "at_front", "on_duplicate", "once_key", "once_for"):
                     options.pop(key)
                 return await self._bulk(jobs, **options)
-            return await self._push(jobs[0], **options)
-        return await self._push(
+            job = jobs[0]  # one job: on as a plain push, with what the call's style chose
+            queue, connection, delay = options["queue"], options["connection"], options["delay"]
+        if not self._hooks_loaded:
+            self._load_hooks()
+        conn, name = self._target(job, queue, connection)
+        outgoing = self._outgoing(
             job,
-            queue,
-            connection,
-            delay=delay,
-            job_id=job_id,
-            at_front=at_front,
-            on_duplicate=on_duplicate,
-            depends_on=depends_on,
-            allow_dependency_failure=allow_dependency_failure,
-            priority=priority,
-            once_key=once_key,
-            once_for=once_for,
+            name,
+            _delay_seconds(delay),
+            job_id,
+            at_front,
+            on_duplicate,
+            priority,
+            () if depends_on is None else _dependencies(depends_on, conn),
+            "succeeded" if allow_dependency_failure is False else _rule(allow_dependency_failure),
         )
+        if once_key:
+            outgoing = dataclasses.replace(outgoing, once_key=once_key, once_for=once_for)
+        pushed = await self._store(conn, [outgoing])
+        result = await self._settle(job, outgoing, pushed[0], conn)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def _styled(self, job: Any, more: tuple[Any, ...], options: dict[str, Any]) -> list[Job]:
         """The jobs a Masonite-style `push` call names; `options` is left with `queue`,
@@ -718,44 +726,6 @@ class QueueManager:
                 ) from None
             job.__dict__["_topiq_args"] = list(args)
         return job
-
-    async def _push(
-        self,
-        job: Job,
-        queue: str | None = None,
-        connection: str | None = None,
-        *,
-        delay: Delay | None = None,
-        job_id: str | None = None,
-        at_front: bool | None = None,
-        on_duplicate: OnDuplicate | None = None,
-        depends_on: DependsOn = None,
-        allow_dependency_failure: bool = False,
-        priority: int | None = None,
-        once_key: str = "",
-        once_for: float = 0.0,
-    ) -> JobHandle:
-        if not self._hooks_loaded:
-            self._load_hooks()
-        conn, name = self._target(job, queue, connection)
-        outgoing = self._outgoing(
-            job,
-            name,
-            _delay_seconds(delay),
-            job_id,
-            at_front,
-            on_duplicate,
-            priority,
-            () if depends_on is None else _dependencies(depends_on, conn),
-            "succeeded" if allow_dependency_failure is False else _rule(allow_dependency_failure),
-        )
-        if once_key:
-            outgoing = dataclasses.replace(outgoing, once_key=once_key, once_for=once_for)
-        pushed = await self._store(conn, [outgoing])
-        result = await self._settle(job, outgoing, pushed[0], conn)
-        if isinstance(result, Exception):
-            raise result
-        return result
 
     async def later(
         self,
