@@ -28,6 +28,7 @@ from core.commands import jobs as job_commands
 from core.commands._common import Connection, guarded
 from core.delays import parse_duration
 from core.queue.drivers.base import Driver, FailedJob, Outcome, OutgoingJob, ReservedJob
+from core.queue.enqueue import Queue
 from core.queue.queue_manager import QueueManager
 from core.status import Status
 from tests.conftest import Backend, make_settings
@@ -490,3 +491,26 @@ def test_job_shows_what_a_dispatch_and_a_worker_wrote(ops: Ops, log: str) -> Non
     assert_shown(job_id, "queued", show(job_id, "--json"), show(job_id))
     ops.work()
     assert_shown(job_id, "succeeded", show(job_id, "--json"), show(job_id))
+
+
+def test_job_shows_what_rq_enqueue_was_given(ops: Ops) -> None:
+    """RQ's `queue.enqueue(f, ..., description=, meta=)`, then `queue:job` before and after a
+    worker ran the function."""
+
+    async def enqueue(manager: QueueManager) -> str:
+        q = Queue(ops.queue, manager=manager)
+        handle = await q.enqueue(
+            "tests.seed_jobs_d.count_words", "two words", description=DESCRIPTION, meta=META
+        )
+        return handle.id
+
+    job_id: str = ops.call(enqueue)
+
+    def show(*argv: str) -> Shown:
+        result = ops.cli("queue:job", *argv)
+        return result.code, result.out, result.err
+
+    assert_shown(job_id, "queued", show(job_id, "--json"), show(job_id))
+    ops.work()
+    assert_shown(job_id, "succeeded", show(job_id, "--json"), show(job_id))
+    assert json.loads(show(job_id, "--json")[1])["result"] == 2
