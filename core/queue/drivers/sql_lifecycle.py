@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Row, Table, and_, delete, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Row, Table, and_, delete, func, insert, or_, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -819,41 +819,47 @@ async def prune_records(conn: AsyncConnection) -> int:
     return int(result.rowcount)
 
 
+def _past(key: tuple[str, str]) -> ColumnElement[bool]:
+    """Records after `key` in primary-key order, written as a range on `uuid` (the first
+    column of the key) that MariaDB's optimizer, unlike with `(uuid, queue) > (..)`, uses."""
+    uuid, queue = key
+    return and_(_records.uuid >= uuid, or_(_records.uuid > uuid, _records.queue > queue))
+
+
+def _up_to(key: tuple[str, str]) -> ColumnElement[bool]:
+    """Records up to `key` (included) in primary-key order (see `_past`)."""
+    uuid, queue = key
+    return and_(_records.uuid <= uuid, or_(_records.uuid < uuid, _records.queue <= queue))
+
+
 async def prune_ended(
     conn: AsyncConnection, before: datetime, after: tuple[str, str] | None
 ) -> tuple[int, tuple[str, str] | None]:
-    """Delete the records among the next `PRUNE_BATCH` in primary-key order (from just past
-    `after`; `None`: from the start) that ended before `before`, whatever their keep time
-    (`queue:prune --older-than`).
+    """Delete the records that ended before `before`, whatever their keep time (`queue:prune
+    --older-than`), among the next `PRUNE_BATCH` in primary-key order from just past `after`
+    (`None`: from the start).
 
     Returns how many were deleted and the key to go on from (`None`: the end of the table was
-    reached). Walking the primary key costs one pass over the table for the whole prune and
-    no index on `ended_at` (which every acknowledgement would have to write). Each row is
-    deleted only if it still ended before the cutoff, so a record rewritten meanwhile (its job
-    pushed again under the same id and ended since) stays. Only ended jobs and workflows have
-    records: a waiting, deferred or running job is a `queue_jobs` row, never touched here.
+    reached). One range of the primary key per batch (read, then deleted where it ended
+    before the cutoff): one pass over the table for the whole prune, and no index on
+    `ended_at`, which every acknowledgement would have to write. Only ended jobs and
+    workflows have records: a waiting, deferred or running job is a `queue_jobs` row, never
+    touched here.
     """
-    query = select(_records.uuid, _records.queue, _records.ended_at)
+    query = select(_records.uuid, _records.queue)
     if after is not None:
-        uuid, queue = after
-        query = query.where(
-            or_(_records.uuid > uuid, and_(_records.uuid == uuid, _records.queue > queue))
-        )
+        query = query.where(_past(after))
     rows = (
         await conn.execute(query.order_by(_records.uuid, _records.queue).limit(PRUNE_BATCH))
     ).all()
     if not rows:
         return 0, None
     last = (str(rows[-1].uuid), str(rows[-1].queue))
-    old = [r for r in rows if r.ended_at < before]
-    deleted = 0
-    if old:
-        named = or_(*(and_(_records.uuid == r.uuid, _records.queue == r.queue) for r in old))
-        result = await conn.execute(
-            delete(t.queue_job_records).where(named, _records.ended_at < before)
-        )
-        deleted = int(result.rowcount)
-    return deleted, (last if len(rows) == PRUNE_BATCH else None)
+    span = [_up_to(last), _records.ended_at < before]
+    if after is not None:
+        span.append(_past(after))
+    result = await conn.execute(delete(t.queue_job_records).where(*span))
+    return int(result.rowcount), (last if len(rows) == PRUNE_BATCH else None)
 
 
 async def prune_counts(conn: AsyncConnection) -> None:
