@@ -64,6 +64,7 @@ from core.steps import (
     DESCRIPTION,
     EXTRAS,
     META,
+    PLANS,
     POST_DUE,
     STEP,
     Call,
@@ -184,6 +185,8 @@ def call_handle(
     handle = job.handle  # the method itself: the loader refuses data that would shadow it
     if args:
         handle = functools.partial(handle, *args)
+    elif is_async and timeout > 0:  # the hot path: straight to the timed call
+        return _call_async(job, handle, timeout, stop_within, on_stuck, timeout)
     return _timed_call(
         job, handle, is_async, timeout, threads, stop_within, on_stuck, on_thread, timeout
     )
@@ -382,7 +385,9 @@ def run_try(
     (core/tracing.py), all of it runs in the try's `run <Class>` span.
     """
     chain: Sequence[JobMiddleware] = job.middleware()
-    plan = plan_of(type(job), site.allowed if site is not None else ("",))
+    plan = PLANS.get(type(job))
+    if plan is None:
+        plan = plan_of(type(job), site.allowed if site is not None else ("",))
     if plan.plain and not chain and not hooks.any_run_hooks and EXTRAS.isdisjoint(job.__dict__):
         return tracing.running(
             job,
@@ -724,7 +729,9 @@ def outcome_info(job: Job | None) -> bytes | None:
         return None
 
 
-def succeeded_outcome(job: Job, result: Any, keep: float, max_bytes: int) -> Outcome:
+def succeeded_outcome(
+    job: Job, result: Any, keep: float, max_bytes: int, _info: bool = True
+) -> Outcome:
     """The record of a try that succeeded, with `result` as JSON when it can be kept (and
     RQ's description and meta, when the job has them).
 
@@ -732,13 +739,11 @@ def succeeded_outcome(job: Job, result: Any, keep: float, max_bytes: int) -> Out
     succeeded (its work is done), the record says why there is no result, and a warning is
     logged.
     """
-    state = job.__dict__
-    if DESCRIPTION in state or META in state:
-        return replace(_succeeded_outcome(job, result, keep, max_bytes), info=outcome_info(job))
-    return _succeeded_outcome(job, result, keep, max_bytes)
-
-
-def _succeeded_outcome(job: Job, result: Any, keep: float, max_bytes: int) -> Outcome:
+    if _info:
+        state = job.__dict__
+        if DESCRIPTION in state or META in state:
+            plain = succeeded_outcome(job, result, keep, max_bytes, False)
+            return replace(plain, info=outcome_info(job))
     if result is None:
         outcome = _NO_RESULT.get(keep)
         if outcome is None:

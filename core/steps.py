@@ -31,6 +31,7 @@ __all__ = [
     "DESCRIPTION",
     "EXTRAS",
     "META",
+    "PLANS",
     "POST_DUE",
     "STEP",
     "Call",
@@ -86,15 +87,16 @@ class ClassPlan:
     plain: bool = True
 
 
-_PLANS: dict[type, ClassPlan] = {}
+#: Each job class's plan, read once (`plan_of`).
+PLANS: dict[type, ClassPlan] = {}
 _PLAIN = ClassPlan()
 
 
 def plan_of(cls: type[Job], allowed: Sequence[str] = ("",)) -> ClassPlan:
     """The class's plan (cached per class). `allowed`: the modules a dotted path may name."""
-    plan = _PLANS.get(cls)
+    plan = PLANS.get(cls)
     if plan is None:
-        plan = _PLANS[cls] = _read_plan(cls, allowed)
+        plan = PLANS[cls] = _read_plan(cls, allowed)
     return plan
 
 
