@@ -137,6 +137,23 @@ async def test_names_that_clash_with_options_go_through_kwargs(manager: QueueMan
     assert await Queue("rq-clash").count() == 2
 
 
+async def test_enqueue_call_takes_the_arguments_only_as_args_and_kwargs(
+    manager: QueueManager,
+) -> None:
+    q = Queue("rq-call")
+    handle = await q.enqueue_call(
+        c.echo_kwargs, kwargs={"job_id": "for the function"}, job_id="rq-call-1", meta={"a": 1}
+    )
+    payload = await stored(manager, handle)
+    assert handle == "rq-call-1" and payload["meta"] == {"a": 1}
+    assert payload["data"] == {"args": [], "kwargs": {"job_id": "for the function"}}
+    positional = await q.enqueue_call(c.add, args=(1, 2))
+    assert (await stored(manager, positional))["data"]["args"] == [1, 2]
+    with pytest.raises(TypeError, match=r"enqueue_call\(\) got unknown option\(s\) b"):
+        await q.enqueue_call(c.add, args=[1], b=2)
+    assert await q.count() == 2
+
+
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [
