@@ -15,7 +15,7 @@ import functools
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -271,18 +271,19 @@ async def test_every_rq_option_of_the_wrong_type_is_refused_naming_it_and_nothin
 
 
 async def test_retry_policy_and_callback_refuse_nonsense() -> None:
-    for make, match in [
+    cases: list[tuple[Callable[[], object], str]] = [
         (lambda: RetryPolicy(max=-1), r"max=...\) must be a whole number, 1 or more, got -1"),
         (lambda: RetryPolicy(max=0), r"1 or more"),
         (lambda: RetryPolicy(max=10**9), r"at most 999"),
-        (lambda: RetryPolicy(max=True), r"whole number"),  # type: ignore[arg-type]
+        (lambda: RetryPolicy(max=True), r"whole number"),
         (lambda: RetryPolicy(max=2.0), r"whole number"),  # type: ignore[arg-type]
         (lambda: RetryPolicy(max=1, interval=-1), r"interval"),
         (lambda: RetryPolicy(max=1, interval=[]), r"empty list"),
         (lambda: RetryPolicy(max=1, interval=float("inf")), r"interval"),
         (lambda: Callback(c.on_success, timeout=0), r"over 0"),
         (lambda: Callback(c.on_success, timeout=float("nan")), r"timeout"),
-    ]:
+    ]
+    for make, match in cases:
         with pytest.raises(ValueError, match=match):
             make()
 
