@@ -197,8 +197,10 @@ class DatabaseDriver(Driver):
     async def push(self, jobs: Sequence[OutgoingJob]) -> list[Pushed]:
         """Store every job in one transaction.
 
-        Runs of plain jobs go in one multi-row INSERT each; a job with an id check or a unique
-        key is checked and stored on its own (`sql_lifecycle.push_checked`), in list order.
+        Runs of plain jobs go in one multi-row INSERT each, and so do runs of jobs with an id
+        check and nothing else to check or place (`sql_lifecycle.push_checked_many`, a look
+        for the lot first); any other job with an id check or a unique key is checked and
+        stored on its own (`sql_lifecycle.push_checked`), in list order.
         """
         if not jobs:
             return []
@@ -223,10 +225,28 @@ class DatabaseDriver(Driver):
             out: list[Pushed] = []
             plain: list[dict[str, Any]] = []
             entering: list[tuple[OutgoingJob, int]] = []  # grouped rows of `plain` to place
+            # Jobs with only an id check, (place in `out`, job, row): stored in `flush`.
+            checking: list[tuple[int, OutgoingJob, dict[str, Any]]] = []
             fronts: dict[str, datetime] = {}
             ends = life.Ends()
 
             async def flush() -> None:
+                nonlocal checking
+                if checking:  # never both this and `plain`: each is flushed before the other
+                    found = await life.push_checked_many(
+                        conn,
+                        [(job, row) for _, job, row in checking],
+                        created,
+                        self.name,
+                        keep,
+                        ends,
+                    )
+                    for (n, _, _), pushed in zip(checking, found, strict=True):
+                        out[n] = pushed
+                    checking = []
+                await flush_plain()
+
+            async def flush_plain() -> None:
                 nonlocal plain, entering
                 if entering:
                     placed = await groups.enter_many(
@@ -247,6 +267,8 @@ class DatabaseDriver(Driver):
                     continue
                 checked = job.check_id or job.unique_key
                 if job.group and not checked and job.max_length <= 0:
+                    if checking:  # the jobs with an id check before it first
+                        await flush()
                     entering.append((job, len(plain)))  # placed in `flush`, all at once
                     plain.append(row)
                     out.append(Pushed(job.id))
@@ -258,11 +280,20 @@ class DatabaseDriver(Driver):
                 if row["due_at"] is not None:  # at_front, ready now: before the current head
                     row = {**row, "available_at": await life.front(conn, job.queue, fronts)}
                 if not checked:
+                    if checking:
+                        await flush()
                     plain.append(row)
                     out.append(Pushed(job.id))
                     continue
-                await flush()
-                out.append(await life.push_checked(conn, job, row, created, self.name, keep, ends))
+                if job.unique_key:
+                    await flush()
+                    out.append(
+                        await life.push_checked(conn, job, row, created, self.name, keep, ends)
+                    )
+                    continue
+                await flush_plain()
+                checking.append((len(out), job, row))
+                out.append(Pushed(job.id))  # decided in `flush`
             await flush()
             for job, pushed in zip(jobs, out, strict=True):
                 if pushed.outcome == "replaced":

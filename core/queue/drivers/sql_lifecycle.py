@@ -63,6 +63,7 @@ __all__ = [
     "prune_keys",
     "prune_records",
     "push_checked",
+    "push_checked_many",
     "read_status",
     "recent",
     "record_status",
@@ -479,15 +480,21 @@ async def _duplicate(
     if job.on_duplicate == "reject":
         return Pushed(holder.uuid, "duplicate")
     if job.on_duplicate == "replace" and replaceable:
-        # The holder keeps its id, tries, place in the queue and due time.
-        values: dict[str, Any] = {"payload": job.payload.decode("utf-8")}
-        if job.job:
-            values["job"] = job.job
-        if job.max_tries is not None:
-            values["max_tries"] = job.max_tries
+        values = _replacement(job)
         await conn.execute(update(t.queue_jobs).where(_jobs.id == holder.id).values(**values))
         return Pushed(holder.uuid, "replaced")
     return Pushed(holder.uuid, "kept")
+
+
+def _replacement(job: OutgoingJob) -> dict[str, Any]:
+    """What a waiting holder takes of a duplicate that replaces it: it keeps its id, tries,
+    place in the queue and due time."""
+    values: dict[str, Any] = {"payload": job.payload.decode("utf-8")}
+    if job.job:
+        values["job"] = job.job
+    if job.max_tries is not None:
+        values["max_tries"] = job.max_tries
+    return values
 
 
 async def _check_id(
@@ -629,6 +636,140 @@ async def push_checked(
     return found if found is not None else Pushed(job.id, "kept")
 
 
+#: Ids per IN list of `push_checked_many` (MariaDB turns a list of 1000 values or more into a
+#: join on a temporary table: `in_predicate_conversion_threshold`).
+_IDS_PER_LIST = 500
+
+
+async def push_checked_many(
+    conn: AsyncConnection,
+    jobs: Sequence[tuple[OutgoingJob, Mapping[str, Any]]],
+    now: datetime,
+    connection: str,
+    default_keep: float,
+    counted: Counter[tuple[str, str]],
+) -> list[Pushed]:
+    """`push_checked` of each job in turn, for jobs with an id check and nothing else to check
+    or place (no unique key, group, `max_length`, dependencies, once key), in a few statements
+    for the lot instead of three per job.
+
+    One look (`FOR UPDATE`, per queue and `_IDS_PER_LIST` ids) finds which ids are stored.
+    The jobs whose ids are free are stored at once (`_store_fresh`); a later job of the list
+    with one of those ids is their duplicate, decided here as `_duplicate` would decide it
+    against a waiting holder. A job whose id is held by a waiting or running job is that
+    job's duplicate (`_duplicate`, on the row the look locked: what `_check_id` would read).
+    A job whose stored job has ended without anyone writing it goes through `push_checked`
+    in its turn (it stores a job), and so do the later jobs with its id, after the insert.
+    When another dispatcher stored one of the free ids meanwhile (the insert breaks the
+    unique index), nothing of the insert is kept and its jobs go through `push_checked` one
+    by one.
+    """
+    if len(jobs) == 1:
+        job, row = jobs[0]
+        return [await push_checked(conn, job, row, now, connection, default_keep, counted)]
+    found = await _stored_many(conn, [(job.id, job.queue) for job, _ in jobs])
+    out = [Pushed(job.id) for job, _ in jobs]
+    fresh: dict[tuple[str, str], dict[str, Any]] = {}  # rows of jobs to store at once
+    run: list[int] = []  # the jobs `fresh` decides (stored, or duplicates of those stored)
+    later: list[int] = []  # jobs left to `push_checked` after the insert, in order
+    checked: set[tuple[str, str]] = set()  # ids whose jobs go through `push_checked`
+
+    async def one(n: int) -> None:
+        job, row = jobs[n]
+        out[n] = await push_checked(conn, job, row, now, connection, default_keep, counted)
+
+    async def store() -> None:
+        if fresh and not await _store_fresh(conn, list(fresh.values())):
+            for n in run:
+                await one(n)
+        checked.update(fresh)
+        fresh.clear()
+        run.clear()
+
+    for n, (job, row) in enumerate(jobs):
+        key = (job.id, job.queue)
+        if key in fresh:
+            out[n] = _fresh_duplicate(fresh[key], job)
+            run.append(n)
+        elif key in checked:
+            later.append(n)
+        elif key in found:
+            state = live_state(found[key], now)
+            if state in ("waiting", "running"):  # as `_check_id` decides, on the row it locked
+                out[n] = await _duplicate(conn, found[key], job, replaceable=state == "waiting")
+            else:  # ended, though nobody wrote it: written, and this job stored, in its turn
+                checked.add(key)
+                await store()
+                await one(n)
+        else:
+            fresh[key] = dict(row)
+            run.append(n)
+    await store()
+    for n in later:
+        await one(n)
+    return out
+
+
+def _fresh_duplicate(row: dict[str, Any], job: OutgoingJob) -> Pushed:
+    """`_duplicate` against a holder the same push is about to store (so waiting): `row`."""
+    if job.on_duplicate == "reject":
+        return Pushed(job.id, "duplicate")
+    if job.on_duplicate == "replace":
+        row.update(_replacement(job))
+        return Pushed(job.id, "replaced")
+    return Pushed(job.id, "kept")
+
+
+def _id_lists(keys: Sequence[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """(queue, ids) pairs covering `keys` (id, queue), up to `_IDS_PER_LIST` ids each."""
+    ids: dict[str, list[str]] = {}
+    for job_id, queue in keys:
+        ids.setdefault(queue, []).append(job_id)
+    return [
+        (queue, names[start : start + _IDS_PER_LIST])
+        for queue, names in ids.items()
+        for start in range(0, len(names), _IDS_PER_LIST)
+    ]
+
+
+async def _stored_many(
+    conn: AsyncConnection, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], Any]:
+    """The stored jobs of these ids (id, queue), locked as `_stored` locks one."""
+    found: dict[tuple[str, str], Any] = {}
+    for queue, ids in _id_lists(sorted(set(keys))):
+        query = select(*LIVE).where(_jobs.queue == queue, _jobs.uuid.in_(ids)).with_for_update()
+        for row in (await conn.execute(query)).all():
+            found[(row.uuid, row.queue)] = row
+    return found
+
+
+async def _store_fresh(conn: AsyncConnection, rows: list[dict[str, Any]]) -> bool:
+    """Drop the records of these new jobs' ids and insert them (in list order), under a
+    savepoint. `False`, with nothing of it kept, when an id is stored already: another
+    dispatcher stored it since it was looked up (its insert committed first)."""
+    savepoint = await conn.begin_nested()
+    try:
+        for queue, ids in _id_lists([(row["uuid"], row["queue"]) for row in rows]):
+            here = (_records.queue == queue) & _records.uuid.in_(ids)
+            await conn.execute(delete(t.queue_job_records).where(here))
+        await conn.execute(insert(t.queue_jobs), _same_columns(rows))
+    except sa_exc.IntegrityError:
+        await savepoint.rollback()
+        return False
+    await savepoint.commit()
+    return True
+
+
+def _same_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`rows` with every column any of them has (NULL where missing): one multi-row INSERT
+    names the columns of its first row."""
+    if len(rows) > 1 and any(row.keys() != rows[0].keys() for row in rows):
+        names = {name: None for row in rows for name in row}
+        return [{**names, **row} for row in rows]
+    return rows
+
+
 # -- plain pushes ---------------------------------------------------------------------------
 
 
@@ -692,10 +833,7 @@ async def insert_plain(conn: AsyncConnection, rows: list[dict[str, Any]]) -> Non
     """Insert jobs without checks in one statement."""
     if not rows:
         return
-    if len(rows) > 1 and any(row.keys() != rows[0].keys() for row in rows):
-        # One multi-row INSERT names the columns of its first row: give every row all of them.
-        names = {name: None for row in rows for name in row}
-        rows = [{**names, **row} for row in rows]
+    rows = _same_columns(rows)
     try:
         await conn.execute(insert(t.queue_jobs), rows)
     except sa_exc.IntegrityError:
