@@ -32,6 +32,12 @@ Control flow that is not an error: `Retry` (a job asks for another try).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from core.queue.handle import JobHandle
+
 __all__ = [
     "ConfigurationError",
     "ConnectionLostError",
@@ -100,12 +106,20 @@ class SpoolFullError(ConnectionLostError):
 
 class QueueFullError(TopiqError):
     """The queue holds its `max_length` of waiting jobs and its overflow policy is "reject":
-    nothing was queued."""
+    nothing was queued (of a call storing several jobs, `handles` are those it stored)."""
 
-    def __init__(self, message: str, *, queue: str = "", max_length: int = 0) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        queue: str = "",
+        max_length: int = 0,
+        handles: Sequence[JobHandle] = (),
+    ) -> None:
         super().__init__(message)
         self.queue = queue
         self.max_length = max_length
+        self.handles: list[JobHandle] = list(handles)
 
 
 class RequestTimeoutError(TopiqError, TimeoutError):
@@ -121,12 +135,16 @@ class DuplicateJobError(TopiqError):
     """A dispatch met a waiting or running job with the same `job_id` or `unique_key`, and the
     job's `on_duplicate` is `"reject"`; nothing was enqueued.
 
-    `existing` is the id of the job that holds the id or key.
+    `existing` is the id of the job that holds the id or key. Of a call storing several jobs
+    (`bulk`, `enqueue_many`, `push(a, b)`), the others are stored: `handles` are theirs.
     """
 
-    def __init__(self, message: str, existing: str = "") -> None:
+    def __init__(
+        self, message: str, existing: str = "", *, handles: Sequence[JobHandle] = ()
+    ) -> None:
         super().__init__(message)
         self.existing = existing
+        self.handles: list[JobHandle] = list(handles)
 
 
 class JobNotFoundError(TopiqError, LookupError):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
@@ -44,10 +45,13 @@ if TYPE_CHECKING:
 __all__ = [
     "JobCall",
     "JobFunction",
+    "allowed_module",
     "function_class",
     "function_job",
     "function_problem",
     "job",
+    "non_finite",
+    "path_problem",
     "resolve_function",
     "split_path",
 ]
@@ -207,9 +211,11 @@ class JobFunction(Generic[P, R]):
         except TypeError as exc:
             raise TypeError(f"{name}() cannot be dispatched with these arguments: {exc}") from None
         try:
-            orjson.dumps((args, kwargs), default=_refuse, option=_DUMP_OPTIONS)
+            raw = orjson.dumps((args, kwargs), default=_refuse, option=_DUMP_OPTIONS)
         except TypeError as exc:
             raise _explain(name, bound.arguments, exc) from None
+        if b"null" in raw:  # NaN and Infinity are written as null: look for one only then
+            _refuse_non_finite(name, bound.arguments)
         job = self.job_class()
         state = job.__dict__
         state["args"] = list(args)
@@ -285,6 +291,17 @@ def _explain(name: str, arguments: dict[str, Any], exc: TypeError) -> Serializat
     return SerializationError(f"{name}() arguments cannot be stored as JSON ({exc})")
 
 
+def _refuse_non_finite(name: str, arguments: dict[str, Any]) -> None:
+    """`SerializationError` naming the argument holding a NaN or infinite float, if one does."""
+    for arg, value in arguments.items():
+        found = non_finite(value, f"{name}() argument {arg!r}")
+        if found is not None:
+            raise SerializationError(
+                f"{found} is NaN or infinite, which JSON cannot hold (it would arrive as None): "
+                "send a finite number, None or a string"
+            )
+
+
 def _check_class(cls: type[Job]) -> None:
     """Refuse settings no dispatch could use, when the function is decorated."""
     from core.queue.payload import _class_info, job_settings, validate_queue
@@ -355,8 +372,38 @@ _STAND_INS: dict[str, type[Job]] = {}
 _PLAIN_OPTIONS: dict[str, Any] = {"max_tries": 1}
 
 
-def _allowed(module: str, prefixes: Sequence[str]) -> bool:
-    return any(module == prefix.rstrip(".") or module.startswith(prefix) for prefix in prefixes)
+def allowed_module(module: str, entries: Sequence[str]) -> bool:
+    """Whether `module` is under one of `entries` (QUEUE_ALLOWED_MODULES): an entry names a
+    package, and allows it and its submodules (`app` and `app.` both allow `app` and
+    `app.jobs.mail`, not `apple`); an empty entry allows every module."""
+    for entry in entries:
+        package = entry.rstrip(".")
+        if not package or module == package or module.startswith(package + "."):
+            return True
+    return False
+
+
+_allowed = allowed_module
+
+
+def non_finite(value: Any, where: str) -> str | None:
+    """Where in `value` (named from `where`: `meta['ratio']`) a float is NaN or infinite, which
+    JSON cannot hold (it would be stored as null); `None` if nowhere."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, float | dict | list | tuple):
+                found = non_finite(item, f"{where}[{key!r}]")
+                if found is not None:
+                    return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            if isinstance(item, float | dict | list | tuple):
+                found = non_finite(item, f"{where}[{index}]")
+                if found is not None:
+                    return found
+    return None
 
 
 def function_problem(target: Any) -> str | None:
@@ -483,6 +530,28 @@ def resolve_function(path: str, allowed_modules: Sequence[str]) -> Callable[...,
     return target
 
 
+def path_problem(path: str) -> str | None:
+    """Why the function `path` names could not be called by a worker, found from here (`None`
+    if it can, or if its module cannot be imported in this process: another code base's, for
+    workers that can import it). Check the allowed modules first: this imports the module."""
+    module_name, name = split_path(path)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            return None  # not importable here: the worker's code base
+        return f"{path!r}: module {module_name!r} cannot be imported: {exc!r}"
+    except Exception as exc:
+        return f"{path!r}: module {module_name!r} cannot be imported: {exc!r}"
+    target = getattr(module, name, None)
+    if target is None:
+        return f"{path!r}: module {module_name!r} has no function {name!r}"
+    if isinstance(target, JobFunction):
+        target = target.function
+    problem = _strict_problem(target, module_name, name)
+    return None if problem is None else f"{path!r}: {problem}"
+
+
 def _strict_problem(target: Any, module: str, qualname: str) -> str | None:
     """Why `target`, found as `module:qualname`, is not a plain function defined there."""
     if not (inspect.isfunction(target) or inspect.iscoroutinefunction(target)):
@@ -604,10 +673,12 @@ def _stand_in(module: str, name: str, args: Sequence[Any], kwargs: dict[str, Any
         }
         cls = _STAND_INS.setdefault(path, type(name, (sync_base,), namespace))
     try:
-        orjson.dumps((args, kwargs), default=_refuse, option=_DUMP_OPTIONS)
+        raw = orjson.dumps((args, kwargs), default=_refuse, option=_DUMP_OPTIONS)
     except TypeError as exc:
         named = {f"args[{i}]": value for i, value in enumerate(args)} | kwargs
         raise _explain(name, named, exc) from None
+    if b"null" in raw:
+        _refuse_non_finite(name, {f"args[{i}]": value for i, value in enumerate(args)} | kwargs)
     job = cls()
     state = job.__dict__
     state["args"] = list(args)

@@ -29,8 +29,9 @@ EXAMPLES = ROOT / "docs" / "examples"
 GUIDE = ROOT / "docs" / "coming-from.md"
 
 #: The worker's environment: the examples' modules are imported by their file names (in a
-#: project they live under app/, which is allowed already).
-ALLOWED = "app.,coming_from_"
+#: project they live under app/, which is allowed already). An entry names a package and its
+#: submodules, not a text prefix, so each example module is listed.
+ALLOWED = ",".join(["app.", *sorted(p.stem for p in EXAMPLES.glob("coming_from_*.py"))])
 
 
 def examples() -> list[Path]:

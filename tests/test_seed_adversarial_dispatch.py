@@ -26,15 +26,16 @@ import pytest
 from core.errors import (
     DuplicateJobError,
     PayloadError,
+    QueueFullError,
     SerializationError,
     UnknownJobError,
     UnloadableJobError,
 )
-from core.functions import resolve_function
+from core.functions import function_job, resolve_function
 from core.job import Job
 from core.queue.drivers import Driver, OutgoingJob
 from core.queue.enqueue import PreparedJob
-from core.queue.payload import MAX_KEEP_SECONDS, JobLoader
+from core.queue.payload import MAX_KEEP_SECONDS, JobLoader, callbacks_problem
 from core.queue.queue_manager import (
     Callback,
     Queue,
@@ -154,12 +155,6 @@ async def test_a_hostile_callback_is_refused_at_enqueue_naming_the_option(
     assert await waiting(memory, "adv-cb") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D2: a callback given as a dotted path is only checked against the allowed prefixes at "
-    "enqueue; one naming an imported function, a class or nothing at all is stored, and the "
-    "worker finds out after the job's function has run",
-)
 @pytest.mark.parametrize(
     "path",
     [
@@ -368,11 +363,6 @@ def test_a_callback_path_never_resolves_to_what_the_module_imported(path: str) -
         resolve_function(path, ("tests.",))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D3: a payload's 'step' past the job's last step loads; the worker then runs none of "
-    "the steps and records the job as succeeded",
-)
 def test_a_step_past_the_last_step_is_refused() -> None:
     envelope = {
         "job": "tests.seed_jobs_b:StepJob",
@@ -383,10 +373,6 @@ def test_a_step_past_the_last_step_is_refused() -> None:
         _load(envelope)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D3: a payload's 'step' past the last step: the job 'succeeds' without running a step",
-)
 async def test_a_job_whose_payload_skips_every_step_does_not_succeed(tmp_path: Path) -> None:
     # On the sync connection the job runs inline through core.execution, as on a worker.
     log = tmp_path / "steps.log"
@@ -401,11 +387,6 @@ async def test_a_job_whose_payload_skips_every_step_does_not_succeed(tmp_path: P
         assert status.status != "succeeded" or log.exists(), "no step ran, yet it succeeded"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D7: meta (and function arguments) with NaN or Infinity are stored as null without an "
-    "error: the job sees another value than the one dispatched",
-)
 async def test_meta_that_json_cannot_hold_exactly_is_refused(memory: QueueManager) -> None:
     with pytest.raises((SerializationError, ValueError), match="meta"):
         await Queue("adv-meta").enqueue(c.add, 1, meta={"ratio": float("nan")})
@@ -476,11 +457,6 @@ async def test_enqueue_many_with_one_bad_entry_stores_nothing(manager: QueueMana
     assert await waiting(manager, "adv-many") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D4: enqueue_many meeting a taken job_id stores the other jobs, raises, and loses "
-    "their handles; its message says both 'the others were' queued and 'nothing was queued'",
-)
 async def test_enqueue_many_with_a_taken_job_id_stores_nothing_or_returns_what_it_stored(
     manager: QueueManager,
 ) -> None:
@@ -494,11 +470,6 @@ async def test_enqueue_many_with_a_taken_job_id_stores_nothing_or_returns_what_i
     assert stored == 0 or len(getattr(raised.value, "handles", ())) == stored
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D5: enqueue_many takes a PreparedJob built by hand: its options are not checked and "
-    "its depends_on is dropped, so the job runs at once instead of waiting",
-)
 async def test_enqueue_many_does_not_drop_a_dependency(memory: QueueManager) -> None:
     q = Queue("adv-many")
     first = await q.enqueue(c.add, 1)
@@ -584,11 +555,6 @@ async def test_is_async_false_with_a_failing_function_raises_and_keeps_the_failu
         assert status.status == "failed" and "inline failure" in status.error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D1: on the sync connection, several jobs in one call (enqueue_many, push(a, b)) stop "
-    "at the first that fails: the later ones are never stored nor run, and nothing says so",
-)
 async def test_is_async_false_with_several_jobs_loses_none_when_one_fails() -> None:
     async with QueueManager(make_settings(queue_connection="memory")) as manager:
         q = Queue("adv-sync", is_async=False, manager=manager)
@@ -602,11 +568,6 @@ async def test_is_async_false_with_several_jobs_loses_none_when_one_fails() -> N
 # -- inspection ------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D6: Queue.fetch_job returns the handle of a job of another queue (RQ returns None "
-    "unless the job's origin is this queue)",
-)
 async def test_fetch_job_of_an_id_in_another_queue_is_none(manager: QueueManager) -> None:
     other = await Queue("adv-other").enqueue(c.add, 1)
     assert await Queue("adv-mine").fetch_job(str(other)) is None
@@ -759,3 +720,212 @@ async def test_empty_while_a_worker_runs_a_job_removes_only_the_waiting_ones(
             worker.stop()
         assert log.read_text().splitlines() == ["started"]
         assert (await running.status()).status == "succeeded"
+
+
+# -- after the fixes: what each one promises beyond the reviewer's case ---------------------------
+
+
+class Bounded(Job):
+    """A job whose queue holds at most one waiting job (overflow "reject")."""
+
+    queue = "adv-bounded"
+    max_queue_length = 1
+
+    async def handle(self) -> None:
+        return None
+
+
+class Measured(Job):
+    """A job class whose data is a float."""
+
+    queue = "adv-c"
+
+    def __init__(self, ratio: float | None) -> None:
+        self.ratio = ratio
+
+    async def handle(self) -> None:
+        return None
+
+
+async def test_is_async_false_stores_and_runs_every_job_and_names_each_failure() -> None:
+    # D1: push(a, b, c) on sync with two failing: all three stored and run; the first failure
+    # is raised, with a note naming both failed ids.
+    async with QueueManager(make_settings(queue_connection="memory")) as manager:
+        q = Queue("adv-sync", is_async=False, manager=manager)
+        with pytest.raises(ValueError, match="one fails") as raised:
+            await q.enqueue_many(
+                [
+                    prepare_data(c.fail, "one fails", job_id="adv-s1"),
+                    prepare_data(c.fail, "two fails", job_id="adv-s2"),
+                    prepare_data(c.add, 2, 3, job_id="adv-s3"),
+                ]
+            )
+        notes = " ".join(getattr(raised.value, "__notes__", []))
+        assert "2 of the 3 jobs" in notes and "adv-s1" in notes and "adv-s2" in notes
+        statuses = [(await manager.job(i, "sync").status()).status for i in ("adv-s1", "adv-s2")]
+        assert statuses == ["failed", "failed"]
+        assert await manager.job("adv-s3", "sync").result() == 5
+        # One job: its own error, no note added.
+        with pytest.raises(ValueError, match="alone") as single:
+            await q.enqueue(c.fail, "alone")
+        assert not getattr(single.value, "__notes__", [])
+
+
+async def test_a_callback_path_that_passes_the_function_rule_or_lives_elsewhere_is_kept(
+    memory: QueueManager,
+) -> None:
+    # D2: a good path is accepted; one whose module this process cannot import (another code
+    # base's, under an allowed prefix) is kept with the prefix check only, as before.
+    q = Queue("adv-cb")
+    await q.enqueue(c.add, 1, on_success="tests.seed_jobs_c.on_success")
+    await q.enqueue(c.add, 1, on_failure="tests.seed_jobs_c:decorated")  # a @job function
+    await q.enqueue(c.add, 1, on_stopped="tests.not_here_adv.on_stopped")
+    with pytest.raises(SerializationError, match=r"on_failure.*has no function 'nope'"):
+        await q.enqueue_many([prepare_data(c.add, 1, on_failure="tests.seed_jobs_c.nope")])
+    assert await waiting(memory, "adv-cb") == 3
+
+
+def test_a_step_is_taken_up_to_the_number_of_steps_and_only_by_a_steps_class() -> None:
+    # D3: 0..len(steps) load (len: every step ran and was saved); a class without steps
+    # takes none.
+    data = {"log": "/dev/null", "block_on": 0, "fail_on": [], "workspace": {}}
+    for step in (0, 3):
+        envelope = {"job": "tests.seed_jobs_b:StepJob", "data": data, "step": step}
+        assert _load(envelope).__dict__["_topiq_step"] == step
+    with pytest.raises(PayloadError, match=r"'step' 4 is past the last step \(StepJob has 3"):
+        _load({"job": "tests.seed_jobs_b:StepJob", "data": data, "step": 4})
+    with pytest.raises(PayloadError, match="Ping has no steps"):
+        _load({"job": "tests.seed_jobs_c:Ping", "data": {}, "step": 0})
+
+
+async def test_a_step_past_the_last_is_refused_at_dispatch(manager: QueueManager) -> None:
+    job = b.StepJob("/dev/null")
+    job.__dict__["_topiq_step"] = 4
+    with pytest.raises(SerializationError, match="past the last step"):
+        await manager.push(job, queue="adv-steps")
+    assert await waiting(manager, "adv-steps") == 0
+
+
+async def test_nan_and_infinity_are_refused_in_arguments_data_and_handle_args(
+    memory: QueueManager,
+) -> None:
+    # D7: named where they are; None (also written as null) is fine.
+    q = Queue("adv-meta")
+    with pytest.raises(SerializationError, match=r"meta\['deep'\]\[1\] is NaN or infinite"):
+        await q.enqueue(c.add, 1, meta={"deep": [1.0, float("-inf")]})
+    with pytest.raises(SerializationError, match=r"add\(\) argument 'b' is NaN or infinite"):
+        await q.enqueue(c.add, 1, float("inf"))
+    with pytest.raises(SerializationError, match=r"decorated\(\) argument 'x' is NaN"):
+        await c.decorated.dispatch(float("nan"))  # the @job path (.make) too
+    with pytest.raises(SerializationError, match=r"argument 'args\[0\]'"):
+        await q.enqueue("tests.not_here_adv.work", float("nan"))  # a stand-in's arguments
+    with pytest.raises(SerializationError, match=r"Measured\.ratio is NaN or infinite"):
+        await memory.push(Measured(float("nan")))
+    with pytest.raises(SerializationError, match=r"handle_args\[0\] is NaN"):
+        await memory.push(c.Ping, args=[float("inf")])
+    assert await waiting(memory, "adv-meta") == 0 and await waiting(memory, "adv-c") == 0
+    await q.enqueue(c.add, 1, None, meta={"none": None, "text": "null"})
+    await memory.push(Measured(None))
+    assert await waiting(memory, "adv-meta") == 1 and await waiting(memory, "adv-c") == 1
+
+
+async def test_a_job_id_given_twice_in_one_call_stores_nothing(manager: QueueManager) -> None:
+    # D4: refused before anything is sent, for enqueue_many and push(a, b).
+    q = Queue("adv-many")
+    with pytest.raises(DuplicateJobError, match="'adv-twice' is given to more than one job"):
+        await q.enqueue_many(
+            [
+                prepare_data(c.add, 1, job_id="adv-twice"),
+                prepare_data(c.add, 2),
+                prepare_data(c.add, 3, job_id="adv-twice"),
+            ]
+        )
+    one, two = c.Ping(), c.Ping()
+    one.job_id = two.job_id = "adv-twice"
+    with pytest.raises(DuplicateJobError, match="given to more than one job"):
+        await manager.push(one, two)
+    assert await waiting(manager, "adv-many") == 0 and await waiting(manager, "seed-c") == 0
+
+
+async def test_a_bulk_call_meeting_a_taken_id_or_a_full_queue_hands_back_what_it_stored(
+    manager: QueueManager,
+) -> None:
+    # D4: the error's `handles` are the stored jobs', in order; the message says so once.
+    q = Queue("adv-many")
+    await q.enqueue(c.add, 0, job_id="adv-held")
+    with pytest.raises(DuplicateJobError) as raised:
+        await q.enqueue_many(
+            [
+                prepare_data(c.add, 1, job_id="adv-first"),
+                prepare_data(c.add, 2, job_id="adv-held"),
+                prepare_data(c.add, 3),
+            ]
+        )
+    error = raised.value
+    assert "nothing was queued" not in str(error)
+    assert "1 of 3 jobs not queued as duplicates" in str(error)
+    assert "; the others were queued (their handles" in str(error)
+    assert error.existing == "adv-held"
+    assert len(error.handles) == 2 and error.handles[0].id == "adv-first"
+    for handle in error.handles:
+        assert (await handle.status()).status == "queued"
+    assert await waiting(manager, "adv-many") == 3
+    with pytest.raises(QueueFullError) as full:
+        await manager.bulk([Bounded(), Bounded(), Bounded()])
+    assert len(full.value.handles) == 1 and "the others were queued" in str(full.value)
+    assert (await full.value.handles[0].status()).queue == "adv-bounded"
+
+
+async def test_a_prepared_job_built_by_hand_is_checked_as_prepare_data_checks(
+    memory: QueueManager,
+) -> None:
+    # D5: its options are checked (naming them), unknown ones refused, valid ones applied.
+    q = Queue("adv-many")
+    with pytest.raises(ValueError, match=r"job_timeout"):
+        await q.enqueue_many([PreparedJob(c.add, (1,), {}, {"job_timeout": "garbage"})])
+    with pytest.raises(TypeError, match="unknown option"):
+        await q.enqueue_many([PreparedJob(c.add, (1,), {}, {"colour": "red"})])
+    with pytest.raises(TypeError, match=r"args=\.\.\.\) must be a list"):
+        await q.enqueue_many([PreparedJob(c.add, "12", {}, {})])
+    assert await waiting(memory, "adv-many") == 0
+    [handle] = await q.enqueue_many(
+        [PreparedJob(c.add, [1], {"b": 2}, {"job_id": "adv-hand", "description": "by hand"})]
+    )
+    assert handle.id == "adv-hand" and (await handle.status()).status == "queued"
+    payload = await (await memory.connection()).job_payload("adv-hand")
+    assert payload is not None and orjson.loads(payload)["description"] == "by hand"
+
+
+async def test_fetch_job_of_this_queue_still_finds_it(manager: QueueManager) -> None:
+    # D6: the queue's own job is found (the other queue's is None: test above).
+    mine = await Queue("adv-mine").enqueue(c.add, 1)
+    found = await Queue("adv-mine").fetch_job(mine.id)
+    assert found is not None and found.id == mine.id and found.queue == "adv-mine"
+
+
+def test_an_allowed_modules_entry_is_a_package_with_or_without_its_dot() -> None:
+    # `tests` allows the package `tests` and its submodules, not `testsuite` (nor `tests_x`).
+    for entry in ("tests", "tests."):
+        loader = JobLoader((entry,))
+        assert loader.allowed("tests") and loader.allowed("tests.seed_jobs_c")
+        assert not loader.allowed("testsuite") and not loader.allowed("tests_x.jobs")
+        assert resolve_function("tests.seed_jobs_c.on_success", (entry,)) is c.on_success
+        with pytest.raises(UnknownJobError, match="outside the allowed modules"):
+            resolve_function("testsuite.mod.f", (entry,))
+        with pytest.raises(UnloadableJobError, match="outside the allowed modules"):
+            function_job("testsuite.mod.f", (), {}, allowed_modules=(entry,))
+        assert callbacks_problem({"success": {"path": "tests_x.m.f"}}, (entry,)) is not None
+    assert JobLoader(("",)).allowed("anything.at.all")  # an empty entry: every module
+
+
+async def test_an_allowed_modules_entry_without_its_dot_at_enqueue() -> None:
+    settings = make_settings(queue_connection="memory", queue_allowed_modules=("tests",))
+    async with QueueManager(settings) as manager:
+        q = Queue("adv-allowed", manager=manager)
+        await q.enqueue(c.add, 1)
+        await q.enqueue("tests.not_here_adv.work", 1)
+        with pytest.raises(UnloadableJobError, match="outside the allowed modules"):
+            await q.enqueue("testsuite.jobs.work", 1)
+        with pytest.raises(SerializationError, match="on_success"):
+            await q.enqueue(c.add, 1, on_success="testsuite.jobs.done")
+        assert await waiting(manager, "adv-allowed") == 2

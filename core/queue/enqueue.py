@@ -40,7 +40,15 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from core.errors import SerializationError
-from core.functions import JobFunction, function_job, function_problem, split_path
+from core.functions import (
+    JobFunction,
+    allowed_module,
+    function_job,
+    function_problem,
+    non_finite,
+    path_problem,
+    split_path,
+)
 from core.job import Job
 
 if TYPE_CHECKING:
@@ -132,14 +140,20 @@ class Callback:
         return f"Callback({self.func!r}, timeout={self.timeout!r})"
 
 
+#: What marks a `PreparedJob` made by `prepare_data` (its options checked and converted).
+_CHECKED = object()
+
+
 @dataclass(slots=True)
 class PreparedJob:
-    """One job of `enqueue_many`, as `prepare_data` checked it."""
+    """One job of `enqueue_many`: make it with `prepare_data(...)`, which checks it. One built
+    by hand (`options` as `enqueue` takes them) is checked by `enqueue_many` the same way."""
 
     function: Any
     args: tuple[Any, ...] | list[Any]
     kwargs: dict[str, Any]
     options: dict[str, Any] = field(default_factory=dict)
+    _checked: object = field(default=None, repr=False, compare=False)
 
 
 def prepare_data(function: Any, *args: Any, **kwargs: Any) -> PreparedJob:
@@ -199,7 +213,28 @@ def _prepare(
     checked: dict[str, Any] = {}
     for name, value in options.items():
         checked[name] = _check_option(name, value, where)
-    return PreparedJob(function, args, kwargs, checked)
+    return PreparedJob(function, args, kwargs, checked, _CHECKED)
+
+
+def _recheck(item: PreparedJob, index: int) -> PreparedJob:
+    """A `PreparedJob` built by hand, checked as `prepare_data` checks its arguments."""
+    where = f"enqueue_many(): item {index}"
+    options = item.options
+    if not isinstance(options, dict):
+        raise TypeError(f"{where}: options must be a dict, got {type(options).__name__}")
+    unknown = sorted(str(name) for name in set(options) - (OPTIONS - {"args", "kwargs"}))
+    if unknown:
+        raise TypeError(
+            f"{where} has unknown option(s) {', '.join(unknown)}; make it with "
+            "Queue.prepare_data(function, *args, **kwargs)"
+        )
+    if "depends_on" in options:
+        raise TypeError(
+            f"{where}: depends_on is not supported by enqueue_many (as in RQ): enqueue a job "
+            "that waits for others with enqueue(..., depends_on=...)"
+        )
+    call = {**options, "args": item.args, "kwargs": item.kwargs}
+    return _prepare(item.function, (), call, "enqueue_many")
 
 
 def _check_function(function: Any, where: str) -> None:
@@ -269,6 +304,12 @@ def _check_option(name: str, value: Any, where: str) -> Any:
                 f"{label} cannot be stored as JSON ({exc}); use str, int, float, bool, None, "
                 "and lists or dicts of them"
             ) from None
+        found = non_finite(value, "meta")
+        if found is not None:
+            raise SerializationError(
+                f"{label}: {found} is NaN or infinite, which JSON cannot hold (it would be "
+                "stored as None): use a finite number, None or a string"
+            )
         return dict(value)
     if name in ("on_success", "on_failure", "on_stopped"):
         return None if value is None else _callback(value, label)
@@ -385,6 +426,12 @@ def _build(prepared: PreparedJob, allowed: Sequence[str]) -> _Built:
             state["retry_after"] = value.retry_after
         elif name.startswith("on_"):
             _allowed_callback(value["path"], allowed, name)
+            problem = path_problem(value["path"])
+            if problem is not None:
+                raise SerializationError(
+                    f"enqueue({name}=...): {problem}; a callback is a function defined at "
+                    "module level in an allowed module"
+                )
             state.setdefault("_topiq_callbacks", {})[name[3:]] = value
         else:  # job_id, at_front, depends_on
             push[name] = value
@@ -393,7 +440,7 @@ def _build(prepared: PreparedJob, allowed: Sequence[str]) -> _Built:
 
 def _allowed_callback(path: str, allowed: Sequence[str], option: str) -> None:
     module, _ = split_path(path)
-    if not any(module == p.rstrip(".") or module.startswith(p) for p in allowed):
+    if not allowed_module(module, allowed):
         raise SerializationError(
             f"enqueue({option}=...): {path!r} is outside the allowed modules "
             f"({', '.join(allowed) or 'none'}), so no worker would call it: move it under one, "
@@ -523,7 +570,10 @@ class Queue:
 
     async def enqueue_many(self, job_datas: Iterable[PreparedJob]) -> list[JobHandle]:
         """Queue every `prepare_data(...)` job in one round trip per connection; returns their
-        handles in order. Every job is checked first: one bad job queues none."""
+        handles in order. Every job is checked first: one bad job, or a `job_id` given twice
+        in the call, queues none. A `job_id` already taken by a waiting or running job does
+        not stop the others: they are stored, then `DuplicateJobError` names the refused ones
+        and carries the stored ones' handles (`handles`)."""
         prepared = list(job_datas)
         for index, item in enumerate(prepared):
             if not isinstance(item, PreparedJob):
@@ -531,6 +581,8 @@ class Queue:
                     f"enqueue_many() takes a list of Queue.prepare_data(...) results; item "
                     f"{index} is {type(item).__name__}"
                 )
+            if item._checked is not _CHECKED:
+                prepared[index] = _recheck(item, index)
         if not prepared:
             return []
         manager = await self._manager()
@@ -561,8 +613,10 @@ class Queue:
     # -- inspecting ------------------------------------------------------------------------
 
     async def count(self) -> int:
-        """Jobs waiting to run now (RQ's `len(q)`/`q.count`; delayed and deferred jobs are in
-        their own registries, as in RQ)."""
+        """Jobs of the queue ready to run now (RQ's `len(q)`/`q.count`): not the delayed ones
+        (`enqueue_in`/`enqueue_at`, retries waiting), the deferred ones (`depends_on`) nor the
+        running ones, which RQ keeps in other registries. `job_ids()` lists the same jobs.
+        `empty()` removes more: every job not running."""
         manager = await self._manager()
         driver = await manager.connection(self._connection)
         return (await driver.stats(self.name)).pending
@@ -588,23 +642,26 @@ class Queue:
         return out
 
     async def fetch_job(self, job_id: str) -> JobHandle | None:
-        """The handle of job `job_id` (`None` when the connection keeps no record of it)."""
+        """The handle of this queue's job `job_id`; `None` when the connection keeps no record
+        of it, or when the job is another queue's (as RQ's `fetch_job`)."""
         from core.errors import JobNotFoundError
         from core.queue.queue_manager import queue
 
         manager = await self._manager()
+        name = self.name
         if self._given is None:
-            handle = queue.job(job_id, self._connection)
+            handle = queue.job(job_id, self._connection, queue=name)
         else:
-            handle = manager.job(job_id, self._connection)
+            handle = manager.job(job_id, self._connection, queue=name)
         try:
-            await handle.status()
+            status = await handle.status()
         except JobNotFoundError:
             return None
-        return handle
+        return handle if status.queue == name else None
 
     async def empty(self) -> int:
-        """Remove the queue's waiting jobs (not those running); returns how many."""
+        """Remove every job of the queue that is not running: ready, delayed and deferred
+        ones (more than `count()` counts); returns how many."""
         manager = await self._manager()
         driver = await manager.connection(self._connection)
         return await driver.clear(self.name)

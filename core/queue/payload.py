@@ -44,7 +44,13 @@ from core.errors import (
     SerializationError,
     UnknownJobError,
 )
-from core.functions import JobFunction, plain_job_class, split_path
+from core.functions import (
+    JobFunction,
+    allowed_module,
+    non_finite,
+    plain_job_class,
+    split_path,
+)
 from core.job import JOB_SETTINGS, Job
 from core.queue.drivers.base import MAX_PRIORITY, Limit, OnDuplicate, Overflow
 
@@ -741,16 +747,39 @@ def encode(
         for key, field in _EXTRAS:
             if key in state:
                 envelope[field] = state[key]
+        if "step" in envelope:
+            problem = step_problem(envelope["step"], cls)
+            if problem is not None:
+                raise SerializationError(f"{cls.__qualname__} cannot be dispatched: {problem}")
     try:
         raw = orjson.dumps(envelope, default=_refuse, option=_DUMP_OPTIONS)
     except TypeError as exc:
         raise _explain(cls, data, exc) from None
+    if b"null" in raw:  # JSON writes NaN and Infinity as null: find any (rare, so only then)
+        _refuse_non_finite(cls, data, envelope)
     if len(raw) > max_bytes:
         raise PayloadTooLargeError(
             f"{cls.__qualname__} payload is {len(raw)} bytes, over the limit of {max_bytes} "
             "(QUEUE_MAX_PAYLOAD_BYTES); pass a reference (an id, a path) instead of the data"
         )
     return raw
+
+
+def _refuse_non_finite(cls: type[Job], data: dict[str, Any], envelope: dict[str, Any]) -> None:
+    name = cls.__qualname__
+    found = None
+    for attr, value in data.items():
+        found = non_finite(value, f"{name}.{attr}")
+        if found is not None:
+            break
+    for field in ("handle_args", "meta"):
+        if found is None and field in envelope:
+            found = non_finite(envelope[field], f"{name} {field}")
+    if found is not None:
+        raise SerializationError(
+            f"{found} is NaN or infinite, which JSON cannot hold (it would arrive as None): "
+            "send a finite number, None or a string"
+        )
 
 
 def _explain(cls: type[Job], data: dict[str, Any], exc: TypeError) -> SerializationError:
@@ -766,8 +795,7 @@ def _explain(cls: type[Job], data: dict[str, Any], exc: TypeError) -> Serializat
     return SerializationError(f"{name} cannot be stored as JSON ({exc})")
 
 
-def _allowed(module: str, prefixes: Sequence[str]) -> bool:
-    return any(module == prefix.rstrip(".") or module.startswith(prefix) for prefix in prefixes)
+_allowed = allowed_module
 
 
 def unloadable_reason(cls: type, allowed_modules: Sequence[str]) -> str | None:
@@ -1122,10 +1150,9 @@ def _checked_extra(field: str, value: Any, cls: type[Job], allowed: Sequence[str
             )
         return value
     if field == "step":
-        if type(value) is not int or value < 0:
-            raise PayloadError(
-                f"{path}: payload field 'step' must be a whole number, 0 or more, got {value!r}"
-            )
+        problem = step_problem(value, cls)
+        if problem is not None:
+            raise PayloadError(f"{path}: payload field {problem}")
         return value
     if field == "description":
         if not isinstance(value, str) or len(value) > MAX_DESCRIPTION:
@@ -1144,6 +1171,21 @@ def _checked_extra(field: str, value: Any, cls: type[Job], allowed: Sequence[str
     if problem is not None:
         raise PayloadError(f"{path}: payload field {problem}")
     return value
+
+
+def step_problem(value: Any, cls: type[Job]) -> str | None:
+    """Why `value` is not a `step` of a job of `cls` (`None` if it is): the index of the next
+    of `cls.steps` to run, 0 up to the number of steps (that number: every step has run and
+    its checkpoint was saved). A class without steps takes none."""
+    if type(value) is not int or value < 0:
+        return f"'step' must be a whole number, 0 or more, got {_short(value)}"
+    steps = cls.steps
+    count = len(steps) if isinstance(steps, Sequence) and not isinstance(steps, str) else 0
+    if not count:
+        return f"'step' is {value}, but {cls.__qualname__} has no steps"
+    if value > count:
+        return f"'step' {value} is past the last step ({cls.__qualname__} has {count} steps)"
+    return None
 
 
 def callbacks_problem(value: Any, allowed: Sequence[str]) -> str | None:

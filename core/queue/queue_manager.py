@@ -806,6 +806,7 @@ class QueueManager:
             )
             groups[conn].append((count, job, outgoing))
             count += 1
+        _refuse_repeated_ids(groups)
         handles: list[JobHandle | None] = [None] * count
         rejected: list[DuplicateJobError] = []
         full: list[QueueFullError] = []
@@ -821,24 +822,32 @@ class QueueManager:
                     full.append(result)
                 else:
                     handles[index] = result
+        stored = [handle for handle in handles if handle is not None]
+        queued = "no other job was queued"
+        if stored:
+            queued = "the others were queued (their handles: the error's `handles`)"
         if full:
             queues = ", ".join(dict.fromkeys(f"{e.queue} ({e.max_length} waiting)" for e in full))
             also = f"; {len(rejected)} more were duplicates" if rejected else ""
             raise QueueFullError(
-                f"{len(full)} of {count} jobs not queued: their queue is full ({queues}); the "
-                f"others were queued{also}",
+                f"{len(full)} of {count} jobs not queued: their queue is full ({queues}){also}; "
+                f"{queued}",
                 queue=full[0].queue,
                 max_length=full[0].max_length,
+                handles=stored,
             )
         if rejected:
-            listed = "; ".join(str(error) for error in rejected[:5])
+            listed = "; ".join(
+                str(error).removesuffix("; nothing was queued") for error in rejected[:5]
+            )
             more = f"; and {len(rejected) - 5} more" if len(rejected) > 5 else ""
             raise DuplicateJobError(
-                f"{len(rejected)} of {count} jobs not queued as duplicates (the others were): "
-                f"{listed}{more}",
+                f"{len(rejected)} of {count} jobs not queued as duplicates: {listed}{more}; "
+                f"{queued}",
                 existing=rejected[0].existing,
+                handles=stored,
             )
-        return [handle for handle in handles if handle is not None]
+        return stored
 
     # -- workflows ---------------------------------------------------------------------
 
@@ -1150,6 +1159,25 @@ def _workflow_problem(
             error = str(_missing(out, done.id)).removesuffix("; nothing was queued")
             return JobNotFoundError(f"{kind} not dispatched: {error}{after}")
     return None
+
+
+def _refuse_repeated_ids(groups: dict[str, list[tuple[int, Job, OutgoingJob]]]) -> None:
+    """`DuplicateJobError` (nothing sent) when one call names the same `job_id` twice on a
+    connection: the second would only be refused, or replace the first."""
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        seen: set[str] = set()
+        for index, _, outgoing in group:
+            if not outgoing.check_id:
+                continue
+            if outgoing.id in seen:
+                raise DuplicateJobError(
+                    f"job id {outgoing.id!r} is given to more than one job of this call (job "
+                    f"{index + 1} is {outgoing.job}); give each job its own id; nothing was "
+                    "queued",
+                )
+            seen.add(outgoing.id)
 
 
 def _full(outgoing: OutgoingJob) -> QueueFullError:

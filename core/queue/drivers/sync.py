@@ -76,9 +76,14 @@ class SyncDriver(MemoryDriver):
 
     async def push(self, jobs: Sequence[OutgoingJob]) -> list[Pushed]:
         """Store each job (ready now: delays and limits are skipped) and run what became ready
-        (it, and the jobs its end released) before the next one."""
+        (it, and the jobs its end released) before the next one.
+
+        Every job of the call is stored and run, even after one has failed for good: then the
+        first failure is raised once they all have (the others' records say how each ended;
+        a note on the exception names every job of the call that failed)."""
         workflow = any(outgoing.kind != "job" for outgoing in jobs)
         out: list[Pushed] = []
+        failures: list[tuple[str, Exception]] = []
         for outgoing in jobs:
             ready = outgoing
             if outgoing.delay or outgoing.limit is not None:
@@ -87,13 +92,23 @@ class SyncDriver(MemoryDriver):
             out.append(pushed)
             self._seen.setdefault(ready.queue)
             if pushed.outcome in ("created", "replaced"):
-                await self._run(raise_failures=not workflow)
+                await self._run(failures if not workflow else None)
+        if failures:
+            first = failures[0][1]
+            if len(jobs) > 1:
+                failed = ", ".join(job_id for job_id, _ in failures)
+                first.add_note(
+                    f"sync connection: {len(failures)} of the {len(jobs)} jobs stored by this "
+                    f"call failed ({failed}); every one of them was stored and run"
+                )
+            raise first
         return out
 
-    async def _run(self, *, raise_failures: bool) -> None:
+    async def _run(self, failures: list[tuple[str, Exception]] | None) -> None:
         """Run every ready job to its end (retries at once), until none is ready: the job just
-        stored, and the jobs released by its end. A job that fails for good raises, unless
-        `raise_failures` is off (a workflow: its record tells)."""
+        stored, and the jobs released by its end. A job that fails for good is added to
+        `failures` as (id, exception) and the others still run; `None`: a workflow, whose
+        records tell."""
         while True:
             held = await self.reserve(list(self._seen), 1, _LEASE, worker=WORKER)
             # Jobs it expired come back too (`ReservedJob.expired`): already ended, never run.
@@ -109,9 +124,9 @@ class SyncDriver(MemoryDriver):
                     worker=WORKER,
                 ) as fields:
                     await self._try(reserved, fields)
-            except Exception:
-                if raise_failures:
-                    raise
+            except Exception as exc:
+                if failures is not None:
+                    failures.append((reserved.id, exc))
 
     async def _try(self, reserved: ReservedJob, fields: dict[str, Any]) -> bool:
         """One try; whether the job has ended (False: it goes round again at once)."""
