@@ -623,12 +623,6 @@ async def test_job_ids_of_ten_thousand_jobs_is_paged_not_one_trip_per_job(
         print(f"job_ids() of 10,000 on {kind}: {took:.2f}s, {len(calls)} round trips")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D8: on the database connection each job given a job_id is stored with its own "
-    "statements (select, delete, insert): enqueue_many of RQ's prepare_data(..., job_id=...) "
-    "is one round trip per job, 15x (MariaDB) to 60x (SQLite) slower than without ids",
-)
 async def test_enqueue_many_with_job_ids_on_sql_is_not_a_statement_per_job(
     server_backend: Backend,
 ) -> None:
