@@ -146,8 +146,20 @@ def _global_options_end(argv: Sequence[str]) -> int:
     return min(position, len(argv))
 
 
+#: Other queues' flags that Topiq spells differently and no close name would suggest:
+#: flag -> (Topiq's flag, which the command must have; the hint). Masonite's `--driver`.
+_RENAMED = {
+    "--driver": (
+        "--connection",
+        "Topiq's connection is the driver: --connection redis, database or memory",
+    ),
+}
+
+
 def _suggest(word: str, choices: Sequence[str]) -> str:
-    """`; did you mean X?` for the closest of `choices`, or nothing."""
+    """`; did you mean X?` for the closest of `choices`, a renamed flag's hint, or nothing."""
+    if word in _RENAMED and _RENAMED[word][0] in choices:
+        return f"; {_RENAMED[word][1]}"
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else ""
 

@@ -51,10 +51,25 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
         "--sleep",
         type=seconds,
         default=None,
+        metavar="SECONDS",
         help="longest wait in seconds when no job is ready (default: WORKER_SLEEP); "
         "Redis wakes a waiting worker at once on dispatch",
     )
-    parser.add_argument("--max-tries", type=positive_int, help="override every job's max_tries")
+    # Masonite's names (`craft queue:work --poll 5 --attempts 2`): the same settings, and a
+    # bad value is reported under the name that was typed.
+    parser.add_argument(
+        "--poll", dest="sleep", type=seconds, metavar="SECONDS", help="Masonite's --sleep"
+    )
+    parser.add_argument(
+        "--max-tries", type=positive_int, metavar="N", help="override every job's max_tries"
+    )
+    parser.add_argument(
+        "--attempts",
+        dest="max_tries",
+        type=positive_int,
+        metavar="N",
+        help="Masonite's --max-tries",
+    )
     parser.add_argument("--timeout", type=positive_seconds, help="override every job's timeout (s)")
     parser.add_argument(
         "--concurrency",
@@ -151,7 +166,7 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
         failed = settings.failed_connection_for[QueueConnection(connection)]
         logger.info(
             "worker %s starting: connection=%s queues=%s concurrency=%d prefetch=%d "
-            "max_jobs=%s max_time=%s timeout=%s max_tries=%s grace=%gs; jobs at %s%s; "
+            "max_jobs=%s max_time=%s timeout=%s max_tries=%s sleep=%gs grace=%gs; jobs at %s%s; "
             "settings from %s",
             worker.id,
             connection,
@@ -162,6 +177,7 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
             options.max_time or "-",
             options.timeout or "per job",
             options.max_tries or "per job",
+            options.sleep,
             options.grace,
             queue_location(settings, connection),
             ""
@@ -189,8 +205,12 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
 # -- --failed (Masonite's `queue:work --failed`) ----------------------------------------------
 
 
+#: Flags with a second name (Masonite's), both named when refused.
+_ALSO = {"sleep": "--sleep/--poll", "max_tries": "--max-tries/--attempts"}
+
+
 def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
+    return _ALSO.get(dest) or "--" + dest.replace("_", "-")
 
 
 async def _retry_failed(args: argparse.Namespace, settings: Settings) -> int:
