@@ -387,16 +387,20 @@ async def test_masonite_command_lines(tmp_path: Path, load: Callable[[str], Modu
         assert moved.returncode == 0, moved.stdout + moved.stderr
         assert (await manager.job(job_id).status()).status == "queued"
         assert await manager.size("podcasts") == 1  # moved back, not run: no worker started
+        line = shown("queue:retry --queue invoices --connection database")
+        none = run_cli(*line, env=worker_env(tmp_path))
+        assert none.returncode == 0, none.stdout + none.stderr  # nothing failed on invoices
     worker = WorkerProcess(
-        shown("queue:work --connection database --sleep 5 --max-tries 2")[1:],
+        shown("queue:work --connection database --poll 5 --attempts 2")[1:],
         worker_env(tmp_path),
         tmp_path / "masonite.log",
     )
     try:
-        wait_until(lambda: "worker" in worker.output.lower(), 30, "the worker to start")
+        wait_until(lambda: " starting: " in worker.output, 30, "the worker to start")
     finally:
         worker.stop()
     assert worker.proc.returncode == 0, worker.output
+    assert " max_tries=2 sleep=5s " in worker.output  # Masonite's names, Topiq's settings
 
 
 @pytest.mark.process
