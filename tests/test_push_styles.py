@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from core.errors import SerializationError
+from core.job import Job
 from core.queue.drivers import Driver
 from core.queue.handle import JobHandle
 from core.queue.queue_manager import QueueManager, dispatch, queue, set_default_manager
@@ -300,3 +301,43 @@ async def test_a_worker_process_runs_what_push_stored(
                 worker.stop()
         finally:
             set_default_manager(None)
+
+
+class _MasoniteTimes(Job):
+    run_times = 5
+
+    async def handle(self) -> None:
+        return None
+
+
+class _MasoniteOnce(Job):
+    run_again_on_fail = False
+
+    async def handle(self) -> None:
+        return None
+
+
+class _MasoniteAgain(Job):
+    run_again_on_fail = True
+
+    async def handle(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("cls", "says"),
+    [
+        (_MasoniteTimes, "write `max_tries = 5` instead"),
+        (_MasoniteOnce, "write `max_tries = 1` instead"),
+        (_MasoniteAgain, "remove it"),
+    ],
+)
+async def test_masonites_retry_settings_are_refused_naming_the_rename(
+    cls: type[Job], says: str
+) -> None:
+    """`run_times` / `run_again_on_fail` would otherwise be ignored without a word (a job meant
+    to run 5 times would run 3): dispatch refuses the class, naming what to write."""
+    async with QueueManager(make_settings(queue_connection="memory")) as manager:
+        with pytest.raises(SerializationError, match=f"{cls.__qualname__}.* Masonite.*{says}"):
+            await manager.push(cls)
+        assert await manager.size() == 0

@@ -128,6 +128,9 @@ class _ClassInfo:
     names: frozenset[str]  # public names the class defines: no data key may use one
     problem: str | None  # why the class's settings cannot work, if they cannot
     loaded: frozenset[str]  # of `names`, those a stored payload's data may not use
+    #: A setting named as another queue names it (Masonite's `run_times`): refused at dispatch
+    #: only, so that a payload stored before this check still runs.
+    renamed: str | None = None
 
 
 #: Settings that were free data names before they became settings: a payload stored by an
@@ -177,8 +180,35 @@ def _class_info(cls: type[Job]) -> _ClassInfo:
                 break
         if problem is None:
             problem = _aliases_problem(cls)
-        info = _CLASS_INFO[cls] = _ClassInfo(names, problem, names - _ONCE_DATA)
+        info = _CLASS_INFO[cls] = _ClassInfo(
+            names, problem, names - _ONCE_DATA, _renamed_problem(cls)
+        )
     return info
+
+
+#: Class attributes other queues read that Topiq names differently: what each becomes.
+_RENAMED = {
+    "run_times": "max_tries = {value!r}",  # Masonite
+    "run_again_on_fail": "max_tries = 1",  # Masonite (`run_again_on_fail = False`)
+}
+
+
+def _renamed_problem(cls: type[Job]) -> str | None:
+    """Why dispatch refuses `cls`: it sets, on the class, a setting under another queue's
+    name, which Topiq would otherwise ignore without a word (a job tried 3 times, not 5)."""
+    for name, becomes in _RENAMED.items():
+        if name in cls.__dict__ or any(name in base.__dict__ for base in cls.__mro__[1:-1]):
+            value = inspect.getattr_static(cls, name)
+            if callable(value) or hasattr(type(value), "__get__"):
+                continue  # a method or property of the job's own, not a setting
+            instead = f"write `{becomes.format(value=value)}` instead"
+            if name == "run_again_on_fail" and value:
+                instead = "remove it (`max_tries` says how often a job runs)"
+            return (
+                f"{cls.__qualname__}.{name} is Masonite's setting, which Topiq does not "
+                f"read; {instead}"
+            )
+    return None
 
 
 def _aliases_problem(cls: type[Job]) -> str | None:
@@ -710,6 +740,8 @@ def encode(
     info = _class_info(cls)
     if info.problem is not None:
         raise SerializationError(info.problem)
+    if info.renamed is not None:
+        raise SerializationError(info.renamed)
     data = cls.data(job)  # the class's method: an instance attribute named `data` cannot stand in
     if not info.names.isdisjoint(data):
         raise SerializationError(
