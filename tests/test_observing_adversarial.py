@@ -811,6 +811,7 @@ def test_pause_two_prefetching_workers_kill_one_resume_nothing_lost(
         wait_until(
             lambda: all("is paused" in p.output for p in procs), 10, "both workers to see it"
         )
+        killed_pid = procs[0].proc.pid
         procs[0].signal(9)
         procs[0].wait(10)
         killed_at = time.time()
@@ -831,9 +832,14 @@ def test_pause_two_prefetching_workers_kill_one_resume_nothing_lost(
     ends = Counter(e["n"] for e in events(log, "end"))
     starts = Counter(e["n"] for e in events(log, "start"))
     assert set(ends) == set(range(24))
-    # a job runs again only if the killed worker was running it
+    # A job runs again only if the killed worker had it: running, or finished with its
+    # acknowledgement not yet sent (at-least-once; under load that window holds more than the
+    # two running ones). The surviving worker never runs a job twice.
     again = [n for n, count in starts.items() if count > 1]
-    assert len(again) <= 2, starts
+    first = {}
+    for event in events(log, "start"):
+        first.setdefault(event["n"], event["pid"])
+    assert all(first[n] == killed_pid for n in again), (starts, first, killed_pid)
 
 
 # -- (5) history: a flush whose answer is lost ------------------------------------------------
