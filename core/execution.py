@@ -26,6 +26,14 @@ One try, in this order:
    then `post_task_hook(job)` (`failed()` is not called).
    What steps 5's hooks and callbacks raise is logged only.
 
+Every hook and callback runs as `handle()` does: a sync one in one of the worker's job threads
+(never on the event loop), given up when its thread still runs `stop_within` past its timeout;
+an async one under a timer and a flag (it times out even if it swallows the cancellation).
+One that will not stop inside the try (pre-task hook, success callback) gives the try up as a
+stuck `handle`; one whose errors are logged only stops the worker (`Site.stuck`) and leaves the
+outcome as it is. `SystemExit` and `KeyboardInterrupt` raised by the job's code fail the try
+(or are logged), never its worker's task.
+
 The runner decides *when* a job is retried or recorded (leases, the failed-job store); this
 module says *what* runs around `handle()` and how the outcome is written (`Outcome`), so the
 two runners cannot drift apart. It knows nothing of the worker or of MQTT. The per-class
@@ -202,14 +210,16 @@ def _timed_call(
     on_stuck: Callable[[JobAbandonedError], None] | None,
     on_thread: Callable[[asyncio.Future[Any]], None] | None,
     reported: float,
+    what: str = "",
 ) -> Awaitable[Any]:
-    """`call()` (a job's `handle` or one of its steps) under `timeout`; `reported` is the
-    timeout the errors name (the job's, when `timeout` is what is left of it)."""
+    """`call()` (a job's `handle`, one of its steps, hooks or callbacks) under `timeout`;
+    `reported` is the timeout the errors name (the job's, when `timeout` is what is left of
+    it), `what` what they name (default: the job's class)."""
     if not is_async:
-        return _call_in_thread(job, call, timeout, threads, stop_within, on_thread, reported)
+        return _call_in_thread(job, call, timeout, threads, stop_within, on_thread, reported, what)
     if timeout <= 0:
         return call()  # type: ignore[no-any-return]
-    return _call_async(job, call, timeout, stop_within, on_stuck, reported)
+    return _call_async(job, call, timeout, stop_within, on_stuck, reported, what)
 
 
 async def _call_async(
@@ -219,6 +229,7 @@ async def _call_async(
     stop_within: float,
     on_stuck: Callable[[JobAbandonedError], None] | None,
     reported: float,
+    what: str = "",
 ) -> Any:
     # A bare timer and a flag: what asyncio.timeout() does, at a third of its cost per job.
     task = asyncio.current_task()
@@ -230,8 +241,8 @@ async def _call_async(
         if not finished and on_stuck is not None:
             on_stuck(
                 JobAbandonedError(
-                    f"{type(job).__qualname__} timed out after {reported:g}s and did not stop "
-                    f"within {stop_within:g}s of being cancelled (try {job.attempts})"
+                    f"{what or type(job).__qualname__} timed out after {reported:g}s and did "
+                    f"not stop within {stop_within:g}s of being cancelled (try {job.attempts})"
                 )
             )
 
@@ -247,20 +258,20 @@ async def _call_async(
         result = await call()
     except asyncio.CancelledError:
         if expired and task.uncancel() == 0:
-            raise _timed_out(job, reported) from None
+            raise _timed_out(job, reported, what) from None
         raise
     finally:
         finished = True
         timer.cancel()
     if expired:  # the job swallowed our cancellation and returned: the try still timed out
         task.uncancel()
-        raise _timed_out(job, reported)
+        raise _timed_out(job, reported, what)
     return result
 
 
-def _timed_out(job: Job, timeout: float) -> JobTimeoutError:
+def _timed_out(job: Job, timeout: float, what: str = "") -> JobTimeoutError:
     return JobTimeoutError(
-        f"{type(job).__qualname__} timed out after {timeout:g}s (try {job.attempts})"
+        f"{what or type(job).__qualname__} timed out after {timeout:g}s (try {job.attempts})"
     )
 
 
@@ -272,6 +283,7 @@ async def _call_in_thread(
     stop_within: float,
     on_thread: Callable[[asyncio.Future[Any]], None] | None,
     reported: float,
+    what: str = "",
 ) -> Any:
     if threads is None:
         future = asyncio.get_running_loop().run_in_executor(
@@ -287,10 +299,10 @@ async def _call_in_thread(
         return future.result()
     await asyncio.wait({future}, timeout=stop_within)
     if future.done():
-        raise _timed_out(job, reported)
+        raise _timed_out(job, reported, what)
     raise JobAbandonedError(
-        f"{type(job).__qualname__} timed out after {reported:g}s and its thread, which cannot "
-        f"be stopped, was still running {stop_within:g}s later (try {job.attempts})"
+        f"{what or type(job).__qualname__} timed out after {reported:g}s and its thread, which "
+        f"cannot be stopped, was still running {stop_within:g}s later (try {job.attempts})"
     )
 
 
@@ -302,7 +314,9 @@ async def _call_quietly(job: Job, call: Callable[[], Any], timeout: float, what:
             outcome = call()
             if inspect.isawaitable(outcome):
                 await outcome
-    except Exception:
+    except asyncio.CancelledError:
+        raise
+    except BaseException:  # SystemExit, KeyboardInterrupt too: logged, never a lost task
         logger.exception("job %s %s: %s", job.job_id, type(job).__qualname__, what)
 
 
@@ -354,12 +368,22 @@ class Site:
     """Who runs a try, for what goes beyond `handle()`: the connection's name (RQ callbacks'
     `connection` argument), the modules a callback's path may name, the payload size limit,
     and `save(reserved, payload) -> bool`, a step job's checkpoint (`Driver.save_payload`;
-    False: the reservation is gone)."""
+    False: the reservation is gone).
+
+    Sync hooks and callbacks run as a sync `handle` does: in `threads` (none: the loop's
+    default executor), given up `stop_within` seconds past their timeout. `stuck` is told of
+    one whose errors are logged only (post-task and failure hooks, RQ's failure and stopped
+    callbacks) that would not stop: the runner stops taking jobs and exits, as for a stuck
+    `handle`, without changing the job's outcome.
+    """
 
     connection: str
     allowed: tuple[str, ...]
     max_bytes: int
     save: Callable[[ReservedJob, bytes], Awaitable[bool]]
+    threads: JobThreads | None = None
+    stop_within: float = 0.0
+    stuck: Callable[[JobAbandonedError], None] | None = None
 
 
 def run_try(
@@ -425,7 +449,7 @@ class _Body:
         state = job.__dict__
         try:
             if plan.pre is not None:
-                await _pre_hook(job, plan.pre, self.timeout, self.timeout)
+                await self._pre_hook(self.timeout)
             result = await call_handle(
                 job,
                 self.timeout,
@@ -440,8 +464,43 @@ class _Body:
                 state[POST_DUE] = True
             raise
         if plan.post is not None:
-            await _post_hook(job, plan.post, self.timeout)
+            await self._post_hook()
         return result
+
+    async def _pre_hook(self, left: float) -> None:
+        """The pre-task hook, inside the try (`left`: seconds left of its timeout): what it
+        raises fails the try; run as `handle` is (a sync one in a job thread)."""
+        hook = self.plan.pre
+        assert hook is not None
+        await _run_hook(
+            self.job,
+            functools.partial(hook.fn, self.job),
+            hook.is_async,
+            left,
+            self.threads,
+            self.stop_within,
+            self.on_stuck,
+            self.on_thread,
+            self.timeout,
+        )
+
+    async def _post_hook(self) -> None:
+        """The post-task hook after a step or `handle()` returned: what it raises is logged;
+        one that will not stop stops the worker (`Site.stuck`), the try goes on."""
+        hook = self.plan.post
+        assert hook is not None
+        site = self.site
+        await _quiet_hook(
+            self.job,
+            functools.partial(hook.fn, self.job),
+            hook.is_async,
+            self.timeout,
+            hook.name,
+            self.threads,
+            self.stop_within,
+            site.stuck if site is not None else None,
+            self.on_thread,
+        )
 
     async def _steps(self) -> Any:
         job, plan, timeout = self.job, self.plan, self.timeout
@@ -466,7 +525,7 @@ class _Body:
             try:
                 left = _left(job, deadline, loop, timeout)
                 if plan.pre is not None:
-                    await _pre_hook(job, plan.pre, left, timeout)
+                    await self._pre_hook(left)
                     left = _left(job, deadline, loop, timeout)
                 await _timed_call(
                     job,
@@ -479,15 +538,17 @@ class _Body:
                     self.on_thread,
                     timeout,
                 )
+                index += 1
+                state[STEP] = index
+                # A checkpoint that fails (not JSON, too large, lease lost) fails the step's
+                # try: its post-task hook is owed as for a step that raised.
+                await self._checkpoint()
             except BaseException:
                 if plan.post is not None:
                     state[POST_DUE] = True
                 raise
-            index += 1
-            state[STEP] = index
-            await self._checkpoint()
             if plan.post is not None:
-                await _post_hook(job, plan.post, timeout)
+                await self._post_hook()
         return state["workspace"]
 
     async def _checkpoint(self) -> None:
@@ -515,36 +576,86 @@ def _left(
     return left
 
 
-async def _pre_hook(job: Job, hook: Call, left: float, timeout: float) -> None:
-    """The pre-task hook, inside the try: what it raises fails the try."""
-    outcome = hook.fn(job)
-    if not inspect.isawaitable(outcome):
-        return
-    if left <= 0:
-        await outcome
-        return
+async def _run_hook(
+    job: Job,
+    call: Callable[[], Any],
+    is_async: bool,
+    timeout: float,
+    threads: JobThreads | None,
+    stop_within: float,
+    on_stuck: Callable[[JobAbandonedError], None] | None,
+    on_thread: Callable[[asyncio.Future[Any]], None] | None,
+    reported: float,
+    what: str = "",
+) -> Any:
+    """A hook or callback of the job's, run as a `handle` is (`_timed_call`): a sync one in
+    one of `threads` (the loop's default executor without them), given up with
+    `JobAbandonedError` when its thread still runs `stop_within` seconds past `timeout`; an
+    async one under a timer and a flag, so it times out even if it swallows its cancellation
+    (`on_stuck` when it will not stop). Raises what the call raises, or `JobTimeoutError`."""
+    result = await _timed_call(
+        job, call, is_async, timeout, threads, stop_within, on_stuck, on_thread, reported, what
+    )
+    if not is_async and inspect.isawaitable(result):  # a plain callable handing back a coroutine
+        result = await _timed_call(
+            job, lambda: result, True, timeout, None, stop_within, on_stuck, None, reported, what
+        )
+    return result
+
+
+async def _quiet_hook(
+    job: Job,
+    call: Callable[[], Any],
+    is_async: bool,
+    timeout: float,
+    what: str,
+    threads: JobThreads | None,
+    stop_within: float,
+    stuck: Callable[[JobAbandonedError], None] | None,
+    on_thread: Callable[[asyncio.Future[Any]], None] | None = None,
+) -> None:
+    """`_run_hook` for a hook or callback whose errors are logged only (SystemExit and
+    KeyboardInterrupt too). One that will not stop is reported to `stuck` (the worker stops
+    and exits, as for a stuck `handle`); the job's outcome does not change."""
     try:
-        async with asyncio.timeout(left) as window:
-            await outcome
-    except TimeoutError:
-        if window.expired():
-            raise _timed_out(job, timeout) from None
+        await _run_hook(
+            job, call, is_async, timeout, threads, stop_within, stuck, on_thread, timeout, what
+        )
+    except JobAbandonedError as exc:
+        if stuck is not None:
+            stuck(exc)
+        else:
+            logger.error("job %s %s: %s", job.job_id, type(job).__qualname__, exc)
+    except asyncio.CancelledError:
         raise
+    except BaseException:
+        logger.exception(
+            "job %s %s: %s raised (logged only)", job.job_id, type(job).__qualname__, what
+        )
 
 
-async def _post_hook(job: Job, hook: Call, timeout: float) -> None:
-    """The post-task hook: what it raises is logged and changes nothing."""
-    await _call_quietly(
-        job, functools.partial(hook.fn, job), timeout, f"{hook.name} raised (logged only)"
+async def _site_hook(
+    job: Job, hook: Call, args: tuple[Any, ...], timeout: float, site: Site | None
+) -> None:
+    """A per-class hook run after the try (post-task owed, failure hook): logged only."""
+    await _quiet_hook(
+        job,
+        functools.partial(hook.fn, job, *args),
+        hook.is_async,
+        timeout,
+        hook.name,
+        site.threads if site is not None else None,
+        site.stop_within if site is not None else 0.0,
+        site.stuck if site is not None else None,
     )
 
 
-async def _owed_post_hook(job: Job, timeout: float) -> None:
+async def _owed_post_hook(job: Job, timeout: float, site: Site | None = None) -> None:
     """The post-task hook owed for a body that raised, once the failure is handled."""
     if job.__dict__.pop(POST_DUE, False):
         plan = plan_of(type(job))
         if plan.post is not None:
-            await _post_hook(job, plan.post, timeout)
+            await _site_hook(job, plan.post, (), timeout, site)
 
 
 async def _wrapped_try(body: _Body, chain: Sequence[JobMiddleware]) -> Any:
@@ -564,7 +675,19 @@ async def _wrapped_try(body: _Body, chain: Sequence[JobMiddleware]) -> Any:
     result = await link(0)()
     callbacks = job.__dict__.get(CALLBACKS)
     if callbacks and "success" in callbacks:
-        await _callback(job, "success", callbacks["success"], body.site, (result,))
+        # Inside the try, as `handle()`: a sync one in a job thread; one that will not stop
+        # gives the try up as a stuck `handle` does.
+        await _callback(
+            job,
+            "success",
+            callbacks["success"],
+            body.site,
+            (result,),
+            body.threads,
+            body.stop_within,
+            body.on_stuck,
+            body.on_thread,
+        )
     return result
 
 
@@ -572,14 +695,23 @@ async def _wrapped_try(body: _Body, chain: Sequence[JobMiddleware]) -> Any:
 
 #: Seconds a callback may run when it says nothing (RQ's default).
 CALLBACK_TIMEOUT = 60.0
-_RESOLVED: dict[tuple[str, tuple[str, ...]], Callable[..., Any]] = {}
+_RESOLVED: dict[tuple[str, tuple[str, ...]], tuple[Callable[..., Any], bool]] = {}
 
 
 async def _callback(
-    job: Job, kind: str, spec: Any, site: Site | None, args: tuple[Any, ...]
+    job: Job,
+    kind: str,
+    spec: Any,
+    site: Site | None,
+    args: tuple[Any, ...],
+    threads: JobThreads | None,
+    stop_within: float,
+    on_stuck: Callable[[JobAbandonedError], None] | None,
+    on_thread: Callable[[asyncio.Future[Any]], None] | None = None,
 ) -> None:
-    """Call RQ's `kind` callback `fn(job, connection, *args)` under its own timeout (a sync
-    one in a thread); raises what it raises, or `JobTimeoutError`."""
+    """Call RQ's `kind` callback `fn(job, connection, *args)` under its own timeout, as a
+    `handle` is run (`_run_hook`: a sync one in one of `threads`); raises what it raises,
+    `JobTimeoutError`, or `JobAbandonedError` when it would not stop."""
     path = spec.get("path") if isinstance(spec, dict) else spec
     if not isinstance(path, str):
         raise ConfigurationError(f"the {kind} callback has no path: {spec!r}")
@@ -587,36 +719,55 @@ async def _callback(
     limit = CALLBACK_TIMEOUT if raw_timeout is None else float(raw_timeout)
     allowed = site.allowed if site is not None else ("",)
     key = (path, allowed)
-    fn = _RESOLVED.get(key)
-    if fn is None:
+    resolved = _RESOLVED.get(key)
+    if resolved is None:
         try:
             fn = resolve_path(path, allowed)
         except Exception as exc:
             raise ConfigurationError(f"the {kind} callback {path!r}: {exc}") from exc
+        resolved = (fn, inspect.iscoroutinefunction(fn))
         if len(_RESOLVED) < 1024:
-            _RESOLVED[key] = fn
+            _RESOLVED[key] = resolved
+    fn, is_async = resolved
     connection = site.connection if site is not None else ""
     call = functools.partial(fn, job, connection, *args)
-    outcome: Awaitable[Any] = call() if inspect.iscoroutinefunction(fn) else asyncio.to_thread(call)
+    what = f"the {kind} callback {path} of {type(job).__qualname__}"
     try:
-        async with asyncio.timeout(limit if limit > 0 else None) as window:
-            await outcome
-    except TimeoutError:
-        if window.expired():
-            raise JobTimeoutError(
-                f"the {kind} callback {path} of {type(job).__qualname__} timed out after "
-                f"{limit:g}s (try {job.attempts})"
-            ) from None
-        raise
+        await _run_hook(
+            job, call, is_async, limit, threads, stop_within, on_stuck, on_thread, limit, what
+        )
+    except (SystemExit, KeyboardInterrupt) as exc:
+        # RQ code may call sys.exit() in a callback: it fails the callback, not the worker.
+        raise CallbackError(f"{what} raised {exc!r}") from exc
+
+
+class CallbackError(TopiqError):
+    """RQ's callback raised `SystemExit` or `KeyboardInterrupt`: a failure of the callback."""
 
 
 async def _quiet_callback(job: Job, kind: str, site: Site | None, args: tuple[Any, ...]) -> None:
-    """RQ's failure or stopped callback, if the job has one: what it raises is logged only."""
+    """RQ's failure or stopped callback, if the job has one: what it raises is logged only;
+    one that would not stop stops the worker (`Site.stuck`)."""
     callbacks = job.__dict__.get(CALLBACKS)
     if not callbacks or kind not in callbacks:
         return
+    stuck = site.stuck if site is not None else None
     try:
-        await _callback(job, kind, callbacks[kind], site, args)
+        await _callback(
+            job,
+            kind,
+            callbacks[kind],
+            site,
+            args,
+            site.threads if site is not None else None,
+            site.stop_within if site is not None else 0.0,
+            stuck,
+        )
+    except JobAbandonedError as exc:
+        if stuck is not None:
+            stuck(exc)
+        else:
+            logger.error("job %s %s: %s", job.job_id, type(job).__qualname__, exc)
     except Exception:
         logger.exception(
             "job %s %s: the %s callback raised (logged only)",
@@ -656,10 +807,10 @@ async def on_retrying(job: Job, exc: BaseException) -> None:
         await hooks.finished(job, Status.RETRYING, exc)
 
 
-async def on_retried(job: Job, timeout: float) -> None:
+async def on_retried(job: Job, timeout: float, site: Site | None = None) -> None:
     """Once the retry is scheduled: the post-task hook owed for a body that raised."""
     if POST_DUE in job.__dict__:
-        await _owed_post_hook(job, timeout)
+        await _owed_post_hook(job, timeout, site)
 
 
 async def on_failed(
@@ -674,17 +825,12 @@ async def on_failed(
     await call_failed(job, exc, timeout, reserved)
     failure = plan_of(type(job), site.allowed if site is not None else ("",)).failure
     if failure is not None:
-        await _call_quietly(
-            job,
-            functools.partial(failure.fn, job, exc),
-            timeout,
-            f"{failure.name} raised (logged only)",
-        )
+        await _site_hook(job, failure, (exc,), timeout, site)
     await _quiet_callback(job, "failure", site, (type(exc), exc, exc.__traceback__))
     if hooks.any_run_hooks:
         await hooks.failing(job, exc)
         await hooks.finished(job, Status.FAILED, exc)
-    await _owed_post_hook(job, timeout)
+    await _owed_post_hook(job, timeout, site)
 
 
 async def on_cancelled(
@@ -695,7 +841,7 @@ async def on_cancelled(
     await _quiet_callback(job, "stopped", site, ())
     if hooks.any_run_hooks:
         await hooks.finished(job, Status.CANCELLED, exc)
-    await _owed_post_hook(job, timeout)
+    await _owed_post_hook(job, timeout, site)
 
 
 # -- outcomes: what the acknowledgement writes ------------------------------------------

@@ -46,6 +46,7 @@ __all__ = [
     "open_connection",
     "positive_int",
     "positive_seconds",
+    "printable",
     "queue_list",
     "queue_name",
     "say",
@@ -267,7 +268,7 @@ def table(
     Only the columns named in `wrap` (free text such as an error message) wrap or shrink on a
     narrow terminal; the others (ids, names, counts, times) are always shown whole.
     """
-    grid = Table(title=title, caption=caption or None, title_justify="left")
+    grid = Table(title=printable(title), caption=caption or None, title_justify="left")
     cells = [[_cell(value) for value in row] for row in rows]
     for index, name in enumerate(columns):
         values = [row[index] for row in cells]
@@ -290,16 +291,33 @@ def _first_words(values: Sequence[str]) -> int:
     return min(24, max((len(" ".join(v.split()[:2])) for v in values), default=8))
 
 
+#: C0 controls but tab and newline, DEL, and C1 controls: written as `\x1b`-style escapes.
+_CONTROLS = {
+    code: f"\\x{code:02x}"
+    for code in (*range(0x20), *range(0x7F, 0xA0))
+    if code not in (0x09, 0x0A)
+}
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters shown as escapes (`\x1b`, `\x07`), so what a job's
+    dispatcher wrote (an RQ description, an error message) cannot send the operator's
+    terminal escape sequences (retitle it, clear it, move the cursor). Tabs and newlines
+    stay."""
+    return text.translate(_CONTROLS)
+
+
 def _cell(value: Any) -> str:
     """A cell's text, rich markup escaped: a job's description or error may hold `[/x]`,
-    which rich would otherwise read as a tag (and refuse to draw the table)."""
+    which rich would otherwise read as a tag (and refuse to draw the table); control
+    characters escaped (`printable`)."""
     if value is None:
         return "-"
     if isinstance(value, datetime):
         return stamp(value)
     if isinstance(value, tuple | list):
-        return escape(",".join(str(v) for v in value)) or "-"
-    return escape(str(value))
+        return escape(printable(",".join(str(v) for v in value))) or "-"
+    return escape(printable(str(value)))
 
 
 def _is_number(text: str) -> bool:

@@ -40,6 +40,7 @@ from core.commands._common import (
     emit,
     guarded,
     open_connection,
+    printable,
     say,
     table,
     when,
@@ -81,7 +82,8 @@ def _older_than(text: str) -> float:
         return parse_duration(text, "--older-than")
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a duration such as 14d, 36h, 90m or 3600 (seconds), got {text!r}"
+            f"expected a duration such as 14d, 36h, 90m or 3600 (seconds), not negative, "
+            f"got {text!r}"
         ) from None
 
 
@@ -109,7 +111,8 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
             help="also delete every ended job record (succeeded, failed, cancelled, expired) "
             "that ended longer ago than this, whatever its keep time, and the failed jobs "
             "that failed longer ago: 14d, 36h, 90m or seconds (django-db-queue's "
-            "delete_old_jobs)",
+            "delete_old_jobs); a negative one (--older-than=-5d) is refused, and one reaching "
+            "back before 1970 deletes every ended record",
         )
 
 
@@ -281,7 +284,7 @@ def _render(conn: Connection, record: JobStatus) -> RenderableType:
     if record.traceback:
         parts.append(
             Panel(
-                Text(record.traceback.rstrip()),
+                Text(printable(record.traceback.rstrip())),
                 title="traceback",
                 title_align="left",
                 expand=False,
@@ -373,7 +376,9 @@ async def prune_records(args: argparse.Namespace, conn: Connection) -> int:
 async def _prune_older(args: argparse.Namespace, conn: Connection, older_than: float) -> int:
     """`queue:prune --older-than D`: the records that ended, and the failed jobs that failed,
     more than `D` seconds ago (with those past their keep time)."""
-    cutoff = time.time() - older_than
+    # Nothing ended before 1970: a duration reaching past it (10000000d) deletes every ended
+    # record, instead of a datetime out of range.
+    cutoff = max(time.time() - older_than, 0.0)
     store = await conn.failed_store()  # reached before anything is deleted
     deleted = await conn.driver.prune_records(ended_before=cutoff)
     failed = await store.prune(datetime.fromtimestamp(cutoff, UTC))

@@ -68,6 +68,7 @@ from core.log import job_fields, outside_job
 from core.queue.drivers.base import Driver, ReservedJob
 from core.queue.payload import JobLoader
 from core.queue.queue_manager import QueueManager
+from core.steps import POST_DUE
 from core.worker.background import Duties
 from core.worker.cancels import CancelRequests
 from core.worker.failures import FailureRecorder
@@ -161,6 +162,9 @@ class Worker:
             tuple(settings.queue_allowed_modules),
             settings.queue_max_payload_bytes,
             self._save_payload,
+            self._threads,
+            self._stop_within,
+            self._hook_stuck,
         )
         self._failed_jobs.site = self._site
         # Failed for good, held (lease renewed) until recorded: the recorder's own dict.
@@ -679,7 +683,9 @@ class Worker:
             run.settled = True
             self.history.ran(reserved.queue, time.perf_counter() - started)
             self._give_up(run, exc)
-        except Exception as exc:
+        except BaseException as exc:
+            # Exception, and SystemExit or KeyboardInterrupt raised by the job's code (its
+            # handle, a step, a hook, a callback): the try failed with it, the task goes on.
             run.settled = True
             if tried:
                 self.history.ran(reserved.queue, time.perf_counter() - started)
@@ -776,6 +782,8 @@ class Worker:
         if reserved.attempts < max_tries:
             asked = isinstance(exc, Retry)
             reason = describe(exc)
+            if await self._no_longer_held(run, job, reason):
+                return
             logger.warning(
                 "job %s %s try %d/%d %s; retrying in %gs",
                 job.job_id,
@@ -803,7 +811,7 @@ class Worker:
                     error=reason,
                 )
             # The post-task hook owed for a body that raised: once the retry is scheduled.
-            await on_retried(job, self.options.timeout or job_timeout(job))
+            await on_retried(job, self.options.timeout or job_timeout(job), self._site)
             return
         logger.error(
             "job %s %s try %d/%d failed for good: %s",
@@ -816,6 +824,42 @@ class Worker:
         )
         timeout = self.options.timeout or job_timeout(job)
         await self._failed_jobs.fail(run, job, exc, timeout)
+
+    async def _no_longer_held(self, run: Running, job: Job, reason: str) -> bool:
+        """Before a retry's hooks and release: whether the try is no longer this worker's
+        (its lease lapsed, say while the process was frozen, and another worker may hold or
+        have finished the job). Then it is logged as lost, and neither the retry hooks nor
+        the owed post-task hook run for it. Asked of the backend (the checkpoint's check,
+        writing the payload it has) only when the job owes a post-task hook or its lease may
+        have lapsed: a plain job's retry costs no round trip more."""
+        reserved = run.reserved
+        if POST_DUE not in job.__dict__ and run.lease_until > time.monotonic():
+            return False
+        driver = self._driver
+        assert driver is not None
+        try:
+            held = await driver.save_payload(reserved, reserved.payload)
+        except Exception as exc:  # not answered, or a driver without it: the release decides
+            logger.debug("job %s: could not ask whether it is still held: %s", reserved.id, exc)
+            return False
+        if held:
+            return False
+        job.__dict__.pop(POST_DUE, None)
+        if not (run.given_up or run.lost):
+            run.lost = True
+            if self._running.get(reserved.id) is run:
+                del self._running[reserved.id]
+            self.counts.lost += 1
+        logger.error(
+            "job %s %s try %d/%d failed (%s), but its reservation was gone (its lease lapsed; "
+            "another worker may have it): lost here, not retried from here, no hook run",
+            reserved.id,
+            run.label,
+            reserved.attempts,
+            run.max_tries,
+            reason,
+        )
+        return True
 
     async def _save_payload(self, reserved: ReservedJob, payload: bytes) -> bool:
         """A step job's checkpoint (`Site.save`): False, and its try stops as a lost one,
@@ -839,6 +883,18 @@ class Worker:
                 run.label,
             )
         return False
+
+    def _hook_stuck(self, exc: JobAbandonedError) -> None:
+        """A hook or callback whose errors are logged only (`Site.stuck`: post-task and
+        failure hooks, RQ's failure and stopped callbacks) would not stop: the job's outcome
+        stands; this worker stops taking jobs and exits as for a stuck `handle` (the process
+        ends if its thread or task still runs then)."""
+        logger.critical(
+            "%s; giving it up: this worker takes no new job, lets the others finish within "
+            "the grace period and exits",
+            exc,
+        )
+        self.stop(StopReason.STUCK)
 
     def _give_up(self, run: Running, exc: JobAbandonedError) -> None:
         """A job that will not stop: its try fails, and this worker stops for a restart.

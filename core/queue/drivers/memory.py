@@ -325,15 +325,16 @@ _LATEST = 253402300799.0
 
 
 def check_cutoff(ended_before: float) -> float:
-    """`prune_records`' `ended_before` as epoch seconds (at most the end of year 9999), or a
-    `ValueError` naming it."""
+    """`prune_records`' `ended_before` as epoch seconds (from the epoch, 0, to the end of year
+    9999: nothing ended before 1970, so an earlier cutoff is 0), or a `ValueError` naming
+    it."""
     if (
         isinstance(ended_before, bool)
         or not isinstance(ended_before, int | float)
         or math.isnan(ended_before)
     ):
         raise ValueError(f"ended_before must be a time in epoch seconds, got {ended_before!r}")
-    return min(float(ended_before), _LATEST)
+    return max(min(float(ended_before), _LATEST), 0.0)
 
 
 def _check_page(offset: int, limit: int) -> None:
