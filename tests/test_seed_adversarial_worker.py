@@ -64,6 +64,7 @@ class ThreeSteps(Job):
     timeout = 20
     steps = ["one", "two", "three"]
     post_task_hook = "post"
+    workspace: dict[str, Any]  # created by the worker for a step job
 
     def __init__(self, hang: str = "") -> None:
         self.hang = hang
@@ -247,6 +248,7 @@ class NotJsonWorkspace(Job):
     timeout = 10
     steps = ["fine", "bad"]
     post_task_hook = f"{HERE}:recording_post"
+    workspace: dict[str, Any]
 
     def fine(self) -> None:
         self.workspace["rows"] = [1, 2]
