@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from core.errors import ConfigurationError
@@ -130,6 +130,19 @@ class Settings(BaseSettings):
     redis_username: str | None = None
     redis_password: SecretStr | None = None
     redis_prefix: str = "topiq"
+    # Past one machine (docs/scaling.md). REDIS_CLUSTER_NODES="host:port,host:port" connects
+    # to a Redis Cluster (any reachable nodes; the rest are discovered); REDIS_SENTINELS=
+    # "host:port,..." with REDIS_SENTINEL_MASTER asks Sentinel for the primary. Either way
+    # the credentials, TLS (rediss://) and options come from REDIS_URL (or the split
+    # variables); its host and port are not used. The two are exclusive.
+    redis_cluster_nodes: str | None = None
+    redis_sentinels: str | None = None
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: SecretStr | None = None
+    # After each dispatch, wait until this many replicas have the job (Redis WAIT), at most
+    # REDIS_WAIT_TIMEOUT seconds; a dispatch that is not replicated in time raises. 0: off.
+    redis_wait_replicas: int = Field(default=0, ge=0)
+    redis_wait_timeout: float = Field(default=1.0, gt=0)
 
     # -- database (MySQL/MariaDB, or SQLite when MySQL is off) -----------------------------
     enable_mysql: bool = False
@@ -263,6 +276,34 @@ class Settings(BaseSettings):
         if value is not None:
             _check_redis_url(value)
         return value
+
+    @field_validator(
+        "redis_cluster_nodes", "redis_sentinels", "redis_sentinel_master", mode="before"
+    )
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_cluster_nodes", "redis_sentinels")
+    @classmethod
+    def _check_redis_nodes(cls, value: str | None) -> str | None:
+        if value is not None:
+            redis_nodes(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_redis_topology(self) -> Settings:
+        if self.redis_cluster_nodes and self.redis_sentinels:
+            raise ValueError(
+                "REDIS_CLUSTER_NODES and REDIS_SENTINELS are both set: a Redis is either a "
+                "cluster or watched by Sentinel; unset one"
+            )
+        if self.redis_sentinels and not self.redis_sentinel_master:
+            raise ValueError(
+                "REDIS_SENTINELS is set but REDIS_SENTINEL_MASTER is not: name the primary "
+                "the sentinels watch (its name in `sentinel monitor <name> ...`)"
+            )
+        return self
 
     @field_validator("mqtt_url")
     @classmethod
@@ -407,6 +448,25 @@ def _check_port(url: str) -> None:
         port = -1
     if port is not None and not 1 <= port <= 65535:
         raise ValueError("the port must be a number from 1 to 65535")
+
+
+def redis_nodes(value: str) -> list[tuple[str, int]]:
+    """`host:port,host:port` (REDIS_CLUSTER_NODES, REDIS_SENTINELS) as (host, port) pairs;
+    an IPv6 host is written in brackets (`[::1]:7000`). Raises ValueError naming the entry."""
+    out: list[tuple[str, int]] = []
+    for raw in value.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        host, sep, port = entry.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"expected host:port entries separated by commas, got {entry!r}")
+        out.append((host, int(port)))
+    if not out:
+        raise ValueError(f"expected host:port entries separated by commas, got {value!r}")
+    return out
 
 
 def _check_redis_url(url: str) -> None:

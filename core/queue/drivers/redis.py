@@ -66,6 +66,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url as redis_parse_url
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -73,7 +74,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core.errors import ConnectionLostError, DriverError
+from core.errors import ConfigurationError, ConnectionLostError, DriverError
 from core.queue.drivers.base import (
     HISTORY_FIELDS,
     BrowseState,
@@ -93,7 +94,7 @@ from core.queue.drivers.base import (
     pause_marker,
 )
 from core.queue.drivers.tls import check_redis_url, redis_tls_failure
-from core.settings import Settings
+from core.settings import Settings, redis_nodes
 from core.status import ENDED, JobStatus, Progress, Status
 
 __all__ = ["RedisDriver", "RedisFailedStore"]
@@ -145,15 +146,20 @@ _COUNTS_KEEP = 10800
 _PRUNE_PAGE = 500
 
 
-def _load_script(name: str) -> str:
+def _load_script(name: str, *, cluster: bool = False) -> str:
+    """The script `name` as sent: lib.lua or record.lua first where it uses them, and before
+    all, `local CLUSTER = true|false` (lib.lua: whether another queue's keys may be touched
+    in this script, or must be reached through the relay)."""
+
     def read(file: str) -> str:
         return resources.files("core.queue.drivers").joinpath(f"lua/{file}.lua").read_text("utf-8")
 
+    head = f"local CLUSTER = {'true' if cluster else 'false'}\n"
     if name in _WITH_LIB:
-        return read("lib") + "\n" + read(name)
+        return head + read("lib") + "\n" + read(name)
     if name in _WITH_RECORD:
-        return read("record") + "\n" + read(name)
-    return read(name)
+        return head + read("record") + "\n" + read(name)
+    return head + read(name)
 
 
 @contextlib.asynccontextmanager
@@ -414,26 +420,95 @@ class RedisDriver(Driver):
             keys = self._keys[queue] = _Keys(self.prefix, queue)
         return keys
 
+    @property
+    def topology(self) -> str:
+        """`cluster` (REDIS_CLUSTER_NODES), `sentinel` (REDIS_SENTINELS) or `single`."""
+        if self.settings.redis_cluster_nodes:
+            return "cluster"
+        if self.settings.redis_sentinels:
+            return "sentinel"
+        return "single"
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the server is a Redis Cluster: every command and script keeps to one slot,
+        and cross-queue work goes through the relay (lua/lib.lua, CLUSTER)."""
+        return self.topology == "cluster"
+
+    def _make_client(self) -> Any:
+        """A client for the configured topology, with no client-side retries: a script whose
+        reply was lost must not run twice; the worker retries with backoff and leases cover
+        anything reserved but never reported. Redirections (MOVED/ASK) are not retries: the
+        server refused to run the command, and the cluster client follows them."""
+        dsn = self.settings.redis_dsn
+        check_redis_url(dsn)
+        no_retry = RedisRetry(NoBackoff(), 0)
+        topology = self.topology
+        if topology == "single":
+            return aioredis.Redis.from_url(
+                dsn, decode_responses=False, retry=no_retry, health_check_interval=30
+            )
+        options = redis_parse_url(dsn)
+        for name in ("host", "port", "path"):
+            options.pop(name, None)
+        tls = options.pop("connection_class", None) is not None and dsn.startswith("rediss:")
+        if topology == "cluster":
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+            if int(options.pop("db", 0) or 0) != 0:
+                raise ConfigurationError(
+                    "REDIS_URL names a database other than 0, but a Redis Cluster has only "
+                    "database 0: drop the /N from REDIS_URL (or set REDIS_DB=0)"
+                )
+            nodes = redis_nodes(self.settings.redis_cluster_nodes or "")
+            return RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+                decode_responses=False,
+                retry=no_retry,
+                ssl=tls,
+                **options,
+            )
+        from redis.asyncio.sentinel import Sentinel
+
+        secret = self.settings.redis_sentinel_password
+        sentinel_kwargs: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5}
+        if secret is not None:
+            sentinel_kwargs["password"] = secret.get_secret_value()
+        sentinel = Sentinel(
+            redis_nodes(self.settings.redis_sentinels or ""),
+            sentinel_kwargs=sentinel_kwargs,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+        )
+        if tls:
+            options["ssl"] = True
+        return sentinel.master_for(
+            self.settings.redis_sentinel_master or "",
+            redis_class=aioredis.Redis,
+            decode_responses=False,
+            retry=no_retry,
+            health_check_interval=30,
+            **options,
+        )
+
     async def open(self) -> None:
         if self._client is not None:
             return
         dsn = self.settings.redis_dsn
-        check_redis_url(dsn)
-        # No client-side retries: a script whose reply was lost must not run twice; the worker
-        # retries with backoff and leases cover anything reserved but never reported.
-        client = aioredis.Redis.from_url(
-            dsn,
-            decode_responses=False,
-            retry=RedisRetry(NoBackoff(), 0),
-            health_check_interval=30,
-        )
-        self._scripts = {name: client.register_script(_load_script(name)) for name in _SCRIPTS}
+        client = self._make_client()
+        self._scripts = {
+            name: client.register_script(_load_script(name, cluster=self.cluster))
+            for name in _SCRIPTS
+        }
         async with _translated("connecting"):
             try:
+                if self.cluster:
+                    await client.initialize()
                 await client.ping()
             except BaseException as exc:
                 await client.aclose()
-                if isinstance(exc, RedisError | OSError):  # rediss:// that cannot be TLS: stop
+                if self.topology == "single" and isinstance(exc, RedisError | OSError):
+                    # rediss:// that cannot be TLS: stop
                     where = client.connection_pool.connection_kwargs
                     tls = await redis_tls_failure(dsn, where["host"], where["port"], exc)
                     if tls is not None:
