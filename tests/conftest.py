@@ -21,7 +21,7 @@ import pytest
 
 from core.queue.queue_manager import QueueManager, set_default_manager
 from core.settings import Settings
-from tests.servers import private_redis
+from tests.servers import PrivateCluster, private_redis, private_redis_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 # Set: that server's database is used (and flushed between tests). Unset: a private one.
@@ -118,6 +118,18 @@ def redis_url() -> str:
 
 
 @pytest.fixture(scope="session")
+def redis_cluster() -> PrivateCluster:
+    """The session's own Redis Cluster (3 primaries, 3 replicas: tests/servers.py)."""
+    cluster = private_redis_cluster()
+    if cluster is None:
+        message = "redis-server is not installed; `scripts/services up` installs it"
+        if ON_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return cluster
+
+
+@pytest.fixture(scope="session")
 def mysql_url() -> Iterator[str]:
     """A MariaDB database of this test session's own (`<TOPIQ_TEST_MYSQL_URL's>_<pid>`).
 
@@ -142,12 +154,13 @@ def mysql_url() -> Iterator[str]:
 class Backend:
     """One queue backend as a test sees it: its kind and the settings that reach it."""
 
-    kind: str  # memory, redis, sqlite, mysql
+    kind: str  # memory, redis, cluster (Redis Cluster), sqlite, mysql
     overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def connection(self) -> str:
-        return {"sqlite": "database", "mysql": "database"}.get(self.kind, self.kind)
+        kinds = {"sqlite": "database", "mysql": "database", "cluster": "redis"}
+        return kinds.get(self.kind, self.kind)
 
     def settings(self, **extra: Any) -> Settings:
         return make_settings(queue_connection=self.connection, **{**self.overrides, **extra})
@@ -174,6 +187,18 @@ def _backend(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Itera
         url = request.getfixturevalue("redis_url")
         flush_redis(url)
         yield Backend(kind, {"queue_default": queue, "redis_url": url})
+    elif kind == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        # REDIS_URL gives only credentials and options on a cluster: database 0, host unused.
+        yield Backend(
+            kind,
+            {
+                "queue_default": queue,
+                "redis_url": "redis://127.0.0.1:6379/0",
+                "redis_cluster_nodes": cluster.nodes,
+            },
+        )
     elif kind == "sqlite":
         yield Backend(
             kind, {"queue_default": queue, "db_url": f"sqlite+aiosqlite:///{tmp_path}/queue.db"}
@@ -186,13 +211,13 @@ def _backend(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Itera
         raise AssertionError(kind)
 
 
-@pytest.fixture(params=["memory", "redis", "sqlite", "mysql"])
+@pytest.fixture(params=["memory", "redis", "cluster", "sqlite", "mysql"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """Every queue backend in turn: the conformance suite runs over each."""
     yield from _backend(request.param, request, tmp_path)
 
 
-@pytest.fixture(params=["redis", "sqlite", "mysql"])
+@pytest.fixture(params=["redis", "cluster", "sqlite", "mysql"])
 def server_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """The backends that outlive a process: for tests with real worker processes."""
     yield from _backend(request.param, request, tmp_path)
