@@ -391,8 +391,11 @@ def _describe(exc: ValidationError) -> str:
     """One line naming each wrong variable, what it must be and (for non-secrets) what it got."""
     parts = []
     for error in exc.errors():
-        name = "_".join(str(p) for p in error["loc"]).upper() or "settings"
+        name = "_".join(str(p) for p in error["loc"]).upper()
         message = error["msg"]
+        if not name:  # a rule between settings: its message names them; the input is them all
+            parts.append(message.removeprefix("Value error, "))
+            continue
         ctx = error.get("ctx") or {}
         if "expected" in ctx:
             message = f"must be one of {ctx['expected']}"
@@ -516,6 +519,15 @@ def _check_db_url(url: str) -> None:
 def queue_location(settings: Settings, connection: str) -> str:
     """Where connection `connection` keeps its jobs, for a start line (never a password)."""
     if connection == QueueConnection.REDIS:
+        if settings.redis_cluster_nodes:
+            nodes = ",".join(f"{h}:{p}" for h, p in redis_nodes(settings.redis_cluster_nodes))
+            return f"the Redis Cluster at {nodes} (key prefix {settings.redis_prefix})"
+        if settings.redis_sentinels:
+            nodes = ",".join(f"{h}:{p}" for h, p in redis_nodes(settings.redis_sentinels))
+            return (
+                f"the primary {settings.redis_sentinel_master!r} of the Sentinels at {nodes} "
+                f"(key prefix {settings.redis_prefix})"
+            )
         return f"{redact_url(settings.redis_dsn)} (key prefix {settings.redis_prefix})"
     if connection == QueueConnection.DATABASE:
         dsn = settings.database_dsn
@@ -617,6 +629,18 @@ def settings_warnings(
         )
     ):
         lines.append(f"{names_set} ignored: REDIS_URL is set and replaces them")
+    topology = (
+        "REDIS_CLUSTER_NODES"
+        if settings.redis_cluster_nodes
+        else "REDIS_SENTINELS"
+        if settings.redis_sentinels
+        else ""
+    )
+    if topology:
+        if names_set := changed("redis_host", "redis_port"):
+            lines.append(f"{names_set} ignored: {topology} names the servers")
+    elif names_set := changed("redis_sentinel_master", "redis_sentinel_password"):
+        lines.append(f"{names_set} ignored: REDIS_SENTINELS is not set")
     if settings.mqtt_url:
         parts = urlsplit(settings.mqtt_url)
         replaced = ["mqtt_host", "mqtt_port", "mqtt_tls"]
