@@ -235,6 +235,15 @@ def _brief(answer: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    if "SCALING" in args.only_list:  # a table of its own: bench/scaling.py
+        if args.only_list != ["SCALING"]:
+            raise SystemExit("bench/run: --only scaling runs alone (it is a table of its own)")
+        from bench import scaling
+
+        forwarded = ["--smoke"] if args.smoke else []
+        forwarded += ["--repeats", str(args.repeats), "--section", args.section or "scaling"]
+        forwarded += ["--output", str(args.output)] if args.output is not None else []
+        return scaling.main(forwarded)
     workdir = Path(tempfile.mkdtemp(prefix="topiq-bench-"))
     say(f"bench: scratch directory {workdir}")
     begun = time.monotonic()

@@ -11,6 +11,10 @@ Environment (set by the harness for the worker process):
     BENCH_EVERY: also report progress (for runs cut short): every this many jobs when counting
         in Redis, else at most every this many milliseconds.
     BENCH_SHARED: "1" to count in Redis, for workers that run each job in a new process (RQ).
+    BENCH_FLUSH_MS: for several worker processes on one queue (bench/scaling.py): count here,
+        and every this many milliseconds add what this process did since to a count in Redis
+        and report {"pid", "count" (the total), "first", "t" (this process's last job end)}
+        from a thread, so a job costs no Redis call and the harness sums the processes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from typing import Any
 
@@ -81,10 +86,16 @@ def hit(sent: float = 0.0) -> None:
         sent: when the dispatcher sent the job (epoch seconds); the delay to now is recorded.
             0 means no sample (not a latency job); a negative value is a warm-up job.
     """
-    global _count
+    global _count, _last
     now = time.time()
     due = False
     key, marks, every, shared = _setup()
+    if _flush_ms():
+        if not _first:
+            _start_flusher(now)
+        _last = now  # before the count: a flush that sees this job sees its time
+        _count += 1
+        return
     if shared:
         client = _redis()
         if sent > 0:
@@ -114,6 +125,38 @@ def _report(key: str, count: int, now: float, shared: bool) -> None:
             [float(x) for x in client.lrange(f"{key}:lat", 0, -1)] if shared else _samples
         )
     client.rpush(key, json.dumps(report))
+
+
+_last = 0.0
+_flushing: threading.Thread | None = None
+
+
+def _flush_ms() -> int:
+    return int(os.environ.get("BENCH_FLUSH_MS", "0") or 0)
+
+
+def _start_flusher(now: float) -> None:
+    """The first job of this process: note the start and begin flushing counts (BENCH_FLUSH_MS)."""
+    global _first, _flushing
+    _first = now
+    _flushing = threading.Thread(target=_flush_loop, name="bench-marks", daemon=True)
+    _flushing.start()
+
+
+def _flush_loop() -> None:
+    key = _setup()[0]
+    client = redis.Redis.from_url(os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1"))
+    pid, sent, pause = os.getpid(), 0, _flush_ms() / 1000
+    while True:
+        time.sleep(pause)
+        count = _count
+        last = _last  # set before the count: at least as new as job `count`
+        if count == sent:
+            continue
+        total = int(client.incrby(f"{key}:count", count - sent))
+        sent = count
+        report = {"pid": pid, "count": total, "mine": count, "first": _first, "t": last}
+        client.rpush(key, json.dumps(report))
 
 
 async def timed_sleep(seconds: float) -> None:

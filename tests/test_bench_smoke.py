@@ -7,6 +7,7 @@ a full `bench/run`.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -75,3 +76,42 @@ def test_bench_smoke(tmp_path: Path) -> None:
         if name in peers:
             cell = w8[head.index(shown)].strip()
             assert number.match(cell.split("[")[0]), f"{shown}'s W8: {cell}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(170)
+def test_bench_scaling_smoke(tmp_path: Path) -> None:
+    """`bench/run --only scaling --smoke`: W2 with 1, 2 and 4 worker processes on one Redis,
+    on a private Redis Cluster with one queue and with three queues on three primaries, every
+    figure measured, the core count in the header, written as its own section."""
+    if shutil.which("redis-server") is None and not Path("/usr/bin/redis-server").exists():
+        pytest.skip("redis-server is not installed (scripts/services up installs it)")
+    report = tmp_path / "BENCHMARKS.md"
+    report.write_text("# Benchmarks\n\nkept as it is\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "scaling", "--smoke", "--output", str(report)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=160,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    text = report.read_text()
+    assert text.startswith("# Benchmarks\n\nkept as it is\n")
+    assert "<!-- bench:begin:scaling:" in text
+    assert "<!-- bench:end:scaling -->" in text
+    assert f"**Machine: {os.cpu_count()} cores**" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")][1:]
+    seen = {(row[0].lstrip("| ").split(" (")[0], row[1]) for row in rows}
+    for where in ("single Redis", "cluster, 1 queue", "cluster, 3 queues"):
+        for processes in ("1", "2", "4"):
+            assert (where, processes) in seen, f"no row for {where} with {processes} processes"
+    number = re.compile(r"^[\d,]+$")
+    for row in rows:
+        assert number.match(row[2].strip()), row  # jobs/s measured, no run failed
+        assert re.fullmatch(r"[\d.]+ x", row[3].strip(" |")), row
+    base = next(row for row in rows if row[0] == "| single Redis (`bench`)" and row[1] == "1")
+    assert base[3].strip(" |") == "1.00 x"
+    # The 3 queues are named, and land on 3 different primaries (bench/scaling.py picks them).
+    assert re.search(r"Cluster, 3 queues: bench-\d+, bench-\d+, bench-\d+ hash to slots", text)
