@@ -10,7 +10,8 @@ TopiqError
 │   └── UnknownJobError       the payload names a class that is not an allowed Job
 ├── DriverError               a queue backend failed (the cause is chained)
 │   └── ConnectionLostError   the backend cannot be reached right now
-│       └── SpoolFullError    ... and the MQTT app's offline spool is full too
+│       ├── SpoolFullError    ... and the MQTT app's offline spool is full too
+│       └── NotReplicatedError  a push is stored but fewer replicas than REDIS_WAIT_REPLICAS have it
 ├── QueueFullError            a dispatch met a queue at its `max_length` (overflow "reject")
 ├── JobTimeoutError           a job ran past its timeout (also a built-in TimeoutError)
 ├── DuplicateJobError         a dispatch met a waiting or running job with its id or unique key
@@ -48,6 +49,7 @@ __all__ = [
     "JobFailedError",
     "JobNotFoundError",
     "JobTimeoutError",
+    "NotReplicatedError",
     "PayloadError",
     "PayloadTooLargeError",
     "QueueFullError",
@@ -102,6 +104,18 @@ class ConnectionLostError(DriverError):
 class SpoolFullError(ConnectionLostError):
     """The queue backend cannot be reached and the offline spool holds its maximum: the MQTT
     app leaves the message unacknowledged, so the broker keeps it."""
+
+
+class NotReplicatedError(ConnectionLostError):
+    """A push is stored on the Redis primary, but fewer replicas than `REDIS_WAIT_REPLICAS`
+    acknowledged it within `REDIS_WAIT_TIMEOUT`: if the primary fails before a replica has it,
+    the jobs are lost. `job_ids` are the jobs of the push; look them up (`job_status`) once the
+    server answers again and dispatch again only those it does not know."""
+
+    def __init__(self, message: str, *, job_ids: Sequence[str] = (), acknowledged: int = 0):
+        super().__init__(message)
+        self.job_ids: list[str] = list(job_ids)
+        self.acknowledged = acknowledged
 
 
 class QueueFullError(TopiqError):

@@ -27,12 +27,14 @@ from pathlib import Path
 
 __all__ = [
     "PrivateCluster",
+    "PrivateSentinel",
     "PrivateServer",
     "free_port",
     "private_mosquitto",
     "private_redis",
     "private_redis_cluster",
     "start_redis_cluster",
+    "start_redis_sentinel",
 ]
 
 _SBIN = "/usr/local/sbin:/usr/sbin:/sbin"
@@ -334,3 +336,221 @@ def private_redis_cluster() -> PrivateCluster | None:
 
 
 _clusters: dict[str, PrivateCluster] = {}
+
+
+class PrivateSentinel:
+    """A real Sentinel setup of the test's own: a primary, its replicas and sentinel processes,
+    on free loopback ports, with short down-after/failover timeouts.
+
+    `sentinels` is the REDIS_SENTINELS value, `master_name` the REDIS_SENTINEL_MASTER one.
+    `failover()` forces `SENTINEL FAILOVER`, `kill_primary()` kill -9s the primary, and
+    `wait_new_primary(old)` waits until every live sentinel names a new primary that says so."""
+
+    def __init__(
+        self,
+        servers: list[PrivateServer],
+        watchers: list[PrivateServer],
+        master_name: str,
+        workdir: Path,
+    ) -> None:
+        self.servers = servers
+        self.watchers = watchers
+        self.master_name = master_name
+        self.workdir = workdir
+
+    @property
+    def sentinels(self) -> str:
+        return ",".join(f"127.0.0.1:{w.port}" for w in self.watchers)
+
+    def cli(self, port: int, *args: str, timeout: float = 10.0) -> str:
+        binary = _binary("redis-cli") or "redis-cli"
+        done = subprocess.run(
+            [binary, "-h", "127.0.0.1", "-p", str(port), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return done.stdout
+
+    def role(self, port: int) -> str:
+        try:
+            return self.cli(port, "role", timeout=3).split("\n", 1)[0].strip()
+        except subprocess.TimeoutExpired:
+            return ""
+
+    def server(self, port: int) -> PrivateServer:
+        return next(s for s in self.servers if s.port == port)
+
+    def reported(self) -> list[int | None]:
+        """The primary's port as each live sentinel reports it (None: no answer)."""
+        out: list[int | None] = []
+        for watcher in self.watchers:
+            if watcher.proc.poll() is not None:
+                continue
+            try:
+                lines = self.cli(
+                    watcher.port,
+                    "sentinel",
+                    "get-master-addr-by-name",
+                    self.master_name,
+                    timeout=3,
+                ).split()
+            except subprocess.TimeoutExpired:
+                lines = []
+            out.append(int(lines[1]) if len(lines) == 2 and lines[1].isdigit() else None)
+        return out
+
+    def primary(self) -> int:
+        """The primary's port, as the sentinels agree on it."""
+        ports = set(self.reported())
+        if len(ports) != 1 or None in ports:
+            raise RuntimeError(f"the sentinels do not agree on a primary: {ports}")
+        port = ports.pop()
+        assert port is not None
+        return port
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the sentinels agree on a primary that has every live replica online and each
+        sentinel knows the others and the replicas (a failover then needs no discovery)."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            ports = set(self.reported())
+            if len(ports) == 1 and None not in ports:
+                port = ports.pop()
+                assert port is not None
+                live = [s for s in self.servers if s.proc.poll() is None and s.port != port]
+                info = self.cli(port, "info", "replication", timeout=3)
+                masters = [
+                    self.cli(w.port, "sentinel", "master", self.master_name, timeout=3).split()
+                    for w in self.watchers
+                    if w.proc.poll() is None
+                ]
+                known = all(
+                    _field(m, "num-other-sentinels") == str(len(self.watchers) - 1)
+                    and _field(m, "num-slaves") is not None
+                    and int(_field(m, "num-slaves") or 0) >= len(live)
+                    for m in masters
+                )
+                if info.count("state=online") >= len(live) and known:
+                    return
+                last = info
+            time.sleep(0.05)
+        raise RuntimeError(f"the private Sentinel setup is not ready after {timeout}s:\n{last}")
+
+    def failover(self) -> int:
+        """Force `SENTINEL FAILOVER`; returns the old primary's port (see wait_new_primary)."""
+        old = self.primary()
+        reply = self.cli(self.watchers[0].port, "sentinel", "failover", self.master_name)
+        if "OK" not in reply:
+            raise RuntimeError(f"SENTINEL FAILOVER refused: {reply.strip()}")
+        return old
+
+    def kill_primary(self) -> int:
+        """kill -9 the primary; returns its port."""
+        old = self.primary()
+        server = self.server(old)
+        server.proc.kill()
+        server.proc.wait(10)
+        return old
+
+    def wait_new_primary(self, old: int, timeout: float = 30.0) -> int:
+        """Until every live sentinel names the same primary other than `old`, and it answers
+        as a primary; returns its port."""
+        deadline = time.monotonic() + timeout
+        ports: set[int | None] = set()
+        while time.monotonic() < deadline:
+            ports = set(self.reported())
+            if len(ports) == 1 and None not in ports and old not in ports:
+                port = ports.pop()
+                assert port is not None
+                if self.role(port) == "master":
+                    return port
+            time.sleep(0.02)
+        raise RuntimeError(f"no new primary after {timeout}s (the sentinels say {ports})")
+
+    def stop(self) -> None:
+        for server in [*self.watchers, *self.servers]:
+            server.stop()
+
+
+def _field(flat: list[str], name: str) -> str | None:
+    """A field of a flat name/value reply (`SENTINEL MASTER`)."""
+    for i in range(0, len(flat) - 1, 2):
+        if flat[i] == name:
+            return flat[i + 1]
+    return None
+
+
+def start_redis_sentinel(
+    replicas: int = 1,
+    sentinels: int = 3,
+    master_name: str = "topiq",
+    down_after_ms: int = 1000,
+    failover_timeout_ms: int = 5000,
+    appendonly: bool = False,
+) -> PrivateSentinel | None:
+    """Start a new private primary + `replicas` replicas + `sentinels` sentinels (quorum: a
+    majority); None when redis-server is not installed."""
+    binary = _binary("redis-server")
+    if binary is None or _binary("redis-cli") is None:
+        return None
+    workdir = _workdir()
+    servers: list[PrivateServer] = []
+    watchers: list[PrivateServer] = []
+    setup = PrivateSentinel(servers, watchers, master_name, workdir)
+    try:
+        primary_port = 0
+        for n in range(1 + replicas):
+            port = free_port()
+            node_dir = workdir / f"node-{n}"
+            node_dir.mkdir()
+            argv = [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(node_dir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if appendonly else "no",
+                "--repl-diskless-sync",
+                "yes",
+                "--repl-diskless-sync-delay",
+                "0",
+            ]
+            if n == 0:
+                primary_port = port
+            else:
+                argv += ["--replicaof", "127.0.0.1", str(primary_port)]
+            server = PrivateServer(f"redis-data-{n}", argv, port, node_dir)
+            servers.append(server)
+            server.wait_listening()
+        quorum = sentinels // 2 + 1
+        for n in range(sentinels):
+            port = free_port()
+            node_dir = workdir / f"sentinel-{n}"
+            node_dir.mkdir()
+            config = node_dir / "sentinel.conf"
+            config.write_text(
+                f"port {port}\n"
+                "bind 127.0.0.1\n"
+                f"dir {node_dir}\n"
+                f"sentinel monitor {master_name} 127.0.0.1 {primary_port} {quorum}\n"
+                f"sentinel down-after-milliseconds {master_name} {down_after_ms}\n"
+                f"sentinel failover-timeout {master_name} {failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {master_name} 1\n"
+            )
+            watcher = PrivateServer(
+                f"redis-sentinel-{n}", [binary, str(config), "--sentinel"], port, node_dir
+            )
+            watchers.append(watcher)
+            watcher.wait_listening()
+        setup.wait_ready()
+    except BaseException:
+        setup.stop()
+        raise
+    return setup

@@ -93,6 +93,7 @@ from core.queue.drivers.base import (
     new_record_id,
     pause_marker,
 )
+from core.queue.drivers.redis_durability import push_replicated
 from core.queue.drivers.tls import check_redis_url, redis_tls_failure
 from core.settings import Settings, redis_nodes
 from core.status import ENDED, JobStatus, Progress, Status
@@ -594,7 +595,10 @@ class RedisDriver(Driver):
             calls.append(("push", keys, args))
         async with _translated("push"):
             await self._remember(list(dict.fromkeys(job.queue for job in jobs)))
-            replies = await self._scripts_run(calls)
+            if self.settings.redis_wait_replicas:  # WAIT in the same pipeline
+                replies = await push_replicated(self, calls, jobs)
+            else:
+                replies = await self._scripts_run(calls)
         out: list[Pushed | None] = [None] * len(jobs)
         for (_, _, _, slots), reply in zip(runs, replies, strict=True):
             for n, index in enumerate(slots):
