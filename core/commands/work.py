@@ -2,6 +2,9 @@
 
 `queue:work --failed` (Masonite's) runs no worker: it moves the failed jobs back as
 `queue:retry all` does (`--queue a,b`: of those queues) and exits.
+
+`queue:work --processes N` (N > 1) runs no worker itself: it starts N `queue:work` processes
+with the same flags and supervises them (`core.worker.pool`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import sys
+from pathlib import Path
 from typing import Any
 
 from core.commands._common import (
@@ -27,12 +32,30 @@ from core.queue.drivers.base import Driver
 from core.queue.payload import validate_queue
 from core.queue.queue_manager import QueueManager, set_default_manager
 from core.settings import QueueConnection, Settings, queue_location
-from core.worker.options import ExitCode, WorkerOptions
+from core.worker.options import ExitCode, StopReason, WorkerOptions
+from core.worker.pool import (
+    DRAINED,
+    MAX_PROCESSES,
+    ParentLink,
+    Pool,
+    pool_child,
+)
 from core.worker.worker import Worker, exit_code
 
 HELP = {"queue:work": "run a worker that processes queued jobs (also: --queue-work)"}
 
 logger = logging.getLogger("topiq.worker")
+
+
+def process_count(text: str) -> int:
+    """`--processes`'s type: a whole number from 1 to `MAX_PROCESSES`."""
+    value = positive_int(text)
+    if value > MAX_PROCESSES:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_PROCESSES}, got {text!r} (past that, run more machines or "
+            "supervisord pools)"
+        )
+    return value
 
 
 def configure(name: str, parser: argparse.ArgumentParser) -> None:
@@ -107,6 +130,16 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
         help="also run the scheduler: enqueue the ticks of the schedules in SCHEDULE_MODULE "
         "(app.schedule); any number of schedulers enqueue each tick once",
     )
+    parser.add_argument(
+        "--processes",
+        type=process_count,
+        default=None,
+        metavar="N",
+        help=f"run N worker processes (1 to {MAX_PROCESSES}) under this one, which restarts "
+        "any that exits (--max-jobs and --max-time apply per process) and forwards SIGTERM/"
+        "SIGINT to all; --with-scheduler runs in the first only; --metrics-port P gives "
+        "process i port P+i (default: 1, this process is the worker)",
+    )
 
 
 def options_from(args: argparse.Namespace, settings: Settings) -> WorkerOptions:
@@ -146,6 +179,7 @@ _WORKING_FLAGS = (
     "prefetch",
     "grace",
     "metrics_port",
+    "processes",
 )
 _SWITCHES = ("stop_when_empty", "with_scheduler")
 
@@ -153,6 +187,13 @@ _SWITCHES = ("stop_when_empty", "with_scheduler")
 async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
     if args.failed:
         return await guarded(_retry_failed(args, settings))
+    if (args.processes or 1) > 1:
+        return await _run_pool(args, settings)
+    parent = pool_child()  # a child of `--processes N`: it ends with its parent
+    link = None if parent is None else ParentLink(parent)
+    if link is not None and not link.bind():
+        logger.warning("worker pool process %d ended before this worker started; exiting", parent)
+        return ExitCode.OK
     options = options_from(args, settings)
     async with QueueManager(settings) as manager:
         if manager.connection_name(options.connection) == "sync":
@@ -186,6 +227,8 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
             getattr(args, "settings_from", "the environment and .env"),
         )
         check = asyncio.create_task(_check_backend(manager, connection), name="topiq-redis-check")
+        if link is not None:
+            link.attach(worker.stop)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if args.metrics_port is not None:
@@ -198,8 +241,93 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
         finally:
             check.cancel()
             await asyncio.gather(check, return_exceptions=True)
+            if link is not None:
+                await link.detach()
             set_default_manager(None)
-    return exit_code(worker, reason)  # ends the process itself if a given-up job still runs
+    code = exit_code(worker, reason)  # ends the process itself if a given-up job still runs
+    if link is not None and reason is StopReason.EMPTY and code == ExitCode.OK:
+        return DRAINED  # tells the pool not to replace this one
+    return code
+
+
+# -- --processes N ------------------------------------------------------------------------
+
+#: What each child of the pool gets, flag by flag (every queue:work flag is listed here or in
+#: `_NOT_PASSED`; a test checks it): the same value, as typed after parsing.
+_PASSED = {
+    "queue": "--queue",
+    "connection": "--connection",
+    "max_jobs": "--max-jobs",
+    "max_time": "--max-time",
+    "sleep": "--sleep",
+    "max_tries": "--max-tries",
+    "timeout": "--timeout",
+    "concurrency": "--concurrency",
+    "prefetch": "--prefetch",
+    "grace": "--grace",
+}
+_PASSED_SWITCHES = {"stop_when_empty": "--stop-when-empty"}
+#: Handled one by one in `_child_argv` (or meaningless in a child).
+_NOT_PASSED = ("processes", "failed", "with_scheduler", "metrics_port", "metrics_host", "env_file")
+
+
+def _child_argv(args: argparse.Namespace, slot: int) -> list[str]:
+    """`python main.py [--env-file F] queue:work FLAGS` for child `slot` of the pool."""
+    main = Path(__file__).resolve().parents[2] / "main.py"
+    argv = [sys.executable, str(main)]
+    if not main.is_file():  # installed without the project's main.py
+        argv = [sys.executable, "-c", "import sys; from core.cli import main; sys.exit(main())"]
+    settings_file = getattr(args, "settings_file", None)
+    if settings_file is not None:
+        argv += ["--env-file", str(settings_file)]
+    argv.append("queue:work")
+    for dest, flag in _PASSED.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += [flag for dest, flag in _PASSED_SWITCHES.items() if getattr(args, dest, False)]
+    if args.with_scheduler and slot == 0:  # one scheduler per pool is enough
+        argv.append("--with-scheduler")
+    if args.metrics_port is not None:
+        port = args.metrics_port + slot if args.metrics_port else 0
+        argv += ["--metrics-port", str(port), "--metrics-host", args.metrics_host]
+    return argv
+
+
+async def _run_pool(args: argparse.Namespace, settings: Settings) -> int:
+    """`queue:work --processes N`: start N workers and keep them running (core.worker.pool)."""
+    processes: int = args.processes
+    options = options_from(args, settings)  # what every child gets, checked once here
+    connection = QueueManager(settings).connection_name(options.connection)
+    if connection in ("sync", "memory"):
+        raise ConfigurationError(
+            f"--processes {processes} starts worker processes that share one queue; the "
+            f"{connection} connection is inside one process: use redis or database "
+            "(--connection or QUEUE_CONNECTION)"
+        )
+    port = args.metrics_port
+    if port and port + processes - 1 > 65535:
+        raise ConfigurationError(
+            f"--metrics-port {port} with --processes {processes}: worker process i serves on "
+            f"port {port}+i, and {port + processes - 1} is past 65535"
+        )
+    logger.info(
+        "worker pool starting: %d worker processes on %s, queues %s%s%s; settings from %s",
+        processes,
+        connection,
+        ",".join(options.queues),
+        "; the scheduler runs in process 0" if args.with_scheduler else "",
+        ""
+        if port is None
+        else f"; metrics on port {port}..{port + processes - 1}"
+        if port
+        else "; metrics on a free port each",
+        getattr(args, "settings_from", "the environment and .env"),
+    )
+    pool = Pool(processes, lambda slot: _child_argv(args, slot), options.grace)
+    code = await pool.run()
+    logger.info("worker pool stopped (exit code %d)", code)
+    return code
 
 
 # -- --failed (Masonite's `queue:work --failed`) ----------------------------------------------
