@@ -94,6 +94,7 @@ from core.queue.drivers.base import (
     pause_marker,
 )
 from core.queue.drivers.redis_durability import push_replicated
+from core.queue.drivers.redis_relay import Outboxes, deliver, missing_dependencies, relayed
 from core.queue.drivers.tls import check_redis_url, redis_tls_failure
 from core.settings import Settings, redis_nodes
 from core.status import ENDED, JobStatus, Progress, Status
@@ -119,6 +120,7 @@ _SCRIPTS = (
     "groups",
     "save_payload",
     "prune",
+    "relay",
 )
 
 #: How long a waiter's mark outlives the slice it blocks for (ms). A `done` token stays 60 s
@@ -132,7 +134,9 @@ _UNANSWERED_KEPT = 16
 
 
 #: The scripts that end, place or release jobs: lua/lib.lua (shared functions) is prepended.
-_WITH_LIB = frozenset(("push", "reserve", "ack", "release", "cancel", "clear", "retry_failed"))
+_WITH_LIB = frozenset(
+    ("push", "reserve", "ack", "release", "cancel", "clear", "retry_failed", "relay")
+)
 #: The scripts that read job records: lua/record.lua (`job_reply`) is prepended.
 _WITH_RECORD = frozenset(("status", "browse"))
 
@@ -566,9 +570,15 @@ class RedisDriver(Driver):
         # earlier in the same push is stored before its dependents (one round trip still).
         linked = any(job.depends_on or job.kind != "job" for job in jobs)
         places = await self._dependency_queues(jobs) if linked else {}
+        missing: dict[int, str] = {}  # cluster: a dependency in another queue is unknown
+        if linked and self.cluster:
+            async with _translated("finding dependencies"):
+                missing = await missing_dependencies(self, jobs, places)
         runs: list[tuple[str, dict[tuple[Any, ...], int], list[Any], list[int]]] = []
         by_queue: dict[str, int] = {}
         for index, job in enumerate(jobs):
+            if index in missing:
+                continue
             if linked:
                 if not runs or runs[-1][0] != job.queue:
                     runs.append((job.queue, {}, [], []))
@@ -598,8 +608,15 @@ class RedisDriver(Driver):
             if self.settings.redis_wait_replicas:  # WAIT in the same pipeline
                 replies = await push_replicated(self, calls, jobs)
             else:
-                replies = await self._scripts_run(calls)
+                replies = await self._scripts_run(calls) if calls else []
+        if self.cluster:  # the relay: cross-queue subscriptions (redis_relay.py)
+            box = Outboxes()
+            tags = [self.keys(run[0]).tag for run in runs]
+            replies = [box.take(tag, r) for tag, r in zip(tags, replies, strict=True)]
+            await deliver(self, box)
         out: list[Pushed | None] = [None] * len(jobs)
+        for index, dep_id in missing.items():
+            out[index] = Pushed(dep_id, "missing")
         for (_, _, _, slots), reply in zip(runs, replies, strict=True):
             for n, index in enumerate(slots):
                 out[index] = Pushed(_text(reply[2 * n + 1]), _text(reply[2 * n]))  # type: ignore[arg-type]
@@ -710,6 +727,7 @@ class RedisDriver(Driver):
         out: list[ReservedJob] = []
         lease_ms = max(1, int(lease * 1000))
         failure_ms = self._ms(self.settings.queue_failure_ttl)
+        box = Outboxes()  # cluster: cross-queue messages of these calls (redis_relay.py)
         async with _translated("reserve"):
             runnable = 0
             for name in queues:
@@ -744,6 +762,8 @@ class RedisDriver(Driver):
                     raise
                 if unanswered:
                     del self._unanswered[name]
+                if self.cluster:
+                    reply = box.take(k.tag, reply)
                 next_ms = int(reply[0])
                 if next_ms:
                     self._next_due[name] = (
@@ -762,7 +782,8 @@ class RedisDriver(Driver):
                         out.append(ReservedJob(job_id.decode(), name, reply[i + 1], attempts))
                         runnable += 1
             if acks:
-                await self._ack_groups(acks)
+                await self._ack_groups(acks, box)
+        await deliver(self, box)
         return out
 
     async def wait(self, queues: Sequence[str], timeout: float) -> None:
@@ -775,13 +796,23 @@ class RedisDriver(Driver):
         async with _translated("waiting for jobs"):
             await self.client.blpop(wake, timeout=timeout)
 
-    async def _ack_groups(self, groups: dict[str, Sequence[ReservedJob]]) -> None:
+    async def _ack_groups(
+        self, groups: dict[str, Sequence[ReservedJob]], box: Outboxes | None = None
+    ) -> None:
+        """ack.lua per queue. On a cluster the messages the acks appended (ends reaching
+        other queues) go to `box`, else they are delivered here (redis_relay.py)."""
         calls = []
         for name, jobs in groups.items():
             k = self.keys(name)
             args = [k.tag, *self._ack_args(jobs)]
             calls.append(("ack", [k.reserved, k.payloads, k.attempts], args))
-        await self._scripts_run(calls)
+        replies = await self._scripts_run(calls)
+        if self.cluster:
+            mine = Outboxes() if box is None else box
+            for name, reply in zip(groups, replies, strict=True):
+                mine.take(self.keys(name).tag, reply)
+            if box is None:
+                await deliver(self, mine)
 
     async def ack(self, jobs: Sequence[ReservedJob]) -> None:
         if jobs:
@@ -793,7 +824,7 @@ class RedisDriver(Driver):
     ) -> None:
         k = self.keys(job.queue)
         async with _translated("release"):
-            await self._scripts["release"](
+            done = await self._scripts["release"](
                 keys=[k.ready, k.delayed, k.reserved, k.attempts, k.wake, k.payloads, k.cancel],
                 args=[
                     job.id,
@@ -805,6 +836,7 @@ class RedisDriver(Driver):
                     self._ms(self.settings.queue_failure_ttl),
                 ],
             )
+        await relayed(self, k.tag, done)  # a cancelled job's dependents in other queues
 
     async def extend(self, leases: Sequence[tuple[ReservedJob, float]]) -> None:
         groups: dict[str, list[Any]] = defaultdict(list)
@@ -854,7 +886,7 @@ class RedisDriver(Driver):
             deleted = await self._scripts["clear"](
                 keys=[k.ready, k.delayed, k.payloads, k.attempts, k.wake, k.front], args=[k.tag]
             )
-        return int(deleted)
+        return int(await relayed(self, k.tag, deleted))
 
     async def prune_records(self, ended_before: float | None = None) -> int:
         """Records expire by themselves (PEXPIRE): without `ended_before`, nothing to do.
@@ -1085,7 +1117,7 @@ class RedisDriver(Driver):
                 keys=[k.ready, k.delayed, k.reserved, k.payloads, k.attempts, k.front, k.cancel],
                 args=[job_id, k.tag, self._ms(self.settings.queue_failure_ttl)],
             )
-        return int(done) > 0
+        return int(await relayed(self, k.tag, done)) > 0
 
     async def cancel_requested(self, jobs: Sequence[ReservedJob]) -> list[str]:
         groups = _by_queue(jobs)

@@ -14,7 +14,7 @@
 -- Each end resolves the job's dependents and frees its limit slot in this script (lib.lua).
 -- Returns: the number of jobs removed
 local tag = ARGV[1]
-local q = Q(tag)
+local q = home(tag)
 local removed = 0
 local outcomes, width = outcome_count(ARGV[2])
 for j = 3 + outcomes * width, #ARGV, 3 do
@@ -26,4 +26,4 @@ for j = 3 + outcomes * width, #ARGV, 3 do
   end
 end
 flush(nil)
-return removed
+return reply(removed)

@@ -12,20 +12,20 @@
 -- Returns: 1 cancelled (it was waiting, or a record that had not ended), 2 requested (it is
 --          running), 0 ended or unknown
 local id, tag = ARGV[1], ARGV[2]
-local q = Q(tag)
+local q = home(tag)
 if redis.call('SISMEMBER', q.flows, id) == 1 then
   local kind = redis.call('HGET', tag .. ':job:' .. id, 'kind') or 'workflow'
   cancel_members(q, id, true, 'cancelled with its ' .. kind .. ' ' .. id)
   flush(nil)
-  return 1
+  return reply(1)
 end
 if redis.call('HEXISTS', KEYS[4], id) == 0 then
-  return 0
+  return reply(0)
 end
 if redis.call('ZSCORE', KEYS[3], id) then
   redis.call('SADD', KEYS[7], id)
-  return 2
+  return reply(2)
 end
 end_waiting(q, id, 'cancelled', '', ARGV[3], true)
 flush(nil)
-return 1
+return reply(1)

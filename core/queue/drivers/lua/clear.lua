@@ -21,7 +21,7 @@
 -- ARGV: 1 tag
 -- Returns: the number of jobs deleted
 local tag = ARGV[1]
-local q = Q(tag)
+local q = home(tag)
 local SLICE = 1000
 local deleted = 0
 
@@ -89,4 +89,4 @@ until cursor == '0'
 redis.call('DEL', q.glen, q.nheld)
 redis.call('DEL', KEYS[5], KEYS[6], q.fronts, q.limited)
 flush(nil)
-return deleted
+return reply(deleted)

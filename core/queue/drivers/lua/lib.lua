@@ -89,6 +89,59 @@ local function has(q, flag, key)
   return q[flag]
 end
 
+-- ---------------------------------------------------------------------------------------
+-- THE RELAY (issue #17). With CLUSTER false everything above and below runs inline, in one
+-- atomic script, whatever queues it reaches. With CLUSTER true a script touches only its own
+-- queue (`home`, the tag its KEYS name): where it would reach another queue's keys it appends
+-- a message to its own outbox instead, and redis_relay.py runs lua/relay.lua on the other
+-- queue's slot with it. Keys, under the home tag:
+--   <tag>:outbox         list    messages not yet known to be delivered, oldest first
+--   <tag>:outseq         string  the sequence numbering them (each message is unique)
+-- A message is the JSON array [seq, ms appended, target tag, kind, ...]:
+--   'r', dependent ref, dependency ref, dependency id, status   resolve a dependent
+--   's', dependency id, dependent ref                           subscribe to a dependency
+--   'x', member id, running (1/0), error                        cancel a workflow member
+-- Delivery is at least once (a deliverer may die between relay.lua and the removal): every
+-- handler is idempotent (relay.lua). The scripts' replies carry the messages they appended
+-- (`reply`), so that the caller delivers them without reading the outbox; a message older
+-- than STALE ms is reported by any script of the queue (reserve: every worker), and then
+-- delivered by whoever saw it (a deliverer that died).
+-- ---------------------------------------------------------------------------------------
+local STALE = 2000
+local home_ = nil
+local outbox_ = {}
+
+-- The script's own queue (every script names it first).
+local function home(tag)
+  home_ = tag
+  return Q(tag)
+end
+
+-- Whether `tag` is another queue's, out of this script's reach (on a cluster only).
+local function far(tag) return CLUSTER and tag ~= home_ end
+
+local function emit(target, ...)
+  local seq = redis.call('INCR', home_ .. ':outseq')
+  local m = cjson.encode({seq, string.format('%d', now), target, ...})
+  redis.call('RPUSH', home_ .. ':outbox', m)
+  outbox_[#outbox_ + 1] = m
+end
+
+-- A script's reply: as is on a single server; on a cluster {reply, the messages this script
+-- appended, 1 if the outbox holds a message older than STALE (a deliverer died) else 0}.
+local function reply(r)
+  if not CLUSTER then return r end
+  local stale = 0
+  if #outbox_ == 0 then
+    local first = redis.call('LINDEX', home_ .. ':outbox', 0)
+    if first then
+      local at = tonumber(string.match(first, '^%[[^,]*,"(%d+)"'))
+      if not at or now - at > STALE then stale = 1 end
+    end
+  end
+  return {r, outbox_, stale}
+end
+
 local function ref(tag, id) return tag .. '\0' .. id end
 local function unref(r)
   local at = string.find(r, '\0', 1, true)
@@ -543,7 +596,10 @@ local function cancel_members(q, id, running, err)
       local mtag, mid = unref(r)
       local mq = Q(mtag)
       if redis.call('SISMEMBER', wait, r) == 1 then
-        if redis.call('HEXISTS', mq.payloads, mid) == 1 then
+        if far(mtag) then
+          -- In another slot: relay.lua does the same there.
+          emit(mtag, 'x', mid, running and '1' or '0', err)
+        elseif redis.call('HEXISTS', mq.payloads, mid) == 1 then
           if redis.call('ZSCORE', mq.reserved, mid) then
             if running then redis.call('SADD', mq.cancel, mid) end
           else
@@ -574,6 +630,10 @@ end
 -- Dependency `dep_id` (ref `dep_ref`) ended with `status`: resolve dependent `dref`.
 local function resolve(dref, dep_ref, dep_id, status)
   local dtag, did = unref(dref)
+  if far(dtag) then
+    emit(dtag, 'r', dref, dep_ref, dep_id, status)
+    return
+  end
   local q = Q(dtag)
   local rec = dtag .. ':job:' .. did
   local f = redis.call('HMGET', rec, 'status', 'rule', 'kind', 'cof')

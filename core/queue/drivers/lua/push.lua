@@ -49,7 +49,7 @@
 --          the job that holds the work (the new one, or the holder of the id or key), or for
 --          `missing` the unknown dependency (nothing of the job stored)
 local tag = ARGV[1]
-local q = Q(tag)
+local q = home(tag)
 local result_keep = ARGV[2]
 local qname = ARGV[3]
 local out = {}
@@ -139,14 +139,21 @@ while j <= #ARGV do
 
   -- Dependencies: each known (its record, or a payload of a job pushed by older code).
   for _, d in ipairs(deps) do
-    -- A dependency may be in another queue: its keys come from lib.lua's Q (cross-queue).
-    local dq = Q(d[1])
-    local st = redis.call('HGET', dq.tag .. ':job:' .. d[2], 'status')
-    if not st and redis.call('HEXISTS', dq.payloads, d[2]) == 0 then
-      outcome, holder = 'missing', d[2]
-      break
+    if far(d[1]) then
+      -- On a cluster, in another slot: the driver found it before this push (redis_relay.py);
+      -- the subscription (lib.lua: the relay) registers this job there, or resolves it at once
+      -- if the dependency has ended meanwhile.
+      d[3] = false
+    else
+      -- A dependency may be in another queue: its keys come from lib.lua's Q (cross-queue).
+      local dq = Q(d[1])
+      local st = redis.call('HGET', dq.tag .. ':job:' .. d[2], 'status')
+      if not st and redis.call('HEXISTS', dq.payloads, d[2]) == 0 then
+        outcome, holder = 'missing', d[2]
+        break
+      end
+      d[3] = st or 'queued'
     end
-    d[3] = st or 'queued'
   end
 
   if outcome ~= 'created' then
@@ -303,7 +310,9 @@ while j <= #ARGV do
       end
       -- Live dependencies take this job as a dependent; ended ones apply their end at once.
       for _, d in ipairs(deps) do
-        if not ENDED[d[3]] then
+        if not d[3] then
+          emit(d[1], 's', d[2], me)
+        elseif not ENDED[d[3]] then
           local dq = Q(d[1])
           redis.call('RPUSH', dq.tag .. ':deps:' .. d[2], me)
           redis.call('SADD', dq.hasdeps, d[2])
@@ -311,7 +320,7 @@ while j <= #ARGV do
         end
       end
       for _, d in ipairs(deps) do
-        if ENDED[d[3]] then resolve(me, ref(d[1], d[2]), d[2], d[3]) end
+        if d[3] and ENDED[d[3]] then resolve(me, ref(d[1], d[2]), d[2], d[3]) end
       end
       if flow and ndeps == 0 then end_record(q, id) end
     elseif lined then
@@ -336,4 +345,4 @@ while j <= #ARGV do
   out[#out + 1] = holder
 end
 flush(nil)
-return out
+return reply(out)

@@ -12,16 +12,16 @@
 -- Returns: 1 if released, 2 if cancelled, 0 if the caller no longer held the reservation
 local id, token, delay, refund = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
 local tag = ARGV[5]
-local q = Q(tag)
+local q = home(tag)
 local rec = tag .. ':job:' .. id
 if redis.call('HGET', KEYS[4], id) ~= token or redis.call('ZREM', KEYS[3], id) == 0 then
-  return 0
+  return reply(0)
 end
 unlimit(q, id)
 if redis.call('SREM', KEYS[7], id) == 1 then
   end_waiting(q, id, 'cancelled', ARGV[6], ARGV[7], false)
   flush(nil)
-  return 2
+  return reply(2)
 end
 local prio
 if refund then
@@ -39,4 +39,4 @@ else
   place(q, id, refund, false, prio)
 end
 flush(nil)
-return 1
+return reply(1)

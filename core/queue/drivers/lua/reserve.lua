@@ -35,7 +35,7 @@
 local limit, lease, worker, tag = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local default_keep, acks = ARGV[5], tonumber(ARGV[6])
 local outcomes, width = outcome_count(ARGV[7])
-local q = Q(tag)
+local q = home(tag)
 probe(q)
 
 local first = 8 + outcomes * width
@@ -259,4 +259,4 @@ if #out == 1 and left == 0 then
   if next_ms <= 0 and next_ms ~= -1 then next_ms = 1 end
   out[1] = next_ms
 end
-return out
+return reply(out)

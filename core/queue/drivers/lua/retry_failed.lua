@@ -18,7 +18,7 @@
 -- Returns: the ids of the jobs moved back (by their priority: lib.lua), ready now with their
 --          tries counted afresh (a job of a group: in its group's line if the turn is taken)
 local tag = ARGV[1]
-local q = Q(tag)
+local q = home(tag)
 local moved = {}
 for i = 2, #ARGV, 4 do
   local id, rid, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
