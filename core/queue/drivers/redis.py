@@ -94,7 +94,13 @@ from core.queue.drivers.base import (
     pause_marker,
 )
 from core.queue.drivers.redis_durability import push_replicated
-from core.queue.drivers.redis_relay import Outboxes, deliver, missing_dependencies, relayed
+from core.queue.drivers.redis_relay import (
+    Outboxes,
+    deliver,
+    missing_dependencies,
+    relayed,
+    retry_failed_cluster,
+)
 from core.queue.drivers.tls import check_redis_url, redis_tls_failure
 from core.settings import Settings, redis_nodes
 from core.status import ENDED, JobStatus, Progress, Status
@@ -914,6 +920,8 @@ class RedisDriver(Driver):
         return self._failed
 
     async def retry_failed(self, records: Sequence[FailedJob]) -> list[str]:
+        if self.cluster:  # the store and the queues are in different slots (redis_relay.py)
+            return await retry_failed_cluster(self, records)
         groups: dict[str, list[Any]] = {}
         for record in records:
             if record.connection == self.name:

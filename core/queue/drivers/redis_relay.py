@@ -42,12 +42,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from redis.exceptions import RedisError
 
-from core.queue.drivers.base import OutgoingJob
+from core.queue.drivers.base import FailedJob, OutgoingJob
 
 if TYPE_CHECKING:
     from core.queue.drivers.redis import RedisDriver
 
-__all__ = ["Outboxes", "deliver", "missing_dependencies", "relayed"]
+__all__ = ["Outboxes", "deliver", "missing_dependencies", "relayed", "retry_failed_cluster"]
 
 log = logging.getLogger(__name__)
 
@@ -195,3 +195,44 @@ async def missing_dependencies(
         else:
             stored.add((job.queue, job.id))
     return missing
+
+
+async def retry_failed_cluster(driver: RedisDriver, records: Sequence[FailedJob]) -> list[str]:
+    """`retry_failed` on a cluster, where the failed store and each queue are in different
+    slots: claim each record (failed_claim.lua, a new record id: of two retries one wins),
+    move the claimed ones back (retry_failed.lua on the queue's slot only), then delete the
+    records moved, by the claimed id (failed_remove.lua). A crash between the move and the
+    deletion leaves the job in both places, never in neither."""
+    from core.queue.drivers.redis import _translated
+
+    store = driver.failed_store()
+    groups: dict[str, list[FailedJob]] = {}
+    for record in records:
+        if record.connection != driver.name:
+            continue
+        claimed = await store.claim(record)
+        if claimed is not None:
+            groups.setdefault(record.queue, []).append(claimed)
+    moved: list[str] = []
+    for name, claimed_records in groups.items():
+        k = driver.keys(name)
+        args: list[Any] = [k.tag]
+        for record in claimed_records:
+            job_class = record.job_class
+            args += (
+                record.id,
+                record.record_id,
+                record.payload.encode(),
+                "" if job_class == "?" else job_class,
+            )
+        async with _translated("retrying failed jobs"):
+            await driver._remember([name])
+            ids = await driver.script("retry_failed")(
+                keys=[k.ready, k.delayed, k.payloads, k.wake, k.attempts, k.reserved], args=args
+            )
+        back = {bytes(job_id).decode() for job_id in ids}
+        for record in claimed_records:
+            if record.id in back:
+                await store.remove(record)
+        moved += [record.id for record in claimed_records if record.id in back]
+    return moved

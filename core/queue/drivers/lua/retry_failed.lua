@@ -7,9 +7,13 @@
 --   <ftag>:index     zset   job id -> failed_at (s)
 --   <ftag>:queue:<q> zset   job id -> failed_at (s), the records of queue q
 -- and the queue's keys under {<prefix>:<queue>} as in push.lua (the job's status record is
--- written afresh: `queued`, no tries). The script spans both tags:
--- fine on a single Redis server; on Redis Cluster the two-step retry (claim, push, remove)
--- must be used instead.
+-- written afresh: `queued`, no tries). The script spans both tags: fine on a single Redis
+-- server. On Redis Cluster (CLUSTER) only the queue's keys are sent (KEYS 5..10 below become
+-- 1..6) and the record check and deletion are left out: the driver claims each record first
+-- (failed_claim.lua: a new record id, so that two retries never both win), runs this script,
+-- then deletes the records it moved by that id (failed_remove.lua, redis_relay.py). A crash
+-- between the push and the deletion leaves the job in both places (a second retry pushes it
+-- afresh), never in neither.
 --
 -- KEYS: 1 records, 2 rids, 3 index, 4 queue index,
 --       5 ready, 6 delayed, 7 payloads, 8 wake, 9 attempts, 10 reserved
@@ -20,20 +24,25 @@
 local tag = ARGV[1]
 local q = home(tag)
 local moved = {}
+local base = CLUSTER and 0 or 4
+local function K(n) return KEYS[base + n] end  -- the queue's: 1 ready .. 6 reserved
 for i = 2, #ARGV, 4 do
   local id, rid, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  if redis.call('HEXISTS', KEYS[1], id) == 1 and (redis.call('HGET', KEYS[2], id) or '') == rid then
-    redis.call('HDEL', KEYS[1], id)
-    redis.call('HDEL', KEYS[2], id)
-    redis.call('ZREM', KEYS[3], id)
-    redis.call('ZREM', KEYS[4], id)
-    if redis.call('HSET', KEYS[7], id, payload) == 0 then
+  if CLUSTER or (redis.call('HEXISTS', KEYS[1], id) == 1
+      and (redis.call('HGET', KEYS[2], id) or '') == rid) then
+    if not CLUSTER then
+      redis.call('HDEL', KEYS[1], id)
+      redis.call('HDEL', KEYS[2], id)
+      redis.call('ZREM', KEYS[3], id)
+      redis.call('ZREM', KEYS[4], id)
+    end
+    if redis.call('HSET', K(3), id, payload) == 0 then
       -- Still stored (a late ack never landed): start afresh, as push.lua does.
-      redis.call('HDEL', KEYS[9], id)
-      redis.call('ZREM', KEYS[10], id)
+      redis.call('HDEL', K(5), id)
+      redis.call('ZREM', K(6), id)
       unlimit(q, id)
-      redis.call('ZREM', KEYS[6], id)
-      redis.call('LREM', KEYS[5], 0, id)
+      redis.call('ZREM', K(2), id)
+      redis.call('LREM', K(1), 0, id)
     end
     -- The job keeps its priority and its limit (lib.lua); its dependents stay as resolved.
     local rec = tag .. ':job:' .. id
