@@ -59,6 +59,7 @@ COMMANDS: dict[str, str] = {
     "health": "health",
     "dashboard": "dashboard",
     "queue:migrate": "migrate",
+    "queue:import-routemq": "import_routemq",
     "make:job": "make_job",
     "schedule:list": "schedule",
     "schedule:run": "schedule",
