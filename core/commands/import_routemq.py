@@ -203,8 +203,8 @@ def _report(
         data["unreadable"] = tally.unreadable
 
     def render() -> Any:
-        what = "RouteMQ jobs to import" if tally is None else "RouteMQ jobs imported"
-        notes = []
+        what = "to import" if tally is None else "imported"
+        notes = [f"from {source}"]
         if tally is None:
             notes.append("dry run: nothing moved")
             if before.working:
@@ -220,7 +220,7 @@ def _report(
                 notes.append(f"{after.total} arrived in RouteMQ's keys meanwhile: run it again")
         notes += [f"left in place: {k.key}: {k.reason}" for k in after.left]
         return table(
-            f"{what} from {source} ({args.prefix}:*) into the {connection} connection",
+            f"RouteMQ's {args.prefix}:* jobs {what} into {connection}",
             ["queue", *KINDS],
             [[q, *(rows[q][k] for k in KINDS)] for q in sorted(rows)],
             caption="; ".join(notes),
