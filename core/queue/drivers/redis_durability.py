@@ -22,7 +22,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.errors import NotReplicatedError
 from core.queue.drivers.base import OutgoingJob
@@ -61,7 +63,16 @@ async def push_replicated(
                     pipe.execute_command("WAIT", wanted, timeout_ms, target_nodes=node)
             else:
                 pipe.execute_command("WAIT", wanted, timeout_ms)
-            results = list(await pipe.execute(raise_on_error=False))
+            try:
+                results = list(await pipe.execute(raise_on_error=False))
+            except (RedisConnectionError, RedisTimeoutError):
+                if driver.cluster:
+                    # redis-py 8.1's cluster pipeline, unlike its single commands, does not
+                    # ask for a new slot map when a node is unreachable: without this, every
+                    # later push of that slot would go to the dead node even after its replica
+                    # was promoted. The next command reads the topology again.
+                    client._initialize = True
+                raise
         waits.extend(results[len(todo) :])
         for i, reply in zip(todo, results, strict=False):
             replies[i] = reply
