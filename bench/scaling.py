@@ -4,27 +4,33 @@
     .venv/bin/python -m bench.scaling             # the same, printed only
     .venv/bin/python -m bench.scaling --smoke     # tiny sizes (tests/test_bench_smoke.py)
 
-Every run is W2: 20,000 queued no-op jobs (bench/jobs.py `Noop`), drained by worker
-processes (`python main.py queue:work --concurrency 32`, W2's worker) started together once
-the queue is full; the rate is from the first job's end to the last job's end, over all the
-processes. Rows:
+Every run is W2: 20,000 queued no-op jobs (bench/jobs.py `Noop`) drained by worker processes
+(`python main.py queue:work --concurrency 32`, W2's worker). The queues are paused
+(`queue:pause`) while the workers start, so that every process is up before the first job
+runs: once all of them are registered the queues are filled and resumed (each worker sees the
+resume within its 0.5 s pause check). Rows:
 
 * single Redis: a private redis-server (no persistence), queue `bench`.
 * cluster, 1 queue: a private Redis Cluster of 3 primaries and 3 replicas (tests/servers.py
-  `start_redis_cluster`, what `scripts/services` starts), queue `bench`. A queue's keys share
-  one hash slot, so one queue lives on one primary: this row shows what a cluster gives a
-  single queue (nothing but a hop).
+  `start_redis_cluster`), queue `bench`. A queue's keys share one hash slot, so one queue
+  lives on one primary: this row shows what a cluster gives a single queue.
 * cluster, 3 queues: the same jobs spread evenly over 3 queues whose slots are on the 3
   different primaries; every process works all three, each in its own order (process i
   starts with queue i mod 3), so that N processes keep min(N, 3) primaries busy.
 
-Processes: N separate `queue:work` processes (what `queue:work --processes N` runs, one
-parent less). The jobs count in their own process and a thread in each adds the count to
-the harness's Redis every 10 ms (`BENCH_FLUSH_MS`, bench/marks.py), so counting costs a job
-no Redis call; the harness sums the processes. Each round runs every configuration once
-(the order fixed); `--repeats` rounds; each figure is the median of its rounds, and the
-ratio column the median of the ratios to the round's 1 process on single Redis, so that a
-change in the machine's load falls on both sides alike.
+Processes: with one queue, `queue:work --processes N` (one parent, N worker processes); with
+3 queues, N separate `queue:work` processes, since each starts with another queue (the
+children of one `--processes` parent share their flags, queue order included).
+
+Figures: *jobs/s* is W2's, from the first job's end to the last job's end over all the
+processes; *while all processes worked* counts only the window in which every process was
+taking jobs (the latest first job to the earliest last job), without the start and the tail.
+The jobs count in their own process and a thread in each adds the count to the harness's
+Redis every 10 ms (`BENCH_FLUSH_MS`, bench/marks.py), so counting costs a job no Redis call.
+Each round runs every configuration once (in the table's order); `--repeats` rounds; each
+figure is the median of its rounds, and the ratio column the median of the ratios to the
+same round's 1 process on single Redis, so that a change in the machine's load falls on
+both sides alike.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ class Config:
 class Outcome:
     rates: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
+    steady: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -134,13 +141,17 @@ def spread_queues(cluster_nodes: str, count: int = 3) -> tuple[str, ...]:
         client.close()
 
 
+def _settings(env: dict[str, str]) -> Any:
+    from core.settings import Settings
+
+    return Settings.load(env_file=None, **{k.lower(): v for k, v in env.items()})
+
+
 async def fill(env: dict[str, str], queues: tuple[str, ...], n: int) -> None:
     """Queue `n` no-op jobs spread evenly over `queues`, in bulk calls of at most 10,000."""
     from core.queue.queue_manager import QueueManager
-    from core.settings import Settings
 
-    settings = Settings.load(env_file=None, **{k.lower(): v for k, v in env.items()})
-    async with QueueManager(settings) as manager:
+    async with QueueManager(_settings(env)) as manager:
         for i, queue in enumerate(queues):
             share = n // len(queues) + (1 if i < n % len(queues) else 0)
             for start in range(0, share, 10_000):
@@ -148,15 +159,58 @@ async def fill(env: dict[str, str], queues: tuple[str, ...], n: int) -> None:
                 await manager.bulk(batch, queue)
 
 
+async def switch(env: dict[str, str], queues: tuple[str, ...], pause: bool) -> None:
+    """Pause or resume `queues` (what `queue:pause` / `queue:resume` do)."""
+    from core.queue.queue_manager import QueueManager
+
+    async with QueueManager(_settings(env)) as manager:
+        driver = await manager.connection()
+        for queue in queues:
+            await (driver.pause(queue) if pause else driver.resume(queue))
+
+
+async def live_workers(env: dict[str, str]) -> int:
+    """The worker processes registered (alive)."""
+    from core.queue.queue_manager import QueueManager
+
+    async with QueueManager(_settings(env)) as manager:
+        return len(await (await manager.connection()).workers())
+
+
+@dataclass
+class Drained:
+    rate: float  # W2's: jobs / (last job's end - first job's end), over every process
+    steady: float | None  # jobs/s while every process was working (None: too short a window)
+
+
+def _steady(samples: dict[int, list[tuple[float, int]]]) -> float | None:
+    """Jobs per second over the window in which every process was working: from the latest
+    first report to the earliest last one (each process's count a step function of time)."""
+    start = max(s[0][0] for s in samples.values())
+    end = min(s[-1][0] for s in samples.values())
+    if end - start < 0.2:
+        return None
+
+    def done_by(when: float) -> int:
+        return sum(max((c for t, c in s if t <= when), default=0) for s in samples.values())
+
+    return (done_by(end) - done_by(start)) / (end - start)
+
+
 def drain(
     config: Config, env: dict[str, str], marks_url: str, workdir: Path, n: int, budget: float
-) -> float:
-    """Start `config.processes` workers on the full queues; jobs/s over all of them."""
+) -> Drained:
+    """Start `config.processes` workers on the paused queues, wait until each is up, fill the
+    queues, resume them; jobs/s over all the processes."""
     key = f"bench:marks:{uuid.uuid4().hex[:8]}"
     marks = redis.Redis.from_url(marks_url)
     workers = []
+    # One queue: one `queue:work --processes N` (its children alike). Several queues: N
+    # separate `queue:work` processes, process i starting with queue i mod len(queues).
+    pooled = len(config.queues) == 1
     try:
-        for i in range(config.processes):
+        asyncio.run(switch(env, config.queues, pause=True))
+        for i in range(1 if pooled else config.processes):
             order = (
                 config.queues[i % len(config.queues) :] + config.queues[: i % len(config.queues)]
             )
@@ -164,6 +218,8 @@ def drain(
                 sys.executable, str(REPO / "main.py"), "queue:work", "--connection", "redis",
                 "--queue", ",".join(order), "--concurrency", str(CONCURRENCY),
             ]  # fmt: skip
+            if pooled and config.processes > 1:
+                argv += ["--processes", str(config.processes)]
             peer = _Args(marks_url, str(workdir), argv, env)
             worker = WorkerProcess(
                 peer,  # type: ignore[arg-type]
@@ -172,29 +228,46 @@ def drain(
                 label=f"scaling-{config.topology}-{len(config.queues)}q-{i}",
             )
             workers.append(worker.__enter__())
+        deadline = time.monotonic() + budget
+        # Worker processes register as they start: wait for all of them (another process's
+        # start-up is no event here: look every 0.1 s).
+        while asyncio.run(live_workers(env)) < config.processes:
+            _alive(workers)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{config.processes} workers did not all start")
+            time.sleep(0.1)
+        asyncio.run(fill(env, config.queues, n))
+        asyncio.run(switch(env, config.queues, pause=False))  # each sees it within 0.5 s
         # Each report carries its process's own count so far and its last job's end: the
         # drain is over once the latest counts of the processes add up to `n` (a report
         # holding the cluster-wide total `n` may arrive before another process's last one).
-        first, last, mine = float("inf"), 0.0, dict[int, int]()
+        first, last = float("inf"), 0.0
+        samples: dict[int, list[tuple[float, int]]] = {}
         deadline = time.monotonic() + budget
-        while sum(mine.values()) < n:
+        while sum(s[-1][1] for s in samples.values()) < n:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"{sum(mine.values())} of {n} jobs done after {budget:.0f}s")
+                done = sum(s[-1][1] for s in samples.values())
+                raise TimeoutError(f"{done} of {n} jobs done after {budget:.0f}s")
             item = marks.blpop([key], timeout=min(1.0, left))
             if item is None:
-                for worker in workers:
-                    if worker.proc is not None and worker.proc.poll() is not None:
-                        raise WorkerDied(f"a worker exited: {worker.tail()}")
+                _alive(workers)
                 continue
             report: dict[str, Any] = json.loads(item[1])
             first, last = min(first, report["first"]), max(last, report["t"])
-            mine[report["pid"]] = max(mine.get(report["pid"], 0), report["mine"])
-        return n / (last - first) if last > first else 0.0
+            samples.setdefault(report["pid"], []).append((report["t"], report["mine"]))
+        rate = n / (last - first) if last > first else 0.0
+        return Drained(rate, _steady(samples) if len(samples) > 1 else rate)
     finally:
         for worker in workers:
             worker.__exit__(None, None, None)
         marks.close()
+
+
+def _alive(workers: list[WorkerProcess]) -> None:
+    for worker in workers:
+        if worker.proc is not None and worker.proc.poll() is not None:
+            raise WorkerDied(f"a worker exited: {worker.tail()}")
 
 
 def configs(processes: list[int], spread: tuple[str, ...] | None) -> list[Config]:
@@ -238,13 +311,15 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[Config, Outcome],
                     else:
                         env = settings_env(single.url, "")
                     try:
-                        asyncio.run(fill(env, config.queues, args.jobs))
-                        rate = drain(config, env, single.url, workdir, args.jobs, args.budget)
+                        got = drain(config, env, single.url, workdir, args.jobs, args.budget)
                     except Exception as exc:
                         outcome.errors.append(f"{type(exc).__name__}: {exc}"[:300])
                         say(f"round {round_ + 1} {config.label} x{config.processes}: {exc}")
                         continue
+                    rate = got.rate
                     outcome.rates.append(rate)
+                    if got.steady is not None:
+                        outcome.steady.append(got.steady)
                     if config == plan[0]:
                         base = rate
                     if base:
@@ -258,8 +333,9 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[Config, Outcome],
 
 def table(outcomes: dict[Config, Outcome]) -> str:
     lines = [
-        "| Redis | worker processes | jobs/s ↑ | / 1 process on single Redis |",
-        "|---|---:|---:|---:|",
+        "| Redis | worker processes | jobs/s ↑ | / 1 process on single Redis | jobs/s while "
+        "all processes worked ↑ |",
+        "|---|---:|---:|---:|---:|",
     ]
     for config, outcome in outcomes.items():
         if outcome.rates:
@@ -269,8 +345,11 @@ def table(outcomes: dict[Config, Outcome]) -> str:
             rate, ratio = "n/a", "n/a"
         if outcome.errors:
             rate += f" ({len(outcome.errors)} run(s) failed: {outcome.errors[0]})"
+        steady = f"{statistics.median(outcome.steady):,.0f}" if outcome.steady else "n/a"
         queues = ", ".join(f"`{q}`" for q in config.queues)
-        lines.append(f"| {config.label} ({queues}) | {config.processes} | {rate} | {ratio} |")
+        lines.append(
+            f"| {config.label} ({queues}) | {config.processes} | {rate} | {ratio} | {steady} |"
+        )
     return "\n".join(lines)
 
 

@@ -155,3 +155,9 @@ def test_the_command_lines_parse() -> None:
         args = build_parser(argv[0]).parse_args(argv)
         if "--processes" in argv:
             assert args.processes == int(argv[argv.index("--processes") + 1])
+
+
+def test_the_guides_link_the_page() -> None:
+    assert "(docs/scaling.md)" in (ROOT / "README.md").read_text()
+    assert "(scaling.md)" in (ROOT / "docs" / "configuration.md").read_text()
+    assert "docs/scaling.md" in (ROOT / ".env.example").read_text()
