@@ -42,6 +42,8 @@ async def push_replicated(
 ) -> list[Any]:
     """Run the push script `calls` and WAIT for `REDIS_WAIT_REPLICAS` replicas in one pipeline;
     the scripts' replies, in order, or `NotReplicatedError`."""
+    if not calls:
+        return []
     wanted = driver.settings.redis_wait_replicas
     timeout_ms = max(1, int(driver.settings.redis_wait_timeout * 1000))
     client: Any = driver.client

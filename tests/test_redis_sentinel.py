@@ -1,0 +1,119 @@
+"""Failover of a real Sentinel setup under load (#17 §4): a primary, its replicas and three
+sentinel processes of the test's own; a dispatcher process pushes jobs continuously to two
+queues and one worker process per queue runs them, all through REDIS_SENTINELS /
+REDIS_SENTINEL_MASTER. A forced `SENTINEL FAILOVER`, then a kill -9 of the primary with
+REDIS_WAIT_REPLICAS=1: the same processes carry on (they ask the sentinels again) and no job
+acknowledged by dispatch is lost. TOPIQ_FAILOVER_REPORT=<file> collects the figures.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_settings
+from tests.failover_dispatch import Load, queue_empty, report, tally
+from tests.processes import wait_until
+from tests.servers import PrivateSentinel, start_redis_sentinel
+
+pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
+
+QUEUES = ["sentinel-a", "sentinel-b"]
+
+
+def env_of(setup: PrivateSentinel, wait_replicas: int) -> dict[str, str]:
+    return {
+        "QUEUE_CONNECTION": "redis",
+        "QUEUE_ALLOWED_MODULES": "app.,tests.",
+        "QUEUE_LEASE_MARGIN": "2",
+        "WORKER_SLEEP": "0.05",
+        "LOG_LEVEL": "INFO",
+        "REDIS_SENTINELS": setup.sentinels,
+        "REDIS_SENTINEL_MASTER": setup.master_name,
+        "REDIS_WAIT_REPLICAS": str(wait_replicas),
+        "REDIS_WAIT_TIMEOUT": "1",
+    }
+
+
+def run_sentinel_failover(
+    setup: PrivateSentinel, tmp_path: Path, wait_replicas: int, fail: Callable[[], int]
+) -> dict[str, object]:
+    settings = make_settings(
+        redis_sentinels=setup.sentinels, redis_sentinel_master=setup.master_name
+    )
+    load = Load(tmp_path, env_of(setup, wait_replicas), QUEUES)
+    try:
+        wait_until(lambda: len(load.runs()) >= 100, 40, "100 jobs to run before the failover")
+        started = time.time()
+        old = fail()
+        new = setup.wait_new_primary(old)
+        promoted = time.time()
+        # The same processes carry on through the new primary: dispatches are acknowledged
+        # again on both queues, and the workers run jobs acknowledged after the promotion.
+        for queue in QUEUES:
+            wait_until(
+                lambda q=queue: load.acked_since(promoted, q) >= 50,  # type: ignore[misc]
+                30,
+                f"dispatches to {queue} to resume",
+            )
+        after = {
+            int(e["n"])  # type: ignore[call-overload]
+            for e in load.events("acked")
+            if float(e["t"]) > promoted  # type: ignore[arg-type]
+        }
+        wait_until(
+            lambda: any(int(r["n"]) in after for r in load.runs()),  # type: ignore[call-overload]
+            30,
+            "a job dispatched after the promotion to run",
+        )
+        first_run = min(
+            float(r["t"])  # type: ignore[arg-type]
+            for r in load.runs()
+            if int(r["n"]) in after  # type: ignore[call-overload]
+        )
+        load.stop_dispatching()
+        wait_until(lambda: queue_empty(settings, QUEUES), 40, "the queues to drain")
+        for worker in load.workers:
+            assert worker.proc.poll() is None, worker.output[-3000:]
+        figures = tally(load)
+        figures.update(
+            wait_replicas=wait_replicas,
+            old_primary=old,
+            new_primary=new,
+            failover_to_promotion_s=round(promoted - started, 2),
+            failover_to_first_run_s=round(first_run - started, 2),
+        )
+    except BaseException:
+        print(load.output())
+        raise
+    finally:
+        load.stop()
+    return figures
+
+
+def test_forced_sentinel_failover_under_load_loses_nothing(tmp_path: Path) -> None:
+    setup = start_redis_sentinel(replicas=1)
+    if setup is None:
+        pytest.skip("redis-server is not installed")
+    try:
+        figures = run_sentinel_failover(setup, tmp_path, 0, setup.failover)
+    finally:
+        setup.stop()
+    report("sentinel forced failover, no WAIT", figures)
+    assert figures["lost"] == [], figures
+
+
+def test_sentinel_primary_killed_with_wait_replicas_loses_nothing(tmp_path: Path) -> None:
+    # Two replicas: after the kill the promoted one still has a replica to acknowledge WAIT 1.
+    setup = start_redis_sentinel(replicas=2)
+    if setup is None:
+        pytest.skip("redis-server is not installed")
+    try:
+        figures = run_sentinel_failover(setup, tmp_path, 1, setup.kill_primary)
+    finally:
+        setup.stop()
+    report("sentinel kill -9, REDIS_WAIT_REPLICAS=1", figures)
+    assert figures["lost"] == [], figures
