@@ -259,3 +259,33 @@ async def test_messages_left_by_a_worker_lost_after_its_ack_are_delivered_by_ano
     assert (await driver.job_status(second.id, b)).status is Status.SUCCEEDED  # type: ignore[union-attr]
     assert await driver.reserve([b], 10, lease=30) == []
     assert runs(log) == [2]
+
+
+async def test_cancelling_a_chain_cancels_its_members_in_other_queues(
+    backend: Backend, driver: RedisDriver, tmp_path: Path
+) -> None:
+    a, b, c = spread_queues(driver)
+    log = tmp_path / "events.log"
+    async with QueueManager(backend.settings()) as manager:
+        flow = await chain(
+            on(RecordJob(str(log), n=1), b),
+            on(RecordJob(str(log), n=2), c),
+            on(RecordJob(str(log), n=3), a),
+        ).dispatch(manager)
+        assert flow.queue == b  # the record is in the first member's queue
+        [running] = await driver.reserve([b], 1, lease=30)  # the first one runs
+        assert await flow.cancel()
+        with pytest.raises(JobCancelledError):
+            await flow.jobs[1].result(timeout=10)
+        for member in flow.jobs[1:]:
+            record = await member.status()
+            assert record.status is Status.CANCELLED, record
+        # The running member is asked to stop; its end (cancelled) ends the chain.
+        assert await driver.cancel_requested([running]) == [running.id]
+        running.outcome = Outcome(Status.CANCELLED, 60, error="stopped")
+        await driver.ack([running])
+        with pytest.raises(JobCancelledError):
+            await flow.result(timeout=10)
+        progress = await flow.progress()
+        assert (progress.total, progress.cancelled) == (3, 3)
+        assert await driver.reserve([a, b, c], 10, lease=30) == []
