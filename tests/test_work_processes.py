@@ -28,7 +28,6 @@ from core.queue.queue_manager import QueueManager
 from core.worker.pool import MAX_PROCESSES, PARENT_ENV
 from tests.conftest import ROOT, Backend
 from tests.jobs import RecordJob, events, record
-from tests.ops.jobs import PoolJob
 from tests.processes import WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(180)]
@@ -56,6 +55,24 @@ class MeetJob(Job):
         # Other processes tell us through a file, which offers no event to await.
         while len(events(self.log, "start")) < self.count:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
+        record(self.log, event="done", n=self.n, id=self.job_id, attempts=self.attempts)
+
+
+class HoldJob(Job):
+    """Records `start` (with its pid) and `done`; on its first try holds `hold` seconds between
+    them, long enough to be caught running by a SIGKILL."""
+
+    timeout = 6  # a job lost with its worker comes back within timeout + lease margin
+
+    def __init__(self, log: str, n: int, hold: float = 0.0) -> None:
+        self.log = log
+        self.n = n
+        self.hold = hold
+
+    async def handle(self) -> None:
+        record(self.log, event="start", n=self.n, id=self.job_id, attempts=self.attempts)
+        if self.hold and self.attempts == 1:
+            await asyncio.sleep(self.hold)
         record(self.log, event="done", n=self.n, id=self.job_id, attempts=self.attempts)
 
 
@@ -194,19 +211,22 @@ def test_a_child_killed_with_sigkill_is_replaced_and_loses_nothing(
 ) -> None:
     log = str(tmp_path / "events.jsonl")
     victim_n = 50
-    jobs = [PoolJob(log, n, pause=3.0 if n == victim_n else 0.0) for n in range(200)]
+    jobs = [HoldJob(log, n, hold=4.0 if n == victim_n else 0.0) for n in range(200)]
     with pool(2, ["--concurrency", "2"], server_backend.env(), tmp_path) as parent:
         before = pool_up(server_backend, parent, 2)
         ids = send(server_backend, jobs)
 
-        def carrying(found: list[WorkerInfo]) -> bool:
-            return any(ids[victim_n] in w.running and w.pid in before for w in found)
+        def victim_started() -> list[int]:
+            return [e["pid"] for e in events(log, "start") if e["n"] == victim_n]
 
-        [victim] = [
-            w.pid
-            for w in registered_workers(server_backend, carrying)
-            if ids[victim_n] in w.running
-        ]
+        wait_until(lambda: bool(victim_started()), 60, "the victim job to start")
+        [victim] = victim_started()  # in the middle of its 4 s hold
+        assert victim in before
+        # Listed as running by a heartbeat: that beat renewed its lease to its own timeout (the
+        # reservation's lease is the default timeout's), so it comes back within seconds.
+        registered_workers(
+            server_backend, lambda found: any(ids[victim_n] in w.running for w in found)
+        )
         os.kill(victim, signal.SIGKILL)
         wait_until(
             lambda: {e["id"] for e in events(log, "done")} >= set(ids), 90, "every job to be done"
@@ -217,7 +237,9 @@ def test_a_child_killed_with_sigkill_is_replaced_and_loses_nothing(
             rf"worker process \d \(pid {victim}\) was killed by SIGKILL", parent.output
         )
     done = events(log, "done")
-    assert Counter(e["id"] for e in done) == Counter(ids)  # each job done exactly once
+    # None lost. (A job the victim had finished but not yet acknowledged runs again: at least
+    # once, as with any worker killed with -9.)
+    assert {e["id"] for e in done} == set(ids)
     [again] = [e for e in done if e["n"] == victim_n]
     assert again["attempts"] == 2 and again["pid"] != victim  # it came back after its lease
 
