@@ -14,9 +14,10 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -29,6 +30,8 @@ from core.worker.pool import MAX_PROCESSES, PARENT_ENV
 from tests.conftest import ROOT, Backend
 from tests.jobs import RecordJob, events, record
 from tests.processes import WorkerProcess, wait_until
+
+T = TypeVar("T")
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(180)]
 
@@ -117,25 +120,25 @@ def pool(
     finally:
         parent.stop()
         for pid in children(parent.proc.pid):
-            os.kill(pid, signal.SIGKILL)
+            with suppress(ProcessLookupError):  # it may end on its own meanwhile
+                os.kill(pid, signal.SIGKILL)
 
 
-def on_backend(backend: Backend, action: Callable[[QueueManager], object]) -> object:
-    async def go() -> object:
+def on_backend(backend: Backend, action: Callable[[QueueManager], Awaitable[T]]) -> T:
+    """`action(manager)` on a fresh manager in its own event loop."""
+
+    async def go() -> T:
         async with QueueManager(backend.settings()) as manager:
-            result = action(manager)
-            return await result if asyncio.iscoroutine(result) else result
+            return await action(manager)
 
     return asyncio.run(go())
 
 
-def send(backend: Backend, jobs: list[Job]) -> list[str]:
+def send(backend: Backend, jobs: Sequence[Job]) -> list[str]:
     async def go(manager: QueueManager) -> list[str]:
-        return await manager.bulk(jobs)
+        return [handle.id for handle in await manager.bulk(jobs)]
 
-    ids = on_backend(backend, go)
-    assert isinstance(ids, list)
-    return ids
+    return on_backend(backend, go)
 
 
 def registered_workers(
@@ -153,9 +156,7 @@ def registered_workers(
                     return found
                 await asyncio.sleep(0.1)
 
-    found = on_backend(backend, go)
-    assert isinstance(found, list)
-    return found
+    return on_backend(backend, go)
 
 
 def pool_up(backend: Backend, parent: WorkerProcess, processes: int) -> set[int]:
@@ -175,9 +176,7 @@ def queue_size(backend: Backend) -> int:
     async def go(manager: QueueManager) -> int:
         return await manager.size(manager.settings.queue_default)
 
-    size = on_backend(backend, go)
-    assert isinstance(size, int)
-    return size
+    return on_backend(backend, go)
 
 
 # -- N children, all working ----------------------------------------------------------------
