@@ -628,7 +628,7 @@ async def test_enqueue_many_with_job_ids_on_sql_is_not_a_statement_per_job(
 ) -> None:
     from sqlalchemy import event
 
-    if server_backend.kind == "redis":
+    if server_backend.connection == "redis":
         pytest.skip("one Lua call per push on Redis")
     async with QueueManager(server_backend.settings()) as manager:
         q = Queue("adv-ids", manager=manager)

@@ -399,22 +399,59 @@ async def redis_durability(client: Any) -> tuple[int, str]:
     It loses every job on a restart when it has neither AOF (`appendonly no`) nor RDB save
     points (`save ""`), and may drop jobs under memory pressure when its `maxmemory-policy` is
     anything but `noeviction`: a WARNING. Otherwise an INFO line says how it keeps the queue;
-    when `CONFIG` is disabled or not allowed, an INFO line says what to check by hand.
+    when `CONFIG` is disabled or not allowed, an INFO line says what to check by hand. On a
+    Redis Cluster every primary is asked (each keeps its own slots), and a WARNING names the
+    primaries it is about.
     """
+    from redis.asyncio.cluster import RedisCluster
     from redis.exceptions import ResponseError
 
+    cluster = isinstance(client, RedisCluster)
+    nodes: dict[str, dict[str, str]] = {}
     try:
-        values: dict[str, str] = {}
         for name in ("appendonly", "save", "maxmemory-policy"):
-            reply = await client.config_get(name)
-            for key, value in reply.items():
-                values[_text(key)] = _text(value)
+            if cluster:
+                replies = await client.config_get(name, target_nodes=RedisCluster.PRIMARIES)
+            else:
+                replies = {"": await client.config_get(name)}
+            for node, reply in replies.items():
+                for key, value in reply.items():
+                    nodes.setdefault(_text(node), {})[_text(key)] = _text(value)
     except ResponseError as exc:
         return logging.INFO, (
             f"cannot read the Redis server's configuration ({exc}); make sure it keeps the "
             "queue across restarts (appendonly yes) and never evicts it (maxmemory-policy "
             "noeviction): see docs/operations.md, Running Redis for a queue"
         )
+    found = {node: _durability(values) for node, values in sorted(nodes.items())}
+    troubled = {node: problems for node, (problems, _) in found.items() if problems}
+    if not troubled:
+        kept = {line for _, line in found.values()}
+        if not cluster or len(kept) == 1:
+            return logging.INFO, f"the Redis server {next(iter(kept))} and never evicts it " + (
+                "(noeviction)" if not cluster else "(noeviction), on every cluster primary"
+            )
+        return logging.INFO, "the Redis server's primaries: " + "; ".join(
+            f"{node} {line}" for node, (_, line) in found.items()
+        )
+    if not cluster:
+        [problems] = troubled.values()
+        said = "; ".join(problems)
+    else:
+        alike: dict[str, list[str]] = {}  # the same problems: said once, naming each primary
+        for node, problems in troubled.items():
+            alike.setdefault("; ".join(problems), []).append(node)
+        said = "; ".join(
+            f"{'primary' if len(where) == 1 else 'primaries'} {', '.join(where)}: {problems}"
+            for problems, where in alike.items()
+        )
+    return logging.WARNING, (
+        f"the Redis server may lose jobs: {said} (docs/operations.md, Running Redis for a queue)"
+    )
+
+
+def _durability(values: dict[str, str]) -> tuple[list[str], str]:
+    """What one server's configuration may lose (none: empty) and how it keeps the queue."""
     problems = []
     aof = values.get("appendonly", "no") != "no"
     save = values.get("save", "").strip()
@@ -429,19 +466,13 @@ async def redis_durability(client: Any) -> tuple[int, str]:
             f"maxmemory-policy is {policy}: when full it may evict queued jobs; set "
             "maxmemory-policy noeviction"
         )
-    if not problems:
-        kept = (
-            "keeps the queue in its append-only file"
-            if aof
-            else f"keeps RDB snapshots only (save {save}): a restart loses the jobs since the "
-            "last one; appendonly yes keeps them all"
-        )
-        return logging.INFO, f"the Redis server {kept} and never evicts it (noeviction)"
-    return logging.WARNING, (
-        "the Redis server may lose jobs: "
-        + "; ".join(problems)
-        + " (docs/operations.md, Running Redis for a queue)"
+    kept = (
+        "keeps the queue in its append-only file"
+        if aof
+        else f"keeps RDB snapshots only (save {save}): a restart loses the jobs since the "
+        "last one; appendonly yes keeps them all"
     )
+    return problems, kept
 
 
 def _text(value: bytes | str) -> str:

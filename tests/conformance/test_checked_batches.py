@@ -118,7 +118,7 @@ async def test_a_batch_of_ids_is_decided_as_one_push_after_the_other(
 async def test_an_expired_holder_met_in_a_batch_is_ended_and_the_job_stored_in_its_turn(
     driver: Driver, queue: str, backend: Backend, request: pytest.FixtureRequest
 ) -> None:
-    if backend.kind == "redis":
+    if backend.connection == "redis":
         request.applymarker(
             pytest.mark.xfail(
                 strict=True,

@@ -66,10 +66,12 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url as redis_parse_url
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -262,7 +264,7 @@ class RedisFailedStore(FailedStore):
         return [self._records, self._rids, self._index, self._queue_index + queue]
 
     @property
-    def _redis(self) -> aioredis.Redis:
+    def _redis(self) -> aioredis.Redis | RedisCluster:
         return self._driver.client
 
     async def add(self, record: FailedJob) -> None:
@@ -279,7 +281,7 @@ class RedisFailedStore(FailedStore):
         score = record.failed_at.timestamp()
         async with (
             _translated("recording a failed job"),
-            self._redis.pipeline(transaction=True) as pipe,
+            self._driver.pipeline(transaction=True) as pipe,
         ):
             pipe.hset(self._records, record.id, raw)
             pipe.hset(self._rids, record.id, new_record_id())
@@ -304,7 +306,7 @@ class RedisFailedStore(FailedStore):
         """The records of `ids` (with their record ids) that exist, in order."""
         if not ids:
             return []
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._driver.pipeline(transaction=True) as pipe:
             pipe.hmget(self._records, ids)
             pipe.hmget(self._rids, ids)
             raws, rids = await pipe.execute()
@@ -344,7 +346,7 @@ class RedisFailedStore(FailedStore):
             return False
         async with (
             _translated("forgetting a failed job"),
-            self._redis.pipeline(transaction=True) as pipe,
+            self._driver.pipeline(transaction=True) as pipe,
         ):
             pipe.hdel(self._records, job_id)
             pipe.hdel(self._rids, job_id)
@@ -358,7 +360,7 @@ class RedisFailedStore(FailedStore):
             return 0
         async with (
             _translated("deleting failed jobs"),
-            self._redis.pipeline(transaction=True) as pipe,
+            self._driver.pipeline(transaction=True) as pipe,
         ):
             ids = [r.id for r in records]
             pipe.hdel(self._records, *ids)
@@ -403,7 +405,7 @@ class RedisDriver(Driver):
     def __init__(self, name: str, settings: Settings) -> None:
         super().__init__(name, settings)
         self.prefix = settings.redis_prefix
-        self._client: aioredis.Redis | None = None
+        self._client: aioredis.Redis | RedisCluster | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._keys: dict[str, _Keys] = {}
         self._known_queues: set[str] = set()
@@ -420,7 +422,9 @@ class RedisDriver(Driver):
         return self._scripts[name]
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> aioredis.Redis | RedisCluster:
+        """The client: a `RedisCluster` on a cluster (the same command methods, routed by
+        key slot), else a `Redis` (Sentinel's client for the current master included)."""
         if self._client is None:
             raise DriverError("the Redis driver is not open (use `async with driver:`)")
         return self._client
@@ -430,6 +434,29 @@ class RedisDriver(Driver):
         if keys is None:
             keys = self._keys[queue] = _Keys(self.prefix, queue)
         return keys
+
+    @contextlib.asynccontextmanager
+    async def pipeline(self, *, transaction: bool = False) -> AsyncIterator[Any]:
+        """A pipeline of the client (on a cluster, its commands are sent to their slots'
+        primaries, all at once; with `transaction`, every command must be in one slot, as
+        each one here is: MULTI/EXEC on that slot's primary).
+
+        A lost connection makes a cluster client ask for a new slot map before its next
+        command: redis-py's cluster client does that after a failed command, not after a
+        failed pipeline, which would go on sending to a primary that is gone."""
+        client = self.client
+        async with client.pipeline(transaction=transaction) as pipe:
+            try:
+                yield pipe
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                self._lost(client)
+                raise
+
+    def _lost(self, client: Any) -> None:
+        """After a connection error: a cluster client refreshes its slot map (from any node
+        that answers) before its next command, so the next call reaches the new topology."""
+        if self.cluster:
+            client._initialize = True
 
     @property
     def topology(self) -> str:
@@ -459,7 +486,7 @@ class RedisDriver(Driver):
             return aioredis.Redis.from_url(
                 dsn, decode_responses=False, retry=no_retry, health_check_interval=30
             )
-        options = redis_parse_url(dsn)
+        options: dict[str, Any] = dict(redis_parse_url(dsn))
         for name in ("host", "port", "path"):
             options.pop(name, None)
         tls = options.pop("connection_class", None) is not None and dsn.startswith("rediss:")
@@ -485,7 +512,7 @@ class RedisDriver(Driver):
         sentinel_kwargs: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5}
         if secret is not None:
             sentinel_kwargs["password"] = secret.get_secret_value()
-        sentinel = Sentinel(
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
             redis_nodes(self.settings.redis_sentinels or ""),
             sentinel_kwargs=sentinel_kwargs,
             socket_timeout=5,
@@ -538,25 +565,42 @@ class RedisDriver(Driver):
     async def _scripts_run(self, calls: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
         """Run Lua scripts: one directly, several in one pipelined round trip.
 
-        The pipeline sends bare EVALSHAs: redis-py's script-aware pipelines ask SCRIPT EXISTS
-        before every batch, a second round trip each time. A server that lost its scripts (a
-        restart) answers NOSCRIPT; then they are loaded and the batch is sent again.
+        The pipeline sends bare EVALSHAs (as raw commands: redis-py's cluster pipeline refuses
+        its `evalsha` method, not the command, which it routes by the script's keys, each call
+        one slot): redis-py's script-aware pipelines ask SCRIPT EXISTS before every batch, a
+        second round trip each time. A server that lost its scripts (a restart; on a cluster
+        also a replica promoted by a failover: Redis does not replicate its script cache)
+        answers NOSCRIPT without running anything; then the scripts are loaded (SCRIPT LOAD
+        goes to every primary of a cluster) and only the calls answered NOSCRIPT are sent
+        again: the others ran, maybe on another node, and must not run twice.
         """
         if len(calls) == 1:
             name, keys, args = calls[0]
             return [await self._scripts[name](keys=keys, args=args)]
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
         for attempt in (1, 2):
-            async with self.client.pipeline(transaction=False) as pipe:
-                for name, keys, args in calls:
-                    pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
-                try:
-                    return list(await pipe.execute())
-                except NoScriptError:
-                    if attempt == 2:
-                        raise
-            for name in {name for name, _, _ in calls}:
+            async with self.pipeline() as pipe:
+                for i in todo:
+                    name, keys, args = calls[i]
+                    sha = self._scripts[name].sha
+                    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+                replies = await pipe.execute(raise_on_error=False)
+                for reply in replies:
+                    if isinstance(reply, RedisConnectionError | RedisTimeoutError):
+                        raise reply  # inside: the cluster client then refreshes its map
+            for i, reply in zip(todo, replies, strict=True):
+                results[i] = reply
+            missing = [i for i in todo if isinstance(results[i], NoScriptError)]
+            if not missing or attempt == 2:
+                break
+            for name in {calls[i][0] for i in missing}:
                 await self.client.script_load(self._scripts[name].script)
-        raise AssertionError("unreachable")
+            todo = missing
+        for reply in results:
+            if isinstance(reply, BaseException):
+                raise reply
+        return results
 
     def _ms(self, seconds: float) -> int:
         return max(0, int(seconds * 1000))
@@ -679,7 +723,7 @@ class RedisDriver(Driver):
             candidates = [
                 (dep_id, [own, *(n for n in names if n != own)]) for dep_id, own in ask.items()
             ]
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with self.pipeline() as pipe:
                 for dep_id, order in candidates:
                     for name in order:
                         k = self.keys(name)
@@ -800,7 +844,30 @@ class RedisDriver(Driver):
             return
         wake = [self.keys(name).wake for name in queues]
         async with _translated("waiting for jobs"):
-            await self.client.blpop(wake, timeout=timeout)
+            groups = _by_slot(wake) if self.cluster else [wake]
+            if len(groups) == 1:
+                await self.client.blpop(wake, timeout=timeout)
+            else:
+                await self._wait_slots(groups, timeout)
+
+    async def _wait_slots(self, groups: list[list[str]], timeout: float) -> None:
+        """On a cluster, queues in different slots: one BLPOP per slot, at once (each on a
+        connection of its own to its slot's primary); the first to return wakes the worker
+        and the others are cancelled. A cancelled BLPOP closes its connection (redis-py
+        drops a connection whose reply is unread), so no later command reads its reply; a
+        token it may have taken meanwhile is not needed: the worker reserves from every queue
+        it serves next. An error of the first to end is raised."""
+        client = self.client
+        blocked = [asyncio.ensure_future(client.blpop(keys, timeout=timeout)) for keys in groups]
+        try:
+            done, _ = await asyncio.wait(blocked, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in blocked:
+                task.cancel()
+            await asyncio.gather(*blocked, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
 
     async def _ack_groups(
         self, groups: dict[str, Sequence[ReservedJob]], box: Outboxes | None = None
@@ -912,7 +979,10 @@ class RedisDriver(Driver):
             for name in await self.queues():
                 k = self.keys(name)
                 pattern = _glob_escape(k.record("")) + "*"
-                async for page in _scan_pages(self.client, pattern, _PRUNE_PAGE):
+                # On a cluster, SCAN goes to the primary holding the queue's slot.
+                client = self.client
+                node = client.get_node_from_key(k.tag) if isinstance(client, RedisCluster) else None
+                async for page in _scan_pages(client, pattern, _PRUNE_PAGE, node):
                     deleted += int(await self._scripts["prune"](keys=page, args=[k.tag, cutoff]))
         return deleted
 
@@ -1073,7 +1143,7 @@ class RedisDriver(Driver):
             names = await self.queues()
             if not names:
                 return None
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with self.pipeline() as pipe:
                 for name in names:
                     k = self.keys(name)
                     pipe.hget(k.payloads, job_id)
@@ -1138,7 +1208,7 @@ class RedisDriver(Driver):
                     await self.client.smismember(self.keys(name).cancel, [j.id for j in held])
                 ]
             else:
-                async with self.client.pipeline(transaction=False) as pipe:
+                async with self.pipeline() as pipe:
                     for name, held in groups.items():
                         pipe.smismember(self.keys(name).cancel, [j.id for j in held])
                     flags = await pipe.execute()
@@ -1190,7 +1260,7 @@ class RedisDriver(Driver):
             return
         async with (
             _translated("adding to the history"),
-            self.client.pipeline(transaction=False) as pipe,
+            self.pipeline() as pipe,
         ):
             for (queue, minute), fields in sums.items():
                 key = f"{self.keys(queue).counts}:{minute}"
@@ -1247,7 +1317,7 @@ class RedisDriver(Driver):
             return set()
         async with (
             _translated("reading pause markers"),
-            self.client.pipeline(transaction=False) as pipe,
+            self.pipeline() as pipe,
         ):
             for queue in queues:
                 pipe.get(f"{self.prefix}:marker:{pause_marker(queue)}")
@@ -1289,7 +1359,7 @@ class RedisDriver(Driver):
         index, key = self._registry_keys(worker_id)
         async with (
             _translated("removing a worker"),
-            self.client.pipeline(transaction=True) as pipe,
+            self.pipeline(transaction=True) as pipe,
         ):
             pipe.delete(key)
             pipe.zrem(index, worker_id)
@@ -1367,11 +1437,18 @@ def _history_sums(
     return sums
 
 
-async def _scan_pages(client: aioredis.Redis, pattern: str, count: int) -> AsyncIterator[list[Any]]:
-    """The keys matching `pattern`, a SCAN page at a time (pages without a match skipped)."""
+async def _scan_pages(
+    client: Any, pattern: str, count: int, node: Any = None
+) -> AsyncIterator[list[Any]]:
+    """The keys matching `pattern`, a SCAN page at a time (pages without a match skipped);
+    on a cluster, of the one `node` (its client's reply is then per node)."""
     cursor: int = 0
     while True:
-        cursor, keys = await client.scan(cursor, match=pattern, count=count)
+        if node is None:
+            cursor, keys = await client.scan(cursor, match=pattern, count=count)
+        else:
+            cursors, keys = await client.scan(cursor, match=pattern, count=count, target_nodes=node)
+            cursor = int(next(iter(cursors.values())))
         if keys:
             yield list(keys)
         if not cursor:
@@ -1440,6 +1517,14 @@ def _envelope(payload: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _by_slot(keys: Sequence[str]) -> list[list[str]]:
+    """`keys` grouped by their Redis Cluster slot, in order of first appearance."""
+    groups: dict[int, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key_slot(key.encode()), []).append(key)
+    return list(groups.values())
 
 
 def _by_queue(jobs: Sequence[ReservedJob]) -> dict[str, Sequence[ReservedJob]]:
