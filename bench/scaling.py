@@ -27,10 +27,10 @@ processes; *while all processes worked* counts only the window in which every pr
 taking jobs (the latest first job to the earliest last job), without the start and the tail.
 The jobs count in their own process and a thread in each adds the count to the harness's
 Redis every 10 ms (`BENCH_FLUSH_MS`, bench/marks.py), so counting costs a job no Redis call.
-Each round runs every configuration once (in the table's order); `--repeats` rounds; each
-figure is the median of its rounds, and the ratio column the median of the ratios to the
-same round's 1 process on single Redis, so that a change in the machine's load falls on
-both sides alike.
+Each round runs every configuration once (the table's order, reversed every other round);
+`--repeats` rounds; each figure is the median of its rounds, and the ratio column the median
+of the ratios to the same round's 1 process on single Redis, so that a change in the
+machine's load weighs on both sides alike.
 """
 
 from __future__ import annotations
@@ -297,10 +297,14 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[Config, Outcome],
             plan = configs(args.process_list, spread)
             if cluster is None:
                 plan = [c for c in plan if c.topology == "single"]
+            for config in plan:
+                outcomes[config] = Outcome()  # the table's order
             for round_ in range(args.repeats):
-                base = None
-                for config in plan:
-                    outcome = outcomes.setdefault(config, Outcome())
+                # Every other round in the reverse order: a load that grows (or falls) during
+                # a round weighs on the first and the last configurations alike.
+                rates: dict[Config, float] = {}
+                for config in plan if round_ % 2 == 0 else plan[::-1]:
+                    outcome = outcomes[config]
                     flush = redis.Redis.from_url(single.url)
                     flush.flushall()
                     flush.close()
@@ -320,14 +324,16 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[Config, Outcome],
                     outcome.rates.append(rate)
                     if got.steady is not None:
                         outcome.steady.append(got.steady)
-                    if config == plan[0]:
-                        base = rate
-                    if base:
-                        outcome.ratios.append(rate / base)
+                    rates[config] = rate
                     say(f"round {round_ + 1} {config.label} x{config.processes}: {rate:,.0f}/s")
+                base = rates.get(plan[0])
+                for config, rate in rates.items():
+                    if base:
+                        outcomes[config].ratios.append(rate / base)
         finally:
             if cluster is not None:
                 cluster.stop()
+    facts["load_end"] = os.getloadavg()[0]
     return outcomes, facts
 
 
@@ -361,8 +367,9 @@ def render(args: argparse.Namespace, outcomes: dict[Config, Outcome], facts: dic
         f"{facts['started']} ({mode}; {args.jobs:,} jobs per run; {args.repeats} round(s), "
         f"the median shown; {facts['elapsed'] / 60:.1f} min in all). **Machine: {cores} "
         f"cores** ({_cpu()}), {_memory()} RAM, {platform.platform()}; load average "
-        f"{facts['load']:.1f} at the start. Redis {facts.get('redis', '?')}: every server "
-        f"of the run and every worker process share these {cores} cores."
+        f"{facts['load']:.1f} at the start, {facts.get('load_end', 0):.1f} at the end. Redis "
+        f"{facts.get('redis', '?')}: every server of the run and every worker process share "
+        f"these {cores} cores."
     )
     notes = []
     if facts.get("cluster_error"):
