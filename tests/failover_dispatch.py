@@ -154,8 +154,9 @@ def tally(load: Load) -> dict[str, object]:
     """Acknowledged dispatches never run (lost), and runs past the first (repeated)."""
     from collections import Counter
 
-    acked = {int(e["n"]) for e in load.events("acked")}  # type: ignore[call-overload]
+    acked = {int(e["n"]): float(e["t"]) for e in load.events("acked")}  # type: ignore[call-overload,arg-type]
     runs = Counter(int(e["n"]) for e in load.runs())  # type: ignore[call-overload]
+    lost = sorted(set(acked) - set(runs))
     return {
         "acked": len(acked),
         "unconfirmed": len(load.events("unconfirmed")),
@@ -163,7 +164,9 @@ def tally(load: Load) -> dict[str, object]:
         "errors": len(load.events("error")),
         "error_samples": [e["error"] for e in load.events("error")[:3]],
         "ran": len(runs),
-        "lost": sorted(acked - set(runs)),
+        "lost": lost,
+        # When each lost job's dispatch was acknowledged (wall clock).
+        "lost_acked_at": [acked[n] for n in lost],
         "repeated": sorted(n for n, c in runs.items() if c > 1),
     }
 

@@ -1,9 +1,11 @@
 """Failover of a real Sentinel setup under load (#17 §4): a primary, its replicas and three
 sentinel processes of the test's own; a dispatcher process pushes jobs continuously to two
 queues and one worker process per queue runs them, all through REDIS_SENTINELS /
-REDIS_SENTINEL_MASTER. A forced `SENTINEL FAILOVER`, then a kill -9 of the primary with
-REDIS_WAIT_REPLICAS=1: the same processes carry on (they ask the sentinels again) and no job
-acknowledged by dispatch is lost. TOPIQ_FAILOVER_REPORT=<file> collects the figures.
+REDIS_SENTINEL_MASTER. A forced `SENTINEL FAILOVER` and a kill -9 of the primary: the same
+processes carry on (they ask the sentinels again). With REDIS_WAIT_REPLICAS=1 no job
+acknowledged by dispatch is lost; without it, a forced failover can lose the few jobs the old
+primary took between the promotion and its demotion (reported, see the test).
+TOPIQ_FAILOVER_REPORT=<file> collects the figures.
 """
 
 from __future__ import annotations
@@ -51,23 +53,29 @@ def run_sentinel_failover(
         old = fail()
         new = setup.wait_new_primary(old)
         promoted = time.time()
+        demoted = promoted
+        if setup.server(old).proc.poll() is None:
+            # A forced failover: the old primary goes on answering the connections it has
+            # until the sentinels make it follow the new one.
+            wait_until(lambda: setup.role(old) == "slave", 30, "the old primary to follow")
+            demoted = time.time()
         # The same processes carry on through the new primary: dispatches are acknowledged
         # again on both queues, and the workers run jobs acknowledged after the promotion.
         for queue in QUEUES:
             wait_until(
-                lambda q=queue: load.acked_since(promoted, q) >= 50,  # type: ignore[misc]
+                lambda q=queue: load.acked_since(demoted, q) >= 50,  # type: ignore[misc]
                 30,
                 f"dispatches to {queue} to resume",
             )
         after = {
             int(e["n"])  # type: ignore[call-overload]
             for e in load.events("acked")
-            if float(e["t"]) > promoted  # type: ignore[arg-type]
+            if float(e["t"]) > demoted  # type: ignore[arg-type]
         }
         wait_until(
             lambda: any(int(r["n"]) in after for r in load.runs()),  # type: ignore[call-overload]
             30,
-            "a job dispatched after the promotion to run",
+            "a job dispatched after the switch to run",
         )
         first_run = min(
             float(r["t"])  # type: ignore[arg-type]
@@ -79,12 +87,15 @@ def run_sentinel_failover(
         for worker in load.workers:
             assert worker.proc.poll() is None, worker.output[-3000:]
         figures = tally(load)
+        lost_at: list[float] = figures.pop("lost_acked_at")  # type: ignore[assignment]
         figures.update(
+            lost_acked_from_started_s=[round(t - started, 2) for t in lost_at],
             wait_replicas=wait_replicas,
             old_primary=old,
             new_primary=new,
             failover_to_promotion_s=round(promoted - started, 2),
             failover_to_first_run_s=round(first_run - started, 2),
+            failover_to_old_primary_following_s=round(demoted - started, 2),
         )
     except BaseException:
         print(load.output())
@@ -94,7 +105,23 @@ def run_sentinel_failover(
     return figures
 
 
-def test_forced_sentinel_failover_under_load_loses_nothing(tmp_path: Path) -> None:
+def test_forced_sentinel_failover_with_wait_replicas_loses_nothing(tmp_path: Path) -> None:
+    setup = start_redis_sentinel(replicas=1)
+    if setup is None:
+        pytest.skip("redis-server is not installed")
+    try:
+        figures = run_sentinel_failover(setup, tmp_path, 1, setup.failover)
+    finally:
+        setup.stop()
+    report("sentinel forced failover, REDIS_WAIT_REPLICAS=1", figures)
+    assert figures["lost"] == [], figures
+
+
+def test_forced_sentinel_failover_without_wait_carries_on(tmp_path: Path) -> None:
+    # Sentinel promotes the replica, then tells the old primary to follow it: in between, the
+    # old primary still answers the connections it has, and what it takes then is discarded
+    # when it resyncs. Without WAIT those jobs were acknowledged to the dispatcher: the figure
+    # is reported (a few, of the last moment before the switch), not asserted zero.
     setup = start_redis_sentinel(replicas=1)
     if setup is None:
         pytest.skip("redis-server is not installed")
@@ -103,7 +130,11 @@ def test_forced_sentinel_failover_under_load_loses_nothing(tmp_path: Path) -> No
     finally:
         setup.stop()
     report("sentinel forced failover, no WAIT", figures)
-    assert figures["lost"] == [], figures
+    assert figures["unconfirmed"] == 0
+    # Only what was acknowledged before the old primary followed the new one can be lost.
+    window: float = figures["failover_to_old_primary_following_s"]  # type: ignore[assignment]
+    lost_at: list[float] = figures["lost_acked_from_started_s"]  # type: ignore[assignment]
+    assert all(t <= window for t in lost_at), figures
 
 
 def test_sentinel_primary_killed_with_wait_replicas_loses_nothing(tmp_path: Path) -> None:
