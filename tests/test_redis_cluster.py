@@ -286,3 +286,17 @@ def test_health_on_a_cluster_reports_the_live_worker(
         30,
         "health to see the worker",
     )
+
+
+def test_the_dashboard_offers_the_redis_connection_set_by_cluster_nodes_alone(
+    backend: Backend,
+) -> None:
+    from core.dashboard.source import configured_connections
+    from tests.conftest import make_settings
+
+    settings = make_settings(
+        queue_connection="database",
+        db_url="sqlite+aiosqlite:///:memory:",
+        redis_cluster_nodes=backend.overrides["redis_cluster_nodes"],
+    )
+    assert "redis" in configured_connections(settings)

@@ -51,7 +51,12 @@ def configured_connections(settings: Settings) -> list[str]:
     """The connections the dashboard offers: QUEUE_CONNECTION first, then Redis and the
     database when the settings enable them, and where failed jobs are kept."""
     names = [settings.queue_connection.value]
-    if settings.enable_redis or settings.redis_url:
+    if (
+        settings.enable_redis
+        or settings.redis_url
+        or settings.redis_cluster_nodes
+        or settings.redis_sentinels
+    ):
         names.append(QueueConnection.REDIS.value)
     if settings.enable_mysql or (
         settings.db_url is not None and settings.db_url.get_secret_value()
