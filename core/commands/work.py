@@ -389,8 +389,11 @@ async def _check_backend(manager: QueueManager, connection: str) -> None:
         return
     with contextlib.suppress(Exception):  # a check, never a reason for the worker to stop
         level, line = await redis_durability(client)
-        where = queue_location(manager.settings, connection).partition(" ")[0]
-        logger.log(level, "%s", line.replace("the Redis server", f"Redis at {where}", 1))
+        where = queue_location(manager.settings, connection).rpartition(" (key prefix")[0]
+        # "Redis at redis://host:6379/0", "the Redis Cluster at host:port,...", "the primary
+        # 'name' of the Sentinels at host:port,..."
+        said = where if where.startswith("the ") else f"Redis at {where}"
+        logger.log(level, "%s", line.replace("the Redis server", said, 1))
 
 
 async def redis_durability(client: Any) -> tuple[int, str]:
