@@ -314,7 +314,7 @@ def test_a_routemq_worker_reserving_meanwhile_stops_the_import(
 ) -> None:
     log = str(tmp_path / "runs.log")
     seed = Seed(source, log, queue)
-    total = 150
+    total = 300
     for n in range(total):
         seed.pend(n)
     pending_key = f"routemq:queue:{queue}"

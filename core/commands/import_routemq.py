@@ -170,7 +170,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         except RedisError as exc:
             raise CommandFailed(f"Redis error while importing from {shown}: {exc}") from None
     _report(args, shown, conn.name, before, tally, after)
-    return ExitCode.OK if after.total == 0 and not after.left and not after.working else 1
+    everything = after.total == 0 and not after.left and not after.working
+    return ExitCode.OK if everything else ExitCode.ERROR
 
 
 def _report(

@@ -54,6 +54,7 @@ from typing import Any, Literal
 import orjson
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
 
 from core.errors import DriverError
 from core.queue.drivers.base import FailedJob, FailedStore, OutgoingJob
@@ -309,7 +310,8 @@ class Importer:
             yield
         finally:
             renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A renewal that failed (the server went away) must not hide the block's own error.
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                 await renewer
             with contextlib.suppress(Exception):
                 await self._lock_script(keys=[self._lock], args=["release", "", self._holder, 0])
@@ -351,7 +353,7 @@ class Importer:
         leftovers = await self._leftovers()
         for start in range(0, len(leftovers), self.batch):
             chunk = leftovers[start : start + self.batch]
-            await self._deliver(chunk)
+            await self._deliver(chunk, resumed=True)
             self.tally.resumed += len(chunk)
         survey = await self.survey()
         for queue in sorted(survey.keys):
@@ -395,22 +397,27 @@ class Importer:
         if crash is not None and crash[0] == step and self._steps[step] >= crash[1]:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    async def _deliver(self, entries: Sequence[_Entry]) -> None:
-        """Push (or record) `entries`, then clear them from the working hash."""
+    async def _deliver(self, entries: Sequence[_Entry], *, resumed: bool = False) -> None:
+        """Push (or record) `entries`, then clear them from the working hash.
+
+        `resumed`: entries an interrupted run took, which it may have pushed already.
+        """
         self._reached("taken", len(entries))
         jobs = [e for e in entries if e.kind != "failed"]
         if jobs:
-            await self._push(jobs)
+            await self._push(jobs, resumed)
         for entry in entries:
             if entry.kind == "failed":
                 await self.store.add(self._failed_record(entry))
         self._reached("pushed", len(entries))
         await self.source.hdel(self._working, *[e.id for e in entries])
         if jobs:
-            client = self.driver.client
-            async with client.pipeline(transaction=False) as pipe:
-                for job in jobs:
-                    pipe.delete(self._once_key(job))
+            by_queue: dict[str, list[str]] = {}
+            for job in jobs:
+                by_queue.setdefault(job.queue, []).append(self._once_key(job))
+            async with self.driver.client.pipeline(transaction=False) as pipe:
+                for keys in by_queue.values():
+                    pipe.delete(*keys)  # one queue's keys: one Cluster slot
                 await pipe.execute()
         for entry in entries:
             self.tally.add(entry)
@@ -420,13 +427,16 @@ class Importer:
         # push.lua keeps a once key at <tag>:once:<key>; the key is the entry's id.
         return f"{self.driver.keys(entry.queue).tag}:once:{entry.id}"
 
-    async def _push(self, jobs: Sequence[_Entry]) -> None:
+    async def _push(self, jobs: Sequence[_Entry], resumed: bool) -> None:
         client = self.driver.client
-        async with client.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                pipe.exists(self._once_key(job))
-            pushed_before = await pipe.execute()
-        todo = [job for job, seen in zip(jobs, pushed_before, strict=True) if not seen]
+        todo = list(jobs)
+        if resumed:
+            # Pushed by the interrupted run if its once key is there (a fresh id has none).
+            async with client.pipeline(transaction=False) as pipe:
+                for job in jobs:
+                    pipe.exists(self._once_key(job))
+                pushed_before = await pipe.execute()
+            todo = [job for job, seen in zip(jobs, pushed_before, strict=True) if not seen]
         if not todo:
             return
         outgoing: list[OutgoingJob] = []
