@@ -194,3 +194,53 @@ def test_cluster_primary_killed_with_wait_replicas_loses_nothing(
     figures = run_cluster_failover(cluster, tmp_path, wait_replicas=1)
     report("cluster kill -9, REDIS_WAIT_REPLICAS=1", figures)
     assert figures["lost"] == [], figures
+
+
+def test_wait_replicas_on_a_cluster_waits_per_primary_and_raises_when_a_replica_is_stopped(
+    cluster: PrivateCluster,
+) -> None:
+    """A push over queues on all three primaries is acknowledged by each primary's replica
+    (one WAIT per primary, on the connection that pushed); with one replica stopped, the push
+    to its primary raises NotReplicatedError naming the job, which is stored all the same."""
+    import asyncio
+    import os
+    import signal
+
+    from core.errors import NotReplicatedError
+    from core.queue.drivers.base import OutgoingJob
+    from core.queue.drivers.redis import RedisDriver
+
+    settings = make_settings(
+        redis_cluster_nodes=cluster.nodes, redis_wait_replicas=1, redis_wait_timeout=0.3
+    )
+    prefix = settings.redis_prefix
+    owners: dict[int, str] = {}
+    for n in range(200):
+        queue = f"wait-{n}"
+        owners.setdefault(slot_owner(cluster, key_slot(f"{prefix}:{queue}".encode())), queue)
+    assert len(owners) == 3
+    victim, queue = next(iter(owners.items()))
+    replica = next(s for s in cluster.servers if s.port == replica_of(cluster, victim))
+
+    async def go() -> None:
+        driver = RedisDriver("redis", settings)
+        await driver.open()
+        try:
+            jobs = [OutgoingJob(id=f"all-{q}", queue=q, payload=b"{}") for q in owners.values()]
+            pushed = await driver.push(jobs)
+            assert [p.outcome for p in pushed] == ["created"] * 3
+            os.kill(replica.proc.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(NotReplicatedError) as caught:
+                    await driver.push([OutgoingJob(id="unsure", queue=queue, payload=b"{}")])
+            finally:
+                os.kill(replica.proc.pid, signal.SIGCONT)
+            assert caught.value.job_ids == ["unsure"]
+            assert "0 of 1 replica(s)" in str(caught.value)
+            assert "may or may not have been replicated" in str(caught.value)
+            status = await driver.job_status("unsure", queue)
+            assert status is not None and status.status == "queued"
+        finally:
+            await driver.close()
+
+    asyncio.run(go())

@@ -148,3 +148,63 @@ def test_sentinel_primary_killed_with_wait_replicas_loses_nothing(tmp_path: Path
         setup.stop()
     report("sentinel kill -9, REDIS_WAIT_REPLICAS=1", figures)
     assert figures["lost"] == [], figures
+
+
+@pytest.mark.parametrize("topology", ["single", "sentinel"])
+def test_wait_replicas_raises_not_replicated_when_the_replica_is_stopped(topology: str) -> None:
+    """One server (REDIS_URL at the primary) and Sentinel: a push is acknowledged by the replica;
+    with the replica stopped (SIGSTOP) it raises NotReplicatedError after REDIS_WAIT_TIMEOUT,
+    naming the jobs, and the jobs are stored on the primary."""
+    import asyncio
+    import os
+    import signal
+
+    from core.errors import NotReplicatedError
+    from core.queue.drivers.base import OutgoingJob
+    from core.queue.drivers.redis import RedisDriver
+
+    setup = start_redis_sentinel(replicas=1)
+    if setup is None:
+        pytest.skip("redis-server is not installed")
+    where: dict[str, object] = (
+        {"redis_url": f"redis://127.0.0.1:{setup.primary()}/0"}
+        if topology == "single"
+        else {"redis_sentinels": setup.sentinels, "redis_sentinel_master": setup.master_name}
+    )
+    settings = make_settings(**where, redis_wait_replicas=1, redis_wait_timeout=0.3)
+    replica = next(s for s in setup.servers if s.port != setup.primary())
+
+    async def go() -> None:
+        driver = RedisDriver("redis", settings)
+        await driver.open()
+        try:
+            jobs = [OutgoingJob(id=f"ok-{n}", queue=f"q{n % 2}", payload=b"{}") for n in range(4)]
+            assert [p.outcome for p in await driver.push(jobs)] == ["created"] * 4
+            os.kill(replica.proc.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(NotReplicatedError) as caught:
+                    await driver.push(
+                        [OutgoingJob(id=f"unsure-{n}", queue="q0", payload=b"{}") for n in range(2)]
+                    )
+                waited = time.monotonic() - started
+            finally:
+                os.kill(replica.proc.pid, signal.SIGCONT)
+            assert 0.3 <= waited < 5
+            assert caught.value.job_ids == ["unsure-0", "unsure-1"]
+            assert caught.value.acknowledged == 0
+            for n in range(2):
+                status = await driver.job_status(f"unsure-{n}", "q0")
+                assert status is not None and status.status == "queued"
+        finally:
+            pool = driver.client.connection_pool
+            await driver.close()
+            # RedisDriver.close() leaves the Sentinel's own connections to the sentinels open
+            # (a ResourceWarning; reported to A in /work/notes/failover17.md): closed here.
+            for watcher in getattr(getattr(pool, "sentinel_manager", None), "sentinels", []):
+                await watcher.aclose()
+
+    try:
+        asyncio.run(go())
+    finally:
+        setup.stop()
