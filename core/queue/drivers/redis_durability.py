@@ -22,9 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.errors import NotReplicatedError
 from core.queue.drivers.base import OutgoingJob
@@ -51,7 +49,9 @@ async def push_replicated(
     waits: list[Any] = []
     todo = list(range(len(calls)))
     for attempt in (1, 2):
-        async with client.pipeline(transaction=False) as pipe:
+        # The driver's pipeline: after a lost connection a cluster client reads the slot map
+        # again before its next command (redis-py's cluster pipeline does not by itself).
+        async with driver.pipeline(transaction=False) as pipe:
             for i in todo:
                 name, keys, args = calls[i]
                 # execute_command: the cluster pipeline refuses `evalsha()`, not EVALSHA itself
@@ -65,16 +65,7 @@ async def push_replicated(
                     pipe.execute_command("WAIT", wanted, timeout_ms, target_nodes=node)
             else:
                 pipe.execute_command("WAIT", wanted, timeout_ms)
-            try:
-                results = list(await pipe.execute(raise_on_error=False))
-            except (RedisConnectionError, RedisTimeoutError):
-                if driver.cluster:
-                    # redis-py 8.1's cluster pipeline, unlike its single commands, does not
-                    # ask for a new slot map when a node is unreachable: without this, every
-                    # later push of that slot would go to the dead node even after its replica
-                    # was promoted. The next command reads the topology again.
-                    client._initialize = True
-                raise
+            results = list(await pipe.execute(raise_on_error=False))
         waits.extend(results[len(todo) :])
         for i, reply in zip(todo, results, strict=False):
             replies[i] = reply
