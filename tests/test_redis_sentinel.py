@@ -131,10 +131,12 @@ def test_forced_sentinel_failover_without_wait_carries_on(tmp_path: Path) -> Non
         setup.stop()
     report("sentinel forced failover, no WAIT", figures)
     assert figures["unconfirmed"] == 0
-    # Only what was acknowledged before the old primary followed the new one can be lost.
+    # Only what was acknowledged before the old primary followed the new one can be lost (the
+    # test sees the switch up to a poll late, the dispatcher records an ack a moment after it:
+    # 1 s of slack).
     window: float = figures["failover_to_old_primary_following_s"]  # type: ignore[assignment]
     lost_at: list[float] = figures["lost_acked_from_started_s"]  # type: ignore[assignment]
-    assert all(t <= window for t in lost_at), figures
+    assert all(t <= window + 1.0 for t in lost_at), figures
 
 
 def test_sentinel_primary_killed_with_wait_replicas_loses_nothing(tmp_path: Path) -> None:
