@@ -6,8 +6,10 @@ choose the topology they are shown for, and its command lines parse."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -161,3 +163,39 @@ def test_the_guides_link_the_page() -> None:
     assert "(docs/scaling.md)" in (ROOT / "README.md").read_text()
     assert "(scaling.md)" in (ROOT / "docs" / "configuration.md").read_text()
     assert "docs/scaling.md" in (ROOT / ".env.example").read_text()
+
+
+def test_the_services_lines_name_what_the_script_starts() -> None:
+    """`scripts/services cluster|sentinel status` (which starts nothing) lists the nodes the
+    page says `up` starts, on the ports it names."""
+    shown = [
+        line.split()[2:]
+        for block in blocks("console")
+        for line in block.splitlines()
+        if line.startswith("$ scripts/services ")
+    ]
+    assert shown == [["cluster", "up"], ["sentinel", "up"]]
+    ports = {
+        "cluster": [f"127.0.0.1:{p}" for p in range(7000, 7006)],
+        "sentinel": ["127.0.0.1:6380", "127.0.0.1:6381"]
+        + [f"127.0.0.1:{p}" for p in (26379, 26380, 26381)],
+    }
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TOPIQ_")}
+    for kind, expected in ports.items():
+        done = subprocess.run(
+            [str(ROOT / "scripts" / "services"), kind, "status"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=clean,
+            check=False,
+        )
+        # the first address of each line (a running node's line may name others too)
+        listed = re.findall(r"^[^\n]*?(127\.0\.0\.1:\d+)", done.stdout, re.M)
+        assert listed == expected, done.stdout + done.stderr
+    guide = " ".join(GUIDE.read_text().split())
+    assert "3 primaries and 3 replicas on `127.0.0.1:7000` to `7005`" in guide
+    assert (
+        "a primary on 6380, its replica on 6381 (append-only), and 3 sentinels on 26379 to 26381"
+        in guide
+    )
