@@ -180,7 +180,9 @@ def old_tree(
 
 
 @pytest.fixture
-def old(old_tree: Path) -> Side:
+def old(old_tree: Path, server_backend: Backend) -> Side:
+    if server_backend.kind == "cluster":
+        pytest.skip("releases before issue #17 have no Redis Cluster client")
     return Side("old", old_tree)
 
 

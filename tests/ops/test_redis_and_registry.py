@@ -125,9 +125,13 @@ def _worker_id(worker: WorkerProcess) -> str:
 def _registered(backend: Backend, worker_id: str) -> bool:
     """Whether the registry still stores `worker_id` (raw storage: no driver method runs)."""
     settings = backend.settings()
-    if backend.kind == "redis":
+    if backend.connection == "redis":
         prefix = settings.redis_prefix
-        client = redis.Redis.from_url(settings.redis_dsn)
+        client: redis.Redis | redis.RedisCluster = (
+            redis.RedisCluster.from_url(f"redis://{settings.redis_cluster_nodes.split(',')[0]}/0")
+            if settings.redis_cluster_nodes
+            else redis.Redis.from_url(settings.redis_dsn)
+        )
         try:
             tag = f"{prefix}:{{{prefix}:workers}}"
             return bool(
