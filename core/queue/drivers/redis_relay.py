@@ -107,7 +107,7 @@ async def deliver(driver: RedisDriver, box: Outboxes) -> int:
         return 0
     try:
         return await _deliver(driver, box)
-    except (RedisError, OSError) as exc:
+    except (RedisError, OSError, ValueError) as exc:  # ValueError: a message not JSON
         log.warning(
             "relay: delivery of cross-queue messages interrupted (%s); they stay in their "
             "outboxes and a worker of their queue delivers them",
