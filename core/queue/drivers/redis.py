@@ -44,6 +44,15 @@ for a job while its try holds it; an ack's outcome info is the record's `info` f
 gets it only in calls that carry some: the plain path's arguments are unchanged);
 `prune_records(ended_before=)` SCANs each queue's `<tag>:job:*` (one slot) and deletes the ended
 records older than the cutoff in lua/prune.lua, per SCAN page.
+
+Issue #17 runs the same code on a Redis Cluster (REDIS_CLUSTER_NODES: `client` is then a
+`RedisCluster`). Every script and every transaction touches one slot; pipelines send each
+command to its slot's primary (all at once). What would cross slots is split per slot: `wait`
+blocks in one BLPOP per slot at once (the first to return wins); `prune_records` SCANs the
+queue's primary; the failed store's retry claims, moves, then removes (redis_relay.py); work
+reaching another queue goes through the relay (lib.lua, redis_relay.py). After a lost
+connection the cluster client reads the slot map again before its next command; nothing is
+sent twice by the client (a lost reply is the caller's, as on one server).
 """
 
 from __future__ import annotations
@@ -416,6 +425,8 @@ class RedisDriver(Driver):
         self._reserver = secrets.token_hex(8)
         self._grants = itertools.count(1)
         self._unanswered: dict[str, list[str]] = {}
+        # On a cluster, the BLPOPs `wait` left blocked, per slot's wake keys (`_wait_slots`).
+        self._blocked: dict[tuple[str, ...], asyncio.Future[Any]] = {}
 
     def script(self, name: str) -> AsyncScript:
         """The registered Lua script `name` (see `lua/`)."""
@@ -555,6 +566,11 @@ class RedisDriver(Driver):
         self._client = client
 
     async def close(self) -> None:
+        blocked = list(self._blocked.values())
+        self._blocked.clear()
+        for task in blocked:
+            task.cancel()
+        await asyncio.gather(*blocked, return_exceptions=True)
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(RedisError, OSError):
@@ -851,20 +867,33 @@ class RedisDriver(Driver):
                 await self._wait_slots(groups, timeout)
 
     async def _wait_slots(self, groups: list[list[str]], timeout: float) -> None:
-        """On a cluster, queues in different slots: one BLPOP per slot, at once (each on a
-        connection of its own to its slot's primary); the first to return wakes the worker
-        and the others are cancelled. A cancelled BLPOP closes its connection (redis-py
-        drops a connection whose reply is unread), so no later command reads its reply; a
-        token it may have taken meanwhile is not needed: the worker reserves from every queue
-        it serves next. An error of the first to end is raised."""
+        """On a cluster, queues in different slots: one BLPOP per slot, blocked at once (each
+        on a connection of its own to its slot's primary); the first to return ends the wait.
+
+        The others are not cancelled: a cancelled BLPOP's connection is closed, and a push
+        reaching the server before it learns of the close hands its wake token to that dead
+        connection, lost to every worker. They stay blocked for the next call, which takes
+        over each of them still pending (or one that took a token meanwhile: that call returns
+        at once); one that timed out empty is started again. `close` cancels what is left. An
+        error of a BLPOP is raised by the call that sees it."""
+        blocked = self._blocked
+        loop = asyncio.get_running_loop()
+        wanted = {tuple(keys) for keys in groups}
+        for keys, old in list(blocked.items()):
+            stale = old.get_loop() is not loop
+            if stale or (old.done() and (keys not in wanted or _empty_wait(old))):
+                del blocked[keys]
         client = self.client
-        blocked = [asyncio.ensure_future(client.blpop(keys, timeout=timeout)) for keys in groups]
-        try:
-            done, _ = await asyncio.wait(blocked, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in blocked:
-                task.cancel()
-            await asyncio.gather(*blocked, return_exceptions=True)
+        tasks = []
+        for keys in wanted:
+            task = blocked.get(keys)
+            if task is None:
+                task = blocked[keys] = asyncio.ensure_future(client.blpop(keys, timeout=timeout))
+            tasks.append(task)
+        done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for keys in wanted:
+            if blocked[keys] in done:
+                del blocked[keys]
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
@@ -1517,6 +1546,12 @@ def _envelope(payload: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _empty_wait(task: asyncio.Future[Any]) -> bool:
+    """Whether a finished BLPOP is of no more use: it timed out empty (it is started again),
+    or it failed or was cancelled while its queues were no longer waited on."""
+    return task.cancelled() or task.exception() is not None or task.result() is None
 
 
 def _by_slot(keys: Sequence[str]) -> list[list[str]]:
