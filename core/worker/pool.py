@@ -47,7 +47,7 @@ logger = logging.getLogger("topiq.pool")
 #: holds its own backend connections, and a typo such as 1000 must not fork a thousand Pythons).
 MAX_PROCESSES = 64
 #: A child that fails sooner than this after it starts counts as failing at start.
-START_SECONDS = 10.0
+START_SECONDS = 30.0
 #: The first delay before starting such a child again; it doubles up to `BACKOFF_MAX`.
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
