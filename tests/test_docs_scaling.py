@@ -57,7 +57,7 @@ def test_the_example_queues_land_on_three_primaries(redis_cluster: PrivateCluste
         primaries = set()
         for name in example.TELEMETRY_QUEUES:
             key = f"topiq:{{topiq:{name}}}:ready"  # a key as the driver writes it
-            assert example.slot(name) == client.keyslot(key)
+            assert example.slot(name) == client.keyslot(key)  # type: ignore[no-untyped-call]
             assert example.slot(name) == int(
                 redis_cluster.cli(int(port), "cluster", "keyslot", key)
             )
