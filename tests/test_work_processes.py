@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -520,3 +521,30 @@ def test_each_child_gets_every_flag_the_scheduler_once_and_its_own_port() -> Non
     dests = {action.dest for action in _subparser(parser, "queue:work")._actions}
     known = {*work._PASSED, *work._PASSED_SWITCHES, *work._NOT_PASSED, "help"}
     assert dests <= known, dests - known
+
+
+def test_an_orphan_that_cannot_stop_ends_itself_after_its_grace() -> None:
+    """A child whose parent is gone and whose worker does not stop (here `stop` does nothing)
+    exits by itself once its grace and the margin are over: never an orphan forever."""
+    code = (
+        "import asyncio, sys, core.worker.pool as pool\n"
+        "pool.ORPHAN_MARGIN = 0.5\n"
+        "async def main():\n"
+        "    link = pool.ParentLink(parent=-1)  # not this process's parent: it counts as gone\n"
+        "    link.attach(lambda: None, grace=0.5)\n"
+        "    await asyncio.sleep(30)\n"
+        "    print('still alive')\n"
+        "asyncio.run(main())\n"
+    )
+    started = time.monotonic()
+    proc = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1 and "still alive" not in proc.stdout
+    assert "has not stopped within 1s; exiting" in proc.stderr
+    assert time.monotonic() - started < 25

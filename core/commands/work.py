@@ -228,7 +228,7 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
         )
         check = asyncio.create_task(_check_backend(manager, connection), name="topiq-redis-check")
         if link is not None:
-            link.attach(worker.stop)
+            link.attach(worker.stop, options.grace)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if args.metrics_port is not None:

@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,8 @@ PARENT_ENV = "TOPIQ_POOL_PARENT"
 SLOT_ENV = "TOPIQ_POOL_SLOT"
 
 _PR_SET_PDEATHSIG = 1
+#: A child whose parent died ends itself if still alive this long after its grace.
+ORPHAN_MARGIN = 30.0
 _LINUX = sys.platform.startswith("linux")
 #: What the kernel sends a child when its parent dies (a signal nothing else uses here; the
 #: child acts on it only if its parent is really gone).
@@ -84,6 +87,7 @@ class ParentLink:
     def __init__(self, parent: int) -> None:
         self.parent = parent
         self._stop: Callable[[], None] | None = None
+        self._grace = 0.0
         self._gone = False
         self._poll: asyncio.Task[None] | None = None
 
@@ -97,10 +101,14 @@ class ParentLink:
                 libc.prctl(_PR_SET_PDEATHSIG, int(DEATH_SIGNAL), 0, 0, 0)
         return os.getppid() == self.parent
 
-    def attach(self, stop: Callable[[], None]) -> None:
-        """From now on the parent's death calls `stop()` (once), in the running loop."""
+    def attach(self, stop: Callable[[], None], grace: float) -> None:
+        """From now on the parent's death calls `stop()` (once), in the running loop; a worker
+        still alive `grace` + `ORPHAN_MARGIN` seconds later (its backend gone, say) ends itself,
+        as supervisord's SIGKILL after `stopwaitsecs` would: its jobs come back after their
+        lease."""
         loop = asyncio.get_running_loop()
         self._stop = stop
+        self._grace = grace
         if _LINUX:
             loop.add_signal_handler(DEATH_SIGNAL, self._check)
         else:
@@ -128,7 +136,21 @@ class ParentLink:
         logger.warning(
             "worker pool process %d is gone; this worker stops as on SIGTERM", self.parent
         )
+        timer = threading.Timer(self._grace + ORPHAN_MARGIN, self._end)
+        timer.daemon = True
+        timer.start()
         self._stop()
+
+    def _end(self) -> None:
+        logger.critical(
+            "worker pool process %d is gone and this worker has not stopped within %gs; "
+            "exiting (its jobs come back after their lease)",
+            self.parent,
+            self._grace + ORPHAN_MARGIN,
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(1)
 
 
 @dataclass
