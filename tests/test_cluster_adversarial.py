@@ -847,3 +847,30 @@ async def test_a_reserve_failing_on_a_hostile_outbox_entry_takes_no_job(
     record = await driver.job_status("victim", a)
     assert record is not None
     assert got or record.status is Status.QUEUED, (record.status, record.attempts)
+
+
+async def test_a_chain_whose_middle_queue_has_no_worker_leaves_nothing_in_an_outbox(
+    backend: Backend, driver: RedisDriver, tmp_path: Path
+) -> None:
+    """Chain a -> b -> c; b has no worker for a while. The end of a's member is delivered to
+    b's slot by its acker at once (b's member is queued there, waiting for a worker): no
+    outbox holds anything meanwhile; once b's and c's members run the chain succeeds."""
+    a, b, c = spread_queues(driver)
+    log = str(tmp_path / "events.log")
+    members = [RecordJob(log, n=i) for i in range(3)]
+    for member, q in zip(members, (a, b, c), strict=True):
+        member.queue = q
+    async with QueueManager(backend.settings()) as manager:
+        flow = await chain(*members).dispatch(manager)
+        await run_one(driver, a)
+        assert (await flow.jobs[1].status()).status is Status.QUEUED
+        assert (await flow.jobs[2].status()).status is Status.DEFERRED
+        for q in (a, b, c):
+            assert await driver.client.llen(outbox(driver, q)) == 0
+        await asyncio.sleep(2.5)  # past the 2 s sweep age: nothing was waiting for it
+        assert (await flow.jobs[1].status()).status is Status.QUEUED
+        await run_one(driver, b)
+        await run_one(driver, c)
+        assert await flow.result(timeout=10) is None
+        progress = await flow.progress()
+        assert (progress.total, progress.succeeded) == (3, 3)
