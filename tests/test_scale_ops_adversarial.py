@@ -647,7 +647,9 @@ def _cluster_base() -> int:
     raise AssertionError("no free port range for a cluster")
 
 
-def services(tmp_path: Path, base: int, *args: str, timeout: float = 45) -> tuple[int, str, float]:
+def services(
+    tmp_path: Path, base: int, *args: str, timeout: float = 45
+) -> tuple[int | None, str, float]:
     """`scripts/services ARGS` on ports from `base`, state under tmp_path: exit code (None when
     it was still running after `timeout` s: then stopped with its process group), output,
     seconds taken."""
