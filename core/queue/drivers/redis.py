@@ -81,8 +81,17 @@ from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.errors import ConfigurationError, ConnectionLostError, DriverError
@@ -184,6 +193,18 @@ def _load_script(name: str, *, cluster: bool = False) -> str:
     return head + read(name)
 
 
+#: Errors a server answers instead of running a command while it cannot take it (see
+#: `_translated`).
+_REFUSED_FOR_NOW = (
+    ClusterDownError,
+    TryAgainError,
+    MasterDownError,
+    SlotNotCoveredError,
+    ReadOnlyError,
+    BusyLoadingError,
+)
+
+
 @contextlib.asynccontextmanager
 async def _translated(what: str) -> AsyncIterator[None]:
     """Redis client errors become Topiq errors, the cause chained."""
@@ -191,6 +212,15 @@ async def _translated(what: str) -> AsyncIterator[None]:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise ConnectionLostError(f"Redis unreachable during {what}: {exc}") from exc
+    except _REFUSED_FOR_NOW as exc:
+        # The server refused the command without running it, for a while: a cluster with a
+        # slot not served during a failover (CLUSTERDOWN, TRYAGAIN), a primary demoted to a
+        # replica (READONLY), a server loading its data after a restart (LOADING). Like a
+        # lost connection, the call may be made again once the failover is over.
+        raise ConnectionLostError(
+            f"Redis cannot take commands right now during {what} (a failover or a restart "
+            f"in progress?): {exc}"
+        ) from exc
     except RedisError as exc:
         raise DriverError(f"Redis error during {what}: {exc}") from exc
 
@@ -427,6 +457,7 @@ class RedisDriver(Driver):
         self._unanswered: dict[str, list[str]] = {}
         # On a cluster, the BLPOPs `wait` left blocked, per slot's wake keys (`_wait_slots`).
         self._blocked: dict[tuple[str, ...], asyncio.Future[Any]] = {}
+        self._sentinel: Any = None  # the Sentinel client asking for the primary (REDIS_SENTINELS)
 
     def script(self, name: str) -> AsyncScript:
         """The registered Lua script `name` (see `lua/`)."""
@@ -531,6 +562,7 @@ class RedisDriver(Driver):
         )
         if tls:
             options["ssl"] = True
+        self._sentinel = sentinel
         return sentinel.master_for(
             self.settings.redis_sentinel_master or "",
             redis_class=aioredis.Redis,
@@ -575,6 +607,11 @@ class RedisDriver(Driver):
         if client is not None:
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
+        sentinel, self._sentinel = self._sentinel, None
+        if sentinel is not None:  # its own connections to the sentinels
+            for watcher in sentinel.sentinels:
+                with contextlib.suppress(RedisError, OSError):
+                    await watcher.aclose()
 
     # -- primitives --------------------------------------------------------------------
 
