@@ -122,10 +122,6 @@ def fd_count(pid: int) -> int:
 
 
 @REDIS
-@pytest.mark.xfail(
-    strict=True,
-    reason="a pool whose every child failed at start (exit 2, config error) exits 0 on SIGTERM",
-)
 def test_pool_whose_children_never_started_does_not_exit_zero(
     server_backend: Backend, tmp_path: Path
 ) -> None:

@@ -10,7 +10,8 @@ its jobs come back after their lease. The parent does what supervisord's `autore
   with a doubling delay (0.5 s up to 30 s), and the parent logs each one: never a hot loop;
 * SIGTERM and SIGINT are forwarded to every child; a second one is forwarded too, and each child
   then cancels its running jobs and hands them back, as a single worker does on a second signal;
-* the parent exits once every child has: 0 when they all stopped cleanly;
+* the parent exits once every child has: 0 when they all stopped cleanly (a slot still waiting
+  to restart a child that failed at start reports that failure's code);
 * with `--stop-when-empty`, a child that found its queues empty is not replaced: the pool drains.
 
 Children run in a process group of their own, so a Ctrl-C in a terminal reaches only the parent
@@ -165,6 +166,7 @@ class _Slot:
     due: float = 0.0  # loop time of the next start
     drained: bool = False  # found its queues empty (--stop-when-empty): not replaced
     last: int | None = None  # exit code of its last child during the stop
+    failing: int | None = None  # code of its last failure at start, while waiting to restart
     starts: int = 0
 
 
@@ -253,9 +255,10 @@ class Pool:
             # forwards it once (the child would otherwise see it twice: a forced stop).
             proc = await asyncio.create_subprocess_exec(*argv, env=env, process_group=0)
         except OSError as exc:
-            self._failed(slot, loop, f"could not be started ({exc})")
+            self._failed(slot, loop, f"could not be started ({exc})", 1)
             return
         slot.proc = proc
+        slot.failing = None
         slot.starts += 1
         slot.waiter = asyncio.create_task(proc.wait(), name=f"topiq-pool-{slot.index}")
         logger.info(
@@ -303,10 +306,13 @@ class Pool:
                 lived,
             )
         else:
-            self._failed(slot, loop, f"(pid {pid}) {describe_exit(code)} {lived:.1f}s after start")
+            self._failed(
+                slot, loop, f"(pid {pid}) {describe_exit(code)} {lived:.1f}s after start", code
+            )
 
-    def _failed(self, slot: _Slot, loop: asyncio.AbstractEventLoop, what: str) -> None:
+    def _failed(self, slot: _Slot, loop: asyncio.AbstractEventLoop, what: str, code: int) -> None:
         """A child that failed at start: start it again after a doubling delay."""
+        slot.failing = code
         slot.failures += 1
         delay = min(BACKOFF_FIRST * 2 ** (slot.failures - 1), BACKOFF_MAX)
         slot.due = loop.time() + delay
@@ -365,9 +371,14 @@ class Pool:
 
     def _exit_code(self) -> int:
         """0 when every child stopped cleanly (a child killed by the very signal forwarded to
-        it, before it could handle it, held no job); else the highest child code, or 1."""
+        it, before it could handle it, held no job); else the highest child code, or 1.
+
+        A slot with no child during the stop because its last one failed at start (waiting out
+        its backoff) reports that failure's code: a pool that never ran a worker is no clean
+        run."""
         clean = {0, DRAINED, *(-sig for sig in self._signals)}
-        codes = [s.last for s in self._slots if s.last is not None and s.last not in clean]
+        ends = [s.last if s.last is not None else s.failing for s in self._slots]
+        codes = [c for c in ends if c is not None and c not in clean]
         if not codes:
             return 0
         return max((c for c in codes if c > 0), default=1)
