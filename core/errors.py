@@ -56,6 +56,7 @@ __all__ = [
     "RequestTimeoutError",
     "Retry",
     "SerializationError",
+    "ServerMismatchError",
     "SpoolFullError",
     "TopiqError",
     "UnknownJobError",
@@ -70,6 +71,13 @@ class TopiqError(Exception):
 
 class ConfigurationError(TopiqError):
     """A setting is missing or has a value that cannot be used."""
+
+
+class ServerMismatchError(ConfigurationError):
+    """A setting that the server's answer shows to be wrong (REDIS_CLUSTER_NODES at a Redis that
+    is not a cluster node, a sentinel master the sentinels do not know, a password they refuse,
+    TLS to a plaintext server): no retry fixes it. A worker stops (exit 2); `health` reports
+    the backend unhealthy (exit 1) with the reason."""
 
 
 class SerializationError(TopiqError, TypeError):

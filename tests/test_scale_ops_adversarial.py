@@ -201,11 +201,6 @@ def _cluster_at_plain(backend: Backend) -> dict[str, str]:
 
 
 @REDIS
-@pytest.mark.xfail(
-    strict=True,
-    reason="REDIS_CLUSTER_NODES at a non-cluster Redis: queue:work retries forever "
-    "('cannot reach'), never names the variable nor stops",
-)
 def test_worker_with_cluster_nodes_at_a_plain_redis_stops_naming_the_variable(
     server_backend: Backend, tmp_path: Path
 ) -> None:
@@ -224,10 +219,6 @@ def test_worker_with_cluster_nodes_at_a_plain_redis_stops_naming_the_variable(
 
 
 @REDIS
-@pytest.mark.xfail(
-    strict=True,
-    reason="health with REDIS_CLUSTER_NODES at a non-cluster Redis does not name the variable",
-)
 def test_health_with_cluster_nodes_at_a_plain_redis_names_the_variable(
     server_backend: Backend,
 ) -> None:
@@ -254,10 +245,6 @@ def test_cluster_with_a_database_in_redis_url_is_refused_naming_redis_url() -> N
 
 
 @REDIS
-@pytest.mark.xfail(
-    strict=True,
-    reason="rediss:// to a non-TLS cluster node: health says 'no answer within 5 s', not TLS",
-)
 def test_health_with_tls_to_a_plain_cluster_node_says_tls(server_backend: Backend) -> None:
     env = _cluster_at_plain(server_backend)
     env["REDIS_URL"] = "rediss://127.0.0.1:6379/0"
@@ -267,11 +254,6 @@ def test_health_with_tls_to_a_plain_cluster_node_says_tls(server_backend: Backen
 
 
 @REDIS
-@pytest.mark.xfail(
-    strict=True,
-    reason="REDIS_SENTINEL_MASTER unknown to the sentinels: health/queue:work never name "
-    "the variable (worker retries forever)",
-)
 def test_health_with_an_unknown_sentinel_master_names_the_variable(
     server_backend: Backend, tmp_path: Path
 ) -> None:
@@ -301,10 +283,6 @@ def test_health_with_a_known_sentinel_master_is_healthy(
 
 
 @REDIS
-@pytest.mark.xfail(
-    strict=True,
-    reason="wrong REDIS_SENTINEL_PASSWORD: health says 'no answer within 5 s', not auth",
-)
 def test_health_with_a_wrong_sentinel_password_says_so(
     server_backend: Backend, tmp_path: Path
 ) -> None:
@@ -320,11 +298,6 @@ def test_health_with_a_wrong_sentinel_password_says_so(
     assert "REDIS_SENTINEL_PASSWORD" in out, out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="all REDIS_SENTINELS down: health says 'no answer within 5 s', not which "
-    "sentinels refused",
-)
 def test_health_with_every_sentinel_down_names_the_sentinels() -> None:
     ports = [free_port(), free_port()]
     env = {

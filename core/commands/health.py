@@ -21,7 +21,7 @@ from core.commands._common import (
     positive_seconds,
     write_json,
 )
-from core.errors import ConfigurationError
+from core.errors import ConfigurationError, ServerMismatchError
 from core.health import Health, check_health
 from core.queue.queue_manager import QueueManager
 from core.settings import Settings
@@ -71,6 +71,8 @@ async def _check(args: argparse.Namespace, settings: Settings) -> Health:
         try:
             async with asyncio.timeout(timeout):
                 driver = await manager.connection(name)
+        except ServerMismatchError as exc:  # the server's answer shows a setting wrong
+            return Health(False, name, False, 0, str(exc))
         except ConfigurationError:
             raise
         except TimeoutError:

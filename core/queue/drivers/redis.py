@@ -113,6 +113,11 @@ from core.queue.drivers.base import (
     new_record_id,
     pause_marker,
 )
+from core.queue.drivers.redis_connect import (
+    cluster_failure,
+    connect_watching_tls,
+    sentinel_failure,
+)
 from core.queue.drivers.redis_durability import push_replicated
 from core.queue.drivers.redis_relay import (
     Outboxes,
@@ -551,7 +556,11 @@ class RedisDriver(Driver):
         from redis.asyncio.sentinel import Sentinel
 
         secret = self.settings.redis_sentinel_password
-        sentinel_kwargs: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5}
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_timeout": 5,
+            "socket_connect_timeout": 5,
+            "retry": no_retry,  # a sentinel down or refusing the password: said at once
+        }
         if secret is not None:
             sentinel_kwargs["password"] = secret.get_secret_value()
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
@@ -584,18 +593,37 @@ class RedisDriver(Driver):
         async with _translated("connecting"):
             try:
                 if self.cluster:
-                    await client.initialize()
+                    nodes = redis_nodes(self.settings.redis_cluster_nodes or "")
+                    await connect_watching_tls(dsn, nodes, client.initialize())
                 await client.ping()
             except BaseException as exc:
                 await client.aclose()
-                if self.topology == "single" and isinstance(exc, RedisError | OSError):
-                    # rediss:// that cannot be TLS: stop
-                    where = client.connection_pool.connection_kwargs
-                    tls = await redis_tls_failure(dsn, where["host"], where["port"], exc)
-                    if tls is not None:
-                        raise tls from None
+                why = await self._connect_failure(client, exc)
+                if why is not None:
+                    await self.close()
+                    raise why from None
                 raise
         self._client = client
+
+    async def _connect_failure(self, client: Any, exc: BaseException) -> Exception | None:
+        """What a failure to connect means in terms of the settings (see redis_connect.py):
+        `rediss://` that cannot be TLS, REDIS_CLUSTER_NODES at a non-cluster Redis, the
+        sentinels refusing REDIS_SENTINEL_PASSWORD, not knowing REDIS_SENTINEL_MASTER or all
+        down. `None`: nothing to add to `exc`."""
+        if not isinstance(exc, Exception):
+            return None  # cancelled
+        topology = self.topology
+        if topology == "cluster":
+            return cluster_failure(redis_nodes(self.settings.redis_cluster_nodes or ""), exc)
+        if topology == "sentinel":
+            master = self.settings.redis_sentinel_master or ""
+            secret = self.settings.redis_sentinel_password is not None
+            return await sentinel_failure(self._sentinel, master, password=secret)
+        if isinstance(exc, RedisError | OSError):  # rediss:// that cannot be TLS: stop
+            where = client.connection_pool.connection_kwargs
+            dsn = self.settings.redis_dsn
+            return await redis_tls_failure(dsn, where["host"], where["port"], exc)
+        return None
 
     async def close(self) -> None:
         blocked = list(self._blocked.values())

@@ -29,9 +29,9 @@ import aiomysql
 from pymysql.constants import CLIENT  # type: ignore[import-untyped]
 from sqlalchemy.engine import URL
 
-from core.errors import ConfigurationError
+from core.errors import ConfigurationError, ServerMismatchError
 
-__all__ = ["check_redis_url", "mysql_tls", "redis_tls_failure"]
+__all__ = ["check_redis_url", "mysql_tls", "redis_plaintext_refusal", "redis_tls_failure"]
 
 # -- MySQL/MariaDB ----------------------------------------------------------------------------
 
@@ -200,17 +200,23 @@ async def redis_tls_failure(
     where = f"{host}:{port}"
     failure = _tls_error(exc)
     if isinstance(failure, ssl.SSLCertVerificationError):
-        return ConfigurationError(
+        return ServerMismatchError(
             f"REDIS_URL: the TLS certificate of the Redis server at {where} was refused: "
             f"{failure.verify_message}; give the CA that signed it with "
             "?ssl_ca_certs=/path/to/ca.pem (or ssl_cert_reqs=none to skip the check)"
         )
-    if await _speaks_plain_redis(host, port):
-        return ConfigurationError(
-            f"REDIS_URL asks for TLS (rediss://), but the Redis server at {where} answers in "
-            "plaintext: enable TLS on the server (tls-port) or use redis://"
-        )
-    return None
+    return await redis_plaintext_refusal(dsn, host, port)
+
+
+async def redis_plaintext_refusal(dsn: str, host: str, port: int) -> ConfigurationError | None:
+    """With `rediss://`: the error to stop with when `host:port` answers PING in plaintext (a
+    Redis without TLS there), else `None`. Asks without credentials, at most 2 s."""
+    if urlsplit(dsn).scheme != "rediss" or not await _speaks_plain_redis(host, port):
+        return None
+    return ServerMismatchError(
+        f"REDIS_URL asks for TLS (rediss://), but the Redis server at {host}:{port} answers in "
+        "plaintext: enable TLS on the server (tls-port) or use redis://"
+    )
 
 
 async def _speaks_plain_redis(host: str, port: int) -> bool:
