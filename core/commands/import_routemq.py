@@ -202,6 +202,7 @@ def _report(
         data["moved"] = tally.total
         data["resumed"] = tally.resumed
         data["unreadable"] = tally.unreadable
+        data["clamped"] = tally.clamped
 
     def render() -> Any:
         what = "to import" if tally is None else "imported"
@@ -217,6 +218,7 @@ def _report(
                 notes.append(
                     f"{tally.unreadable} payload(s) could not be read and were kept as they were"
                 )
+            notes += tally.clamped
             if after.total:
                 notes.append(f"{after.total} arrived in RouteMQ's keys meanwhile: run it again")
         notes += [f"left in place: {k.key}: {k.reason}" for k in after.left]

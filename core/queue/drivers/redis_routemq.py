@@ -84,6 +84,10 @@ ONCE_FOR = 30 * 86400.0
 #: The import lock's lease (seconds): a run killed on another host frees it after this long.
 LOCK_LEASE = 30.0
 
+#: The latest a job may fall due (the limit a dispatch's delay has, `queue_manager._LATEST_DUE`):
+#: a delayed entry scored later (or `inf`) is imported due then, and the import says so.
+LATEST_DUE = datetime(9999, 1, 1, tzinfo=UTC).timestamp()
+
 #: Steps a test may stop the import after (`Importer.crash_at`), with SIGKILL.
 Step = Literal["taken", "pushed", "cleared"]
 
@@ -155,6 +159,9 @@ class Tally:
     moved: dict[str, dict[str, int]] = field(default_factory=dict)
     unreadable: int = 0  # payloads kept as they were (the worker records them as failed)
     resumed: int = 0  # entries of an interrupted run finished by this one
+    #: One line per delayed entry whose score was no due time Topiq accepts (inf, nan, past
+    #: 9999-01-01), saying what it became.
+    clamped: list[str] = field(default_factory=list)
 
     def add(self, entry: _Entry) -> None:
         row = self.moved.setdefault(entry.queue, dict.fromkeys(KINDS, 0))
@@ -447,7 +454,7 @@ class Importer:
             found = _readable(payload)
             if found is None:
                 self.tally.unreadable += 1
-            delay = max(0.0, job.score - now) if job.score is not None else 0.0
+            delay = self._delay(job, now)
             outgoing.append(
                 OutgoingJob(
                     job.id,
@@ -478,6 +485,37 @@ class Importer:
             raise DriverError(
                 f"the push of imported jobs answered {odd[0].outcome} for {odd[0].id}"
             )
+
+    def _delay(self, job: _Entry, now: float) -> float:
+        """Seconds until `job` is due, from its sorted-set score; a score Topiq cannot keep as a
+        due time (nan, or past 9999-01-01, `inf` included) becomes now or that limit, noted in
+        the tally for the output. `-inf` (due long ago) is simply due now."""
+        score = job.score
+        if score is None or score == float("-inf"):
+            return 0.0
+        if score != score:  # nan
+            self._clamp(job, "nan", "due now")
+            return 0.0
+        if score > LATEST_DUE:
+            self._clamp(job, repr(score), "due at the latest Topiq accepts, 9999-01-01")
+            return max(0.0, LATEST_DUE - now)
+        return max(0.0, score - now)
+
+    def _clamp(self, job: _Entry, score: str, became: str) -> None:
+        routemq_id: Any = None
+        with contextlib.suppress(orjson.JSONDecodeError):
+            data = orjson.loads(job.item)
+            if isinstance(data, dict):
+                routemq_id = data.get("id")
+        named = (
+            f"job {routemq_id!r}"
+            if isinstance(routemq_id, str)
+            else f"entry {job.item[:60].decode(errors='replace')!r}"
+        )
+        self.tally.clamped.append(
+            f"{self._queue_root}{job.queue}:delayed: {named} (Topiq id {job.id}) had score "
+            f"{score}, no due time Topiq keeps; imported {became}"
+        )
 
     def _job_payload(self, job: _Entry) -> tuple[str, int]:
         """The Topiq payload of a RouteMQ job and the tries it had spent."""
