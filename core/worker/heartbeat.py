@@ -42,12 +42,15 @@ class Heartbeat:
         # The history goes in a task of its own, beside the beat: a slow write of it (SQLite
         # under load) must never make the leases look unrenewed.
         history: asyncio.Task[None] | None = None
+        sweep: asyncio.Task[None] | None = None
         try:
             while True:
                 if beat is None or beat.done():
                     beat = asyncio.create_task(self._beat(interval), name="topiq-worker-beat")
                 if history is None or history.done():
                     history = asyncio.create_task(self.send_history(), name="topiq-history")
+                if sweep is None or sweep.done():  # the backend's upkeep, beside the beat too
+                    sweep = asyncio.create_task(self._sweep(), name="topiq-backend-sweep")
                 await asyncio.wait({beat}, timeout=max(interval, self._worker._margin / 2))
                 if not (beat.done() and not beat.cancelled() and beat.result()):
                     self._check_lapsing(interval)
@@ -55,7 +58,7 @@ class Heartbeat:
         finally:
             # Stopping: let a beat (and a history write) in flight finish its calls (bounded),
             # then give up on it.
-            busy = {task for task in (beat, history) if task is not None and not task.done()}
+            busy = {t for t in (beat, history, sweep) if t is not None and not t.done()}
             if busy:
                 await asyncio.wait(busy, timeout=self._worker._margin)
                 for task in busy:
@@ -75,6 +78,16 @@ class Heartbeat:
         except Exception as exc:
             logger.warning("worker heartbeat failed: %s", describe(exc))
         return renewed
+
+    async def _sweep(self) -> None:
+        """The backend's periodic upkeep (`Driver.sweep`)."""
+        driver = self._worker._driver
+        if driver is None:
+            return
+        try:
+            await driver.sweep()
+        except Exception as exc:
+            logger.warning("backend upkeep failed: %s", describe(exc))
 
     async def send_history(self, timeout: float | None = None) -> None:
         """Add the history counted since the last beat to the backend's; kept for the next

@@ -648,6 +648,11 @@ class Driver(abc.ABC):
     async def remove_worker(self, worker_id: str) -> None:
         """Forget a worker that stopped."""
 
+    async def sweep(self) -> None:
+        """Periodic upkeep of the backend, done by every worker's heartbeat (every few
+        seconds); errors are logged by the caller. Nothing by default (Redis Cluster: the
+        relay's outboxes left by a worker that died, redis_relay.py)."""
+
     @abc.abstractmethod
     async def workers(self) -> list[WorkerInfo]:
         """Workers whose last heartbeat has not expired."""

@@ -125,6 +125,7 @@ from core.queue.drivers.redis_relay import (
     missing_dependencies,
     relayed,
     retry_failed_cluster,
+    sweep_outboxes,
 )
 from core.queue.drivers.tls import check_redis_url, redis_tls_failure
 from core.settings import Settings, redis_nodes
@@ -162,6 +163,13 @@ _WAIT_SLICE = 1.0
 #: Tokens of unanswered reservations remembered per queue (one per failed call while the
 #: server is away; only the last one that reached it matters).
 _UNANSWERED_KEPT = 16
+#: Cluster: seconds between two sweeps of the relay's outboxes by one worker (`sweep`).
+_SWEEP_EVERY = 2.0
+#: Cluster: the most slots `wait` blocks a BLPOP on (a connection each, kept between waits;
+#: redis-py's cluster client has at most 100 per node); the queues of further slots are
+#: polled every `_POLL_EVERY` seconds (one pipelined EXISTS per slot).
+_BLOCKED_SLOTS = 32
+_POLL_EVERY = 0.5
 
 
 #: The scripts that end, place or release jobs: lua/lib.lua (shared functions) is prepended.
@@ -216,7 +224,8 @@ async def _translated(what: str) -> AsyncIterator[None]:
     try:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        raise ConnectionLostError(f"Redis unreachable during {what}: {exc}") from exc
+        why = str(exc) or type(exc).__name__
+        raise ConnectionLostError(f"Redis unreachable during {what}: {why}") from exc
     except _REFUSED_FOR_NOW as exc:
         # The server refused the command without running it, for a while: a cluster with a
         # slot not served during a failover (CLUSTERDOWN, TRYAGAIN), a primary demoted to a
@@ -463,6 +472,7 @@ class RedisDriver(Driver):
         # On a cluster, the BLPOPs `wait` left blocked, per slot's wake keys (`_wait_slots`).
         self._blocked: dict[tuple[str, ...], asyncio.Future[Any]] = {}
         self._sentinel: Any = None  # the Sentinel client asking for the primary (REDIS_SENTINELS)
+        self._sweep_due = 0.0  # monotonic time of the next `sweep`
 
     def script(self, name: str) -> AsyncScript:
         """The registered Lua script `name` (see `lua/`)."""
@@ -604,6 +614,38 @@ class RedisDriver(Driver):
                     raise why from None
                 raise
         self._client = client
+
+    async def replica_shortfall(self) -> str | None:
+        """With REDIS_WAIT_REPLICAS: why no push can be acknowledged as replicated, when a
+        primary (each primary of a cluster) has fewer connected replicas than the setting asks
+        (INFO replication, `connected_slaves`): every dispatch would wait REDIS_WAIT_TIMEOUT and
+        fail with NotReplicatedError. `None` when the setting is 0 or each primary has enough.
+        Used by `health` (core/health.py)."""
+        wanted = self.settings.redis_wait_replicas
+        if wanted <= 0:
+            return None
+        client: Any = self.client
+        if self.cluster:
+            primaries = [
+                (
+                    node.name,
+                    await client.execute_command("INFO", "replication", target_nodes=node),
+                )
+                for node in client.get_primaries()
+            ]
+        else:
+            where = client.connection_pool.connection_kwargs
+            primaries = [(f"{where['host']}:{where['port']}", await client.info("replication"))]
+        short = [(name, _connected_replicas(info)) for name, info in primaries]
+        short = [(name, count) for name, count in short if count < wanted]
+        if not short:
+            return None
+        have = ", ".join(f"{name} has {count}" for name, count in short)
+        return (
+            f"REDIS_WAIT_REPLICAS={wanted}, but a primary has fewer connected replicas ({have}): "
+            f"every dispatch would wait REDIS_WAIT_TIMEOUT and fail (NotReplicatedError); "
+            "lower REDIS_WAIT_REPLICAS or add replicas"
+        )
 
     async def _connect_failure(self, client: Any, exc: BaseException) -> Exception | None:
         """What a failure to connect means in terms of the settings (see redis_connect.py):
@@ -934,8 +976,10 @@ class RedisDriver(Driver):
     async def _wait_slots(self, groups: list[list[str]], timeout: float) -> None:
         """On a cluster, queues in different slots: one BLPOP per slot, blocked at once (each
         on a connection of its own to its slot's primary); the first to return ends the wait.
+        Past `_BLOCKED_SLOTS` slots (connections run out: redis-py's cluster client has 100
+        per node), the further slots' wake keys are polled every `_POLL_EVERY` s meanwhile.
 
-        The others are not cancelled: a cancelled BLPOP's connection is closed, and a push
+        The BLPOPs are not cancelled: a cancelled BLPOP's connection is closed, and a push
         reaching the server before it learns of the close hands its wake token to that dead
         connection, lost to every worker. They stay blocked for the next call, which takes
         over each of them still pending (or one that took a token meanwhile: that call returns
@@ -943,7 +987,8 @@ class RedisDriver(Driver):
         error of a BLPOP is raised by the call that sees it."""
         blocked = self._blocked
         loop = asyncio.get_running_loop()
-        wanted = {tuple(keys) for keys in groups}
+        polled = groups[_BLOCKED_SLOTS:]
+        wanted = {tuple(keys) for keys in groups[:_BLOCKED_SLOTS]}
         for keys, old in list(blocked.items()):
             stale = old.get_loop() is not loop
             if stale or (old.done() and (keys not in wanted or _empty_wait(old))):
@@ -954,14 +999,41 @@ class RedisDriver(Driver):
             task = blocked.get(keys)
             if task is None:
                 task = blocked[keys] = asyncio.ensure_future(client.blpop(keys, timeout=timeout))
+                task.add_done_callback(_retrieved)
             tasks.append(task)
-        done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        deadline = loop.time() + timeout
+        done: set[asyncio.Future[Any]] = set()
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            done, _ = await asyncio.wait(
+                tasks,
+                timeout=min(left, _POLL_EVERY) if polled else left,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if done or not polled or await self._poll_wake(polled):
+                break
         for keys in wanted:
             if blocked[keys] in done:
                 del blocked[keys]
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+        errors = [task.exception() for task in done if not task.cancelled()]
+        for error in errors:
+            if error is not None:
+                raise error
+
+    async def _poll_wake(self, groups: list[list[str]]) -> bool:
+        """Whether a wake key of `groups` (each one slot's) held a token, one taken."""
+        async with self.pipeline(transaction=False) as pipe:
+            for keys in groups:
+                pipe.exists(*keys)
+            counts = await pipe.execute()
+        for keys, count in zip(groups, counts, strict=True):
+            if count:
+                for key in keys:
+                    if await self.client.lpop(key) is not None:
+                        return True
+        return False
 
     async def _ack_groups(
         self, groups: dict[str, Sequence[ReservedJob]], box: Outboxes | None = None
@@ -1449,6 +1521,16 @@ class RedisDriver(Driver):
                 _REPORT_WORKER, 2, index, key, info.id, info.to_json(), max(1, int(ttl * 1000))
             )
 
+    async def sweep(self) -> None:
+        """On a cluster, every `_SWEEP_EVERY` s at most: deliver what a dead worker left in the
+        relay's outboxes of any known queue (redis_relay.py `sweep_outboxes`); a queue that
+        gets no script again would keep it forever. Nothing on one server (no outboxes)."""
+        if not self.cluster or time.monotonic() < self._sweep_due:
+            return
+        self._sweep_due = time.monotonic() + _SWEEP_EVERY
+        async with _translated("sweeping the relay's outboxes"):
+            await sweep_outboxes(self)
+
     async def remove_worker(self, worker_id: str) -> None:
         index, key = self._registry_keys(worker_id)
         async with (
@@ -1604,6 +1686,16 @@ def _seconds(value: Any) -> float | None:
     return None if ms is None else ms / 1000
 
 
+def _connected_replicas(info: Any) -> int:
+    """`connected_slaves` of an INFO replication reply (parsed; on a cluster, maybe keyed by
+    node name)."""
+    if isinstance(info, dict) and "connected_slaves" not in info and len(info) == 1:
+        info = next(iter(info.values()))
+    if isinstance(info, dict):
+        return int(info.get("connected_slaves", 0))
+    return 0
+
+
 def _envelope(payload: bytes) -> dict[str, Any]:
     """The payload's JSON object, or an empty one: a status read never fails on a payload."""
     try:
@@ -1611,6 +1703,13 @@ def _envelope(payload: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """A finished BLPOP's error marked as seen (raised by the `wait` that sees it, if any): no
+    "exception was never retrieved" at exit for one no call looked at."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _empty_wait(task: asyncio.Future[Any]) -> bool:

@@ -30,7 +30,7 @@ from core.queue.drivers.base import OutgoingJob
 if TYPE_CHECKING:
     from core.queue.drivers.redis import RedisDriver
 
-__all__ = ["push_replicated"]
+__all__ = ["push_replicated", "scripts_replicated"]
 
 
 async def push_replicated(
@@ -42,6 +42,37 @@ async def push_replicated(
     the scripts' replies, in order, or `NotReplicatedError`."""
     if not calls:
         return []
+    replies, waits = await _run_waited(driver, calls)
+    _check(waits, driver.settings.redis_wait_replicas, driver.settings.redis_wait_timeout, jobs)
+    return replies
+
+
+async def scripts_replicated(
+    driver: RedisDriver, calls: Sequence[tuple[str, list[str], list[Any]]]
+) -> tuple[list[Any], str]:
+    """Run the script `calls` and WAIT for `REDIS_WAIT_REPLICAS` replicas as a push does (the
+    relay: relay.lua on its targets); the scripts' replies, in order, and why their writes may
+    not be replicated ("" when they are). A script's error is raised."""
+    if not calls:
+        return [], ""
+    replies, waits = await _run_waited(driver, calls)
+    wanted = driver.settings.redis_wait_replicas
+    least, failed = _least(waits)
+    if failed is not None:
+        return replies, f"the WAIT failed ({failed})"
+    if least < wanted:
+        return replies, (
+            f"{least} of {wanted} replica(s) acknowledged within "
+            f"{driver.settings.redis_wait_timeout:g}s"
+        )
+    return replies, ""
+
+
+async def _run_waited(
+    driver: RedisDriver, calls: Sequence[tuple[str, list[str], list[Any]]]
+) -> tuple[list[Any], list[Any]]:
+    """The scripts and one WAIT per primary they ran on, in one pipeline: the scripts' replies
+    (an error raised) and the WAITs' answers."""
     wanted = driver.settings.redis_wait_replicas
     timeout_ms = max(1, int(driver.settings.redis_wait_timeout * 1000))
     client: Any = driver.client
@@ -80,22 +111,26 @@ async def push_replicated(
     for reply in replies:
         if isinstance(reply, BaseException):
             raise reply
-    _check(waits, wanted, driver.settings.redis_wait_timeout, jobs)
-    return replies
+    return replies, waits
+
+
+def _least(waits: Sequence[Any]) -> tuple[int, BaseException | None]:
+    """The fewest replicas a WAIT saw, and the first WAIT that failed."""
+    counts = [w for w in waits if not isinstance(w, BaseException)]
+    failed = next((w for w in waits if isinstance(w, BaseException)), None)
+    return (min(counts) if counts and failed is None else 0), failed
 
 
 def _check(waits: Sequence[Any], wanted: int, timeout: float, jobs: Sequence[OutgoingJob]) -> None:
     """Raise `NotReplicatedError` unless every WAIT saw `wanted` replicas."""
-    counts = [w for w in waits if not isinstance(w, BaseException)]
-    failed = [w for w in waits if isinstance(w, BaseException)]
-    least = min(counts) if counts and not failed else 0
+    least, failed = _least(waits)
     if least >= wanted:
         return
     ids = [job.id for job in jobs]
     shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
     why = (
-        f"the WAIT failed ({failed[0]})"
-        if failed
+        f"the WAIT failed ({failed})"
+        if failed is not None
         else f"{least} of {wanted} replica(s) acknowledged it within {timeout:g}s"
     )
     raise NotReplicatedError(

@@ -15,8 +15,14 @@ dies between its script and the delivery leaves the messages in the outbox: any 
 of that queue (every reserve of every worker) reports an outbox whose oldest message is older
 than 2 s (lib.lua `STALE`), and the caller that sees it reads the outbox and delivers it. A
 fresher message is left to the caller that appended it (no double work in the usual case).
-A delivery that fails (the connection lost, a failover) is logged and left for that sweep:
-the call that produced the messages has done its work and does not fail for it.
+A queue may see no script again (its worker gone, no push): every worker also sweeps the
+outboxes of all known queues with its heartbeat (`sweep_outboxes`, `RedisDriver.sweep`).
+A delivery that fails (the connection lost, a failover) is logged and left for the sweep:
+the call that produced the messages has done its work and does not fail for it. An entry
+that is not a message (relay.lua could not apply it) is moved to `<tag>:outbox:bad`, logged;
+the others are delivered. With REDIS_WAIT_REPLICAS the targets' writes are WAITed for before
+the removal from the sources (a failover of a target must not lose them); short of the
+replicas, the messages stay for the sweep.
 
 Cost: nothing on a single server. On a cluster the plain path (no dependencies, no workflow)
 costs no round trip (the scripts answer an empty message list and read one outbox key); a
@@ -35,19 +41,29 @@ with a keep of 0, or cleared), the dependent resolves as if the dependency was c
 from __future__ import annotations
 
 import logging
+import re
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, ResponseError
 
 from core.queue.drivers.base import FailedJob, OutgoingJob
+from core.queue.drivers.redis_durability import scripts_replicated
 
 if TYPE_CHECKING:
     from core.queue.drivers.redis import RedisDriver
 
-__all__ = ["Outboxes", "deliver", "missing_dependencies", "relayed", "retry_failed_cluster"]
+__all__ = [
+    "Outboxes",
+    "deliver",
+    "missing_dependencies",
+    "relayed",
+    "retry_failed_cluster",
+    "sweep_outboxes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +71,10 @@ log = logging.getLogger(__name__)
 _CHUNK = 200
 #: Messages read from an outbox with a stale message, per sweep.
 _SWEEP = 500
+#: lib.lua's STALE: a message older than this (ms) is swept, its deliverer presumed dead.
+_STALE_MS = 2000
+#: The append time of a message (lib.lua `emit`), as relay.lua's `reply` reads it.
+_APPENDED = re.compile(rb'^\[[^,]*,"(\d+)"')
 #: Rounds of one delivery before the rest is left to the sweep (a runaway cascade).
 _MAX_ROUNDS = 1000
 
@@ -93,31 +113,152 @@ async def relayed(driver: RedisDriver, tag: str, reply: Any) -> Any:
     return inner
 
 
-def _target(message: bytes) -> str:
-    """The tag of the queue a message is for (its fourth field)."""
-    parsed = orjson.loads(message)
-    return str(parsed[2])
+#: Fields after the kind, per message kind (lib.lua, "THE RELAY"): at least, at most.
+_FIELDS = {"r": (4, 4), "s": (2, 2), "x": (2, 3)}
+#: Bad entries kept per outbox in `<tag>:outbox:bad` (the newest), for an operator to read.
+_BAD_KEPT = 1000
+#: How much of a bad entry a log line shows.
+_SHOWN = 200
+
+
+def _target(message: bytes, prefix: str) -> str:
+    """The tag of the queue a message is for (its third field); ValueError naming what is
+    wrong with a message that is not one (lib.lua, "THE RELAY": the format)."""
+    try:
+        parsed = orjson.loads(message)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(parsed, list) or len(parsed) < 4:
+        raise ValueError("not a JSON array [seq, ms, target tag, kind, ...]")
+    target, kind = parsed[2], parsed[3]
+    if not (
+        isinstance(target, str)
+        and target.startswith(f"{prefix}:{{{prefix}:")
+        and target.endswith("}")
+    ):
+        raise ValueError(f"target {target!r} is no queue's tag")
+    fields = _FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise ValueError(f"unknown message kind {kind!r}")
+    rest = parsed[4:]
+    if not fields[0] <= len(rest) <= fields[1] or not all(isinstance(f, str) for f in rest):
+        raise ValueError(f"kind {kind!r} takes {fields[0]}-{fields[1]} strings after it")
+    return target
+
+
+def _failed_on_it(exc: ResponseError) -> bool:
+    """Whether relay.lua failed on one of its messages (a script error), rather than the
+    server refusing to run it for now (a failover: CLUSTERDOWN, TRYAGAIN, READONLY, ...)."""
+    from core.queue.drivers.redis import _REFUSED_FOR_NOW
+
+    text = str(exc)
+    return not isinstance(exc, (NoScriptError, *_REFUSED_FOR_NOW)) and (
+        "relay.lua" in text or "user_script" in text
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _show(message: bytes) -> str:
+    text = message[:_SHOWN].decode("utf-8", "replace")
+    return text + (f"... ({len(message)} bytes)" if len(message) > _SHOWN else "")
 
 
 async def deliver(driver: RedisDriver, box: Outboxes) -> int:
     """Deliver the messages in `box`, and those their delivery appends in turn, until none is
-    left; returns how many were delivered. Errors are logged: the messages stay in their
-    outboxes, for a sweep."""
+    left; returns how many were delivered. Never raises (but a cancellation): a message that
+    is not one is set aside (`<tag>:outbox:bad`, logged); a failed delivery is logged and its
+    messages stay in their outboxes, for a sweep (`sweep_outboxes`, any worker's heartbeat)."""
     if not box:
         return 0
     try:
         return await _deliver(driver, box)
-    except (RedisError, OSError, ValueError) as exc:  # ValueError: a message not JSON
+    except Exception as exc:
+        sources = sorted({*box.sent, *box.sweep})
+        shown = ", ".join(f"{tag}:outbox" for tag in sources[:3])
+        more = f" and {len(sources) - 3} more" if len(sources) > 3 else ""
         log.warning(
-            "relay: delivery of cross-queue messages interrupted (%s); they stay in their "
-            "outboxes and a worker of their queue delivers them",
+            "relay: delivery of the cross-queue messages of %s%s failed (%s: %s); they stay "
+            "in their outboxes and are delivered by a later sweep (every worker sweeps the "
+            "outboxes holding a message older than 2 s)",
+            shown,
+            more,
+            type(exc).__name__,
             exc,
         )
         return 0
 
 
+async def _set_aside(driver: RedisDriver, bad: list[tuple[str, bytes, str]]) -> None:
+    """Move entries that are not messages out of their outboxes, to `<tag>:outbox:bad` (the
+    same slot), one ERROR log each."""
+    async with driver.pipeline(transaction=False) as pipe:
+        for source, message, why in bad:
+            log.error(
+                "relay: outbox %s:outbox holds an entry that is not a relay message (%s), "
+                "moved to %s:outbox:bad: %s",
+                source,
+                why,
+                source,
+                _show(message),
+            )
+            pipe.rpush(f"{source}:outbox:bad", message)
+            pipe.ltrim(f"{source}:outbox:bad", -_BAD_KEPT, -1)
+            pipe.lrem(f"{source}:outbox", 1, message)
+        await pipe.execute()
+
+
+async def _apply(
+    driver: RedisDriver, calls: list[tuple[str, list[str], list[Any]]]
+) -> list[Any] | None:
+    """relay.lua `calls`; their replies, or None when REDIS_WAIT_REPLICAS asked for replicas
+    that did not acknowledge the targets' writes (then nothing is removed from the sources:
+    a failover of a target would lose what relay.lua did there; a sweep delivers again)."""
+    if not driver.settings.redis_wait_replicas:
+        return await driver._scripts_run(calls)
+    replies, short = await scripts_replicated(driver, calls)
+    if short:
+        log.warning(
+            "relay: messages applied on %s but not acknowledged by REDIS_WAIT_REPLICAS=%d "
+            "replica(s) (%s); they stay in their outboxes and are delivered again by a sweep",
+            ", ".join(sorted({call[2][0] for call in calls})[:3]),
+            driver.settings.redis_wait_replicas,
+            short,
+        )
+        return None
+    return replies
+
+
+async def _apply_each(
+    driver: RedisDriver, calls: list[tuple[str, list[str], list[Any]]], sources: dict[bytes, str]
+) -> list[tuple[list[Any], Any]] | None:
+    """After relay.lua failed on a chunk: each message alone, those it fails on set aside;
+    (relay.lua's arguments, its reply) of the others, or None as `_apply`."""
+    done: list[tuple[list[Any], Any]] = []
+    bad: list[tuple[str, bytes, str]] = []
+    for _name, keys, args in calls:
+        target = args[0]
+        for message in args[1:]:
+            try:
+                got = await _apply(driver, [("relay", keys, [target, message])])
+            except ResponseError as exc:
+                if not _failed_on_it(exc):
+                    raise
+                bad.append((sources[message], message, f"relay.lua failed on it: {exc}"))
+                continue
+            if got is None:
+                return None
+            done.append(([target, message], got[0]))
+    if bad:
+        await _set_aside(driver, bad)
+    return done
+
+
 async def _deliver(driver: RedisDriver, box: Outboxes) -> int:
     client = driver.client
+    prefix = driver.prefix
     swept: set[str] = set()
     delivered = 0
     for _ in range(_MAX_ROUNDS):
@@ -129,20 +270,48 @@ async def _deliver(driver: RedisDriver, box: Outboxes) -> int:
         if not pending:
             return delivered
         by_target: dict[str, list[bytes]] = defaultdict(list)
+        sources: dict[bytes, str] = {}
+        bad: list[tuple[str, bytes, str]] = []
         for source in pending:
-            pending[source] = list(dict.fromkeys(pending[source]))
-            for message in pending[source]:
-                by_target[_target(message)].append(message)
+            good = []
+            for message in dict.fromkeys(pending[source]):
+                try:
+                    target = _target(message, prefix)
+                except ValueError as exc:
+                    bad.append((source, message, str(exc)))
+                    continue
+                good.append(message)
+                sources[message] = source
+                by_target[target].append(message)
+            pending[source] = good
+        if bad:
+            await _set_aside(driver, bad)
         calls: list[tuple[str, list[str], list[Any]]] = []
-        targets: list[str] = []
         for target, messages in by_target.items():
             for at in range(0, len(messages), _CHUNK):
                 calls.append(("relay", [f"{target}:outbox"], [target, *messages[at : at + _CHUNK]]))
-                targets.append(target)
-        replies = await driver._scripts_run(calls)
+        if not calls:
+            return delivered
+        try:
+            replies = await _apply(driver, calls)
+            applied = None
+            if replies is not None:
+                applied = [(call[2], r) for call, r in zip(calls, replies, strict=True)]
+        except ResponseError as exc:  # relay.lua failed: find the message, apply the others
+            if not _failed_on_it(exc):
+                raise
+            applied = await _apply_each(driver, calls, sources)
+        if applied is None:
+            return delivered
         box = Outboxes()
-        for target, reply in zip(targets, replies, strict=True):
-            box.take(target, reply)
+        refused: list[tuple[str, bytes, str]] = []
+        for args, reply in applied:
+            answer = box.take(args[0], reply)
+            for n, why in zip(answer[::2], answer[1::2], strict=True):
+                message = args[int(n)]
+                refused.append((sources[message], message, f"relay.lua refused it: {_text(why)}"))
+        if refused:
+            await _set_aside(driver, refused)
         # Applied: out of the outboxes they came from (a second delivery would change nothing).
         async with client.pipeline(transaction=False) as pipe:
             for source, messages in pending.items():
@@ -152,6 +321,35 @@ async def _deliver(driver: RedisDriver, box: Outboxes) -> int:
         delivered += sum(len(messages) for messages in pending.values())
     log.warning("relay: cascade still going after %d rounds; the sweep goes on", _MAX_ROUNDS)
     return delivered
+
+
+def _stale(head: bytes, now_ms: float) -> bool:
+    """Whether an outbox whose first entry is `head` holds a message older than lib.lua's
+    STALE (or an entry that is not a message: to set aside)."""
+    found = _APPENDED.match(head)
+    return found is None or now_ms - int(found.group(1)) > _STALE_MS
+
+
+async def sweep_outboxes(driver: RedisDriver) -> int:
+    """Deliver the messages a dead deliverer left in any known queue's outbox (the first older
+    than 2 s; entries that are not messages set aside): what a script of that queue reports
+    too, but a queue may see no script again (its worker gone, no push). One pipelined LINDEX
+    per queue (one key each), then a delivery of the stale outboxes only; how many delivered."""
+    client = driver.client
+    names: set[Any] = await client.smembers(f"{driver.prefix}:queues")
+    tags = [driver.keys(_text(name)).tag for name in names]
+    if not tags:
+        return 0
+    async with driver.pipeline(transaction=False) as pipe:
+        for tag in tags:
+            pipe.lindex(f"{tag}:outbox", 0)
+        heads = await pipe.execute(raise_on_error=False)
+    now_ms = time.time() * 1000
+    box = Outboxes()
+    for tag, head in zip(tags, heads, strict=True):
+        if isinstance(head, bytes) and _stale(head, now_ms):
+            box.sweep.add(tag)
+    return await deliver(driver, box)
 
 
 async def missing_dependencies(

@@ -17,15 +17,12 @@
 --
 -- KEYS: 1 the queue's outbox (<tag>:outbox: names the slot)
 -- ARGV: 1 the queue's tag, then the messages (JSON, as appended)
--- Returns: lib.lua's reply: {the number of messages applied, the messages appended, stale}
+-- Returns: lib.lua's reply: {refused, the messages appended, stale}; refused: per message
+-- not applied, its number (1 = ARGV[2]) and why, flat
 local tag = ARGV[1]
 local q = home(tag)
 local ENDED = {succeeded = true, failed = true, cancelled = true, expired = true}
-for i = 2, #ARGV do
-  local m = cjson.decode(ARGV[i])
-  if m[3] ~= tag then
-    return redis.error_reply('relay.lua: a message for ' .. tostring(m[3]) .. ' sent to ' .. tag)
-  end
+local function apply(m)
   local kind = m[4]
   if kind == 'r' then
     resolve(m[5], m[6], m[7], m[8])
@@ -56,8 +53,31 @@ for i = 2, #ARGV do
       cancel_members(q, id, running, err)
     end
   else
-    return redis.error_reply('relay.lua: unknown message kind ' .. tostring(kind))
+    error('unknown message kind ' .. tostring(kind))
+  end
+end
+
+-- Each message on its own: one that cannot be applied (not JSON, another queue's, an unknown
+-- kind, an error while applying it) is refused and the others applied; the caller sets the
+-- refused ones aside (redis_relay.py).
+local refused = {}
+for i = 2, #ARGV do
+  local ok, m = pcall(cjson.decode, ARGV[i])
+  local why = nil
+  if not ok or type(m) ~= 'table' then
+    why = 'not a JSON array'
+  elseif m[3] ~= tag then
+    why = 'a message for ' .. tostring(m[3]) .. ' sent to ' .. tag
+  else
+    local done, err = pcall(apply, m)
+    if not done then
+      why = type(err) == 'table' and tostring(err.err) or tostring(err)
+    end
+  end
+  if why then
+    refused[#refused + 1] = i - 1
+    refused[#refused + 1] = why
   end
 end
 flush(nil)
-return reply(#ARGV - 1)
+return reply(refused)
