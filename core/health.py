@@ -41,7 +41,9 @@ async def check_health(
 ) -> Health:
     """Ask `driver`'s backend for its live workers within `timeout` seconds.
 
-    Healthy when the backend answered and, with `need_workers`, at least one worker is alive.
+    Healthy when the backend answered and, with `need_workers`, at least one worker is alive;
+    not when a Redis primary has fewer replicas than REDIS_WAIT_REPLICAS (every push would
+    fail).
     Never raises (but for the cancellation of the caller): a backend that fails or does not
     answer in time is reported in `Health.error`.
     """
@@ -49,6 +51,8 @@ async def check_health(
     try:
         async with asyncio.timeout(timeout):
             workers = await driver.workers()
+            shortfall = getattr(driver, "replica_shortfall", None)  # Redis: REDIS_WAIT_REPLICAS
+            problem: str | None = None if shortfall is None else await shortfall()
     except TimeoutError:
         return Health(
             False, name, False, 0, f"backend {name!r} did not answer within {timeout:g} s"
@@ -56,6 +60,8 @@ async def check_health(
     except Exception as exc:  # a health check reports, never raises
         return Health(False, name, False, 0, f"backend {name!r} failed: {_one_line(exc)}")
     live = len(workers)
+    if problem is not None:
+        return Health(False, name, True, live, f"backend {name!r}: {problem}")
     if need_workers and live < 1:
         return Health(False, name, True, 0, f"no live worker on connection {name!r}")
     return Health(True, name, True, live)

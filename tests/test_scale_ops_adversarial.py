@@ -588,17 +588,18 @@ def test_wait_replicas_above_the_replicas_fails_each_dispatch_saying_why(
         assert "REDIS_WAIT_REPLICAS=2" in message and "1 of 2 replica(s)" in message, message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REDIS_WAIT_REPLICAS=2 with 1 replica per primary: health/queue:work say nothing "
-    "at start; the first sign is every dispatch failing",
-)
 def test_health_warns_when_wait_replicas_exceeds_the_replicas(
     redis_cluster: PrivateCluster,
 ) -> None:
     env = _cluster_env(redis_cluster, REDIS_WAIT_REPLICAS="2")
-    _, out, _ = run_cli(env, "health", "--no-workers")
+    code, out, _ = run_cli(env, "health", "--no-workers")
     assert "REDIS_WAIT_REPLICAS" in out, out
+    # Unhealthy (every dispatch would fail), naming the replicas each primary has.
+    assert code == 1 and "has 1" in out and len(out.strip().splitlines()) == 1, out
+    # As many replicas as asked for: healthy.
+    env = _cluster_env(redis_cluster, REDIS_WAIT_REPLICAS="1")
+    code, out, _ = run_cli(env, "health", "--no-workers")
+    assert code == 0, out
 
 
 # -- scripts/services cluster ------------------------------------------------------------------
