@@ -670,11 +670,6 @@ def test_services_cluster_up_twice_status_down_twice(tmp_path: Path) -> None:
     assert code != 0 and out.count("NOT answering") == 6, out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scripts/services cluster up with a client port held by a non-Redis listener: "
-    "~11 min (120 probes x 5 s redis-cli timeout) before it fails",
-)
 def test_services_cluster_up_with_a_client_port_taken_refuses_and_names_it(
     tmp_path: Path,
 ) -> None:
@@ -689,11 +684,6 @@ def test_services_cluster_up_with_a_client_port_taken_refuses_and_names_it(
     assert code not in (0, None) and str(base + 3) in out, f"{took:.0f}s {code}\n{out}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scripts/services cluster up with a node's cluster-bus port (P+10000) taken: the "
-    "node dies at once but up waits ~60 s before failing",
-)
 def test_services_cluster_up_with_a_bus_port_taken_fails_fast(tmp_path: Path) -> None:
     base = _cluster_base()
     with socket.socket() as stranger:
