@@ -827,3 +827,67 @@ async def test_a_chain_whose_middle_queue_has_no_worker_leaves_nothing_in_an_out
         assert await flow.result(timeout=10) is None
         progress = await flow.progress()
         assert (progress.total, progress.succeeded) == (3, 3)
+
+
+async def test_a_message_relay_lua_fails_on_is_set_aside_and_the_rest_delivered(
+    driver: RedisDriver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A well-formed message that relay.lua cannot apply (its job record is a string, not a
+    hash: WRONGTYPE) ahead of a real one in the same delivery: relay.lua applies each message
+    on its own, the failing one is moved to the bad list and named in the log, the real one
+    releases its dependent."""
+    a, b = spread_queues(driver, 2)
+    tb = driver.keys(b).tag
+    await driver.client.set(f"{tb}:job:clash", "not a hash")
+    bad = orjson.dumps([1, "0", tb, "s", "clash", f"{driver.keys(a).tag}\0nobody"])
+    await driver.client.rpush(outbox(driver, a), bad)
+    await driver.push([job("dep", a)])
+    await driver.push([job("dependent", b, ("dep", a))])
+    await lost_ack(driver, a)
+    await age_outbox(driver, a)
+    with caplog.at_level(logging.ERROR):
+        await sweep(driver, a)
+    assert await status_of(driver, "dependent", b) is Status.QUEUED
+    assert await driver.client.lrange(outbox(driver, a), 0, -1) == []
+    [moved] = await driver.client.lrange(f"{outbox(driver, a)}:bad", 0, -1)
+    assert orjson.loads(moved)[4] == "clash"
+    assert "refused" in caplog.text and outbox(driver, a) in caplog.text, caplog.text
+
+
+async def test_sweep_is_nothing_on_one_server(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """One server has no outboxes: the heartbeat's sweep reads no queue list, no outbox."""
+    for single in _backend("redis", request, tmp_path):
+        async with create_driver("redis", single.settings()) as opened:
+            assert isinstance(opened, RedisDriver) and not opened.cluster
+            await opened.push([job("x", "q")])  # a known queue
+
+            async def reads() -> tuple[int, int]:
+                stats = await opened.client.info("commandstats")
+                return tuple(
+                    stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("smembers", "lindex")
+                )
+
+            before = await reads()
+            await opened.sweep()
+            assert await reads() == before
+
+
+async def test_a_wait_longer_than_the_cluster_socket_timeout_neither_fails_nor_loses_a_wake(
+    driver: RedisDriver,
+) -> None:
+    """redis-py's cluster client reads with a 5 s socket timeout: a wait of 7 s on queues of 3
+    primaries ends quietly (no 'Redis unreachable'), and a push during the next wait, after
+    the first BLPOPs were blocked past 5 s, wakes it at once."""
+    queues = spread_queues(driver, 3)
+    started = time.monotonic()
+    await driver.wait(queues, 7)
+    assert 6.5 < time.monotonic() - started < 9
+    waiter = asyncio.ensure_future(driver.wait(queues, 20))
+    await asyncio.sleep(5.5)
+    assert not waiter.done()
+    pushed_at = time.monotonic()
+    await driver.push([job("late", queues[2])])
+    await asyncio.wait_for(waiter, 5)
+    assert time.monotonic() - pushed_at < 1.0

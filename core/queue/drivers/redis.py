@@ -170,6 +170,10 @@ _SWEEP_EVERY = 2.0
 #: polled every `_POLL_EVERY` seconds (one pipelined EXISTS per slot).
 _BLOCKED_SLOTS = 32
 _POLL_EVERY = 0.5
+#: Cluster: the longest a BLPOP of `wait` blocks (then it is started again): below the
+#: cluster client's socket timeout (redis-py's default: 5 s), which would fail a longer one
+#: as a lost connection.
+_BLPOP_MAX = 4.0
 
 
 #: The scripts that end, place or release jobs: lua/lib.lua (shared functions) is prepended.
@@ -994,16 +998,17 @@ class RedisDriver(Driver):
             if stale or (old.done() and (keys not in wanted or _empty_wait(old))):
                 del blocked[keys]
         client = self.client
-        tasks = []
-        for keys in wanted:
-            task = blocked.get(keys)
-            if task is None:
-                task = blocked[keys] = asyncio.ensure_future(client.blpop(keys, timeout=timeout))
-                task.add_done_callback(_retrieved)
-            tasks.append(task)
         deadline = loop.time() + timeout
         done: set[asyncio.Future[Any]] = set()
         while True:
+            tasks = []
+            for keys in wanted:
+                task = blocked.get(keys)
+                if task is None:
+                    blpop = client.blpop(keys, timeout=min(timeout, _BLPOP_MAX))
+                    task = blocked[keys] = asyncio.ensure_future(blpop)
+                    task.add_done_callback(_retrieved)
+                tasks.append(task)
             left = deadline - loop.time()
             if left <= 0:
                 break
@@ -1012,7 +1017,15 @@ class RedisDriver(Driver):
                 timeout=min(left, _POLL_EVERY) if polled else left,
                 return_when=asyncio.FIRST_COMPLETED,
             )
-            if done or not polled or await self._poll_wake(polled):
+            if done and all(map(_timed_out, done)) and deadline - loop.time() > 0.01:
+                # Empty after `_BLPOP_MAX`, with time left: blocked again.
+                for keys in wanted:
+                    if blocked[keys] in done:
+                        del blocked[keys]
+                done = set()
+            if done or (polled and await self._poll_wake(polled)):
+                break
+            if not polled and loop.time() >= deadline:
                 break
         for keys in wanted:
             if blocked[keys] in done:
@@ -1710,6 +1723,11 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
     "exception was never retrieved" at exit for one no call looked at."""
     if not task.cancelled():
         task.exception()
+
+
+def _timed_out(task: asyncio.Future[Any]) -> bool:
+    """Whether a finished BLPOP ended empty (its timeout), neither failed nor cancelled."""
+    return not task.cancelled() and task.exception() is None and task.result() is None
 
 
 def _empty_wait(task: asyncio.Future[Any]) -> bool:
