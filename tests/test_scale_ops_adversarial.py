@@ -497,11 +497,6 @@ def _own_session_pool(
 
 
 @REDIS
-@pytest.mark.xfail(
-    strict=False,  # intermittent (2 of 3 runs): cannot be strict; see the review notes
-    reason="a child stopping on the forwarded SIGINT sometimes logs its job done, then hangs "
-    "in epoll instead of exiting (the pool waits out the grace)",
-)
 def test_ctrl_c_in_a_terminal_is_one_graceful_stop(server_backend: Backend, tmp_path: Path) -> None:
     """Ctrl-C sends SIGINT to the terminal's foreground process group: the running jobs must
     finish (one signal, graceful), not be cancelled as by a second one."""

@@ -43,7 +43,11 @@ class Pauses:
         driver = worker._driver
         assert driver is not None
         try:
-            now = frozenset(await driver.paused(worker.options.queues))
+            # A call of its own (`Duties.whole_call`), as the cancel poll's: stopping cancels
+            # `watch` at the shield, never inside the client, which may complete a cancelled
+            # command and lose the cancel (redis-py 8.1: the worker then never stopped).
+            paused = await worker._duties.whole_call(driver.paused(worker.options.queues))
+            now = frozenset(paused)
         except NotImplementedError:
             return False  # a backend without markers cannot be paused
         except Exception as exc:
