@@ -335,6 +335,8 @@ def test_commands_as_real_processes(ops: Ops, log: str, tmp_path: Path) -> None:
 
 def _down_env(ops: Ops) -> dict[str, str]:
     port = closed_port()
+    if ops.backend.kind == "cluster":
+        return {"REDIS_CLUSTER_NODES": f"127.0.0.1:{port}"}
     if ops.connection == "redis":
         return {"REDIS_URL": f"redis://127.0.0.1:{port}/0"}
     return {"DB_URL": f"mysql+aiomysql://topiq:topiq@127.0.0.1:{port}/topiq"}

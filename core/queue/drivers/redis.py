@@ -87,6 +87,7 @@ from redis.exceptions import (
     MasterDownError,
     NoScriptError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     SlotNotCoveredError,
     TryAgainError,
@@ -241,6 +242,10 @@ async def _translated(what: str) -> AsyncIterator[None]:
         ) from exc
     except RedisError as exc:
         raise DriverError(f"Redis error during {what}: {exc}") from exc
+    except RedisClusterException as exc:  # not a RedisError: the cluster client's own
+        if "cannot be connected" in str(exc):  # no node of REDIS_CLUSTER_NODES answered
+            raise ConnectionLostError(f"Redis Cluster unreachable during {what}: {exc}") from exc
+        raise DriverError(f"Redis Cluster error during {what}: {exc}") from exc
 
 
 def _raise_if_cancelled() -> None:
