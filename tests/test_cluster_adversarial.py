@@ -27,40 +27,17 @@ from core.queue.drivers.redis_relay import Outboxes, deliver
 from core.queue.queue_manager import QueueManager
 from core.status import Status
 from core.workflows import batch, chain
+from tests import cluster_support
+from tests.cluster_support import spread_queues
 from tests.conftest import Backend, _backend
 from tests.jobs import RecordJob, events
 from tests.processes import WorkerProcess, wait_until
 
+#: The cluster backend and a driver on it, as this module's `backend` and `driver`.
+backend = cluster_support.backend
+driver = cluster_support.driver
+
 pytestmark = [pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    yield from _backend("cluster", request, tmp_path)
-
-
-@pytest.fixture
-async def driver(backend: Backend) -> AsyncIterator[RedisDriver]:
-    async with create_driver("redis", backend.settings()) as opened:
-        assert isinstance(opened, RedisDriver) and opened.cluster
-        yield opened
-
-
-def spread_queues(driver: RedisDriver, count: int = 3, base: str = "") -> list[str]:
-    """`count` queue names whose slots are served by `count` different primaries."""
-    client: Any = driver.client
-    chosen: list[str] = []
-    nodes: set[str] = set()
-    base = base or f"r{uuid.uuid4().hex[:6]}"
-    for n in range(1000):
-        name = f"{base}-{n}"
-        node = client.get_node_from_key(driver.keys(name).tag).name
-        if node not in nodes:
-            nodes.add(node)
-            chosen.append(name)
-            if len(chosen) == count:
-                return chosen
-    raise AssertionError("no queues on distinct primaries")
 
 
 def job(id_: str, queue: str, *deps: tuple[str, str], **kw: Any) -> OutgoingJob:

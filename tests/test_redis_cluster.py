@@ -17,8 +17,7 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +27,18 @@ from core.queue.drivers import OutgoingJob, create_driver
 from core.queue.drivers.redis import RedisDriver
 from core.queue.queue_manager import QueueManager
 from core.status import Status
-from tests.conftest import ROOT, Backend, _backend
+from tests import cluster_support
+from tests.cluster_support import spread_queues
+from tests.conftest import ROOT, Backend
 from tests.jobs import FlakyJob, RecordJob, events
 from tests.processes import WorkerProcess, wait_until
 from tests.servers import PrivateCluster
 
+#: The cluster backend and a driver on it, as this module's `backend` and `driver`.
+backend = cluster_support.backend
+driver = cluster_support.driver
+
 pytestmark = [pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    yield from _backend("cluster", request, tmp_path)
-
-
-@pytest.fixture
-async def driver(backend: Backend) -> AsyncIterator[RedisDriver]:
-    async with create_driver("redis", backend.settings()) as opened:
-        assert isinstance(opened, RedisDriver) and opened.cluster
-        yield opened
 
 
 @pytest.fixture
@@ -63,23 +56,6 @@ def started(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     finally:
         for proc in procs:
             proc.stop()
-
-
-def spread_queues(driver: RedisDriver, count: int = 3) -> list[str]:
-    """`count` queue names whose slots are served by `count` different primaries."""
-    client: Any = driver.client
-    chosen: list[str] = []
-    nodes: set[str] = set()
-    base = f"c{uuid.uuid4().hex[:6]}"
-    for n in range(1000):
-        name = f"{base}-{n}"
-        node = client.get_node_from_key(driver.keys(name).tag).name
-        if node not in nodes:
-            nodes.add(node)
-            chosen.append(name)
-            if len(chosen) == count:
-                return chosen
-    raise AssertionError("no queues on distinct primaries")
 
 
 def cli(backend: Backend, *args: str) -> subprocess.CompletedProcess[str]:
