@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
-__all__ = ["Delay", "Duration", "parse_delay", "parse_duration"]
+__all__ = ["LATEST_DUE", "Delay", "Duration", "parse_delay", "parse_duration"]
+
+#: The latest a delayed job may fall due: SQL stores times as DATETIME, which ends with the year
+#: 9999, and a due time plus its ttl (30 days at most) must fit too. A later one failed in the SQL
+#: driver with a bare OverflowError, and Redis stored one that `queue:job` could not show.
+LATEST_DUE = datetime(9999, 1, 1, tzinfo=UTC).timestamp()
 
 Delay = float | int | str | timedelta | datetime
 Duration = float | int | str | timedelta

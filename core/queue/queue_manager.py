@@ -21,14 +21,14 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Protocol, Self, get_args, overload
 
 import orjson
 
 from core import tracing
-from core.delays import Delay, parse_delay
+from core.delays import LATEST_DUE, Delay, parse_delay
 from core.errors import (
     ConfigurationError,
     ConnectionLostError,
@@ -108,10 +108,7 @@ logger = logging.getLogger("topiq.queue")
 Pushable = Job | type[Job] | JobFunction[..., Any] | Callable[..., Any]
 
 
-#: The latest a delayed job may fall due: SQL stores times as DATETIME, which ends with the year
-#: 9999, and a due time plus its ttl (30 days at most) must fit too. A later one failed in the SQL
-#: driver with a bare OverflowError, and Redis stored one that `queue:job` could not show.
-_LATEST_DUE = datetime(9999, 1, 1, tzinfo=UTC).timestamp()
+_LATEST_DUE = LATEST_DUE  # core/delays.py says why
 
 
 def _delay_seconds(delay: Delay | None) -> float:

@@ -56,6 +56,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from core.delays import LATEST_DUE
 from core.errors import DriverError
 from core.queue.drivers.base import FailedJob, FailedStore, OutgoingJob
 from core.queue.drivers.redis import RedisDriver
@@ -84,9 +85,8 @@ ONCE_FOR = 30 * 86400.0
 #: The import lock's lease (seconds): a run killed on another host frees it after this long.
 LOCK_LEASE = 30.0
 
-#: The latest a job may fall due (the limit a dispatch's delay has, `queue_manager._LATEST_DUE`):
-#: a delayed entry scored later (or `inf`) is imported due then, and the import says so.
-LATEST_DUE = datetime(9999, 1, 1, tzinfo=UTC).timestamp()
+# A delayed entry scored past LATEST_DUE (the limit a dispatch's delay has; or `inf`) is
+# imported due then, and the import says so.
 
 #: Steps a test may stop the import after (`Importer.crash_at`), with SIGKILL.
 Step = Literal["taken", "pushed", "cleared"]
