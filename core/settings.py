@@ -37,6 +37,7 @@ class QueueConnection(enum.StrEnum):
     DATABASE = "database"
     MEMORY = "memory"
     SYNC = "sync"
+    AMQP = "amqp"
 
 
 class LogFormat(enum.StrEnum):
@@ -143,6 +144,22 @@ class Settings(BaseSettings):
     # REDIS_WAIT_TIMEOUT seconds; a dispatch that is not replicated in time raises. 0: off.
     redis_wait_replicas: int = Field(default=0, ge=0)
     redis_wait_timeout: float = Field(default=1.0, gt=0)
+
+    # -- RabbitMQ (QUEUE_CONNECTION=amqp; docs/rabbitmq.md) ---------------------------------
+    # amqp://user:pass@host:5672/vhost, or amqps:// for TLS (the certificate is verified;
+    # AMQP_TLS_CA / AMQP_TLS_CERT / AMQP_TLS_KEY name the files when not the system's).
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    amqp_tls_ca: Path | None = None
+    amqp_tls_cert: Path | None = None
+    amqp_tls_key: Path | None = None
+    # Where the amqp connection keeps what RabbitMQ cannot: status records and results, the
+    # failed store, workers' heartbeats, pauses. `database` (DB_URL / SQLite) or `redis`.
+    amqp_store: QueueConnection = QueueConnection.DATABASE
+    # The broker's consumer_timeout (seconds; RabbitMQ's default is 1800). A job whose lease
+    # would outlast it is parked instead of held unacknowledged (docs/rabbitmq.md).
+    amqp_consumer_timeout: float = Field(default=1800.0, gt=0)
+    # Names of everything Topiq declares on the broker start with this.
+    amqp_prefix: str = "topiq"
 
     # -- database (MySQL/MariaDB, or SQLite when MySQL is off) -----------------------------
     enable_mysql: bool = False
@@ -263,7 +280,15 @@ class Settings(BaseSettings):
     # -- URLs: checked at start, and never shown with their password ------------------------
 
     @field_validator(
-        "redis_url", "mqtt_url", "mqtt_tls_ca", "mqtt_tls_cert", "mqtt_tls_key", mode="before"
+        "redis_url",
+        "mqtt_url",
+        "mqtt_tls_ca",
+        "mqtt_tls_cert",
+        "mqtt_tls_key",
+        "amqp_tls_ca",
+        "amqp_tls_cert",
+        "amqp_tls_key",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
@@ -289,6 +314,24 @@ class Settings(BaseSettings):
     def _check_redis_nodes(cls, value: str | None) -> str | None:
         if value is not None:
             redis_nodes(value)
+        return value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp_url(cls, value: SecretStr) -> SecretStr:
+        scheme = value.get_secret_value().partition("://")[0].lower()
+        if scheme not in ("amqp", "amqps"):
+            raise ValueError(
+                f"must be an amqp:// or amqps:// URL (got a {scheme or 'missing'} scheme), "
+                "e.g. amqp://guest:guest@127.0.0.1:5672/"
+            )
+        return value
+
+    @field_validator("amqp_store")
+    @classmethod
+    def _check_amqp_store(cls, value: QueueConnection) -> QueueConnection:
+        if value not in (QueueConnection.DATABASE, QueueConnection.REDIS):
+            raise ValueError(f"must be database or redis (got {value.value})")
         return value
 
     @model_validator(mode="after")
@@ -376,6 +419,8 @@ class Settings(BaseSettings):
             return {conn: self.queue_failed_connection for conn in QueueConnection}
         if self.enable_mysql:
             mapping[QueueConnection.REDIS] = QueueConnection.DATABASE
+        # RabbitMQ keeps no records: its failed jobs go to the amqp connection's store.
+        mapping[QueueConnection.AMQP] = self.amqp_store
         return mapping
 
 
@@ -541,6 +586,12 @@ def queue_location(settings: Settings, connection: str) -> str:
         return "this process's memory"
     if connection == QueueConnection.SYNC:
         return "inline, inside dispatch()"
+    if connection == QueueConnection.AMQP:
+        store = queue_location(settings, settings.amqp_store)
+        return (
+            f"RabbitMQ at {redact_url(settings.amqp_url.get_secret_value())} "
+            f"(prefix {settings.amqp_prefix}; records in {store})"
+        )
     return connection
 
 

@@ -44,6 +44,7 @@ DRIVERS: dict[str, tuple[str, str]] = {
         "core.queue.drivers.database:DatabaseDriver",
         "sqlalchemy[asyncio] aiosqlite aiomysql",
     ),
+    "amqp": ("core.queue.drivers.amqp:AmqpDriver", "aio-pika"),
 }
 
 
