@@ -784,3 +784,17 @@ class Driver(abc.ABC):
     async def set_marker(self, name: str, value: str, ttl: float) -> None:
         """Store `value` under `name` for `ttl` seconds (replacing any earlier value)."""
         raise NotImplementedError(f"{type(self).__name__} keeps no markers")
+
+    async def claim_marker(self, name: str, value: str, ttl: float) -> bool:
+        """Store `value` under `name` for `ttl` seconds only if nothing unexpired is stored
+        there; whether this call stored it.
+
+        Set-if-absent for drivers that keep records in another driver (an id or a unique key
+        taken once across every process): of any number of concurrent claims of a free name,
+        from any process, exactly one returns True. An expired value counts as absent; a value
+        `set_marker` stored counts as taken. `get_marker` reads what a claim stored.
+
+        Raises:
+            ValueError: `ttl` is not a positive number of seconds.
+        """
+        raise NotImplementedError(f"{type(self).__name__} keeps no markers")

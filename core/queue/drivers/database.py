@@ -1083,6 +1083,23 @@ class DatabaseDriver(Driver):
 
         await self._run("write a marker", op)
 
+    async def claim_marker(self, name: str, value: str, ttl: float) -> bool:
+        """Take over an expired row or insert a new one, in one transaction
+        (`sql_workflow.claim_marker`)."""
+        if not 0 < ttl < float("inf"):
+            raise ValueError(f"claim_marker {name!r}: ttl must be a positive number, not {ttl!r}")
+        if len(name) > wf.MARKER_NAME_LENGTH:
+            # Checked here: the INSERT IGNORE would store a cut name on MySQL, not refuse it.
+            raise ValueError(
+                f"claim_marker {name[:40]!r}...: a marker name is at most "
+                f"{wf.MARKER_NAME_LENGTH} characters, not {len(name)}"
+            )
+
+        async def op(conn: AsyncConnection) -> bool:
+            return await wf.claim_marker(conn, name, value, ttl)
+
+        return await self._run("claim a marker", op)
+
     # -- worker registry and the restart signal ---------------------------------------------
 
     async def report_worker(self, info: WorkerInfo, ttl: float) -> None:

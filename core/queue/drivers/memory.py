@@ -1632,6 +1632,17 @@ class MemoryDriver(Driver):
     async def set_marker(self, name: str, value: str, ttl: float) -> None:
         self._markers[name] = (value, time.monotonic() + ttl)
 
+    async def claim_marker(self, name: str, value: str, ttl: float) -> bool:
+        # No await between the look and the store: one loop, so the claim is atomic.
+        if not 0 < ttl < math.inf:
+            raise ValueError(f"claim_marker {name!r}: ttl must be a positive number, not {ttl!r}")
+        now = time.monotonic()
+        held = self._markers.get(name)
+        if held is not None and held[1] > now:
+            return False
+        self._markers[name] = (value, now + ttl)
+        return True
+
     # -- failed store, workers ---------------------------------------------------------
 
     def failed_store(self) -> FailedStore:

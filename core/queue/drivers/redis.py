@@ -1521,6 +1521,17 @@ class RedisDriver(Driver):
         async with _translated("writing a marker"):
             await self.client.set(f"{self.prefix}:marker:{name}", value, px=max(1, int(ttl * 1000)))
 
+    async def claim_marker(self, name: str, value: str, ttl: float) -> bool:
+        """SET NX PX on the key `set_marker` writes: one command on one key (no hash tag
+        needed on a cluster), so the server decides the race; an expired key is gone."""
+        if not 0 < ttl < math.inf:
+            raise ValueError(f"claim_marker {name!r}: ttl must be a positive number, not {ttl!r}")
+        async with _translated("claiming a marker"):
+            stored = await self.client.set(
+                f"{self.prefix}:marker:{name}", value, px=max(1, int(ttl * 1000)), nx=True
+            )
+        return bool(stored)
+
     # -- workers and the restart signal ------------------------------------------------
 
     # The registry: one key per worker holding its report, with the heartbeat's TTL, so a dead

@@ -40,6 +40,7 @@ __all__ = [
     "Context",
     "cancel_members",
     "check_limit",
+    "claim_marker",
     "find_dependencies",
     "get_marker",
     "get_markers",
@@ -617,3 +618,29 @@ async def get_markers(conn: AsyncConnection, names: Sequence[str]) -> dict[str, 
 async def set_marker(conn: AsyncConnection, name: str, value: str, ttl: float) -> None:
     values = {"name": name, "value": value, "expires_at": t.now(ttl)}
     await t.upsert(conn, t.queue_markers, values)
+
+
+#: The longest marker name the `queue_markers` key holds (its VARCHAR length).
+MARKER_NAME_LENGTH = 190
+
+
+async def claim_marker(conn: AsyncConnection, name: str, value: str, ttl: float) -> bool:
+    """Store the marker only if no unexpired row holds `name`; whether this call stored it.
+
+    Two statements whose row counts decide, no read first: the UPDATE takes over an expired
+    row (it locks the row and checks the expiry again once it holds the lock, so of two
+    takers one matches), and the INSERT IGNORE writes a row where there is none (the key
+    refuses the second). A row that is there and not expired matches neither: refused.
+    """
+    now = t.now()
+    until = t.now(ttl)
+    expired = (_markers.name == name) & (_markers.expires_at <= now)
+    taken = await conn.execute(
+        update(t.queue_markers).where(expired).values(value=value, expires_at=until)
+    )
+    if taken.rowcount:
+        return True
+    inserted = await conn.execute(
+        _ignore(insert(t.queue_markers)).values(name=name, value=value, expires_at=until)
+    )
+    return bool(inserted.rowcount)
