@@ -1,20 +1,25 @@
-"""Private Redis and Mosquitto servers for one test session.
+"""Private Redis, Mosquitto and RabbitMQ servers for one test session.
 
 The suite never touches a server it did not start: each pytest session starts its own
-`redis-server` and `mosquitto` on free loopback ports, in a temporary folder, and ends them when
-it ends (or when it dies: the children get SIGTERM with their parent). A developer's own Redis on
-6379 or Mosquitto on 1883 is never flushed, and two test runs on one machine cannot disturb each
-other. MariaDB is the exception (too slow to start per session): tests use a database of their
-own on the server `scripts/services up` started, see `mysql_url` in `tests/conftest.py`.
+`redis-server`, `mosquitto` and RabbitMQ node on free loopback ports, in a temporary folder, and
+ends them when it ends (or when it dies: the children get SIGTERM with their parent). A
+developer's own Redis on 6379, Mosquitto on 1883 or RabbitMQ on 5672 is never flushed, and two
+test runs on one machine cannot disturb each other. MariaDB is the exception (too slow to start
+per session): tests use a database of their own on the server `scripts/services up` started,
+see `mysql_url` in `tests/conftest.py`.
 
-`TOPIQ_TEST_REDIS_URL` / `TOPIQ_TEST_MQTT_HOST` + `TOPIQ_TEST_MQTT_PORT` point the suite at a
-server of your choice instead; the Redis database named there is flushed between tests.
+`TOPIQ_TEST_REDIS_URL` / `TOPIQ_TEST_MQTT_HOST` + `TOPIQ_TEST_MQTT_PORT` /
+`TOPIQ_TEST_AMQP_URL` point the suite at a server of your choice instead; the Redis database
+named there is flushed between tests.
 """
 
 from __future__ import annotations
 
 import atexit
+import base64
+import contextlib
 import getpass
+import json
 import os
 import shutil
 import signal
@@ -23,16 +28,22 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 __all__ = [
     "PrivateCluster",
+    "PrivateRabbit",
     "PrivateSentinel",
     "PrivateServer",
     "free_port",
     "private_mosquitto",
+    "private_rabbitmq",
     "private_redis",
     "private_redis_cluster",
+    "start_rabbitmq",
     "start_redis_cluster",
     "start_redis_sentinel",
 ]
@@ -63,16 +74,25 @@ def _binary(name: str) -> str | None:
 class PrivateServer:
     """One server process of the session's own, on a free port."""
 
-    def __init__(self, name: str, argv: list[str], port: int, workdir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.port = port
         self.workdir = workdir
         self.log = workdir / f"{name}.log"
-        with self.log.open("wb") as out:
+        with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 argv,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
                 preexec_fn=_die_with_us,
             )
         atexit.register(self.stop)
@@ -554,3 +574,277 @@ def start_redis_sentinel(
         setup.stop()
         raise
     return setup
+
+
+# ---------------------------------------------------------------- RabbitMQ
+
+# Debian's broker scripts. /usr/sbin/rabbitmq-server is a wrapper that switches to the
+# `rabbitmq` user and the system's node; the scripts here run a node as whoever calls them,
+# wherever the environment says.
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+_AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
+_rabbit_count = 0
+
+
+def _started_at(pid: int) -> str | None:
+    """The process's start time (field 22 of /proc/<pid>/stat): with the pid, it names one
+    process for good, where a pid alone may be reused by a stranger."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """Every live process below `pid`, as (pid, start time), read from /proc."""
+    found: list[tuple[int, str]] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                started = _started_at(child)
+                if started is not None and (child, started) not in found:
+                    found.append((child, started))
+                    pending.append(child)
+    return found
+
+
+def _speaks_amqp(port: int) -> bool:
+    """Whether a broker on the port answers the AMQP 0-9-1 protocol header with its
+    connection.start method (frame type 1, class 10, method 10): the node has finished booting
+    far enough to take clients, which an open TCP port alone does not prove."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), 1) as conn:
+            conn.settimeout(2)
+            conn.sendall(_AMQP_HEADER)
+            head = b""
+            while len(head) < 11:
+                chunk = conn.recv(11 - len(head))
+                if not chunk:
+                    return False
+                head += chunk
+    except OSError:
+        return False
+    return head[0] == 1 and head[7:11] == b"\x00\x0a\x00\x0a"
+
+
+class PrivateRabbit:
+    """A RabbitMQ node of the test session's own: its own HOME (and so its own Erlang cookie),
+    node name, data, logs and config in a temporary folder; AMQP on a free loopback port.
+
+    The node shares the machine's epmd (the Erlang port mapper, started by the first node
+    that needs it and left running): it is not ours to stop. `stop()` ends the node cleanly,
+    `kill()` kill -9s it, and `restart()` starts it again on the same port, node name and data
+    folder, so durable queues and their messages come back (chaos tests).
+
+    `consumer_timeout` (ms) goes into its rabbitmq.conf; the channels then check it every
+    `tick_ms` (RabbitMQ's default is once a minute, too slow for a test to wait for)."""
+
+    def __init__(self, consumer_timeout: int | None = None, tick_ms: int | None = None) -> None:
+        global _rabbit_count
+        _rabbit_count += 1
+        self.workdir = _workdir()
+        self.port = free_port()
+        self.dist_port = free_port()
+        while self.dist_port == self.port:
+            self.dist_port = free_port()
+        self.management_port = free_port()
+        while self.management_port in (self.port, self.dist_port):
+            self.management_port = free_port()
+        self.nodename = f"topiq-test-{os.getpid()}-{_rabbit_count}@localhost"
+        self.consumer_timeout = consumer_timeout
+        if tick_ms is None and consumer_timeout is not None:
+            tick_ms = max(100, min(1000, consumer_timeout // 2))
+        config = [
+            "loopback_users = none",
+            f"listeners.tcp.default = 127.0.0.1:{self.port}",
+            # A test machine's disk may be nearly full of other things; the broker must not
+            # block publishers for that (its own default is 50 MB free).
+            "disk_free_limit.absolute = 1MB",
+            # The management API lists queues (a test's queues are deleted by their prefix
+            # when it ends, see delete_queues); the statistics it would gather are not used.
+            "management.tcp.ip = 127.0.0.1",
+            f"management.tcp.port = {self.management_port}",
+            "management_agent.disable_metrics_collector = true",
+        ]
+        if consumer_timeout is not None:
+            config.append(f"consumer_timeout = {consumer_timeout}")
+        (self.workdir / "rabbitmq.conf").write_text("\n".join(config) + "\n")
+        advanced = f"{{channel_tick_interval, {tick_ms}}}" if tick_ms is not None else ""
+        (self.workdir / "advanced.config").write_text(f"[{{rabbit, [{advanced}]}}].\n")
+        (self.workdir / "enabled_plugins").write_text("[rabbitmq_management].\n")
+        # Read by the broker's scripts before anything else; the system's one would win over
+        # what is set here.
+        (self.workdir / "rabbitmq-env.conf").write_text("")
+        self.server: PrivateServer | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def env(self) -> dict[str, str]:
+        """The environment that names this node, for the broker and its CLI tools."""
+        d = self.workdir
+        return {
+            **os.environ,
+            "HOME": str(d),
+            "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),
+            "RABBITMQ_NODENAME": self.nodename,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+
+    def start(self) -> None:
+        """Start the node (again: same port, name and data) and wait until it takes clients."""
+        if self.server is not None and self.server.proc.poll() is None:
+            raise RuntimeError(f"the private RabbitMQ {self.nodename} is already running")
+        env = self.env()
+        # `detached` makes the script exec the VM instead of waiting on it from a shell: the
+        # process we hold is the node itself, so kill() hits the node, not a wrapper that
+        # would leave it running.
+        env["detached"] = "1"
+        self.server = PrivateServer(
+            "rabbitmq", [str(RABBITMQ_BIN / "rabbitmq-server")], self.port, self.workdir, env
+        )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        assert self.server is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.server.proc.poll() is not None:
+                break
+            if _speaks_amqp(self.port) and self._api_answers():
+                return
+            time.sleep(0.1)
+        self.kill()
+        tail = self.server.log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(
+            f"the private RabbitMQ {self.nodename} did not start on {self.port}:\n{tail}"
+        )
+
+    def _end(self, sig: signal.Signals, wait: float) -> None:
+        if self.server is None:
+            return
+        proc = self.server.proc
+        children = _descendants(proc.pid) if proc.poll() is None else []
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        # The node's helpers (erl_child_setup, inet_gethost, the disk monitor's shell) end
+        # when the node does; any still there (same pid, same start time) is killed.
+        for child, started in children:
+            if _started_at(child) == started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+
+    def stop(self) -> None:
+        """End the node cleanly (it flushes its queues to disk)."""
+        self._end(signal.SIGTERM, 30)
+
+    def kill(self) -> None:
+        """kill -9 the node: no clean shutdown (a crash, for chaos tests)."""
+        self._end(signal.SIGKILL, 10)
+
+    def restart(self, kill: bool = False) -> None:
+        """Stop (or kill -9) and start the node again with the same data."""
+        if kill:
+            self.kill()
+        else:
+            self.stop()
+        self.start()
+
+    def _api(self, method: str, path: str) -> bytes:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.management_port}/api/{path}",
+            method=method,
+            headers={"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()},
+        )
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            body: bytes = reply.read()
+            return body
+
+    def _api_answers(self) -> bool:
+        try:
+            self._api("GET", "overview")
+        except (OSError, urllib.error.URLError):
+            return False
+        return True
+
+    def queues(self) -> list[str]:
+        """The names of every queue on the node (default virtual host)."""
+        listed = json.loads(self._api("GET", "queues/%2F?columns=name"))
+        return sorted(str(q["name"]) for q in listed)
+
+    def delete_queues(self, prefix: str) -> list[str]:
+        """Delete every queue whose name starts with `prefix`; returns their names.
+
+        Each test's queues carry a prefix of its own: without this, a long run would leave
+        thousands of quorum queues (each a small consensus group with its own processes and
+        files) on the session's node and slow everything after."""
+        doomed = [name for name in self.queues() if name.startswith(prefix)]
+        for name in doomed:
+            with contextlib.suppress(urllib.error.HTTPError):  # gone meanwhile
+                self._api("DELETE", f"queues/%2F/{urllib.parse.quote(name, safe='')}")
+        return doomed
+
+    def ctl(self, *args: str, timeout: float = 60.0) -> str:
+        """`rabbitmqctl <args>` against this node (e.g. `list_queues name messages`)."""
+        done = subprocess.run(
+            [str(RABBITMQ_BIN / "rabbitmqctl"), "-q", *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+        return done.stdout
+
+
+def rabbitmq_installed() -> bool:
+    return (RABBITMQ_BIN / "rabbitmq-server").exists()
+
+
+def start_rabbitmq(
+    consumer_timeout: int | None = None, tick_ms: int | None = None
+) -> PrivateRabbit | None:
+    """Start a new private RabbitMQ node (None when rabbitmq-server is not installed).
+
+    It is stopped when the session ends; a test that starts one may stop it sooner."""
+    if not rabbitmq_installed():
+        return None
+    rabbit = PrivateRabbit(consumer_timeout, tick_ms)
+    atexit.register(rabbit.stop)
+    return rabbit
+
+
+def private_rabbitmq() -> PrivateRabbit | None:
+    """The session's shared private RabbitMQ node, started once (None: not installed)."""
+    if "rabbitmq" in _rabbits:
+        return _rabbits["rabbitmq"]
+    rabbit = start_rabbitmq()
+    if rabbit is not None:
+        _rabbits["rabbitmq"] = rabbit
+    return rabbit
+
+
+_rabbits: dict[str, PrivateRabbit] = {}
