@@ -5,8 +5,8 @@ back the moment its connection drops (no lease to wait out), and the broker coun
 redelivery (`x-delivery-count`): the try is spent, as a lost lease spends it elsewhere. A clean
 stop must spend nothing, including for deliveries prefetched but never started.
 
-Each test has a queue of its own on a broker of the module's (the session's `amqp_url` when
-tests/conftest.py offers one, else a private `rabbitmq-server` started here); the companion
+Each test has a queue and a prefix of its own on the session's private RabbitMQ node
+(tests/servers.py), whose queues of that prefix it deletes when it ends; the companion
 store is the session's Redis (one test also runs on SQLite, the default `AMQP_STORE=database`).
 The consumer_timeout tests start a broker of their own whose `consumer_timeout` is 3 s.
 """
@@ -14,10 +14,8 @@ The consumer_timeout tests start a broker of their own whose `consumer_timeout` 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,179 +35,57 @@ from core.worker.options import ExitCode
 from tests.conftest import ON_CI, Backend
 from tests.jobs import RecordJob, SleepJob, events, record
 from tests.processes import ROOT, WorkerProcess, wait_until, workers
+from tests.servers import PrivateRabbit, private_rabbitmq, start_rabbitmq
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(180)]
 
-RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+
+# -- brokers ----------------------------------------------------------------------------------
 
 
-# -- a private broker -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def amqp_answers(port: int) -> bool:
-    """Whether a broker on `port` has finished booting: it answers the AMQP 0-9-1 header with
-    a Connection.Start method frame (type 1, channel 0). RabbitMQ opens its listeners last."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), 0.5) as sock:
-            sock.settimeout(2)
-            sock.sendall(b"AMQP\x00\x00\x09\x01")
-            return sock.recv(3) == b"\x01\x00\x00"
-    except OSError:
-        return False
-
-
-class PrivateRabbit:
-    """A `rabbitmq-server` of the test's own: its node name, ports, data and log folder.
-
-    `stop()` then `start()` brings the same node back on the same data (its quorum queues and
-    their messages); `kill()` is kill -9 of the whole node. `consumer_timeout_ms` and
-    `tick_ms` (`channel_tick_interval`: how often a channel checks its oldest unacknowledged
-    delivery against the timeout, 60 s by default in 3.10) make the timeout trap testable.
-    """
-
-    def __init__(
-        self, workdir: Path, consumer_timeout_ms: int | None = None, tick_ms: int | None = None
-    ) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.dist_port = free_port()
-        self.node = f"topiq{uuid.uuid4().hex[:8]}@localhost"
-        self.proc: subprocess.Popen[bytes] | None = None
-        workdir.mkdir(parents=True, exist_ok=True)
-        conf = ["loopback_users = none", f"listeners.tcp.default = 127.0.0.1:{self.port}"]
-        if consumer_timeout_ms is not None:
-            conf.append(f"consumer_timeout = {consumer_timeout_ms}")
-        (workdir / "rabbitmq.conf").write_text("\n".join(conf) + "\n")
-        (workdir / "enabled_plugins").write_text("[].\n")
-        advanced = (
-            f"[{{rabbit, [{{channel_tick_interval, {tick_ms}}}]}}].\n" if tick_ms else "[].\n"
-        )
-        (workdir / "advanced.config").write_text(advanced)
-
-    @property
-    def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
-
-    def env(self) -> dict[str, str]:
-        d = self.workdir
-        return {
-            **os.environ,
-            "HOME": str(d),
-            "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(d / "log"),
-            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq"),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
-            "ERL_EPMD_ADDRESS": "127.0.0.1",
-        }
-
-    def start(self, timeout: float = 90) -> None:
-        with (self.workdir / "server.out").open("ab") as out:
-            self.proc = subprocess.Popen(
-                [str(RABBIT_BIN / "rabbitmq-server")],
-                env=self.env(),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # its group: the script, beam, erl_child_setup
-            )
-        deadline = time.monotonic() + timeout
-        while not amqp_answers(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"the private rabbitmq-server did not start:\n{self.tail()}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        """A clean stop (SIGTERM: the node shuts down in order) and wait for it to be gone."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        self._reap()
-
-    def kill(self) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self._reap()
-
-    def _reap(self) -> None:
-        # The node may outlive the script for a moment; the port is free once it is gone.
-        wait_until(lambda: not amqp_answers(self.port), 30, "the broker to be gone")
-
-    def log_text(self) -> str:
-        parts = [
-            p.read_text(errors="replace") for p in sorted((self.workdir / "log").glob("*.log"))
-        ]
-        return "\n".join(parts)
-
-    def tail(self) -> str:
-        out = (self.workdir / "server.out").read_text(errors="replace")[-2000:]
-        return out + "\n" + self.log_text()[-2000:]
-
-
-def private_rabbit(workdir: Path, **options: Any) -> PrivateRabbit:
-    """A started private broker, or a skip (a failure on CI) when RabbitMQ is not installed."""
-    if not (RABBIT_BIN / "rabbitmq-server").exists():
+def need(rabbit: PrivateRabbit | None) -> PrivateRabbit:
+    """The broker, or a skip (a failure on CI) when RabbitMQ is not installed."""
+    if rabbit is None:
         message = "rabbitmq-server is not installed; `scripts/services up` installs it"
         if ON_CI:
             pytest.fail(message)
         pytest.skip(message)
-    broker = PrivateRabbit(workdir, **options)
-    broker.start()
-    return broker
+    return rabbit
+
+
+def broker_log(rabbit: PrivateRabbit) -> str:
+    """What the node wrote to its log files so far."""
+    logs = sorted((rabbit.workdir / "log").glob("*.log"))
+    return "\n".join(p.read_text(errors="replace") for p in logs)
 
 
 @pytest.fixture(scope="module")
-def broker_url(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """The session's broker (tests/conftest.py `amqp_url`) or one of this module's own."""
-    try:
-        yield request.getfixturevalue("amqp_url")
-        return
-    except pytest.FixtureLookupError:
-        pass
-    broker = private_rabbit(tmp_path_factory.mktemp("rabbit"))
-    try:
-        yield broker.url
-    finally:
-        broker.stop()
+def broker() -> PrivateRabbit:
+    """The session's private RabbitMQ node (tests/servers.py)."""
+    return need(private_rabbitmq())
 
 
-def amqp_backend(url: str, store: str, request: pytest.FixtureRequest, tmp: Path) -> Backend:
-    """A backend on the broker at `url` with a queue and prefix of the test's own."""
+def amqp_backend(
+    rabbit: PrivateRabbit, store: str, request: pytest.FixtureRequest, tmp: Path
+) -> Backend:
+    """A backend on `rabbit` with a queue and prefix of the test's own; the test's queues are
+    deleted when it ends (a quorum queue is a consensus group of processes and files)."""
     overrides: dict[str, Any] = {
         "queue_default": f"q-{uuid.uuid4().hex[:10]}",
-        "amqp_url": url,
+        "amqp_url": rabbit.url,
         "amqp_prefix": f"t{uuid.uuid4().hex[:8]}",
     }
     if store == "redis":
         overrides.update(amqp_store="redis", redis_url=request.getfixturevalue("redis_url"))
     else:
         overrides.update(amqp_store="database", db_url=f"sqlite+aiosqlite:///{tmp}/store.db")
+    request.addfinalizer(lambda: rabbit.delete_queues(overrides["amqp_prefix"]))
     return Backend("amqp", overrides)
 
 
 @pytest.fixture
-def backend(broker_url: str, request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    return amqp_backend(broker_url, "redis", request, tmp_path)
+def backend(broker: PrivateRabbit, request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return amqp_backend(broker, "redis", request, tmp_path)
 
 
 @pytest.fixture
@@ -434,11 +310,11 @@ def test_delayed_jobs_run_not_before_their_delay(
 
 @pytest.mark.parametrize("store", ["redis", "sqlite"])
 def test_retries_back_off_then_the_failed_store_then_queue_retry(
-    broker_url: str, store: str, request: pytest.FixtureRequest, log: str, tmp_path: Path
+    broker: PrivateRabbit, store: str, request: pytest.FixtureRequest, log: str, tmp_path: Path
 ) -> None:
     """Three tries 0.5 s and then 1 s apart (retry_after), failed() once, listed by
     queue:failed; queue:retry puts it back with its tries reset and it runs again."""
-    backend = amqp_backend(broker_url, store, request, tmp_path)
+    backend = amqp_backend(broker, store, request, tmp_path)
     queue = backend.overrides["queue_default"]
     switch = tmp_path / "failing"
     switch.touch()
@@ -476,10 +352,8 @@ TICK_MS = 250
 
 
 @pytest.fixture(scope="module")
-def short_timeout_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRabbit]:
-    broker = private_rabbit(
-        tmp_path_factory.mktemp("rabbit-timeout"), consumer_timeout_ms=TIMEOUT_MS, tick_ms=TICK_MS
-    )
+def short_timeout_broker() -> Iterator[PrivateRabbit]:
+    broker = need(start_rabbitmq(consumer_timeout=TIMEOUT_MS, tick_ms=TICK_MS))
     try:
         yield broker
     finally:
@@ -529,14 +403,14 @@ def test_the_private_broker_really_enforces_its_short_consumer_timeout(
                 if returned is None:
                     await asyncio.sleep(0.05)  # the return is asynchronous; nothing to await
             await other.queue_delete(name)
-            count = 0 if returned is None else int(returned.headers.get("x-delivery-count", 0))
+            count = 0 if returned is None else int(str(returned.headers.get("x-delivery-count", 0)))
             return shut - delivered, count
 
     held, count = asyncio.run(go())
     assert held >= TIMEOUT_MS / 1000 - 0.1
     assert count == 1  # back in its queue, its redelivery counted
     wait_until(  # the broker writes its log file a moment later
-        lambda: "timed out waiting for delivery" in short_timeout_broker.log_text(),
+        lambda: "timed out waiting for delivery" in broker_log(short_timeout_broker),
         15,
         "the broker to log the timeout",
     )
@@ -549,9 +423,9 @@ def test_a_job_longer_than_the_consumer_timeout_is_not_run_twice(
     ends later than the timeout minus 60 s), the delivery acknowledged at once, so the broker
     never closes the channel on the 8 s job nor on the short jobs sharing it; each runs once,
     on its first try, and the parked copies come back from the ladder only to be dropped."""
-    backend = amqp_backend(short_timeout_broker.url, "redis", request, tmp_path)
+    backend = amqp_backend(short_timeout_broker, "redis", request, tmp_path)
     backend.overrides["amqp_consumer_timeout"] = TIMEOUT_MS / 1000
-    before = short_timeout_broker.log_text().count("timed out waiting for delivery")
+    before = broker_log(short_timeout_broker).count("timed out waiting for delivery")
     long = SleepJob(log, seconds=8, n=0)
     long.timeout = 9
     long.max_tries = 3
@@ -570,8 +444,8 @@ def test_a_job_longer_than_the_consumer_timeout_is_not_run_twice(
     starts = Counter(e["n"] for e in events(log, "start"))
     assert starts == {n: 1 for n in range(9)}, starts
     assert {e["attempts"] for e in events(log, "start")} == {1}
-    after = short_timeout_broker.log_text().count("timed out waiting for delivery")
-    assert after == before, short_timeout_broker.log_text()[-3000:]
+    after = broker_log(short_timeout_broker).count("timed out waiting for delivery")
+    assert after == before, broker_log(short_timeout_broker)[-3000:]
 
 
 def test_a_parked_job_whose_worker_died_runs_again_after_its_lease(
@@ -580,7 +454,7 @@ def test_a_parked_job_whose_worker_died_runs_again_after_its_lease(
     """The other half of parking: the worker running a parked job is killed; nothing is
     unacknowledged at the broker, so only the parked copy can bring the job back: it does,
     once its lease has ended (timeout 4 s + margin 2 s), as the job's second try."""
-    backend = amqp_backend(short_timeout_broker.url, "redis", request, tmp_path)
+    backend = amqp_backend(short_timeout_broker, "redis", request, tmp_path)
     backend.overrides["amqp_consumer_timeout"] = TIMEOUT_MS / 1000
     job = SleepJob(log, seconds=3, n=0)
     job.timeout = 4
