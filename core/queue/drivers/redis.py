@@ -582,7 +582,7 @@ class RedisDriver(Driver):
         }
         if secret is not None:
             sentinel_kwargs["password"] = secret.get_secret_value()
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
             redis_nodes(self.settings.redis_sentinels or ""),
             sentinel_kwargs=sentinel_kwargs,
             socket_timeout=5,
