@@ -35,7 +35,7 @@ from core.worker.options import ExitCode
 from tests.conftest import ON_CI, Backend
 from tests.jobs import RecordJob, SleepJob, events, record
 from tests.processes import ROOT, WorkerProcess, wait_until, workers
-from tests.servers import PrivateRabbit, private_rabbitmq, start_rabbitmq
+from tests.servers import PrivateRabbit, start_rabbitmq
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(180)]
 
@@ -60,9 +60,11 @@ def broker_log(rabbit: PrivateRabbit) -> str:
 
 
 @pytest.fixture(scope="module")
-def broker() -> PrivateRabbit:
-    """The session's private RabbitMQ node (tests/servers.py)."""
-    return need(private_rabbitmq())
+def broker(rabbitmq: PrivateRabbit | None) -> PrivateRabbit:
+    """The session's private RabbitMQ node (tests/conftest.py `rabbitmq`)."""
+    if rabbitmq is None:
+        pytest.skip("these tests run on the session's own node, not on TOPIQ_TEST_AMQP_URL")
+    return rabbitmq
 
 
 def amqp_backend(
