@@ -1,0 +1,1100 @@
+"""RabbitMQ as a queue backend (`QUEUE_CONNECTION=amqp`, docs/rabbitmq.md), through aio-pika.
+
+RabbitMQ holds the jobs; a companion store (`AMQP_STORE`: the database or Redis driver) holds
+what a message cannot tell (amqp_records.py): status records and results, ids and unique keys
+taken, the failed store, workers, pauses, history.
+
+* Push: a message per job on the durable quorum queue `<P>.q.<queue>` (persistent, mandatory),
+  published with confirms: `push` returns once the broker has every message. Body = payload;
+  `message_id` = job id; headers `x-topiq-tries` (tries used before this message), `x-topiq-due`
+  (epoch ms when ready) and `x-topiq-queue`.
+* Delays without plugins (amqp_connect.py): a message due later goes to the ladder bucket
+  `floor(log2(remaining ms))`; when it expires there it is dead-lettered into the router queue,
+  which every reserving driver consumes: due now, to its work queue; else to its next bucket
+  (publish first, then ack: a crash repeats a hop, never loses one). A message is late by a
+  few milliseconds per hop (one hop per set bit of its delay, 32 at most).
+* Lease = the delivery left unacknowledged. The consumer's prefetch is the largest `limit` a
+  `reserve` asked for (per queue: quorum queues have no channel-wide prefetch); deliveries wait
+  in a local inbox that `reserve` takes from and `wait` awaits. A lease that runs out here goes
+  back to its queue as a lost lease (a copy whose try counted, then the ack); a worker that dies
+  drops its connection and the broker redelivers.
+* Tries: `x-topiq-tries` + the broker's `x-delivery-count` + 1, so a redelivery counts a try.
+  A retry or a refund publishes a copy with the tries it used, then acks the delivery.
+* The broker's `consumer_timeout` closes a channel whose delivery is held too long: a lease
+  (or an `extend`) that would end past `AMQP_CONSUMER_TIMEOUT - 60 s` after the delivery is
+  parked instead: a copy goes to the ladder, due at the lease's end, carrying a token that
+  the store keeps as `<P>:lease:<id>`, and the delivery is acked. The job's end writes
+  "done"; a copy coming back whose token still matches (the worker died) is the next try, one
+  whose token does not is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiormq.exceptions
+from aio_pika import DeliveryMode, Message
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from core.errors import DriverError
+from core.queue.drivers.amqp_connect import (
+    LADDER,
+    Names,
+    bucket_for,
+    connect,
+    ladder_arguments,
+    translated,
+    work_arguments,
+)
+from core.queue.drivers.amqp_records import (
+    END_FIELDS,
+    LIVE_TTL,
+    Record,
+    ends_queue,
+    history_queue,
+    marker_name,
+    merge_minutes,
+)
+from core.queue.drivers.base import (
+    HISTORY_FIELDS,
+    Driver,
+    FailedJob,
+    FailedStore,
+    MinuteCounts,
+    Outcome,
+    OutgoingJob,
+    Pushed,
+    QueueStats,
+    RecentCounts,
+    ReservedJob,
+    WorkerInfo,
+)
+from core.settings import Settings
+from core.status import ENDED, WAITING, JobStatus, Status
+
+__all__ = ["AmqpDriver"]
+
+logger = logging.getLogger("topiq.amqp")
+
+TRIES = "x-topiq-tries"
+DUE = "x-topiq-due"
+QUEUE = "x-topiq-queue"
+LEASE = "x-topiq-lease"
+#: How many router messages one driver handles at once.
+ROUTER_PREFETCH = 32
+#: How long `reserve` waits for a delivery the broker says is ready (a consumer just started,
+#: or a message published a moment ago): it never blocks for work that is not there.
+DELIVERY_GRACE = 1.0
+#: Seconds a parked lease's token is kept past the lease.
+PARK_KEEP = 86400.0
+#: Seconds a cancellation asked of a running job is kept in its record.
+DAY = 86400.0
+
+
+@dataclass(slots=True)
+class _Held:
+    """A job handed out by `reserve` and not yet acknowledged or released here."""
+
+    job: ReservedJob
+    record: Record
+    message: AbstractIncomingMessage | None  # None once parked (the delivery was acked)
+    delivered: float  # monotonic
+    lease_until: float  # monotonic
+    token: str = ""  # the parked copy's token
+    parked_until: float = 0.0  # monotonic due time of the parked copy
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _header_int(headers: Mapping[str, Any], name: str) -> int:
+    value = headers.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            return int(value) if value is not None else 0
+        except (TypeError, ValueError):
+            return 0
+    return value
+
+
+class AmqpDriver(Driver):
+    """RabbitMQ (quorum queues) with a companion store; see the module docstring."""
+
+    kind = "amqp"
+    blocks = True
+
+    def __init__(self, name: str, settings: Settings) -> None:
+        super().__init__(name, settings)
+        from core.queue.drivers import create_driver
+
+        self._names = Names(settings.amqp_prefix)
+        self._prefix = settings.amqp_prefix
+        #: The companion store: created here (no I/O) so that `failed_store` needs no open.
+        self._store = create_driver(settings.amqp_store.value, settings)
+        timeout = settings.amqp_consumer_timeout
+        #: Seconds after a delivery past which a lease is parked rather than held.
+        self._park_after = max(timeout - 60.0, timeout / 2)
+        self._conn: AbstractRobustConnection | None = None
+        self._pub: AbstractChannel | None = None  # publisher confirms
+        self._sub: AbstractChannel | None = None  # work queue consumers
+        self._routing: AbstractChannel | None = None  # the router's consumer
+        self._open_lock = asyncio.Lock()
+        self._declared: dict[str, AbstractQueue] = {}
+        self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
+        self._prefetch = 0
+        self._inbox: dict[str, deque[AbstractIncomingMessage]] = {}
+        self._held: dict[tuple[str, str], _Held] = {}
+        self._arrived = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._router_on = False
+        self._known: set[str] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        async with self._open_lock:
+            if self._conn is not None:
+                return
+            await self._store.open()
+            try:
+                conn = await connect(self.settings)
+            except BaseException:
+                await self._store.close()
+                raise
+            try:
+                with translated(self.settings, "opening channels"):
+                    self._pub = await conn.channel(publisher_confirms=True, on_return_raises=True)
+                    await self._declare_ladder(self._pub)
+            except BaseException:
+                await conn.close()
+                await self._store.close()
+                raise
+            self._conn = conn
+
+    async def _declare_ladder(self, channel: AbstractChannel) -> None:
+        names = self._names
+        await channel.declare_queue(names.router, durable=True, arguments=work_arguments())
+        for bucket in range(LADDER):
+            await channel.declare_queue(
+                names.delay(bucket), durable=True, arguments=ladder_arguments(names, bucket)
+            )
+
+    async def close(self) -> None:
+        async with self._open_lock:
+            conn = self._conn
+            if conn is None:
+                return
+            try:
+                await self._return_inbox()
+            except Exception as exc:  # the broker is gone: it redelivers them itself
+                logger.debug("could not return prefetched jobs: %s", exc)
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks.clear()
+            self._conn = self._pub = self._sub = self._routing = None
+            self._declared.clear()
+            self._consumers.clear()
+            self._inbox.clear()
+            self._held.clear()
+            self._prefetch = 0
+            self._router_on = False
+            with contextlib.suppress(Exception):
+                await conn.close()
+            await self._store.close()
+
+    async def _return_inbox(self) -> None:
+        """Deliveries never handed out go back without costing a try: a copy with the tries
+        they had (the broker's redelivery would count one), then the ack."""
+        for queue, tag in list(self._consumers.values()):
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        for inbox in self._inbox.values():
+            while inbox:
+                message = inbox.popleft()
+                if not self._live(message):
+                    continue
+                headers = self._clean(message.headers)
+                headers[TRIES] = self._tries(message)
+                await self._publish(message.routing_key or "", message.body, message, headers)
+                await message.ack()
+
+    def _channel(self, which: AbstractChannel | None) -> AbstractChannel:
+        if which is None:
+            raise DriverError(f"the {self.name} connection is not open (use `async with`)")
+        return which
+
+    # -- publishing --------------------------------------------------------------------
+
+    async def _work_queue(self, queue: str) -> AbstractQueue:
+        """The declared work queue of `queue` (declared once per connection)."""
+        declared = self._declared.get(queue)
+        if declared is None:
+            channel = self._channel(self._pub)
+            with translated(self.settings, f"declaring the queue of {queue!r}"):
+                declared = await channel.declare_queue(
+                    self._names.work(queue), durable=True, arguments=work_arguments()
+                )
+            self._declared[queue] = declared
+        return declared
+
+    async def _publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        like: AbstractIncomingMessage | None,
+        headers: dict[str, Any],
+        message_id: str | None = None,
+    ) -> None:
+        """Publish one persistent message and wait for the broker's confirm."""
+        channel = self._channel(self._pub)
+        message = Message(
+            body,
+            headers=headers,
+            message_id=message_id if message_id is not None or like is None else like.message_id,
+            delivery_mode=DeliveryMode.PERSISTENT,
+        )
+        with translated(self.settings, f"publishing to {routing_key}"):
+            try:
+                await channel.default_exchange.publish(message, routing_key, mandatory=True)
+            except aiormq.exceptions.PublishError as exc:
+                raise DriverError(
+                    f"RabbitMQ returned a job published to {routing_key}: no such queue"
+                ) from exc
+            except aiormq.exceptions.DeliveryError as exc:
+                raise DriverError(
+                    f"RabbitMQ refused a job published to {routing_key} (nack: is the queue "
+                    "at a limit, or the disk alarm on?)"
+                ) from exc
+
+    async def _send(
+        self,
+        queue: str,
+        job_id: str,
+        body: bytes,
+        tries: int,
+        due_ms: int,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Send a job to its work queue (due now) or into the ladder (due later)."""
+        headers: dict[str, Any] = {TRIES: tries, DUE: due_ms, QUEUE: queue}
+        if extra:
+            headers.update(extra)
+        await self._work_queue(queue)  # the router publishes to it: it must exist
+        remaining = due_ms - _now_ms()
+        if remaining > 0 or LEASE in headers:
+            key = self._names.delay(bucket_for(max(remaining, 1)))
+        else:
+            key = self._names.work(queue)
+        await self._publish(key, body, None, headers, message_id=job_id)
+
+    @staticmethod
+    def _clean(headers: Mapping[str, Any]) -> dict[str, Any]:
+        """Only Topiq's headers: the broker's own (x-death, x-delivery-count) would grow or
+        lie on a copy."""
+        return {k: v for k, v in headers.items() if k.startswith("x-topiq-")}
+
+    # -- store helpers -----------------------------------------------------------------
+
+    def _m(self, *parts: str) -> str:
+        return marker_name(self._prefix, *parts)
+
+    async def _read(self, job_id: str) -> Record | None:
+        return Record.loads(await self._store.get_marker(self._m("job", job_id)))
+
+    async def _write(self, record: Record, keep: float) -> None:
+        name = self._m("job", record.id)
+        if keep <= 0:
+            await self._store.set_marker(name, "", 0.001)
+        else:
+            await self._store.set_marker(name, record.dumps(), keep)
+
+    def _live_keep(self, record: Record) -> float:
+        due = record.due_at or time.time()
+        return max(due - time.time(), 0.0) + LIVE_TTL
+
+    async def _free(self, name: str, holder: str) -> None:
+        """Let go of a taken id or key if `holder` still holds it."""
+        if await self._store.get_marker(name) == holder:
+            await self._store.set_marker(name, "", 0.001)
+
+    async def _release_claims(self, record: Record, *, started: bool = False) -> None:
+        """An ended job frees its id; a job that started or ended frees a unique key held only
+        while it waits (`unique_for` 0)."""
+        if record.check_id and not started:
+            await self._free(self._m("id", record.queue, record.id), record.id)
+        if record.unique_key and record.unique_for <= 0:
+            await self._free(self._m("key", record.queue, record.unique_key), record.id)
+
+    async def _count(self, ends: Sequence[tuple[str, Status]]) -> None:
+        """Count ends in the store's history (`recent`): one call."""
+        minute = int(time.time() // 60)
+        sums: dict[tuple[str, str], int] = {}
+        for queue, status in ends:
+            field = END_FIELDS.get(status)
+            if field is not None:
+                sums[(queue, field)] = sums.get((queue, field), 0) + 1
+        if sums:
+            await self._store.add_history(
+                [(ends_queue(self._prefix, q), minute, {f: n}) for (q, f), n in sums.items()]
+            )
+
+    async def _remember(self, queues: set[str]) -> None:
+        new = queues - self._known
+        if not new:
+            return
+        name = self._m("queues")
+        raw = await self._store.get_marker(name)
+        try:
+            import orjson
+
+            stored = set(orjson.loads(raw)) if raw else set()
+        except ValueError:
+            stored = set()
+        if not new <= stored:
+            merged = sorted(stored | new)
+            await self._store.set_marker(name, orjson.dumps(merged).decode(), 10 * 365 * DAY)
+        self._known |= new
+
+    # -- push --------------------------------------------------------------------------
+
+    async def push(self, jobs: Sequence[OutgoingJob]) -> list[Pushed]:
+        if not jobs:
+            return []
+        self._channel(self._pub)
+        for job in jobs:
+            _refuse_unsupported(job)
+        out: list[Pushed] = []
+        stored: list[tuple[OutgoingJob, Record]] = []
+        wall = time.time()
+        # Claims in order (two jobs of one call with one key: the first wins); records and
+        # messages then together.
+        for job in jobs:
+            answer = await self._claim(job)
+            if answer is not None:
+                out.append(answer)
+                continue
+            delay = max(job.delay, 0.0)
+            record = Record(
+                job.id,
+                job.queue,
+                Status.SCHEDULED if delay > 0 else Status.QUEUED,
+                job=job.job,
+                max_tries=job.max_tries,
+                enqueued_at=wall,
+                due_at=wall + delay,
+                priority=job.priority,
+                ttl=job.ttl,
+                failure_ttl=job.failure_ttl,
+                unique_key=job.unique_key,
+                unique_for=job.unique_for,
+                check_id=job.check_id,
+            )
+            stored.append((job, record))
+            out.append(Pushed(job.id))
+        if not stored:
+            return out
+        await self._remember({job.queue for job, _ in stored})
+        await asyncio.gather(*(self._write(r, self._live_keep(r)) for _, r in stored))
+        await asyncio.gather(
+            *(
+                self._send(job.queue, job.id, job.payload, 0, int((record.due_at or wall) * 1000))
+                for job, record in stored
+            )
+        )
+        return out
+
+    async def _claim(self, job: OutgoingJob) -> Pushed | None:
+        """The once-key, id and unique-key rules: the answer when a holder takes the push,
+        `None` when the job is to be stored (its id and key then taken)."""
+        store = self._store
+        once = self._m("once", job.queue, job.once_key) if job.once_key else ""
+        if once and not await store.claim_marker(once, job.id, max(job.once_for, 0.001)):
+            holder = await store.get_marker(once)
+            return Pushed(holder or job.id, "duplicate")
+        answer: Pushed | None = None
+        if job.check_id:
+            answer = await self._check_id(job)
+        if answer is None and job.unique_key:
+            answer = await self._check_key(job)
+        if answer is not None and once:
+            await store.set_marker(once, answer.id, max(job.once_for, 0.001))
+        return answer
+
+    def _duplicate(self, job: OutgoingJob, holder: str) -> Pushed:
+        # A message cannot be changed in place: "replace" keeps the holder as it is.
+        return Pushed(holder, "duplicate" if job.on_duplicate == "reject" else "kept")
+
+    async def _check_id(self, job: OutgoingJob) -> Pushed | None:
+        name = self._m("id", job.queue, job.id)
+        claimed = await self._store.claim_marker(name, job.id, LIVE_TTL)
+        record = await self._read(job.id)
+        live = (
+            record is not None
+            and record.queue == job.queue
+            and (record.status in WAITING or record.status is Status.RUNNING)
+        )
+        if live:
+            return self._duplicate(job, job.id)
+        if not claimed:  # a stale claim: its job ended without letting go
+            await self._store.set_marker(name, job.id, LIVE_TTL)
+        return None
+
+    async def _check_key(self, job: OutgoingJob) -> Pushed | None:
+        name = self._m("key", job.queue, job.unique_key)
+        ttl = job.unique_for if job.unique_for > 0 else LIVE_TTL
+        if await self._store.claim_marker(name, job.id, ttl):
+            return None
+        holder = await self._store.get_marker(name)
+        record = await self._read(holder) if holder else None
+        if holder and record is not None:
+            if record.status in WAITING:
+                return self._duplicate(job, holder)
+            if record.unique_for > 0:  # held for `unique_for`: running or ended
+                return self._duplicate(job, holder)
+        # Held only until its job started or ended, and it has: the successor goes in.
+        await self._store.set_marker(name, job.id, ttl)
+        return None
+
+    # -- consuming ---------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._arrived.set()
+        self._arrived = asyncio.Event()
+
+    async def _consume(self, queues: Sequence[str], limit: int) -> None:
+        """Consumers on `queues` (and the router), with a prefetch of at least `limit`."""
+        conn = self._conn
+        if conn is None:
+            raise DriverError(f"the {self.name} connection is not open (use `async with`)")
+        with translated(self.settings, "starting consumers"):
+            if self._sub is None:
+                self._sub = await conn.channel(publisher_confirms=False)
+            if not self._router_on:
+                await self._start_router(conn)
+            raise_to = max(limit, 1)
+            if raise_to > self._prefetch:
+                # A prefetch applies to the consumers started after it: restart them.
+                self._prefetch = raise_to
+                await self._sub.set_qos(prefetch_count=raise_to)
+                for queue, tag in list(self._consumers.values()):
+                    await queue.cancel(tag)
+                restart = list(self._consumers)
+                self._consumers.clear()
+            else:
+                restart = []
+            for name in [*restart, *queues]:
+                if name in self._consumers:
+                    continue
+                declared = await self._sub.declare_queue(
+                    self._names.work(name), durable=True, arguments=work_arguments()
+                )
+                self._inbox.setdefault(name, deque())
+                tag = await declared.consume(self._deliverer(name))
+                self._consumers[name] = (declared, tag)
+
+    def _deliverer(self, queue: str) -> Any:
+        inbox = self._inbox[queue]
+
+        async def deliver(message: AbstractIncomingMessage) -> None:
+            inbox.append(message)
+            self._wake()
+
+        return deliver
+
+    async def _start_router(self, conn: AbstractRobustConnection) -> None:
+        self._routing = await conn.channel(publisher_confirms=False)
+        await self._routing.set_qos(prefetch_count=ROUTER_PREFETCH)
+        router = await self._routing.declare_queue(
+            self._names.router, durable=True, arguments=work_arguments()
+        )
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            task = asyncio.create_task(self._route(message), name="topiq-amqp-route")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        await router.consume(on_message)
+        self._router_on = True
+
+    async def _route(self, message: AbstractIncomingMessage) -> None:
+        """One message out of the ladder: on to its next bucket, or to its work queue."""
+        try:
+            headers = self._clean(message.headers)
+            queue = str(headers.get(QUEUE, ""))
+            job_id = message.message_id or ""
+            due = _header_int(headers, DUE)
+            token = headers.get(LEASE)
+            if not queue or not job_id:
+                logger.error("dropping a message without a Topiq queue or id from the router")
+                await message.ack()
+                return
+            if due - _now_ms() > 0:
+                await self._send(
+                    queue,
+                    job_id,
+                    message.body,
+                    _header_int(headers, TRIES),
+                    due,
+                    {LEASE: token} if token else None,
+                )
+                await message.ack()
+                return
+            if token:
+                # A parked lease ran out: its job's next try, unless the job ended or its
+                # lease was renewed (another token) meanwhile.
+                marker = await self._store.get_marker(self._m("lease", job_id))
+                if marker is not None and marker != str(token):
+                    await message.ack()
+                    return
+                headers.pop(LEASE, None)
+            headers[TRIES] = _header_int(headers, TRIES)
+            await self._work_queue(queue)
+            await self._publish(self._names.work(queue), message.body, message, headers)
+            await message.ack()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Not acknowledged: the broker hands it out again (here or to another worker).
+            logger.warning("routing a delayed job failed (%s); it will be routed again", exc)
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+
+    @staticmethod
+    def _live(message: AbstractIncomingMessage) -> bool:
+        """Whether the delivery's channel is still the one it came on (after a reconnect the
+        broker has redelivered it: this copy can no longer be acknowledged)."""
+        try:
+            message.channel  # noqa: B018 - raises once the channel is closed
+        except Exception:
+            return False
+        return True
+
+    @staticmethod
+    def _tries(message: AbstractIncomingMessage) -> int:
+        """Tries this delivery's job used before it: its own count plus the broker's
+        redeliveries (each one a try that was lost)."""
+        headers = message.headers
+        return _header_int(headers, TRIES) + _header_int(headers, "x-delivery-count")
+
+    # -- reserve -------------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        lease: float,
+        ack: Sequence[ReservedJob] = (),
+        *,
+        worker: str = "",
+    ) -> list[ReservedJob]:
+        if ack:
+            await self.ack(ack)
+        await self._lapse_leases()
+        await self._consume(queues, limit)
+        messages = self._take(queues, limit)
+        if not messages and limit > 0:
+            # A round trip on the same connection: deliveries the broker sent before its
+            # answer have been read by then (frames keep their order); a few turns of the
+            # loop let them reach the inbox. Jobs still ready are on their way: wait for them.
+            ready = await self._ready_elsewhere(queues)
+            for _ in range(3):
+                await asyncio.sleep(0)
+            messages = self._take(queues, limit)
+            deadline = time.monotonic() + DELIVERY_GRACE
+            while not messages and ready and (left := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                messages = self._take(queues, limit)
+        if not messages:
+            return []
+        return await self._start(messages, lease, worker)
+
+    def _take(self, queues: Sequence[str], limit: int) -> list[tuple[str, AbstractIncomingMessage]]:
+        out: list[tuple[str, AbstractIncomingMessage]] = []
+        for name in queues:
+            inbox = self._inbox.get(name)
+            while inbox and len(out) < limit:
+                message = inbox.popleft()
+                if self._live(message):
+                    out.append((name, message))
+        return out
+
+    async def _ready_elsewhere(self, queues: Sequence[str]) -> bool:
+        """Whether the broker holds ready jobs of `queues` that our consumers have room for
+        (they will be delivered in a moment)."""
+        channel = self._channel(self._pub)
+        held: dict[str, int] = {}
+        for held_job in self._held.values():
+            if held_job.message is not None:
+                held[held_job.job.queue] = held.get(held_job.job.queue, 0) + 1
+        with translated(self.settings, "counting ready jobs"):
+            for name in queues:
+                if held.get(name, 0) + len(self._inbox.get(name, ())) >= self._prefetch:
+                    continue
+                declared = await channel.declare_queue(
+                    self._names.work(name), durable=True, arguments=work_arguments()
+                )
+                result = declared.declaration_result
+                if result is not None and result.message_count:
+                    return True
+        return False
+
+    async def _start(
+        self, messages: list[tuple[str, AbstractIncomingMessage]], lease: float, worker: str
+    ) -> list[ReservedJob]:
+        records = await asyncio.gather(*(self._read(m.message_id or "") for _, m in messages))
+        now, wall = time.monotonic(), time.time()
+        out: list[ReservedJob] = []
+        gone: list[ReservedJob] = []
+        writes: list[tuple[Record, float]] = []
+        drops: list[AbstractIncomingMessage] = []
+        ends: list[tuple[str, Status]] = []
+        started: list[Record] = []
+        for (queue, message), record in zip(messages, records, strict=True):
+            job_id = message.message_id or ""
+            tries = self._tries(message)
+            attempts = tries + 1
+            if record is not None and record.status in ENDED:
+                drops.append(message)  # cancelled while waiting, or a late redelivery
+                continue
+            if (
+                record is not None
+                and record.status is Status.RUNNING
+                and record.extra.get("cancel")
+            ):
+                # Cancelled while running, then its lease was lost: it ends cancelled.
+                self._ended(
+                    record, Outcome(Status.CANCELLED, record.failure_ttl, error="cancelled"), wall
+                )
+                writes.append((record, record.failure_ttl))
+                ends.append((queue, Status.CANCELLED))
+                drops.append(message)
+                continue
+            if record is None:
+                record = Record(job_id, queue, Status.QUEUED, enqueued_at=wall, due_at=wall)
+            due = _header_int(message.headers, DUE) / 1000
+            if record.ttl > 0 and tries == 0 and due + record.ttl < wall:
+                self._ended(
+                    record,
+                    Outcome(
+                        Status.EXPIRED,
+                        record.failure_ttl,
+                        error=f"not started within its ttl of {record.ttl:g}s",
+                    ),
+                    wall,
+                )
+                writes.append((record, record.failure_ttl))
+                ends.append((queue, Status.EXPIRED))
+                drops.append(message)
+                gone.append(ReservedJob(job_id, queue, message.body, 0, expired=True))
+                continue
+            record.status = Status.RUNNING
+            record.attempts = attempts
+            record.started_at = wall
+            record.worker = worker
+            record.extra.pop("cancel", None)
+            writes.append((record, self._live_keep(record)))
+            reserved = ReservedJob(job_id, queue, message.body, attempts)
+            self._held[(queue, job_id)] = _Held(reserved, record, message, now, now + lease)
+            started.append(record)
+            out.append(reserved)
+        await asyncio.gather(*(self._write(r, keep) for r, keep in writes))
+        await asyncio.gather(*(self._release_claims(r, started=True) for r in started))
+        for record in (r for r, _ in writes if r.status in ENDED):
+            await self._release_claims(record)
+        if ends:
+            await self._count(ends)
+        for message in drops:
+            await self._ack_message(message)
+        for reserved in out:
+            held = self._held.get((reserved.queue, reserved.id))
+            if held is not None and self._needs_park(held, lease, now):
+                await self._park(held, lease)
+        return out + gone
+
+    @staticmethod
+    def _ended(record: Record, outcome: Outcome, wall: float) -> None:
+        record.status = outcome.status
+        record.ended_at = wall
+        record.error = outcome.error
+        record.traceback = outcome.traceback
+        record.result = outcome.result.decode() if outcome.result is not None else None
+        record.info = outcome.info.decode() if outcome.info is not None else None
+        record.extra.pop("cancel", None)
+
+    async def _ack_message(self, message: AbstractIncomingMessage) -> bool:
+        """Acknowledge a delivery; False when its channel is gone (the broker has given it
+        out again)."""
+        if not self._live(message):
+            return False
+        try:
+            await message.ack()
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            logger.debug("ack of %s not delivered: %s", message.message_id, exc)
+            return False
+        return True
+
+    async def _lapse_leases(self) -> None:
+        """Leases that ran out here go back as lost ones: the try counts (a copy with it, then
+        the ack, as the broker's redelivery would)."""
+        now = time.monotonic()
+        lapsed = [key for key, held in self._held.items() if held.lease_until <= now]
+        for key in lapsed:
+            held = self._held.pop(key)
+            if held.message is None:
+                continue  # parked: its copy comes back by itself when the lease ends
+            if not self._live(held.message):
+                continue
+            await self._send(
+                held.job.queue, held.job.id, held.job.payload, held.job.attempts, _now_ms()
+            )
+            await self._ack_message(held.message)
+
+    # -- parking (consumer_timeout) ----------------------------------------------------
+
+    def _needs_park(self, held: _Held, seconds: float, now: float) -> bool:
+        if held.message is None:
+            # Parked already: renew once half of the lease asked for is gone.
+            return held.parked_until - now < seconds / 2
+        return now + seconds > held.delivered + self._park_after
+
+    async def _park(self, held: _Held, seconds: float) -> None:
+        """Hold the job by a copy in the ladder due at the lease's end, not by the delivery."""
+        token = os.urandom(8).hex()
+        job = held.job
+        await self._store.set_marker(self._m("lease", job.id), token, seconds + PARK_KEEP)
+        await self._send(
+            job.queue,
+            job.id,
+            job.payload,
+            job.attempts,
+            _now_ms() + int(seconds * 1000),
+            {LEASE: token},
+        )
+        if held.message is not None:
+            await self._ack_message(held.message)
+            held.message = None
+        held.token = token
+        held.parked_until = time.monotonic() + seconds
+
+    async def _unpark(self, held: _Held) -> None:
+        if held.message is None and held.token:
+            await self._store.set_marker(self._m("lease", held.job.id), "done", PARK_KEEP)
+
+    # -- wait, ack, release, extend ----------------------------------------------------
+
+    async def wait(self, queues: Sequence[str], timeout: float) -> None:
+        if any(self._inbox.get(name) for name in queues):
+            return
+        arrived = self._arrived
+        leases = [h.lease_until for h in self._held.values() if h.message is not None]
+        if leases:
+            timeout = min(timeout, min(leases) - time.monotonic())
+        if timeout <= 0:
+            return
+        if self._conn is not None and not self._router_on:
+            await self._consume(queues, 1)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(arrived.wait(), timeout)
+
+    def _holding(self, job: ReservedJob) -> _Held | None:
+        held = self._held.get((job.queue, job.id))
+        if held is None or held.job.attempts != job.attempts:
+            return None  # a lapsed reservation: the job is someone else's now
+        return held
+
+    async def ack(self, jobs: Sequence[ReservedJob]) -> None:
+        wall = time.time()
+        done: list[tuple[_Held, float]] = []
+        for job in jobs:
+            held = self._holding(job)
+            if held is None:
+                continue
+            outcome = job.outcome or Outcome(Status.SUCCEEDED, self.settings.queue_result_ttl)
+            self._ended(held.record, outcome, wall)
+            done.append((held, outcome.keep))
+        if not done:
+            return
+        # The store has the outcome before the broker forgets the job.
+        await asyncio.gather(*(self._write(h.record, keep) for h, keep in done))
+        await self._count([(h.job.queue, h.record.status) for h, _ in done])
+        for held, _ in done:
+            await self._release_claims(held.record)
+            await self._unpark(held)
+            if held.message is not None:
+                await self._ack_message(held.message)
+            self._held.pop((held.job.queue, held.job.id), None)
+
+    async def release(
+        self, job: ReservedJob, delay: float = 0.0, *, refund: bool = False, error: str = ""
+    ) -> None:
+        held = self._holding(job)
+        if held is None:
+            return
+        if held.message is not None and not self._live(held.message):
+            self._held.pop((job.queue, job.id), None)
+            return  # the broker gave it out again already
+        delay = max(delay, 0.0)
+        wall = time.time()
+        record = held.record
+        tries = job.attempts - 1 if refund else job.attempts
+        record.attempts = tries
+        record.due_at = wall + delay
+        if refund:
+            record.status = Status.QUEUED
+        else:
+            record.status = Status.RETRYING
+            record.error = error
+        await self._write(record, self._live_keep(record))
+        await self._send(job.queue, job.id, job.payload, tries, int((wall + delay) * 1000))
+        await self._unpark(held)
+        if held.message is not None:
+            await self._ack_message(held.message)
+        self._held.pop((job.queue, job.id), None)
+
+    async def extend(self, leases: Sequence[tuple[ReservedJob, float]]) -> None:
+        now = time.monotonic()
+        for job, seconds in leases:
+            held = self._holding(job)
+            if held is None:
+                continue
+            held.lease_until = now + seconds
+            if self._needs_park(held, seconds, now):
+                await self._park(held, seconds)
+
+    async def save_payload(self, job: ReservedJob, payload: bytes) -> bool:
+        # A message cannot be rewritten in place: checkpoints are not kept on amqp.
+        return False
+
+    # -- observing ---------------------------------------------------------------------
+
+    async def stats(self, queue: str) -> QueueStats:
+        conn = self._conn
+        if conn is None:
+            raise DriverError(f"the {self.name} connection is not open (use `async with`)")
+        pending = 0
+        with translated(self.settings, f"counting the jobs of {queue!r}"):
+            channel = await conn.channel(publisher_confirms=False)
+            try:
+                declared = await channel.declare_queue(self._names.work(queue), passive=True)
+                result = declared.declaration_result
+                pending = result.message_count or 0 if result is not None else 0
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                pending = 0
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        pending += len(self._inbox.get(queue, ()))
+        reserved = sum(1 for key in self._held if key[0] == queue)
+        return QueueStats(self.name, queue, pending, 0, reserved, 0)
+
+    async def queues(self) -> list[str]:
+        import orjson
+
+        raw = await self._store.get_marker(self._m("queues"))
+        try:
+            stored = set(orjson.loads(raw)) if raw else set()
+        except ValueError:
+            stored = set()
+        return sorted(stored | self._known)
+
+    async def clear(self, queue: str) -> int:
+        declared = await self._work_queue(queue)
+        with translated(self.settings, f"purging the queue of {queue!r}"):
+            result = await declared.purge()
+        count = int(getattr(result, "message_count", 0) or 0)
+        inbox = self._inbox.get(queue)
+        while inbox:
+            if await self._ack_message(inbox.popleft()):
+                count += 1
+        return count
+
+    # -- single jobs -------------------------------------------------------------------
+
+    async def job_status(self, job_id: str, queue: str | None = None) -> JobStatus | None:
+        record = await self._read(job_id)
+        if record is None or (queue is not None and record.queue != queue):
+            return None
+        view = record.view(self.name)
+        if view.status is Status.SCHEDULED and (record.due_at or 0) <= time.time():
+            from dataclasses import replace
+
+            view = replace(view, status=Status.QUEUED)
+        return view
+
+    async def job_payload(self, job_id: str, queue: str | None = None) -> bytes | None:
+        for (name, held_id), held in self._held.items():
+            if held_id == job_id and queue in (None, name):
+                return held.job.payload
+        return None
+
+    async def cancel(self, job_id: str, queue: str | None = None) -> bool:
+        record = await self._read(job_id)
+        if record is None or (queue is not None and record.queue != queue):
+            return False
+        if record.status in WAITING:
+            # Its message stays in the broker; whoever takes it drops it.
+            self._ended(
+                record,
+                Outcome(Status.CANCELLED, record.failure_ttl, error="cancelled"),
+                time.time(),
+            )
+            await self._write(record, record.failure_ttl)
+            await self._count([(record.queue, Status.CANCELLED)])
+            await self._release_claims(record)
+            return True
+        if record.status is Status.RUNNING:
+            record.extra["cancel"] = True
+            await self._write(record, self._live_keep(record))
+            return True
+        return False
+
+    async def cancel_requested(self, jobs: Sequence[ReservedJob]) -> list[str]:
+        records = await asyncio.gather(*(self._read(job.id) for job in jobs))
+        return [
+            job.id
+            for job, record in zip(jobs, records, strict=True)
+            if record is not None and record.extra.get("cancel")
+        ]
+
+    async def recent(self, queue: str, window: float = 3600.0) -> RecentCounts:
+        minutes = max(1, math.ceil(window / 60) + 1)
+        rows = await self._store.history(ends_queue(self._prefix, queue), minutes)
+        first = math.floor((time.time() - window) / 60)
+        totals = {status: 0 for status in END_FIELDS}
+        for row in rows:
+            if row.minute >= first:
+                for status, name in END_FIELDS.items():
+                    totals[status] += getattr(row, name)
+        return RecentCounts(
+            window,
+            succeeded=totals[Status.SUCCEEDED],
+            failed=totals[Status.FAILED],
+            cancelled=totals[Status.CANCELLED],
+            expired=totals[Status.EXPIRED],
+        )
+
+    async def history(self, queue: str, minutes: int = 60) -> list[MinuteCounts]:
+        work, ends = await asyncio.gather(
+            self._store.history(history_queue(self._prefix, queue), minutes),
+            self._store.history(ends_queue(self._prefix, queue), minutes),
+        )
+        return merge_minutes(work, ends)
+
+    async def add_history(self, rows: Sequence[tuple[str, int, Mapping[str, int]]]) -> None:
+        mapped = [
+            (history_queue(self._prefix, queue), minute, fields)
+            for queue, minute, fields in rows
+            if isinstance(fields, Mapping) and any(f in HISTORY_FIELDS for f in fields)
+        ]
+        if mapped:
+            await self._store.add_history(mapped)
+
+    async def prune_records(self, ended_before: float | None = None) -> int:
+        # Records are store markers that expire by themselves; none can be listed by age.
+        return 0
+
+    # -- markers, failed store, workers ------------------------------------------------
+
+    async def get_marker(self, name: str) -> str | None:
+        return await self._store.get_marker(self._m("m", name))
+
+    async def set_marker(self, name: str, value: str, ttl: float) -> None:
+        await self._store.set_marker(self._m("m", name), value, ttl)
+
+    async def claim_marker(self, name: str, value: str, ttl: float) -> bool:
+        return await self._store.claim_marker(self._m("m", name), value, ttl)
+
+    def failed_store(self) -> FailedStore:
+        return self._store.failed_store()
+
+    async def retry_failed(self, records: Sequence[FailedJob]) -> list[str]:
+        # Two stores (the records here, the jobs in RabbitMQ): claim, push, then remove, so
+        # a job is never in neither place and a second retry at once skips it.
+        store = self.failed_store()
+        moved: list[str] = []
+        for record in records:
+            if record.connection != self.name:
+                continue
+            claimed = await store.claim(record)
+            if claimed is None:
+                continue
+            await self.push(
+                [
+                    OutgoingJob(
+                        claimed.id,
+                        claimed.queue,
+                        claimed.payload.encode(),
+                        job=_class_of(claimed),
+                        check_id=True,
+                        on_duplicate="keep",
+                    )
+                ]
+            )
+            await store.remove(claimed)
+            moved.append(claimed.id)
+        return moved
+
+    async def report_worker(self, info: WorkerInfo, ttl: float) -> None:
+        await self._store.report_worker(info, ttl)
+
+    async def remove_worker(self, worker_id: str) -> None:
+        await self._store.remove_worker(worker_id)
+
+    async def sweep(self) -> None:
+        await self._lapse_leases()
+
+    async def workers(self) -> list[WorkerInfo]:
+        return [w for w in await self._store.workers() if w.connection == self.name]
+
+    async def request_restart(self, at: float) -> None:
+        await self.set_marker("restart", repr(float(at)), 10 * 365 * DAY)
+
+    async def restart_requested_at(self) -> float | None:
+        raw = await self.get_marker("restart")
+        try:
+            return float(raw) if raw else None
+        except ValueError:
+            return None
+
+
+def _class_of(record: FailedJob) -> str:
+    path = record.job_class
+    return "" if path == "?" else path
+
+
+def _refuse_unsupported(job: OutgoingJob) -> None:
+    """What quorum queues cannot give is refused with its reason (docs/rabbitmq.md), never
+    quietly dropped."""
+    missing = []
+    if job.kind != "job":
+        missing.append(f"workflow records ({job.kind})")
+    if job.depends_on:
+        missing.append("depends_on")
+    if job.group:
+        missing.append("group")
+    if job.limit is not None:
+        missing.append("rate and concurrency limits")
+    if job.max_length:
+        missing.append("max_length")
+    if missing:
+        raise DriverError(
+            f"job {job.id} on queue {job.queue!r}: the amqp connection does not support "
+            f"{', '.join(missing)} (RabbitMQ quorum queues; see docs/rabbitmq.md)"
+        )

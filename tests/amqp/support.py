@@ -1,0 +1,52 @@
+"""Shared by the amqp driver tests: the broker they use and an open driver on it.
+
+TOPIQ_TEST_AMQP_URL names the broker; unset, the dev broker at 127.0.0.1:5699. The companion
+store is SQLite in the test's own directory. Each test has queue names of its own; the ladder
+belongs to this session's prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.queue.drivers.amqp import AmqpDriver
+from core.settings import Settings
+from tests.conftest import answers, make_settings
+
+AMQP_URL = os.environ.get("TOPIQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5699/")
+PREFIX = f"topiqA{os.getpid()}"
+
+
+def require_broker() -> None:
+    if not answers(AMQP_URL, 5672):
+        pytest.skip(f"RabbitMQ is not answering at {AMQP_URL}")
+
+
+def amqp_settings(tmp_path: Path, **extra: Any) -> Settings:
+    values: dict[str, Any] = {
+        "queue_connection": "amqp",
+        "amqp_url": AMQP_URL,
+        "amqp_prefix": PREFIX,
+        "amqp_store": "database",
+        "db_url": f"sqlite+aiosqlite:///{tmp_path}/store.db",
+    }
+    values.update(extra)
+    return make_settings(**values)
+
+
+def new_queue() -> str:
+    return f"q-{uuid.uuid4().hex[:10]}"
+
+
+@asynccontextmanager
+async def opened(tmp_path: Path, **extra: Any) -> AsyncIterator[AmqpDriver]:
+    require_broker()
+    async with AmqpDriver("amqp", amqp_settings(tmp_path, **extra)) as driver:
+        yield driver
