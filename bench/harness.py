@@ -136,7 +136,11 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[Results, dict[str,
     results, facts = Results(), {"started": time.strftime("%Y-%m-%d %H:%M %Z")}
     facts["load"] = os.getloadavg()[0]  # other work on the machine skews every figure
     mysql_version, mysql_why = services.mysql_status() if "W5" in needs else (None, "")
-    with services.Server.redis(workdir) as redis:
+    rabbit = services.Rabbit(workdir) if any(t.backend == "amqp" for t in tasks) else None
+    with services.Server.redis(workdir) as redis, rabbit or _nothing():
+        if rabbit is not None:
+            say(f"rabbitmq: {rabbit.url}" if rabbit.url else f"rabbitmq: n/a ({rabbit.failed})")
+            facts["rabbitmq"] = rabbit.version
         facts["redis"] = services.redis_version(redis.url)
         mosquitto = services.Server.mosquitto(workdir) if "W6" in needs else None
         with mosquitto or _nothing():
@@ -152,6 +156,8 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[Results, dict[str,
                     return {"runs": [], "error": pythons["topiq:W6"]}
                 if task.backend == "mysql" and mysql_version is None:
                     return {"runs": [], "error": mysql_why}
+                if task.backend == "amqp" and (rabbit is None or not rabbit.url):
+                    return {"runs": [], "error": rabbit.failed if rabbit else "no RabbitMQ"}
                 source = REPO
                 if task.checkout:
                     where, why = checkouts[task.checkout]
@@ -164,7 +170,8 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[Results, dict[str,
                     "backend": task.backend,
                     "db_url": services.mysql_url(f"bench_{peer}")
                     if task.backend == "mysql" else "",
-                    "extra": {"mqtt_port": mosquitto.port if mosquitto else 0},
+                    "extra": {"mqtt_port": mosquitto.port if mosquitto else 0,
+                              "amqp_url": rabbit.url if rabbit else ""},
                 }  # fmt: skip
                 spec = {"peer": peer, "workload": task.workload, "params": task.params,
                         "repeats": repeats, "ctx": ctx}  # fmt: skip

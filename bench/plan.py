@@ -49,7 +49,8 @@ def tasks(only: list[str], smoke: bool, budget: float, before: str = "") -> list
     """The runs to make, in order; `only` limits them to some workloads.
 
     W2 includes W2n (results not kept), W2p (random priorities 0..9), W2g (1,000 device
-    groups, round robin) and, with `before` (a commit), W2b: W2 of that commit's code. W5
+    groups, round robin) and, with `before` (a commit), W2b: W2 of that commit's code. W1,
+    W2 and W4 include W1a, W2a and W4a: the same on the amqp connection (RabbitMQ). W5
     includes W5mg and W5sg: W2g on MariaDB and on SQLite; W6 includes W6b, W6 of `before`.
     Topiq's runs of the W2 family alternate with its W2's, run by run, so that all of them see
     the same load; the report divides them.
@@ -67,6 +68,7 @@ def tasks(only: list[str], smoke: bool, budget: float, before: str = "") -> list
                 out.append(Task("W2b", "W2", "redis", True, params, paired=True, checkout=before))
             out.append(Task("W2p", "W2p", "redis", True, params, paired=True))
             out.append(Task("W2g", "W2g", "redis", True, params, paired=True))
+            out.append(Task("W2a", "W2", "amqp", True, params))
         elif name == "W6":
             out.append(Task("W6", "W6", "redis", True, params))
             if before:  # the same messages through the earlier commit's app and worker
@@ -80,4 +82,6 @@ def tasks(only: list[str], smoke: bool, budget: float, before: str = "") -> list
             out.append(Task("W5sg", "W2g", "sqlite", True, params))
         else:
             out.append(Task(name, name, "redis", name in ("W6", "W7"), params))
+            if name in ("W1", "W4"):  # beside Redis: the amqp connection (RabbitMQ)
+                out.append(Task(f"{name}a", name, "amqp", True, params))
     return out

@@ -1,9 +1,11 @@
-"""The servers a run needs: a private Redis and Mosquitto (own ports, nothing persisted), and
-the project's MariaDB when it answers (`scripts/services up` starts it)."""
+"""The servers a run needs: a private Redis and Mosquitto (own ports, nothing persisted), a
+private RabbitMQ node for the amqp rows, and the project's MariaDB when it answers
+(`scripts/services up` starts it)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import socket
@@ -136,3 +138,119 @@ def mosquitto_version() -> str:
         if found:
             return found.group(1)
     return "?"
+
+
+# -- RabbitMQ (the amqp rows: W1a, W2a, W4a) ------------------------------------------------
+
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")  # Debian's scripts; run as whoever calls them
+SERVICES_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"  # `scripts/services up rabbitmq`
+
+
+def _speaks_amqp(port: int) -> bool:
+    """Whether a broker on the port has booted: it answers the AMQP 0-9-1 header with a
+    connection.start method frame (RabbitMQ opens its listeners last)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), 1) as conn:
+            conn.settimeout(2)
+            conn.sendall(b"AMQP\x00\x00\x09\x01")
+            return conn.recv(3) == b"\x01\x00\x00"
+    except OSError:
+        return False
+
+
+class Rabbit:
+    """The broker of the amqp rows: `with Rabbit(dir) as rabbit:` then `rabbit.url`, or
+    `rabbit.failed` (why there is none: the rows show n/a with it).
+
+    A private node of our own when rabbitmq-server is installed (its own node name, port,
+    Erlang cookie and data under the scratch directory, stopped at the end), else the broker
+    of `scripts/services` on 127.0.0.1:5672 when one answers there."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir / "rabbitmq"
+        self.url = ""
+        self.failed = ""
+        self.version = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _env(self, port: int) -> dict[str, str]:
+        d = self.workdir
+        return {
+            **os.environ,
+            "HOME": str(d),  # its own Erlang cookie
+            "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),
+            "RABBITMQ_NODENAME": f"topiqbench{port}@localhost",
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "detached": "1",  # the script execs the VM: the process we hold is the node
+        }
+
+    def __enter__(self) -> Self:
+        if (RABBITMQ_BIN / "rabbitmq-server").exists():
+            self._start_private()
+        elif _speaks_amqp(5672):
+            self.url = SERVICES_AMQP_URL
+        else:
+            self.failed = (
+                "no RabbitMQ: rabbitmq-server is not installed and nothing answers AMQP on "
+                "127.0.0.1:5672 (`scripts/services up` installs and starts one)"
+            )
+        if self.url:
+            self.version = rabbitmq_version()
+        return self
+
+    def _start_private(self) -> None:
+        port = free_port()
+        self.workdir.mkdir(parents=True)
+        (self.workdir / "rabbitmq.conf").write_text(
+            f"loopback_users = none\nlisteners.tcp.default = 127.0.0.1:{port}\n"
+            "disk_free_limit.absolute = 1MB\n"
+        )
+        (self.workdir / "enabled_plugins").write_text("[].\n")
+        (self.workdir / "rabbitmq-env.conf").write_text("")
+        log = self.workdir / "server.log"
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [str(RABBITMQ_BIN / "rabbitmq-server")],
+                env=self._env(port),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 90
+        while not _speaks_amqp(port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self._stop()
+                self.failed = f"the private RabbitMQ did not start: {log.read_text()[-300:]}"
+                return
+            time.sleep(0.1)
+        self.url = f"amqp://guest:guest@127.0.0.1:{port}/"
+
+    def _stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop()
+
+
+def rabbitmq_version() -> str:
+    """The installed broker's version (Debian's package layout), else '?'."""
+    found = sorted((RABBITMQ_BIN.parent / "lib").glob("rabbitmq_server-*"))
+    return found[-1].name.split("-", 1)[1] if found else "?"

@@ -64,6 +64,7 @@ def _versions(facts: dict[str, Any]) -> str:
     servers = (
         f"- Servers: Redis {facts.get('redis') or '?'} (private instance, no persistence), "
         f"MariaDB {facts.get('mysql') or 'n/a'}, Mosquitto {facts.get('mosquitto') or '?'}"
+        + (f", RabbitMQ {facts['rabbitmq']}" if facts.get("rabbitmq") else "")
     )
     return "\n".join([f"- Python: {', '.join(sorted(pythons))} (every library)", *lines, servers])
 
@@ -121,6 +122,11 @@ def footer(args: argparse.Namespace, facts: dict[str, Any]) -> str:
   ratio rows divide two medians).
   W6b is W6 through the app (`app/routes.py`) and worker of that same earlier commit, right
   after today's W6.
+- W1a, W2a, W4a: W1, W2 and W4 for Topiq on `QUEUE_CONNECTION=amqp` (docs/rabbitmq.md), on a
+  private RabbitMQ node (or the broker of `scripts/services` on 127.0.0.1:5672 when
+  rabbitmq-server is not installed here; n/a when neither): durable quorum queue, publisher
+  confirms, the worker's prefetch = its concurrency; the records RabbitMQ cannot keep go to
+  the run's Redis (`AMQP_STORE=redis`). The queue is purged before each run.
 - W8: an idle worker (after one warm-up), 500 round trips one after the other, each a
   dispatch of a job returning its argument and the wait for that result with the library's
   own call: Topiq `await (await push(job)).result()` (Redis), SAQ `Queue.apply`, arq

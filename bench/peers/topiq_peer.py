@@ -12,12 +12,13 @@ from bench.peers.base import DEVICES, QUEUE, REPO, JobKind, Peer, Unsupported
 class TopiqPeer(Peer):
     name = "topiq"
     dists = ("topiq", "redis", "hiredis", "sqlalchemy", "aiomysql", "aiosqlite")
-    backends = ("redis", "mysql", "sqlite")
+    backends = ("redis", "mysql", "sqlite", "amqp")
     note = "`python main.py queue:work --concurrency 32`"
     connection: ClassVar[dict[str, str]] = {
         "redis": "redis",
         "mysql": "database",
         "sqlite": "database",
+        "amqp": "amqp",
     }
 
     def _env(self) -> dict[str, str]:
@@ -29,6 +30,10 @@ class TopiqPeer(Peer):
         }
         if self.ctx.db_url:
             env["DB_URL"] = self.ctx.db_url
+        if self.ctx.backend == "amqp":
+            # RabbitMQ holds the jobs; the records it cannot keep go to the run's Redis
+            # (emptied before each run, as for the Redis rows).
+            env.update(AMQP_URL=self.ctx.extra["amqp_url"], AMQP_STORE="redis", AMQP_PREFIX="bench")
         return env
 
     async def open(self) -> None:
@@ -37,9 +42,15 @@ class TopiqPeer(Peer):
 
         settings = Settings.load(env_file=None, **{k.lower(): v for k, v in self._env().items()})
         self.manager = QueueManager(settings)
-        await self.manager.connection()  # connect (and create tables) before the clock starts
+        driver = await self.manager.connection()  # connect (create tables) before the clock
+        if self.ctx.backend == "amqp":
+            # Flushing Redis empties the store, not the broker: what an earlier run (W1)
+            # left in the queue goes now.
+            await driver.clear(QUEUE)
 
     async def close(self) -> None:
+        if self.ctx.backend == "amqp":  # a broker outlives the run: leave nothing in it
+            await (await self.manager.connection()).clear(QUEUE)
         await self.manager.close()
 
     #: W2p's priorities: the same sequence in every run.
