@@ -52,7 +52,6 @@ from aio_pika.abc import (
 
 from core.errors import DriverError
 from core.queue.drivers.amqp_connect import (
-    LADDER,
     Names,
     bucket_for,
     connect,
@@ -94,11 +93,19 @@ TRIES = "x-topiq-tries"
 DUE = "x-topiq-due"
 QUEUE = "x-topiq-queue"
 LEASE = "x-topiq-lease"
+#: One push of a job (a random token): its record names it, so that the end of an earlier
+#: push of the same id (a late ack, a cancel) never drops a newer push's message.
+GEN = "x-topiq-gen"
+#: Headers a copy of a message carries on (besides its tries, due time and queue).
+CARRIED = (LEASE, GEN)
 #: How many router messages one driver handles at once.
-ROUTER_PREFETCH = 32
+ROUTER_PREFETCH = 256
+#: Milliseconds the router holds a message due this soon (unacknowledged: a crash loses
+#: nothing) instead of sending it round the ladder again: a hop costs tens of milliseconds.
+HOLD_MS = 250
 #: How long `reserve` waits for a delivery the broker says is ready (a consumer just started,
 #: or a message published a moment ago): it never blocks for work that is not there.
-DELIVERY_GRACE = 1.0
+DELIVERY_GRACE = 0.5
 #: Seconds a parked lease's token is kept past the lease.
 PARK_KEEP = 86400.0
 #: Seconds a cancellation asked of a running job is kept in its record.
@@ -114,6 +121,7 @@ class _Held:
     message: AbstractIncomingMessage | None  # None once parked (the delivery was acked)
     delivered: float  # monotonic
     lease_until: float  # monotonic
+    gen: str = ""  # the push the delivery came from (`GEN`)
     token: str = ""  # the parked copy's token
     parked_until: float = 0.0  # monotonic due time of the parked copy
 
@@ -163,6 +171,7 @@ class AmqpDriver(Driver):
         self._tasks: set[asyncio.Task[None]] = set()
         self._router_on = False
         self._known: set[str] = set()
+        self._buckets: set[int] = set()  # ladder buckets declared on this connection
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -179,20 +188,28 @@ class AmqpDriver(Driver):
             try:
                 with translated(self.settings, "opening channels"):
                     self._pub = await conn.channel(publisher_confirms=True, on_return_raises=True)
-                    await self._declare_ladder(self._pub)
             except BaseException:
                 await conn.close()
                 await self._store.close()
                 raise
             self._conn = conn
 
-    async def _declare_ladder(self, channel: AbstractChannel) -> None:
-        names = self._names
-        await channel.declare_queue(names.router, durable=True, arguments=work_arguments())
-        for bucket in range(LADDER):
-            await channel.declare_queue(
-                names.delay(bucket), durable=True, arguments=ladder_arguments(names, bucket)
-            )
+    async def _bucket(self, bucket: int) -> str:
+        """The name of ladder bucket `bucket`, declared (with the router it dead-letters
+        into, first) once per connection: a connection that never delays declares none."""
+        if bucket not in self._buckets:
+            channel = self._channel(self._pub)
+            names = self._names
+            with translated(self.settings, "declaring the delay queues"):
+                if not self._buckets:
+                    await channel.declare_queue(
+                        names.router, durable=True, arguments=work_arguments()
+                    )
+                await channel.declare_queue(
+                    names.delay(bucket), durable=True, arguments=ladder_arguments(names, bucket)
+                )
+            self._buckets.add(bucket)
+        return self._names.delay(bucket)
 
     async def close(self) -> None:
         async with self._open_lock:
@@ -214,6 +231,7 @@ class AmqpDriver(Driver):
             self._held.clear()
             self._prefetch = 0
             self._router_on = False
+            self._buckets.clear()
             with contextlib.suppress(Exception):
                 await conn.close()
             await self._store.close()
@@ -298,7 +316,7 @@ class AmqpDriver(Driver):
         await self._work_queue(queue)  # the router publishes to it: it must exist
         remaining = due_ms - _now_ms()
         if remaining > 0 or LEASE in headers:
-            key = self._names.delay(bucket_for(max(remaining, 1)))
+            key = await self._bucket(bucket_for(max(remaining, 1)))
         else:
             key = self._names.work(queue)
         await self._publish(key, body, None, headers, message_id=job_id)
@@ -405,6 +423,7 @@ class AmqpDriver(Driver):
                 unique_for=job.unique_for,
                 check_id=job.check_id,
             )
+            record.extra["gen"] = os.urandom(6).hex()
             stored.append((job, record))
             out.append(Pushed(job.id))
         if not stored:
@@ -413,7 +432,14 @@ class AmqpDriver(Driver):
         await asyncio.gather(*(self._write(r, self._live_keep(r)) for _, r in stored))
         await asyncio.gather(
             *(
-                self._send(job.queue, job.id, job.payload, 0, int((record.due_at or wall) * 1000))
+                self._send(
+                    job.queue,
+                    job.id,
+                    job.payload,
+                    0,
+                    int((record.due_at or wall) * 1000),
+                    {GEN: record.extra["gen"]},
+                )
                 for job, record in stored
             )
         )
@@ -477,8 +503,11 @@ class AmqpDriver(Driver):
         self._arrived.set()
         self._arrived = asyncio.Event()
 
-    async def _consume(self, queues: Sequence[str], limit: int) -> None:
-        """Consumers on `queues` (and the router), with a prefetch of at least `limit`."""
+    async def _consume(self, queues: Sequence[str], limit: int) -> dict[str, int]:
+        """Consumers on `queues` (and the router), with a prefetch of at least `limit`;
+        returns, for each consumer started here, how many deliveries it is about to get (the
+        ready jobs at its start, up to the prefetch)."""
+        expect: dict[str, int] = {}
         conn = self._conn
         if conn is None:
             raise DriverError(f"the {self.name} connection is not open (use `async with`)")
@@ -505,8 +534,12 @@ class AmqpDriver(Driver):
                     self._names.work(name), durable=True, arguments=work_arguments()
                 )
                 self._inbox.setdefault(name, deque())
+                ready = declared.declaration_result.message_count or 0
                 tag = await declared.consume(self._deliverer(name))
                 self._consumers[name] = (declared, tag)
+                if ready:
+                    expect[name] = len(self._inbox[name]) + min(ready, self._prefetch)
+        return expect
 
     def _deliverer(self, queue: str) -> Any:
         inbox = self._inbox[queue]
@@ -544,14 +577,13 @@ class AmqpDriver(Driver):
                 logger.error("dropping a message without a Topiq queue or id from the router")
                 await message.ack()
                 return
-            if due - _now_ms() > 0:
+            remaining = due - _now_ms()
+            if 0 < remaining <= HOLD_MS:
+                await asyncio.sleep(remaining / 1000)
+            elif remaining > 0:
+                carried = {k: headers[k] for k in CARRIED if k in headers}
                 await self._send(
-                    queue,
-                    job_id,
-                    message.body,
-                    _header_int(headers, TRIES),
-                    due,
-                    {LEASE: token} if token else None,
+                    queue, job_id, message.body, _header_int(headers, TRIES), due, carried
                 )
                 await message.ack()
                 return
@@ -606,21 +638,33 @@ class AmqpDriver(Driver):
         if ack:
             await self.ack(ack)
         await self._lapse_leases()
-        await self._consume(queues, limit)
-        messages = self._take(queues, limit)
-        if not messages and limit > 0:
-            # A round trip on the same connection: deliveries the broker sent before its
-            # answer have been read by then (frames keep their order); a few turns of the
-            # loop let them reach the inbox. Jobs still ready are on their way: wait for them.
-            ready = await self._ready_elsewhere(queues)
-            for _ in range(3):
-                await asyncio.sleep(0)
-            messages = self._take(queues, limit)
+        expect = await self._consume(queues, limit)
+        if expect:
+            # Consumers just started: let their first deliveries in, so that an earlier
+            # queue's jobs are not passed over for a later one's that came in first.
             deadline = time.monotonic() + DELIVERY_GRACE
-            while not messages and ready and (left := deadline - time.monotonic()) > 0:
+            while any(len(self._inbox[q]) < n for q, n in expect.items()) and (
+                (left := deadline - time.monotonic()) > 0
+            ):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), left)
-                messages = self._take(queues, limit)
+        if limit > 0 and (starved := self._starved(queues)):
+            # A round trip on the same connection: deliveries the broker sent before its
+            # answer have been read by then (frames keep their order); a few turns of the
+            # loop let them reach the inbox. Jobs still ready are on their way: wait for
+            # them, so that an earlier queue is never passed over for a later one.
+            ready = await self._ready_elsewhere(starved)
+            for _ in range(3):
+                await asyncio.sleep(0)
+            deadline = time.monotonic() + DELIVERY_GRACE
+            while (
+                ready
+                and not any(self._inbox[q] for q in ready)
+                and (left := deadline - time.monotonic()) > 0
+            ):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), left)
+        messages = self._take(queues, limit)
         if not messages:
             return []
         return await self._start(messages, lease, worker)
@@ -635,25 +679,35 @@ class AmqpDriver(Driver):
                     out.append((name, message))
         return out
 
-    async def _ready_elsewhere(self, queues: Sequence[str]) -> bool:
-        """Whether the broker holds ready jobs of `queues` that our consumers have room for
-        (they will be delivered in a moment)."""
-        channel = self._channel(self._pub)
+    def _starved(self, queues: Sequence[str]) -> list[str]:
+        """The queues ahead of the first one holding deliveries (all of them when none does)
+        whose inbox is empty and whose consumer has room for more."""
         held: dict[str, int] = {}
         for held_job in self._held.values():
             if held_job.message is not None:
                 held[held_job.job.queue] = held.get(held_job.job.queue, 0) + 1
+        out = []
+        for name in queues:
+            if self._inbox.get(name):
+                break
+            if held.get(name, 0) < self._prefetch:
+                out.append(name)
+        return out
+
+    async def _ready_elsewhere(self, queues: Sequence[str]) -> list[str]:
+        """Those of `queues` the broker holds ready jobs of (our consumers have room for
+        them: they will be delivered in a moment)."""
+        channel = self._channel(self._pub)
+        ready = []
         with translated(self.settings, "counting ready jobs"):
             for name in queues:
-                if held.get(name, 0) + len(self._inbox.get(name, ())) >= self._prefetch:
-                    continue
                 declared = await channel.declare_queue(
                     self._names.work(name), durable=True, arguments=work_arguments()
                 )
                 result = declared.declaration_result
                 if result is not None and result.message_count:
-                    return True
-        return False
+                    ready.append(name)
+        return ready
 
     async def _start(
         self, messages: list[tuple[str, AbstractIncomingMessage]], lease: float, worker: str
@@ -670,7 +724,11 @@ class AmqpDriver(Driver):
             job_id = message.message_id or ""
             tries = self._tries(message)
             attempts = tries + 1
-            if record is not None and record.status in ENDED:
+            if (
+                record is not None
+                and record.status in ENDED
+                and record.extra.get("gen", "") == message.headers.get(GEN, "")
+            ):
                 drops.append(message)  # cancelled while waiting, or a late redelivery
                 continue
             if (
@@ -711,7 +769,11 @@ class AmqpDriver(Driver):
             record.extra.pop("cancel", None)
             writes.append((record, self._live_keep(record)))
             reserved = ReservedJob(job_id, queue, message.body, attempts)
-            self._held[(queue, job_id)] = _Held(reserved, record, message, now, now + lease)
+            gen = str(message.headers.get(GEN, ""))
+            record.extra["gen"] = gen
+            self._held[(queue, job_id)] = _Held(
+                reserved, record, message, now, now + lease, gen=gen
+            )
             started.append(record)
             out.append(reserved)
         await asyncio.gather(*(self._write(r, keep) for r, keep in writes))
@@ -762,7 +824,12 @@ class AmqpDriver(Driver):
             if not self._live(held.message):
                 continue
             await self._send(
-                held.job.queue, held.job.id, held.job.payload, held.job.attempts, _now_ms()
+                held.job.queue,
+                held.job.id,
+                held.job.payload,
+                held.job.attempts,
+                _now_ms(),
+                {GEN: held.gen},
             )
             await self._ack_message(held.message)
 
@@ -785,7 +852,7 @@ class AmqpDriver(Driver):
             job.payload,
             job.attempts,
             _now_ms() + int(seconds * 1000),
-            {LEASE: token},
+            {LEASE: token, GEN: held.gen},
         )
         if held.message is not None:
             await self._ack_message(held.message)
@@ -862,7 +929,9 @@ class AmqpDriver(Driver):
             record.status = Status.RETRYING
             record.error = error
         await self._write(record, self._live_keep(record))
-        await self._send(job.queue, job.id, job.payload, tries, int((wall + delay) * 1000))
+        await self._send(
+            job.queue, job.id, job.payload, tries, int((wall + delay) * 1000), {GEN: held.gen}
+        )
         await self._unpark(held)
         if held.message is not None:
             await self._ack_message(held.message)
