@@ -516,7 +516,11 @@ class AmqpDriver(Driver):
                 self._sub = await conn.channel(publisher_confirms=False)
             if not self._router_on:
                 await self._start_router(conn)
-            raise_to = max(limit, 1)
+            # Deliveries held (unacknowledged) count against the prefetch: room for `limit`
+            # more beside them. A worker asks for what it has room for, so its prefetch stays
+            # its concurrency plus its buffer.
+            held = self._held_counts()
+            raise_to = max(limit, 1) + max((held.get(q, 0) for q in queues), default=0)
             if raise_to > self._prefetch:
                 # A prefetch applies to the consumers started after it: restart them.
                 self._prefetch = raise_to
@@ -679,13 +683,18 @@ class AmqpDriver(Driver):
                     out.append((name, message))
         return out
 
-    def _starved(self, queues: Sequence[str]) -> list[str]:
-        """The queues ahead of the first one holding deliveries (all of them when none does)
-        whose inbox is empty and whose consumer has room for more."""
+    def _held_counts(self) -> dict[str, int]:
+        """Deliveries held unacknowledged here (not parked), per queue."""
         held: dict[str, int] = {}
         for held_job in self._held.values():
             if held_job.message is not None:
                 held[held_job.job.queue] = held.get(held_job.job.queue, 0) + 1
+        return held
+
+    def _starved(self, queues: Sequence[str]) -> list[str]:
+        """The queues ahead of the first one holding deliveries (all of them when none does)
+        whose inbox is empty and whose consumer has room for more."""
+        held = self._held_counts()
         out = []
         for name in queues:
             if self._inbox.get(name):
