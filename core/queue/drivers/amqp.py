@@ -70,9 +70,11 @@ from core.queue.drivers.amqp_records import (
 )
 from core.queue.drivers.base import (
     HISTORY_FIELDS,
+    BrowseState,
     Driver,
     FailedJob,
     FailedStore,
+    GroupInfo,
     MinuteCounts,
     Outcome,
     OutgoingJob,
@@ -165,7 +167,8 @@ class AmqpDriver(Driver):
         self._declared: dict[str, AbstractQueue] = {}
         self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
         self._prefetch = 0
-        self._inbox: dict[str, deque[AbstractIncomingMessage]] = {}
+        #: Deliveries not handed out yet, per queue: (monotonic arrival, message).
+        self._inbox: dict[str, deque[tuple[float, AbstractIncomingMessage]]] = {}
         self._held: dict[tuple[str, str], _Held] = {}
         self._arrived = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -237,20 +240,31 @@ class AmqpDriver(Driver):
             await self._store.close()
 
     async def _return_inbox(self) -> None:
-        """Deliveries never handed out go back without costing a try: a copy with the tries
-        they had (the broker's redelivery would count one), then the ack."""
-        for queue, tag in list(self._consumers.values()):
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
-        for inbox in self._inbox.values():
+        """Every consumer stops; deliveries never handed out go back (`_give_back`)."""
+        await self._stop_consumers(list(self._consumers))
+
+    async def _stop_consumers(self, names: Sequence[str]) -> None:
+        """Stop consuming `names` (queues no longer asked for: paused, or left), giving back
+        what their consumers prefetched."""
+        for name in names:
+            consumer = self._consumers.pop(name, None)
+            if consumer is not None:
+                with translated(self.settings, f"stopping the consumer of {name!r}"):
+                    await consumer[0].cancel(consumer[1])
+            inbox = self._inbox.get(name)
             while inbox:
-                message = inbox.popleft()
-                if not self._live(message):
-                    continue
-                headers = self._clean(message.headers)
-                headers[TRIES] = self._tries(message)
-                await self._publish(message.routing_key or "", message.body, message, headers)
-                await message.ack()
+                await self._give_back(inbox.popleft()[1])
+
+    async def _give_back(self, message: AbstractIncomingMessage) -> None:
+        """A delivery never handed out goes back to its queue without costing a try: a copy
+        with the tries it had (the broker's redelivery would count one), then the ack. At
+        the back of the queue."""
+        if not self._live(message):
+            return  # its channel is gone: the broker has given it out again
+        headers = self._clean(message.headers)
+        headers[TRIES] = self._tries(message)
+        await self._publish(message.routing_key or "", message.body, message, headers)
+        await self._ack_message(message)
 
     def _channel(self, which: AbstractChannel | None) -> AbstractChannel:
         if which is None:
@@ -402,11 +416,17 @@ class AmqpDriver(Driver):
         wall = time.time()
         # Claims in order (two jobs of one call with one key: the first wins); records and
         # messages then together.
+        # What this call stored so far: ("id"|"key", queue, id or key) -> the job holding it.
+        earlier: dict[tuple[str, str, str], str] = {}
         for job in jobs:
-            answer = await self._claim(job)
+            answer = await self._claim(job, earlier)
             if answer is not None:
                 out.append(answer)
                 continue
+            if job.check_id:
+                earlier[("id", job.queue, job.id)] = job.id
+            if job.unique_key:
+                earlier[("key", job.queue, job.unique_key)] = job.id
             delay = max(job.delay, 0.0)
             record = Record(
                 job.id,
@@ -445,19 +465,27 @@ class AmqpDriver(Driver):
         )
         return out
 
-    async def _claim(self, job: OutgoingJob) -> Pushed | None:
+    async def _claim(
+        self, job: OutgoingJob, earlier: dict[tuple[str, str, str], str]
+    ) -> Pushed | None:
         """The once-key, id and unique-key rules: the answer when a holder takes the push,
-        `None` when the job is to be stored (its id and key then taken)."""
+        `None` when the job is to be stored (its id and key then taken). `earlier`: the ids
+        and keys taken by the jobs stored before it in the same call (not written yet)."""
         store = self._store
         once = self._m("once", job.queue, job.once_key) if job.once_key else ""
         if once and not await store.claim_marker(once, job.id, max(job.once_for, 0.001)):
             holder = await store.get_marker(once)
             return Pushed(holder or job.id, "duplicate")
         answer: Pushed | None = None
-        if job.check_id:
-            answer = await self._check_id(job)
-        if answer is None and job.unique_key:
-            answer = await self._check_key(job)
+        if job.check_id and ("id", job.queue, job.id) in earlier:
+            answer = self._duplicate(job, job.id)
+        elif job.unique_key and (held := earlier.get(("key", job.queue, job.unique_key))):
+            answer = self._duplicate(job, held)
+        else:
+            if job.check_id:
+                answer = await self._check_id(job)
+            if answer is None and job.unique_key:
+                answer = await self._check_key(job)
         if answer is not None and once:
             await store.set_marker(once, answer.id, max(job.once_for, 0.001))
         return answer
@@ -470,6 +498,8 @@ class AmqpDriver(Driver):
         name = self._m("id", job.queue, job.id)
         claimed = await self._store.claim_marker(name, job.id, LIVE_TTL)
         record = await self._read(job.id)
+        if record is not None and self._past_ttl(record, time.time()):
+            await self._expire(record)
         live = (
             record is not None
             and record.queue == job.queue
@@ -488,6 +518,8 @@ class AmqpDriver(Driver):
             return None
         holder = await self._store.get_marker(name)
         record = await self._read(holder) if holder else None
+        if record is not None and self._past_ttl(record, time.time()):
+            await self._expire(record)
         if holder and record is not None:
             if record.status in WAITING:
                 return self._duplicate(job, holder)
@@ -549,7 +581,7 @@ class AmqpDriver(Driver):
         inbox = self._inbox[queue]
 
         async def deliver(message: AbstractIncomingMessage) -> None:
-            inbox.append(message)
+            inbox.append((time.monotonic(), message))
             self._wake()
 
         return deliver
@@ -642,6 +674,9 @@ class AmqpDriver(Driver):
         if ack:
             await self.ack(ack)
         await self._lapse_leases()
+        unasked = [name for name in self._consumers if name not in queues]
+        if unasked:
+            await self._stop_consumers(unasked)
         expect = await self._consume(queues, limit)
         if expect:
             # Consumers just started: let their first deliveries in, so that an earlier
@@ -678,7 +713,7 @@ class AmqpDriver(Driver):
         for name in queues:
             inbox = self._inbox.get(name)
             while inbox and len(out) < limit:
-                message = inbox.popleft()
+                message = inbox.popleft()[1]
                 if self._live(message):
                     out.append((name, message))
         return out
@@ -757,15 +792,7 @@ class AmqpDriver(Driver):
                 record = Record(job_id, queue, Status.QUEUED, enqueued_at=wall, due_at=wall)
             due = _header_int(message.headers, DUE) / 1000
             if record.ttl > 0 and tries == 0 and due + record.ttl < wall:
-                self._ended(
-                    record,
-                    Outcome(
-                        Status.EXPIRED,
-                        record.failure_ttl,
-                        error=f"not started within its ttl of {record.ttl:g}s",
-                    ),
-                    wall,
-                )
+                self._ended(record, self._expiry(record), wall)
                 writes.append((record, record.failure_ttl))
                 ends.append((queue, Status.EXPIRED))
                 drops.append(message)
@@ -798,6 +825,32 @@ class AmqpDriver(Driver):
             if held is not None and self._needs_park(held, lease, now):
                 await self._park(held, lease)
         return out + gone
+
+    @staticmethod
+    def _past_ttl(record: Record, wall: float) -> bool:
+        """A waiting job whose first try was not started within its ttl."""
+        return (
+            record.ttl > 0
+            and record.attempts == 0
+            and record.status in (Status.QUEUED, Status.SCHEDULED)
+            and (record.due_at or 0) + record.ttl < wall
+        )
+
+    async def _expire(self, record: Record) -> None:
+        """End a waiting job as expired (read past its ttl): its message is dropped when it
+        is delivered."""
+        self._ended(record, self._expiry(record), time.time())
+        await self._write(record, record.failure_ttl)
+        await self._count([(record.queue, Status.EXPIRED)])
+        await self._release_claims(record)
+
+    @staticmethod
+    def _expiry(record: Record) -> Outcome:
+        return Outcome(
+            Status.EXPIRED,
+            record.failure_ttl,
+            error=f"not started within its ttl of {record.ttl:g}s",
+        )
 
     @staticmethod
     def _ended(record: Record, outcome: Outcome, wall: float) -> None:
@@ -999,7 +1052,7 @@ class AmqpDriver(Driver):
         count = int(getattr(result, "message_count", 0) or 0)
         inbox = self._inbox.get(queue)
         while inbox:
-            if await self._ack_message(inbox.popleft()):
+            if await self._ack_message(inbox.popleft()[1]):
                 count += 1
         return count
 
@@ -1009,6 +1062,8 @@ class AmqpDriver(Driver):
         record = await self._read(job_id)
         if record is None or (queue is not None and record.queue != queue):
             return None
+        if self._past_ttl(record, time.time()):
+            await self._expire(record)
         view = record.view(self.name)
         if view.status is Status.SCHEDULED and (record.due_at or 0) <= time.time():
             from dataclasses import replace
@@ -1068,7 +1123,36 @@ class AmqpDriver(Driver):
             expired=totals[Status.EXPIRED],
         )
 
+    async def browse(
+        self, queue: str, state: BrowseState, offset: int = 0, limit: int = 50
+    ) -> list[JobStatus]:
+        # A queue cannot be read without taking its messages: nothing to list (the records
+        # are found by id only).
+        if state not in ("pending", "delayed", "reserved", "deferred"):
+            raise ValueError(
+                f"state must be one of pending, delayed, reserved, deferred, got {state!r}"
+            )
+        _check_page(offset, limit)
+        return []
+
+    async def groups(self, queue: str, offset: int = 0, limit: int = 100) -> list[GroupInfo]:
+        _check_page(offset, limit)
+        return []
+
+    async def pause(self, queue: str) -> None:
+        await self._store.pause(history_queue(self._prefix, queue))
+
+    async def resume(self, queue: str) -> None:
+        await self._store.resume(history_queue(self._prefix, queue))
+
+    async def paused(self, queues: Sequence[str]) -> set[str]:
+        # The store reads every pause in one round trip; under names of this prefix.
+        shadow = {history_queue(self._prefix, q): q for q in queues}
+        return {shadow[name] for name in await self._store.paused(list(shadow))}
+
     async def history(self, queue: str, minutes: int = 60) -> list[MinuteCounts]:
+        if isinstance(minutes, bool) or not isinstance(minutes, int) or minutes < 1:
+            raise ValueError(f"minutes must be a whole number of at least 1, got {minutes!r}")
         work, ends = await asyncio.gather(
             self._store.history(history_queue(self._prefix, queue), minutes),
             self._store.history(ends_queue(self._prefix, queue), minutes),
@@ -1136,7 +1220,14 @@ class AmqpDriver(Driver):
         await self._store.remove_worker(worker_id)
 
     async def sweep(self) -> None:
+        """Leases that ran out here go back; deliveries prefetched but not taken for longer
+        than the broker's consumer_timeout allows are given back (the broker would close the
+        channel, redelivering everything on it, running jobs included)."""
         await self._lapse_leases()
+        old = time.monotonic() - self._park_after
+        for inbox in self._inbox.values():
+            while inbox and inbox[0][0] < old:
+                await self._give_back(inbox.popleft()[1])
 
     async def workers(self) -> list[WorkerInfo]:
         return [w for w in await self._store.workers() if w.connection == self.name]
@@ -1150,6 +1241,14 @@ class AmqpDriver(Driver):
             return float(raw) if raw else None
         except ValueError:
             return None
+
+
+def _check_page(offset: int, limit: int) -> None:
+    """Refuse a page that cannot be read (`browse`, `groups`)."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a whole number of at least 0, got {offset!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit must be a whole number of at least 0, got {limit!r}")
 
 
 def _class_of(record: FailedJob) -> str:
