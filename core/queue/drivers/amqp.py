@@ -37,9 +37,9 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiormq.exceptions
 from aio_pika import DeliveryMode, Message
@@ -449,9 +449,9 @@ class AmqpDriver(Driver):
         if not stored:
             return out
         await self._remember({job.queue for job, _ in stored})
-        await asyncio.gather(*(self._write(r, self._live_keep(r)) for _, r in stored))
-        await asyncio.gather(
-            *(
+        await _bounded(self._write(r, self._live_keep(r)) for _, r in stored)
+        await _bounded(
+            (
                 self._send(
                     job.queue,
                     job.id,
@@ -756,7 +756,7 @@ class AmqpDriver(Driver):
     async def _start(
         self, messages: list[tuple[str, AbstractIncomingMessage]], lease: float, worker: str
     ) -> list[ReservedJob]:
-        records = await asyncio.gather(*(self._read(m.message_id or "") for _, m in messages))
+        records = await _bounded(self._read(m.message_id or "") for _, m in messages)
         now, wall = time.monotonic(), time.time()
         out: list[ReservedJob] = []
         gone: list[ReservedJob] = []
@@ -812,8 +812,8 @@ class AmqpDriver(Driver):
             )
             started.append(record)
             out.append(reserved)
-        await asyncio.gather(*(self._write(r, keep) for r, keep in writes))
-        await asyncio.gather(*(self._release_claims(r, started=True) for r in started))
+        await _bounded(self._write(r, keep) for r, keep in writes)
+        await _bounded(self._release_claims(r, started=True) for r in started)
         for record in (r for r, _ in writes if r.status in ENDED):
             await self._release_claims(record)
         if ends:
@@ -961,7 +961,7 @@ class AmqpDriver(Driver):
         if not done:
             return
         # The store has the outcome before the broker forgets the job.
-        await asyncio.gather(*(self._write(h.record, keep) for h, keep in done))
+        await _bounded(self._write(h.record, keep) for h, keep in done)
         await self._count([(h.job.queue, h.record.status) for h, _ in done])
         for held, _ in done:
             await self._release_claims(held.record)
@@ -1099,7 +1099,7 @@ class AmqpDriver(Driver):
         return False
 
     async def cancel_requested(self, jobs: Sequence[ReservedJob]) -> list[str]:
-        records = await asyncio.gather(*(self._read(job.id) for job in jobs))
+        records = await _bounded(self._read(job.id) for job in jobs)
         return [
             job.id
             for job, record in zip(jobs, records, strict=True)
@@ -1241,6 +1241,27 @@ class AmqpDriver(Driver):
             return float(raw) if raw else None
         except ValueError:
             return None
+
+
+#: Store and broker calls one driver runs at once (a pool of connections is bounded: a bulk
+#: push of ten thousand jobs must not open ten thousand).
+CONCURRENCY = 32
+
+_T = TypeVar("_T")
+
+
+async def _bounded(calls: Iterable[Awaitable[_T]]) -> list[_T]:
+    """Await `calls` (in order of their results), `CONCURRENCY` at a time."""
+    out: list[_T] = []
+    batch: list[Awaitable[_T]] = []
+    for call in calls:
+        batch.append(call)
+        if len(batch) >= CONCURRENCY:
+            out += await asyncio.gather(*batch)
+            batch = []
+    if batch:
+        out += await asyncio.gather(*batch)
+    return out
 
 
 def _check_page(offset: int, limit: int) -> None:
