@@ -298,12 +298,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if not any(callspec.params.get(name) == "amqp" for name in BACKEND_PARAMS):
             continue
         name = getattr(item, "originalname", item.name)
-        if name in AMQP_EXEMPTIONS:
-            item.add_marker(pytest.mark.skip(reason=f"amqp: {AMQP_EXEMPTIONS[name]}"))
-        elif name in AMQP_DEFECTS:
-            item.add_marker(
-                pytest.mark.xfail(strict=True, reason=f"amqp defect: {AMQP_DEFECTS[name]}")
-            )
+        keys = (f"{item.path.name}::{name}", name)
+        exempt = next((AMQP_EXEMPTIONS[k] for k in keys if k in AMQP_EXEMPTIONS), None)
+        defect = next((AMQP_DEFECTS[k] for k in keys if k in AMQP_DEFECTS), None)
+        if exempt is not None:
+            item.add_marker(pytest.mark.skip(reason=f"amqp: {exempt}"))
+        elif defect is not None:
+            item.add_marker(pytest.mark.xfail(strict=True, reason=f"amqp defect: {defect}"))
 
 
 @pytest.fixture(autouse=True)
