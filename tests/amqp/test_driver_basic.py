@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from core.queue.drivers.base import Outcome, OutgoingJob
+from core.queue.drivers.base import Outcome, OutgoingJob, ReservedJob
 from core.status import Status
 from tests.amqp.support import new_queue, opened
 
@@ -61,7 +61,7 @@ async def test_a_delayed_job_comes_out_of_the_ladder(tmp_path: Path) -> None:
         assert await driver.reserve([queue], 1, 30.0) == []
         started = time.monotonic()
         deadline = started + 20
-        jobs = []
+        jobs: list[ReservedJob] = []
         while not jobs and time.monotonic() < deadline:
             await driver.wait([queue], 1.0)
             jobs = await driver.reserve([queue], 1, 30.0)
