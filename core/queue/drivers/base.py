@@ -60,6 +60,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import hashlib
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -93,6 +94,7 @@ __all__ = [
     "RecentCounts",
     "ReservedJob",
     "WorkerInfo",
+    "check_marker_items",
     "claim_record_id",
     "claimed_at",
     "new_record_id",
@@ -476,6 +478,20 @@ class WorkerInfo:
 PAUSE_TTL = 10 * 365 * 86400.0
 
 
+#: Markers the default `get_markers` reads at once (well under a connection pool's size).
+MARKER_READS = 16
+
+
+def check_marker_items(items: Sequence[tuple[str, str, float]]) -> None:
+    """Refuse a `set_markers` call holding a ttl that is not a positive number of seconds,
+    before anything is written (a bulk write is all or nothing on bad input)."""
+    for index, (name, _, ttl) in enumerate(items):
+        if not 0 < ttl < math.inf:
+            raise ValueError(
+                f"set_markers item {index} ({name!r}): ttl must be a positive number, not {ttl!r}"
+            )
+
+
 def pause_marker(queue: str) -> str:
     """The marker name of `queue`'s pause (names fit a marker's 190 characters)."""
     if len(queue) <= 180:
@@ -798,3 +814,26 @@ class Driver(abc.ABC):
             ValueError: `ttl` is not a positive number of seconds.
         """
         raise NotImplementedError(f"{type(self).__name__} keeps no markers")
+
+    async def set_markers(self, items: Sequence[tuple[str, str, float]]) -> None:
+        """`set_marker` for each `(name, value, ttl)` of `items`, in order (a later item for a
+        name replaces an earlier one), in one round trip on the server drivers: a companion
+        store keeps thousands of job records per dispatch, one request each would drain the
+        connection pool. This default writes them one by one.
+
+        Raises:
+            ValueError: a `ttl` is not a positive number of seconds (nothing is written).
+        """
+        check_marker_items(items)
+        for name, value, ttl in items:
+            await self.set_marker(name, value, ttl)
+
+    async def get_markers(self, names: Sequence[str]) -> list[str | None]:
+        """`get_marker` for each of `names`, in their order (one round trip on the server
+        drivers). This default asks for `MARKER_READS` at a time: all of thousands at once
+        would ask a connection pool for thousands of connections."""
+        found: list[str | None] = []
+        for start in range(0, len(names), MARKER_READS):
+            batch = names[start : start + MARKER_READS]
+            found.extend(await asyncio.gather(*(self.get_marker(name) for name in batch)))
+        return found

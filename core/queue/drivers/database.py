@@ -78,6 +78,7 @@ from core.queue.drivers.base import (
     RecentCounts,
     ReservedJob,
     WorkerInfo,
+    check_marker_items,
     claim_record_id,
     new_record_id,
     pause_marker,
@@ -1099,6 +1100,34 @@ class DatabaseDriver(Driver):
             return await wf.claim_marker(conn, name, value, ttl)
 
         return await self._run("claim a marker", op)
+
+    async def set_markers(self, items: Sequence[tuple[str, str, float]]) -> None:
+        """One transaction of batched upserts (`sql_workflow.set_markers`): all or nothing."""
+        check_marker_items(items)
+        for index, (name, _, _) in enumerate(items):
+            if len(name) > wf.MARKER_NAME_LENGTH:
+                raise ValueError(
+                    f"set_markers item {index} ({name[:40]!r}...): a marker name is at most "
+                    f"{wf.MARKER_NAME_LENGTH} characters, not {len(name)}"
+                )
+        if not items:
+            return
+
+        async def op(conn: AsyncConnection) -> None:
+            await wf.set_markers(conn, items)
+
+        await self._run("write markers", op)
+
+    async def get_markers(self, names: Sequence[str]) -> list[str | None]:
+        """One transaction of `name IN (...)` reads in batches (`sql_workflow.get_markers`)."""
+        if not names:
+            return []
+
+        async def op(conn: AsyncConnection) -> dict[str, str]:
+            return await wf.get_markers(conn, names)
+
+        found = await self._run("read markers", op, write=False)
+        return [found.get(name) for name in names]
 
     # -- worker registry and the restart signal ---------------------------------------------
 

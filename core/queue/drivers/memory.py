@@ -67,6 +67,7 @@ from core.queue.drivers.base import (
     RecentCounts,
     ReservedJob,
     WorkerInfo,
+    check_marker_items,
     claim_record_id,
     new_record_id,
 )
@@ -1642,6 +1643,21 @@ class MemoryDriver(Driver):
             return False
         self._markers[name] = (value, now + ttl)
         return True
+
+    async def set_markers(self, items: Sequence[tuple[str, str, float]]) -> None:
+        # Checked first, then stored with no await between: all or nothing, in order.
+        check_marker_items(items)
+        now = time.monotonic()
+        for name, value, ttl in items:
+            self._markers[name] = (value, now + ttl)
+
+    async def get_markers(self, names: Sequence[str]) -> list[str | None]:
+        now = time.monotonic()
+        found: list[str | None] = []
+        for name in names:
+            held = self._markers.get(name)
+            found.append(None if held is None or held[1] <= now else held[0])
+        return found
 
     # -- failed store, workers ---------------------------------------------------------
 

@@ -110,6 +110,7 @@ from core.queue.drivers.base import (
     RecentCounts,
     ReservedJob,
     WorkerInfo,
+    check_marker_items,
     claim_record_id,
     new_record_id,
     pause_marker,
@@ -1531,6 +1532,36 @@ class RedisDriver(Driver):
                 f"{self.prefix}:marker:{name}", value, px=max(1, int(ttl * 1000)), nx=True
             )
         return bool(stored)
+
+    async def set_markers(self, items: Sequence[tuple[str, str, float]]) -> None:
+        """One round trip: a pipeline (no transaction) of SET PX on the keys `set_marker`
+        writes. The keys carry no hash tag, so on a cluster they spread over slots; the
+        cluster pipeline sends each primary its own commands. A name given twice is written
+        once, with its last value (the order of the items decides, not the order of nodes)."""
+        check_marker_items(items)
+        latest = {name: (value, ttl) for name, value, ttl in items}
+        if not latest:
+            return
+        async with (
+            _translated("writing markers"),
+            self.pipeline(transaction=False) as pipe,
+        ):
+            for name, (value, ttl) in latest.items():
+                pipe.set(f"{self.prefix}:marker:{name}", value, px=max(1, int(ttl * 1000)))
+            await pipe.execute()
+
+    async def get_markers(self, names: Sequence[str]) -> list[str | None]:
+        """One round trip: a pipeline of GETs, one key per command (cluster-safe, as `paused`)."""
+        if not names:
+            return []
+        async with (
+            _translated("reading markers"),
+            self.pipeline(transaction=False) as pipe,
+        ):
+            for name in names:
+                pipe.get(f"{self.prefix}:marker:{name}")
+            values = await pipe.execute()
+        return [None if raw is None else _text(raw) for raw in values]
 
     # -- workers and the restart signal ------------------------------------------------
 

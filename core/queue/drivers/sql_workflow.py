@@ -28,6 +28,8 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Row, and_, delete, func, insert, or_, select, update
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.queue.drivers import sql_groups as groups
@@ -49,6 +51,7 @@ __all__ = [
     "register_dependencies",
     "release_once",
     "set_marker",
+    "set_markers",
     "settle",
     "take_once",
     "waiting_for",
@@ -618,6 +621,46 @@ async def get_markers(conn: AsyncConnection, names: Sequence[str]) -> dict[str, 
 async def set_marker(conn: AsyncConnection, name: str, value: str, ttl: float) -> None:
     values = {"name": name, "value": value, "expires_at": t.now(ttl)}
     await t.upsert(conn, t.queue_markers, values)
+
+
+#: Rows per INSERT of `set_markers` (3 parameters each: far under SQLite's 32766), and the
+#: text per INSERT (values can be whole job records: a statement stays well under MariaDB's
+#: max_allowed_packet, 16 MiB by default).
+MARKER_ROWS = 500
+MARKER_CHARS = 1 << 20
+
+
+async def set_markers(conn: AsyncConnection, items: Sequence[tuple[str, str, float]]) -> None:
+    """`set_marker` for each item in multi-row upserts, on the caller's transaction.
+
+    A name given twice keeps its last item: one row per name per statement (a multi-row
+    upsert hitting one key twice is legal but its outcome is the dialect's business). Rows go
+    in name order, so two bulk writes over the same names lock them in the same order and
+    cannot deadlock each other."""
+    latest = {name: (value, ttl) for name, value, ttl in items}
+    batch: list[dict[str, Any]] = []
+    chars = 0
+    for name in sorted(latest):
+        value, ttl = latest[name]
+        if batch and (len(batch) >= MARKER_ROWS or chars + len(value) > MARKER_CHARS):
+            await _upsert_markers(conn, batch)
+            batch, chars = [], 0
+        batch.append({"name": name, "value": value, "expires_at": t.now(ttl)})
+        chars += len(name) + len(value)
+    if batch:
+        await _upsert_markers(conn, batch)
+
+
+async def _upsert_markers(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    if conn.dialect.name == "sqlite":
+        lite = sqlite_insert(t.queue_markers).values(rows)
+        fresh = {"value": lite.excluded.value, "expires_at": lite.excluded.expires_at}
+        await conn.execute(lite.on_conflict_do_update(index_elements=["name"], set_=fresh))
+    else:
+        my = mysql_insert(t.queue_markers).values(rows)
+        await conn.execute(
+            my.on_duplicate_key_update(value=my.inserted.value, expires_at=my.inserted.expires_at)
+        )
 
 
 #: The longest marker name the `queue_markers` key holds (its VARCHAR length).
