@@ -719,10 +719,10 @@ class AmqpDriver(Driver):
         return out
 
     def _held_counts(self) -> dict[str, int]:
-        """Deliveries held unacknowledged here (not parked), per queue."""
+        """Deliveries held unacknowledged here (not parked, channel alive), per queue."""
         held: dict[str, int] = {}
         for held_job in self._held.values():
-            if held_job.message is not None:
+            if held_job.message is not None and self._live(held_job.message):
                 held[held_job.job.queue] = held.get(held_job.job.queue, 0) + 1
         return held
 
