@@ -8,7 +8,8 @@ records), so a test that merely uses one to set up its case is exempt with that 
 
 AMQP_DEFECTS: a behaviour the driver should give and does not yet; the amqp run is a strict
 xfail (what goes wrong, in the reason), so the run fails once it is fixed and the entry must
-go. Each one is also written to helper A's requests (/work/notes/requests-B.md).
+go. AMQP_INTERMITTENT: the same for a defect seen in some runs only (a non-strict xfail).
+Each one is also written to helper A's requests (/work/notes/requests-B.md).
 
 Keys are test function names (parameters left off), or `<file name>::<function name>` where
 a name alone would be ambiguous. Applied in tests/conftest.py (pytest_collection_modifyitems)
@@ -316,10 +317,6 @@ def _merged(tables: list[dict[str, str]]) -> dict[str, str]:
 AMQP_EXEMPTIONS: dict[str, str] = _merged(_TABLES)
 
 AMQP_DEFECTS: dict[str, str] = {
-    "test_ttl_counts_from_the_due_time": (
-        "a job pushed with a 0.3 s delay is not handed out by a reserve 0.5 s later (reserve "
-        "gives []): the router only starts with the first reserve, which does not wait for it"
-    ),
     "test_ack_without_an_outcome_succeeds_kept_for_the_connection_default": (
         "a second driver's reserve gives [] for a job just pushed: the first driver, open and "
         "idle after its own reserve, keeps a consumer that takes the message into its inbox"
@@ -327,5 +324,14 @@ AMQP_DEFECTS: dict[str, str] = {
     "test_expired_reserve_hands_back_the_jobs_it_expired_besides_limit_runnable": (
         "reserve(limit=2) over 2 expired and 3 ready jobs gives no runnable job: the expired "
         "deliveries use up the prefetch room meant for `limit` runnable ones"
+    ),
+}
+
+#: Defects seen in some runs and not others: a non-strict xfail (a pass is no news), with
+#: how often it failed in the reason. Moved to AMQP_DEFECTS or removed once understood.
+AMQP_INTERMITTENT: dict[str, str] = {
+    "test_ttl_counts_from_the_due_time": (
+        "failed 1 of 5 runs: a job pushed with a 0.3 s delay is not handed out by a reserve "
+        "0.5 s later (reserve gives [])"
     ),
 }
