@@ -23,7 +23,7 @@ ROOT = HERE / ".venv"
 
 #: environment -> pip requirements ("-e <repo>" for Topiq)
 REQUIREMENTS: dict[str, tuple[str, ...]] = {
-    "topiq": ("-e", str(HERE.parent)),
+    "topiq": ("-e", f"{HERE.parent}[amqp]"),  # with aio-pika: the amqp rows (W1a, W2a, W4a)
     "routemq": ("routemq==0.25.0", "greenlet", "redis[hiredis]>=5.0.1"),
     "arq": ("arq==0.28.0", "hiredis"),
     "saq": ("saq[redis,hiredis]==0.26.4", "typing_extensions"),  # it imports it, undeclared
