@@ -134,3 +134,36 @@ async def test_the_example_answers_none_when_the_broker_is_down(
     [message] = [r.getMessage() for r in caplog.records if "not queued" in r.getMessage()]
     assert f"127.0.0.1:{port}" in message
     assert "secret" not in message
+
+
+#: Each reason of tests/amqp_exemptions.py, and the words of the guide's table row for it.
+DOCUMENTED = {
+    "PRIORITY": "`priority`",
+    "AT_FRONT": "`at_front=True`",
+    "REPLACE": '`on_duplicate="replace"`',
+    "REDELIVERY_ORDER": "order after a redelivery",
+    "GROUPS": "`group`",
+    "LIMITS": "rate and concurrency limits",
+    "MAX_LENGTH": "bounded queues",
+    "DEPENDENCIES": "`depends_on`",
+    "WORKFLOW_RECORDS": "chains, batches",
+    "BROWSE": "lists of waiting jobs",
+    "PAYLOAD": "a waiting job's payload",
+    "SAVE_PAYLOAD": "`save_payload`",
+    "DELAYED_COUNT": "delayed shows 0",
+    "CLEAR_DELAYED": "`queue:clear`",
+    "CANCEL_COUNT": "a cancelled waiting job",
+}
+
+
+def test_every_exemption_of_the_suite_is_a_row_of_the_guide() -> None:
+    """A reason the conformance suite gives for skipping a test on amqp is a behaviour the
+    guide's table tells users about: a new reason without its row fails here."""
+    from tests import amqp_exemptions
+
+    table = guide_section("rabbitmq.md", "differences")
+    reasons = set(amqp_exemptions.AMQP_EXEMPTIONS.values())
+    named = {getattr(amqp_exemptions, constant): words for constant, words in DOCUMENTED.items()}
+    assert reasons <= set(named), sorted(reasons - set(named))
+    for words in named.values():
+        assert words in table, words
