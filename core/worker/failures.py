@@ -148,7 +148,10 @@ class FailureRecorder:
         if self._store_down:
             logger.warning("the failed-job store answers again")
             self._store_down = False
-        del self.held[failure.reserved.id]
+        if self.held.get(failure.reserved.id) is failure:
+            # Else a later reservation of the same job (this one's lease lapsed while its
+            # record was written, and the job came back here) holds the place: its own.
+            del self.held[failure.reserved.id]
         self.counts.failed += 1
         reserved = failure.reserved
         reserved.outcome = failed_outcome(failure.exc, failure.failure_ttl, failure.job)
