@@ -37,7 +37,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -175,6 +175,8 @@ class AmqpDriver(Driver):
         self._router_on = False
         self._known: set[str] = set()
         self._buckets: set[int] = set()  # ladder buckets declared on this connection
+        self._router_backlog = 0  # messages waiting in the router when its consumer started
+        self._routed = 0  # router messages handled since
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -349,12 +351,22 @@ class AmqpDriver(Driver):
     async def _read(self, job_id: str) -> Record | None:
         return Record.loads(await self._store.get_marker(self._m("job", job_id)))
 
-    async def _write(self, record: Record, keep: float) -> None:
+    async def _read_many(self, ids: Sequence[str]) -> list[Record | None]:
+        """Records of `ids`, in one round trip of the store."""
+        raw = await self._store.get_markers([self._m("job", job_id) for job_id in ids])
+        return [Record.loads(value) for value in raw]
+
+    def _item(self, record: Record, keep: float) -> tuple[str, str, float]:
         name = self._m("job", record.id)
-        if keep <= 0:
-            await self._store.set_marker(name, "", 0.001)
-        else:
-            await self._store.set_marker(name, record.dumps(), keep)
+        return (name, "", 0.001) if keep <= 0 else (name, record.dumps(), keep)
+
+    async def _write(self, record: Record, keep: float) -> None:
+        await self._store.set_marker(*self._item(record, keep))
+
+    async def _write_many(self, writes: Sequence[tuple[Record, float]]) -> None:
+        """Records with their keep times, in one round trip of the store."""
+        if writes:
+            await self._store.set_markers([self._item(r, keep) for r, keep in writes])
 
     def _live_keep(self, record: Record) -> float:
         due = record.due_at or time.time()
@@ -449,7 +461,7 @@ class AmqpDriver(Driver):
         if not stored:
             return out
         await self._remember({job.queue for job, _ in stored})
-        await _bounded(self._write(r, self._live_keep(r)) for _, r in stored)
+        await self._write_many([(r, self._live_keep(r)) for _, r in stored])
         await _bounded(
             (
                 self._send(
@@ -598,6 +610,9 @@ class AmqpDriver(Driver):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+        result = router.declaration_result
+        self._router_backlog = min(result.message_count or 0, ROUTER_PREFETCH) if result else 0
+        self._routed = 0
         await router.consume(on_message)
         self._router_on = True
 
@@ -642,6 +657,9 @@ class AmqpDriver(Driver):
             logger.warning("routing a delayed job failed (%s); it will be routed again", exc)
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
+        finally:
+            self._routed += 1
+            self._wake()
 
     @staticmethod
     def _live(message: AbstractIncomingMessage) -> bool:
@@ -678,35 +696,65 @@ class AmqpDriver(Driver):
         if unasked:
             await self._stop_consumers(unasked)
         expect = await self._consume(queues, limit)
+        await self._await_router()
         if expect:
             # Consumers just started: let their first deliveries in, so that an earlier
             # queue's jobs are not passed over for a later one's that came in first.
-            deadline = time.monotonic() + DELIVERY_GRACE
-            while any(len(self._inbox[q]) < n for q, n in expect.items()) and (
-                (left := deadline - time.monotonic()) > 0
-            ):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), left)
-        if limit > 0 and (starved := self._starved(queues)):
-            # A round trip on the same connection: deliveries the broker sent before its
-            # answer have been read by then (frames keep their order); a few turns of the
-            # loop let them reach the inbox. Jobs still ready are on their way: wait for
-            # them, so that an earlier queue is never passed over for a later one.
-            ready = await self._ready_elsewhere(starved)
-            for _ in range(3):
-                await asyncio.sleep(0)
-            deadline = time.monotonic() + DELIVERY_GRACE
-            while (
-                ready
-                and not any(self._inbox[q] for q in ready)
-                and (left := deadline - time.monotonic()) > 0
-            ):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), left)
-        messages = self._take(queues, limit)
-        if not messages:
-            return []
-        return await self._start(messages, lease, worker)
+            await self._await_inbox(
+                lambda: all(len(self._inbox[q]) >= n for q, n in expect.items())
+            )
+        out: list[ReservedJob] = []
+        gone: list[ReservedJob] = []
+        # Jobs dropped (cancelled, expired) leave room: take again, up to `limit` runnable.
+        for _ in range(limit + 1):
+            want = limit - len(out)
+            if want <= 0:
+                break
+            await self._settle(queues)
+            messages = self._take(queues, want)
+            if not messages:
+                break
+            started, expired, dropped = await self._start(messages, lease, worker)
+            out += started
+            gone += expired
+            if not dropped:
+                break
+        return out + gone
+
+    async def _await_inbox(self, done: Callable[[], bool]) -> None:
+        """Wait (at most `DELIVERY_GRACE`) until `done()` says the deliveries on their way
+        are in."""
+        deadline = time.monotonic() + DELIVERY_GRACE
+        while not done() and (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), left)
+
+    async def _await_router(self) -> None:
+        """After the router's consumer started: let it route what was due already (a job due
+        before the first reserve is handed out by that reserve)."""
+        pending = self._router_backlog
+        if pending <= 0:
+            return
+        self._router_backlog = 0
+        deadline = time.monotonic() + DELIVERY_GRACE
+        while self._routed < pending and (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), left)
+
+    async def _settle(self, queues: Sequence[str]) -> None:
+        """Before taking: if the inbox of an earlier queue is empty while the broker holds
+        ready jobs for it, wait for their delivery (the order of `queues` is kept)."""
+        starved = self._starved(queues)
+        if not starved:
+            return
+        # A round trip on the same connection: deliveries the broker sent before its answer
+        # have been read by then (frames keep their order); a few turns of the loop let them
+        # reach the inbox. Jobs still ready are on their way: wait for them.
+        ready = await self._ready_elsewhere(starved)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if ready:
+            await self._await_inbox(lambda: any(self._inbox[q] for q in ready))
 
     def _take(self, queues: Sequence[str], limit: int) -> list[tuple[str, AbstractIncomingMessage]]:
         out: list[tuple[str, AbstractIncomingMessage]] = []
@@ -755,8 +803,9 @@ class AmqpDriver(Driver):
 
     async def _start(
         self, messages: list[tuple[str, AbstractIncomingMessage]], lease: float, worker: str
-    ) -> list[ReservedJob]:
-        records = await _bounded(self._read(m.message_id or "") for _, m in messages)
+    ) -> tuple[list[ReservedJob], list[ReservedJob], int]:
+        """Hand out `messages`: (runnable jobs, jobs expired here, how many were dropped)."""
+        records = await self._read_many([m.message_id or "" for _, m in messages])
         now, wall = time.monotonic(), time.time()
         out: list[ReservedJob] = []
         gone: list[ReservedJob] = []
@@ -812,7 +861,7 @@ class AmqpDriver(Driver):
             )
             started.append(record)
             out.append(reserved)
-        await _bounded(self._write(r, keep) for r, keep in writes)
+        await self._write_many(writes)
         await _bounded(self._release_claims(r, started=True) for r in started)
         for record in (r for r, _ in writes if r.status in ENDED):
             await self._release_claims(record)
@@ -824,7 +873,7 @@ class AmqpDriver(Driver):
             held = self._held.get((reserved.queue, reserved.id))
             if held is not None and self._needs_park(held, lease, now):
                 await self._park(held, lease)
-        return out + gone
+        return out, gone, len(drops)
 
     @staticmethod
     def _past_ttl(record: Record, wall: float) -> bool:
@@ -880,8 +929,8 @@ class AmqpDriver(Driver):
         now = time.monotonic()
         lapsed = [key for key, held in self._held.items() if held.lease_until <= now]
         for key in lapsed:
-            held = self._held.pop(key)
-            if held.message is None:
+            held = self._held.pop(key, None)  # acknowledged meanwhile: nothing to do
+            if held is None or held.message is None:
                 continue  # parked: its copy comes back by itself when the lease ends
             if not self._live(held.message):
                 continue
@@ -899,8 +948,11 @@ class AmqpDriver(Driver):
 
     def _needs_park(self, held: _Held, seconds: float, now: float) -> bool:
         if held.message is None:
-            # Parked already: renew once half of the lease asked for is gone.
-            return held.parked_until - now < seconds / 2
+            # Parked already: renew once half of the lease asked for is gone, or at once
+            # when the lease asked for ends earlier than the parked copy is due (a job's
+            # own timeout, shorter than the lease it was reserved with).
+            ends = now + seconds
+            return held.parked_until - now < seconds / 2 or ends < held.parked_until - 1.0
         return now + seconds > held.delivered + self._park_after
 
     async def _park(self, held: _Held, seconds: float) -> None:
@@ -961,7 +1013,7 @@ class AmqpDriver(Driver):
         if not done:
             return
         # The store has the outcome before the broker forgets the job.
-        await _bounded(self._write(h.record, keep) for h, keep in done)
+        await self._write_many([(h.record, keep) for h, keep in done])
         await self._count([(h.job.queue, h.record.status) for h, _ in done])
         for held, _ in done:
             await self._release_claims(held.record)
@@ -1099,7 +1151,7 @@ class AmqpDriver(Driver):
         return False
 
     async def cancel_requested(self, jobs: Sequence[ReservedJob]) -> list[str]:
-        records = await _bounded(self._read(job.id) for job in jobs)
+        records = await self._read_many([job.id for job in jobs])
         return [
             job.id
             for job, record in zip(jobs, records, strict=True)
@@ -1182,6 +1234,12 @@ class AmqpDriver(Driver):
 
     async def claim_marker(self, name: str, value: str, ttl: float) -> bool:
         return await self._store.claim_marker(self._m("m", name), value, ttl)
+
+    async def set_markers(self, items: Sequence[tuple[str, str, float]]) -> None:
+        await self._store.set_markers([(self._m("m", n), v, ttl) for n, v, ttl in items])
+
+    async def get_markers(self, names: Sequence[str]) -> list[str | None]:
+        return await self._store.get_markers([self._m("m", name) for name in names])
 
     def failed_store(self) -> FailedStore:
         return self._store.failed_store()

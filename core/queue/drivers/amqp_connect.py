@@ -11,7 +11,9 @@ Every broker object is a durable quorum queue whose name starts with `AMQP_PREFI
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import math
 import ssl
 from collections.abc import Iterator
@@ -40,6 +42,32 @@ LADDER = 32
 
 #: Seconds to wait for the broker to answer a connection attempt.
 CONNECT_TIMEOUT = 10.0
+
+logger = logging.getLogger("topiq.amqp")
+
+
+def _quiet_the_client() -> None:
+    """aiormq and aio-pika log a traceback (or several) for every lost connection and every
+    reconnection attempt: an outage Topiq reports in one line of its own (`_watch`). Their
+    loggers are quieted unless the application set their level itself."""
+    for name in ("aiormq", "aio_pika"):
+        client = logging.getLogger(name)
+        if client.level == logging.NOTSET:
+            client.setLevel(logging.CRITICAL)
+
+
+def _watch(conn: AbstractRobustConnection, shown: str) -> None:
+    """One line when the connection is lost, one when it is back."""
+
+    def lost(_sender: Any, exc: BaseException | None = None, *_: Any) -> None:
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):
+            logger.warning("RabbitMQ at %s lost (%s); reconnecting", shown, _describe(exc))
+
+    def back(_sender: Any, *_: Any) -> None:
+        logger.warning("RabbitMQ at %s reconnected", shown)
+
+    conn.close_callbacks.add(lost)
+    conn.reconnect_callbacks.add(back)
 
 
 class Names:
@@ -126,7 +154,9 @@ async def connect(settings: Settings) -> AbstractRobustConnection:
     if tls:
         kwargs["ssl_context"] = _tls_context(settings)
     try:
+        _quiet_the_client()
         conn: AbstractRobustConnection = await aio_pika.connect_robust(url, **kwargs)
+        _watch(conn, shown)
         return conn
     except aiormq.exceptions.ProbableAuthenticationError as exc:
         raise ConfigurationError(
