@@ -710,14 +710,14 @@ class AmqpDriver(Driver):
             want = limit - len(out)
             if want <= 0:
                 break
-            await self._settle(queues)
+            coming = await self._settle(queues)
             messages = self._take(queues, want)
             if not messages:
                 break
             started, expired, dropped = await self._start(messages, lease, worker)
             out += started
             gone += expired
-            if not dropped:
+            if not dropped and (len(messages) >= want or not coming):
                 break
         return out + gone
 
@@ -741,12 +741,13 @@ class AmqpDriver(Driver):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), left)
 
-    async def _settle(self, queues: Sequence[str]) -> None:
+    async def _settle(self, queues: Sequence[str]) -> bool:
         """Before taking: if the inbox of an earlier queue is empty while the broker holds
-        ready jobs for it, wait for their delivery (the order of `queues` is kept)."""
+        ready jobs for it, wait for their delivery (the order of `queues` is kept). Whether
+        jobs were found on their way."""
         starved = self._starved(queues)
         if not starved:
-            return
+            return False
         # A round trip on the same connection: deliveries the broker sent before its answer
         # have been read by then (frames keep their order); a few turns of the loop let them
         # reach the inbox. Jobs still ready are on their way: wait for them.
@@ -755,6 +756,7 @@ class AmqpDriver(Driver):
             await asyncio.sleep(0)
         if ready:
             await self._await_inbox(lambda: any(self._inbox[q] for q in ready))
+        return bool(ready)
 
     def _take(self, queues: Sequence[str], limit: int) -> list[tuple[str, AbstractIncomingMessage]]:
         out: list[tuple[str, AbstractIncomingMessage]] = []
