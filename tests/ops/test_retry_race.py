@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 import time
 from collections import Counter
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from core.queue.queue_manager import QueueManager
 from tests.conftest import Backend, _backend, reset_mysql
@@ -214,3 +216,27 @@ def test_two_retries_at_once_run_each_job_once(retry_backend: Backend, tmp_path:
     assert not twice, f"{len(twice)} of {jobs} jobs queued and run more than once"
     assert sorted(done) == sorted(ids)
     assert call(retry_backend, "failed") == []
+
+
+def test_a_retry_opens_a_sqlite_queue_while_another_writes(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Two retries at once on SQLite: the second opens the queue while the first holds the
+    write lock for its whole move (seconds, for many records on a loaded machine). Tables
+    already up to date are read, not migrated under the write lock: the second is not kept
+    waiting until `queue:retry` gives up on the connection ("no answer within 10s")."""
+    for backend in _backend("sqlite", request, tmp_path):
+        first = retry_all(backend)  # makes the tables
+        out, err = first.communicate(timeout=120)
+        assert first.returncode == 0, err
+        database = make_url(str(backend.overrides["db_url"])).database
+        assert database
+        writing = sqlite3.connect(database, isolation_level=None)
+        try:
+            writing.execute("BEGIN IMMEDIATE")  # another retry moving its records
+            second = retry_all(backend)
+            out, err = second.communicate(timeout=120)
+        finally:
+            writing.close()
+        assert second.returncode == 0, err
+        assert "No failed jobs to retry" in out

@@ -530,6 +530,9 @@ async def migrate(engine: AsyncEngine, *, convert_seed: bool = False) -> int:
     url = engine.url
     try:
         if engine.dialect.name == "sqlite":
+            current = await _sqlite_current(engine)
+            if current is not None:
+                return current
             async with _migration_lock(_sqlite_file(url)):
                 return await _sqlite_migrate(engine, convert_seed)
         async with engine.connect() as conn:
@@ -554,6 +557,26 @@ async def migrate(engine: AsyncEngine, *, convert_seed: bool = False) -> int:
         raise
     except (sa_exc.SQLAlchemyError, OSError) as exc:
         raise database_error(exc, "create or upgrade the queue tables", url) from exc
+
+
+async def _sqlite_current(engine: AsyncEngine) -> int | None:
+    """The version of tables that need nothing done, read without the write lock; else `None`.
+
+    Opening a SQLite queue whose tables are up to date is then a read, which WAL lets run
+    beside a writer: a command opened while a worker or another command holds the write lock
+    for long (a `queue:retry` of many records on a loaded machine) is not kept waiting for it.
+    """
+    async with engine.connect() as conn:
+
+        def read(sync: Connection) -> int | None:
+            if sql_seed.leftovers(sync):
+                return None  # RouteMQ's tables: the migration says what to do about them
+            if not sync.dialect.has_table(sync, t.queue_schema_version.name):
+                return None
+            found = int(sync.scalar(select(func.max(t.queue_schema_version.c.version))) or 0)
+            return found if found >= LATEST_VERSION else None
+
+        return await conn.run_sync(read)
 
 
 async def _sqlite_migrate(engine: AsyncEngine, convert_seed: bool) -> int:
