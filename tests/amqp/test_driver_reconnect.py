@@ -52,11 +52,10 @@ async def test_a_restart_loses_nothing_and_reserve_works_again(tmp_path: Path) -
             jobs = await reserve_until(driver, queue, 4, 60.0)
             await driver.ack([held])  # its delivery died with the connection: ignored
             got = {j.id: j.attempts for j in jobs}
-            assert sorted(got) == ["later", "r0", "r1", "r2"], got
-            assert (got["later"], got["r1"], got["r2"]) == (1, 1, 1), got
-            # The held job's try counts. A restore of the consumer while the node is still
-            # booting may hand it out and lose it once more: the broker counts that too.
-            assert got["r0"] in (2, 3), got
+            # The held job's try counts, once, whatever the broker counted (a consumer
+            # restored while the node boots may be handed it and lose it once more); jobs
+            # only prefetched never started: no try counted.
+            assert got == {"later": 1, "r0": 2, "r1": 1, "r2": 1}, got
             await driver.ack(jobs)
     finally:
         await asyncio.to_thread(rabbit.stop)

@@ -110,6 +110,8 @@ HOLD_MS = 250
 DELIVERY_GRACE = 0.5
 #: Seconds a parked lease's token is kept past the lease.
 PARK_KEEP = 86400.0
+#: Seconds ends counted here may wait before they are added to the store's history.
+COUNT_EVERY = 2.0
 #: Seconds a cancellation asked of a running job is kept in its record.
 DAY = 86400.0
 
@@ -126,6 +128,18 @@ class _Held:
     gen: str = ""  # the push the delivery came from (`GEN`)
     token: str = ""  # the parked copy's token
     parked_until: float = 0.0  # monotonic due time of the parked copy
+
+
+@dataclass(slots=True)
+class _Acks:
+    """The jobs a `reserve` acknowledges, and whether their outcomes are stored yet."""
+
+    items: list[tuple[_Held, float]]
+    stored: bool = False
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self.items) and not self.stored
 
 
 def _now_ms() -> int:
@@ -172,10 +186,14 @@ class AmqpDriver(Driver):
         self._held: dict[tuple[str, str], _Held] = {}
         self._arrived = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._acking: set[asyncio.Task[None]] = set()  # ack frames being written
         self._router_on = False
         self._known: set[str] = set()
         self._buckets: set[int] = set()  # ladder buckets declared on this connection
         self._router_backlog = 0  # messages waiting in the router when its consumer started
+        #: Ends counted here and not sent to the store yet: (queue, minute, field) -> n.
+        self._unsent: dict[tuple[str, int, str], int] = {}
+        self._sent_at = time.monotonic()
         self._routed = 0  # router messages handled since
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -221,10 +239,17 @@ class AmqpDriver(Driver):
             conn = self._conn
             if conn is None:
                 return
+            await asyncio.gather(*self._acking, return_exceptions=True)
             try:
                 await self._return_inbox()
             except Exception as exc:  # the broker is gone: it redelivers them itself
                 logger.debug("could not return prefetched jobs: %s", exc)
+            try:
+                await self._send_counts()
+            except Exception as exc:
+                logger.warning(
+                    "could not add %d end counts to the history: %s", len(self._unsent), exc
+                )
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -385,18 +410,32 @@ class AmqpDriver(Driver):
         if record.unique_key and record.unique_for <= 0:
             await self._free(self._m("key", record.queue, record.unique_key), record.id)
 
-    async def _count(self, ends: Sequence[tuple[str, Status]]) -> None:
-        """Count ends in the store's history (`recent`): one call."""
+    async def _count(self, ends: Sequence[tuple[str, Status]], *, now: bool = False) -> None:
+        """Count ends in the store's history (`recent`). Added up here and sent at most every
+        `COUNT_EVERY` seconds (a round trip per acknowledgement would halve a worker's
+        throughput): by the next ack, the heartbeat's sweep, a read of the counts, or close."""
         minute = int(time.time() // 60)
-        sums: dict[tuple[str, str], int] = {}
         for queue, status in ends:
             field = END_FIELDS.get(status)
             if field is not None:
-                sums[(queue, field)] = sums.get((queue, field), 0) + 1
-        if sums:
+                key = (queue, minute, field)
+                self._unsent[key] = self._unsent.get(key, 0) + 1
+        if now or time.monotonic() - self._sent_at >= COUNT_EVERY:
+            await self._send_counts()
+
+    async def _send_counts(self) -> None:
+        self._sent_at = time.monotonic()
+        if not self._unsent:
+            return
+        unsent, self._unsent = self._unsent, {}
+        try:
             await self._store.add_history(
-                [(ends_queue(self._prefix, q), minute, {f: n}) for (q, f), n in sums.items()]
+                [(ends_queue(self._prefix, q), m, {f: n}) for (q, m, f), n in unsent.items()]
             )
+        except BaseException:
+            for key, n in unsent.items():  # kept for the next try
+                self._unsent[key] = self._unsent.get(key, 0) + n
+            raise
 
     async def _remember(self, queues: set[str]) -> None:
         new = queues - self._known
@@ -689,8 +728,23 @@ class AmqpDriver(Driver):
         *,
         worker: str = "",
     ) -> list[ReservedJob]:
-        if ack:
-            await self.ack(ack)
+        # Acknowledged with the reservation's own record writes: one store round trip.
+        acks = _Acks(self._outcomes(ack) if ack else [])
+        try:
+            return await self._reserve(queues, limit, lease, worker, acks)
+        except BaseException:
+            if not acks.stored:
+                self._unended(acks.items)  # the caller sends them again
+            raise
+
+    async def _reserve(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        lease: float,
+        worker: str,
+        acks: _Acks,
+    ) -> list[ReservedJob]:
         await self._lapse_leases()
         unasked = [name for name in self._consumers if name not in queues]
         if unasked:
@@ -710,16 +764,32 @@ class AmqpDriver(Driver):
             want = limit - len(out)
             if want <= 0:
                 break
-            coming = await self._settle(queues)
+            # Jobs still to acknowledge hold prefetch room: nothing more comes until they
+            # are, so no waiting for deliveries before that.
+            if acks.waiting and self._starved(queues):
+                # An earlier queue may have jobs the broker sends only once these are
+                # acknowledged: acknowledge first, then look.
+                await self._flush_acks(acks)
+            coming = False if acks.waiting else await self._settle(queues)
             messages = self._take(queues, want)
             if not messages:
+                if acks.waiting:
+                    await self._flush_acks(acks)
+                    continue
                 break
-            started, expired, dropped = await self._start(messages, lease, worker)
+            started, expired, dropped = await self._start(messages, lease, worker, acks)
             out += started
             gone += expired
             if not dropped and (len(messages) >= want or not coming):
                 break
+        if acks.waiting:
+            await self._flush_acks(acks)
         return out + gone
+
+    async def _flush_acks(self, acks: _Acks) -> None:
+        await self._write_many([(h.record, keep) for h, keep in acks.items])
+        acks.stored = True
+        await self._acked(acks.items)
 
     async def _await_inbox(self, done: Callable[[], bool]) -> None:
         """Wait (at most `DELIVERY_GRACE`) until `done()` says the deliveries on their way
@@ -804,21 +874,33 @@ class AmqpDriver(Driver):
         return ready
 
     async def _start(
-        self, messages: list[tuple[str, AbstractIncomingMessage]], lease: float, worker: str
+        self,
+        messages: list[tuple[str, AbstractIncomingMessage]],
+        lease: float,
+        worker: str,
+        acks: _Acks,
     ) -> tuple[list[ReservedJob], list[ReservedJob], int]:
-        """Hand out `messages`: (runnable jobs, jobs expired here, how many were dropped)."""
+        """Hand out `messages`: (runnable jobs, jobs expired here, how many were dropped).
+        The outcomes of `acks` not stored yet are written with their records, then the
+        deliveries acknowledged."""
+        done = acks.items if acks.waiting else []
         records = await self._read_many([m.message_id or "" for _, m in messages])
         now, wall = time.monotonic(), time.time()
         out: list[ReservedJob] = []
         gone: list[ReservedJob] = []
-        writes: list[tuple[Record, float]] = []
+        writes: list[tuple[Record, float]] = [(h.record, keep) for h, keep in done]
         drops: list[AbstractIncomingMessage] = []
         ends: list[tuple[str, Status]] = []
         started: list[Record] = []
         for (queue, message), record in zip(messages, records, strict=True):
             job_id = message.message_id or ""
-            tries = self._tries(message)
-            attempts = tries + 1
+            attempts = self._tries(message) + 1
+            if record is not None and record.extra.get("gen", "") == message.headers.get(GEN, ""):
+                # The broker counts every delivery it took back, also one that was only
+                # prefetched and never started (a lost connection, a broker restart may even
+                # count one twice); the record counts the tries that started.
+                attempts = min(attempts, record.attempts + 1)
+            tries = attempts - 1
             if (
                 record is not None
                 and record.status in ENDED
@@ -864,13 +946,15 @@ class AmqpDriver(Driver):
             started.append(record)
             out.append(reserved)
         await self._write_many(writes)
+        if done:
+            acks.stored = True
+            await self._acked(done)
         await _bounded(self._release_claims(r, started=True) for r in started)
-        for record in (r for r, _ in writes if r.status in ENDED):
+        for record in (r for r, _ in writes[len(done) :] if r.status in ENDED):
             await self._release_claims(record)
         if ends:
             await self._count(ends)
-        for message in drops:
-            await self._ack_message(message)
+        await _bounded(self._ack_message(message) for message in drops)
         for reserved in out:
             held = self._held.get((reserved.queue, reserved.id))
             if held is not None and self._needs_park(held, lease, now):
@@ -1003,26 +1087,61 @@ class AmqpDriver(Driver):
         return held
 
     async def ack(self, jobs: Sequence[ReservedJob]) -> None:
+        done = self._outcomes(jobs)
+        if not done:
+            return
+        try:
+            # The store has the outcome before the broker forgets the job.
+            await self._write_many([(h.record, keep) for h, keep in done])
+        except BaseException:
+            self._unended(done)
+            raise
+        await self._acked(done)
+
+    def _outcomes(self, jobs: Sequence[ReservedJob]) -> list[tuple[_Held, float]]:
+        """The held jobs among `jobs`, taken out of `_held` with their records ended (not
+        written yet), and how long each record is kept."""
         wall = time.time()
         done: list[tuple[_Held, float]] = []
         for job in jobs:
             held = self._holding(job)
             if held is None:
                 continue
+            del self._held[(job.queue, job.id)]
             outcome = job.outcome or Outcome(Status.SUCCEEDED, self.settings.queue_result_ttl)
             self._ended(held.record, outcome, wall)
             done.append((held, outcome.keep))
-        if not done:
-            return
-        # The store has the outcome before the broker forgets the job.
-        await self._write_many([(h.record, keep) for h, keep in done])
-        await self._count([(h.job.queue, h.record.status) for h, _ in done])
+        return done
+
+    def _unended(self, done: list[tuple[_Held, float]]) -> None:
+        """Their outcomes could not be stored: held again, for the caller's next try."""
         for held, _ in done:
-            await self._release_claims(held.record)
-            await self._unpark(held)
-            if held.message is not None:
-                await self._ack_message(held.message)
-            self._held.pop((held.job.queue, held.job.id), None)
+            self._held[(held.job.queue, held.job.id)] = held
+
+    async def _acked(self, done: list[tuple[_Held, float]]) -> None:
+        """After their outcomes are stored: counted, ids and keys freed, parked leases
+        ended, deliveries acknowledged (the ack frames are written in the background: the
+        broker answers none, and one lost only means a redelivery, which the job's ended
+        record drops)."""
+        await self._count([(h.job.queue, h.record.status) for h, _ in done])
+        await _bounded(
+            self._finish(held)
+            for held, _ in done
+            if held.token or held.record.check_id or held.record.unique_key
+        )
+        messages = [held.message for held, _ in done if held.message is not None]
+        if messages:
+            task = asyncio.create_task(self._ack_all(messages), name="topiq-amqp-ack")
+            self._acking.add(task)
+            task.add_done_callback(self._acking.discard)
+
+    async def _finish(self, held: _Held) -> None:
+        await self._release_claims(held.record)
+        await self._unpark(held)
+
+    async def _ack_all(self, messages: list[AbstractIncomingMessage]) -> None:
+        for message in messages:
+            await self._ack_message(message)
 
     async def release(
         self, job: ReservedJob, delay: float = 0.0, *, refund: bool = False, error: str = ""
@@ -1161,6 +1280,7 @@ class AmqpDriver(Driver):
         ]
 
     async def recent(self, queue: str, window: float = 3600.0) -> RecentCounts:
+        await self._send_counts()
         minutes = max(1, math.ceil(window / 60) + 1)
         rows = await self._store.history(ends_queue(self._prefix, queue), minutes)
         first = math.floor((time.time() - window) / 60)
@@ -1207,6 +1327,7 @@ class AmqpDriver(Driver):
     async def history(self, queue: str, minutes: int = 60) -> list[MinuteCounts]:
         if isinstance(minutes, bool) or not isinstance(minutes, int) or minutes < 1:
             raise ValueError(f"minutes must be a whole number of at least 1, got {minutes!r}")
+        await self._send_counts()
         work, ends = await asyncio.gather(
             self._store.history(history_queue(self._prefix, queue), minutes),
             self._store.history(ends_queue(self._prefix, queue), minutes),
@@ -1284,6 +1405,7 @@ class AmqpDriver(Driver):
         than the broker's consumer_timeout allows are given back (the broker would close the
         channel, redelivering everything on it, running jobs included)."""
         await self._lapse_leases()
+        await self._send_counts()
         old = time.monotonic() - self._park_after
         for inbox in self._inbox.values():
             while inbox and inbox[0][0] < old:
@@ -1305,7 +1427,7 @@ class AmqpDriver(Driver):
 
 #: Store and broker calls one driver runs at once (a pool of connections is bounded: a bulk
 #: push of ten thousand jobs must not open ten thousand).
-CONCURRENCY = 32
+CONCURRENCY = 64
 
 _T = TypeVar("_T")
 
