@@ -4,6 +4,7 @@ for."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -87,3 +88,32 @@ async def test_pauses_are_kept_apart_from_the_stores_own_queues(tmp_path: Path) 
         assert await driver._store.paused([queue]) == set()
         await driver.resume(queue)
         assert await driver.paused([queue]) == set()
+
+
+async def test_clear_drops_the_delayed_jobs_of_its_queue_when_they_come_due(
+    tmp_path: Path,
+) -> None:
+    queue, other = new_queue(), new_queue()
+    async with opened(tmp_path) as driver:
+        await driver.push(
+            [
+                OutgoingJob("w1", queue, b"x"),
+                OutgoingJob("w2", queue, b"x"),
+                OutgoingJob("d1", queue, b"x", delay=0.6, unique_key="k"),
+                OutgoingJob("o1", other, b"x", delay=0.6),
+            ]
+        )
+        assert await driver.clear(queue) == 2  # the delayed one is not counted
+        await driver.push([OutgoingJob("after", queue, b"x", delay=0.6)])
+        deadline = time.monotonic() + 10
+        got: list[str] = []
+        while time.monotonic() < deadline and sorted(got) != ["after", "o1"]:
+            await driver.wait([queue, other], 0.5)
+            jobs = await driver.reserve([queue, other], 5, 30.0)
+            got += [j.id for j in jobs]
+            await driver.ack(jobs)
+        assert sorted(got) == ["after", "o1"]  # d1 was dropped, o1 of another queue was not
+        assert await driver.job_status("d1") is None
+        # Its unique key went with it.
+        pushed = await driver.push([OutgoingJob("d2", queue, b"x", unique_key="k")])
+        assert [p.outcome for p in pushed] == ["created"]

@@ -98,8 +98,11 @@ LEASE = "x-topiq-lease"
 #: One push of a job (a random token): its record names it, so that the end of an earlier
 #: push of the same id (a late ack, a cancel) never drops a newer push's message.
 GEN = "x-topiq-gen"
+#: When the job was last put in line (epoch ms): a `clear` drops what was waiting before it,
+#: the delayed jobs in the ladder included, when they are delivered.
+SENT = "x-topiq-sent"
 #: Headers a copy of a message carries on (besides its tries, due time and queue).
-CARRIED = (LEASE, GEN)
+CARRIED = (LEASE, GEN, SENT)
 #: How many router messages one driver handles at once.
 ROUTER_PREFETCH = 256
 #: Milliseconds the router holds a message due this soon (unacknowledged: a crash loses
@@ -140,6 +143,13 @@ class _Acks:
     @property
     def waiting(self) -> bool:
         return bool(self.items) and not self.stored
+
+
+def _int(text: str | None) -> int:
+    try:
+        return int(text) if text else 0
+    except ValueError:
+        return 0
 
 
 def _now_ms() -> int:
@@ -354,6 +364,7 @@ class AmqpDriver(Driver):
         headers: dict[str, Any] = {TRIES: tries, DUE: due_ms, QUEUE: queue}
         if extra:
             headers.update(extra)
+        headers.setdefault(SENT, _now_ms())
         await self._work_queue(queue)  # the router publishes to it: it must exist
         remaining = due_ms - _now_ms()
         if remaining > 0 or LEASE in headers:
@@ -685,6 +696,7 @@ class AmqpDriver(Driver):
                     await message.ack()
                     return
                 headers.pop(LEASE, None)
+                headers[SENT] = _now_ms()  # back in line now (it was running, not waiting)
             headers[TRIES] = _header_int(headers, TRIES)
             await self._work_queue(queue)
             await self._publish(self._names.work(queue), message.body, message, headers)
@@ -884,7 +896,14 @@ class AmqpDriver(Driver):
         The outcomes of `acks` not stored yet are written with their records, then the
         deliveries acknowledged."""
         done = acks.items if acks.waiting else []
-        records = await self._read_many([m.message_id or "" for _, m in messages])
+        # The records and the queues' last clears, in one round trip.
+        names = sorted({queue for queue, _ in messages})
+        raw = await self._store.get_markers(
+            [self._m("job", m.message_id or "") for _, m in messages]
+            + [self._m("cleared", name) for name in names]
+        )
+        records = [Record.loads(value) for value in raw[: len(messages)]]
+        cleared = {n: _int(v) for n, v in zip(names, raw[len(messages) :], strict=True) if v}
         now, wall = time.monotonic(), time.time()
         out: list[ReservedJob] = []
         gone: list[ReservedJob] = []
@@ -901,12 +920,18 @@ class AmqpDriver(Driver):
                 # count one twice); the record counts the tries that started.
                 attempts = min(attempts, record.attempts + 1)
             tries = attempts - 1
-            if (
-                record is not None
-                and record.status in ENDED
-                and record.extra.get("gen", "") == message.headers.get(GEN, "")
-            ):
+            same = record is not None and record.extra.get("gen", "") == message.headers.get(
+                GEN, ""
+            )
+            if record is not None and same and record.status in ENDED:
                 drops.append(message)  # cancelled while waiting, or a late redelivery
+                continue
+            sent = _header_int(message.headers, SENT)
+            if sent and sent < cleared.get(queue, 0):
+                drops.append(message)  # waiting when its queue was cleared
+                if record is not None and same:
+                    record.status = Status.CANCELLED  # its id and key are freed below
+                    writes.append((record, 0.0))  # a cleared job's record goes with it
                 continue
             if (
                 record is not None
@@ -1223,6 +1248,8 @@ class AmqpDriver(Driver):
         with translated(self.settings, f"purging the queue of {queue!r}"):
             result = await declared.purge()
         count = int(getattr(result, "message_count", 0) or 0)
+        # Delayed jobs are in the ladder, among every queue's: dropped when delivered.
+        await self._store.set_marker(self._m("cleared", queue), str(_now_ms()), LIVE_TTL)
         inbox = self._inbox.get(queue)
         while inbox:
             if await self._ack_message(inbox.popleft()[1]):
