@@ -130,6 +130,8 @@ class _Held:
     lease_until: float  # monotonic
     gen: str = ""  # the push the delivery came from (`GEN`)
     token: str = ""  # the parked copy's token
+    parking: bool = False  # a `_park` is under way
+    requeued: bool = False  # `release` has sent its copy
     parked_until: float = 0.0  # monotonic due time of the parked copy
 
 
@@ -1068,22 +1070,36 @@ class AmqpDriver(Driver):
 
     async def _park(self, held: _Held, seconds: float) -> None:
         """Hold the job by a copy in the ladder due at the lease's end, not by the delivery."""
-        token = os.urandom(8).hex()
-        job = held.job
-        await self._store.set_marker(self._m("lease", job.id), token, seconds + PARK_KEEP)
-        await self._send(
-            job.queue,
-            job.id,
-            job.payload,
-            job.attempts,
-            _now_ms() + int(seconds * 1000),
-            {LEASE: token, GEN: held.gen},
-        )
-        if held.message is not None:
-            await self._ack_message(held.message)
-            held.message = None
-        held.token = token
-        held.parked_until = time.monotonic() + seconds
+        if held.parking:
+            return  # a park of this job is under way (an extend beside the heartbeat's)
+        held.parking = True
+        try:
+            token = os.urandom(8).hex()
+            job = held.job
+            lease = self._m("lease", job.id)
+            await self._store.set_marker(lease, token, seconds + PARK_KEEP)
+            await self._send(
+                job.queue,
+                job.id,
+                job.payload,
+                job.attempts,
+                _now_ms() + int(seconds * 1000),
+                {LEASE: token, GEN: held.gen},
+            )
+            if self._held.get((job.queue, job.id)) is not held:
+                # It ended (acked or released) meanwhile, and that acknowledged its
+                # delivery: this copy must never run.
+                await self._store.set_marker(lease, "done", PARK_KEEP)
+                return
+            # Taken before the ack is awaited: an ack of the job meanwhile finds no delivery
+            # to acknowledge a second time (which would close the channel).
+            message, held.message = held.message, None
+            held.token = token
+            held.parked_until = time.monotonic() + seconds
+            if message is not None:
+                await self._ack_message(message)
+        finally:
+            held.parking = False
 
     async def _unpark(self, held: _Held) -> None:
         if held.message is None and held.token:
@@ -1174,9 +1190,22 @@ class AmqpDriver(Driver):
         held = self._holding(job)
         if held is None:
             return
+        key = (job.queue, job.id)
+        del self._held[key]  # no park, extend or lapse of it from here on
         if held.message is not None and not self._live(held.message):
-            self._held.pop((job.queue, job.id), None)
             return  # the broker gave it out again already
+        try:
+            await self._requeue(held, job, delay, refund, error)
+        except BaseException:
+            if not held.requeued:  # no copy went out: still held, the caller may try again
+                self._held.setdefault(key, held)
+            raise
+
+    async def _requeue(
+        self, held: _Held, job: ReservedJob, delay: float, refund: bool, error: str
+    ) -> None:
+        """The copy of a released job, then the ack of its delivery (`held.requeued` once
+        the copy is out: an error after that must not lead to a second one)."""
         delay = max(delay, 0.0)
         wall = time.time()
         record = held.record
@@ -1192,10 +1221,12 @@ class AmqpDriver(Driver):
         await self._send(
             job.queue, job.id, job.payload, tries, int((wall + delay) * 1000), {GEN: held.gen}
         )
-        await self._unpark(held)
-        if held.message is not None:
-            await self._ack_message(held.message)
-        self._held.pop((job.queue, job.id), None)
+        held.requeued = True
+        try:
+            await self._unpark(held)
+        finally:
+            if held.message is not None:
+                await self._ack_message(held.message)
 
     async def extend(self, leases: Sequence[tuple[ReservedJob, float]]) -> None:
         now = time.monotonic()
