@@ -2,9 +2,11 @@
 
 AMQP_EXEMPTIONS: a behaviour RabbitMQ 3.10 quorum queues, or the amqp design built on them
 (docs/rabbitmq.md), cannot give; the amqp run is skipped with the reason. A reason says what
-the broker or the design lacks, never "fails for now". Most are features the driver refuses
-at push with a DriverError naming them (groups, limits, max_length, depends_on, workflow
-records), so a test that merely uses one to set up its case is exempt with that reason too.
+the broker or the design lacks, never "fails for now" (or, "not applicable:", why the test
+checks something the amqp connection does not have, such as another driver's raw storage).
+Most are features the driver refuses at push with a DriverError naming them (groups, limits,
+max_length, depends_on, workflow records), so a test that merely uses one to set up its case
+is exempt with that reason too.
 
 AMQP_DEFECTS: a behaviour the driver should give and does not yet; the amqp run is a strict
 xfail (what goes wrong, in the reason), so the run fails once it is fixed and the entry must
@@ -75,6 +77,15 @@ DELAYED_COUNT = (
 CLEAR_DELAYED = (
     "clear purges the queue's own work queue; its delayed jobs wait in the shared delay "
     "ladder, which cannot be purged per queue"
+)
+RESERVED_COUNT = (
+    "per-queue reserved count: AMQP tells a queue's ready messages only; the deliveries other "
+    "processes' consumers hold unacknowledged are counted by no broker call of the driver "
+    "(stats.reserved counts this process's own)"
+)
+PRUNE = (
+    "prune: records are markers in the store that expire at their keep time by themselves "
+    "(as Redis keys do) and are not indexed by when they ended, so prune deletes none"
 )
 CANCEL_COUNT = (
     "a cancelled waiting job's message stays in its quorum queue until it is delivered (and "
@@ -301,6 +312,55 @@ _TABLES: list[dict[str, str]] = [
     _each(DELAYED_COUNT, "test_bulk_keeps_order_and_size_counts_every_job"),
     _each(CLEAR_DELAYED, "test_clear_removes_waiting_jobs"),
     _each(CANCEL_COUNT, "test_cancel_removes_a_waiting_job"),
+    # -- the worker-process tests (server_backend) --
+    _each(
+        GROUPS,
+        "test_a_worker_killed_mid_job_frees_its_group_in_order_and_never_two_at_once",
+        "test_retries_with_delays_keep_each_groups_order_under_two_worker_processes",
+        # The app's device routes dispatch with a group per device (app/routes.py).
+        "test_each_device_s_readings_run_one_at_a_time_in_order_under_4_workers",
+        "test_a_device_with_10000_waiting_jobs_does_not_hold_up_another_s_one_job",
+        "test_1000_readings_arriving_while_the_device_s_job_runs_end_in_one_more_run",
+    ),
+    _each(MAX_LENGTH, "test_the_bound_is_exact_under_pushes_from_four_processes"),
+    _each(
+        PAYLOAD,
+        # These rewrite a waiting job's payload, or show the description and meta a waiting
+        # job's payload carries (queue:job), through job_payload.
+        "test_a_worker_process_runs_enqueued_functions_and_refuses_a_hostile_payload",
+        "test_a_path_no_worker_can_import_ends_failed_not_lost_nor_retried_for_ever",
+        "test_job_shows_description_and_meta_on_a_server_backend",
+        "test_job_shows_what_a_dispatch_and_a_worker_wrote",
+        "test_job_shows_what_rq_enqueue_was_given",
+    ),
+    _each(
+        BROWSE,
+        # RQ's Queue.job_ids lists the waiting jobs through browse.
+        "test_two_senders_enqueueing_the_same_job_id_at_once_store_it_once",
+        "test_job_ids_of_ten_thousand_jobs_is_paged_not_one_trip_per_job",
+    ),
+    _each(DELAYED_COUNT, "test_dispatch_from_a_plain_script"),
+    _each(
+        RESERVED_COUNT,
+        "test_a_pause_reaches_a_busy_worker_within_about_a_second",
+        "test_sigkill_of_a_worker_while_its_queue_is_paused_loses_nothing",
+        "test_pause_two_prefetching_workers_kill_one_resume_nothing_lost",
+    ),
+    _each(
+        PRUNE,
+        "test_prune_deletes_records_past_their_keep_time",
+        "test_prune_older_than_on_a_server_backend",
+    ),
+    _each(
+        "not applicable: the test counts the SQL statements of the database driver's engine "
+        "(it skips Redis the same way); the amqp connection has none",
+        "test_enqueue_many_with_job_ids_on_sql_is_not_a_statement_per_job",
+    ),
+    _each(
+        "not applicable: the test reads the worker registry's raw storage for the redis and "
+        "database connections only; the amqp connection's registry is its store's",
+        "test_a_killed_worker_leaves_the_registry_when_its_heartbeat_expires",
+    ),
 ]
 
 
