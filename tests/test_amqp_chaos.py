@@ -178,6 +178,10 @@ def test_rabbitmq_restarted_under_load_loses_no_dispatched_job(
         assert figures["errors"] == [], figures
         for d in dispatchers:  # each ran to its stop file: no exception escaped a dispatch
             assert d.proc.returncode == 0 and d.events("stopped"), d.output()[-3000:]
+            # The outage is told in a line per loss and reconnection, not library tracebacks.
+            assert "Traceback" not in d.output(), d.output()[-3000:]
+        for proc in procs:
+            assert "upkeep failed" not in proc.output, proc.output[-3000:]
         # Refused while down, with an error naming the broker (its password redacted).
         assert refused, figures
         where = f"127.0.0.1:{rabbit.port}"
