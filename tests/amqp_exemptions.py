@@ -332,12 +332,28 @@ _TABLES: list[dict[str, str]] = [
         "test_job_shows_description_and_meta_on_a_server_backend",
         "test_job_shows_what_a_dispatch_and_a_worker_wrote",
         "test_job_shows_what_rq_enqueue_was_given",
+        "test_queue_job_of_a_huge_meta_answers_and_json_keeps_it_whole",
     ),
     _each(
         BROWSE,
         # RQ's Queue.job_ids lists the waiting jobs through browse.
         "test_two_senders_enqueueing_the_same_job_id_at_once_store_it_once",
         "test_job_ids_of_ten_thousand_jobs_is_paged_not_one_trip_per_job",
+    ),
+    _each(
+        SAVE_PAYLOAD,
+        # Multi-step jobs (core/steps.py) save their workspace and next step with save_payload
+        # after each step; on amqp every save is refused and the try stops.
+        "test_kill_9_right_after_a_step_ends_resumes_without_losing_or_skipping_a_step",
+        "test_kill_9_in_the_post_hook_after_a_checkpoint_does_not_rerun_the_step",
+        "test_kill_9_in_the_success_callback_reruns_the_callback_not_the_steps",
+        "test_sigterm_in_a_step_returns_the_job_with_its_workspace_and_its_try",
+        "test_a_workspace_that_is_not_json_names_it_and_the_job_is_kept",
+        "test_the_post_hook_runs_for_a_step_whose_checkpoint_failed",
+        "test_a_frozen_worker_whose_lease_lapsed_cannot_write_over_the_new_owner",
+        "test_two_workers_with_concurrency_4_run_every_step_exactly_once",
+        "test_a_step_job_killed_after_a_checkpoint_resumes_at_the_next_step",
+        "test_a_failing_step_retried_by_a_worker_process_resumes_at_that_step",
     ),
     _each(DELAYED_COUNT, "test_dispatch_from_a_plain_script"),
     _each(
