@@ -83,6 +83,10 @@ RESERVED_COUNT = (
     "processes' consumers hold unacknowledged are counted by no broker call of the driver "
     "(stats.reserved counts this process's own)"
 )
+DEATH_REDELIVERY = (
+    "a dead worker's deliveries all come back the moment its connection closes, the job it "
+    "was running included (ahead of its prefetched ones), not each when its lease would lapse"
+)
 PRUNE = (
     "prune: records are markers in the store that expire at their keep time by themselves "
     "(as Redis keys do) and are not indexed by when they ended, so prune deletes none"
@@ -323,6 +327,9 @@ _TABLES: list[dict[str, str]] = [
         "test_1000_readings_arriving_while_the_device_s_job_runs_end_in_one_more_run",
     ),
     _each(MAX_LENGTH, "test_the_bound_is_exact_under_pushes_from_four_processes"),
+    # Its third round pushes a unique key with on_duplicate="replace".
+    _each(REPLACE, "test_one_job_per_id_and_per_key_under_four_dispatchers"),
+    _each(DEATH_REDELIVERY, "test_a_prefetched_job_of_a_dead_worker_comes_back_quickly"),
     _each(
         PAYLOAD,
         # These rewrite a waiting job's payload, or show the description and meta a waiting
@@ -371,6 +378,13 @@ _TABLES: list[dict[str, str]] = [
         "not applicable: the test counts the SQL statements of the database driver's engine "
         "(it skips Redis the same way); the amqp connection has none",
         "test_enqueue_many_with_job_ids_on_sql_is_not_a_statement_per_job",
+    ),
+    _each(
+        "not applicable: the releases before #12-#14 have no amqp connection (their "
+        "QUEUE_CONNECTION refuses it), so nothing of theirs can be read or run on one",
+        "test_new_release_reads_the_old_releases_waiting_jobs",
+        "test_new_worker_runs_what_the_old_release_left",
+        "test_old_and_new_side_by_side_on_one_queue",
     ),
     _each(
         "not applicable: the test reads the worker registry's raw storage for the redis and "
