@@ -331,6 +331,16 @@ _TABLES: list[dict[str, str]] = [
     _each(REPLACE, "test_one_job_per_id_and_per_key_under_four_dispatchers"),
     _each(DEATH_REDELIVERY, "test_a_prefetched_job_of_a_dead_worker_comes_back_quickly"),
     _each(
+        LIMITS,
+        "test_rate_limit_5_per_second_holds_across_3_workers",
+        "test_concurrency_limit_2_holds_across_3_workers",
+    ),
+    _each(
+        DEPENDENCIES,
+        "test_a_dependent_of_two_jobs_ending_together_on_two_workers_runs_once",
+        "test_a_chain_survives_its_worker_killed_mid_member",
+    ),
+    _each(
         PAYLOAD,
         # These rewrite a waiting job's payload, or show the description and meta a waiting
         # job's payload carries (queue:job), through job_payload.
