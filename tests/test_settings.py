@@ -81,8 +81,8 @@ def test_environment_wins_over_env_file(tmp_path: Path, monkeypatch: pytest.Monk
         (
             "QUEUE_CONNECTION",
             "rabbit",
-            "QUEUE_CONNECTION: must be one of 'redis', 'database', 'memory' or 'sync' "
-            "(got 'rabbit')",
+            "QUEUE_CONNECTION: must be one of 'redis', 'database', 'memory', 'sync' or "
+            "'amqp' (got 'rabbit')",
         ),
         ("REDIS_PORT", "six", "REDIS_PORT: Input should be a valid integer"),
         ("DB_PORT", "70000", "DB_PORT: Input should be less than or equal to 65535"),
