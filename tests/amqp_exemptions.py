@@ -75,8 +75,9 @@ DELAYED_COUNT = (
     "cannot count per queue (stats.delayed is 0)"
 )
 CLEAR_DELAYED = (
-    "clear purges the queue's own work queue; its delayed jobs wait in the shared delay "
-    "ladder, which cannot be purged per queue"
+    "clear purges the queue's own work queue at once; its delayed jobs wait in the shared delay "
+    "ladder, which cannot be purged per queue (they are dropped when they come due), so clear "
+    "cannot count them"
 )
 RESERVED_COUNT = (
     "per-queue reserved count: AMQP tells a queue's ready messages only; the deliveries other "
@@ -421,17 +422,8 @@ AMQP_DEFECTS: dict[str, str] = {
         "a second driver's reserve gives [] for a job just pushed: the first driver, open and "
         "idle after its own reserve, keeps a consumer that takes the message into its inbox"
     ),
-    "test_expired_reserve_hands_back_the_jobs_it_expired_besides_limit_runnable": (
-        "reserve(limit=2) over 2 expired and 3 ready jobs gives no runnable job: the expired "
-        "deliveries use up the prefetch room meant for `limit` runnable ones"
-    ),
 }
 
 #: Defects seen in some runs and not others: a non-strict xfail (a pass is no news), with
 #: how often it failed in the reason. Moved to AMQP_DEFECTS or removed once understood.
-AMQP_INTERMITTENT: dict[str, str] = {
-    "test_ttl_counts_from_the_due_time": (
-        "failed 1 of 5 runs: a job pushed with a 0.3 s delay is not handed out by a reserve "
-        "0.5 s later (reserve gives [])"
-    ),
-}
+AMQP_INTERMITTENT: dict[str, str] = {}
