@@ -26,6 +26,16 @@ taken, the failed store, workers, pauses, history.
   the store keeps as `<P>:lease:<id>`, and the delivery is acked. The job's end writes
   "done"; a copy coming back whose token still matches (the worker died) is the next try, one
   whose token does not is dropped.
+* Tries are also counted by the record (the tries that started): a delivery only prefetched
+  when its connection went costs none, whatever the broker counted.
+* Each push has a generation (`x-topiq-gen`, kept in the record): a message whose record
+  ended in the same generation (cancelled while waiting, expired, or a late redelivery) is
+  dropped when delivered; a newer push of the same id is not.
+* `clear` purges the work queue and records the time: a delayed job of the queue put in line
+  before it (`x-topiq-sent`) is dropped when it comes due.
+* Prefetched deliveries never handed out go back as copies (tries unchanged) when their queue
+  is no longer asked for, on close, and when unattended past half the consumer_timeout.
+* Ends are counted in the store's history under a shadow queue, sent at most every 2 s.
 """
 
 from __future__ import annotations
