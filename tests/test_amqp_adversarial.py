@@ -237,8 +237,10 @@ async def test_a_refused_dispatch_leaves_no_record_and_no_key(env: Env) -> None:
         assert again.id == "long2"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def own_broker() -> Iterator[PrivateRabbit]:
+    """A node of the test's own (stopped and started by it; a node stopped and started by one
+    test was seen refusing the next test's connections, so none is shared)."""
     rabbit = start_rabbitmq()
     if rabbit is None:
         pytest.skip("rabbitmq-server is not installed")
@@ -448,3 +450,23 @@ async def test_a_crash_between_the_retry_copy_and_the_ack_loses_nothing(env: Env
     got = await _crash_in_release(env)
     # Not lost, and not run twice: the redelivered original and the copy end as one try 2.
     assert [(j.id, j.attempts) for j in got] == [("R", 2)]
+
+
+@pytest.mark.timeout(240)
+async def test_a_parked_job_whose_worker_died_survives_a_broker_restart(
+    own_broker: PrivateRabbit, tmp_path: Path
+) -> None:
+    """AMQP_CONSUMER_TIMEOUT 2 s: the reservation is parked (a copy in the ladder, the
+    delivery acked); the worker dies, the broker restarts; the parked copy still comes back
+    after the lease as the job's second try."""
+    made = Env(own_broker.url, tmp_path)
+    async with made.driver(amqp_consumer_timeout=2.0) as first:
+        await first.push([OutgoingJob("P", made.queue, b"x")])
+        assert len(await take(first, made.queue, 1, 10, lease=3.0)) == 1
+        assert first._held[(made.queue, "P")].message is None  # parked
+        first._held.clear()  # dies: nothing acked, nothing released
+    await asyncio.to_thread(own_broker.restart)
+    async with made.driver(amqp_consumer_timeout=2.0) as second:
+        again = await take(second, made.queue, 1, 30, lease=1.0)
+        assert [(j.id, j.attempts) for j in again] == [("P", 2)]
+        await second.ack(again)
