@@ -178,6 +178,20 @@ def _header_int(headers: Mapping[str, Any], name: str) -> int:
     return value
 
 
+# More tries than any real job makes: a header past it was not written by Topiq.
+MAX_TRIES_HEADER = 10**6
+
+
+def _count_header(headers: Mapping[str, Any], name: str) -> int:
+    """A count another publisher may have set: negative or absurd values would let a job run
+    past its max_tries (or forever), so they count as 0."""
+    value = _header_int(headers, name)
+    if 0 <= value <= MAX_TRIES_HEADER:
+        return value
+    logger.warning("ignoring the header %s=%r of a delivery (not a count of tries)", name, value)
+    return 0
+
+
 class AmqpDriver(Driver):
     """RabbitMQ (quorum queues) with a companion store; see the module docstring."""
 
@@ -739,7 +753,7 @@ class AmqpDriver(Driver):
         """Tries this delivery's job used before it: its own count plus the broker's
         redeliveries (each one a try that was lost)."""
         headers = message.headers
-        return _header_int(headers, TRIES) + _header_int(headers, "x-delivery-count")
+        return _count_header(headers, TRIES) + _count_header(headers, "x-delivery-count")
 
     # -- reserve -------------------------------------------------------------------------
 
