@@ -341,13 +341,6 @@ async def test_a_cancelled_delayed_job_is_dropped_not_run(env: Env) -> None:
         assert status is not None and status.status is Status.CANCELLED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cancel a waiting job, then dispatch the same id again (check_id: the id is free "
-    "once ended): the new push gets a new gen, so the cancelled message no longer matches the "
-    "record's gen and _start runs it as the new job: the cancelled payload runs, and the job "
-    "runs twice (amqp.py _start: a gen mismatch is treated as runnable, not stale)",
-)
 async def test_a_cancelled_then_redispatched_id_runs_once_with_the_new_payload(env: Env) -> None:
     async with env.driver() as driver:
         await driver.push([OutgoingJob("X", env.queue, b"old", check_id=True)])

@@ -749,6 +749,15 @@ class AmqpDriver(Driver):
         return True
 
     @staticmethod
+    def _stale(message: AbstractIncomingMessage, record: Record) -> bool:
+        """Whether a delivery whose push generation is not its record's belongs to an earlier
+        push of the id (cancelled, then dispatched again): the record is the newer push's.
+        A message without a generation (another publisher's) only yields to a live job."""
+        if GEN in message.headers:
+            return True
+        return record.status in WAITING or record.status is Status.RUNNING
+
+    @staticmethod
     def _tries(message: AbstractIncomingMessage) -> int:
         """Tries this delivery's job used before it: its own count plus the broker's
         redeliveries (each one a try that was lost)."""
@@ -951,6 +960,19 @@ class AmqpDriver(Driver):
             )
             if record is not None and same and record.status in ENDED:
                 drops.append(message)  # cancelled while waiting, or a late redelivery
+                continue
+            if record is not None and not same and self._stale(message, record):
+                drops.append(message)  # an earlier push of a re-dispatched id
+                continue
+            held_now = self._held.get((queue, job_id))
+            if (
+                job_id
+                and held_now is not None
+                and held_now.message is not None
+                and held_now.gen == str(message.headers.get(GEN, ""))
+                and self._live(held_now.message)
+            ):
+                drops.append(message)  # a second copy of a delivery this driver runs
                 continue
             sent = _header_int(message.headers, SENT)
             if sent and sent < cleared.get(queue, 0):
