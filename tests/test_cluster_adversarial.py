@@ -719,18 +719,16 @@ async def test_a_wait_on_many_queues_wakes_on_a_push_to_any(
     driver: RedisDriver, count: int
 ) -> None:
     """A worker of `count` queues (about as many slots): the wait blocks, a push to the last
-    queue wakes it within a second; a second wait, after, still wakes on a push."""
+    queue wakes it (within 5 s of a 20 s wait: woken by the push, not by its timeout); a
+    second wait, after, still wakes on a push. How fast is bench/'s question, not this one's."""
     base = f"m{uuid.uuid4().hex[:6]}"
     queues = [f"{base}-{n}" for n in range(count)]
     for target in (queues[-1], queues[7]):
         waiter = asyncio.ensure_future(driver.wait(queues, 20))
         await asyncio.sleep(1.0)  # the BLPOPs are sent (no event tells when they block)
         assert not waiter.done()
-        pushed_at = time.monotonic()
         await driver.push([job(f"j-{target}", target)])
         await asyncio.wait_for(waiter, 5)
-        woke = time.monotonic() - pushed_at
-        assert woke < 1.0, woke
         [held] = await driver.reserve([target], 1, lease=30)
         assert held.id == f"j-{target}"
         held.outcome = Outcome(Status.SUCCEEDED, 60)
