@@ -341,9 +341,10 @@ class AmqpDriver(Driver):
         declared = self._declared.get(queue)
         if declared is None:
             channel = self._channel(self._pub)
+            name = self._names.checked_work(queue)
             with translated(self.settings, f"declaring the queue of {queue!r}"):
                 declared = await channel.declare_queue(
-                    self._names.work(queue), durable=True, arguments=work_arguments()
+                    name, durable=True, arguments=work_arguments()
                 )
             self._declared[queue] = declared
         return declared
@@ -499,6 +500,7 @@ class AmqpDriver(Driver):
         self._channel(self._pub)
         for job in jobs:
             _refuse_unsupported(job)
+            self._names.checked_work(job.queue)
         out: list[Pushed] = []
         stored: list[tuple[OutgoingJob, Record]] = []
         wall = time.time()
@@ -536,11 +538,19 @@ class AmqpDriver(Driver):
             out.append(Pushed(job.id))
         if not stored:
             return out
-        await self._remember({job.queue for job, _ in stored})
-        await self._write_many([(r, self._live_keep(r)) for _, r in stored])
-        await _bounded(
-            (
-                self._send(
+        try:
+            await self._remember({job.queue for job, _ in stored})
+            await self._write_many([(r, self._live_keep(r)) for _, r in stored])
+        except BaseException:
+            await self._undo(stored)
+            raise
+        failed: list[BaseException] = []
+
+        async def send(job: OutgoingJob, record: Record) -> bool:
+            if failed:
+                return False  # one failed (the broker is down, most likely): the rest wait
+            try:
+                await self._send(
                     job.queue,
                     job.id,
                     job.payload,
@@ -548,10 +558,33 @@ class AmqpDriver(Driver):
                     int((record.due_at or wall) * 1000),
                     {GEN: record.extra["gen"]},
                 )
-                for job, record in stored
-            )
-        )
+            except BaseException as exc:
+                failed.append(exc)
+                return False
+            return True
+
+        sent = await _bounded(send(job, record) for job, record in stored)
+        if failed:
+            # The jobs not confirmed are not dispatched: nothing of them may stay behind (a
+            # QUEUED record of a job that is nowhere, an id or unique key taken for ever).
+            await self._undo([pair for pair, ok in zip(stored, sent, strict=True) if not ok])
+            raise failed[0]
         return out
+
+    async def _undo(self, stored: Sequence[tuple[OutgoingJob, Record]]) -> None:
+        """Take back what `push` wrote for jobs it could not dispatch: their records, ids,
+        unique keys and once-keys. Best effort: the push's own error is the one raised."""
+        try:
+            await self._write_many([(record, 0.0) for _, record in stored])
+            for job, _ in stored:
+                if job.check_id:
+                    await self._free(self._m("id", job.queue, job.id), job.id)
+                if job.unique_key:
+                    await self._free(self._m("key", job.queue, job.unique_key), job.id)
+                if job.once_key:
+                    await self._free(self._m("once", job.queue, job.once_key), job.id)
+        except Exception as exc:
+            logger.warning("could not take back the records of an undispatched push: %s", exc)
 
     async def _claim(
         self, job: OutgoingJob, earlier: dict[tuple[str, str, str], str]

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import ssl
 from collections.abc import Iterator
 from typing import Any
@@ -70,6 +71,12 @@ def _watch(conn: AbstractRobustConnection, shown: str) -> None:
     conn.reconnect_callbacks.add(back)
 
 
+#: AMQP names are short strings: at most 255 bytes.
+MAX_NAME_BYTES = 255
+#: One character the AMQP client (pamqp) lets into a queue name.
+_NAME_CHAR = re.compile(r"[A-Za-z0-9 #+,\-./:@_]")
+
+
 class Names:
     """The broker names of one prefix."""
 
@@ -79,6 +86,28 @@ class Names:
 
     def work(self, queue: str) -> str:
         return f"{self.prefix}.q.{queue}"
+
+    def checked_work(self, queue: str) -> str:
+        """The work queue's name, or a DriverError saying why the broker (or the AMQP client)
+        would refuse it: checked before anything of a job is written."""
+        name = self.work(queue)
+        size = len(name.encode())
+        if size > MAX_NAME_BYTES:
+            raise DriverError(
+                f"queue {queue!r} cannot be used on the amqp connection: its RabbitMQ queue "
+                f"name {self.prefix}.q.<queue> is {size} bytes, past AMQP's {MAX_NAME_BYTES}-byte "
+                f"limit (keep the queue name to {MAX_NAME_BYTES - size + len(queue.encode())} "
+                "bytes at most)"
+            )
+        bad = sorted({c for c in name if not _NAME_CHAR.fullmatch(c)})
+        if bad:
+            raise DriverError(
+                f"queue {queue!r} cannot be used on the amqp connection: the AMQP client "
+                f"refuses the character(s) {', '.join(repr(c) for c in bad)} in a queue name "
+                "(letters a-z A-Z, digits, space and - _ . : @ # , / + are allowed; no control "
+                "characters)"
+            )
+        return name
 
     def delay(self, bucket: int) -> str:
         return f"{self.prefix}.delay.{bucket}"
