@@ -345,12 +345,6 @@ async def test_a_cancelled_then_redispatched_id_runs_once_with_the_new_payload(e
         assert [j.payload for j in jobs] == [b"new"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="queue:clear purges the work queue but leaves the purged jobs' records QUEUED and "
-    "their unique keys / ids claimed: job_status says queued for 30 days and a new dispatch "
-    "with the same unique key is answered 'duplicate' forever (amqp.py clear: only purge)",
-)
 async def test_clear_lets_a_purged_jobs_unique_key_go(env: Env) -> None:
     async with env.driver() as driver:
         await driver.push([OutgoingJob("U1", env.queue, b"x", unique_key="k")])

@@ -440,6 +440,22 @@ class AmqpDriver(Driver):
         if await self._store.get_marker(name) == holder:
             await self._store.set_marker(name, "", 0.001)
 
+    async def _swept(self, record: Record) -> bool:
+        """Whether `record` is of a waiting job whose message was sent before its queue's last
+        `clear` (purged, or dropped when it comes out of the ladder): then its record ends
+        here, as `_start` ends it on delivery, and its id and key are let go. `clear` cannot
+        name the jobs it purges (a purge only counts them), so they are found when looked at."""
+        if record.status not in WAITING:
+            return False
+        cleared = _int(await self._store.get_marker(self._m("cleared", record.queue)))
+        sent = _header_int(record.extra, "sent") or int((record.enqueued_at or 0) * 1000)
+        if not cleared or sent >= cleared:
+            return False
+        record.status = Status.CANCELLED
+        await self._write(record, 0.0)
+        await self._release_claims(record)
+        return True
+
     async def _release_claims(self, record: Record, *, started: bool = False) -> None:
         """An ended job frees its id; a job that started or ended frees a unique key held only
         while it waits (`unique_for` 0)."""
@@ -534,6 +550,7 @@ class AmqpDriver(Driver):
                 check_id=job.check_id,
             )
             record.extra["gen"] = os.urandom(6).hex()
+            record.extra["sent"] = int(wall * 1000)  # the SENT header (see `_swept`)
             stored.append((job, record))
             out.append(Pushed(job.id))
         if not stored:
@@ -556,7 +573,7 @@ class AmqpDriver(Driver):
                     job.payload,
                     0,
                     int((record.due_at or wall) * 1000),
-                    {GEN: record.extra["gen"]},
+                    {GEN: record.extra["gen"], SENT: record.extra["sent"]},
                 )
             except BaseException as exc:
                 failed.append(exc)
@@ -619,6 +636,8 @@ class AmqpDriver(Driver):
         name = self._m("id", job.queue, job.id)
         claimed = await self._store.claim_marker(name, job.id, LIVE_TTL)
         record = await self._read(job.id)
+        if record is not None and await self._swept(record):
+            record = None
         if record is not None and self._past_ttl(record, time.time()):
             await self._expire(record)
         live = (
@@ -639,6 +658,8 @@ class AmqpDriver(Driver):
             return None
         holder = await self._store.get_marker(name)
         record = await self._read(holder) if holder else None
+        if record is not None and await self._swept(record):
+            record = None
         if record is not None and self._past_ttl(record, time.time()):
             await self._expire(record)
         if holder and record is not None:
@@ -1296,9 +1317,16 @@ class AmqpDriver(Driver):
         else:
             record.status = Status.RETRYING
             record.error = error
+        sent = int(wall * 1000)
+        record.extra["sent"] = sent  # the copy's SENT header (see `_swept`)
         await self._write(record, self._live_keep(record))
         await self._send(
-            job.queue, job.id, job.payload, tries, int((wall + delay) * 1000), {GEN: held.gen}
+            job.queue,
+            job.id,
+            job.payload,
+            tries,
+            int((wall + delay) * 1000),
+            {GEN: held.gen, SENT: sent},
         )
         held.requeued = True
         try:
@@ -1371,6 +1399,8 @@ class AmqpDriver(Driver):
     async def job_status(self, job_id: str, queue: str | None = None) -> JobStatus | None:
         record = await self._read(job_id)
         if record is None or (queue is not None and record.queue != queue):
+            return None
+        if await self._swept(record):
             return None
         if self._past_ttl(record, time.time()):
             await self._expire(record)
