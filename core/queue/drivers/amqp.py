@@ -30,9 +30,13 @@ taken, the failed store, workers, pauses, history.
   when its connection went costs none, whatever the broker counted.
 * Each push has a generation (`x-topiq-gen`, kept in the record): a message whose record
   ended in the same generation (cancelled while waiting, expired, or a late redelivery) is
-  dropped when delivered; a newer push of the same id is not.
+  dropped when delivered; a newer push of the same id is not, and a message of an earlier push
+  than its record's (the id cancelled, then dispatched again) is dropped as stale.
 * `clear` purges the work queue and records the time: a delayed job of the queue put in line
-  before it (`x-topiq-sent`) is dropped when it comes due.
+  before it (`x-topiq-sent`) is dropped when it comes due, and a waiting job's record sent
+  before it ends when looked at (status, id and key checks), its id and unique key let go.
+* `push` checks each queue's broker name first (255 bytes, the client's characters); when a
+  publish fails, the records, ids and keys of the jobs not confirmed are taken back.
 * Prefetched deliveries never handed out go back as copies (tries unchanged) when their queue
   is no longer asked for, on close, and when unattended past half the consumer_timeout.
 * Ends are counted in the store's history under a shadow queue, sent at most every 2 s.
