@@ -127,12 +127,21 @@ async def test_non_numeric_tries_header_counts_as_no_tries(env: Env) -> None:
         await driver.ack([job])
 
 
-async def test_a_negative_tries_header_is_not_a_negative_attempt(env: Env) -> None:
-    await publish_foreign(env.url, env.work(), [(b"{}", "neg", {"x-topiq-tries": -5})])
+@pytest.mark.parametrize(
+    "headers",
+    [{"x-topiq-tries": -5}, {"x-topiq-tries": 10**12}, {"x-delivery-count": -7}],
+    ids=["negative", "absurd", "negative-delivery-count"],
+)
+async def test_a_negative_tries_header_is_not_a_negative_attempt(
+    env: Env, headers: dict[str, Any]
+) -> None:
+    """A count no Topiq publisher writes (negative, past a million) counts as no tries: it
+    can neither stretch a job past max_tries nor use up its tries at once."""
+    await publish_foreign(env.url, env.work(), [(b"{}", "neg", headers)])
     async with env.driver() as driver:
         [job] = await take(driver, env.queue, 1, 10)
         await driver.ack([job])
-        assert job.attempts >= 1, job.attempts
+        assert job.attempts == 1, job.attempts
 
 
 async def test_messages_without_an_id_are_each_handed_out(env: Env) -> None:
@@ -230,6 +239,25 @@ async def test_a_refused_dispatch_leaves_no_record_and_no_key(
             assert repr(name) in str(caught.value)
             assert await driver.job_status(job_id) is None
         assert await driver.get_marker(driver._m("key", name, "k")) is None
+
+
+async def test_a_returned_publish_leaves_no_record_and_no_key(env: Env) -> None:
+    """The work queue deleted behind the driver's back: the broker returns the message
+    (mandatory); the push raises a DriverError naming the queue and takes back the record,
+    the id and the unique key it wrote."""
+    async with env.driver() as driver:
+        await driver.push([OutgoingJob("first", env.queue, b"x")])  # declares the queue
+        conn = await aiormq.connect(env.url)
+        try:
+            channel = await conn.channel()
+            await channel.queue_delete(env.work())
+        finally:
+            await conn.close()
+        with pytest.raises(DriverError, match=env.work()):
+            await driver.push([OutgoingJob("gone", env.queue, b"x", unique_key="k", check_id=True)])
+        assert await driver.job_status("gone") is None
+        assert await driver.get_marker(driver._m("key", env.queue, "k")) is None
+        assert await driver.get_marker(driver._m("id", env.queue, "gone")) is None
 
 
 @pytest.fixture
