@@ -31,7 +31,7 @@ taken, the failed store, workers, pauses, history.
 * Each push has a generation (`x-topiq-gen`, kept in the record): a message whose record
   ended in the same generation (cancelled while waiting, expired, or a late redelivery) is
   dropped when delivered; a newer push of the same id is not, and a message of an earlier push
-  than its record's (the id cancelled, then dispatched again) is dropped as stale.
+  than its live record's (the id cancelled, then dispatched again) is dropped as stale.
 * `clear` purges the work queue and records the time: a delayed job of the queue put in line
   before it (`x-topiq-sent`) is dropped when it comes due, and a waiting job's record sent
   before it ends when looked at (status, id and key checks), its id and unique key let go.
@@ -807,12 +807,11 @@ class AmqpDriver(Driver):
         return True
 
     @staticmethod
-    def _stale(message: AbstractIncomingMessage, record: Record) -> bool:
-        """Whether a delivery whose push generation is not its record's belongs to an earlier
-        push of the id (cancelled, then dispatched again): the record is the newer push's.
-        A message without a generation (another publisher's) only yields to a live job."""
-        if GEN in message.headers:
-            return True
+    def _stale(record: Record) -> bool:
+        """Whether a delivery whose push generation is not its record's is stale: the record
+        is live (waiting or running) under another push of the id (cancelled, then dispatched
+        again), and that push's own message is the one to run. Against an ended record it is
+        not: a late ack of an earlier try may have ended the record over a newer push."""
         return record.status in WAITING or record.status is Status.RUNNING
 
     @staticmethod
@@ -1019,7 +1018,7 @@ class AmqpDriver(Driver):
             if record is not None and same and record.status in ENDED:
                 drops.append(message)  # cancelled while waiting, or a late redelivery
                 continue
-            if record is not None and not same and self._stale(message, record):
+            if record is not None and not same and self._stale(record):
                 drops.append(message)  # an earlier push of a re-dispatched id
                 continue
             held_now = self._held.get((queue, job_id))
