@@ -129,6 +129,8 @@ DELIVERY_GRACE = 0.5
 PARK_KEEP = 86400.0
 #: Seconds ends counted here may wait before they are added to the store's history.
 COUNT_EVERY = 2.0
+#: Pauses between the sends of a message the broker nacked (a queue's leader starting).
+NACK_PAUSES: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4, 0.8)
 #: Seconds a cancellation asked of a running job is kept in its record.
 DAY = 86400.0
 
@@ -369,18 +371,29 @@ class AmqpDriver(Driver):
             message_id=message_id if message_id is not None or like is None else like.message_id,
             delivery_mode=DeliveryMode.PERSISTENT,
         )
+        # A quorum queue declared a moment ago by several processes at once may nack the first
+        # messages while its leader starts: a nack means the broker did not take the message,
+        # so it is sent again, a few times with a growing pause, before the dispatch fails.
+        pauses: tuple[float, ...] = NACK_PAUSES
         with translated(self.settings, f"publishing to {routing_key}"):
-            try:
-                await channel.default_exchange.publish(message, routing_key, mandatory=True)
-            except aiormq.exceptions.PublishError as exc:
-                raise DriverError(
-                    f"RabbitMQ returned a job published to {routing_key}: no such queue"
-                ) from exc
-            except aiormq.exceptions.DeliveryError as exc:
-                raise DriverError(
-                    f"RabbitMQ refused a job published to {routing_key} (nack: is the queue "
-                    "at a limit, or the disk alarm on?)"
-                ) from exc
+            while True:
+                try:
+                    await channel.default_exchange.publish(message, routing_key, mandatory=True)
+                    return
+                except aiormq.exceptions.PublishError as exc:
+                    raise DriverError(
+                        f"RabbitMQ returned a job published to {routing_key}: no such queue"
+                    ) from exc
+                except aiormq.exceptions.DeliveryError as exc:
+                    if not pauses:
+                        raise DriverError(
+                            f"RabbitMQ refused a job published to {routing_key} "
+                            f"{len(NACK_PAUSES) + 1} times (nack: is the queue at a limit, "
+                            "or the disk alarm on?)"
+                        ) from exc
+                    await asyncio.sleep(pauses[0])
+                    pauses = pauses[1:]
+                    channel = self._channel(self._pub)
 
     async def _send(
         self,
