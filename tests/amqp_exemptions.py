@@ -397,6 +397,8 @@ _TABLES: list[dict[str, str]] = [
         "test_new_worker_runs_what_the_old_release_left",
         "test_old_and_new_side_by_side_on_one_queue",
     ),
+    _each(DEPENDENCIES, "test_stats_match_what_was_put_in"),
+    _each(RESERVED_COUNT, "test_clear_needs_force_and_leaves_running_jobs"),
     _each(
         "not applicable: the test reads the worker registry's raw storage for the redis and "
         "database connections only; the amqp connection's registry is its store's",

@@ -339,6 +339,8 @@ def _down_env(ops: Ops) -> dict[str, str]:
         return {"REDIS_CLUSTER_NODES": f"127.0.0.1:{port}"}
     if ops.connection == "redis":
         return {"REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+    if ops.connection == "amqp":
+        return {"AMQP_URL": f"amqp://guest:guest@127.0.0.1:{port}/"}
     return {"DB_URL": f"mysql+aiomysql://topiq:topiq@127.0.0.1:{port}/topiq"}
 
 
