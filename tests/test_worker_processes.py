@@ -218,7 +218,9 @@ def test_worker_survives_a_redis_restart(log: str, tmp_path: Path) -> None:
             )
             proc.signal(signal.SIGTERM)
             assert proc.wait(30) == 0
-        assert "Redis unreachable" in proc.output
+        # Whether the worker saw the outage depends on timing: redis-py retries a command on a
+        # new connection by itself, and a restart between two commands may go unnoticed. What
+        # this test asserts is that nothing was lost and little repeated.
         ends = Counter(e["n"] for e in events(log, "end"))
         # At-least-once: only jobs in flight at the crash (at most the concurrency) repeat.
         assert sum(ends.values()) - 300 <= 4
