@@ -6,6 +6,7 @@ start with `AMQP_PREFIX` so that the store's own connection never sees them:
 
 * `<P>:job:<id>`: the job's status record, as JSON (`Record`).
 * `<P>:cancel:<id>`: a running job's cancellation was asked for.
+* `<P>:payload:<id>`: a job's payload (`encode_payload`), kept beside its record.
 * `<P>:lease:<id>`: the token of a parked job's lease ("done" once it ended; amqp.py).
 * `<P>:id:<queue>:<id>`, `<P>:key:<queue>:<key>`, `<P>:once:<queue>:<key>`: ids, unique keys
   and once keys taken (`claim_marker`: set if absent, atomic on the store).
@@ -21,6 +22,8 @@ atomically whatever the number of workers.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -33,6 +36,8 @@ from core.status import JobStatus, Status
 
 __all__ = [
     "END_FIELDS",
+    "decode_payload",
+    "encode_payload",
     "LIVE_TTL",
     "MARKER_LIMIT",
     "Record",
@@ -63,6 +68,21 @@ def marker_name(*parts: str) -> str:
     if len(name) <= MARKER_LIMIT:
         return name
     return f"{parts[0]}:#" + hashlib.sha256(name.encode()).hexdigest()
+
+
+def encode_payload(payload: bytes) -> str:
+    """A payload as a marker value (markers hold text; a payload is any bytes)."""
+    return base64.b64encode(payload).decode("ascii")
+
+
+def decode_payload(text: str | None) -> bytes | None:
+    """The payload a marker value holds (`None` for none, or one that cannot be read)."""
+    if not text:
+        return None
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def history_queue(prefix: str, queue: str) -> str:
