@@ -36,11 +36,11 @@ from core.status import JobStatus, Status
 
 __all__ = [
     "END_FIELDS",
-    "decode_payload",
-    "encode_payload",
     "LIVE_TTL",
     "MARKER_LIMIT",
     "Record",
+    "decode_payload",
+    "encode_payload",
     "ends_queue",
     "history_queue",
     "marker_name",
