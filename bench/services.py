@@ -37,6 +37,19 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -
     raise RuntimeError(f"{what} did not listen on port {port} within 15 s")
 
 
+def _terminate(proc: subprocess.Popen[bytes] | None, seconds: float) -> None:
+    """SIGTERM a server of ours that is still running; SIGKILL it if it has not exited after
+    `seconds` (a server that will not stop must not keep the run from ending)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Server:
     """A server process of ours on its own port: `with Server.redis(dir) as redis:`."""
 
@@ -88,13 +101,7 @@ class Server:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _terminate(self.proc, 10)
 
 
 def redis_version(url: str) -> str:
@@ -233,13 +240,7 @@ class Rabbit:
         self.url = f"amqp://guest:guest@127.0.0.1:{port}/"
 
     def _stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _terminate(self.proc, 30)  # a broker may take a while to write its state
 
     def __exit__(
         self,
