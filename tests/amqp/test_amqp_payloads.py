@@ -102,6 +102,26 @@ async def test_a_stale_holders_save_writes_nothing(tmp_path: Path) -> None:
         )
 
 
+async def test_a_save_after_the_lease_ran_out_writes_nothing(tmp_path: Path) -> None:
+    """A worker frozen past its lease (SIGSTOP, a long GC pause) wakes up to save: its lease
+    ran out in its own process, so the job is on its way to another worker, even if no
+    reserve has sent it back yet."""
+    queue = new_queue()
+    async with opened(tmp_path) as driver:
+        await driver.push([OutgoingJob("f1", queue, b"pushed")])
+        held = await reserve_within(driver, queue, 5.0)
+        await driver.extend([(held, 0.05)])
+        deadline = time.monotonic() + 5.0
+        while driver._held[(queue, "f1")].lease_until > time.monotonic():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert await driver.save_payload(held, b"late") is False
+        assert await driver.job_payload("f1", queue) == b"pushed"
+        again = await reserve_within(driver, queue, 5.0)
+        assert (again.attempts, again.payload) == (2, b"pushed")
+        await driver.ack([again])
+
+
 async def test_a_save_keeps_a_cancel_asked_while_the_job_runs(tmp_path: Path) -> None:
     queue = new_queue()
     async with opened(tmp_path) as driver:
