@@ -32,6 +32,7 @@ FULL: dict[str, dict[str, Any]] = {
     "W6": {"n": 5_000, "rate": 1_000},
     "W7": {"n": 200_000, "first": 10_000},
     "W8": {"n": 500},
+    "W8p": {"n": 300, "poll": 0.01},
 }
 SMOKE: dict[str, dict[str, Any]] = {
     "W1": {"n": 200},
@@ -42,6 +43,7 @@ SMOKE: dict[str, dict[str, Any]] = {
     "W6": {"n": 50, "rate": 200},
     "W7": {"n": 2_000, "first": 200},
     "W8": {"n": 5},
+    "W8p": {"n": 5, "poll": 0.01},
 }
 
 
@@ -49,17 +51,25 @@ def tasks(only: list[str], smoke: bool, budget: float, before: str = "") -> list
     """The runs to make, in order; `only` limits them to some workloads.
 
     W2 includes W2n (results not kept), W2p (random priorities 0..9), W2g (1,000 device
-    groups, round robin) and, with `before` (a commit), W2b: W2 of that commit's code. W1,
-    W2 and W4 include W1a, W2a and W4a: the same on the amqp connection (RabbitMQ). W5
-    includes W5mg and W5sg: W2g on MariaDB and on SQLite; W6 includes W6b, W6 of `before`.
-    Topiq's runs of the W2 family alternate with its W2's, run by run, so that all of them see
-    the same load; the report divides them.
+    groups, round robin), W2x2 (two worker processes: `queue:work --processes 2`) and, with
+    `before` (a commit), W2b: W2 of that commit's code. W1, W2 and W4 include W1a, W2a and
+    W4a: the same on the amqp connection (RabbitMQ). W5 includes W5mg and W5sg: W2g on
+    MariaDB and on SQLite; W6 includes W6b, W6 of `before`; W8 includes W8p, W8 with the
+    peers reading the result back every 10 ms (not their 0.5 s). Topiq's runs of the W2 family
+    alternate with its W2's, run by run, so that all of them see the same load; the report
+    divides them.
+
+    A row of a family in `only` (W2X2, W5SG: upper case, as the harness passes them) runs
+    that row and the rows whose names begin its name (W2, W5s): the rows the report divides it
+    by, measured in the same run.
     """
     sizes = SMOKE if smoke else FULL
-    out = []
+    out: list[Task] = []
     for name in ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8"):
-        if only and name not in only:
+        rows = {w for w in only if w.startswith(name) and w != name}
+        if only and name not in only and not rows:
             continue
+        start = len(out)
         params = {**sizes[name], "budget": budget}
         if name == "W2":
             out.append(Task("W2n", "W2n", "redis", True, params, paired=True))
@@ -68,6 +78,7 @@ def tasks(only: list[str], smoke: bool, budget: float, before: str = "") -> list
                 out.append(Task("W2b", "W2", "redis", True, params, paired=True, checkout=before))
             out.append(Task("W2p", "W2p", "redis", True, params, paired=True))
             out.append(Task("W2g", "W2g", "redis", True, params, paired=True))
+            out.append(Task("W2x2", "W2x2", "redis", True, params, paired=True))
             out.append(Task("W2a", "W2", "amqp", True, params))
         elif name == "W6":
             out.append(Task("W6", "W6", "redis", True, params))
@@ -75,6 +86,9 @@ def tasks(only: list[str], smoke: bool, budget: float, before: str = "") -> list
                 out.append(Task("W6b", "W6", "redis", True, params, checkout=before))
         elif name == "W8":
             out.append(Task("W8", "W8", "redis", False, params, peers=("arq", "saq")))
+            # W8p: the peers read the result back every 10 ms, not every 0.5 s (their default)
+            fast = {**sizes["W8p"], "budget": budget}
+            out.append(Task("W8p", "W8", "redis", False, fast, peers=("arq", "saq")))
         elif name == "W5":
             out.append(Task("W5m", "W5", "mysql", False, params))
             out.append(Task("W5mg", "W2g", "mysql", True, params))
@@ -84,4 +98,7 @@ def tasks(only: list[str], smoke: bool, budget: float, before: str = "") -> list
             out.append(Task(name, name, "redis", name in ("W6", "W7"), params))
             if name in ("W1", "W4"):  # beside Redis: the amqp connection (RabbitMQ)
                 out.append(Task(f"{name}a", name, "amqp", True, params))
+        if rows and name not in only:  # some rows of the family, with the rows they divide by
+            family = out[start:]
+            out[start:] = [t for t in family if any(r.startswith(t.source.upper()) for r in rows)]
     return out

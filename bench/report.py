@@ -57,6 +57,9 @@ ROWS = [
     Row("W2g", "rate", "W2g no-op jobs, 1,000 device groups", "jobs/s", True),
     Row("W2g", "rate", "W2g / W2 (groups / none)", "%", True, "≥ 80 %",
         lambda t, b: t >= 80, scale=100, per="W2"),
+    Row("W2x2", "rate", "W2x2 no-op jobs, 2 worker processes (`--processes 2`)", "jobs/s",
+        True),
+    Row("W2x2", "rate", "W2x2 / W2 (2 processes / 1)", "%", True, scale=100, per="W2"),
     Row("W3", "efficiency", "W3 sleep(0.01) jobs: efficiency", "%", True, "≥ 95 %",
         lambda t, b: t >= 95, scale=100),
     Row("W4", "p50", "W4 dispatch → start, p50", "ms", False, "< 2 ms", lambda t, b: t < 2),
@@ -66,6 +69,10 @@ ROWS = [
     Row("W8", "p50", "W8 dispatch → await result, p50", "ms", False, "≤ best peer",
         lambda t, b: None if b is None else t <= b),
     Row("W8", "p99", "W8 dispatch → await result, p99", "ms", False),
+    Row("W8p", "p50", "W8p dispatch → await result, peers polling every 10 ms, p50", "ms",
+        False),
+    Row("W8p", "p99", "W8p dispatch → await result, peers polling every 10 ms, p99", "ms",
+        False),
     Row("W5m", "rate", "W5 MariaDB no-op jobs", "jobs/s", True, "≥ 2,000/s and ≥ 10 x RouteMQ",
         lambda t, b: t >= 2000 and (None if b is None else t >= 10 * b)),
     Row("W5mg", "rate", "W5 MariaDB no-op jobs, 1,000 device groups", "jobs/s", True),
@@ -131,8 +138,8 @@ class Results:
         """A ratio row's cell: the medians of two sources divided (both measured, else n/a);
         for runs made in alternation (`paired` answers), the median of the ratios of the runs
         made side by side, which the machine's changing load moves far less."""
-        if (row.per, peer) not in self.data:
-            return None, "-"
+        if (row.per, peer) not in self.data or (row.source, peer) not in self.data:
+            return None, "-"  # one of the two is not measured for this library at all
         pairs = self._paired(row, peer)
         if pairs:
             value = statistics.median(top / bottom for top, bottom in pairs) * row.scale

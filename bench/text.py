@@ -122,6 +122,12 @@ def footer(args: argparse.Namespace, facts: dict[str, Any]) -> str:
   ratio rows divide two medians).
   W6b is W6 through the app (`app/routes.py`) and worker of that same earlier commit, right
   after today's W6.
+- W2x2: W2's 20,000 no-op jobs drained by `queue:work --processes 2` (two worker processes
+  on the one queue, concurrency 32 each). The processes start on the empty queue and, once
+  both are registered and idle, the jobs go in with one bulk call (they land at once: started
+  on a full queue, one process would drain alone while the other still imports); first job's
+  end to last job's end over both. It alternates with W2 run by run; *W2x2 / W2* is the
+  median of the ratios of each round.
 - W1a, W2a, W4a: W1, W2 and W4 for Topiq on `QUEUE_CONNECTION=amqp` (docs/rabbitmq.md), on a
   private RabbitMQ node (or the broker of `scripts/services` on 127.0.0.1:5672 when
   rabbitmq-server is not installed here; n/a when neither): durable quorum queue, publisher
@@ -131,5 +137,9 @@ def footer(args: argparse.Namespace, facts: dict[str, Any]) -> str:
   dispatch of a job returning its argument and the wait for that result with the library's
   own call: Topiq `await (await push(job)).result()` (Redis), SAQ `Queue.apply`, arq
   `enqueue_job` then `Job.result()`; timed from before the dispatch to the result in hand.
-  SAQ and arq run with their defaults, and both read the result back every 0.5 s.
+  SAQ and arq run with their defaults, and both read the result back every 0.5 s (SAQ
+  sleeps once more after the read that finds it; arq's worker also looks for jobs every
+  0.5 s). W8p: 300 such round trips with those polls at 10 ms (SAQ `poll_interval`, arq
+  `poll_delay` of `Job.result` and of its worker), their best case (Topiq's call blocks on
+  the server: it has no interval).
 """

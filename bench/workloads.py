@@ -108,6 +108,62 @@ async def w2_grouped(peer: Peer, n: int, budget: float, **_: Any) -> Figures:
     return await _drain(peer, "noop_grouped", n, budget)
 
 
+async def w2_processes(
+    peer: Peer, n: int, budget: float, processes: int = 2, flush_ms: int = 10, **_: Any
+) -> Figures:
+    """W2x2: W2's `n` no-op jobs drained by `queue:work --processes 2` (one parent, two worker
+    processes on the one queue), timed as W2 is: from the first job's end in either process to
+    the last job's end in both.
+
+    W2 fills the queue and then starts its worker; two processes started that way would not
+    start together (one would work alone while the other still imports). So the processes
+    start on the empty queue, and once both are registered and idle the `n` jobs go in with
+    one bulk call (one script run: they land at once, and the idle workers wake each other).
+    Each process counts its jobs and adds them to a count in Redis every `flush_ms`
+    (bench/marks.py `BENCH_FLUSH_MS`), so a job costs no Redis call.
+    """
+    if peer.name != "topiq":
+        raise Unsupported("`--processes` is Topiq's worker flag")
+    driver = await peer.manager.connection()  # type: ignore[attr-defined]
+    argv = [*peer.worker_command(), "--processes", str(processes)]
+    latest: dict[int, dict[str, Any]] = {}  # each process's last report (pid -> report)
+    with WorkerProcess(peer, marks=[], argv=argv, env={"BENCH_FLUSH_MS": str(flush_ms)}) as worker:
+        deadline = time.monotonic() + max(budget, 30.0)  # start-up is not in the budget
+        # A worker's start is no event here: look every 0.1 s (as bench/scaling.py does).
+        while len(await driver.workers()) < processes:
+            if worker.proc is None or worker.proc.poll() is not None or time.monotonic() > deadline:
+                raise TimeoutError(f"{processes} worker processes did not start: {worker.tail()}")
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # registered comes just before waiting for jobs: let both idle
+        await peer.enqueue_bulk("noop", n)
+        deadline = time.monotonic() + budget
+        # Each report carries its process's own count (`mine`): the drain is over once the
+        # latest counts add up to `n` (the total `count` may reach `n` in one process's report
+        # before the other process's last report, which holds the last job's end).
+        while sum(r["mine"] for r in latest.values()) < n:
+            report = worker.wait(0, deadline - time.monotonic())  # the next report
+            if report is None:
+                break
+            latest[report["pid"]] = report
+    if not latest:
+        raise TimeoutError(f"no job finished within {budget:.0f}s")
+    if len(latest) < processes:
+        raise RuntimeError(f"{len(latest)} of {processes} worker processes ran jobs")
+    done = sum(r["mine"] for r in latest.values())
+    first = min(r["first"] for r in latest.values())
+    seconds = max(r["t"] for r in latest.values()) - first
+    figures: Figures = {
+        "jobs": done,
+        "seconds": seconds,
+        "rate": done / seconds if seconds > 0 else None,
+        # how long one process worked alone at the start
+        "skew": max(r["first"] for r in latest.values()) - first,
+    }
+    if done < n:
+        figures["partial"] = f"stopped after {budget:.0f}s at {done} of {n} jobs"
+    return figures
+
+
 async def w3_sleep(peer: Peer, n: int, budget: float, concurrency: int = 32, **_: Any) -> Figures:
     """W3: sleep jobs; efficiency = theoretical minimum (n * SLEEP / 32) / measured."""
     figures = await _drain(peer, "sleep", n, budget)
@@ -158,10 +214,15 @@ def _percentiles(samples: list[float]) -> Figures:
     }
 
 
-async def w8_result(peer: Peer, n: int, budget: float, **_: Any) -> Figures:
+async def w8_result(
+    peer: Peer, n: int, budget: float, poll: float | None = None, **_: Any
+) -> Figures:
     """W8: an idle worker; `n` round trips one after the other, each the dispatch of a job
     that returns its argument and the wait for that result through the library's own call
-    (Topiq `await handle.result()`, SAQ `Queue.apply`, arq `Job.result()`)."""
+    (Topiq `await handle.result()`, SAQ `Queue.apply`, arq `Job.result()`). W8p: the same
+    with `poll` seconds between the polls of the libraries that poll (SAQ's and arq's result
+    reads, arq's worker; Topiq's call blocks on the server and has no such interval)."""
+    peer.poll = poll
     with WorkerProcess(peer, marks=[1]) as worker:
         # Warm-up: the worker is up once this one's result is back. A job that arrives while
         # the worker starts may be lost to its start-up (SAQ's first sweep aborts it as
@@ -217,6 +278,7 @@ WORKLOADS: dict[str, Callable[..., Awaitable[Figures]]] = {
     "W2n": w2_unkept,
     "W2p": w2_priorities,
     "W2g": w2_grouped,
+    "W2x2": w2_processes,
     "W3": w3_sleep,
     "W4": w4_latency,
     "W5": w2_noop,  # W2 on a database backend

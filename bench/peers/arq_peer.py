@@ -36,6 +36,9 @@ class WorkerSettings:
     functions: ClassVar[list[Any]] = [noop, sleep, latency, echo]
     redis_settings = RedisSettings.from_dsn(os.environ.get("BENCH_QUEUE_URL", "redis://127.0.0.1"))
     max_jobs = 32
+    # W8p only (BENCH_POLL): how often the worker looks for jobs; arq's default is 0.5 s.
+    if os.environ.get("BENCH_POLL"):
+        poll_delay = float(os.environ["BENCH_POLL"])
 
 
 class ArqPeer(Peer):
@@ -61,14 +64,20 @@ class ArqPeer(Peer):
     async def round_trip(self, value: int, timeout: float) -> object:
         job = await self.pool.enqueue_job("echo", value)
         assert job is not None  # None only for a job id already queued
-        # `Job.result` reads the result back every `poll_delay` (default 0.5 s).
-        return await job.result(timeout=timeout)
+        # `Job.result` reads the result back every `poll_delay` (default 0.5 s), and the
+        # worker looks for jobs every `poll_delay` of its own (the same default).
+        if self.poll is None:
+            return await job.result(timeout=timeout)
+        return await job.result(timeout=timeout, poll_delay=self.poll)
 
     def worker_command(self) -> list[str]:
         return [self.python(), "-m", __name__]
 
     def worker_env(self) -> dict[str, str]:
-        return {"BENCH_QUEUE_URL": self.ctx.redis_url}
+        env = {"BENCH_QUEUE_URL": self.ctx.redis_url}
+        if self.poll is not None:
+            env["BENCH_POLL"] = repr(self.poll)
+        return env
 
 
 if __name__ == "__main__":

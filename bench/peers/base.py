@@ -62,6 +62,9 @@ class Peer(abc.ABC):
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        #: W8p: seconds between the reads of a library that polls for the result (and whose
+        #: worker polls for jobs), set before its worker starts; None: the library's default.
+        self.poll: float | None = None
 
     async def open(self) -> None:
         """Connect the enqueueing side."""

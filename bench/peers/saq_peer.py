@@ -60,8 +60,12 @@ class SaqPeer(Peer):
             await self.queue.enqueue(kind)
 
     async def round_trip(self, value: int, timeout: float) -> object:
-        # `apply` enqueues and then reads the job back every `poll_interval` (default 0.5 s).
-        return await self.queue.apply("echo", timeout=timeout, value=value)
+        # `apply` enqueues and then reads the job back every `poll_interval` (default 0.5 s),
+        # sleeping once more after the read that found it done: two intervals at the least.
+        # (Its worker waits for jobs in a blocking Redis call, not a poll.)
+        if self.poll is None:
+            return await self.queue.apply("echo", timeout=timeout, value=value)
+        return await self.queue.apply("echo", timeout=timeout, poll_interval=self.poll, value=value)
 
     def worker_command(self) -> list[str]:
         return [self.python(), "-m", "saq", f"{__name__}.settings"]

@@ -81,6 +81,7 @@ class TopiqPeer(Peer):
         await self.manager.bulk([self._job(kind) for _ in range(n)], QUEUE)  # type: ignore[misc]
 
     async def round_trip(self, value: int, timeout: float) -> object:
+        # `self.poll` is not used: `result()` blocks on the server (Redis), not reading back.
         from bench import jobs
 
         handle = await self.manager.push(jobs.Echo(value), QUEUE)
