@@ -116,10 +116,10 @@ def footer(args: argparse.Namespace, facts: dict[str, Any]) -> str:
   per device; one job per device runs at a time); W5mg and W5sg are W2g with W5's 2,000 jobs
   on MariaDB and SQLite. W2b is W2 of an earlier commit's code (here {before}, `--before`;
   by default the code before issue #13): a `git worktree` of it under `bench/.venv/src/`,
-  run with its own `bench` and `core` in Topiq's environment. Topiq's W2n, W2, W2b, W2p and
-  W2g runs alternate run by run (one of each, then again) so that all of them see the same
-  load; their ratio rows show the median of the ratios of the runs made side by side (other
-  ratio rows divide two medians).
+  run with its own `bench` and `core` in Topiq's environment. Topiq's W2n, W2, W2b, W2p,
+  W2g and W2x2 runs alternate run by run (one of each, then again) so that all of them see
+  the same load; their ratio rows show the median of the ratios of the runs made side by
+  side (other ratio rows divide two medians).
   W6b is W6 through the app (`app/routes.py`) and worker of that same earlier commit, right
   after today's W6.
 - W2x2: W2's 20,000 no-op jobs drained by `queue:work --processes 2` (two worker processes
