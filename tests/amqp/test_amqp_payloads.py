@@ -7,15 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from core.queue.drivers.amqp import AmqpDriver
 from core.queue.drivers.amqp_records import Record
 from core.queue.drivers.base import OutgoingJob, ReservedJob
-from tests.amqp.support import new_queue, opened
+from tests.amqp.support import amqp_settings, new_queue
 
 #: Every byte value, then what is no UTF-8 at all (a lone continuation byte, a cut sequence).
 RAW = bytes(range(256)) + b"\x80\xff\xfe\xc3"
+
+
+@asynccontextmanager
+async def opened(tmp_path: Path, amqp_url: str) -> AsyncIterator[AmqpDriver]:
+    """A driver on the session's broker (`amqp_url`: its private node unless
+    TOPIQ_TEST_AMQP_URL names one), its store in the test's directory."""
+    async with AmqpDriver("amqp", amqp_settings(tmp_path, amqp_url=amqp_url)) as driver:
+        yield driver
 
 
 async def reserve_within(driver: AmqpDriver, queue: str, seconds: float) -> ReservedJob:
@@ -30,10 +40,10 @@ async def reserve_within(driver: AmqpDriver, queue: str, seconds: float) -> Rese
 
 
 async def test_a_checkpoint_survives_a_redelivery_after_the_workers_connection_drops(
-    tmp_path: Path,
+    tmp_path: Path, amqp_url: str
 ) -> None:
     queue = new_queue()
-    async with opened(tmp_path) as first, opened(tmp_path) as second:
+    async with opened(tmp_path, amqp_url) as first, opened(tmp_path, amqp_url) as second:
         await first.push([OutgoingJob("c1", queue, b"step 0")])
         held = await reserve_within(first, queue, 5.0)
         assert await first.save_payload(held, b"step 2") is True
@@ -51,9 +61,9 @@ async def test_a_checkpoint_survives_a_redelivery_after_the_workers_connection_d
         assert await second.job_payload("c1", queue) is None
 
 
-async def test_a_payload_of_any_bytes_round_trips(tmp_path: Path) -> None:
+async def test_a_payload_of_any_bytes_round_trips(tmp_path: Path, amqp_url: str) -> None:
     queue = new_queue()
-    async with opened(tmp_path) as driver:
+    async with opened(tmp_path, amqp_url) as driver:
         await driver.push([OutgoingJob("b1", queue, RAW), OutgoingJob("b2", queue, b"")])
         assert await driver.job_payload("b1", queue) == RAW
         assert await driver.job_payload("b1") == RAW
@@ -78,9 +88,9 @@ async def test_a_payload_of_any_bytes_round_trips(tmp_path: Path) -> None:
         await driver.ack([refunded])
 
 
-async def test_a_stale_holders_save_writes_nothing(tmp_path: Path) -> None:
+async def test_a_stale_holders_save_writes_nothing(tmp_path: Path, amqp_url: str) -> None:
     queue = new_queue()
-    async with opened(tmp_path) as driver:
+    async with opened(tmp_path, amqp_url) as driver:
         await driver.push([OutgoingJob("s1", queue, b"pushed")])
         held = await reserve_within(driver, queue, 5.0)
         # Another worker's try started (as the broker's redelivery to it would start one),
@@ -102,12 +112,12 @@ async def test_a_stale_holders_save_writes_nothing(tmp_path: Path) -> None:
         )
 
 
-async def test_a_save_after_the_lease_ran_out_writes_nothing(tmp_path: Path) -> None:
+async def test_a_save_after_the_lease_ran_out_writes_nothing(tmp_path: Path, amqp_url: str) -> None:
     """A worker frozen past its lease (SIGSTOP, a long GC pause) wakes up to save: its lease
     ran out in its own process, so the job is on its way to another worker, even if no
     reserve has sent it back yet."""
     queue = new_queue()
-    async with opened(tmp_path) as driver:
+    async with opened(tmp_path, amqp_url) as driver:
         await driver.push([OutgoingJob("f1", queue, b"pushed")])
         held = await reserve_within(driver, queue, 5.0)
         await driver.extend([(held, 0.05)])
@@ -122,9 +132,11 @@ async def test_a_save_after_the_lease_ran_out_writes_nothing(tmp_path: Path) -> 
         await driver.ack([again])
 
 
-async def test_a_save_keeps_a_cancel_asked_while_the_job_runs(tmp_path: Path) -> None:
+async def test_a_save_keeps_a_cancel_asked_while_the_job_runs(
+    tmp_path: Path, amqp_url: str
+) -> None:
     queue = new_queue()
-    async with opened(tmp_path) as driver:
+    async with opened(tmp_path, amqp_url) as driver:
         await driver.push([OutgoingJob("k1", queue, b"pushed")])
         held = await reserve_within(driver, queue, 5.0)
         assert await driver.cancel("k1", queue) is True
@@ -134,10 +146,10 @@ async def test_a_save_keeps_a_cancel_asked_while_the_job_runs(tmp_path: Path) ->
 
 
 async def test_saves_of_many_held_jobs_at_once_each_land_on_their_own_job(
-    tmp_path: Path,
+    tmp_path: Path, amqp_url: str
 ) -> None:
     queue = new_queue()
-    async with opened(tmp_path) as driver:
+    async with opened(tmp_path, amqp_url) as driver:
         await driver.push([OutgoingJob(f"m{n}", queue, b"0") for n in range(20)])
         held: list[ReservedJob] = []
         deadline = time.monotonic() + 10.0
