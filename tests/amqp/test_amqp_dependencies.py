@@ -202,3 +202,33 @@ async def test_a_workflow_record_and_its_chain_end_once_under_two_drivers(
         6,
         6,
     )
+
+
+async def test_dependents_of_a_purged_job_and_a_cleared_deferred_one_are_resolved(
+    drivers: tuple[AmqpDriver, AmqpDriver], queue: str
+) -> None:
+    one, two = drivers
+    other = f"{queue}-other"
+    a, held_back, strict, loose, on_held = (new_id() for _ in range(5))
+    await one.push([outgoing(a, queue)])
+    await one.push([outgoing(held_back, queue, depends_on=[a])])
+    await one.push(
+        [
+            outgoing(strict, other, depends_on=[a]),
+            outgoing(loose, other, depends_on=[a], rule="ended"),
+            outgoing(on_held, other, depends_on=[held_back]),
+        ]
+    )
+    assert await one.clear(queue) == 2  # a purged, held_back ended by the clear itself
+    # The purge cannot name a: its dependents learn it when they are looked at (a is not).
+    record = await status_of(two, strict, other)
+    assert (record.status, record.error) == (Status.CANCELLED, f"dependency {a} cancelled")
+    record = await status_of(two, on_held, other)
+    assert (record.status, record.error) == (
+        Status.CANCELLED,
+        f"dependency {held_back} cancelled",
+    )
+    assert (await status_of(two, loose, other)).status is Status.QUEUED
+    assert await drain(other, one, two) == [loose]
+    assert (await one.stats(queue)).deferred == 0
+    assert (await one.stats(other)).deferred == 0

@@ -78,6 +78,10 @@ END_KEEP = 86400.0
 NEVER = 10 * 365 * 86400.0
 #: Pauses while a cancel waits for a release under way to write its record.
 CANCEL_PAUSES = 100
+#: The `sent` of a record not put in line yet (later than any clear).
+NOT_SENT = 2**62
+#: Deferred jobs listed per store round trip by `clear`.
+CLEAR_PAGE = 500
 
 
 def _status(text: str | None) -> Status | None:
@@ -193,7 +197,9 @@ class Dependencies:
         )
         record.extra.update(
             gen=os.urandom(6).hex(),
-            sent=int(wall * 1000),
+            # Not in line yet: a `clear` of its queue cannot have purged it (`_swept`); its
+            # release says when it was sent. `clear` ends deferred jobs itself.
+            sent=NOT_SENT,
             deps=[dep.id for dep in deps],
             rule="ended" if not is_job else job.rule,
             delay=delay,
@@ -541,6 +547,8 @@ class Dependencies:
         d = self._d
         if record.status is Status.DEFERRED:
             statuses = await self._statuses(_deps(record))
+            if await self._swept(_deps(record), statuses):
+                statuses = await self._statuses(_deps(record))
             action, _ = self._decide(record, statuses)
             if action:
                 ended = await self._act(record, statuses)
@@ -573,6 +581,23 @@ class Dependencies:
             extra["status"] = Status.QUEUED
         return replace(view, **extra)
 
+    async def _swept(self, deps: Sequence[str], statuses: Sequence[Status | None]) -> bool:
+        """Whether a dependency not ended was purged by a `clear` of its queue (a purge
+        cannot name the jobs it removes: they end when looked at, here); its end resolves its
+        dependents as cancelled."""
+        pending = [dep for dep, status in zip(deps, statuses, strict=True) if status is None]
+        if not pending:
+            return False
+        swept = False
+        for record in await self._d._read_many(pending):
+            if (
+                record is not None
+                and record.status in WAITING
+                and record.status is not (Status.DEFERRED)
+            ):
+                swept = await self._d._swept(record) or swept
+        return swept
+
     # -- counts ------------------------------------------------------------------------
 
     async def _count_in(self, record: Record) -> None:
@@ -593,6 +618,35 @@ class Dependencies:
     async def _count_out(self, record: Record) -> None:
         if _kind(record) == "job":
             await self._d._store.cancel(record.id, self._shadow(record.queue))
+
+    async def clear(self, queue: str) -> int:
+        """End the deferred jobs of a queue being cleared, as `clear` removes them on the
+        other connections: their records gone, what waits on them resolved as if they were
+        cancelled. How many there were."""
+        d = self._d
+        store = d._store
+        shadow = self._shadow(queue)
+        ids: list[str] = []
+        while True:
+            page = await store.browse(shadow, "delayed", len(ids), CLEAR_PAGE)
+            ids += [placeholder.id for placeholder in page]
+            if len(page) < CLEAR_PAGE:
+                break
+        count = 0
+        ended: list[str] = []
+        for job_id, record in zip(ids, await d._read_many(ids) if ids else [], strict=True):
+            held = await self._guard(record) if record is not None else None
+            if held is None or held.queue != queue or _kind(held) != "job":
+                continue
+            held.status = Status.CANCELLED
+            await d._write(held, 0.0)
+            await store.set_marker(d._m("end", job_id), Status.CANCELLED.value, END_KEEP)
+            await d._release_claims(held)
+            await self._count_out(held)
+            ended.append(job_id)
+            count += 1
+        await self._cascade(ended)
+        return count
 
     async def deferred(self, queue: str) -> int:
         """Deferred jobs of `queue` (workflow records not counted)."""
