@@ -232,3 +232,22 @@ async def test_dependents_of_a_purged_job_and_a_cleared_deferred_one_are_resolve
     assert await drain(other, one, two) == [loose]
     assert (await one.stats(queue)).deferred == 0
     assert (await one.stats(other)).deferred == 0
+
+
+async def test_the_heartbeat_sweep_resolves_a_dependent_nobody_looks_at(
+    drivers: tuple[AmqpDriver, AmqpDriver], queue: str
+) -> None:
+    one, two = drivers
+    a, b, dep, failing = new_id(), new_id(), new_id(), new_id()
+    await one.push([outgoing(a, queue), outgoing(b, queue)])
+    await one.push([outgoing(dep, queue, depends_on=[a]), outgoing(failing, queue, depends_on=[b])])
+    await write_status(one, a, Status.SUCCEEDED)  # their enders died before resolving them
+    await write_status(one, b, Status.FAILED)
+    await two.sweep()  # a worker's heartbeat
+    record = await two._read(dep)  # the stored record, not a look that would resolve it
+    assert record is not None and record.status is Status.QUEUED
+    record = await two._read(failing)
+    assert record is not None
+    assert (record.status, record.error) == (Status.CANCELLED, f"dependency {b} failed")
+    assert await drain(queue, one, two) == [dep]
+    assert (await one.stats(queue)).deferred == 0

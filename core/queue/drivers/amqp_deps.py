@@ -31,9 +31,11 @@ meet on. What a deferred job needs is built on them (marker names in amqp_record
 
 A process that dies between writing an end and resolving the dependents leaves them deferred
 with every dependency ended: they are resolved again whenever they are looked at (`job_status`,
-so `result()` and `queue:job` too, and `cancel`). One that dies holding a release claim
-(between the claim and the record's write) is taken over by the next look once the claim is
-`STALE` seconds old and the record still says deferred.
+so `result()` and `queue:job` too, and `cancel`), and by the workers' heartbeat (`sweep`: a
+page of each queue's deferred jobs every `SWEEP_EVERY` seconds). One that dies holding a
+release claim (between the claim and the record's write) is taken over by the next look once
+the claim is `STALE` seconds old and the record still says deferred. A dependency purged by a
+`clear` (a purge names no job) ends when its dependent is looked at.
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ CANCEL_PAUSES = 100
 NOT_SENT = 2**62
 #: Deferred jobs listed per store round trip by `clear`.
 CLEAR_PAGE = 500
+#: Seconds between two sweeps of one driver for deferred jobs left unresolved, and how many
+#: of a queue's deferred jobs each sweep looks at.
+SWEEP_EVERY = 30.0
+SWEEP_PAGE = 200
 
 
 def _status(text: str | None) -> Status | None:
@@ -121,6 +127,8 @@ class Dependencies:
         self._d = driver
         self._gen_header = GEN
         self._sent_header = SENT
+        self._swept_at = -SWEEP_EVERY  # monotonic time of the last `sweep`
+        self._sweep_from: dict[str, int] = {}  # where each queue's next sweep page starts
 
     # -- names -------------------------------------------------------------------------
 
@@ -597,6 +605,31 @@ class Dependencies:
             ):
                 swept = await self._d._swept(record) or swept
         return swept
+
+    async def sweep(self) -> int:
+        """Resolve the deferred jobs of the connection's queues whose dependencies allow it
+        already (an end whose process died before resolving them): a page of each queue per
+        `SWEEP_EVERY` seconds, the pages taking turns; how many were resolved. Called by the
+        heartbeat, so that a dependent nobody looks at is not left waiting."""
+        now = time.monotonic()
+        if now < self._swept_at + SWEEP_EVERY:
+            return 0
+        self._swept_at = now
+        d = self._d
+        resolved = 0
+        for queue in await d.queues():
+            offset = self._sweep_from.get(queue, 0)
+            page = await d._store.browse(self._shadow(queue), "delayed", offset, SWEEP_PAGE)
+            self._sweep_from[queue] = offset + len(page) if len(page) == SWEEP_PAGE else 0
+            ids = [placeholder.id for placeholder in page]
+            for record in await d._read_many(ids) if ids else []:
+                if record is None or record.status is not Status.DEFERRED:
+                    continue
+                statuses = await self._statuses(_deps(record))
+                if self._decide(record, statuses)[0]:
+                    await self._cascade(await self._act(record, statuses))
+                    resolved += 1
+        return resolved
 
     # -- counts ------------------------------------------------------------------------
 
