@@ -1,0 +1,404 @@
+"""Attacks on #18b (dependencies, workflow records, payloads on the amqp connection), as an
+unlucky operator and a hostile sender would make them. A test that exposes a defect is a
+strict xfail saying what goes wrong (review notes: /work/notes/review18b.md); the others are
+attacks that held.
+
+A process dying at one exact step is a real process (a subprocess on the same broker and
+store) that calls `os._exit` at that step: nothing after it runs, as with kill -9.
+Run on both companion stores (Redis, and the database on SQLite), on the session's RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from core.queue.drivers import OutgoingJob, ReservedJob, create_driver
+from core.queue.drivers.amqp import AmqpDriver
+from core.queue.drivers.base import Dependency
+from core.status import Status
+from tests.conformance.workflow_support import new_id, outgoing, record_job, run, status_of
+from tests.conftest import Backend, _backend
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=["redis", "database"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    for backend in _backend("amqp", request, tmp_path):
+        if request.param == "database":
+            backend.overrides["amqp_store"] = "database"
+            backend.overrides["db_url"] = f"sqlite+aiosqlite:///{tmp_path}/store.db"
+        yield backend
+
+
+@pytest.fixture
+async def driver(backend: Backend) -> AsyncIterator[AmqpDriver]:
+    async with create_driver(backend.connection, backend.settings()) as opened:
+        assert isinstance(opened, AmqpDriver)
+        yield opened
+
+
+@pytest.fixture
+def queue(backend: Backend) -> str:
+    return str(backend.overrides["queue_default"])
+
+
+async def reserve_for(
+    driver: AmqpDriver, queue: str, seconds: float, want: str | None = None
+) -> list[ReservedJob]:
+    """Reserve (waiting on the driver's own wake-up) until a job (`want`, when given) is
+    handed out or `seconds` pass; what was handed out last ([] when nothing)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got = [j for j in await driver.reserve([queue], 10, lease=30) if not j.expired]
+        if got and (want is None or any(j.id == want for j in got)):
+            return got
+        if got:
+            await driver.ack(got)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return []
+        await driver.wait([queue], min(left, 0.5))
+
+
+# A worker process that reserves one job, acknowledges it as succeeded and dies (os._exit)
+# at the step named by argv[2]: "end-hook" (its record written, before anything resolves
+# its dependents) or "release-send:<id>" (while releasing <id>: its record written queued,
+# before its message is published).
+DYING_WORKER = """
+import asyncio, json, os, sys
+from core.queue.drivers import Outcome, create_driver
+from core.status import Status
+from tests.conftest import make_settings
+
+async def main() -> None:
+    overrides = json.loads(sys.argv[1])
+    step = sys.argv[2]
+    queue = overrides["queue_default"]
+    async with create_driver("amqp", make_settings(queue_connection="amqp", **overrides)) as d:
+        if step == "end-hook":
+            async def die(items):
+                if items:  # every reserve calls it, mostly with no ends
+                    os._exit(9)
+            d._deps.ended = die
+        else:
+            target = step.split(":", 1)[1]
+            send = d._send
+            async def dying_send(q, job_id, *args, **kwargs):
+                if job_id == target:
+                    os._exit(9)
+                return await send(q, job_id, *args, **kwargs)
+            d._send = dying_send
+        for _ in range(200):
+            got = await d.reserve([queue], 1, lease=30)
+            if got:
+                break
+            await d.wait([queue], 0.5)
+        job = got[0]
+        job.outcome = Outcome(Status.SUCCEEDED, 600, result=b"1")
+        await d.ack([job])
+    sys.exit(3)  # the step was never reached
+
+asyncio.run(main())
+"""
+
+
+def die_at(backend: Backend, step: str) -> None:
+    """Run the dying worker to its end (exit 9 = it died at `step`)."""
+    done = subprocess.run(
+        [sys.executable, "-c", DYING_WORKER, json.dumps(backend.overrides), step],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 9, f"the worker did not die at {step}: {done.stderr[-2000:]}"
+
+
+# -- a worker killed between its job's end and the dependents' resolution ------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a worker killed after writing its job's end and before resolving the dependents: "
+    "the job's redelivered copy is dropped as ended without resolving them, and no sweep does; "
+    "the dependent stays deferred until someone looks at it (job_status) - a chain whose "
+    "dispatcher does not poll stalls for ever",
+)
+async def test_a_dependent_stranded_by_a_killed_worker_runs_without_anyone_looking(
+    driver: AmqpDriver, backend: Backend, queue: str
+) -> None:
+    a, b = new_id(), new_id()
+    await driver.push([outgoing(a, queue), outgoing(b, queue, depends_on=[a])])
+    die_at(backend, "end-hook")
+    # The worker died holding A's delivery (never acknowledged): the broker gives it out
+    # again; B must follow A without a job_status call (workers only reserve).
+    got = await reserve_for(driver, queue, 15.0, want=b)
+    assert [j.id for j in got] == [b]
+    assert (await status_of(driver, a)).status is Status.SUCCEEDED  # A ran once, not twice
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a worker killed while releasing a dependent (its record written queued, its "
+    "message not yet published): the dependent says queued for ever and is never run, not "
+    "even after a look (only a deferred record is released again)",
+)
+async def test_a_dependent_whose_release_was_cut_off_by_a_kill_still_runs(
+    driver: AmqpDriver, backend: Backend, queue: str
+) -> None:
+    a, b = new_id(), new_id()
+    await driver.push([outgoing(a, queue), outgoing(b, queue, depends_on=[a])])
+    die_at(backend, f"release-send:{b}")
+    # Looked at, as an operator would (the look resolves what a dead process left).
+    seen = await status_of(driver, b)
+    got = await reserve_for(driver, queue, 15.0, want=b)
+    assert [j.id for j in got] == [b], f"{b} says {seen.status} but never runs"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a dependent whose release failed to publish (broker connection lost at that "
+    "moment) is put back deferred and left: the dependency's end is past, no sweep resolves "
+    "it, it only runs once someone looks at it",
+)
+async def test_a_release_whose_publish_failed_is_retried_without_a_look(
+    driver: AmqpDriver, backend: Backend, queue: str
+) -> None:
+    a, b = new_id(), new_id()
+    await driver.push([outgoing(a, queue), outgoing(b, queue, depends_on=[a])])
+    send = driver._send
+    failed: list[str] = []
+
+    async def flaky_send(q: str, job_id: str, *args: object, **kwargs: object) -> None:
+        if job_id == b and not failed:
+            failed.append(job_id)
+            raise ConnectionError("the broker went away (simulated)")
+        await send(q, job_id, *args, **kwargs)  # type: ignore[arg-type]
+
+    driver._send = flaky_send  # type: ignore[method-assign]
+    await run(driver, queue, a)
+    assert failed == [b]
+    got = await reserve_for(driver, queue, 15.0, want=b)
+    assert [j.id for j in got] == [b]
+
+
+async def test_a_look_releases_a_dependent_whose_publish_failed(
+    driver: AmqpDriver, queue: str
+) -> None:
+    """The documented recovery holds: once looked at, it is released, and runs once."""
+    a, b = new_id(), new_id()
+    await driver.push([outgoing(a, queue), outgoing(b, queue, depends_on=[a])])
+    send = driver._send
+    failed: list[str] = []
+
+    async def flaky_send(q: str, job_id: str, *args: object, **kwargs: object) -> None:
+        if job_id == b and not failed:
+            failed.append(job_id)
+            raise ConnectionError("the broker went away (simulated)")
+        await send(q, job_id, *args, **kwargs)  # type: ignore[arg-type]
+
+    driver._send = flaky_send  # type: ignore[method-assign]
+    await run(driver, queue, a)
+    assert (await status_of(driver, b)).status is Status.DEFERRED or failed
+    # The failed release let its claim go with a tiny ttl: a look a moment later releases.
+    deadline = time.monotonic() + 10
+    while (await status_of(driver, b)).status is Status.DEFERRED:
+        assert time.monotonic() < deadline, "a look never released it"
+        await asyncio.sleep(0.05)
+    got = await reserve_for(driver, queue, 10.0, want=b)
+    assert [j.id for j in got] == [b]
+    await driver.ack([])
+    assert await driver.reserve([queue], 10, lease=30) == []
+
+
+# -- cascades ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["cancelled", "expired", "failed"])
+async def test_a_chain_of_three_is_cancelled_down_when_its_head_does_not_succeed(
+    driver: AmqpDriver, queue: str, how: str
+) -> None:
+    a, b, c = new_id(), new_id(), new_id()
+    await driver.push(
+        [
+            outgoing(a, queue, ttl=0.3 if how == "expired" else 0),
+            outgoing(b, queue, depends_on=[a]),
+            outgoing(c, queue, depends_on=[b]),
+        ]
+    )
+    if how == "cancelled":
+        assert await driver.cancel(a) is True
+    elif how == "failed":
+        await run(driver, queue, a, Status.FAILED)
+    else:
+        deadline = time.monotonic() + 10
+        while (await status_of(driver, a)).status is not Status.EXPIRED:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+    assert (await status_of(driver, b)).status is Status.CANCELLED
+    assert (await status_of(driver, c)).status is Status.CANCELLED
+    assert (await driver.stats(queue)).deferred == 0
+    assert await reserve_for(driver, queue, 1.0) == []
+
+
+async def test_cancelling_a_chain_record_cancels_its_members_not_ended(
+    driver: AmqpDriver, queue: str
+) -> None:
+    a, b, c, chain = new_id(), new_id(), new_id(), new_id()
+    await driver.push(
+        [
+            outgoing(a, queue),
+            outgoing(b, queue, depends_on=[a]),
+            outgoing(c, queue, depends_on=[b]),
+            record_job(chain, queue, "chain", [a, b, c]),
+        ]
+    )
+    await run(driver, queue, a)
+    assert await driver.cancel(chain) is True
+    assert [(await status_of(driver, j)).status for j in (a, b, c)] == [
+        Status.SUCCEEDED,
+        Status.CANCELLED,
+        Status.CANCELLED,
+    ]
+    assert (await status_of(driver, chain)).status is Status.CANCELLED
+    assert await reserve_for(driver, queue, 1.0) == []
+
+
+@pytest.mark.parametrize("cof", [True, False])
+async def test_a_batch_with_a_failure_ends_failed_and_cancels_waiters_only_when_asked(
+    driver: AmqpDriver, queue: str, cof: bool
+) -> None:
+    a, b, c, batch = new_id(), new_id(), new_id(), new_id()
+    await driver.push(
+        [
+            outgoing(a, queue),
+            outgoing(b, queue, delay=3600),
+            outgoing(c, queue, delay=3600),
+            record_job(batch, queue, "batch", [a, b, c], cancel_on_failure=cof),
+        ]
+    )
+    await run(driver, queue, a, Status.FAILED)
+    after = [(await status_of(driver, j)).status for j in (b, c)]
+    if cof:
+        assert after == [Status.CANCELLED, Status.CANCELLED]
+        assert (await status_of(driver, batch)).status is Status.FAILED
+    else:
+        assert after == [Status.SCHEDULED, Status.SCHEDULED]
+        record = await status_of(driver, batch)
+        assert record.status is Status.DEFERRED
+        assert record.progress is not None and record.progress.failed == 1
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+async def test_a_missing_dependency_stores_nothing(driver: AmqpDriver, queue: str) -> None:
+    b, ghost = new_id(), new_id()
+    answer = await driver.push([outgoing(b, queue, depends_on=[ghost], unique_key="k")])
+    assert (answer[0].id, answer[0].outcome) == (ghost, "missing")
+    assert await driver.job_status(b) is None
+    assert (await driver.stats(queue)).deferred == 0
+    # Nothing was claimed: the same key is free for the next push.
+    again = await driver.push([outgoing(new_id(), queue, unique_key="k")])
+    assert again[0].outcome != "duplicate"
+
+
+async def test_a_dependency_on_another_queues_job_of_that_id_is_missing(
+    driver: AmqpDriver, queue: str
+) -> None:
+    a, b = new_id(), new_id()
+    await driver.push([outgoing(a, queue)])
+    answer = await driver.push(
+        [outgoing(b, queue, depends_on=[Dependency(a, queue=queue + "-other")])]
+    )
+    assert answer[0].outcome == "missing"
+
+
+@pytest.mark.parametrize("size", [0, 1, 1 << 20])
+async def test_a_deferred_jobs_payload_of_any_bytes_is_shown_and_released_intact(
+    driver: AmqpDriver, queue: str, size: int
+) -> None:
+    payload = bytes(range(256)) * (size // 256) + b"\xff\xfe\x00"[: size % 3]
+    payload = payload[:size]
+    a, b = new_id(), new_id()
+    await driver.push(
+        [outgoing(a, queue), OutgoingJob(b, queue, payload, depends_on=(Dependency(a),))]
+    )
+    assert await driver.job_payload(b) == payload
+    await run(driver, queue, a)
+    got = await reserve_for(driver, queue, 10.0, want=b)
+    assert [(j.id, j.payload) for j in got] == [(b, payload)]
+
+
+async def test_a_dependent_whose_record_was_deleted_is_not_resurrected(
+    driver: AmqpDriver, queue: str
+) -> None:
+    a, b = new_id(), new_id()
+    await driver.push([outgoing(a, queue), outgoing(b, queue, depends_on=[a])])
+    await driver._store.set_marker(driver._m("job", b), "", 0.001)
+    await run(driver, queue, a)
+    assert await reserve_for(driver, queue, 1.0) == []
+
+
+# -- hostile senders -----------------------------------------------------------------------
+
+
+async def publish_raw(driver: AmqpDriver, queue: str, **fields: object) -> None:
+    """A message put in the work queue of `queue` by someone who is not Topiq."""
+    assert driver._conn is not None
+    channel = await driver._conn.channel()
+    try:
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"not topiq", **fields),  # type: ignore[arg-type]
+            routing_key=driver._names.work(queue),
+        )
+    finally:
+        await channel.close()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"message_id": "forged", "headers": {"x-topiq-tries": 10**12, "x-topiq-queue": "zz"}},
+        {"message_id": "forged2", "headers": {"x-topiq-tries": "many", "x-topiq-due": "soon"}},
+    ],
+    ids=["no-headers", "lying-headers", "absurd-headers"],
+)
+async def test_a_foreign_message_in_a_work_queue_is_one_first_try_of_that_queue(
+    driver: AmqpDriver, queue: str, fields: dict[str, object]
+) -> None:
+    """Another publisher's message in a work queue reaches a worker (which fails it with
+    its payload error, kept in the failed store) as a first try of the work queue's own: its
+    lying headers neither stretch nor spend tries, nor move it to another queue."""
+    await driver.push([outgoing(new_id(), queue)])  # declares the work queue
+    # Two copies: without an id each is a job of its own; with one id, the second is the
+    # same job (ended by then) and is dropped.
+    await publish_raw(driver, queue, **fields)
+    await publish_raw(driver, queue, **fields)
+    expected = 1 if fields.get("message_id") else 2
+    handed: list[ReservedJob] = []
+    deadline = time.monotonic() + 10
+    while len(handed) < 1 + expected:
+        assert time.monotonic() < deadline, f"only {handed} handed out"
+        got = await driver.reserve([queue], 10, lease=30)
+        handed += got
+        await driver.ack([j for j in got if not j.expired])
+        await driver.wait([queue], 0.3)
+    foreign = [j for j in handed if j.payload == b"not topiq"]
+    assert [(j.queue, j.attempts, j.expired) for j in foreign] == [(queue, 1, False)] * expected
+    assert len({j.id for j in foreign}) == expected and all(j.id for j in foreign)
+    assert await reserve_for(driver, queue, 1.0) == []
