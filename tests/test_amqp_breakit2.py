@@ -505,3 +505,74 @@ async def test_forty_dependents_pushed_from_two_drivers_while_the_dependency_end
         assert sorted(ran) == sorted(deps)
         assert await reserve_for(other, queue, 1.0) == []
         assert (await driver.stats(queue)).deferred == 0
+
+
+async def test_a_cancel_racing_the_release_either_wins_and_the_job_runs_at_most_once(
+    driver: AmqpDriver, backend: Backend, queue: str
+) -> None:
+    async with create_driver(backend.connection, backend.settings()) as other:
+        for _ in range(6):
+            a, b = new_id(), new_id()
+            await driver.push([outgoing(a, queue), outgoing(b, queue, depends_on=[a])])
+            held = await driver.reserve([queue], 1, lease=30)
+            assert [j.id for j in held] == [a]
+            held[0].outcome = Outcome(Status.SUCCEEDED, 600, result=b"1")
+            _, cancelled = await asyncio.gather(driver.ack(held), other.cancel(b))
+            status = (await status_of(driver, b)).status
+            ran: list[str] = []
+            for d in (driver, other):
+                got = [j for j in await d.reserve([queue], 10, lease=30) if not j.expired]
+                ran += [j.id for j in got]
+                await d.ack(got)
+            if cancelled:
+                assert status is Status.CANCELLED and ran == [], (status, ran)
+            else:
+                assert ran == [b], (status, ran)
+            assert (await driver.stats(queue)).deferred == 0
+
+
+async def test_the_same_dependency_named_twice_releases_once(
+    driver: AmqpDriver, queue: str
+) -> None:
+    a, b = new_id(), new_id()
+    await driver.push([outgoing(a, queue), outgoing(b, queue, depends_on=[a, a])])
+    await run(driver, queue, a)
+    got = await reserve_for(driver, queue, 10.0, want=b)
+    assert [j.id for j in got] == [b]
+    await driver.ack(got)
+    assert await reserve_for(driver, queue, 1.0) == []
+
+
+async def test_a_dependents_ttl_counts_from_its_release_not_its_push(
+    driver: AmqpDriver, queue: str
+) -> None:
+    a, b = new_id(), new_id()
+    await driver.push([outgoing(a, queue, delay=1.5), outgoing(b, queue, ttl=0.5, depends_on=[a])])
+    got = await reserve_for(driver, queue, 10.0, want=a)
+    await driver.ack(got)
+    got = await reserve_for(driver, queue, 10.0, want=b)
+    assert [(j.id, j.expired) for j in got] == [(b, False)]
+
+
+async def test_cancelling_a_chain_with_a_running_member_ends_it_when_that_member_ends(
+    driver: AmqpDriver, queue: str
+) -> None:
+    a, b, chain = new_id(), new_id(), new_id()
+    await driver.push(
+        [
+            outgoing(a, queue),
+            outgoing(b, queue, depends_on=[a]),
+            record_job(chain, queue, "chain", [a, b]),
+        ]
+    )
+    held = await driver.reserve([queue], 1, lease=30)
+    assert [j.id for j in held] == [a]
+    assert await driver.cancel(chain) is True
+    assert await driver.cancel_requested(held) == [a]
+    assert (await status_of(driver, b)).status is Status.CANCELLED
+    assert (await status_of(driver, chain)).status is Status.DEFERRED  # A still runs
+    held[0].outcome = Outcome(Status.CANCELLED, 600, error="cancelled")
+    await driver.ack(held)
+    record = await status_of(driver, chain)
+    assert record.status is Status.CANCELLED
+    assert record.progress is not None and record.progress.cancelled == 2
