@@ -251,3 +251,30 @@ async def test_the_heartbeat_sweep_resolves_a_dependent_nobody_looks_at(
     assert (record.status, record.error) == (Status.CANCELLED, f"dependency {b} failed")
     assert await drain(queue, one, two) == [dep]
     assert (await one.stats(queue)).deferred == 0
+
+
+async def test_a_release_cut_off_before_its_publish_is_published_once_when_stale(
+    drivers: tuple[AmqpDriver, AmqpDriver], queue: str
+) -> None:
+    one, two = drivers
+    a, dep = new_id(), new_id()
+    await one.push([outgoing(a, queue), outgoing(dep, queue, depends_on=[a])])
+    record = await one._read(dep)
+    assert record is not None
+    guard = one._m("released", dep, str(record.extra["gen"]))
+    # As a releaser leaves it when it dies between writing the record and publishing: its
+    # claim taken, the record queued, no message.
+    assert await one._store.claim_marker(guard, repr(time.time()), LIVE_TTL)
+    record.status = Status.QUEUED
+    record.due_at = time.time()
+    record.extra["releasing"] = True
+    await one._write(record, LIVE_TTL)
+    await write_status(one, a, Status.SUCCEEDED)
+    assert (await status_of(two, dep, queue)).status is Status.QUEUED
+    assert await drain(queue, one, two) == []  # the claim is fresh: its holder may publish
+    await one._store.set_marker(guard, repr(time.time() - STALE - 1), LIVE_TTL)
+    await asyncio.gather(one.job_status(dep, queue), two.job_status(dep, queue))
+    assert await drain(queue, one, two) == [dep]
+    assert (await status_of(one, dep, queue)).status is Status.SUCCEEDED
+    await two.sweep()  # its placeholder was let go: nothing deferred
+    assert (await one.stats(queue)).deferred == 0

@@ -34,8 +34,10 @@ with every dependency ended: they are resolved again whenever they are looked at
 so `result()` and `queue:job` too, and `cancel`), and by the workers' heartbeat (`sweep`: a
 page of each queue's deferred jobs every `SWEEP_EVERY` seconds). One that dies holding a
 release claim (between the claim and the record's write) is taken over by the next look once
-the claim is `STALE` seconds old and the record still says deferred. A dependency purged by a
-`clear` (a purge names no job) ends when its dependent is looked at.
+the claim is `STALE` seconds old and the record still says deferred; one that dies between
+writing the released record and publishing (the record says `releasing` until the claim says
+`SENT_MARK`) is published by one taker once the claim is stale, when looked at or swept. A
+dependency purged by a `clear` (a purge names no job) ends when its dependent is looked at.
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ NEVER = 10 * 365 * 86400.0
 CANCEL_PAUSES = 100
 #: The `sent` of a record not put in line yet (later than any clear).
 NOT_SENT = 2**62
+#: A release claim's value once the released job's message is published.
+SENT_MARK = "sent"
+#: What a released job's record says until it starts.
+_RELEASED = frozenset({Status.QUEUED, Status.SCHEDULED})
 #: Deferred jobs listed per store round trip by `clear`.
 CLEAR_PAGE = 500
 #: Seconds between two sweeps of one driver for deferred jobs left unresolved, and how many
@@ -417,28 +423,68 @@ class Dependencies:
         due = max((record.enqueued_at or wall) + delay, wall)
         record.status = Status.SCHEDULED if due > wall else Status.QUEUED
         record.due_at = due
-        sent = int(wall * 1000)
-        record.extra["sent"] = sent
-        payload = decode_payload(await d._store.get_marker(d._m("payload", record.id))) or b""
+        record.extra["sent"] = int(wall * 1000)
+        # Until its claim says SENT_MARK: a release that died before publishing is found by
+        # this (`_republish`).
+        record.extra["releasing"] = True
         await d._write(record, d._live_keep(record))
         try:
-            await d._send(
-                record.queue,
-                record.id,
-                payload,
-                0,
-                int(due * 1000),
-                {self._gen_header: record.extra.get("gen", ""), self._sent_header: sent},
-            )
+            await self._publish(record)
         except BaseException:
             # Not published: deferred again, the claim let go; the next look releases it.
             record.status = Status.DEFERRED
             record.due_at = None
+            record.extra.pop("releasing", None)
             with contextlib.suppress(Exception):
                 await d._write(record, LIVE_TTL)
                 await d._store.set_marker(self._guard_name(record), "", 0.001)
             raise
         await self._count_out(record)
+
+    async def _publish(self, record: Record) -> None:
+        """Publish a released job's message as `push` does, then mark its claim sent."""
+        d = self._d
+        payload = decode_payload(await d._store.get_marker(d._m("payload", record.id))) or b""
+        await d._send(
+            record.queue,
+            record.id,
+            payload,
+            0,
+            int((record.due_at or time.time()) * 1000),
+            {
+                self._gen_header: record.extra.get("gen", ""),
+                self._sent_header: record.extra.get("sent", 0),
+            },
+        )
+        await d._store.set_marker(self._guard_name(record), SENT_MARK, LIVE_TTL)
+
+    async def _republish(self, record: Record) -> bool:
+        """A released job whose claim was never marked sent, `STALE` seconds on: its releaser
+        died between the record's write and the publish; one taker publishes it. Whether the
+        record is settled (sent, or no longer waiting)."""
+        d = self._d
+        store = d._store
+        name = self._guard_name(record)
+        held = await store.get_marker(name)
+        if held is None or held == SENT_MARK or record.status not in _RELEASED:
+            return True
+        try:
+            age = time.time() - float(held)
+        except ValueError:
+            return False
+        if age < STALE or not await store.claim_marker(f"{name}:{held}", "1", LIVE_TTL):
+            return False
+        now = await d._read(record.id)
+        if (
+            now is None
+            or now.status not in _RELEASED
+            or now.extra.get("gen") != record.extra.get("gen")
+        ):
+            return True
+        logger.warning("publishing job %s again: its release was cut off", record.id)
+        await self._publish(now)
+        await self._count_out(now)
+        return True
 
     async def _cancel_deferred(self, record: Record, error: str) -> list[str]:
         held = await self._guard(record)
@@ -508,6 +554,14 @@ class Dependencies:
         """Whether `cancel` / `job_status` of `record` is this module's."""
         return record.status is Status.DEFERRED or _kind(record) != "job"
 
+    @staticmethod
+    def looks(record: Record) -> bool:
+        """Whether `job_status` of `record` is this module's: `handles`, or a released job
+        not started yet (its release may have been cut off: `_republish`)."""
+        return Dependencies.handles(record) or (
+            bool(record.extra.get("releasing")) and record.status in _RELEASED
+        )
+
     async def cancel(self, record: Record) -> bool:
         """Cancel a deferred job (its dependents resolved in turn), or a workflow record's
         members that have not ended (running ones asked to): the record ends with them."""
@@ -553,6 +607,8 @@ class Dependencies:
         """What `job_status` shows of a deferred job or a workflow record: resolved first if
         its dependencies allow (a resolution lost with a dead process happens here)."""
         d = self._d
+        if record.extra.get("releasing") and record.status in _RELEASED:
+            await self._republish(record)
         if record.status is Status.DEFERRED:
             statuses = await self._statuses(_deps(record))
             if await self._swept(_deps(record), statuses):
@@ -622,8 +678,14 @@ class Dependencies:
             page = await d._store.browse(self._shadow(queue), "delayed", offset, SWEEP_PAGE)
             self._sweep_from[queue] = offset + len(page) if len(page) == SWEEP_PAGE else 0
             ids = [placeholder.id for placeholder in page]
-            for record in await d._read_many(ids) if ids else []:
-                if record is None or record.status is not Status.DEFERRED:
+            for job_id, record in zip(ids, await d._read_many(ids) if ids else [], strict=True):
+                if record is None:
+                    await d._store.cancel(job_id, self._shadow(queue))  # its record is gone
+                    continue
+                if record.status is not Status.DEFERRED:
+                    # Released or ended, and its placeholder left behind by a cut-off release.
+                    if await self._republish(record):
+                        await self._count_out(record)
                     continue
                 statuses = await self._statuses(_deps(record))
                 if self._decide(record, statuses)[0]:
