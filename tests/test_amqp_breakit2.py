@@ -11,6 +11,7 @@ Run on both companion stores (Redis, and the database on SQLite), on the session
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -576,3 +577,61 @@ async def test_cancelling_a_chain_with_a_running_member_ends_it_when_that_member
     record = await status_of(driver, chain)
     assert record.status is Status.CANCELLED
     assert record.progress is not None and record.progress.cancelled == 2
+
+
+# -- the broker restarted ------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="RabbitMQ restarted while a dependency's end releases its dependents: their "
+    "publishes fail, they are put back deferred, and nothing releases them once the broker is "
+    "back (a later plain job runs; they stay deferred until looked at)",
+)
+@pytest.mark.timeout(240)
+async def test_dependents_released_across_a_broker_restart_all_run_without_a_look(
+    driver: AmqpDriver, queue: str, rabbitmq: object
+) -> None:
+    """The dependency's end is stored while the broker is down (the store is not): its
+    dependents' releases cannot publish. Once the broker is back, every dependent must run
+    (at least once), without anyone calling job_status."""
+    if rabbitmq is None:
+        pytest.skip("needs the session's own RabbitMQ node (it is stopped and started)")
+    a = new_id()
+    deps = [new_id() for _ in range(5)]
+    await driver.push([outgoing(a, queue), *(outgoing(d, queue, depends_on=[a]) for d in deps)])
+    held = await driver.reserve([queue], 1, lease=120)
+    assert [j.id for j in held] == [a]
+    held[0].outcome = Outcome(Status.SUCCEEDED, 600, result=b"1")
+    rabbitmq.stop()  # type: ignore[attr-defined]
+    try:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(driver.ack(held), 20)
+    finally:
+        rabbitmq.start()  # type: ignore[attr-defined]
+    assert (await asyncio.wait_for(driver._read(a), 10)).status is Status.SUCCEEDED  # type: ignore[union-attr]
+    # A plain job pushed after the restart: once it has run, the driver works again, and
+    # every dependent must have run before it or with it (they were due first).
+    probe = new_id()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            await driver.push([outgoing(probe, queue)])
+            break
+        except Exception:
+            assert time.monotonic() < deadline, "the driver never came back"
+            await asyncio.sleep(0.5)
+    ran: list[str] = []
+    while probe not in ran:
+        assert time.monotonic() < deadline, f"the probe never ran ({ran})"
+        with contextlib.suppress(Exception):  # the driver reconnecting
+            got = [j for j in await driver.reserve([queue], 10, lease=30) if not j.expired]
+            ran += [j.id for j in got]
+            await driver.ack(got)
+            await driver.wait([queue], 0.5)
+    more = await reserve_for(driver, queue, 3.0)
+    ran += [j.id for j in more]
+    assert a not in ran
+    # As stored (a job_status call would resolve them: that is the look they wait for).
+    left = [(d, getattr(await driver._read(d), "status", None)) for d in deps if d not in ran]
+    assert left == [], f"{len(left)} of {len(deps)} dependents did not run: {left[:2]}"
