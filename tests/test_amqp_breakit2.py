@@ -688,3 +688,21 @@ async def test_a_release_whose_confirm_was_lost_runs_and_leaves_no_deferred_coun
     assert (await status_of(driver, b)).status is Status.SUCCEEDED
     await driver.sweep()  # as the worker's heartbeat does
     assert (await driver.stats(queue)).deferred == 0
+
+
+async def test_a_foreign_message_with_a_deferred_jobs_id_does_not_run_in_its_place(
+    driver: AmqpDriver, queue: str
+) -> None:
+    a, b = new_id(), new_id()
+    # The dependency in another queue: nothing reserved here can end it.
+    await driver.push([outgoing(a, queue + "-dep"), outgoing(b, queue, depends_on=[a])])
+    await driver.push([outgoing(new_id(), queue)])  # declares the work queue
+    await publish_raw(driver, queue, message_id=b)
+    got = await reserve_for(driver, queue, 3.0, want=b)
+    forged = [(j.id, j.payload) for j in got if j.id == b]
+    await driver.ack(got)
+    assert forged == [], "a message of no push of it ran as the deferred job"
+    assert (await status_of(driver, b)).status is Status.DEFERRED
+    await run(driver, queue + "-dep", a)
+    got = await reserve_for(driver, queue, 10.0, want=b)
+    assert [(j.id, j.payload) for j in got] == [(b, b'{"n":0}')]
