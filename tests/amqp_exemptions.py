@@ -5,7 +5,7 @@ AMQP_EXEMPTIONS: a behaviour RabbitMQ 3.10 quorum queues, or the amqp design bui
 the broker or the design lacks, never "fails for now" (or, "not applicable:", why the test
 checks something the amqp connection does not have, such as another driver's raw storage).
 Most are features the driver refuses at push with a DriverError naming them (groups, limits,
-max_length, depends_on, workflow records), so a test that merely uses one to set up its case
+max_length), so a test that merely uses one to set up its case
 is exempt with that reason too.
 
 AMQP_DEFECTS: a behaviour the driver should give and does not yet; the amqp run is a strict
@@ -50,25 +50,16 @@ MAX_LENGTH = (
     "ladder and cannot be counted per queue, and drop_oldest must take a message out of the "
     "middle of a queue (max_length refused at push)"
 )
-DEPENDENCIES = (
-    "dependencies: a deferred job must be held aside until its dependencies end, and the amqp "
-    "design keeps no deferred jobs (depends_on refused at push)"
-)
-WORKFLOW_RECORDS = (
-    "workflow records (batch, chain): they resolve through dependencies, which the amqp design "
-    "does not keep (refused at push)"
-)
 BROWSE = (
     "browse: a queue cannot be read without taking its messages, and delayed jobs wait in the "
     "shared delay ladder"
 )
-PAYLOAD = (
-    "job_payload: a waiting job's payload lives only in its message, which a queue cannot show "
-    "without taking it; the store keeps records, not payloads"
-)
-SAVE_PAYLOAD = (
-    "save_payload: a checkpoint cannot be written into a message already published "
-    "(save_payload returns False)"
+FROZEN_HOLDER = (
+    "a frozen worker (SIGSTOP) keeps its delivery: its lease runs out only in its own process, "
+    "and the broker gives the job to another worker only once the holder's connection closes "
+    "(missed AMQP heartbeats: about a minute by default), so no second worker takes the job "
+    "over within the test's wait. A thawed holder's save_payload is refused all the same (its "
+    "lease ran out: tests/amqp/test_amqp_payloads.py)"
 )
 DELAYED_COUNT = (
     "per-queue delayed count: delayed jobs wait in the shared delay ladder, which the broker "
@@ -236,59 +227,24 @@ _TABLES: list[dict[str, str]] = [
         "test_bounded_the_bound_is_per_queue",
         "test_bounded_the_count_is_exact_under_concurrent_pushes",
     ),
+    # depends_on and workflow records work (amqp_deps.py); these tests of them also check
+    # another behaviour that differs.
+    _each(MAX_LENGTH, "test_bounded_dependents_of_a_dropped_job_are_cancelled"),
+    _each(BROWSE, "test_browse_deferred_lists_waiting_jobs_in_push_order_without_workflow_records"),
+    _each(PRUNE, "test_prune_records_ended_before_deletes_only_records_that_ended_earlier"),
     _each(
-        DEPENDENCIES,
-        "test_bounded_dependents_of_a_dropped_job_are_cancelled",
-        "test_browse_deferred_lists_waiting_jobs_in_push_order_without_workflow_records",
-        "test_delayed_and_deferred_jobs_have_their_payloads",
-        "test_prune_records_ended_before_deletes_only_records_that_ended_earlier",
-        "test_rule_a_cancelled_dependent_is_kept_for_its_failure_ttl",
-        "test_rule_a_chain_stops_at_its_first_failure",
-        "test_rule_a_delay_passed_while_deferred_releases_at_once",
-        "test_rule_a_dependency_earlier_in_the_same_push_is_known",
-        "test_rule_a_dependency_on_another_queue_of_the_connection",
-        "test_rule_a_dependency_that_failed_before_the_push_cancels_at_once",
-        "test_rule_a_dependency_that_succeeded_before_the_push_releases_at_once",
-        "test_rule_a_dependency_whose_record_is_gone_is_missing",
-        "test_rule_a_dependent_no_longer_deferred_ignores_later_ends",
-        "test_rule_a_job_not_stored_does_not_take_its_key",
+        DELAYED_COUNT,
         "test_rule_a_job_with_live_dependencies_is_deferred",
         "test_rule_a_released_job_with_a_pending_delay_is_scheduled_from_its_push",
-        "test_rule_a_retry_or_a_refund_is_not_an_end",
-        "test_rule_an_unknown_dependency_is_missing_and_nothing_is_stored",
-        "test_rule_cancel_cascades_down_a_chain_of_50",
-        "test_rule_cancel_of_a_deferred_job_cascades",
-        "test_rule_cancel_of_a_record_finds_it_without_its_queue",
-        "test_rule_cancel_on_failure_cancels_the_waiting_members_not_running_ones",
-        "test_rule_clear_ends_the_cleared_jobs_as_cancelled_for_what_waits_on_them",
-        "test_rule_clear_removes_deferred_jobs",
-        "test_rule_dependents_released_at_once_go_in_push_order",
-        "test_rule_ended_releases_once_all_ended_however",
-        "test_rule_failed_counts_an_expiry_as_a_failure",
-        "test_rule_failed_is_cancelled_when_nothing_failed",
-        "test_rule_failed_releases_at_the_first_failure",
-        "test_rule_last_two_dependencies_ending_at_once_release_the_dependent_once",
-        "test_rule_released_once_every_dependency_succeeded",
-        "test_rule_retry_failed_leaves_the_dependents_cancelled",
-        "test_rule_succeeded_a_dependency_that_did_not_succeed_cancels_the_dependent",
-        "test_rule_ttl_counts_from_the_release",
-        "test_rule_waiting_for_drops_dependencies_as_they_end",
     ),
+    _each(PRIORITY, "test_rule_released_once_every_dependency_succeeded"),
     _each(
-        WORKFLOW_RECORDS,
-        "test_rule_a_failed_or_cancelled_record_is_kept_for_its_failure_ttl",
-        "test_rule_a_failed_records_then_is_cancelled_and_its_finally_runs",
-        "test_rule_a_record_in_a_chain_resolves_into_the_next_record",
-        "test_rule_a_record_is_deferred_with_progress_and_never_reserved",
-        "test_rule_a_record_whose_members_all_succeeded_succeeds",
-        "test_rule_a_record_with_cancelled_members_and_no_failure_is_cancelled",
-        "test_rule_a_records_own_dependents_resolve_by_how_it_ended",
-        "test_rule_a_succeeded_record_is_kept_for_the_connections_result_ttl",
-        "test_rule_cancel_of_the_record_cancels_its_members",
-        "test_rule_progress_counts_each_end_and_a_failure_fails_the_record",
+        CANCEL_COUNT,
+        "test_rule_cancel_of_a_record_finds_it_without_its_queue",
         "test_rule_records_are_not_counted_in_recent",
-        "test_rule_without_cancel_on_failure_members_run_on",
     ),
+    # Its first driver closes holding a job it reserved: the broker hands it to the next.
+    _each(DEATH_REDELIVERY, "test_rule_a_succeeded_record_is_kept_for_the_connections_result_ttl"),
     _each(
         BROWSE,
         "test_browse_pending_lists_jobs_in_the_order_reserve_hands_them_out",
@@ -299,20 +255,6 @@ _TABLES: list[dict[str, str]] = [
         "test_browse_a_queue_of_ten_thousand_jobs_in_pages",
         # Pausing passes; the test ends by listing the pending job.
         "test_pause_is_seen_by_a_second_driver_and_resume_undoes_it",
-    ),
-    _each(
-        PAYLOAD,
-        "test_a_waiting_job_has_its_payload_byte_for_byte",
-        "test_an_unknown_id_or_a_wrong_queue_has_no_payload",
-        "test_an_id_on_two_queues_reads_the_live_one_without_a_queue",
-    ),
-    _each(
-        SAVE_PAYLOAD,
-        "test_save_payload_while_held_is_read_by_a_retry_and_a_refund",
-        "test_save_payload_is_read_by_a_lost_lease_redelivery",
-        "test_save_payload_after_a_takeover_of_the_lease_writes_nothing",
-        "test_save_payload_after_a_release_writes_nothing",
-        "test_save_payload_of_an_unknown_or_waiting_job_writes_nothing",
     ),
     _each(DELAYED_COUNT, "test_bulk_keeps_order_and_size_counts_every_job"),
     _each(CLEAR_DELAYED, "test_clear_removes_waiting_jobs"),
@@ -337,42 +279,12 @@ _TABLES: list[dict[str, str]] = [
         "test_concurrency_limit_2_holds_across_3_workers",
     ),
     _each(
-        DEPENDENCIES,
-        "test_a_dependent_of_two_jobs_ending_together_on_two_workers_runs_once",
-        "test_a_chain_survives_its_worker_killed_mid_member",
-    ),
-    _each(
-        PAYLOAD,
-        # These rewrite a waiting job's payload, or show the description and meta a waiting
-        # job's payload carries (queue:job), through job_payload.
-        "test_a_worker_process_runs_enqueued_functions_and_refuses_a_hostile_payload",
-        "test_a_path_no_worker_can_import_ends_failed_not_lost_nor_retried_for_ever",
-        "test_job_shows_description_and_meta_on_a_server_backend",
-        "test_job_shows_what_a_dispatch_and_a_worker_wrote",
-        "test_job_shows_what_rq_enqueue_was_given",
-        "test_queue_job_of_a_huge_meta_answers_and_json_keeps_it_whole",
-    ),
-    _each(
         BROWSE,
         # RQ's Queue.job_ids lists the waiting jobs through browse.
         "test_two_senders_enqueueing_the_same_job_id_at_once_store_it_once",
         "test_job_ids_of_ten_thousand_jobs_is_paged_not_one_trip_per_job",
     ),
-    _each(
-        SAVE_PAYLOAD,
-        # Multi-step jobs (core/steps.py) save their workspace and next step with save_payload
-        # after each step; on amqp every save is refused and the try stops.
-        "test_kill_9_right_after_a_step_ends_resumes_without_losing_or_skipping_a_step",
-        "test_kill_9_in_the_post_hook_after_a_checkpoint_does_not_rerun_the_step",
-        "test_kill_9_in_the_success_callback_reruns_the_callback_not_the_steps",
-        "test_sigterm_in_a_step_returns_the_job_with_its_workspace_and_its_try",
-        "test_a_workspace_that_is_not_json_names_it_and_the_job_is_kept",
-        "test_the_post_hook_runs_for_a_step_whose_checkpoint_failed",
-        "test_a_frozen_worker_whose_lease_lapsed_cannot_write_over_the_new_owner",
-        "test_two_workers_with_concurrency_4_run_every_step_exactly_once",
-        "test_a_step_job_killed_after_a_checkpoint_resumes_at_the_next_step",
-        "test_a_failing_step_retried_by_a_worker_process_resumes_at_that_step",
-    ),
+    _each(FROZEN_HOLDER, "test_a_frozen_worker_whose_lease_lapsed_cannot_write_over_the_new_owner"),
     _each(DELAYED_COUNT, "test_dispatch_from_a_plain_script"),
     _each(
         RESERVED_COUNT,
@@ -397,7 +309,8 @@ _TABLES: list[dict[str, str]] = [
         "test_new_worker_runs_what_the_old_release_left",
         "test_old_and_new_side_by_side_on_one_queue",
     ),
-    _each(DEPENDENCIES, "test_stats_match_what_was_put_in"),
+    # Also the cross-process reserved count (RESERVED_COUNT).
+    _each(DELAYED_COUNT, "test_stats_match_what_was_put_in"),
     _each(RESERVED_COUNT, "test_clear_needs_force_and_leaves_running_jobs"),
     _each(
         "not applicable: the test reads the worker registry's raw storage for the redis and "
@@ -419,12 +332,7 @@ def _merged(tables: list[dict[str, str]]) -> dict[str, str]:
 
 AMQP_EXEMPTIONS: dict[str, str] = _merged(_TABLES)
 
-AMQP_DEFECTS: dict[str, str] = {
-    "test_ack_without_an_outcome_succeeds_kept_for_the_connection_default": (
-        "a second driver's reserve gives [] for a job just pushed: the first driver, open and "
-        "idle after its own reserve, keeps a consumer that takes the message into its inbox"
-    ),
-}
+AMQP_DEFECTS: dict[str, str] = {}
 
 #: Defects seen in some runs and not others: a non-strict xfail (a pass is no news), with
 #: how often it failed in the reason. Moved to AMQP_DEFECTS or removed once understood.

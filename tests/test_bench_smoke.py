@@ -65,6 +65,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
         "W2g no-op jobs, 1,000 device groups",  # `group` through a real worker
         "W8 dispatch → await result, p50",  # `await handle.result()` across processes
         "W8 dispatch → await result, p99",
+        "W2x2 no-op jobs, 2 worker processes",  # `queue:work --processes 2`, a real pool
+        "W8p dispatch → await result",  # W8 with the peers polling every 10 ms
     ):
         row = next(line for name, line in rows.items() if name.startswith(label))
         topiq = row.split(" | ")[2].strip()

@@ -161,3 +161,22 @@ async def test_saves_of_many_held_jobs_at_once_each_land_on_their_own_job(
         for job in held:
             assert await driver.job_payload(job.id, queue) == job.id.encode()
         await driver.ack(held)
+
+
+async def test_an_ended_jobs_payload_leaves_the_store_with_its_end(
+    tmp_path: Path, amqp_url: str
+) -> None:
+    """A payload is kept for as long as a job may still run: the end (an ack, a cancel while
+    waiting) takes it out of the store in the same write, rather than leaving it for the live
+    keep time (days) after a job that ran in milliseconds."""
+    queue = new_queue()
+    async with opened(tmp_path, amqp_url) as driver:
+        await driver.push([OutgoingJob("e1", queue, b"run me"), OutgoingJob("e2", queue, b"x")])
+        name = driver._m("payload", "e1")
+        assert await driver._store.get_marker(name) is not None
+        held = await reserve_within(driver, queue, 5.0)
+        assert held.id == "e1"
+        await driver.ack([held])
+        assert await driver._store.get_marker(name) is None
+        assert await driver.cancel("e2", queue) is True
+        assert await driver._store.get_marker(driver._m("payload", "e2")) is None

@@ -36,9 +36,22 @@ taken, the failed store, workers, pauses, history.
   before it (`x-topiq-sent`) is dropped when it comes due, and a waiting job's record sent
   before it ends when looked at (status, id and key checks), its id and unique key let go.
 * `push` checks each queue's broker name first (255 bytes, the client's characters); when a
-  publish fails, the records, ids and keys of the jobs not confirmed are taken back.
+  publish fails, the records, ids and keys of the jobs the broker refused (or that were never
+  sent) are taken back. A job whose publish or confirm a lost connection cut off keeps them,
+  its record marked unconfirmed: it may be queued, and a repeat with its id is let in.
+* A job's payload is kept in the store beside its record (`<P>:payload:<id>`, written in the
+  same round trip), so `job_payload` can show a waiting job; `save_payload` writes a
+  checkpoint over it and marks the record, and a later try reads it instead of the message
+  body. An end takes the payload out of the store in the same write as the record.
 * Prefetched deliveries never handed out go back as copies (tries unchanged) when their queue
-  is no longer asked for, on close, and when unattended past half the consumer_timeout.
+  is no longer asked for, when a reserve made for no worker returns with no wait under way
+  (its consumers stop: only a worker prefetches), on close, and when unattended past half the
+  consumer_timeout.
+* A router message that cannot be routed (no Topiq queue or id, or refused for its own sake
+  `UNROUTABLE_AFTER` times) is set aside in `<P>.unroutable` with the reason
+  (`x-topiq-unroutable`).
+* `depends_on` and workflow records (chain, batch): amqp_deps.py keeps deferred jobs in the
+  store and publishes each when its dependencies allow.
 * Ends are counted in the store's history under a shadow queue, sent at most every 2 s.
 """
 
@@ -64,7 +77,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from core.errors import DriverError
+from core.errors import ConnectionLostError, DriverError
 from core.queue.drivers.amqp_connect import (
     Names,
     bucket_for,
@@ -73,10 +86,13 @@ from core.queue.drivers.amqp_connect import (
     translated,
     work_arguments,
 )
+from core.queue.drivers.amqp_deps import Dependencies
 from core.queue.drivers.amqp_records import (
     END_FIELDS,
     LIVE_TTL,
     Record,
+    decode_payload,
+    encode_payload,
     ends_queue,
     history_queue,
     marker_name,
@@ -117,6 +133,10 @@ GEN = "x-topiq-gen"
 SENT = "x-topiq-sent"
 #: Headers a copy of a message carries on (besides its tries, due time and queue).
 CARRIED = (LEASE, GEN, SENT)
+#: Why a router message was set aside in `<prefix>.unroutable` (`_set_aside`).
+UNROUTABLE = "x-topiq-unroutable"
+#: Deliveries of a router message that failed for its own sake before it is set aside.
+UNROUTABLE_AFTER = 5
 #: How many router messages one driver handles at once.
 ROUTER_PREFETCH = 256
 #: Milliseconds the router holds a message due this soon (unacknowledged: a crash loses
@@ -237,6 +257,10 @@ class AmqpDriver(Driver):
         self._unsent: dict[tuple[str, int, str], int] = {}
         self._sent_at = time.monotonic()
         self._routed = 0  # router messages handled since
+        #: Reserves and waits under way: while none is, nobody asks for deliveries.
+        self._asking = 0
+        #: depends_on and workflow records (amqp_deps.py).
+        self._deps = Dependencies(self)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -309,20 +333,40 @@ class AmqpDriver(Driver):
             await self._store.close()
 
     async def _return_inbox(self) -> None:
-        """Every consumer stops; deliveries never handed out go back (`_give_back`)."""
+        """Every consumer stops; deliveries never handed out go back (`_give_back`), those
+        still on their way when the broker took the cancels included."""
         await self._stop_consumers(list(self._consumers))
+        await self._given_back()
+
+    async def _given_back(self) -> None:
+        """Let the deliveries read before the broker's cancel-ok reach their (stopped)
+        deliverers, then wait for their copies to be out."""
+        for _ in range(3):
+            await asyncio.sleep(0)
+        await asyncio.gather(*self._acking, return_exceptions=True)
 
     async def _stop_consumers(self, names: Sequence[str]) -> None:
-        """Stop consuming `names` (queues no longer asked for: paused, or left), giving back
-        what their consumers prefetched."""
+        """Stop consuming `names` (queues no longer asked for: paused, or left, or nobody
+        asking at all), giving back what their consumers prefetched. The inbox is taken away
+        before the cancel: a delivery the broker sent before it took the cancel finds its
+        inbox gone and goes back by itself (`_deliverer`), whenever it arrives."""
         for name in names:
             consumer = self._consumers.pop(name, None)
-            if consumer is not None:
-                with translated(self.settings, f"stopping the consumer of {name!r}"):
-                    await consumer[0].cancel(consumer[1])
-            inbox = self._inbox.get(name)
-            while inbox:
-                await self._give_back(inbox.popleft()[1])
+            inbox = self._inbox.pop(name, None)
+            try:
+                if consumer is not None:
+                    with translated(self.settings, f"stopping the consumer of {name!r}"):
+                        await consumer[0].cancel(consumer[1])
+            finally:
+                while inbox:
+                    arrived = inbox.popleft()
+                    try:
+                        await self._give_back(arrived[1])
+                    except BaseException:
+                        # Kept for the sweep (or close) to give back; still unacknowledged.
+                        inbox.appendleft(arrived)
+                        self._inbox.setdefault(name, inbox)
+                        raise
 
     async def _give_back(self, message: AbstractIncomingMessage) -> None:
         """A delivery never handed out goes back to its queue without costing a try: a copy
@@ -375,25 +419,37 @@ class AmqpDriver(Driver):
         # messages while its leader starts: a nack means the broker did not take the message,
         # so it is sent again, a few times with a growing pause, before the dispatch fails.
         pauses: tuple[float, ...] = NACK_PAUSES
-        with translated(self.settings, f"publishing to {routing_key}"):
-            while True:
-                try:
-                    await channel.default_exchange.publish(message, routing_key, mandatory=True)
-                    return
-                except aiormq.exceptions.PublishError as exc:
-                    raise DriverError(
-                        f"RabbitMQ returned a job published to {routing_key}: no such queue"
-                    ) from exc
-                except aiormq.exceptions.DeliveryError as exc:
-                    if not pauses:
+        # Whether a publish went out on an open channel and its confirm is still awaited: a
+        # connection lost then may have cost only the confirm (`UnconfirmedPublish`).
+        written = False
+        try:
+            with translated(self.settings, f"publishing to {routing_key}"):
+                while True:
+                    if channel.is_closed:  # down already: this message was never sent
+                        raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
+                    written = True
+                    try:
+                        await channel.default_exchange.publish(message, routing_key, mandatory=True)
+                        return
+                    except aiormq.exceptions.PublishError as exc:
                         raise DriverError(
-                            f"RabbitMQ refused a job published to {routing_key} "
-                            f"{len(NACK_PAUSES) + 1} times (nack: is the queue at a limit, "
-                            "or the disk alarm on?)"
+                            f"RabbitMQ returned a job published to {routing_key}: no such queue"
                         ) from exc
-                    await asyncio.sleep(pauses[0])
-                    pauses = pauses[1:]
-                    channel = self._channel(self._pub)
+                    except aiormq.exceptions.DeliveryError as exc:
+                        written = False
+                        if not pauses:
+                            raise DriverError(
+                                f"RabbitMQ refused a job published to {routing_key} "
+                                f"{len(NACK_PAUSES) + 1} times (nack: is the queue at a limit, "
+                                "or the disk alarm on?)"
+                            ) from exc
+                        await asyncio.sleep(pauses[0])
+                        pauses = pauses[1:]
+                        channel = self._channel(self._pub)
+        except ConnectionLostError as exc:
+            if written and not isinstance(exc, UnconfirmedPublish):
+                raise UnconfirmedPublish(str(exc)) from exc.__cause__
+            raise
 
     async def _send(
         self,
@@ -441,12 +497,22 @@ class AmqpDriver(Driver):
         return (name, "", 0.001) if keep <= 0 else (name, record.dumps(), keep)
 
     async def _write(self, record: Record, keep: float) -> None:
-        await self._store.set_marker(*self._item(record, keep))
+        if record.status in ENDED:
+            await self._write_many([(record, keep)])
+        else:
+            await self._store.set_marker(*self._item(record, keep))
 
     async def _write_many(self, writes: Sequence[tuple[Record, float]]) -> None:
-        """Records with their keep times, in one round trip of the store."""
-        if writes:
-            await self._store.set_markers([self._item(r, keep) for r, keep in writes])
+        """Records with their keep times, in one round trip of the store. An ended job's
+        payload goes in the same trip: it was kept for `job_payload` and checkpoints only,
+        and would otherwise stay for the live keep time (days) after a short-lived job."""
+        items: list[tuple[str, str, float]] = []
+        for record, keep in writes:
+            items.append(self._item(record, keep))
+            if record.status in ENDED:
+                items.append((self._m("payload", record.id), "", 0.001))
+        if items:
+            await self._store.set_markers(items)
 
     def _live_keep(self, record: Record) -> float:
         due = record.due_at or time.time()
@@ -471,6 +537,7 @@ class AmqpDriver(Driver):
         record.status = Status.CANCELLED
         await self._write(record, 0.0)
         await self._release_claims(record)
+        await self._deps.ended([(record, 0.0)])
         return True
 
     async def _release_claims(self, record: Record, *, started: bool = False) -> None:
@@ -534,6 +601,8 @@ class AmqpDriver(Driver):
         for job in jobs:
             _refuse_unsupported(job)
             self._names.checked_work(job.queue)
+        if self._deps.wanted(jobs):  # deferred jobs and workflow records: amqp_deps.py
+            return await self._deps.push(jobs)
         out: list[Pushed] = []
         stored: list[tuple[OutgoingJob, Record]] = []
         wall = time.time()
@@ -574,11 +643,19 @@ class AmqpDriver(Driver):
             return out
         try:
             await self._remember({job.queue for job, _ in stored})
-            await self._write_many([(r, self._live_keep(r)) for _, r in stored])
+            # Each payload beside its record, in the same round trip: `job_payload` reads it,
+            # and a checkpoint (`save_payload`) later writes over it.
+            items: list[tuple[str, str, float]] = []
+            for job, r in stored:
+                keep = self._live_keep(r)
+                items.append(self._item(r, keep))
+                items.append((self._m("payload", r.id), encode_payload(job.payload), keep))
+            await self._store.set_markers(items)
         except BaseException:
             await self._undo(stored)
             raise
         failed: list[BaseException] = []
+        unsure: set[str] = set()  # the jobs whose publish was cut off: maybe queued
 
         async def send(job: OutgoingJob, record: Record) -> bool:
             if failed:
@@ -594,22 +671,65 @@ class AmqpDriver(Driver):
                 )
             except BaseException as exc:
                 failed.append(exc)
+                if isinstance(exc, UnconfirmedPublish):
+                    unsure.add(job.id)
                 return False
             return True
 
         sent = await _bounded(send(job, record) for job, record in stored)
         if failed:
-            # The jobs not confirmed are not dispatched: nothing of them may stay behind (a
-            # QUEUED record of a job that is nowhere, an id or unique key taken for ever).
-            await self._undo([pair for pair, ok in zip(stored, sent, strict=True) if not ok])
+            # A job the broker refused (a nack, returned as unroutable), or never sent (the
+            # connection was down already), is not dispatched: nothing of it may stay behind
+            # (a QUEUED record of a job that is nowhere, an id or unique key taken for ever).
+            # One whose publish went out and whose confirm a lost connection cut off may be
+            # queued all the same (the broker took it, the confirm was lost): undone, its
+            # message would run without its record, its id and key free for a second copy.
+            # Its record stays, marked unconfirmed (`_unsure`).
+            missed = [pair for pair, ok in zip(stored, sent, strict=True) if not ok]
+            await self._undo([pair for pair in missed if pair[0].id not in unsure])
+            await self._unsure([pair for pair in missed if pair[0].id in unsure])
             raise failed[0]
         return out
+
+    async def _unsure(self, stored: Sequence[tuple[OutgoingJob, Record]]) -> None:
+        """Jobs whose confirm never came (the connection dropped between their publish and
+        its confirm): the push raises, and the caller may dispatch them again (at least
+        once). Their records, ids and unique keys stay, so that a message the broker did
+        take runs as pushed (its tries, ttl and keys); each record is marked `unconfirmed`,
+        so that a repeat of the dispatch is let in rather than answered as a duplicate
+        (`_check_id`, `_check_key`: a message of the first push that did arrive is then
+        stale, and dropped). The once-key is let go: the caller was told the dispatch
+        failed. Best effort: the push's own error is the one raised."""
+        if not stored:
+            return
+        try:
+            records = await self._read_many([record.id for _, record in stored])
+            writes: list[tuple[Record, float]] = []
+            for (_, pushed), now in zip(stored, records, strict=True):
+                # Only while nobody has taken it yet: a worker may have started it already.
+                if (
+                    now is not None
+                    and now.extra.get("gen") == pushed.extra["gen"]
+                    and now.status in (Status.QUEUED, Status.SCHEDULED)
+                    and now.attempts == 0
+                ):
+                    now.extra["unconfirmed"] = 1
+                    writes.append((now, self._live_keep(now)))
+            await self._write_many(writes)
+            for job, _ in stored:
+                if job.once_key:
+                    await self._free(self._m("once", job.queue, job.once_key), job.id)
+        except Exception as exc:
+            logger.warning("could not mark the records of an unconfirmed push: %s", exc)
 
     async def _undo(self, stored: Sequence[tuple[OutgoingJob, Record]]) -> None:
         """Take back what `push` wrote for jobs it could not dispatch: their records, ids,
         unique keys and once-keys. Best effort: the push's own error is the one raised."""
         try:
-            await self._write_many([(record, 0.0) for _, record in stored])
+            await self._store.set_markers(
+                [self._item(record, 0.0) for _, record in stored]
+                + [(self._m("payload", record.id), "", 0.001) for _, record in stored]
+            )
             for job, _ in stored:
                 if job.check_id:
                     await self._free(self._m("id", job.queue, job.id), job.id)
@@ -659,6 +779,7 @@ class AmqpDriver(Driver):
             await self._expire(record)
         live = (
             record is not None
+            and not _unconfirmed(record)
             and record.queue == job.queue
             and (record.status in WAITING or record.status is Status.RUNNING)
         )
@@ -679,7 +800,7 @@ class AmqpDriver(Driver):
             record = None
         if record is not None and self._past_ttl(record, time.time()):
             await self._expire(record)
-        if holder and record is not None:
+        if holder and record is not None and not (holder == job.id and _unconfirmed(record)):
             if record.status in WAITING:
                 return self._duplicate(job, holder)
             if record.unique_for > 0:  # held for `unique_for`: running or ended
@@ -710,7 +831,13 @@ class AmqpDriver(Driver):
             # Deliveries held (unacknowledged) count against the prefetch: room for `limit`
             # more beside them. A worker asks for what it has room for, so its prefetch stays
             # its concurrency plus its buffer.
-            held = self._held_counts()
+            if not self._consumers:
+                # Every consumer stopped (nobody was asking): deliveries held now are on
+                # cancelled consumers, which a new consumer's prefetch does not count.
+                self._prefetch = 0
+                held = {}
+            else:
+                held = self._held_counts()
             raise_to = max(limit, 1) + max((held.get(q, 0) for q in queues), default=0)
             if raise_to > self._prefetch:
                 # A prefetch applies to the consumers started after it: restart them.
@@ -740,10 +867,29 @@ class AmqpDriver(Driver):
         inbox = self._inbox[queue]
 
         async def deliver(message: AbstractIncomingMessage) -> None:
+            if self._inbox.get(queue) is not inbox:
+                # Its consumer was stopped (`_stop_consumers`) while this delivery was on its
+                # way: nobody will take it here, so it goes back at once.
+                task = asyncio.create_task(self._late_give_back(message), name="topiq-amqp-back")
+                self._acking.add(task)
+                task.add_done_callback(self._acking.discard)
+                return
             inbox.append((time.monotonic(), message))
             self._wake()
 
         return deliver
+
+    async def _late_give_back(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await self._give_back(message)
+        except Exception as exc:
+            # Never left unacknowledged on a live channel (the consumer_timeout would close it,
+            # running jobs and all): returned to the broker, which counts a delivery (the
+            # job's record, if it has one, keeps that from costing a try).
+            logger.debug("could not give back a late delivery of %s: %s", message.message_id, exc)
+            if self._live(message):
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)
 
     async def _start_router(self, conn: AbstractRobustConnection) -> None:
         self._routing = await conn.channel(publisher_confirms=False)
@@ -772,8 +918,9 @@ class AmqpDriver(Driver):
             due = _header_int(headers, DUE)
             token = headers.get(LEASE)
             if not queue or not job_id:
-                logger.error("dropping a message without a Topiq queue or id from the router")
-                await message.ack()
+                await self._set_aside(
+                    message, f"it has no {QUEUE} header or no message_id: not a Topiq job"
+                )
                 return
             remaining = due - _now_ms()
             if 0 < remaining <= HOLD_MS:
@@ -801,13 +948,62 @@ class AmqpDriver(Driver):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            tried = _count_header(message.headers, "x-delivery-count") + 1
+            if not isinstance(exc, ConnectionLostError) and tried >= UNROUTABLE_AFTER:
+                # Refused this many times for the message's own sake (its queue's name, a
+                # broker refusal), not for a lost connection: it would go round for ever.
+                with contextlib.suppress(Exception):
+                    await self._set_aside(message, f"routing it failed {tried} times: {exc}")
+                    return
             # Not acknowledged: the broker hands it out again (here or to another worker).
-            logger.warning("routing a delayed job failed (%s); it will be routed again", exc)
+            logger.warning(
+                "routing a delayed job failed (%s, try %d); it will be routed again", exc, tried
+            )
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
         finally:
             self._routed += 1
             self._wake()
+
+    async def _set_aside(self, message: AbstractIncomingMessage, why: str) -> None:
+        """A router message that can never be routed goes to the quorum queue
+        `<prefix>.unroutable` (body, id and headers kept, the reason in
+        `x-topiq-unroutable`), where an operator finds it (`rabbitmqctl list_queues`, the
+        management UI) and can move it on by hand; then it is acknowledged. Logged once."""
+        name = f"{self._prefix}.unroutable"
+        # The broker's own dead-lettering headers would only mislead on the copy.
+        broker = ("x-death", "x-delivery-count", "x-first-death-", "x-last-death-")
+        headers = {k: v for k, v in message.headers.items() if not k.startswith(broker)}
+        headers[UNROUTABLE] = why[:1000]
+        # A channel of its own: the refusal that brought it here may have closed the other.
+        conn = self._conn
+        if conn is None:
+            raise DriverError(f"the {self.name} connection is not open (use `async with`)")
+        with translated(self.settings, f"opening a channel to set a message aside in {name}"):
+            channel = await conn.channel(publisher_confirms=True)
+        try:
+            with translated(self.settings, f"setting a message aside in {name}"):
+                await channel.declare_queue(name, durable=True, arguments=work_arguments())
+                await channel.default_exchange.publish(
+                    Message(
+                        message.body,
+                        headers=headers,
+                        message_id=message.message_id,
+                        delivery_mode=DeliveryMode.PERSISTENT,
+                    ),
+                    name,
+                    mandatory=True,
+                )
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        await message.ack()
+        logger.error(
+            "a message of the delay router (id %r) cannot be routed: %s; set aside in the queue %s",
+            message.message_id,
+            why,
+            name,
+        )
 
     @staticmethod
     def _live(message: AbstractIncomingMessage) -> bool:
@@ -855,6 +1051,33 @@ class AmqpDriver(Driver):
             raise
 
     async def _reserve(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        lease: float,
+        worker: str,
+        acks: _Acks,
+    ) -> list[ReservedJob]:
+        """`_take_jobs`, then, for a reserve made for no worker (a script, the console, a
+        test) with no other reserve or wait under way, the consumers stop and what they
+        prefetched goes back: a driver left idle after its reserve must not keep taking
+        the jobs pushed later into its inbox, where no other driver can reserve them. A
+        worker's reserves keep theirs running (the worker comes back for more, or waits, or
+        closes), so its next reservation finds the jobs already delivered."""
+        self._asking += 1
+        try:
+            out = await self._take_jobs(queues, limit, lease, worker, acks)
+        finally:
+            self._asking -= 1
+        if not worker and not self._asking and self._consumers:
+            try:
+                await self._stop_consumers(list(self._consumers))
+                await self._given_back()
+            except Exception as exc:  # the jobs are reserved all the same
+                logger.debug("could not stop the consumers after a reserve: %s", exc)
+        return out
+
+    async def _take_jobs(
         self,
         queues: Sequence[str],
         limit: int,
@@ -1009,6 +1232,7 @@ class AmqpDriver(Driver):
         )
         records = [Record.loads(value) for value in raw[: len(messages)]]
         cleared = {n: _int(v) for n, v in zip(names, raw[len(messages) :], strict=True) if v}
+        saved = await self._checkpoints(messages, records)
         now, wall = time.monotonic(), time.time()
         out: list[ReservedJob] = []
         gone: list[ReservedJob] = []
@@ -1080,7 +1304,7 @@ class AmqpDriver(Driver):
             record.worker = worker
             record.extra.pop("cancel", None)
             writes.append((record, self._live_keep(record)))
-            reserved = ReservedJob(job_id, queue, message.body, attempts)
+            reserved = ReservedJob(job_id, queue, saved.get(job_id, message.body), attempts)
             gen = str(message.headers.get(GEN, ""))
             record.extra["gen"] = gen
             self._held[(queue, job_id)] = _Held(
@@ -1097,12 +1321,38 @@ class AmqpDriver(Driver):
             await self._release_claims(record)
         if ends:
             await self._count(ends)
+        await self._deps.ended([(r, k) for r, k in writes[len(done) :] if r.status in ENDED])
         await _bounded(self._ack_message(message) for message in drops)
         for reserved in out:
             held = self._held.get((reserved.queue, reserved.id))
             if held is not None and self._needs_park(held, lease, now):
                 await self._park(held, lease)
         return out, gone, len(drops)
+
+    async def _checkpoints(
+        self, messages: list[tuple[str, AbstractIncomingMessage]], records: list[Record | None]
+    ) -> dict[str, bytes]:
+        """The payloads saved by earlier tries (`save_payload`) of the jobs among `messages`
+        whose records say they have one, by id, in one round trip (none when no record does).
+        A message's body is what was pushed or published last; a checkpoint written after
+        that (then the worker died, or its connection dropped) is only in the store."""
+        ids = [
+            message.message_id or ""
+            for (_, message), record in zip(messages, records, strict=True)
+            if record is not None
+            and record.extra.get("ckpt")
+            and record.status not in ENDED
+            and record.extra.get("gen", "") == message.headers.get(GEN, "")
+        ]
+        if not ids:
+            return {}
+        raw = await self._store.get_markers([self._m("payload", job_id) for job_id in ids])
+        saved: dict[str, bytes] = {}
+        for job_id, text in zip(ids, raw, strict=True):
+            payload = _payload(text)
+            if payload is not None:
+                saved[job_id] = payload
+        return saved
 
     @staticmethod
     def _past_ttl(record: Record, wall: float) -> bool:
@@ -1121,6 +1371,7 @@ class AmqpDriver(Driver):
         await self._write(record, record.failure_ttl)
         await self._count([(record.queue, Status.EXPIRED)])
         await self._release_claims(record)
+        await self._deps.ended([(record, record.failure_ttl)])
 
     @staticmethod
     def _expiry(record: Record) -> Outcome:
@@ -1232,10 +1483,17 @@ class AmqpDriver(Driver):
             timeout = min(timeout, min(leases) - time.monotonic())
         if timeout <= 0:
             return
-        if self._conn is not None and not self._router_on:
-            await self._consume(queues, 1)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(arrived.wait(), timeout)
+        self._asking += 1  # a reserve that returns meanwhile leaves the consumers running
+        try:
+            if self._conn is not None and (
+                not self._router_on or any(name not in self._consumers for name in queues)
+            ):
+                # Stopped by a reserve for no worker, or never started: a push must wake us.
+                await self._consume(queues, 1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrived.wait(), timeout)
+        finally:
+            self._asking -= 1
 
     def _holding(self, job: ReservedJob) -> _Held | None:
         held = self._held.get((job.queue, job.id))
@@ -1281,6 +1539,7 @@ class AmqpDriver(Driver):
         broker answers none, and one lost only means a redelivery, which the job's ended
         record drops)."""
         await self._count([(h.job.queue, h.record.status) for h, _ in done])
+        await self._deps.ended([(h.record, keep) for h, keep in done])
         await _bounded(
             self._finish(held)
             for held, _ in done
@@ -1362,8 +1621,47 @@ class AmqpDriver(Driver):
                 await self._park(held, seconds)
 
     async def save_payload(self, job: ReservedJob, payload: bytes) -> bool:
-        # A message cannot be rewritten in place: checkpoints are not kept on amqp.
-        return False
+        """A published message cannot be rewritten: the checkpoint goes to the job's payload
+        marker in the store, and its record says so (`ckpt`: the first try that saved), so that a
+        later try reads the marker at `_start` in place of its message's body (a retry's or
+        a refund's copy carries the checkpoint anyway; the broker's redelivery after a worker
+        died does not). Two round trips: the record read (still this try's?), then the
+        marker with, on the job's first save, the record."""
+        held = self._holding(job)
+        if held is None or not self._still_held(held):
+            return False
+        record = await self._read(job.id)
+        if (
+            record is None
+            or record.status is not Status.RUNNING
+            or record.queue != job.queue
+            or record.attempts != job.attempts
+            or record.extra.get("gen", "") != held.gen
+            or record.worker != held.record.worker
+        ):
+            # Another try started meanwhile (this one's lease lapsed, its connection dropped
+            # and the broker gave the job to another worker), or the job ended.
+            return False
+        if self._held.get((job.queue, job.id)) is not held or not self._still_held(held):
+            return False  # released, acknowledged or lapsed during the read
+        keep = self._live_keep(record)
+        items = [(self._m("payload", job.id), encode_payload(payload), keep)]
+        held.record.extra.setdefault("ckpt", job.attempts)  # on the record's next writes too
+        if not record.extra.get("ckpt"):
+            # The job's first checkpoint: the record as stored (a cancel asked meanwhile is
+            # kept), marked. Later saves write the payload alone.
+            record.extra["ckpt"] = job.attempts
+            items.append(self._item(record, keep))
+        await self._store.set_markers(items)
+        return True
+
+    def _still_held(self, held: _Held) -> bool:
+        """Whether this driver still holds `held`'s try: not released, its lease not run out
+        (then its copy is on its way to another worker), its delivery's channel alive (else
+        the broker gave it out again)."""
+        if held.requeued or held.lease_until <= time.monotonic():
+            return False
+        return held.message is None or self._live(held.message)
 
     # -- observing ---------------------------------------------------------------------
 
@@ -1385,7 +1683,8 @@ class AmqpDriver(Driver):
                     await channel.close()
         pending += len(self._inbox.get(queue, ()))
         reserved = sum(1 for key in self._held if key[0] == queue)
-        return QueueStats(self.name, queue, pending, 0, reserved, 0)
+        deferred = await self._deps.deferred(queue)
+        return QueueStats(self.name, queue, pending, 0, reserved, 0, deferred=deferred)
 
     async def queues(self) -> list[str]:
         import orjson
@@ -1404,6 +1703,7 @@ class AmqpDriver(Driver):
         count = int(getattr(result, "message_count", 0) or 0)
         # Delayed jobs are in the ladder, among every queue's: dropped when delivered.
         await self._store.set_marker(self._m("cleared", queue), str(_now_ms()), LIVE_TTL)
+        count += await self._deps.clear(queue)  # its deferred jobs (amqp_deps.py)
         inbox = self._inbox.get(queue)
         while inbox:
             if await self._ack_message(inbox.popleft()[1]):
@@ -1420,6 +1720,8 @@ class AmqpDriver(Driver):
             return None
         if self._past_ttl(record, time.time()):
             await self._expire(record)
+        if self._deps.looks(record):  # deferred jobs, workflow records: amqp_deps.py
+            return await self._deps.status(record)
         view = record.view(self.name)
         if view.status is Status.SCHEDULED and (record.due_at or 0) <= time.time():
             from dataclasses import replace
@@ -1428,15 +1730,30 @@ class AmqpDriver(Driver):
         return view
 
     async def job_payload(self, job_id: str, queue: str | None = None) -> bytes | None:
-        for (name, held_id), held in self._held.items():
-            if held_id == job_id and queue in (None, name):
-                return held.job.payload
-        return None
+        # The record and the payload marker in one round trip; the record decides (as in
+        # `job_status`) whether the job is the one asked for and still kept.
+        raw = await self._store.get_markers([self._m("job", job_id), self._m("payload", job_id)])
+        record = Record.loads(raw[0])
+        if record is None or (queue is not None and record.queue != queue):
+            return None
+        if await self._swept(record):
+            return None
+        if self._past_ttl(record, time.time()):
+            await self._expire(record)
+        if record.status in ENDED:
+            return None
+        payload = _payload(raw[1])
+        if payload is None:  # pushed by a version that kept no payloads: held here, maybe
+            held = self._held.get((record.queue, job_id))
+            return held.job.payload if held is not None else None
+        return payload
 
     async def cancel(self, job_id: str, queue: str | None = None) -> bool:
         record = await self._read(job_id)
         if record is None or (queue is not None and record.queue != queue):
             return False
+        if self._deps.handles(record):  # deferred jobs, workflow records: amqp_deps.py
+            return await self._deps.cancel(record)
         if record.status in WAITING:
             # Its message stays in the broker; whoever takes it drops it.
             self._ended(
@@ -1447,6 +1764,7 @@ class AmqpDriver(Driver):
             await self._write(record, record.failure_ttl)
             await self._count([(record.queue, Status.CANCELLED)])
             await self._release_claims(record)
+            await self._deps.ended([(record, record.failure_ttl)])
             return True
         if record.status is Status.RUNNING:
             record.extra["cancel"] = True
@@ -1589,6 +1907,7 @@ class AmqpDriver(Driver):
         channel, redelivering everything on it, running jobs included)."""
         await self._lapse_leases()
         await self._send_counts()
+        await self._deps.sweep()  # deferred jobs left unresolved (amqp_deps.py)
         old = time.monotonic() - self._park_after
         for inbox in self._inbox.values():
             while inbox and inbox[0][0] < old:
@@ -1629,6 +1948,17 @@ async def _bounded(calls: Iterable[Awaitable[_T]]) -> list[_T]:
     return out
 
 
+def _payload(text: str | None) -> bytes | None:
+    """The payload a payload marker holds: an empty one is an empty payload (`decode_payload`
+    reads "" as none), a marker that is not there or cannot be read is `None`."""
+    return b"" if text == "" else decode_payload(text)
+
+
+class UnconfirmedPublish(ConnectionLostError):
+    """The connection was lost after a publish went out on an open channel and before its
+    confirm came: the broker may have taken the message (only the confirm lost), or not."""
+
+
 def _check_page(offset: int, limit: int) -> None:
     """Refuse a page that cannot be read (`browse`, `groups`)."""
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
@@ -1642,14 +1972,20 @@ def _class_of(record: FailedJob) -> str:
     return "" if path == "?" else path
 
 
+def _unconfirmed(record: Record) -> bool:
+    """A record of a push whose confirm was lost (`_unsure`) and that no worker started: it
+    may have no message, so it holds neither its id nor its key against a repeat."""
+    return (
+        bool(record.extra.get("unconfirmed"))
+        and record.attempts == 0
+        and record.status in (Status.QUEUED, Status.SCHEDULED)
+    )
+
+
 def _refuse_unsupported(job: OutgoingJob) -> None:
     """What quorum queues cannot give is refused with its reason (docs/rabbitmq.md), never
     quietly dropped."""
     missing = []
-    if job.kind != "job":
-        missing.append(f"workflow records ({job.kind})")
-    if job.depends_on:
-        missing.append("depends_on")
     if job.group:
         missing.append("group")
     if job.limit is not None:

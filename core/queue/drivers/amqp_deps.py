@@ -221,7 +221,10 @@ class Dependencies:
         )
         if job.cancel_on_failure:
             record.extra["cof"] = True
-        keep = LIVE_TTL + delay
+        # Kept for as long as it may wait: past its own delay and past the latest due time of
+        # its dependencies (a dependent of a job due in 60 days must not expire before it).
+        later = [(r.due_at or wall) - wall for r in found if r is not None]
+        keep = LIVE_TTL + max([delay, *later])
         items = [d._item(record, keep)]
         if is_job:
             items.append((d._m("payload", job.id), encode_payload(job.payload), keep))
@@ -231,7 +234,7 @@ class Dependencies:
             if is_job:
                 await self._count_in(record)
             for dep in deps:
-                await self._register(dep.id, job.id)
+                await self._register(dep.id, job.id, keep)
         except BaseException:
             await self._unclaim(claimed)
             with contextlib.suppress(Exception):
@@ -251,14 +254,14 @@ class Dependencies:
         if job.once_key:
             await d._free(d._m("once", job.queue, job.once_key), job.id)
 
-    async def _register(self, dep_id: str, dependent: str) -> None:
-        """Take the first free slot of `dep_id` for `dependent`."""
+    async def _register(self, dep_id: str, dependent: str, keep: float) -> None:
+        """Take the first free slot of `dep_id` for `dependent` (kept as long as it)."""
         store = self._d._store
         n = 0
         while True:
             names = [self._slot(dep_id, i) for i in range(n, n + SLOTS)]
             for name, value in zip(names, await store.get_markers(names), strict=True):
-                if value is None and await store.claim_marker(name, dependent, LIVE_TTL):
+                if value is None and await store.claim_marker(name, dependent, keep):
                     return
             n += SLOTS
 
