@@ -457,12 +457,6 @@ async def test_a_dependent_outlives_the_wait_for_a_dependency_due_later_than_its
     assert [j.id for j in got] == [b]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the keep of a deferred job counts its dependencies' due times, but a dependency "
-    "that is itself deferred has no due time: the third job of a chain whose head is due "
-    "later than LIVE_TTL (30 days) expires before the head runs (shown with LIVE_TTL at 1 s)",
-)
 async def test_the_tail_of_a_chain_outlives_a_head_due_later_than_its_keep(
     driver: AmqpDriver, queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -722,12 +716,6 @@ async def mariadb_store_driver(
             yield opened, str(backend.overrides["queue_default"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the payload marker (base64) goes to queue_markers.value, a TEXT column (64 KiB) on "
-    "MariaDB: every push of a job over ~48 KiB (the limit is 1 MiB) fails with pymysql "
-    "DataError 1406 'Data too long for column value'",
-)
 @pytest.mark.parametrize("deferred", [False, True], ids=["plain", "deferred"])
 async def test_a_100_kib_payload_survives_a_mariadb_companion_store(
     mariadb_store_driver: tuple[AmqpDriver, str], deferred: bool

@@ -78,7 +78,7 @@ async def test_migrate_creates_everything_and_is_idempotent(fresh_url: str) -> N
     engine = create_engine(fresh_url)
     try:
         assert await schema_version(engine) == 0
-        assert await migrate(engine) == LATEST_VERSION == 6
+        assert await migrate(engine) == LATEST_VERSION == 7
         assert await migrate(engine) == LATEST_VERSION
     finally:
         await engine.dispose()

@@ -223,7 +223,14 @@ class Dependencies:
             record.extra["cof"] = True
         # Kept for as long as it may wait: past its own delay and past the latest due time of
         # its dependencies (a dependent of a job due in 60 days must not expire before it).
-        later = [(r.due_at or wall) - wall for r in found if r is not None]
+        # A dependency that is itself deferred has no due time yet: its wait has no bound
+        # that can be known now, so neither has this one's (the sweep resolves it if its
+        # dependencies' records go).
+        later = [
+            NEVER if r.status is Status.DEFERRED else (r.due_at or wall) - wall
+            for r in found
+            if r is not None
+        ]
         keep = LIVE_TTL + max([delay, *later])
         items = [d._item(record, keep)]
         if is_job:

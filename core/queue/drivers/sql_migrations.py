@@ -463,6 +463,14 @@ def _add_info(connection: Connection) -> None:
                 connection.execute(text(f"ALTER TABLE {name} ADD COLUMN {column} {kind} NULL"))
 
 
+def _widen_markers(connection: Connection) -> None:
+    # MySQL's TEXT stops at 64 KiB: a marker may hold a job's payload (the amqp connection's
+    # companion store keeps one per waiting job), which may be up to 1 MiB. SQLite's TEXT has
+    # no such bound; a new MySQL database already has LONGTEXT from version 4's CREATE.
+    if connection.dialect.name in ("mysql", "mariadb"):
+        connection.execute(text("ALTER TABLE queue_markers MODIFY COLUMN value LONGTEXT NOT NULL"))
+
+
 #: Every schema version, oldest first. Append; never edit a released step.
 STEPS: tuple[Step, ...] = (
     Step(1, "queue_jobs, queue_failed_jobs, queue_names, queue_workers, queue_meta", _create_v1),
@@ -486,6 +494,7 @@ STEPS: tuple[Step, ...] = (
         _add_groups,
     ),
     Step(6, "queue_job_records.info: a job's description and meta (issue #16)", _add_info),
+    Step(7, "queue_markers.value: LONGTEXT on MySQL (payloads kept as markers)", _widen_markers),
 )
 LATEST_VERSION = STEPS[-1].version
 

@@ -326,7 +326,7 @@ queue_markers = Table(
     "queue_markers",
     metadata,
     Column("name", String(190), primary_key=True),
-    Column("value", Text, nullable=False),
+    Column("value", LongText, nullable=False),  # LongText: schema version 7
     Column("expires_at", Time, nullable=False),
     **_MYSQL_OPTIONS,
 )
