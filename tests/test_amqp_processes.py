@@ -29,6 +29,7 @@ import pytest
 
 from core.delays import Delay
 from core.job import Job
+from core.queue.drivers.amqp_connect import Names
 from core.queue.drivers.base import ReservedJob
 from core.queue.queue_manager import QueueManager
 from core.worker.options import ExitCode
@@ -138,6 +139,28 @@ def started(worker: WorkerProcess) -> bool:
     return "starting:" in worker.output
 
 
+def consumers(backend: Backend) -> int:
+    """How many consumers the broker counts on the backend's work queue now (0 before a worker
+    declared it). A worker logs "starting:" before its first `reserve`, which is what starts
+    its consumer: until then the broker hands every job to the workers already consuming."""
+    import aio_pika
+    from aio_pika.exceptions import ChannelClosed
+
+    name = Names(backend.overrides["amqp_prefix"]).work(backend.overrides["queue_default"])
+
+    async def go() -> int:
+        connection = await aio_pika.connect(backend.overrides["amqp_url"])
+        async with connection:
+            channel = await connection.channel()
+            try:
+                queue = await channel.declare_queue(name, passive=True)
+            except ChannelClosed:  # not declared yet: no worker reserved from it
+                return 0
+            return queue.declaration_result.consumer_count or 0
+
+    return asyncio.run(go())
+
+
 def cli(env: dict[str, str], *args: str) -> tuple[int, str]:
     done = subprocess.run(
         [sys.executable, str(ROOT / "main.py"), *args],
@@ -177,8 +200,9 @@ class SwitchJob(Job):
 
 def test_two_workers_run_600_jobs_exactly_once(backend: Backend, log: str, tmp_path: Path) -> None:
     with workers(2, ["--concurrency", "8"], backend.env(), tmp_path) as procs:
-        for proc in procs:
-            wait_until(lambda: started(proc), 60, "the workers to start")  # noqa: B023
+        # Both consuming before the jobs come: on a loaded machine one worker could otherwise
+        # run all 600 before the other's first `reserve`.
+        wait_until(lambda: consumers(backend) >= 2, 60, "both workers to consume")
         send(backend, [RecordJob(log, n) for n in range(600)])
         wait_until(lambda: len(events(log, "run")) >= 600, 120, "600 jobs to run")
         for proc in procs:
