@@ -10,7 +10,8 @@ import pytest
 from core.errors import ConfigurationError, ConnectionLostError, DriverError
 from core.queue.drivers.amqp import AmqpDriver
 from core.queue.drivers.base import Limit, OutgoingJob
-from tests.amqp.support import AMQP_URL, amqp_settings, new_queue, opened, require_broker
+from tests.amqp import support
+from tests.amqp.support import amqp_settings, new_queue, opened, require_broker
 
 
 def free_port() -> int:
@@ -27,7 +28,7 @@ def with_password(url: str, password: str) -> str:
 
 async def test_wrong_credentials_are_a_configuration_error(tmp_path: Path) -> None:
     require_broker()
-    url = with_password(AMQP_URL, "not-the-password")
+    url = with_password(support.AMQP_URL, "not-the-password")
     driver = AmqpDriver("amqp", amqp_settings(tmp_path, amqp_url=url))
     with pytest.raises(ConfigurationError, match="AMQP_URL") as caught:
         await driver.open()
@@ -46,7 +47,7 @@ async def test_nothing_listening_is_a_lost_connection_naming_the_url(tmp_path: P
 
 async def test_amqps_to_a_plaintext_broker_never_falls_back(tmp_path: Path) -> None:
     require_broker()
-    url = AMQP_URL.replace("amqp://", "amqps://", 1)
+    url = support.AMQP_URL.replace("amqp://", "amqps://", 1)
     driver = AmqpDriver("amqp", amqp_settings(tmp_path, amqp_url=url))
     with pytest.raises(ConnectionLostError, match="unreachable"):
         await driver.open()
