@@ -1,6 +1,7 @@
 """Shared by the amqp driver tests: the broker they use and an open driver on it.
 
-TOPIQ_TEST_AMQP_URL names the broker; unset, the dev broker at 127.0.0.1:5699. The companion
+The broker is the session's own node (`AMQP_URL`, set by tests/amqp/conftest.py from the
+`amqp_url` fixture: a private node, or the one TOPIQ_TEST_AMQP_URL names). The companion
 store is SQLite in the test's own directory. Each test has queue names of its own; the ladder
 belongs to this session's prefix.
 """
@@ -20,7 +21,7 @@ from core.queue.drivers.amqp import AmqpDriver
 from core.settings import Settings
 from tests.conftest import answers, make_settings
 
-AMQP_URL = os.environ.get("TOPIQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5699/")
+AMQP_URL = ""  # the session's broker: set for each test by tests/amqp/conftest.py
 PREFIX = f"topiqA{os.getpid()}"
 
 

@@ -15,6 +15,7 @@ from core.errors import ConfigurationError, ConnectionLostError
 from core.job import Job
 from core.queue.drivers.base import FailedJob, OutgoingJob, ReservedJob, WorkerInfo
 from core.queue.drivers.database import DatabaseDriver
+from core.queue.drivers.sql_migrations import LATEST_VERSION
 from core.queue.queue_manager import QueueManager
 from core.worker.options import StopReason, WorkerOptions
 from core.worker.worker import Worker
@@ -303,6 +304,7 @@ async def test_unreachable_server_is_connection_lost_without_the_password() -> N
 async def test_driver_refuses_an_old_schema_without_auto_migrate(tmp_path: Path) -> None:
     settings = settings_for(f"sqlite+aiosqlite:///{tmp_path}/q.sqlite3", db_auto_migrate=False)
     with pytest.raises(
-        ConfigurationError, match=r"version 0, .* needs 6: run `python main.py queue:migrate`"
+        ConfigurationError,
+        match=rf"version 0, .* needs {LATEST_VERSION}: run `python main.py queue:migrate`",
     ):
         await DatabaseDriver("database", settings).open()

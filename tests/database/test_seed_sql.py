@@ -133,12 +133,12 @@ async def test_version_5_with_records_migrates_to_6_and_reads_right(own_url: str
     engine = create_engine(own_url)
     try:
         assert await schema_version(engine) == 5
-        assert await migrate(engine) == LATEST_VERSION == 6
-        assert await migrate(engine) == 6  # again: nothing to do
+        assert await migrate(engine) == LATEST_VERSION
+        assert await migrate(engine) == LATEST_VERSION  # again: nothing to do
     finally:
         await engine.dispose()
     version, rows, columns = await _describe(own_url)
-    assert (version, rows) == (6, 6)
+    assert (version, rows) == (LATEST_VERSION, LATEST_VERSION)
     assert columns.count("info") == 1
     async with DatabaseDriver("database", settings_for(own_url)) as driver:
         old = await driver.job_status(ids["ended"], "old5")
@@ -197,9 +197,9 @@ def test_two_processes_upgrading_version_5_at_once(own_url: str, tmp_path: Path)
     for proc in procs:
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-        assert "schema version 6" in out
+        assert f"schema version {LATEST_VERSION}" in out
     version, rows, columns = asyncio.run(_describe(own_url))
-    assert (version, rows) == (6, 6)  # version 6 written once
+    assert (version, rows) == (LATEST_VERSION, LATEST_VERSION)  # each version written once
     assert columns.count("info") == 1
 
 
@@ -207,12 +207,14 @@ async def test_three_engines_upgrading_version_5_at_once(own_url: str) -> None:
     ids = await _make_v5(own_url)
     engines = [create_engine(own_url) for _ in range(3)]
     try:
-        assert await asyncio.gather(*(migrate(engine) for engine in engines)) == [6, 6, 6]
+        assert (
+            await asyncio.gather(*(migrate(engine) for engine in engines)) == [LATEST_VERSION] * 3
+        )
     finally:
         for engine in engines:
             await engine.dispose()
     version, rows, columns = await _describe(own_url)
-    assert (version, rows) == (6, 6)
+    assert (version, rows) == (LATEST_VERSION, LATEST_VERSION)
     assert columns.count("info") == 1
     async with DatabaseDriver("database", settings_for(own_url)) as driver:
         record = await driver.job_status(ids["ended"], "old5")
