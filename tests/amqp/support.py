@@ -9,6 +9,7 @@ belongs to this session's prefix.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from core.queue.drivers.amqp import AmqpDriver
+from core.queue.drivers.base import ReservedJob
 from core.settings import Settings
 from tests.conftest import answers, make_settings
 
@@ -51,3 +53,15 @@ async def opened(tmp_path: Path, **extra: Any) -> AsyncIterator[AmqpDriver]:
     require_broker()
     async with AmqpDriver("amqp", amqp_settings(tmp_path, **extra)) as driver:
         yield driver
+
+
+async def reserve_within(driver: AmqpDriver, queue: str, seconds: float) -> ReservedJob:
+    """The next job `driver` reserves from `queue`, waiting up to `seconds` for one."""
+    deadline = time.monotonic() + seconds
+    while True:
+        jobs = await driver.reserve([queue], 1, 30.0)
+        if jobs:
+            return jobs[0]
+        left = deadline - time.monotonic()
+        assert left > 0, f"nothing was handed out of {queue} within {seconds}s"
+        await driver.wait([queue], min(0.5, left))

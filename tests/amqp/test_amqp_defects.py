@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +27,12 @@ from core.errors import ConnectionLostError
 from core.queue.drivers.amqp import AmqpDriver
 from core.queue.drivers.base import OutgoingJob
 from core.status import Status
-from tests.amqp.support import amqp_settings, new_queue
+from tests.amqp.support import new_queue, opened
 
 
 def new_prefix() -> str:
     """Broker objects of the test's own: its unroutable queue holds only its messages."""
     return f"topiqC{uuid.uuid4().hex[:8]}"
-
-
-@asynccontextmanager
-async def opened(tmp_path: Path, amqp_url: str, **extra: Any) -> AsyncIterator[AmqpDriver]:
-    async with AmqpDriver("amqp", amqp_settings(tmp_path, amqp_url=amqp_url, **extra)) as driver:
-        yield driver
 
 
 async def until(check: Callable[[], Any], seconds: float, what: str) -> Any:
@@ -60,7 +53,7 @@ async def test_a_driver_idle_after_its_reserve_takes_none_of_the_jobs_pushed_lat
     tmp_path: Path, amqp_url: str
 ) -> None:
     queue = new_queue()
-    async with opened(tmp_path, amqp_url) as first, opened(tmp_path, amqp_url) as second:
+    async with opened(tmp_path) as first, opened(tmp_path) as second:
         await first.push([OutgoingJob("a1", queue, b"x")])
         # Room for three, one there: before the fix, its consumer kept room for two more.
         [held] = await first.reserve([queue], 3, 30.0)
@@ -78,7 +71,7 @@ async def test_what_a_reserve_had_prefetched_and_did_not_hand_out_goes_back_unsp
     tmp_path: Path, amqp_url: str
 ) -> None:
     early, late = new_queue(), new_queue()
-    async with opened(tmp_path, amqp_url) as first, opened(tmp_path, amqp_url) as second:
+    async with opened(tmp_path) as first, opened(tmp_path) as second:
         await first.push([OutgoingJob("e1", early, b"x"), OutgoingJob("l1", late, b"x")])
         # A consumer per queue: the later queue's job is delivered too, and not handed out.
         [held] = await first.reserve([early, late], 1, 30.0)
@@ -93,7 +86,7 @@ async def test_a_workers_reserve_keeps_its_consumer_for_the_next_jobs(
     tmp_path: Path, amqp_url: str
 ) -> None:
     queue = new_queue()
-    async with opened(tmp_path, amqp_url) as worker, opened(tmp_path, amqp_url) as other:
+    async with opened(tmp_path) as worker, opened(tmp_path) as other:
         await worker.push([OutgoingJob("w1", queue, b"x")])
         [held] = await worker.reserve([queue], 3, 30.0, worker="w-1")
         await other.push([OutgoingJob("w2", queue, b"x")])
@@ -156,7 +149,7 @@ async def test_a_router_message_that_can_never_be_routed_is_set_aside_with_its_r
     prefix = new_prefix()
     queue = new_queue()
     classic = new_queue()
-    async with opened(tmp_path, amqp_url, amqp_prefix=prefix) as driver:
+    async with opened(tmp_path, amqp_prefix=prefix) as driver:
         await driver.wait([queue], 0.01)  # the router's consumer runs from here
         # Another application's classic queue under the work queue's name: the broker
         # refuses the quorum declare (PRECONDITION_FAILED) every time.
@@ -250,7 +243,7 @@ async def test_a_lost_confirm_keeps_the_record_of_the_job_the_broker_took(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     queue = new_queue()
-    async with opened(tmp_path, amqp_url) as pusher, opened(tmp_path, amqp_url) as worker:
+    async with opened(tmp_path) as pusher, opened(tmp_path) as worker:
         ours = list(transports[:1])  # the pusher's connection
 
         async def confirm_lost(publish: Callable[[], Any]) -> Any:
@@ -290,7 +283,7 @@ async def test_a_push_cut_off_before_the_broker_can_be_repeated(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     queue = new_queue()
-    async with opened(tmp_path, amqp_url) as pusher, opened(tmp_path, amqp_url) as worker:
+    async with opened(tmp_path) as pusher, opened(tmp_path) as worker:
         ours = list(transports[:1])
 
         async def cut_off(publish: Callable[[], Any]) -> Any:

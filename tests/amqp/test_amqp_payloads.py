@@ -7,43 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-from core.queue.drivers.amqp import AmqpDriver
 from core.queue.drivers.amqp_records import Record
 from core.queue.drivers.base import OutgoingJob, ReservedJob
-from tests.amqp.support import amqp_settings, new_queue
+from tests.amqp.support import new_queue, opened, reserve_within
 
 #: Every byte value, then what is no UTF-8 at all (a lone continuation byte, a cut sequence).
 RAW = bytes(range(256)) + b"\x80\xff\xfe\xc3"
-
-
-@asynccontextmanager
-async def opened(tmp_path: Path, amqp_url: str) -> AsyncIterator[AmqpDriver]:
-    """A driver on the session's broker (`amqp_url`: its private node unless
-    TOPIQ_TEST_AMQP_URL names one), its store in the test's directory."""
-    async with AmqpDriver("amqp", amqp_settings(tmp_path, amqp_url=amqp_url)) as driver:
-        yield driver
-
-
-async def reserve_within(driver: AmqpDriver, queue: str, seconds: float) -> ReservedJob:
-    deadline = time.monotonic() + seconds
-    while True:
-        jobs = await driver.reserve([queue], 1, 30.0)
-        if jobs:
-            return jobs[0]
-        left = deadline - time.monotonic()
-        assert left > 0, f"nothing was handed out of {queue} within {seconds}s"
-        await driver.wait([queue], min(0.5, left))
 
 
 async def test_a_checkpoint_survives_a_redelivery_after_the_workers_connection_drops(
     tmp_path: Path, amqp_url: str
 ) -> None:
     queue = new_queue()
-    async with opened(tmp_path, amqp_url) as first, opened(tmp_path, amqp_url) as second:
+    async with opened(tmp_path) as first, opened(tmp_path) as second:
         await first.push([OutgoingJob("c1", queue, b"step 0")])
         held = await reserve_within(first, queue, 5.0)
         assert await first.save_payload(held, b"step 2") is True
@@ -63,7 +41,7 @@ async def test_a_checkpoint_survives_a_redelivery_after_the_workers_connection_d
 
 async def test_a_payload_of_any_bytes_round_trips(tmp_path: Path, amqp_url: str) -> None:
     queue = new_queue()
-    async with opened(tmp_path, amqp_url) as driver:
+    async with opened(tmp_path) as driver:
         await driver.push([OutgoingJob("b1", queue, RAW), OutgoingJob("b2", queue, b"")])
         assert await driver.job_payload("b1", queue) == RAW
         assert await driver.job_payload("b1") == RAW
@@ -90,7 +68,7 @@ async def test_a_payload_of_any_bytes_round_trips(tmp_path: Path, amqp_url: str)
 
 async def test_a_stale_holders_save_writes_nothing(tmp_path: Path, amqp_url: str) -> None:
     queue = new_queue()
-    async with opened(tmp_path, amqp_url) as driver:
+    async with opened(tmp_path) as driver:
         await driver.push([OutgoingJob("s1", queue, b"pushed")])
         held = await reserve_within(driver, queue, 5.0)
         # Another worker's try started (as the broker's redelivery to it would start one),
@@ -117,7 +95,7 @@ async def test_a_save_after_the_lease_ran_out_writes_nothing(tmp_path: Path, amq
     ran out in its own process, so the job is on its way to another worker, even if no
     reserve has sent it back yet."""
     queue = new_queue()
-    async with opened(tmp_path, amqp_url) as driver:
+    async with opened(tmp_path) as driver:
         await driver.push([OutgoingJob("f1", queue, b"pushed")])
         held = await reserve_within(driver, queue, 5.0)
         await driver.extend([(held, 0.05)])
@@ -136,7 +114,7 @@ async def test_a_save_keeps_a_cancel_asked_while_the_job_runs(
     tmp_path: Path, amqp_url: str
 ) -> None:
     queue = new_queue()
-    async with opened(tmp_path, amqp_url) as driver:
+    async with opened(tmp_path) as driver:
         await driver.push([OutgoingJob("k1", queue, b"pushed")])
         held = await reserve_within(driver, queue, 5.0)
         assert await driver.cancel("k1", queue) is True
@@ -149,7 +127,7 @@ async def test_saves_of_many_held_jobs_at_once_each_land_on_their_own_job(
     tmp_path: Path, amqp_url: str
 ) -> None:
     queue = new_queue()
-    async with opened(tmp_path, amqp_url) as driver:
+    async with opened(tmp_path) as driver:
         await driver.push([OutgoingJob(f"m{n}", queue, b"0") for n in range(20)])
         held: list[ReservedJob] = []
         deadline = time.monotonic() + 10.0
@@ -170,7 +148,7 @@ async def test_an_ended_jobs_payload_leaves_the_store_with_its_end(
     waiting) takes it out of the store in the same write, rather than leaving it for the live
     keep time (days) after a job that ran in milliseconds."""
     queue = new_queue()
-    async with opened(tmp_path, amqp_url) as driver:
+    async with opened(tmp_path) as driver:
         await driver.push([OutgoingJob("e1", queue, b"run me"), OutgoingJob("e2", queue, b"x")])
         name = driver._m("payload", "e1")
         assert await driver._store.get_marker(name) is not None
