@@ -14,7 +14,6 @@ current directory. A misspelt command or flag gets the command's usage and the c
 from __future__ import annotations
 
 import argparse
-import asyncio
 import difflib
 import importlib
 import logging
@@ -26,6 +25,7 @@ from types import ModuleType
 
 from core.errors import ConfigurationError
 from core.log import configure_logging
+from core.loop import run as run_loop
 from core.settings import (
     QueueConnection,
     Settings,
@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _start_line(args, settings)
     module = _module(command)
     try:
-        code: int = asyncio.run(module.run(command, args, settings))
+        code: int = run_loop(module.run(command, args, settings), settings.event_loop)
     except ConfigurationError as exc:
         print(f"topiq: {exc}", file=sys.stderr)
         return ExitCode.USAGE

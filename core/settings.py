@@ -45,6 +45,14 @@ class LogFormat(enum.StrEnum):
     JSON = "json"
 
 
+class EventLoop(enum.StrEnum):
+    """The event loop Topiq's processes run on (core/loop.py)."""
+
+    AUTO = "auto"  # uvloop when it is installed, else asyncio's own
+    UVLOOP = "uvloop"  # uvloop, or a configuration error when it is not installed
+    ASYNCIO = "asyncio"  # asyncio's own loop, uvloop or not
+
+
 def _csv(value: Any) -> Any:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
@@ -99,6 +107,7 @@ class Settings(BaseSettings):
     app_name: str = "topiq"
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.TEXT
+    event_loop: EventLoop = EventLoop.AUTO
 
     # -- queue ---------------------------------------------------------------------------
     queue_connection: QueueConnection = QueueConnection.DATABASE

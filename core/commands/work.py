@@ -207,7 +207,8 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
         failed = settings.failed_connection_for[QueueConnection(connection)]
         logger.info(
             "worker %s starting: connection=%s queues=%s concurrency=%d prefetch=%d "
-            "max_jobs=%s max_time=%s timeout=%s max_tries=%s sleep=%gs grace=%gs; jobs at %s%s; "
+            "max_jobs=%s max_time=%s timeout=%s max_tries=%s sleep=%gs grace=%gs loop=%s; "
+            "jobs at %s%s; "
             "settings from %s",
             worker.id,
             connection,
@@ -220,6 +221,7 @@ async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
             options.max_tries or "per job",
             options.sleep,
             options.grace,
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
             queue_location(settings, connection),
             ""
             if failed.value == connection
