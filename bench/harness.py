@@ -175,7 +175,10 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[Results, dict[str,
                 }  # fmt: skip
                 spec = {"peer": peer, "workload": task.workload, "params": task.params,
                         "repeats": repeats, "ctx": ctx}  # fmt: skip
-                timeout = repeats * (task.params["budget"] * 4 + 120)
+                # W9 waits `recover` seconds after its kill, besides its budget.
+                timeout = repeats * (
+                    task.params["budget"] * 4 + task.params.get("recover", 0) * 1.5 + 120
+                )
                 return agent(python, [json.dumps(spec)], workdir, timeout, source)
 
             paired = [t for t in tasks if t.paired]
@@ -235,8 +238,13 @@ class _nothing:
 def _brief(answer: dict[str, Any]) -> str:
     if answer.get("error") and not answer.get("runs"):
         return f"n/a ({answer['error']})"
-    keys = ("rate", "one", "efficiency", "p50", "growth")
-    shown = [f"{key}={run[key]:.4g}" for run in answer["runs"] for key in keys[:5] if run.get(key)]
+    keys = ("rate", "one", "efficiency", "p50", "growth", "recovery", "lost")
+    shown = [
+        f"{key}={run[key]:.4g}"
+        for run in answer["runs"]
+        for key in keys
+        if isinstance(run.get(key), (int, float))
+    ]
     return " ".join(shown) + (f" [error: {answer['error']}]" if answer.get("error") else "")
 
 

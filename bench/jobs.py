@@ -55,3 +55,14 @@ class Echo(Job):
 
     async def handle(self) -> int:
         return self.value
+
+
+class Numbered(Job):
+    """W9's job: notes its start and end (bench/marks.py `numbered`), so a crash's cost is
+    counted by the jobs themselves."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    async def handle(self) -> None:
+        await marks.numbered(self.index)

@@ -164,3 +164,23 @@ async def timed_sleep(seconds: float) -> None:
     begin()
     await asyncio.sleep(seconds)
     hit()
+
+
+async def numbered(index: int) -> None:
+    """W9's job in every library (bench/recovery.py): note its start, await `SLEEP` seconds,
+    note its end. The notes go to a list the harness reads after the run (`<key>:ev`), the
+    ends also to a hash counting each job's ends (`<key>:ended`); the job whose start is the
+    mark (half the jobs) tells the harness, which then kills the worker or the server."""
+    key, marks, _, _ = _setup()
+    client = _redis()
+    pipe = client.pipeline(transaction=False)
+    pipe.rpush(f"{key}:ev", f"s {index} {time.time()!r}")
+    pipe.incr(f"{key}:started")
+    started = int(pipe.execute()[1])
+    if started in marks:
+        client.rpush(key, json.dumps({"count": started, "t": time.time()}))
+    await asyncio.sleep(SLEEP)
+    pipe = client.pipeline(transaction=False)
+    pipe.rpush(f"{key}:ev", f"e {index} {time.time()!r}")
+    pipe.hincrby(f"{key}:ended", str(index), 1)
+    pipe.execute()

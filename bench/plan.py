@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 BUDGET = 10.0  # seconds of work per run before a slow library's run is cut short
+#: W9: seconds after the kill a library has to run every job (Topiq's default lease of a
+#: running job is its 60 s timeout + the 10 s margin; arq's job timeout is 300 s).
+RECOVER = 90.0
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,12 @@ FULL: dict[str, dict[str, Any]] = {
     "W4": {"n": 500, "rate": 200},
     "W5": {"n": 2_000},
     "W6": {"n": 5_000, "rate": 1_000},
-    "W7": {"n": 200_000, "first": 10_000},
+    # W7 is Topiq alone and 200,000 jobs take longer than BUDGET: a budget of its own.
+    "W7": {"n": 200_000, "first": 10_000, "budget": 120.0},
     "W8": {"n": 500},
     "W8p": {"n": 300, "poll": 0.01},
+    # W9: kill at the half (or after `budget` s), then wait `recover` s after the kill.
+    "W9": {"n": 5_000, "recover": RECOVER},
 }
 SMOKE: dict[str, dict[str, Any]] = {
     "W1": {"n": 200},
@@ -44,6 +50,8 @@ SMOKE: dict[str, dict[str, Any]] = {
     "W7": {"n": 2_000, "first": 200},
     "W8": {"n": 5},
     "W8p": {"n": 5, "poll": 0.01},
+    # Smoke: Topiq's jobs with a 1 s timeout and lease margin, so a lease lapses in 2 s.
+    "W9": {"n": 200, "recover": 20.0, "job_timeout": 1.0},
 }
 
 
@@ -65,12 +73,12 @@ def tasks(only: list[str], smoke: bool, budget: float, before: str = "") -> list
     """
     sizes = SMOKE if smoke else FULL
     out: list[Task] = []
-    for name in ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8"):
+    for name in ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9"):
         rows = {w for w in only if w.startswith(name) and w != name}
         if only and name not in only and not rows:
             continue
         start = len(out)
-        params = {**sizes[name], "budget": budget}
+        params = {"budget": budget, **sizes[name]}  # W7 has a budget of its own
         if name == "W2":
             out.append(Task("W2n", "W2n", "redis", True, params, paired=True))
             out.append(Task("W2", "W2", "redis", False, params, paired=True))
@@ -89,6 +97,13 @@ def tasks(only: list[str], smoke: bool, budget: float, before: str = "") -> list
             # W8p: the peers read the result back every 10 ms, not every 0.5 s (their default)
             fast = {**sizes["W8p"], "budget": budget}
             out.append(Task("W8p", "W8", "redis", False, fast, peers=("arq", "saq")))
+        elif name == "W9":
+            kill = ("arq", "saq", "streaq", "taskiq", "rq")  # RouteMQ: not its model (no ack)
+            out.append(Task("W9", "W9", "redis", False, params, peers=kill))
+            everysec = {**params, "fsync": "everysec"}
+            out.append(Task("W9r", "W9r", "redis", False, everysec, peers=kill))
+            if not smoke:  # the same as W9r but for the fsync: not worth the smoke's time
+                out.append(Task("W9ra", "W9r", "redis", True, {**params, "fsync": "always"}))
         elif name == "W5":
             out.append(Task("W5m", "W5", "mysql", False, params))
             out.append(Task("W5mg", "W2g", "mysql", True, params))

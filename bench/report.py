@@ -91,6 +91,25 @@ ROWS = [
     Row("W6", "lost", "W6 MQTT messages lost", "msgs", False, "0", lambda t, b: t == 0),
     Row("W6", "app_cpu_us", "W6 app process CPU per message", "µs", False),
     Row("W6", "worker_cpu_us", "W6 worker process CPU per job", "µs", False),
+    Row("W9", "in_flight", "W9 worker SIGKILL mid-run: jobs in flight at the kill", "jobs", False),
+    Row("W9", "recovery", "W9 worker SIGKILL: kill → every in-flight job running again",
+        "s", False),
+    Row("W9", "lost", "W9 worker SIGKILL: jobs lost", "jobs", False, "0", lambda t, b: t == 0),
+    Row("W9", "twice", "W9 worker SIGKILL: jobs run twice", "jobs", False),
+    Row("W9r", "in_flight", "W9r Redis kill -9 mid-run (AOF, everysec): jobs in flight",
+        "jobs", False),
+    Row("W9r", "down", "W9r Redis kill -9: kill → restarted server answering", "s", False),
+    Row("W9r", "recovery", "W9r Redis kill -9: kill → in-flight jobs settled, queue moving",
+        "s", False),
+    Row("W9r", "lost", "W9r Redis kill -9: jobs lost", "jobs", False, "0",
+        lambda t, b: t == 0),
+    Row("W9r", "twice", "W9r Redis kill -9: jobs run twice", "jobs", False),
+    Row("W9ra", "recovery", "W9ra Redis kill -9 (AOF, fsync always): kill → queue moving",
+        "s", False),
+    Row("W9ra", "lost", "W9ra Redis kill -9 (AOF, fsync always): jobs lost", "jobs", False,
+        "0", lambda t, b: t == 0),
+    Row("W9ra", "twice", "W9ra Redis kill -9 (AOF, fsync always): jobs run twice", "jobs",
+        False),
     Row("W7", "growth", "W7 worker RSS growth, 10k → 200k jobs", "%", False, "< 10 %",
         lambda t, b: t < 10),
     Row("W7", "rss_first_kb", "W7 worker RSS after 10k jobs", "MiB", False, scale=1 / 1024),
@@ -130,6 +149,9 @@ class Results:
         if partial and row.metric in ("rate", "efficiency", "one", "p50", "p99"):
             text += self.note(f"{NAMES[peer]}, {row.source}: {partial[0]} (budget per run); "
                               "the figure is over the jobs done by then")  # fmt: skip
+        said = [r["note"] for r in result["runs"] if r.get("note")]
+        if said and row.metric in ("recovery", "lost"):  # W9: what happened in the run
+            text += self.note(f"{NAMES[peer]}, {row.source}: {said[0]}")
         if result["error"]:
             text += self.note(f"{NAMES[peer]}, {row.source}: a later run failed: {result['error']}")
         return value, text

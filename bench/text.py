@@ -72,6 +72,10 @@ def _versions(facts: dict[str, Any]) -> str:
 def footer(args: argparse.Namespace, facts: dict[str, Any]) -> str:
     machine = facts.get("machine", {})
     before = getattr(args, "before", "") or "none"
+    from bench import plan
+
+    recover_n = f"{plan.FULL['W9']['n']:,}" if not args.smoke else f"{plan.SMOKE['W9']['n']:,}"
+    recover = (plan.SMOKE if args.smoke else plan.FULL)["W9"]["recover"]
     return f"""### Machine and versions
 
 - {machine.get("cores")} cores ({_cpu()}), {_memory()} RAM, {machine.get("platform")}
@@ -108,7 +112,8 @@ def footer(args: argparse.Namespace, facts: dict[str, Any]) -> str:
   W6: 5,000 QoS 1 messages at 1,000/s into `devices/{{id}}/telemetry` (one device id per
   message, so the route's per-device rate limit stays out of the way), `python main.py serve`
   plus one worker (`bench/mqtt_probe.py` notes each job's start); lost = messages whose job
-  never started. W7: the worker's VmRSS after 10,000 and after 200,000 no-op jobs.
+  never started. W7: the worker's VmRSS after 10,000 and after 200,000 no-op jobs (Topiq
+  alone, with a budget of its own: 120 s, not the {args.budget:.0f} s above).
 - W2 keeps each job's status record and result (Topiq's default `result_ttl`, 500 s); W2n is
   the same run with `result_ttl = 0` (nothing kept); the ratio row divides the two. W2p is W2
   with each job given a random priority 0..9 (`job.priority`, the same seeded sequence every
@@ -142,4 +147,26 @@ def footer(args: argparse.Namespace, facts: dict[str, Any]) -> str:
   0.5 s). W8p: 300 such round trips with those polls at 10 ms (SAQ `poll_interval`, arq
   `poll_delay` of `Job.result` and of its worker), their best case (Topiq's call blocks on
   the server: it has no interval).
+- W9, W9r, W9ra: recovery (`bench/recovery.py`). {recover_n} numbered `asyncio.sleep(0.01)`
+  jobs are queued and one worker started; once half of them have started (or {args.budget:.0f} s
+  after, whichever is first), W9 kills the worker's process group with SIGKILL and starts a
+  new worker at once; W9r kills with SIGKILL a private `redis-server` holding the queue
+  (`appendonly yes`, `appendfsync everysec`, the Redis default for AOF; W9ra: `always`,
+  Topiq alone) and restarts it on the same data directory at once, the worker left running
+  (one that exits is replaced, as a supervisor would). Each job notes its start and end in the
+  harness's own Redis, which no kill touches; the figures come from those notes. In flight:
+  started and not ended at the kill. Recovery: from the kill until each of those has started
+  again (W9r: or ended) and a job not started before the kill has started (W9r: after the
+  restarted server answered); n/a when an in-flight job never runs again within {recover:.0f} s of
+  the kill (the budget of every run: the library's own recovery mechanism is left at its
+  default, and one slower than that shows as n/a and lost). Lost: jobs never ended by then
+  (n/a when the library was still running jobs at that point: the rest may be queued, not
+  lost). Run twice: jobs that ran to their end more than once. The libraries' own recovery,
+  at their defaults: Topiq hands a job back when its lease lapses (a running job's lease is
+  its timeout, 60 s, plus `queue_lease_margin`, 10 s, renewed by the heartbeat; a prefetched
+  one's 10 s); arq re-runs a job when its in-progress key expires (job timeout, 300 s); SAQ's
+  sweep (at worker start and every 60 s) aborts the jobs whose worker is gone and retries
+  only jobs with retries left (default 1 try: none); streaq reclaims a task idle for 60 s
+  (`idle_timeout`); taskiq-redis's stream broker reclaims messages idle for 10 min
+  (`idle_timeout`); RQ moves the jobs of a dead worker to its failed registry (no retry).
 """

@@ -10,6 +10,7 @@ from typing import Any
 
 from bench.marks import SLEEP
 from bench.peers.base import JobKind, Peer, Unsupported
+from bench.recovery import w9_redis_kill, w9_worker_kill
 from bench.worker_process import WorkerProcess
 
 Figures = dict[str, Any]
@@ -284,4 +285,6 @@ WORKLOADS: dict[str, Callable[..., Awaitable[Figures]]] = {
     "W5": w2_noop,  # W2 on a database backend
     "W7": w7_memory,
     "W8": w8_result,
+    "W9": w9_worker_kill,
+    "W9r": w9_redis_kill,
 }

@@ -28,12 +28,16 @@ async def latency(ctx: dict[str, Any], sent: float) -> None:
     marks.hit(sent)
 
 
+async def numbered(ctx: dict[str, Any], index: int) -> None:
+    await marks.numbered(index)
+
+
 async def echo(ctx: dict[str, Any], value: int) -> int:
     return value
 
 
 class WorkerSettings:
-    functions: ClassVar[list[Any]] = [noop, sleep, latency, echo]
+    functions: ClassVar[list[Any]] = [noop, sleep, latency, echo, numbered]
     redis_settings = RedisSettings.from_dsn(os.environ.get("BENCH_QUEUE_URL", "redis://127.0.0.1"))
     max_jobs = 32
     # W8p only (BENCH_POLL): how often the worker looks for jobs; arq's default is 0.5 s.
@@ -60,6 +64,9 @@ class ArqPeer(Peer):
             await self.pool.enqueue_job("latency", sent)
         else:
             await self.pool.enqueue_job(kind)
+
+    async def enqueue_numbered(self, index: int) -> None:
+        await self.pool.enqueue_job("numbered", index)
 
     async def round_trip(self, value: int, timeout: float) -> object:
         job = await self.pool.enqueue_job("echo", value)

@@ -65,6 +65,9 @@ class Peer(abc.ABC):
         #: W8p: seconds between the reads of a library that polls for the result (and whose
         #: worker polls for jobs), set before its worker starts; None: the library's default.
         self.poll: float | None = None
+        #: W9 smoke runs only: a job timeout (seconds) for the libraries whose recovery waits
+        #: for it; 0: the library's default (what the full run measures).
+        self.job_timeout = 0.0
 
     async def open(self) -> None:
         """Connect the enqueueing side."""
@@ -79,6 +82,10 @@ class Peer(abc.ABC):
     async def enqueue_bulk(self, kind: JobKind, n: int) -> None:
         """Enqueue `n` jobs with the library's bulk API."""
         raise Unsupported(f"{self.name} has no bulk enqueue API")
+
+    async def enqueue_numbered(self, index: int) -> None:
+        """Enqueue W9's job number `index` (bench/marks.py `numbered`)."""
+        raise Unsupported(f"{self.name}: no numbered job in this benchmark")
 
     async def round_trip(self, value: int, timeout: float) -> object:
         """Dispatch the echo job with `value` and wait for its result the way the library

@@ -27,6 +27,10 @@ def latency(sent: float) -> None:
     marks.hit(sent)
 
 
+async def numbered(index: int) -> None:
+    await marks.numbered(index)
+
+
 FUNCS = {"noop": noop, "sleep": sleep, "latency": latency}
 
 
@@ -50,6 +54,9 @@ class RqPeer(Peer):
             self.queue.enqueue(latency, sent)
         else:
             self.queue.enqueue(FUNCS[kind])
+
+    async def enqueue_numbered(self, index: int) -> None:
+        self.queue.enqueue(numbered, index)
 
     async def enqueue_bulk(self, kind: JobKind, n: int) -> None:
         self.queue.enqueue_many([Queue.prepare_data(FUNCS[kind]) for _ in range(n)])

@@ -27,6 +27,10 @@ async def latency(ctx: Any, *, sent: float) -> None:
     marks.hit(sent)
 
 
+async def numbered(ctx: Any, *, index: int) -> None:
+    await marks.numbered(index)
+
+
 async def echo(ctx: Any, *, value: int) -> int:
     return value
 
@@ -36,7 +40,7 @@ def settings() -> dict[str, Any]:
     url = os.environ.get("BENCH_QUEUE_URL", "redis://127.0.0.1")
     return {
         "queue": Queue.from_url(url, name=QUEUE),
-        "functions": [noop, sleep, latency, echo],
+        "functions": [noop, sleep, latency, echo, numbered],
         "concurrency": 32,
     }
 
@@ -58,6 +62,9 @@ class SaqPeer(Peer):
             await self.queue.enqueue("latency", sent=sent)
         else:
             await self.queue.enqueue(kind)
+
+    async def enqueue_numbered(self, index: int) -> None:
+        await self.queue.enqueue("numbered", index=index)
 
     async def round_trip(self, value: int, timeout: float) -> object:
         # `apply` enqueues and then reads the job back every `poll_interval` (default 0.5 s),

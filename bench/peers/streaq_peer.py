@@ -27,10 +27,14 @@ async def latency(sent: float) -> None:
     marks.hit(sent)
 
 
+async def numbered(index: int) -> None:
+    await marks.numbered(index)
+
+
 def build(url: str) -> tuple[Worker[Any], dict[str, Any]]:
     """A worker with the three tasks registered, and the tasks by name."""
     worker: Worker[Any] = Worker(redis_url=url, concurrency=32, queue_name=QUEUE)
-    tasks = {fn.__name__: worker.task(fn) for fn in (noop, sleep, latency)}  # type: ignore[call-overload]
+    tasks = {fn.__name__: worker.task(fn) for fn in (noop, sleep, latency, numbered)}  # type: ignore[call-overload]
     return worker, tasks
 
 
@@ -50,6 +54,9 @@ class StreaqPeer(Peer):
     async def enqueue(self, kind: JobKind, sent: float = 0.0) -> None:
         task = self.tasks[kind]
         await (task.enqueue(sent) if kind == "latency" else task.enqueue())
+
+    async def enqueue_numbered(self, index: int) -> None:
+        await self.tasks["numbered"].enqueue(index)
 
     async def enqueue_bulk(self, kind: JobKind, n: int) -> None:
         await self.worker.enqueue_many([self.tasks[kind].enqueue() for _ in range(n)])

@@ -25,11 +25,15 @@ async def latency(sent: float) -> None:
     marks.hit(sent)
 
 
+async def numbered(index: int) -> None:
+    await marks.numbered(index)
+
+
 def build(url: str) -> tuple[RedisStreamBroker, dict[str, Any]]:
     """A broker with the three tasks registered, and the tasks by name."""
     broker = RedisStreamBroker(url=url, queue_name=QUEUE)
     # By explicit name: registering renames the function it wraps.
-    funcs = {"noop": noop, "sleep": sleep, "latency": latency}
+    funcs = {"noop": noop, "sleep": sleep, "latency": latency, "numbered": numbered}
     tasks = {name: broker.register_task(fn, task_name=name) for name, fn in funcs.items()}
     return broker, tasks
 
@@ -53,6 +57,9 @@ class TaskiqPeer(Peer):
     async def enqueue(self, kind: JobKind, sent: float = 0.0) -> None:
         task = self.tasks[kind]
         await (task.kiq(sent) if kind == "latency" else task.kiq())
+
+    async def enqueue_numbered(self, index: int) -> None:
+        await self.tasks["numbered"].kiq(index)
 
     def worker_command(self) -> list[str]:
         return [

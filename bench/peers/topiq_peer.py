@@ -77,6 +77,11 @@ class TopiqPeer(Peer):
     async def enqueue(self, kind: JobKind, sent: float = 0.0) -> None:
         await self.manager.push(self._job(kind, sent), QUEUE)  # type: ignore[arg-type]
 
+    async def enqueue_numbered(self, index: int) -> None:
+        from bench import jobs
+
+        await self.manager.push(jobs.Numbered(index), QUEUE)
+
     async def enqueue_bulk(self, kind: JobKind, n: int) -> None:
         await self.manager.bulk([self._job(kind) for _ in range(n)], QUEUE)  # type: ignore[misc]
 
@@ -93,6 +98,9 @@ class TopiqPeer(Peer):
         return await result(timeout=timeout)
 
     def worker_command(self) -> list[str]:
+        # W9 smoke: every job's timeout (`--timeout`) and the lease margin short, so that a
+        # killed worker's leases lapse within seconds (by default: 60 s + 10 s).
+        short = ["--timeout", repr(self.job_timeout)] if self.job_timeout else []
         return [
             self.python(),
             str(REPO / "main.py"),
@@ -103,7 +111,11 @@ class TopiqPeer(Peer):
             QUEUE,
             "--concurrency",
             str(self.concurrency),
+            *short,
         ]
 
     def worker_env(self) -> dict[str, str]:
-        return self._env()
+        env = self._env()
+        if self.job_timeout:  # W9 smoke: a lapsed lease comes back after timeout + margin
+            env["QUEUE_LEASE_MARGIN"] = repr(self.job_timeout)
+        return env
