@@ -52,8 +52,10 @@ async def queue_numbered(peer: Peer, n: int, in_flight: int = 32) -> None:
 def events(client: redis.Redis, key: str) -> list[Event]:
     """Every start and end the jobs noted, oldest first."""
     out: list[Event] = []
-    for raw in client.lrange(f"{key}:ev", 0, -1):  # type: ignore[union-attr]
-        kind, index, at = raw.decode().split()
+    raw: bytes | str
+    for raw in client.lrange(f"{key}:ev", 0, -1):
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        kind, index, at = text.split()
         out.append((kind, int(index), float(at)))
     return sorted(out, key=lambda e: e[2])
 
@@ -143,7 +145,7 @@ async def _run(
             deadline = killed_at + recover
             ended_all = False
             while time.time() < deadline:
-                if client.hlen(f"{key}:ended") >= n:  # type: ignore[operator]
+                if client.hlen(f"{key}:ended") >= n:
                     ended_all = True
                     break
                 alive = worker if kill != "worker" else later
