@@ -98,7 +98,7 @@ def tasks(only: list[str], smoke: bool, budget: float, before: str = "") -> list
             fast = {**sizes["W8p"], "budget": budget}
             out.append(Task("W8p", "W8", "redis", False, fast, peers=("arq", "saq")))
         elif name == "W9":
-            kill = ("arq", "saq", "streaq", "taskiq", "rq")  # RouteMQ: not its model (no ack)
+            kill = ("arq", "saq", "streaq", "taskiq", "rq")  # RouteMQ: no W9 adapter yet
             out.append(Task("W9", "W9", "redis", False, params, peers=kill))
             everysec = {**params, "fsync": "everysec"}
             out.append(Task("W9r", "W9r", "redis", False, everysec, peers=kill))
