@@ -10,6 +10,7 @@ from typing import Any
 
 from core import tracing
 from core.errors import ConnectionLostError
+from core.mqtt import commit
 from core.mqtt.client import Delivery, MqttClient
 from core.mqtt.context import MessageContext
 from core.mqtt.errors import InvalidPayloadError, MessageRejected
@@ -20,6 +21,7 @@ from core.mqtt.routing import Route, Router, topic_matches
 from core.mqtt.spool import Spool
 from core.mqtt.stats import MqttStats
 from core.origin import Origin, origin
+from core.queue.drivers.base import Driver
 from core.queue.payload import topic_problem
 from core.queue.queue_manager import QueueManager, get_default_manager
 from core.settings import Settings
@@ -57,6 +59,10 @@ class MqttApp:
         retries: Runs after a handler raised (default `MQTT_HANDLER_RETRIES`).
         manager: The queue manager the handlers dispatch through, on which `run()` installs
             the offline spool (default: `stats.manager`, else the default manager).
+        group_commit: Whether the pushes the handlers make to the manager's default
+            connection, while one of them is on its way, go together in the next one
+            (`core/mqtt/commit.py`); each message is still acknowledged only once its jobs
+            are stored.
     """
 
     def __init__(
@@ -70,10 +76,12 @@ class MqttApp:
         grace: float | None = None,
         retries: int | None = None,
         manager: QueueManager | None = None,
+        group_commit: bool = True,
     ) -> None:
         self.router = router
         self.settings = settings
         self.manager = manager
+        self.group_commit = group_commit
         self._spool_manager: QueueManager | None = None  # where `run()` installed its spool
         self.options = options or ConnectionOptions.from_settings(settings)
         self.stats = stats if stats is not None else MqttStats()
@@ -108,6 +116,7 @@ class MqttApp:
         slots = asyncio.Semaphore(self.concurrency)
         publisher = Publisher(self.client)
         spool, replay = await self._start_spool()
+        grouped = self._start_group_commit()
         self.client.start()
         stopper = asyncio.create_task(self._stop_reading_on_stop(), name="topiq-mqtt-stop")
         try:
@@ -125,6 +134,7 @@ class MqttApp:
             stopper.cancel()
             await self._drain()
             await self._stop_spool(spool, replay)
+            self._stop_group_commit(grouped)
             await self.client.close()
             s = self.stats
             logger.info(
@@ -164,6 +174,29 @@ class MqttApp:
         replay = asyncio.create_task(spool.replay(manager), name="topiq-spool-replay")
         self._spool_manager = manager
         return spool, replay
+
+    def _start_group_commit(self) -> tuple[Driver, commit.GroupCommit] | None:
+        """Batch the pushes the handlers make to the default connection (`core/mqtt/commit.py`):
+        every message costs a durable write before its acknowledgement, and those made while
+        one is on its way go together in the next. Nothing is opened here: the connection
+        still opens on the first dispatch."""
+        if not self.group_commit:
+            return None
+        manager = self.manager or self.stats.manager or get_default_manager()
+        try:
+            driver = manager.driver()
+        except Exception:  # a connection misconfigured: the first dispatch says how
+            logger.debug("no group commit: the default connection has no driver", exc_info=True)
+            return None
+        installed = commit.install(driver)
+        return None if installed is None else (driver, installed)
+
+    def _stop_group_commit(self, grouped: tuple[Driver, commit.GroupCommit] | None) -> None:
+        if grouped is not None:
+            driver, installed = grouped
+            commit.uninstall(driver, installed)
+            if installed.pushes:
+                logger.debug("group commit: %d jobs in %d pushes", installed.jobs, installed.pushes)
 
     async def _stop_spool(self, spool: Spool | None, replay: asyncio.Task[None] | None) -> None:
         """Stop replaying and close the spool file: what it holds waits for the next start."""
