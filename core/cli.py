@@ -14,27 +14,27 @@ current directory. A misspelt command or flag gets the command's usage and the c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import gc
 import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from core.errors import ConfigurationError
-from core.log import configure_logging
-from core.loop import run as run_loop
-from core.settings import (
-    QueueConnection,
-    Settings,
-    project_home,
-    queue_location,
-    redact_url,
-    settings_warnings,
-)
 from core.worker.options import ExitCode
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+
+# The settings (pydantic), the logging set-up and the loop are imported by `main`, under
+# `_collector_paused`: `import core.cli` (the installed `topiq` command's first step) stays
+# cheap, and the start-up's imports all happen with the collector off.
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -225,6 +225,8 @@ def _settings_file(given: str | None, *, process: bool) -> Path | None:
         if path.is_dir():
             raise ConfigurationError(f"--env-file {given}: a directory, not a settings file")
         path = path.absolute()  # before a move to TOPIQ_HOME
+    from core.settings import project_home
+
     project = project_home()
     if project is not None:
         os.chdir(project)
@@ -244,6 +246,8 @@ def settings_source(path: Path | None) -> str:
 
 def _start_line(args: argparse.Namespace, settings: Settings) -> None:
     """`serve`'s first line: where jobs go and which broker, without passwords."""
+    from core.settings import QueueConnection, queue_location, redact_url
+
     connection = settings.queue_connection
     failed = settings.failed_connection_for[connection]
     if settings.mqtt_url:
@@ -279,8 +283,54 @@ def _env_file_first(raw: list[str]) -> list[str]:
     return moved + rest
 
 
+@contextlib.contextmanager
+def _collector_paused(pause: bool) -> Iterator[None]:
+    """Start-up with the garbage collector off (when `pause`, and it is on).
+
+    A command's start-up makes some hundred thousand objects that live as long as the process
+    (modules, classes, the settings) and next to no garbage, yet the collector walks them over
+    and over while modules load: about a tenth of a worker's start to its first job. On the
+    way out they are frozen (`gc.freeze`: set aside for good, so later full collections of a
+    long-running worker skip them too) and the collector is back on, whatever happened.
+    Only for the process's own command line: a caller of `main(argv)` (a test, a script) keeps
+    its collector as it is.
+    """
+    if not pause or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, load the settings once, run the command; returns the exit code."""
+    with _collector_paused(argv is None):
+        started = _start(argv)
+    if isinstance(started, int):
+        return started
+    module, command, args, settings = started
+    from core.loop import run as run_loop
+
+    try:
+        code: int = run_loop(module.run(command, args, settings), settings.event_loop)
+    except ConfigurationError as exc:
+        print(f"topiq: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    except KeyboardInterrupt:
+        return ExitCode.OK
+    return code
+
+
+def _start(
+    argv: Sequence[str] | None,
+) -> int | tuple[ModuleType, str, argparse.Namespace, Settings]:
+    """Everything before the command runs: parse, read the settings, set up logging, import
+    the command (and what it says it will need, its `preload`). An exit code when the command
+    line or the settings are wrong, else what `main` runs."""
     raw = _env_file_first(list(sys.argv[1:] if argv is None else argv))
     position = _global_options_end(raw)
     if position < len(raw) and not raw[position].startswith("-") and raw[position] not in COMMANDS:
@@ -292,6 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: str = args.command
     if extras:
         return _unrecognised(parser, command, extras)
+    from core.log import configure_logging
+    from core.settings import Settings, settings_warnings
+
     try:
         installed = argv is None and _prog() == "topiq"
         args.settings_file = _settings_file(args.env_file, process=installed)
@@ -306,11 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "serve":
         _start_line(args, settings)
     module = _module(command)
-    try:
-        code: int = run_loop(module.run(command, args, settings), settings.event_loop)
-    except ConfigurationError as exc:
-        print(f"topiq: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
-    except KeyboardInterrupt:
-        return ExitCode.OK
-    return code
+    preload = getattr(module, "preload", None)
+    if preload is not None:
+        preload(command, args, settings)
+    return module, command, args, settings

@@ -16,12 +16,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
-from rich.console import Console, RenderableType
-from rich.markup import escape
-from rich.table import Table
 
 from core.errors import ConfigurationError, ConnectionLostError, TopiqError
 from core.queue.drivers.base import Driver, FailedJob, FailedStore
@@ -29,6 +26,12 @@ from core.queue.payload import validate_queue
 from core.queue.queue_manager import QueueManager
 from core.settings import Settings
 from core.worker.options import ExitCode
+
+if TYPE_CHECKING:
+    # rich draws the operations commands' output; a worker never prints a table, so it is
+    # imported where the output is made, not when a command module loads (worker start time).
+    from rich.console import Console, RenderableType
+    from rich.table import Table
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -233,6 +236,8 @@ def console() -> Console:
     Piped output gets a wide console rather than rich's 80 columns, so ids and class names in
     a table stay whole for `grep`.
     """
+    from rich.console import Console
+
     return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)
 
 
@@ -268,6 +273,8 @@ def table(
     Only the columns named in `wrap` (free text such as an error message) wrap or shrink on a
     narrow terminal; the others (ids, names, counts, times) are always shown whole.
     """
+    from rich.table import Table
+
     grid = Table(title=printable(title), caption=caption or None, title_justify="left")
     cells = [[_cell(value) for value in row] for row in rows]
     for index, name in enumerate(columns):
@@ -311,6 +318,8 @@ def _cell(value: Any) -> str:
     """A cell's text, rich markup escaped: a job's description or error may hold `[/x]`,
     which rich would otherwise read as a tag (and refuse to draw the table); control
     characters escaped (`printable`)."""
+    from rich.markup import escape
+
     if value is None:
         return "-"
     if isinstance(value, datetime):

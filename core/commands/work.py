@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from core.commands._common import (
 )
 from core.commands._endpoint import add_endpoint_flags
 from core.errors import ConfigurationError
+from core.queue.drivers import DRIVERS
 from core.queue.drivers.base import Driver
 from core.queue.payload import validate_queue
 from core.queue.queue_manager import QueueManager, set_default_manager
@@ -182,6 +184,26 @@ _WORKING_FLAGS = (
     "processes",
 )
 _SWITCHES = ("stop_when_empty", "with_scheduler")
+
+
+def preload(name: str, args: argparse.Namespace, settings: Settings) -> None:
+    """Import the driver of the worker's connection now, before the loop starts.
+
+    Its client library is the largest part of a worker's start-up, and `main` runs this while
+    start-up has the garbage collector paused. Nothing is opened or checked here: a wrong
+    connection, or a library that is missing, is reported where the worker makes its driver,
+    as it would be without this.
+    """
+    if args.failed or (args.processes or 1) > 1:
+        return  # no worker in this process
+    try:
+        connection = QueueManager(settings).connection_name(args.connection)
+    except ConfigurationError:
+        return
+    entry = DRIVERS.get(connection)
+    if entry is not None:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(entry[0].partition(":")[0])
 
 
 async def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
