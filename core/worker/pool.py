@@ -154,6 +154,21 @@ class ParentLink:
         os._exit(1)
 
 
+def _own_group(loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+    """How to start a child in a process group of its own on `loop`.
+
+    asyncio's loop takes `process_group` (set up in C, before the child runs any Python);
+    uvloop does not know it and takes `preexec_fn`, run in the child between fork and exec.
+    """
+    if isinstance(loop, asyncio.BaseEventLoop):
+        return {"process_group": 0}
+    return {"preexec_fn": _new_group}
+
+
+def _new_group() -> None:
+    os.setpgid(0, 0)
+
+
 @dataclass
 class _Slot:
     """One of the N places a child runs in."""
@@ -253,7 +268,7 @@ class Pool:
         try:
             # A process group of its own: a terminal's Ctrl-C reaches the parent only, which
             # forwards it once (the child would otherwise see it twice: a forced stop).
-            proc = await asyncio.create_subprocess_exec(*argv, env=env, process_group=0)
+            proc = await asyncio.create_subprocess_exec(*argv, env=env, **_own_group(loop))
         except OSError as exc:
             self._failed(slot, loop, f"could not be started ({exc})", 1)
             return

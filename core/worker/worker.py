@@ -385,6 +385,11 @@ class Worker:
                 # Jobs that start at once take the lease their timeout needs; jobs that will
                 # wait in the buffer a short one, renewed while they wait.
                 free = opts.concurrency - len(self._running)
+                if not buffer and 0 < free < room:
+                    # Nothing buffered and slots free (an idle worker): take only what starts
+                    # now, under the lease it runs with, so a job starts without a lease
+                    # round trip first. The prefetch follows in the next turn.
+                    room = free
                 lease = self._default_lease if room <= free else self._prestart_lease
                 acks = self._done
                 self._done = []
