@@ -5,7 +5,7 @@ turns TLS on. The server's certificate is verified against `ssl_ca`/`ssl_capath`
 CAs, host name included, unless `ssl_verify_cert=false` (or `ssl_verify_identity=false` for the
 host name only) says otherwise. aiomysql upgrades a connection to TLS only when the server offers
 it and would otherwise log in in plaintext; here a connection whose server does not offer TLS is
-refused before any credentials are sent (`_TlsOnlyConnection`), and one that did not end up
+refused before any credentials are sent (`_tls_only_connection`), and one that did not end up
 encrypted is closed (a check that fails closed should aiomysql's internals change).
 
 Redis (`rediss://`): redis-py verifies the certificate by default and never falls back to
@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
-import aiomysql
-from pymysql.constants import CLIENT  # type: ignore[import-untyped]
-from sqlalchemy.engine import URL
-
 from core.errors import ConfigurationError, ServerMismatchError
+
+if TYPE_CHECKING:  # a Redis process never loads the MySQL client (it starts faster)
+    from sqlalchemy.engine import URL
 
 __all__ = ["check_redis_url", "mysql_tls", "redis_plaintext_refusal", "redis_tls_failure"]
 
@@ -107,24 +107,31 @@ class _NotEncrypted(ConfigurationError):
     """The server did not offer TLS: nothing was sent to it."""
 
 
-class _TlsOnlyConnection(aiomysql.Connection):  # type: ignore[misc]  # aiomysql is untyped
-    """An aiomysql connection that will not log in unless the server offers TLS.
+@functools.cache
+def _tls_only_connection() -> type[Any]:
+    """The aiomysql connection class that will not log in unless the server offers TLS, made
+    on first use so that importing this module loads no MySQL client.
 
     aiomysql calls `_request_authentication` once the server's greeting is read; without this
     check it would send the login in plaintext to a server that does not advertise TLS.
     """
+    import aiomysql
+    from pymysql.constants import CLIENT  # type: ignore[import-untyped]
 
-    async def _request_authentication(self) -> None:
-        if not self.server_capabilities & CLIENT.SSL:
-            raise _NotEncrypted("the server does not offer TLS")
-        await super()._request_authentication()
+    class TlsOnlyConnection(aiomysql.Connection):  # type: ignore[misc]  # aiomysql is untyped
+        async def _request_authentication(self) -> None:
+            if not self.server_capabilities & CLIENT.SSL:
+                raise _NotEncrypted("the server does not offer TLS")
+            await super()._request_authentication()
+
+    return TlsOnlyConnection
 
 
 def _tls_only(where: str) -> Callable[..., Awaitable[Any]]:
     """The function SQLAlchemy's aiomysql dialect calls instead of `aiomysql.connect`."""
 
     async def connect(**kwargs: Any) -> Any:
-        conn = _TlsOnlyConnection(**kwargs)
+        conn = _tls_only_connection()(**kwargs)
         try:
             await conn._connect()
         except _NotEncrypted:
