@@ -24,23 +24,23 @@ from tests.processes import WorkerProcess, wait_until
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
 #: Libraries a Redis worker has no use for (each is loaded where it is used: the database
-#: driver, the dashboard, `--metrics-port`, RabbitMQ, the MQTT app, the command tables).
+#: driver and the MySQL TLS check, the dashboard, `--metrics-port`, RabbitMQ, the MQTT app,
+#: the tables of the operations commands).
 NOT_FOR_A_REDIS_WORKER = (
+    "sqlalchemy",
+    "aiomysql",
+    "pymysql",
+    "aiosqlite",
     "rich",
     "starlette",
     "uvicorn",
     "jinja2",
     "prometheus_client",
     "aio_pika",
-    "aiosqlite",
     "aiomqtt",
     "paho",
     "amqtt",
 )
-#: The MySQL client and SQLAlchemy: still loaded by core/queue/drivers/tls.py at import
-#: (requested in /work/notes/requests-S.md, item 1); the strict xfail turns into a failure,
-#: a reminder to fold these into the tuple above, once that lands.
-SQL_LIBRARIES = ("sqlalchemy", "aiomysql", "pymysql")
 
 
 class LoadedModules(Job):
@@ -93,15 +93,6 @@ def test_a_redis_worker_loads_no_library_it_does_not_use(first_job: dict[str, ob
     assert isinstance(packages, list)
     assert "redis" in packages  # the report is the worker's own
     assert sorted(set(NOT_FOR_A_REDIS_WORKER) & set(packages)) == []
-
-
-@pytest.mark.xfail(
-    strict=True, reason="core/queue/drivers/tls.py imports them at import (requests-S.md 1)"
-)
-def test_a_redis_worker_loads_no_sql_library(first_job: dict[str, object]) -> None:
-    packages = first_job["packages"]
-    assert isinstance(packages, list)
-    assert sorted(set(SQL_LIBRARIES) & set(packages)) == []
 
 
 def test_the_collector_is_back_on_once_the_worker_has_started(
