@@ -7,6 +7,7 @@ commands. These tests run a real `queue:work` process and ask its first job what
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import json
@@ -15,8 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from core.cli import main
+from core.cli import build_parser, main
+from core.commands import work
+from core.errors import ConfigurationError
 from core.job import Job
+from core.queue.drivers import DRIVERS
 from core.queue.queue_manager import QueueManager
 from core.settings import Settings
 from tests.processes import WorkerProcess, wait_until
@@ -132,3 +136,27 @@ def test_main_of_the_process_turns_the_collector_back_on_when_it_exits_early(
     finally:
         gc.unfreeze()  # the test process's objects go back to the collector
     assert "queue:work" in capsys.readouterr().out
+
+
+def _work_args(*argv: str) -> argparse.Namespace:
+    parser = build_parser("queue:work")
+    return parser.parse_args(["queue:work", *argv])
+
+
+def test_preload_leaves_a_driver_that_cannot_load_to_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A missing client library is reported where the worker makes its driver (with the
+    install hint), not by `preload`, which only warms the import."""
+    monkeypatch.setitem(DRIVERS, "redis", ("tests.no_such_module:Driver", "nothing"))
+    settings = Settings.load(env_file=None, queue_connection="redis")
+    work.preload("queue:work", _work_args(), settings)  # no error
+    with pytest.raises(ConfigurationError, match="pip install nothing"):
+        QueueManager(settings).driver("redis")
+
+
+def test_preload_leaves_an_unknown_connection_to_the_worker() -> None:
+    settings = Settings.load(env_file=None)
+    work.preload("queue:work", _work_args("--connection", "nosuch"), settings)  # no error
+    with pytest.raises(ConfigurationError, match="unknown queue connection 'nosuch'"):
+        QueueManager(settings).connection_name("nosuch")
