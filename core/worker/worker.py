@@ -394,6 +394,8 @@ class Worker:
                 acks = self._done
                 self._done = []
                 asked = time.monotonic()
+                # Whether the wait under way had already ended when this reservation was sent.
+                woken_before = waiter is None or waiter.done()
                 try:
                     # Shielded: a reservation that reached the server must reach us too.
                     jobs = await asyncio.shield(
@@ -434,6 +436,17 @@ class Worker:
                     waiter.cancel()
                     await asyncio.gather(waiter, return_exceptions=True)
                     waiter = None
+                if (
+                    waiter is not None
+                    and waiter.done()
+                    and not woken_before
+                    and not waiter.cancelled()
+                    and waiter.exception() is None
+                ):
+                    # Woken while that reservation was on its way: the wake-up may be for a job
+                    # pushed after the reservation looked. Look again now, not after a sleep.
+                    waiter = None
+                    continue
                 if waiter is None or waiter.done():
                     if waiter is not None and not waiter.cancelled() and waiter.exception():
                         await self._pause(min(0.1 * 2**failures, 5.0))

@@ -172,9 +172,9 @@ _SWEEP_EVERY = 2.0
 #: polled every `_POLL_EVERY` seconds (one pipelined EXISTS per slot).
 _BLOCKED_SLOTS = 32
 _POLL_EVERY = 0.5
-#: Cluster: the longest a BLPOP of `wait` blocks (then it is started again): below the
-#: cluster client's socket timeout (redis-py's default: 5 s), which would fail a longer one
-#: as a lost connection.
+#: The longest a BLPOP of `wait` blocks (then it is started again): below the client's socket
+#: timeout (redis-py's default: 5 s, on every topology), which would fail a longer one as a
+#: lost connection. A longer `--sleep` is served in several waits.
 _BLPOP_MAX = 4.0
 
 
@@ -971,6 +971,7 @@ class RedisDriver(Driver):
 
     async def wait(self, queues: Sequence[str], timeout: float) -> None:
         now = time.monotonic()
+        timeout = min(timeout, _BLPOP_MAX)
         for name in queues:
             timeout = min(timeout, self._next_due.get(name, now + timeout) - now)
         if timeout < 0.001:
