@@ -211,6 +211,8 @@ class Settings(BaseSettings):
     # The offline spool: jobs dispatched while the queue backend cannot be reached.
     mqtt_spool_path: Path = Path("storage/spool.sqlite3")
     mqtt_spool_max: int = Field(default=100_000, ge=0)  # jobs; 0: no spool
+    # The handlers' pushes made while one is on its way go together in the next (mqtt.md).
+    mqtt_group_commit: bool = True
 
     # -- dashboard ---------------------------------------------------------------------
     # The token `python main.py dashboard` asks for (required when bound off loopback; on

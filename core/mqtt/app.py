@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from core import tracing
@@ -21,7 +22,7 @@ from core.mqtt.routing import Route, Router, topic_matches
 from core.mqtt.spool import Spool
 from core.mqtt.stats import MqttStats
 from core.origin import Origin, origin
-from core.queue.drivers.base import Driver
+from core.queue.drivers.base import OutgoingJob, Pushed
 from core.queue.payload import topic_problem
 from core.queue.queue_manager import QueueManager, get_default_manager
 from core.settings import Settings
@@ -62,7 +63,7 @@ class MqttApp:
         group_commit: Whether the pushes the handlers make to the manager's default
             connection, while one of them is on its way, go together in the next one
             (`core/mqtt/commit.py`); each message is still acknowledged only once its jobs
-            are stored.
+            are stored (default `MQTT_GROUP_COMMIT`).
     """
 
     def __init__(
@@ -76,12 +77,12 @@ class MqttApp:
         grace: float | None = None,
         retries: int | None = None,
         manager: QueueManager | None = None,
-        group_commit: bool = True,
+        group_commit: bool | None = None,
     ) -> None:
         self.router = router
         self.settings = settings
         self.manager = manager
-        self.group_commit = group_commit
+        self.group_commit = settings.mqtt_group_commit if group_commit is None else group_commit
         self._spool_manager: QueueManager | None = None  # where `run()` installed its spool
         self.options = options or ConnectionOptions.from_settings(settings)
         self.stats = stats if stats is not None else MqttStats()
@@ -175,7 +176,7 @@ class MqttApp:
         self._spool_manager = manager
         return spool, replay
 
-    def _start_group_commit(self) -> tuple[Driver, commit.GroupCommit] | None:
+    def _start_group_commit(self) -> tuple[QueueManager, str, commit.GroupCommit] | None:
         """Batch the pushes the handlers make to the default connection (`core/mqtt/commit.py`):
         every message costs a durable write before its acknowledgement, and those made while
         one is on its way go together in the next. Nothing is opened here: the connection
@@ -184,19 +185,28 @@ class MqttApp:
             return None
         manager = self.manager or self.stats.manager or get_default_manager()
         try:
-            driver = manager.driver()
+            name = manager.connection_name()
         except Exception:  # a connection misconfigured: the first dispatch says how
-            logger.debug("no group commit: the default connection has no driver", exc_info=True)
+            logger.debug("no group commit: the default connection is unknown", exc_info=True)
             return None
-        installed = commit.install(driver)
-        return None if installed is None else (driver, installed)
+        if name == "sync" or name in manager.batchers:  # sync runs jobs inline: nothing to batch
+            return None
 
-    def _stop_group_commit(self, grouped: tuple[Driver, commit.GroupCommit] | None) -> None:
+        async def push(jobs: Sequence[OutgoingJob]) -> list[Pushed]:
+            return await (await manager.connection(name)).push(jobs)
+
+        batcher = manager.batchers[name] = commit.GroupCommit(push)
+        return manager, name, batcher
+
+    def _stop_group_commit(
+        self, grouped: tuple[QueueManager, str, commit.GroupCommit] | None
+    ) -> None:
         if grouped is not None:
-            driver, installed = grouped
-            commit.uninstall(driver, installed)
-            if installed.pushes:
-                logger.debug("group commit: %d jobs in %d pushes", installed.jobs, installed.pushes)
+            manager, name, batcher = grouped
+            if manager.batchers.get(name) is batcher:
+                del manager.batchers[name]
+            if batcher.pushes:
+                logger.debug("group commit: %d jobs in %d pushes", batcher.jobs, batcher.pushes)
 
     async def _stop_spool(self, spool: Spool | None, replay: asyncio.Task[None] | None) -> None:
         """Stop replaying and close the spool file: what it holds waits for the next start."""

@@ -11,6 +11,8 @@ when none is on its way goes at once, so a quiet app pays nothing; under load th
 grow by themselves, and the round trips per message fall as the rate rises.
 
 A push still returns only once its jobs are stored: the acknowledgement keeps its meaning.
+The app sets one as its manager's batcher of the default connection (`QueueManager.batchers`)
+while it runs: every `dispatch` of a handler goes through it.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
 from core.errors import ConnectionLostError
-from core.queue.drivers.base import Driver, OutgoingJob, Pushed
+from core.queue.drivers.base import OutgoingJob, Pushed
 
-__all__ = ["MAX_BATCH", "GroupCommit", "install", "uninstall"]
+__all__ = ["MAX_BATCH", "GroupCommit"]
 
 
 #: At most this many jobs in one push: a larger one would hold the backend (a Redis script
@@ -138,35 +140,3 @@ class GroupCommit:
         for _, future in batch:
             if not future.done():
                 future.set_exception(exc)
-
-
-def install(driver: Driver) -> GroupCommit | None:
-    """Route `driver`'s pushes through a `GroupCommit` (on the instance; `uninstall` undoes
-    it); `None` if it already has one, or if it runs jobs inline (`sync`: nothing to batch).
-
-    The queue manager has no place for a group commit of its own yet, so the app sets it on
-    the driver it shares with the manager, for as long as the app runs."""
-    if driver.kind == "sync" or isinstance(driver.__dict__.get("push"), _Bound):
-        return None
-    commit = GroupCommit(driver.push)
-    driver.__dict__["push"] = _Bound(commit)
-    return commit
-
-
-def uninstall(driver: Driver, commit: GroupCommit) -> None:
-    """Give `driver` its own push back, if `commit` is still the one installed."""
-    bound = driver.__dict__.get("push")
-    if isinstance(bound, _Bound) and bound.commit is commit:
-        del driver.__dict__["push"]
-
-
-class _Bound:
-    """What `driver.push` is while a group commit is installed (callable as the push)."""
-
-    __slots__ = ("commit",)
-
-    def __init__(self, commit: GroupCommit) -> None:
-        self.commit = commit
-
-    def __call__(self, jobs: Sequence[OutgoingJob]) -> Awaitable[list[Pushed]]:
-        return self.commit.push(jobs)

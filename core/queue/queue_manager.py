@@ -122,6 +122,13 @@ def _delay_seconds(delay: Delay | None) -> float:
     return seconds
 
 
+class PushBatcher(Protocol):
+    """Stores pushes of one connection in batches (the MQTT app's group commit,
+    core/mqtt/commit.py): each caller's `push` returns its own jobs' outcomes, once stored."""
+
+    async def push(self, jobs: Sequence[OutgoingJob]) -> list[Pushed]: ...
+
+
 class JobSpool(Protocol):
     """Where jobs wait while their backend cannot be reached (the MQTT app's offline spool).
 
@@ -160,6 +167,9 @@ class QueueManager:
         #: Where pushes go while their backend cannot be reached (set by the MQTT app);
         #: `None`: such a push raises `ConnectionLostError`.
         self.spool: JobSpool | None = None
+        #: Per connection name, what its pushes go through instead of the driver's own push,
+        #: batched (set by the MQTT app while it runs; see `PushBatcher`).
+        self.batchers: dict[str, PushBatcher] = {}
         #: `QUEUE_MAX_LENGTHS` read per queue (the settings are frozen).
         self._bounds: dict[str, tuple[int, Overflow]] = {}
         #: Each job class's `creation_hook`, resolved once.
@@ -461,8 +471,12 @@ class QueueManager:
             await spool.add(conn, jobs)
             return [Pushed(job.id, "spooled") for job in jobs]
         try:
-            driver = await self.connection(conn)
-            pushed: Sequence[Pushed | None] | None = await driver.push(jobs)
+            batcher = self.batchers.get(conn)
+            pushed: Sequence[Pushed | None] | None
+            if batcher is None:
+                pushed = await (await self.connection(conn)).push(jobs)
+            else:
+                pushed = await batcher.push(jobs)
         except ConnectionLostError:
             if spool is None:
                 raise

@@ -12,7 +12,7 @@ import pytest
 
 from core.errors import ConnectionLostError
 from core.mqtt import MqttApp, Router
-from core.mqtt.commit import GroupCommit, install, uninstall
+from core.mqtt.commit import GroupCommit
 from core.queue.drivers.base import OutgoingJob, Pushed
 from core.queue.queue_manager import QueueManager, dispatch, set_default_manager
 from tests.conftest import flush_redis, make_settings
@@ -181,20 +181,19 @@ async def test_a_cancelled_flush_leaves_its_callers_unacknowledged_not_dropped()
     assert await commit.push([job("c")]) == [Pushed("c", "created")]  # idle again
 
 
-async def test_install_routes_a_drivers_pushes_through_the_commit_and_uninstall_undoes_it() -> None:
+async def test_a_managers_batcher_takes_its_connections_pushes_and_only_while_it_is_set() -> None:
     async with QueueManager(make_settings(queue_connection="memory")) as manager:
-        driver = manager.driver()
-        installed = install(driver)
-        assert installed is not None
-        assert install(driver) is None  # one is enough
+        driver = await manager.connection()
+        batcher = GroupCommit(driver.push)
+        manager.batchers["memory"] = batcher
         handle = await manager.push(EchoJob("t", "d", {"n": 1}))
-        assert installed.jobs == 1
+        assert batcher.jobs == 1
         assert await manager.size() == 1
         assert str(handle)
-        uninstall(driver, installed)
-        assert "push" not in driver.__dict__  # its own push again
+        del manager.batchers["memory"]
         await manager.push(EchoJob("t", "d", {"n": 2}))
-        assert installed.jobs == 1
+        assert batcher.jobs == 1  # straight to the driver again
+        assert await manager.size() == 2
 
 
 @pytest.mark.mqtt
@@ -219,7 +218,7 @@ async def test_an_app_on_redis_stores_every_message_of_a_burst_once(
         try:
             app = MqttApp(router, settings)
             async with running(app):
-                grouped = manager.driver().__dict__["push"].commit
+                grouped = manager.batchers["redis"]
                 lines = [f'{{"n": {n}}}' for n in range(count)]
                 await mosquitto_pub(broker, f"{prefix}/devices/d-1/reading", lines=lines)
                 await until(lambda: app.stats.handled >= count, 30, f"{count} messages handled")
@@ -229,4 +228,12 @@ async def test_an_app_on_redis_stores_every_message_of_a_burst_once(
             set_default_manager(None)
     assert app.stats.handled == manager.dispatched == count
     assert grouped.jobs == count
-    assert "push" not in manager.driver().__dict__  # the app gave the driver its push back
+    assert "redis" not in manager.batchers  # the app took its batcher away as it stopped
+
+
+def test_mqtt_group_commit_false_turns_it_off_and_the_argument_wins() -> None:
+    on = make_settings(queue_connection="memory")
+    off = make_settings(queue_connection="memory", mqtt_group_commit=False)
+    assert MqttApp(Router(), on).group_commit is True
+    assert MqttApp(Router(), off).group_commit is False
+    assert MqttApp(Router(), off, group_commit=True).group_commit is True
