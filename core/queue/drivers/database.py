@@ -45,6 +45,7 @@ from sqlalchemy import (
     ColumnElement,
     Row,
     and_,
+    bindparam,
     case,
     delete,
     func,
@@ -111,6 +112,22 @@ _failed = t.queue_failed_jobs.c
 _records = t.queue_job_records.c
 _counts = t.queue_counts.c
 _keys = t.queue_unique_keys.c
+
+
+#: The UPDATE that reserves claimed rows, with its values as parameters: built once, so that
+#: each claim only binds them.
+_TAKE = (
+    update(t.queue_jobs)
+    .where(_jobs.id.in_(bindparam("take_ids", expanding=True)))
+    .values(
+        attempts=_jobs.attempts + 1,
+        reserved_at=bindparam("take_at", type_=t.Time),
+        reserved_until=bindparam("take_until", type_=t.Time),
+        worker=bindparam("take_worker"),
+        state="queued",  # started once: given back, it is queued again, not waiting
+        held=null(),  # no longer held back by a limit
+    )
+)
 
 
 class DatabaseDriver(Driver):
@@ -504,8 +521,9 @@ class DatabaseDriver(Driver):
                 held_back = False
                 for row in await t.claim(conn, name, now, limit - len(out) - len(picked)):
                     limited = row.limit_key is not None and life.live_state(row, now) == "waiting"
-                    taking = {row.uuid for row in picked}
-                    if limited and not await wf.check_limit(conn, row, now, lease, taking):
+                    if limited and not await wf.check_limit(
+                        conn, row, now, lease, {row.uuid for row in picked}
+                    ):
                         held_back = True  # not handed out: look further in this queue
                         continue
                     picked.append(row)
@@ -526,19 +544,28 @@ class DatabaseDriver(Driver):
         counted: Counter[tuple[str, str]],
     ) -> list[ReservedJob]:
         """End the claimed rows that ended meanwhile (ttl, cancel); reserve the others."""
-        ending = []
+        ends: list[tuple[int, Status]] = []
         for row in picked:
             state = life.live_state(row, now)
             if state == "cancelled":
-                ending.append((row, Status.CANCELLED, "cancelled"))
+                ends.append((row.id, Status.CANCELLED))
             elif state == "expired":
-                ending.append((row, Status.EXPIRED, life.ttl_error(row)))
-        if ending:
+                ends.append((row.id, Status.EXPIRED))
+        if ends:
             keep = self.settings.queue_failure_ttl
-            # The claim reads no `dependents` (the plain path never needs it): look now.
-            ids = [row.id for row, _, _ in ending]
-            followed = select(_jobs.id).where(_jobs.id.in_(ids), _jobs.dependents.is_not(None))
-            watched = set((await conn.scalars(followed)).all())
+            # The claim reads neither a record's columns nor `dependents` (the plain path
+            # never needs them): read them now, for these rows only (locked by the claim).
+            query = select(*t.ENDING).where(_jobs.id.in_([row_id for row_id, _ in ends]))
+            full = {row.id: row for row in (await conn.execute(query)).all()}
+            ending = [
+                (
+                    full[row_id],
+                    status,
+                    "cancelled" if status is Status.CANCELLED else life.ttl_error(full[row_id]),
+                )
+                for row_id, status in ends
+            ]
+            watched = {row.id for row in full.values() if row.dependents is not None}
             await life.end_rows(conn, ending, now, self.name, keep, counted)
             if isinstance(counted, life.Ends):
                 counted.reaped += len(ending)
@@ -558,17 +585,13 @@ class DatabaseDriver(Driver):
             picked = [row for row in picked if row.id not in gone]
         if not picked:
             return []
-        values: dict[str, Any] = {
-            "attempts": _jobs.attempts + 1,
-            "reserved_at": now,
-            "reserved_until": t.now(lease),
-            "worker": worker,
-            "state": "queued",  # started once: given back, it is queued again, not waiting
+        params = {
+            "take_ids": [row.id for row in picked],
+            "take_at": now,
+            "take_until": t.now(lease),
+            "take_worker": worker,
         }
-        values["held"] = null()  # no longer held back by a limit (a constant in the SQL)
-        await conn.execute(
-            update(t.queue_jobs).where(_jobs.id.in_([row.id for row in picked])).values(**values)
-        )
+        await conn.execute(_TAKE, params)
         return [
             ReservedJob(row.uuid, row.queue, row.payload.encode(), row.attempts + 1)
             for row in picked

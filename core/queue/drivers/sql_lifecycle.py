@@ -26,7 +26,23 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, Row, Table, and_, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    String,
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -439,6 +455,9 @@ async def ack_rows(
     reads them first. The counters go into `counted`, for the caller to write last: they are
     the rows every worker updates, so their locks are held only until the commit.
     """
+    jobs = await _ack_plain(conn, jobs, connection, default_keep, counted)
+    if not jobs:
+        return
     if conn.dialect.delete_returning:
         result = await conn.execute(delete(t.queue_jobs).where(t.held(jobs)).returning(*ACKED))
         rows = result.all()
@@ -461,6 +480,173 @@ async def ack_rows(
         if row.limit_key is not None and isinstance(counted, Ends):
             counted.stopped.append((row.queue, row.limit_key, row.uuid))
     await write_records(conn, records)
+
+
+#: A row whose end leaves nothing to settle (no dependents, limit or group) and whose record
+#: the database can copy from the row itself.
+_SIMPLE = and_(_jobs.dependents.is_(None), _jobs.limit_key.is_(None), _jobs.group_key.is_(None))
+
+
+def _plain_keep(job: ReservedJob, default_keep: float) -> float | None:
+    """The keep time of a job that succeeded with nothing to store beside its row (no
+    result, error or info), else `None`."""
+    outcome = job.outcome
+    if outcome is None:
+        return default_keep
+    if (
+        outcome.status is Status.SUCCEEDED
+        and outcome.result is None
+        and outcome.info is None
+        and not outcome.error
+        and not outcome.traceback
+    ):
+        return outcome.keep
+    return None
+
+
+def _copied_records() -> Any:
+    """SELECT of the records of succeeded jobs made from their `queue_jobs` rows, columns in
+    `queue_job_records` order (as `_record` writes them for a reserved job: its due time is
+    its `available_at` unless that is an `at_front` mirror). The connection's name, the time
+    they ended and the time they are kept until are parameters (`rec_connection`, `rec_now`,
+    `rec_keep_until`)."""
+    due = case(
+        (_jobs.available_at <= t.FRONT, func.coalesce(_jobs.due_at, _jobs.created_at)),
+        else_=_jobs.available_at,
+    )
+    values: dict[str, Any] = {
+        "uuid": _jobs.uuid,
+        "queue": _jobs.queue,
+        "connection": bindparam("rec_connection", type_=String),
+        "job": _jobs.job,
+        "status": literal(Status.SUCCEEDED.value, String),
+        "attempts": _jobs.attempts,
+        "max_tries": _jobs.max_tries,
+        "enqueued_at": _jobs.created_at,
+        "due_at": due,
+        "started_at": _jobs.reserved_at,
+        "ended_at": bindparam("rec_now", type_=t.Time),
+        "worker": _jobs.worker,
+        "error": null(),
+        "traceback": null(),
+        "result": null(),
+        "keep_until": bindparam("rec_keep_until", type_=t.Time),
+        "kind": null(),
+        "progress": null(),
+        "priority": _jobs.priority,
+        "group_key": null(),
+        "info": null(),
+    }
+    return select(*(values[c.name] for c in _records_table.columns))
+
+
+async def _ack_plain(
+    conn: AsyncConnection,
+    jobs: Sequence[ReservedJob],
+    connection: str,
+    default_keep: float,
+    counted: Counter[tuple[str, str]],
+) -> Sequence[ReservedJob]:
+    """Acknowledge the jobs that succeeded with nothing to store beside their row, and whose
+    row leaves nothing to settle, without reading the rows: the database copies each record
+    from its row (one INSERT ... SELECT per keep time, usually one), then deletes the rows.
+    Returns the jobs left for the general path: the others, and any of these whose row was
+    not deleted (not simple, or no longer held: that path finds out which).
+
+    The copy locks the rows it reads (a locking read, as every INSERT ... SELECT in InnoDB;
+    SQLite has one writer), so the DELETE with the same condition finds the same rows.
+    """
+    by_keep: dict[float, list[ReservedJob]] = {}
+    rest: list[ReservedJob] = []
+    for job in jobs:
+        keep = _plain_keep(job, default_keep)
+        if keep is None:
+            rest.append(job)
+        else:
+            by_keep.setdefault(keep, []).append(job)
+    if not by_keep:
+        return jobs
+    now = t.now()
+    plain = [job for group in by_keep.values() for job in group]
+    dialect = conn.dialect.name
+    one = t.held_one(plain)
+    for keep, group in by_keep.items():
+        if keep > 0:
+            params = {"rec_connection": connection, "rec_now": now, "rec_keep_until": t.now(keep)}
+            if one is not None and len(by_keep) == 1:
+                await conn.execute(_statement(dialect, "copy"), {**params, **one})
+            else:
+                copy = _copied_records().where(t.held(group), _SIMPLE)
+                statement = _copy_statement(dialect).from_select(_RECORD_COLUMNS, copy)
+                await conn.execute(statement, params)
+    status = Status.SUCCEEDED.value
+    if conn.dialect.delete_returning:
+        if one is not None:
+            result = await conn.execute(_statement(dialect, "delete"), one)
+        else:
+            removal = delete(t.queue_jobs).where(t.held(plain), _SIMPLE)
+            result = await conn.execute(removal.returning(_jobs.uuid, _jobs.queue))
+        gone = result.all()
+        for row in gone:
+            counted[(row.queue, status)] += 1
+        if len(gone) == len(plain):
+            return rest
+        done = {(row.uuid, row.queue) for row in gone}
+        rest += [job for job in plain if (job.id, job.queue) not in done]
+        return rest
+    # MySQL: no RETURNING; one DELETE per queue, so that its row count is that queue's.
+    by_queue: dict[str, list[ReservedJob]] = {}
+    for job in plain:
+        by_queue.setdefault(job.queue, []).append(job)
+    for queue, group in by_queue.items():
+        result = await conn.execute(delete(t.queue_jobs).where(t.held(group), _SIMPLE))
+        deleted = int(result.rowcount)
+        if deleted:
+            counted[(queue, status)] += deleted
+        if deleted < len(group):
+            rest += group  # the general path matches only those still stored
+    return rest
+
+
+_records_table = t.queue_job_records
+_RECORD_COLUMNS = [c.name for c in _records_table.columns]
+_COPIES: dict[str, Any] = {}
+_STATEMENTS: dict[tuple[str, str], Any] = {}
+
+
+def _statement(dialect: str, name: str) -> Any:
+    """`_ack_plain`'s statements for a batch of one queue and try count (`sql_tables.HELD_ONE`),
+    built once per dialect: "copy" (the records) and "delete" (the rows, returning their ids)."""
+    cached = _STATEMENTS.get((dialect, name))
+    if cached is None:
+        if name == "copy":
+            copy = _copied_records().where(t.HELD_ONE, _SIMPLE)
+            cached = _copy_statement(dialect).from_select(_RECORD_COLUMNS, copy)
+        else:
+            removal = delete(t.queue_jobs).where(t.HELD_ONE, _SIMPLE)
+            cached = removal.returning(_jobs.uuid, _jobs.queue)
+        _STATEMENTS[(dialect, name)] = cached
+    return cached
+
+
+def _copy_statement(dialect: str) -> Any:
+    """The INSERT that `_ack_plain` adds a SELECT to, replacing an older record of the same
+    job (as `write_records` does), for one dialect."""
+    cached = _COPIES.get(dialect)
+    if cached is not None:
+        return cached
+    keys = [c.name for c in _records_table.primary_key]
+    names = [name for name in _RECORD_COLUMNS if name not in keys]
+    if dialect == "sqlite":
+        lite = sqlite_insert(_records_table)
+        statement: Any = lite.on_conflict_do_update(
+            index_elements=keys, set_={n: lite.excluded[n] for n in names}
+        )
+    else:
+        my = mysql_insert(_records_table)
+        statement = my.on_duplicate_key_update({n: my.inserted[n] for n in names})
+    _COPIES[dialect] = statement
+    return statement
 
 
 # -- push with an id check or a unique key --------------------------------------------------

@@ -405,19 +405,27 @@ _CLAIMED = (
     _jobs.reserved_until,
     _jobs.available_at,
     # Read from the rows the claim fetches anyway: a job past its ttl, or whose cancel was
-    # asked for, ends here instead of being handed out, without another read.
+    # asked for, is found here instead of being handed out, without another read.
     _jobs.reserved_at,
+    _jobs.expires_at,
+    _jobs.cancel_requested,
+    _jobs.priority,
+    _jobs.limit_key,  # the rest of the limit is read only for limited jobs
+    _jobs.group_key,  # a turn holder that ends here passes its group's turn
+)
+#: What ending a claimed row (ttl, cancel) reads besides, by id: its record's columns and
+#: whether anything depends on it. Left out of the claim, which every worker runs for every
+#: batch: each column of each row is parsed by the client (issue #19: fewer columns, fewer
+#: times converted, on the hot path), and these serve only the rare row that ends there.
+ENDING = (
+    *_CLAIMED,
     _jobs.created_at,
     _jobs.job,
     _jobs.max_tries,
     _jobs.worker,
     _jobs.due_at,
-    _jobs.expires_at,
     _jobs.failure_ttl,
-    _jobs.cancel_requested,
-    _jobs.priority,
-    _jobs.limit_key,  # the rest of the limit is read only for limited jobs
-    _jobs.group_key,  # a turn holder that ends here passes its group's turn
+    _jobs.dependents,
 )
 
 #: Ready `at_front` jobs sort before this time (see the module notes).
@@ -571,6 +579,30 @@ def held(jobs: Sequence[ReservedJob]) -> ColumnElement[bool]:
         ),
         _jobs.reserved_until.is_not(None),
     )
+
+
+#: `held` for reservations of one queue and one try count (every job of a usual batch), with
+#: the ids, queue and try count as parameters (see `held_one`): a statement built on it once
+#: is only bound on each call, not built, keyed and looked up in the compile cache again.
+HELD_ONE = and_(
+    _jobs.uuid.in_(bindparam("held_ids", expanding=True)),
+    _jobs.queue == bindparam("held_queue"),
+    _jobs.attempts == bindparam("held_attempts"),
+    _jobs.reserved_until.is_not(None),
+)
+
+
+def held_one(jobs: Sequence[ReservedJob]) -> dict[str, Any] | None:
+    """The parameters of `HELD_ONE` for `jobs`, or `None` if they are of several queues or
+    try counts (then `held` builds the condition)."""
+    if not jobs:
+        return None
+    first = jobs[0]
+    queue, attempts = first.queue, first.attempts
+    for job in jobs:
+        if job.queue != queue or job.attempts != attempts:
+            return None
+    return {"held_ids": [job.id for job in jobs], "held_queue": queue, "held_attempts": attempts}
 
 
 async def upsert(conn: AsyncConnection, table: Table, values: Mapping[str, Any]) -> None:
