@@ -538,10 +538,10 @@ async def migrate(engine: AsyncEngine, *, convert_seed: bool = False) -> int:
     """
     url = engine.url
     try:
+        current = await _current(engine)
+        if current is not None:
+            return current
         if engine.dialect.name == "sqlite":
-            current = await _sqlite_current(engine)
-            if current is not None:
-                return current
             async with _migration_lock(_sqlite_file(url)):
                 return await _sqlite_migrate(engine, convert_seed)
         async with engine.connect() as conn:
@@ -568,12 +568,14 @@ async def migrate(engine: AsyncEngine, *, convert_seed: bool = False) -> int:
         raise database_error(exc, "create or upgrade the queue tables", url) from exc
 
 
-async def _sqlite_current(engine: AsyncEngine) -> int | None:
-    """The version of tables that need nothing done, read without the write lock; else `None`.
+async def _current(engine: AsyncEngine) -> int | None:
+    """The version of tables that need nothing done, read without the lock; else `None`.
 
-    Opening a SQLite queue whose tables are up to date is then a read, which WAL lets run
-    beside a writer: a command opened while a worker or another command holds the write lock
-    for long (a `queue:retry` of many records on a loaded machine) is not kept waiting for it.
+    Opening a queue whose tables are up to date is then a read on one connection. On SQLite,
+    a read WAL lets run beside a writer: a command opened while a worker or another command
+    holds the write lock for long (a `queue:retry` of many records on a loaded machine) is not
+    kept waiting for it. On MySQL/MariaDB, a worker's start takes no `GET_LOCK` and creates
+    nothing (issue #19: no schema work on every start when the schema is current).
     """
     async with engine.connect() as conn:
 
