@@ -99,9 +99,10 @@ def tasks(only: list[str], smoke: bool, budget: float, before: str = "") -> list
             out.append(Task("W8p", "W8", "redis", False, fast, peers=("arq", "saq")))
         elif name == "W9":
             kill = ("arq", "saq", "streaq", "taskiq", "rq")  # RouteMQ: no W9 adapter yet
-            out.append(Task("W9", "W9", "redis", False, params, peers=kill))
+            # Smoke: Topiq alone (a peer that loses jobs waits out all of `recover`).
+            out.append(Task("W9", "W9", "redis", smoke, params, peers=kill))
             everysec = {**params, "fsync": "everysec"}
-            out.append(Task("W9r", "W9r", "redis", False, everysec, peers=kill))
+            out.append(Task("W9r", "W9r", "redis", smoke, everysec, peers=kill))
             if not smoke:  # the same as W9r but for the fsync: not worth the smoke's time
                 out.append(Task("W9ra", "W9r", "redis", True, {**params, "fsync": "always"}))
         elif name == "W5":

@@ -32,6 +32,10 @@ class Row:
     met: Callable[[float, float | None], bool | None] | None = None  # (topiq, best) -> met
     scale: float = 1.0
     per: str = ""  # a ratio row: this source's figure over the same metric of source `per`
+    compare: bool = True  # False: a row that describes the run (no Topiq / best peer)
+    #: A run without this figure makes the cell n/a (W9: one run that never recovered is
+    #: not outvoted by one that did); else the median of the runs that have it.
+    every_run: bool = False
 
 
 ROWS = [
@@ -91,23 +95,26 @@ ROWS = [
     Row("W6", "lost", "W6 MQTT messages lost", "msgs", False, "0", lambda t, b: t == 0),
     Row("W6", "app_cpu_us", "W6 app process CPU per message", "µs", False),
     Row("W6", "worker_cpu_us", "W6 worker process CPU per job", "µs", False),
-    Row("W9", "in_flight", "W9 worker SIGKILL mid-run: jobs in flight at the kill", "jobs", False),
+    Row("W9", "in_flight", "W9 worker SIGKILL mid-run: jobs in flight at the kill", "jobs", False,
+        compare=False),
     Row("W9", "recovery", "W9 worker SIGKILL: kill → every in-flight job running again",
-        "s", False),
-    Row("W9", "lost", "W9 worker SIGKILL: jobs lost", "jobs", False, "0", lambda t, b: t == 0),
+        "s", False, every_run=True),
+    Row("W9", "lost", "W9 worker SIGKILL: jobs lost", "jobs", False, "0", lambda t, b: t == 0,
+        every_run=True),
     Row("W9", "twice", "W9 worker SIGKILL: jobs run twice", "jobs", False),
     Row("W9r", "in_flight", "W9r Redis kill -9 mid-run (AOF, everysec): jobs in flight",
-        "jobs", False),
-    Row("W9r", "down", "W9r Redis kill -9: kill → restarted server answering", "s", False),
+        "jobs", False, compare=False),
+    Row("W9r", "down", "W9r Redis kill -9: kill → restarted server answering", "s", False,
+        compare=False),
     Row("W9r", "recovery", "W9r Redis kill -9: kill → in-flight jobs settled, queue moving",
-        "s", False),
+        "s", False, every_run=True),
     Row("W9r", "lost", "W9r Redis kill -9: jobs lost", "jobs", False, "0",
-        lambda t, b: t == 0),
+        lambda t, b: t == 0, every_run=True),
     Row("W9r", "twice", "W9r Redis kill -9: jobs run twice", "jobs", False),
     Row("W9ra", "recovery", "W9ra Redis kill -9 (AOF, fsync always): kill → queue moving",
-        "s", False),
+        "s", False, every_run=True),
     Row("W9ra", "lost", "W9ra Redis kill -9 (AOF, fsync always): jobs lost", "jobs", False,
-        "0", lambda t, b: t == 0),
+        "0", lambda t, b: t == 0, every_run=True),
     Row("W9ra", "twice", "W9ra Redis kill -9 (AOF, fsync always): jobs run twice", "jobs",
         False),
     Row("W7", "growth", "W7 worker RSS growth, 10k → 200k jobs", "%", False, "< 10 %",
@@ -137,6 +144,8 @@ class Results:
         if result is None:
             return None, "-"
         values = [r[row.metric] for r in result["runs"] if r.get(row.metric) is not None]
+        if row.every_run and len(values) < len(result["runs"]):
+            values = []
         if not values:
             reason = result["error"] or next(
                 (r.get(f"{row.metric}_na") for r in result["runs"] if r.get(f"{row.metric}_na")),
@@ -210,7 +219,7 @@ def table(results: Results, peers: list[str]) -> str:
         topiq = cells.get("topiq", (None, "-"))[0]
         others = [v for p, (v, _) in cells.items() if p != "topiq" and v is not None]
         best = (max(others) if row.higher else min(others)) if others else None
-        ratio = f"{topiq / best:.3g} x" if topiq is not None and best else "-"
+        ratio = f"{topiq / best:.3g} x" if topiq is not None and best and row.compare else "-"
         met = "-"
         if row.met is not None:
             verdict = None if topiq is None else row.met(topiq, best)
