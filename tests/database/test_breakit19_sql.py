@@ -1,7 +1,8 @@
 """Break-it tests for issue #19's acknowledgement fast path (commits 712d20c, 4f1fe8e).
 
-Each test here shows a defect and is a strict xfail until the product code is fixed: it then
-passes, and `strict` makes the suite say so, so that the mark is taken off.
+Each test here showed a defect of the first version, fixed since: the fast path now runs on
+SQLite only (one writer), and MySQL/MariaDB take the general path, whose DELETE ... RETURNING
+(or SELECT ... FOR UPDATE) reads and removes each row at one moment.
 
 The fast path (`sql_lifecycle._ack_plain`) copies the records of plain successes with one
 INSERT ... SELECT, then deletes the rows with a second statement. Its docstring says the copy
@@ -21,7 +22,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.sql.dml import Insert
 
 from core.queue.drivers import sql_lifecycle as life
 from core.queue.drivers import sql_tables as t
@@ -38,13 +38,15 @@ def job(queue: str) -> OutgoingJob:
 
 
 class _Between:
-    """An `AsyncConnection` stand-in that runs `hook` right after the first INSERT it
-    executes (the fast path's record copy), before the DELETE that follows it."""
+    """An `AsyncConnection` stand-in that runs `hook` right after the first statement the
+    acknowledgement executes (the first version's record copy; now the DELETE ... RETURNING
+    that takes the rows), before the statements that follow it."""
 
     def __init__(self, conn: Any, hook: Callable[[], Awaitable[None]]) -> None:
         self._conn = conn
         self._hook = hook
         self.fired = False
+        self.task: asyncio.Task[None] | None = None
 
     @property
     def dialect(self) -> Any:
@@ -52,10 +54,19 @@ class _Between:
 
     async def execute(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
         result = await self._conn.execute(statement, *args, **kwargs)
-        if not self.fired and isinstance(statement, Insert):
+        if not self.fired:
             self.fired = True
-            await self._hook()
+            # The other worker acts while this transaction is open: its statements reach the
+            # server now, and wait for (or pass over) the rows this one holds. Not awaited
+            # here: this transaction goes on, as it would in its own process.
+            self.task = asyncio.create_task(self._hook())
+            await asyncio.sleep(0.2)  # time for them to reach the server: no event tells
         return result
+
+    async def settled(self) -> None:
+        """The other worker's step, once this transaction has ended."""
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 20)
 
 
 @pytest.fixture
@@ -85,13 +96,6 @@ async def _lapsed(driver: DatabaseDriver, queue: str) -> ReservedJob:
 
 
 @pytest.mark.mysql
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="#19 break-it: the INSERT ... SELECT of _ack_plain takes no row lock at READ "
-    "COMMITTED: a claim between the copy and the DELETE takes the job, and the stale ack "
-    "commits a 'succeeded' record for a job that is running again",
-)
 async def test_a_stale_ack_racing_a_claim_writes_no_succeeded_record(
     mysql_pair: tuple[DatabaseDriver, DatabaseDriver],
     monkeypatch: pytest.MonkeyPatch,
@@ -105,7 +109,7 @@ async def test_a_stale_ack_racing_a_claim_writes_no_succeeded_record(
         # Worker B, another process, claims while worker A's ack is between its statements.
         taken.extend(await b.reserve([queue], 1, 60.0, worker="worker-b"))
 
-    plain = life._ack_plain
+    plain = life.ack_rows
     hooks: list[_Between] = []
 
     async def between(conn: Any, jobs: Sequence[ReservedJob], *args: Any) -> Any:
@@ -113,10 +117,11 @@ async def test_a_stale_ack_racing_a_claim_writes_no_succeeded_record(
         hooks.append(hooked)
         return await plain(hooked, jobs, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(life, "_ack_plain", between)
+    monkeypatch.setattr(life, "ack_rows", between)
     await a.ack([stale])  # A's try succeeded, but its lease had run out
     monkeypatch.undo()
     assert hooks and hooks[0].fired
+    await hooks[0].settled()
 
     if not taken:
         # B's claim passed over the row A was acknowledging: A's ack ended the job. Correct.
@@ -135,15 +140,6 @@ async def test_a_stale_ack_racing_a_claim_writes_no_succeeded_record(
 
 
 @pytest.mark.mysql
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="#19 break-it: _ack_plain's copy and DELETE read the rows at two moments (READ "
-    "COMMITTED, no lock taken by the copy): a row that comes to match the DELETE after the "
-    "copy (a prioritized job refunded by the worker that took it over: its try count is "
-    "the stale ack's again, and it is stored as a lease nobody holds) is deleted and "
-    "counted 'succeeded' with no record",
-)
 async def test_a_row_the_fast_ack_deletes_has_its_record(
     mysql_pair: tuple[DatabaseDriver, DatabaseDriver],
     monkeypatch: pytest.MonkeyPatch,
@@ -163,14 +159,18 @@ async def test_a_row_the_fast_ack_deletes_has_its_record(
         # Worker B is stopped and gives its try back (refund): the try count is A's again.
         await b.release(again, refund=True)
 
-    plain = life._ack_plain
+    plain = life.ack_rows
+
+    hooks: list[_Between] = []
 
     async def between(conn: Any, jobs: Sequence[ReservedJob], *args: Any) -> Any:
-        return await plain(_Between(conn, refund_meanwhile), jobs, *args)  # type: ignore[arg-type]
+        hooks.append(_Between(conn, refund_meanwhile))
+        return await plain(hooks[-1], jobs, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(life, "_ack_plain", between)
+    monkeypatch.setattr(life, "ack_rows", between)
     await a.ack([stale])  # A's late ack of its successful try
     monkeypatch.undo()
+    await hooks[0].settled()
 
     if await a.size(queue) == 1:
         return  # the refunded job was left to run again: nothing lost, nothing wrong

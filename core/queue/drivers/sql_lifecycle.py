@@ -553,9 +553,16 @@ async def _ack_plain(
     Returns the jobs left for the general path: the others, and any of these whose row was
     not deleted (not simple, or no longer held: that path finds out which).
 
-    The copy locks the rows it reads (a locking read, as every INSERT ... SELECT in InnoDB;
-    SQLite has one writer), so the DELETE with the same condition finds the same rows.
+    SQLite only: it has one writer, so from the copy on no other connection changes a row
+    until this transaction ends, and the DELETE with the same condition finds the same rows.
+    MySQL/MariaDB run at READ COMMITTED, where the SELECT of an INSERT ... SELECT takes no
+    locks: a row could start or stop matching between the copy and the DELETE (a lapsed
+    holder's ack racing another worker's claim or refund), leaving a record without its end
+    or an end without its record. There every job takes the general path (rows locked and
+    read back by the DELETE ... RETURNING or SELECT ... FOR UPDATE of `ack_rows`).
     """
+    if conn.dialect.name != "sqlite":
+        return jobs
     by_keep: dict[float, list[ReservedJob]] = {}
     rest: list[ReservedJob] = []
     for job in jobs:
