@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 
+from core.errors import ConnectionLostError
 from core.queue.drivers.base import ReservedJob
 from core.queue.queue_manager import QueueManager
 from core.worker.options import WorkerOptions
 from core.worker.worker import Worker
 from tests.conftest import Backend, _backend
-from tests.jobs import RecordJob, events
+from tests.jobs import RecordJob, SleepJob, events
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -135,3 +136,39 @@ async def test_an_idle_wait_longer_than_the_clients_read_timeout_is_no_error(
             worker.stop()
             await asyncio.wait_for(running, 30)
     assert failed == []
+
+
+async def test_a_failed_reservation_waits_its_backoff_while_jobs_keep_ending(
+    redis_backend: Backend, tmp_path: Path
+) -> None:
+    # Jobs ending while the server is away must not cut the pause short: each early retry
+    # fails too and doubles the next pause (a Redis back in 0.1 s left workers idle 3.2 s).
+    log = str(tmp_path / "events.jsonl")
+    settings = redis_backend.settings()
+    queue = settings.queue_default
+    async with QueueManager(settings) as manager:
+        driver = await manager.connection()
+        reserve = driver.reserve
+        failed_at: list[float] = []
+        loop = asyncio.get_running_loop()
+
+        async def reserve_(*args: Any, **kwargs: Any) -> list[ReservedJob]:
+            if len(events(log, "start")) == 8 and len(failed_at) < 2:
+                failed_at.append(loop.time())
+                raise ConnectionLostError("Redis unreachable during reserve (the test's)")
+            got: list[ReservedJob] = await reserve(*args, **kwargs)
+            return got
+
+        driver.reserve = reserve_
+        await manager.bulk([SleepJob(log, 0.02 * (n + 1), n) for n in range(8)], queue)
+        options = WorkerOptions(queues=(queue,), concurrency=8, prefetch=0, handle_signals=False)
+        worker = Worker(manager, options)
+        running = asyncio.create_task(worker.run())
+        try:
+            await until(lambda: len(events(log, "end")) == 8, "every job to end")
+            await until(lambda: len(failed_at) == 2, "two failed reservations")
+        finally:
+            worker.stop()
+            await asyncio.wait_for(running, 30)
+    # The jobs end 20 ms apart; the first failure's pause is 0.2 s and ends with none of them.
+    assert failed_at[1] - failed_at[0] >= 0.15, failed_at
