@@ -971,7 +971,6 @@ class RedisDriver(Driver):
 
     async def wait(self, queues: Sequence[str], timeout: float) -> None:
         now = time.monotonic()
-        timeout = min(timeout, _BLPOP_MAX)
         for name in queues:
             timeout = min(timeout, self._next_due.get(name, now + timeout) - now)
         if timeout < 0.001:
@@ -979,10 +978,16 @@ class RedisDriver(Driver):
         wake = [self.keys(name).wake for name in queues]
         async with _translated("waiting for jobs"):
             groups = _by_slot(wake) if self.cluster else [wake]
-            if len(groups) == 1:
-                await self.client.blpop(wake, timeout=timeout)
-            else:
+            if len(groups) > 1:
                 await self._wait_slots(groups, timeout)
+                return
+            # In slices of at most `_BLPOP_MAX`: a longer BLPOP would outlast the client's
+            # socket timeout and fail as a lost connection.
+            end = now + timeout
+            while True:
+                block = min(end - time.monotonic(), _BLPOP_MAX)
+                if block < 0.001 or await self.client.blpop(wake, timeout=block) is not None:
+                    return
 
     async def _wait_slots(self, groups: list[list[str]], timeout: float) -> None:
         """On a cluster, queues in different slots: one BLPOP per slot, blocked at once (each
