@@ -22,6 +22,7 @@ from core.worker.options import WorkerOptions
 from core.worker.worker import Worker
 from tests.conftest import Backend, _backend
 from tests.jobs import RecordJob, SleepJob, events
+from tests.test_worker_leases import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,15 +33,6 @@ SLEEP = 60.0
 @pytest.fixture
 def redis_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     yield from _backend("redis", request, tmp_path)
-
-
-async def until(condition: Any, what: str, timeout: float = 20) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def test_a_job_pushed_while_the_reservation_is_on_its_way_is_not_slept_through(
